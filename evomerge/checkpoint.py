@@ -1,0 +1,383 @@
+"""Checkpoint I/O: lazy tensor-by-tensor reading of Hugging Face model folders, layer
+grouping for any architecture, and atomic sharded safetensors writing.
+
+Reading: ``Checkpoint.open(ref)`` accepts a local folder (single ``model.safetensors`` or
+shards listed in ``model.safetensors.index.json``) or a hub id, fetched through
+``huggingface_hub`` where a network exists. Pickled ``.bin`` weights are refused unless
+``allow_pickle=True``, and then loaded with ``weights_only=True``.
+
+Layers: a tensor belongs to a layer when its name has a numeric path component
+(``model.layers.7.mlp.up_proj.weight``, ``transformer.h.3.attn.c_attn.weight``,
+``encoder.layer.2...``, ``decoder.block.5...``): the part before it names the stack, the
+number the layer. Everything else is its own group: embeddings, or the head (final norm,
+output projection, pooler).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "CheckpointWriter",
+    "LayerName",
+    "split_layer",
+    "tensor_group",
+    "parse_size",
+    "TOKENIZER_FILES",
+]
+
+SAFE_INDEX = "model.safetensors.index.json"
+SAFE_SINGLE = "model.safetensors"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+PICKLE_SINGLE = "pytorch_model.bin"
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+    "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json", "chat_template.jinja",
+    "chat_template.json",
+)
+
+_DTYPES = {
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+
+class CheckpointError(RuntimeError):
+    """A model folder or tensor that cannot be used; the message names it."""
+
+
+# --------------------------------------------------------------------------------------
+# Layer grouping
+# --------------------------------------------------------------------------------------
+
+_LAYER_RE = re.compile(r"^(?P<stack>(?:[^.]+\.)*?[^.]+)\.(?P<idx>\d+)\.(?P<rest>.+)$")
+_EMBED_HINTS = ("embed", "wte", "wpe", "shared", "word_embeddings", "position_embeddings",
+                "token_type_embeddings", "tok_embeddings")
+
+
+@dataclass(frozen=True)
+class LayerName:
+    """``stack.index.rest``: ``model.layers`` / ``7`` / ``mlp.up_proj.weight``."""
+
+    stack: str
+    index: int
+    rest: str
+
+    def with_index(self, index: int) -> str:
+        return f"{self.stack}.{index}.{self.rest}"
+
+
+def split_layer(name: str) -> LayerName | None:
+    """The layer a tensor belongs to: the first numeric path component of its name."""
+    m = _LAYER_RE.match(name)
+    if m is None:
+        return None
+    return LayerName(m["stack"], int(m["idx"]), m["rest"])
+
+
+def tensor_group(name: str) -> str:
+    """``layers`` for repeated blocks, ``embed`` for embeddings, ``head`` for the rest."""
+    if split_layer(name) is not None:
+        return "layers"
+    low = name.lower()
+    if any(h in low for h in _EMBED_HINTS):
+        return "embed"
+    return "head"
+
+
+# --------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------
+
+
+def _resolve_folder(ref, allow_download: bool = True) -> Path:
+    path = Path(str(getattr(ref, "path", ref))).expanduser()
+    revision = getattr(ref, "revision", None)
+    if path.is_dir():
+        return path
+    looks_local = str(path).startswith((".", "/", "~")) or path.exists() or str(path).count("/") > 1
+    if looks_local or not allow_download:
+        raise CheckpointError(f"model '{ref}': no such folder: {path}")
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(
+            str(path), revision=revision,
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
+        )
+    except Exception as e:  # offline, unknown repo, no access
+        raise CheckpointError(
+            f"model '{ref}': not a local folder, and the hub could not provide it "
+            f"({type(e).__name__}: {e})"
+        ) from None
+    return Path(local)
+
+
+class Checkpoint:
+    """A model folder read lazily: tensors are loaded one at a time on request.
+
+    Args:
+        folder: the model folder.
+        name: how errors name the model (defaults to the folder).
+        allow_pickle: accept ``pytorch_model*.bin`` (loaded with ``weights_only=True``).
+    """
+
+    def __init__(self, folder: str | Path, name: str | None = None, allow_pickle: bool = False):
+        self.folder = Path(folder)
+        self.name = name or str(folder)
+        cfg = self.folder / "config.json"
+        if not cfg.is_file():
+            raise CheckpointError(f"model '{self.name}': no config.json in {self.folder}")
+        try:
+            self.config = json.loads(cfg.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"model '{self.name}': config.json is not valid JSON: {e}") from None
+        self._handles: dict[str, object] = {}
+        self._pickled: dict[str, dict[str, torch.Tensor]] = {}
+        self.weight_map = self._index(allow_pickle)
+        self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
+
+    @classmethod
+    def open(cls, ref, allow_pickle: bool = False, allow_download: bool = True) -> "Checkpoint":
+        """Open a ``ModelRef``, path or hub id."""
+        return cls(_resolve_folder(ref, allow_download), name=str(ref), allow_pickle=allow_pickle)
+
+    # index ------------------------------------------------------------------------------
+    def _index(self, allow_pickle: bool) -> dict[str, str]:
+        f = self.folder
+        if (f / SAFE_INDEX).is_file():
+            return self._read_index(f / SAFE_INDEX)
+        if (f / SAFE_SINGLE).is_file():
+            return {k: SAFE_SINGLE for k in self._handle(SAFE_SINGLE).keys()}
+        singles = sorted(p.name for p in f.glob("*.safetensors"))
+        if singles:
+            out: dict[str, str] = {}
+            for s in singles:
+                for k in self._handle(s).keys():
+                    out[k] = s
+            return out
+        pickled = (f / PICKLE_INDEX).is_file() or (f / PICKLE_SINGLE).is_file()
+        if pickled:
+            if not allow_pickle:
+                raise CheckpointError(
+                    f"model '{self.name}': only pickled weights (pytorch_model*.bin) were found; "
+                    "pickle files can run code when loaded, so they are refused. Convert them to "
+                    "safetensors, or pass --allow-pickle to load them with weights_only=True"
+                )
+            if (f / PICKLE_INDEX).is_file():
+                return self._read_index(f / PICKLE_INDEX)
+            return {k: PICKLE_SINGLE for k in self._load_pickle(PICKLE_SINGLE)}
+        raise CheckpointError(f"model '{self.name}': no weights (*.safetensors) in {self.folder}")
+
+    def _read_index(self, p: Path) -> dict[str, str]:
+        try:
+            wm = json.loads(p.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"model '{self.name}': {p.name} is not a valid index ({e})") from None
+        for shard in set(wm.values()):
+            if not (self.folder / shard).is_file():
+                raise CheckpointError(f"model '{self.name}': shard {shard} listed in {p.name} is missing")
+        return dict(wm)
+
+    def _handle(self, file: str):
+        h = self._handles.get(file)
+        if h is None:
+            try:
+                h = safe_open(str(self.folder / file), framework="pt")
+            except Exception as e:
+                raise CheckpointError(f"model '{self.name}': cannot read {file}: {e}") from None
+            self._handles[file] = h
+        return h
+
+    def _load_pickle(self, file: str) -> dict[str, torch.Tensor]:
+        d = self._pickled.get(file)
+        if d is None:
+            try:
+                d = torch.load(self.folder / file, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:
+                raise CheckpointError(f"model '{self.name}': cannot load {file} with weights_only=True: {e}") from None
+            self._pickled[file] = d
+        return d
+
+    # tensors ----------------------------------------------------------------------------
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def meta(self, name: str) -> tuple[tuple[int, ...], str]:
+        """Shape and dtype name of a tensor, without reading its data."""
+        m = self._meta.get(name)
+        if m is None:
+            file = self._file(name)
+            if file.endswith(".safetensors"):
+                sl = self._handle(file).get_slice(name)
+                dt = str(sl.get_dtype()).lower()
+                dt = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "f64": "float64"}.get(dt, dt)
+                m = (tuple(sl.get_shape()), dt)
+            else:
+                t = self._load_pickle(file)[name]
+                m = (tuple(t.shape), str(t.dtype).replace("torch.", ""))
+            self._meta[name] = m
+        return m
+
+    def _file(self, name: str) -> str:
+        try:
+            return self.weight_map[name]
+        except KeyError:
+            raise CheckpointError(f"model '{self.name}': tensor '{name}' is missing") from None
+
+    def get(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        """Read one tensor (a zero-copy view of the file on CPU where possible)."""
+        file = self._file(name)
+        if file.endswith(".safetensors"):
+            try:
+                t = self._handle(file).get_tensor(name)
+            except Exception as e:
+                raise CheckpointError(f"model '{self.name}': cannot read tensor '{name}' from {file}: {e}") from None
+        else:
+            t = self._load_pickle(file)[name]
+        return t if str(device) == "cpu" else t.to(device, non_blocking=True)
+
+    def tokenizer_files(self) -> list[Path]:
+        return [self.folder / n for n in TOKENIZER_FILES if (self.folder / n).is_file()]
+
+    def num_layers(self) -> dict[str, int]:
+        """Layers per stack, counted from the tensor names."""
+        out: dict[str, set[int]] = {}
+        for n in self.weight_map:
+            ln = split_layer(n)
+            if ln is not None:
+                out.setdefault(ln.stack, set()).add(ln.index)
+        return {k: max(v) + 1 for k, v in out.items()}
+
+    def architecture(self) -> str:
+        arch = self.config.get("architectures") or [self.config.get("model_type", "?")]
+        return str(arch[0])
+
+
+# --------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------
+
+
+def parse_size(s: str | int) -> int:
+    """``"5GB"``, ``"500MB"``, ``"2GiB"`` or a number of bytes."""
+    if isinstance(s, int):
+        return s
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?i?B?)?\s*", str(s), re.I)
+    if not m:
+        raise ValueError(f"not a size: {s!r} (e.g. 5GB, 500MB)")
+    n = float(m[1])
+    unit = (m[2] or "B").upper()
+    mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+            "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+            "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
+    return int(n * mult)
+
+
+class CheckpointWriter:
+    """Writes a model folder atomically: everything goes into a temporary sibling folder
+    that is renamed to ``out_dir`` by ``commit()``; ``abort()`` (or an exception inside the
+    ``with`` block) removes it, so a failed merge leaves nothing behind.
+
+    Tensors are buffered until a shard would exceed ``shard_size`` bytes, then written.
+    """
+
+    def __init__(self, out_dir: str | Path, shard_size: int | str = "5GB", overwrite: bool = False):
+        self.out_dir = Path(out_dir)
+        if self.out_dir.exists() and not overwrite:
+            raise FileExistsError(f"output '{self.out_dir}' already exists (pass --overwrite to replace it)")
+        self.overwrite = overwrite
+        self.shard_size = parse_size(shard_size)
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent))
+        self._buf: dict[str, torch.Tensor] = {}
+        self._buf_bytes = 0
+        self._shards: list[list[str]] = []
+        self.total_bytes = 0
+        self._done = False
+
+    def __enter__(self) -> "CheckpointWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None or not self._done:
+            self.abort()
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        n = tensor.numel() * tensor.element_size()
+        if self._buf and self._buf_bytes + n > self.shard_size:
+            self._flush()
+        t = tensor.detach()
+        if t.device.type != "cpu":
+            t = t.to("cpu")
+        self._buf[name] = t.contiguous()
+        self._buf_bytes += n
+        self.total_bytes += n
+
+    def _flush(self) -> None:
+        if not self._buf:
+            return
+        idx = len(self._shards)
+        save_file(self._buf, str(self.tmp / f"shard-{idx:05d}.safetensors"), metadata={"format": "pt"})
+        self._shards.append(list(self._buf))
+        self._buf, self._buf_bytes = {}, 0
+
+    def write_text(self, rel: str, text: str) -> None:
+        (self.tmp / rel).write_text(text, encoding="utf-8")
+
+    def copy_file(self, src: Path, rel: str | None = None) -> None:
+        shutil.copyfile(src, self.tmp / (rel or src.name))
+
+    def commit(self) -> Path:
+        """Finish the shards and the index, then move the folder into place."""
+        self._flush()
+        n = len(self._shards)
+        if n == 1:
+            os.replace(self.tmp / "shard-00000.safetensors", self.tmp / SAFE_SINGLE)
+        elif n > 1:
+            weight_map = {}
+            for i, names in enumerate(self._shards):
+                final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+                os.replace(self.tmp / f"shard-{i:05d}.safetensors", self.tmp / final)
+                weight_map.update({k: final for k in names})
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+            self.write_text(SAFE_INDEX, json.dumps(index, indent=2))
+        if self.out_dir.exists():
+            if not self.overwrite:
+                raise FileExistsError(f"output '{self.out_dir}' appeared while merging")
+            old = self.out_dir.with_name(f".{self.out_dir.name}.old-{os.getpid()}")
+            os.replace(self.out_dir, old)
+            os.replace(self.tmp, self.out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.out_dir)
+        self._done = True
+        return self.out_dir
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self._done = True
+
+    @property
+    def shard_names(self) -> Iterator[str]:
+        return iter(p.name for p in self.out_dir.glob("*.safetensors"))
+
+
+def torch_dtype(name: str | None) -> torch.dtype | None:
+    return None if name is None else _DTYPES[name]

@@ -1,0 +1,69 @@
+"""Console entry points.
+
+    evomerge-merge RECIPE.yaml OUTPUT_DIR [--device cuda] [--dtype bfloat16] [--shard-size 5GB] [--seed N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+__all__ = ["merge_main"]
+
+
+def _merge_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="evomerge-merge",
+        description="Merge models as a recipe says (mergekit-compatible YAML) into a new model folder.",
+    )
+    p.add_argument("recipe", help="recipe YAML (merge_method, base_model, models or slices, parameters)")
+    p.add_argument("output_dir", help="folder to create; written atomically")
+    p.add_argument("--device", default="cpu", help="where the arithmetic runs: cpu, cuda, cuda:N (default cpu)")
+    p.add_argument("--dtype", default=None, help="dtype of the written weights (overrides out_dtype)")
+    p.add_argument("--shard-size", default="5GB", help="largest shard, e.g. 5GB, 500MB (default 5GB)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random methods (dare_*, della*)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="accept pickled pytorch_model*.bin weights (loaded with weights_only=True)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def merge_main(argv: list[str] | None = None) -> int:
+    args = _merge_parser().parse_args(argv)
+    from .checkpoint import CheckpointError, parse_size
+    from .merge.engine import MergeEngine, MergeError
+    from .recipe import DTYPES, RecipeError, load_recipe
+
+    try:
+        if args.dtype is not None and args.dtype.lower() not in DTYPES:
+            raise RecipeError(f"--dtype: unknown dtype {args.dtype!r}; accepted: float32, float16, bfloat16")
+        shard = parse_size(args.shard_size)
+        recipe = load_recipe(args.recipe)
+        from pathlib import Path
+
+        out = Path(args.output_dir)
+        if out.exists() and not args.overwrite:
+            raise FileExistsError(f"output '{out}' already exists (pass --overwrite to replace it)")
+        t0 = time.perf_counter()
+        engine = MergeEngine(
+            recipe, device=args.device, seed=args.seed,
+            out_dtype=DTYPES[args.dtype.lower()] if args.dtype else None,
+            allow_pickle=args.allow_pickle,
+        )
+        text = Path(args.recipe).read_text()
+        path = engine.write(out, shard_size=shard, overwrite=args.overwrite,
+                            progress=not args.no_progress, recipe_text=text)
+    except (RecipeError, MergeError, CheckpointError, FileExistsError, ValueError) as e:
+        print(f"evomerge-merge: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("evomerge-merge: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    print(f"wrote {path} ({len(engine.tasks)} tensors, {time.perf_counter() - t0:.1f}s)")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(merge_main())

@@ -1,0 +1,401 @@
+"""Merge recipes: a YAML schema compatible with mergekit's.
+
+A recipe names the models, the base model, the method and its parameters::
+
+    merge_method: ties
+    base_model: path/or/hub-id
+    models:
+      - model: expert-a
+        parameters: {weight: 0.6, density: [0.2, 0.8]}   # a gradient over depth
+      - model: expert-b
+        parameters:
+          weight: [{filter: self_attn, value: 0.3}, {value: 0.7}]
+    parameters: {lambda: 1.0}
+    dtype: float32          # inputs are rounded to this dtype before merging
+    out_dtype: bfloat16     # dtype of the written checkpoint
+
+or, instead of ``models``, ``slices`` of layer ranges (passthrough, depth up-scaling)::
+
+    slices:
+      - sources: [{model: a, layer_range: [0, 24]}]
+      - sources: [{model: b, layer_range: [8, 32]}]
+
+Parameter values resolve as mergekit resolves them: a list of numbers is a gradient,
+interpolated linearly over the layers of a slice (layer ``i`` of ``n`` sits at
+``t = i / (n - 1)``); tensors outside the repeated layers (embeddings, final norm, head)
+take ``t = 0``, the first value. A list of ``{filter, value}`` entries picks the first whose
+``filter`` is a substring of the tensor name (no filter, or ``*``, matches all). Settings are
+looked up per model first, then in the slice, then in the recipe's ``parameters``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .merge.methods import METHODS, MethodSpec, ParamSpec
+
+__all__ = [
+    "Recipe",
+    "RecipeError",
+    "ModelRef",
+    "SliceSource",
+    "OutputSlice",
+    "load_recipe",
+    "parse_recipe",
+    "evaluate_setting",
+    "DTYPES",
+]
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run, with the key at fault in its message."""
+
+
+DTYPES = {
+    "float32": "float32", "fp32": "float32", "float": "float32",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float64": "float64", "fp64": "float64",
+}
+
+_TOP_KEYS = (
+    "merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
+    "tokenizer_source", "tokenizer", "chat_template", "name",
+)
+_MODEL_KEYS = ("model", "parameters")
+_SOURCE_KEYS = ("model", "layer_range", "parameters")
+_SLICE_KEYS = ("sources", "base_model", "parameters", "residual_weight")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model: a local folder or a hub id, with an optional revision (``id@rev``)."""
+
+    path: str
+    revision: str | None = None
+
+    @classmethod
+    def parse(cls, value: Any, where: str) -> "ModelRef":
+        if isinstance(value, ModelRef):
+            return value
+        if isinstance(value, dict):
+            inner = value.get("model", value)
+            if isinstance(inner, dict):
+                unknown = set(inner) - {"path", "revision"}
+                if unknown or "path" not in inner:
+                    raise RecipeError(f"{where}: a model given as a mapping needs 'path' "
+                                      f"(and optionally 'revision'); got keys {sorted(inner)}")
+                return cls(str(inner["path"]), inner.get("revision"))
+            return cls.parse(inner, where)
+        if not isinstance(value, str) or not value.strip():
+            raise RecipeError(f"{where}: expected a model path or hub id, got {value!r}")
+        if "+" in value and not Path(value).exists():
+            raise RecipeError(
+                f"{where}: '{value}' names a LoRA adapter ('model+adapter'); apply the "
+                "adapter to the model first (peft's merge_and_unload) and name the result"
+            )
+        if "@" in value and not Path(value).exists():
+            path, rev = value.rsplit("@", 1)
+            return cls(path, rev)
+        return cls(value)
+
+    def __str__(self) -> str:
+        return self.path if self.revision is None else f"{self.path}@{self.revision}"
+
+
+@dataclass
+class SliceSource:
+    model: ModelRef
+    layer_range: tuple[int, int] | None = None  # None: all layers (the `models:` form)
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OutputSlice:
+    sources: list[SliceSource]
+    base_model: ModelRef | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Recipe:
+    """A parsed, validated recipe. ``slices`` is always set: the ``models`` form becomes
+    one slice over all layers (with the base model added when it is not listed)."""
+
+    merge_method: str
+    method: MethodSpec
+    slices: list[OutputSlice]
+    base_model: ModelRef | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | ModelRef | None = None
+    chat_template: str | None = None
+    name: str | None = None
+    uses_models_form: bool = True
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def referenced_models(self) -> list[ModelRef]:
+        seen: dict[ModelRef, None] = {}
+        if self.base_model is not None:
+            seen[self.base_model] = None
+        for s in self.slices:
+            if s.base_model is not None:
+                seen[s.base_model] = None
+            for src in s.sources:
+                seen[src.model] = None
+        return list(seen)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.raw, sort_keys=False, default_flow_style=None)
+
+
+def _check_keys(d: Any, allowed: tuple[str, ...], where: str) -> dict:
+    if not isinstance(d, dict):
+        raise RecipeError(f"{where}: expected a mapping, got {type(d).__name__}")
+    unknown = [k for k in d if k not in allowed]
+    if unknown:
+        raise RecipeError(
+            f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; accepted: {', '.join(allowed)}"
+        )
+    return d
+
+
+def _check_params(params: Any, method: MethodSpec, where: str, per_model: bool | None) -> dict:
+    if params is None:
+        return {}
+    if not isinstance(params, dict):
+        raise RecipeError(f"{where}: expected a mapping of parameters, got {params!r}")
+    for key, setting in params.items():
+        if key not in method.param_names:
+            raise RecipeError(
+                f"{where}.{key}: unknown parameter for merge_method '{method.name}'; "
+                f"accepted: {', '.join(method.param_names) or '(none)'}"
+            )
+        spec = method.param(key)
+        _check_setting(setting, spec, f"{where}.{key}")
+    return params
+
+
+def _iter_values(setting: Any):
+    """Every scalar a setting can produce (gradients and filtered values included)."""
+    if isinstance(setting, dict):
+        yield from _iter_values(setting.get("value"))
+    elif isinstance(setting, list):
+        for e in setting:
+            yield from _iter_values(e)
+    else:
+        yield setting
+
+
+def _check_setting(setting: Any, spec: ParamSpec, where: str) -> None:
+    if isinstance(setting, dict):
+        _check_keys(setting, ("filter", "value"), where)
+        if "value" not in setting:
+            raise RecipeError(f"{where}: a filtered setting needs a 'value'")
+    if isinstance(setting, list):
+        for i, e in enumerate(setting):
+            if isinstance(e, dict):
+                _check_setting(e, spec, f"{where}[{i}]")
+            elif isinstance(e, list):
+                raise RecipeError(f"{where}[{i}]: nested lists are not a valid setting")
+    for v in _iter_values(setting):
+        validate_value(spec, v, where)
+
+
+def validate_value(spec: ParamSpec, v: Any, where: str) -> Any:
+    """Check one resolved value against its spec; returns it converted."""
+    if spec.kind == "bool":
+        if isinstance(v, bool):
+            return v
+        if isinstance(v, str) and v.lower() in ("true", "false"):
+            return v.lower() == "true"
+        raise RecipeError(f"{where}: expected true or false, got {v!r}")
+    if spec.kind == "rescale":
+        if isinstance(v, bool):
+            return v
+        if isinstance(v, str) and v.lower() in ("true", "false"):
+            return v.lower() == "true"
+        if isinstance(v, str) and v.lower() in ("l1", "l2", "linf"):
+            return v.lower()
+        raise RecipeError(f"{where}: expected true, false, l1, l2 or linf, got {v!r}")
+    if v is None and not spec.required:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        raise RecipeError(f"{where}: expected a number, got {v!r}")
+    try:
+        x = float(v)
+    except ValueError:
+        raise RecipeError(f"{where}: expected a number, got {v!r}") from None
+    if x != x or x in (float("inf"), float("-inf")):
+        raise RecipeError(f"{where}: must be finite, got {v!r}")
+    if spec.lo is not None and (x < spec.lo or (spec.lo_open and x <= spec.lo)):
+        bracket = "(" if spec.lo_open else "["
+        raise RecipeError(f"{where}: {spec.name}={x} is outside {bracket}{spec.lo}, {spec.hi}]")
+    if spec.hi is not None and x > spec.hi:
+        bracket = "(" if spec.lo_open else "["
+        raise RecipeError(f"{where}: {spec.name}={x} is outside {bracket}{spec.lo}, {spec.hi}]")
+    return x
+
+
+def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
+    """Resolve one setting for a tensor at depth ``t`` in [0, 1]; ``None`` if no filter matches.
+
+    Numbers in a list interpolate linearly; lists of booleans or strings pick
+    ``values[int(t * (n - 1))]``.
+    """
+    if isinstance(setting, dict):
+        setting = [setting]
+    if not isinstance(setting, list):
+        return setting
+    if not setting:
+        return None
+    if all(not isinstance(e, (dict, list)) for e in setting):
+        numeric = all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting)
+        if not numeric:
+            return setting[int(t * (len(setting) - 1))]
+        scaled = t * (len(setting) - 1)
+        i0 = int(scaled)
+        i1 = min(len(setting) - 1, i0 + 1)
+        frac = scaled - i0
+        return (1 - frac) * setting[i0] + frac * setting[i1]
+    for cond in setting:
+        if not isinstance(cond, dict):
+            continue
+        flt = cond.get("filter")
+        if flt is None or flt == "*" or (tensor_name and str(flt) in tensor_name):
+            return evaluate_setting(cond.get("value"), tensor_name, t)
+    return None
+
+
+def parse_recipe(data: Any, *, source: str = "recipe") -> Recipe:
+    """Validate a recipe mapping (as loaded from YAML) and normalise it to slices."""
+    d = _check_keys(data, _TOP_KEYS, source)
+    if "merge_method" not in d:
+        raise RecipeError(f"{source}: 'merge_method' is required; accepted: {', '.join(METHODS)}")
+    mname = str(d["merge_method"])
+    if mname not in METHODS:
+        raise RecipeError(
+            f"{source}.merge_method: unknown method '{mname}'; accepted: {', '.join(METHODS)}"
+        )
+    method = METHODS[mname]
+    if ("models" in d) == ("slices" in d):
+        raise RecipeError(f"{source}: give exactly one of 'models' or 'slices'")
+    if "tokenizer" in d and "tokenizer_source" in d:
+        raise RecipeError(f"{source}: give at most one of 'tokenizer' and 'tokenizer_source'")
+    base = ModelRef.parse(d["base_model"], f"{source}.base_model") if d.get("base_model") else None
+    params = _check_params(d.get("parameters"), method, f"{source}.parameters", None)
+    dtype = _dtype(d.get("dtype"), f"{source}.dtype")
+    out_dtype = _dtype(d.get("out_dtype"), f"{source}.out_dtype")
+
+    slices: list[OutputSlice] = []
+    if "models" in d:
+        models = d["models"]
+        if not isinstance(models, list) or not models:
+            raise RecipeError(f"{source}.models: expected a non-empty list of models")
+        sources = []
+        for i, m in enumerate(models):
+            where = f"{source}.models[{i}]"
+            if isinstance(m, str):
+                m = {"model": m}
+            _check_keys(m, _MODEL_KEYS, where)
+            if "model" not in m:
+                raise RecipeError(f"{where}: 'model' is required")
+            ref = ModelRef.parse(m["model"], f"{where}.model")
+            p = _check_params(m.get("parameters"), method, f"{where}.parameters", True)
+            sources.append(SliceSource(ref, None, p))
+        if base is not None and all(s.model != base for s in sources):
+            sources.append(SliceSource(base, None, {}))
+        slices.append(OutputSlice(sources))
+    else:
+        raw_slices = d["slices"]
+        if not isinstance(raw_slices, list) or not raw_slices:
+            raise RecipeError(f"{source}.slices: expected a non-empty list of slices")
+        for i, s in enumerate(raw_slices):
+            where = f"{source}.slices[{i}]"
+            _check_keys(s, _SLICE_KEYS, where)
+            if s.get("residual_weight") is not None:
+                raise RecipeError(f"{where}.residual_weight: not supported")
+            srcs = s.get("sources")
+            if not isinstance(srcs, list) or not srcs:
+                raise RecipeError(f"{where}.sources: expected a non-empty list")
+            out = []
+            for j, src in enumerate(srcs):
+                w = f"{where}.sources[{j}]"
+                _check_keys(src, _SOURCE_KEYS, w)
+                if "model" not in src or "layer_range" not in src:
+                    raise RecipeError(f"{w}: 'model' and 'layer_range' are required")
+                lr = src["layer_range"]
+                if (not isinstance(lr, (list, tuple)) or len(lr) != 2
+                        or not all(isinstance(x, int) and not isinstance(x, bool) for x in lr)
+                        or lr[0] < 0 or lr[1] <= lr[0]):
+                    raise RecipeError(f"{w}.layer_range: expected [start, end) with 0 <= start < end, got {lr!r}")
+                p = _check_params(src.get("parameters"), method, f"{w}.parameters", True)
+                out.append(SliceSource(ModelRef.parse(src["model"], f"{w}.model"), (lr[0], lr[1]), p))
+            lengths = {x.layer_range[1] - x.layer_range[0] for x in out}
+            if len(lengths) != 1:
+                raise RecipeError(f"{where}.sources: every source of a slice needs the same number of layers, got {sorted(lengths)}")
+            sb = ModelRef.parse(s["base_model"], f"{where}.base_model") if s.get("base_model") else None
+            sp = _check_params(s.get("parameters"), method, f"{where}.parameters", None)
+            slices.append(OutputSlice(out, sb, sp))
+
+    tok = d.get("tokenizer_source")
+    if "tokenizer" in d:
+        t = d["tokenizer"]
+        _check_keys(t, ("source", "tokens", "pad_to_multiple_of"), f"{source}.tokenizer")
+        if t.get("tokens") or t.get("pad_to_multiple_of"):
+            raise RecipeError(f"{source}.tokenizer: 'tokens' and 'pad_to_multiple_of' are not supported; use 'tokenizer_source'")
+        tok = t.get("source")
+    if tok is not None and tok not in ("base", "union"):
+        tok = ModelRef.parse(tok, f"{source}.tokenizer_source")
+
+    recipe = Recipe(
+        merge_method=mname, method=method, slices=slices, base_model=base, parameters=params,
+        dtype=dtype, out_dtype=out_dtype, tokenizer_source=tok,
+        chat_template=d.get("chat_template"), name=d.get("name"),
+        uses_models_form="models" in d, raw=dict(d),
+    )
+    _check_inputs(recipe, source)
+    return recipe
+
+
+def _dtype(v: Any, where: str) -> str | None:
+    if v is None:
+        return None
+    key = str(v).replace("torch.", "").lower()
+    if key not in DTYPES:
+        raise RecipeError(f"{where}: unknown dtype {v!r}; accepted: float32, float16, bfloat16, float64")
+    return DTYPES[key]
+
+
+def _check_inputs(r: Recipe, source: str) -> None:
+    m = r.method
+    for i, s in enumerate(r.slices):
+        base = s.base_model or r.base_model
+        where = f"{source}.slices[{i}]" if not r.uses_models_form else f"{source}.models"
+        if m.needs_base and base is None:
+            raise RecipeError(f"{source}.base_model: merge_method '{m.name}' needs a base_model")
+        others = [x for x in s.sources if x.model != base] if not m.base_in_inputs else s.sources
+        n = len(others)
+        if n < m.min_models:
+            raise RecipeError(f"{where}: merge_method '{m.name}' needs at least {m.min_models} model(s)"
+                              f"{' besides the base' if not m.base_in_inputs else ''}, got {n}")
+        if m.max_models is not None and n > m.max_models:
+            raise RecipeError(f"{where}: merge_method '{m.name}' takes at most {m.max_models} model(s)"
+                              f"{' besides the base' if not m.base_in_inputs else ''}, got {n}")
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate a recipe YAML file."""
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"recipe file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{p}: not valid YAML: {e}") from None
+    return parse_recipe(data, source=p.name)
