@@ -165,12 +165,16 @@ def _sparsify(
 ) -> Tensor:
     if kind is None or density >= 1:
         return delta
-    if kind == "magnitude":
-        masked = delta * magnitude_mask(delta, density)
-        return _rescale(delta, masked, rescale) if isinstance(rescale, str) else masked
-    if kind == "outliers":
-        masked = delta * outlier_mask(delta, density, gamma)
-        return _rescale(delta, masked, rescale) if isinstance(rescale, str) else masked
+    if kind in ("magnitude", "outliers"):
+        # mergekit reads ``rescale: true`` as "match the L1 norm" for every sparsification;
+        # deterministic trims have no keep probability to divide by, so do the same here
+        # (the random methods below keep their documented 1/p meaning of ``true``).
+        how = "l1" if rescale is True else rescale
+        if kind == "magnitude":
+            masked = delta * magnitude_mask(delta, density)
+        else:
+            masked = delta * outlier_mask(delta, density, gamma)
+        return _rescale(delta, masked, how) if isinstance(how, str) else masked
     if kind == "random":
         if density <= 0:
             return torch.zeros_like(delta)
