@@ -26,12 +26,12 @@ from typing import Iterator
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 __all__ = [
     "Checkpoint",
     "CheckpointError",
     "CheckpointWriter",
+    "TensorEntry",
     "LayerName",
     "split_layer",
     "tensor_group",
@@ -290,27 +290,75 @@ def parse_size(s: str | int) -> int:
     return int(n * mult)
 
 
-class CheckpointWriter:
-    """Writes a model folder atomically: everything goes into a temporary sibling folder
-    that is renamed to ``out_dir`` by ``commit()``; ``abort()`` (or an exception inside the
-    ``with`` block) removes it, so a failed merge leaves nothing behind.
+_ST_DTYPES = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}
 
-    Tensors are buffered until a shard would exceed ``shard_size`` bytes, then written.
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """What will be written: a tensor's name, shape and dtype, known before its data."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+class CheckpointWriter:
+    """Writes a model folder atomically and with no shard buffer.
+
+    The tensors to write are declared up front (``entries``, in the order they will be
+    added), so shard boundaries and each safetensors header are known before any data:
+    each tensor's bytes go to disk as soon as it is added. Everything goes into a temporary
+    sibling folder that ``commit()`` renames to ``out_dir``; ``abort()`` (or an exception
+    inside the ``with`` block) removes it, so a failed merge leaves nothing behind.
     """
 
-    def __init__(self, out_dir: str | Path, shard_size: int | str = "5GB", overwrite: bool = False):
+    def __init__(
+        self,
+        out_dir: str | Path,
+        entries: list[TensorEntry],
+        shard_size: int | str = "5GB",
+        overwrite: bool = False,
+    ):
         self.out_dir = Path(out_dir)
         if self.out_dir.exists() and not overwrite:
             raise FileExistsError(f"output '{self.out_dir}' already exists (pass --overwrite to replace it)")
         self.overwrite = overwrite
         self.shard_size = parse_size(shard_size)
+        self.entries = list(entries)
+        self._shards = self._layout()
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent))
-        self._buf: dict[str, torch.Tensor] = {}
-        self._buf_bytes = 0
-        self._shards: list[list[str]] = []
-        self.total_bytes = 0
+        self._next = 0
+        self._fh = None
+        self._shard_idx = -1
+        self.total_bytes = sum(e.nbytes for e in self.entries)
         self._done = False
+
+    def _layout(self) -> list[list[TensorEntry]]:
+        shards: list[list[TensorEntry]] = [[]]
+        size = 0
+        for e in self.entries:
+            if shards[-1] and size + e.nbytes > self.shard_size:
+                shards.append([])
+                size = 0
+            shards[-1].append(e)
+            size += e.nbytes
+        return shards if self.entries else []
+
+    def shard_file(self, i: int) -> str:
+        n = len(self._shards)
+        return SAFE_SINGLE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
 
     def __enter__(self) -> "CheckpointWriter":
         return self
@@ -319,24 +367,42 @@ class CheckpointWriter:
         if exc_type is not None or not self._done:
             self.abort()
 
+    def _open_shard(self, i: int) -> None:
+        header: dict = {"__metadata__": {"format": "pt"}}
+        off = 0
+        for e in self._shards[i]:
+            header[e.name] = {"dtype": _ST_DTYPES[e.dtype], "shape": list(e.shape),
+                              "data_offsets": [off, off + e.nbytes]}
+            off += e.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._fh = open(self.tmp / self.shard_file(i), "wb")
+        self._fh.write(len(raw).to_bytes(8, "little"))
+        self._fh.write(raw)
+        self._shard_idx = i
+        self._left_in_shard = len(self._shards[i])
+
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        n = tensor.numel() * tensor.element_size()
-        if self._buf and self._buf_bytes + n > self.shard_size:
-            self._flush()
+        """Write the next declared tensor."""
+        if self._next >= len(self.entries):
+            raise ValueError(f"tensor '{name}' was not declared")
+        e = self.entries[self._next]
+        if e.name != name or tuple(tensor.shape) != e.shape or tensor.dtype != e.dtype:
+            raise ValueError(
+                f"tensor '{name}' {list(tensor.shape)} {tensor.dtype} does not match the declared "
+                f"'{e.name}' {list(e.shape)} {e.dtype}"
+            )
+        if self._fh is None:
+            self._open_shard(self._shard_idx + 1)
         t = tensor.detach()
         if t.device.type != "cpu":
             t = t.to("cpu")
-        self._buf[name] = t.contiguous()
-        self._buf_bytes += n
-        self.total_bytes += n
-
-    def _flush(self) -> None:
-        if not self._buf:
-            return
-        idx = len(self._shards)
-        save_file(self._buf, str(self.tmp / f"shard-{idx:05d}.safetensors"), metadata={"format": "pt"})
-        self._shards.append(list(self._buf))
-        self._buf, self._buf_bytes = {}, 0
+        self._fh.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        self._next += 1
+        self._left_in_shard -= 1
+        if self._left_in_shard == 0:
+            self._fh.close()
+            self._fh = None
 
     def write_text(self, rel: str, text: str) -> None:
         (self.tmp / rel).write_text(text, encoding="utf-8")
@@ -345,17 +411,12 @@ class CheckpointWriter:
         shutil.copyfile(src, self.tmp / (rel or src.name))
 
     def commit(self) -> Path:
-        """Finish the shards and the index, then move the folder into place."""
-        self._flush()
-        n = len(self._shards)
-        if n == 1:
-            os.replace(self.tmp / "shard-00000.safetensors", self.tmp / SAFE_SINGLE)
-        elif n > 1:
-            weight_map = {}
-            for i, names in enumerate(self._shards):
-                final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-                os.replace(self.tmp / f"shard-{i:05d}.safetensors", self.tmp / final)
-                weight_map.update({k: final for k in names})
+        """Check every declared tensor was written, write the index, move into place."""
+        if self._next != len(self.entries):
+            missing = self.entries[self._next].name
+            raise ValueError(f"tensor '{missing}' was declared but never written")
+        if len(self._shards) > 1:
+            weight_map = {e.name: self.shard_file(i) for i, sh in enumerate(self._shards) for e in sh}
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
             self.write_text(SAFE_INDEX, json.dumps(index, indent=2))
         if self.out_dir.exists():
@@ -371,12 +432,11 @@ class CheckpointWriter:
         return self.out_dir
 
     def abort(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
         shutil.rmtree(self.tmp, ignore_errors=True)
         self._done = True
-
-    @property
-    def shard_names(self) -> Iterator[str]:
-        return iter(p.name for p in self.out_dir.glob("*.safetensors"))
 
 
 def torch_dtype(name: str | None) -> torch.dtype | None:

@@ -20,7 +20,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor
@@ -29,6 +29,7 @@ from ..checkpoint import (
     Checkpoint,
     CheckpointError,
     CheckpointWriter,
+    TensorEntry,
     split_layer,
     tensor_group,
     torch_dtype,
@@ -296,6 +297,10 @@ class MergeEngine:
         base = self._load(*task.base, task.name) if task.base else None
         return base, [self._load(m, n, task.name) for m, n in task.inputs]
 
+    def shape(self, task: TensorTask) -> tuple[int, ...]:
+        m, n = task.base or task.inputs[0]
+        return self.models[m].meta(n)[0]
+
     def output_dtype(self, task: TensorTask) -> torch.dtype:
         if self.out_dtype is not None and not task.copy:
             return self.out_dtype
@@ -363,7 +368,8 @@ class MergeEngine:
         recipe_text: str | None = None,
     ) -> Path:
         """Stream the merge into a new model folder (atomic: nothing is left on failure)."""
-        with CheckpointWriter(out_dir, shard_size=shard_size, overwrite=overwrite) as w:
+        entries = [TensorEntry(t.name, self.shape(t), self.output_dtype(t)) for t in self.tasks]
+        with CheckpointWriter(out_dir, entries, shard_size=shard_size, overwrite=overwrite) as w:
             for name, t in self.iter_merged(progress=progress):
                 w.add(name, t)
             self._write_metadata(w, recipe_text or self.recipe.to_yaml())

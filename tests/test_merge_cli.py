@@ -1,0 +1,342 @@
+"""End to end: `evomerge-merge` on tiny Llama models, and every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from evomerge.checkpoint import Checkpoint
+from evomerge.cli import merge_main
+from evomerge.merge.engine import MergeEngine
+from evomerge.recipe import parse_recipe
+from evomerge.testing import tiny_family
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def fam(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fam")
+    return {k: str(v) for k, v in tiny_family(root, n_experts=3, layers=3).items()}
+
+
+def _experts(fam, n=3, **params):
+    return [{"model": fam[f"expert_{i}"], "parameters": dict(params)} for i in range(n)]
+
+
+def recipes(fam) -> dict[str, dict]:
+    b = fam["base"]
+    return {
+        "linear": {"merge_method": "linear", "models": _experts(fam, weight=1.0)},
+        "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": b,
+                            "models": _experts(fam, weight=[0.2, 0.5]), "parameters": {"lambda": 0.8}},
+        "ties": {"merge_method": "ties", "base_model": b, "models": _experts(fam, weight=0.4, density=0.3)},
+        "dare_linear": {"merge_method": "dare_linear", "base_model": b, "models": _experts(fam, weight=0.4, density=0.5)},
+        "dare_ties": {"merge_method": "dare_ties", "base_model": b,
+                      "models": _experts(fam, weight=0.4, density=0.5), "parameters": {"rescale": "l1"}},
+        "breadcrumbs": {"merge_method": "breadcrumbs", "base_model": b,
+                        "models": _experts(fam, weight=0.4, density=0.8, gamma=0.05)},
+        "breadcrumbs_ties": {"merge_method": "breadcrumbs_ties", "base_model": b,
+                             "models": _experts(fam, weight=0.4, density=0.8, gamma=0.05)},
+        "della": {"merge_method": "della", "base_model": b, "models": _experts(fam, weight=0.4, density=0.5, epsilon=0.1)},
+        "della_linear": {"merge_method": "della_linear", "base_model": b,
+                         "models": _experts(fam, weight=0.4, density=0.5, epsilon=0.1)},
+        "slerp": {"merge_method": "slerp", "base_model": b, "models": [{"model": b}, {"model": fam["expert_0"]}],
+                  "parameters": {"t": [{"filter": "self_attn", "value": [0, 0.5, 1]}, {"value": 0.5}]}},
+        "model_stock": {"merge_method": "model_stock", "base_model": b, "models": _experts(fam)},
+        "wise_ft": {"merge_method": "wise_ft", "base_model": b, "models": [{"model": fam["expert_0"]}],
+                    "parameters": {"alpha": 0.3}},
+        "passthrough": {"merge_method": "passthrough", "dtype": "float32", "slices": [
+            {"sources": [{"model": fam["expert_0"], "layer_range": [0, 3]}]},
+            {"sources": [{"model": fam["expert_1"], "layer_range": [1, 3]}]}]},
+    }
+
+
+def _write(tmp_path, name, recipe) -> str:
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return str(p)
+
+
+def _generate(folder):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    ids = tok("12+34=", return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape[1] == ids["input_ids"].shape[1] + 5
+    return model
+
+
+@pytest.mark.parametrize("method", list(recipes({k: "x" for k in ["base", "expert_0", "expert_1", "expert_2"]})))
+def test_every_method_end_to_end(fam, tmp_path, method):
+    rec = recipes(fam)[method]
+    rfile = _write(tmp_path, method, rec)
+    out = tmp_path / "out"
+    assert merge_main([rfile, str(out), "--no-progress", "--seed", "3"]) == 0
+    model = _generate(str(out))
+    card = (out / "README.md").read_text()
+    assert f"merge_method: {method}" in card and "```yaml" in card
+    assert yaml.safe_load((out / "evomerge_recipe.yaml").read_text()) == rec
+    n_layers = 4 + 1 if method == "passthrough" else 3
+    assert model.config.num_hidden_layers == n_layers
+    # no temporary folder left beside the output
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    # the model differs from the base unless the method is passthrough of one expert
+    merged = load_file(str(out / "model.safetensors"))
+    base = load_file(str(Path(fam["base"]) / "model.safetensors"))
+    name = "model.layers.1.mlp.up_proj.weight"
+    assert merged[name].shape == base[name].shape
+    assert not torch.equal(merged[name], base[name])
+
+
+def test_cli_as_a_subprocess_matches_in_process_engine(fam, tmp_path):
+    rec = recipes(fam)["ties"]
+    rfile = _write(tmp_path, "ties", rec)
+    out = tmp_path / "cli"
+    r = subprocess.run([sys.executable, "-m", "evomerge.cli", rfile, str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "merging (ties)" in r.stderr  # the progress bar
+    written = load_file(str(out / "model.safetensors"))
+    engine = MergeEngine(parse_recipe(rec))
+    for name, t in engine.iter_merged():
+        assert torch.equal(written[name], t), name
+
+
+def test_sharded_output_loads_and_equals_unsharded(fam, tmp_path):
+    rfile = _write(tmp_path, "ta", recipes(fam)["task_arithmetic"])
+    assert merge_main([rfile, str(tmp_path / "one"), "--no-progress"]) == 0
+    assert merge_main([rfile, str(tmp_path / "many"), "--no-progress", "--shard-size", "20KB"]) == 0
+    idx = json.loads((tmp_path / "many" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(idx["weight_map"].values()))
+    assert len(shards) > 3 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
+    for s in shards:
+        assert (tmp_path / "many" / s).stat().st_size <= 20_000 + 4096 or len(load_file(str(tmp_path / "many" / s))) == 1
+    one, many = Checkpoint(tmp_path / "one"), Checkpoint(tmp_path / "many")
+    assert sorted(one.names()) == sorted(many.names())
+    for n in one.names():
+        assert torch.equal(one.get(n), many.get(n))
+    _generate(str(tmp_path / "many"))
+
+
+def test_sharded_input_is_read(tmp_path):
+    fam = tiny_family(tmp_path / "sh", n_experts=2, max_shard_size="30KB")
+    assert (fam["base"] / "model.safetensors.index.json").is_file()
+    rec = {"merge_method": "task_arithmetic", "base_model": str(fam["base"]),
+           "models": [{"model": str(fam["expert_0"]), "parameters": {"weight": 1.0}}]}
+    out = tmp_path / "out"
+    assert merge_main([_write(tmp_path, "r", rec), str(out), "--no-progress"]) == 0
+    # weight 1 on one expert and lambda 1 gives the expert back
+    ex = Checkpoint(fam["expert_0"])
+    got = Checkpoint(out)
+    for n in ex.names():
+        torch.testing.assert_close(got.get(n), ex.get(n), rtol=0, atol=1e-6)
+
+
+def test_dtype_option_and_tied_embeddings(tmp_path):
+    fam = tiny_family(tmp_path / "tied", n_experts=2, tie=True)
+    rec = {"merge_method": "ties", "base_model": str(fam["base"]),
+           "models": [{"model": str(fam[f"expert_{i}"]), "parameters": {"weight": 0.5, "density": 0.5}} for i in range(2)]}
+    out = tmp_path / "out"
+    assert merge_main([_write(tmp_path, "r", rec), str(out), "--no-progress", "--dtype", "bfloat16"]) == 0
+    ck = Checkpoint(out)
+    assert "lm_head.weight" not in ck.names()
+    assert {ck.meta(n)[1] for n in ck.names()} == {"bfloat16"}
+    assert json.loads((out / "config.json").read_text()).get("dtype", "bfloat16") == "bfloat16"
+    _generate(str(out))
+
+
+def test_same_seed_same_weights_other_seed_differs(fam, tmp_path):
+    rfile = _write(tmp_path, "dare", recipes(fam)["dare_ties"])
+    outs = []
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        assert merge_main([rfile, str(tmp_path / name), "--no-progress", "--seed", str(seed)]) == 0
+        outs.append(load_file(str(tmp_path / name / "model.safetensors")))
+    n = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(outs[0][n], outs[1][n])
+    assert not torch.equal(outs[0][n], outs[2][n])
+
+
+def test_materialize_writes_into_live_model_in_place(fam):
+    from transformers import AutoModelForCausalLM
+
+    rec = parse_recipe(recipes(fam)["ties"])
+    engine = MergeEngine(rec)
+    model = AutoModelForCausalLM.from_pretrained(fam["base"])
+    ptrs = {n: p.data_ptr() for n, p in model.named_parameters()}
+    engine.materialize(model)
+    assert {n: p.data_ptr() for n, p in model.named_parameters()} == ptrs
+    sd = model.state_dict()
+    for name, t in engine.iter_merged():
+        assert torch.equal(sd[name], t)
+
+
+# --------------------------------------------------------------------------------------
+# Bad input: a clear error naming what is at fault, exit code 2, no output left behind
+# --------------------------------------------------------------------------------------
+
+
+def _fails(tmp_path, rec_or_file, *needles, extra=()):
+    rfile = rec_or_file if isinstance(rec_or_file, str) else _write(tmp_path, "bad", rec_or_file)
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "evomerge.cli", rfile, str(out), "--no-progress", *extra],
+                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    err = r.stderr
+    assert "Traceback" not in err, err
+    for n in needles:
+        assert n in err, (n, err)
+    assert not out.exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []
+    return err
+
+
+def _copy_model(src, dst) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return Path(dst)
+
+
+def test_missing_model_folder(fam, tmp_path):
+    rec = recipes(fam)["ties"]
+    rec["models"][1]["model"] = str(tmp_path / "nope")
+    _fails(tmp_path, rec, str(tmp_path / "nope"), "no such folder")
+
+
+def test_hub_id_offline_is_a_clear_error(fam, tmp_path):
+    rec = recipes(fam)["ties"]
+    rec["models"][1]["model"] = "some-org/some-model"
+    _fails(tmp_path, rec, "some-org/some-model", "hub")
+
+
+def test_missing_tensor(fam, tmp_path):
+    m = _copy_model(fam["expert_1"], tmp_path / "m")
+    sd = load_file(str(m / "model.safetensors"))
+    del sd["model.layers.2.mlp.down_proj.weight"]
+    save_file(sd, str(m / "model.safetensors"))
+    rec = recipes(fam)["ties"]
+    rec["models"][1]["model"] = str(m)
+    _fails(tmp_path, rec, str(m), "model.layers.2.mlp.down_proj.weight", "missing")
+
+
+def test_shape_mismatch(fam, tmp_path):
+    m = _copy_model(fam["expert_1"], tmp_path / "m")
+    sd = load_file(str(m / "model.safetensors"))
+    sd["model.layers.0.mlp.up_proj.weight"] = sd["model.layers.0.mlp.up_proj.weight"][:-1].contiguous()
+    save_file(sd, str(m / "model.safetensors"))
+    rec = recipes(fam)["task_arithmetic"]
+    rec["models"][1]["model"] = str(m)
+    _fails(tmp_path, rec, str(m), "model.layers.0.mlp.up_proj.weight", "shape")
+
+
+def test_different_architectures(fam, tmp_path):
+    m = _copy_model(fam["expert_1"], tmp_path / "m")
+    cfg = json.loads((m / "config.json").read_text())
+    cfg["architectures"] = ["MistralForCausalLM"]
+    cfg["model_type"] = "mistral"
+    (m / "config.json").write_text(json.dumps(cfg))
+    rec = recipes(fam)["ties"]
+    rec["models"][1]["model"] = str(m)
+    _fails(tmp_path, rec, "different architectures", "MistralForCausalLM", "LlamaForCausalLM")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_weight(fam, tmp_path, bad):
+    m = _copy_model(fam["expert_2"], tmp_path / "m")
+    sd = load_file(str(m / "model.safetensors"))
+    sd["model.layers.1.self_attn.q_proj.weight"][3, 4] = bad
+    save_file(sd, str(m / "model.safetensors"))
+    rec = recipes(fam)["linear"]
+    rec["models"][2]["model"] = str(m)
+    _fails(tmp_path, rec, str(m), "model.layers.1.self_attn.q_proj.weight", "NaN or inf")
+
+
+def test_unknown_method_and_parameter(fam, tmp_path):
+    rec = recipes(fam)["ties"]
+    rec["merge_method"] = "tiess"
+    _fails(tmp_path, rec, "tiess", "accepted", "ties", "task_arithmetic")
+    rec = recipes(fam)["ties"]
+    rec["models"][0]["parameters"]["densty"] = 0.3
+    _fails(tmp_path, rec, "densty", "accepted", "density")
+
+
+@pytest.mark.parametrize("density", [0, -0.1, 1.5])
+def test_density_out_of_range(fam, tmp_path, density):
+    rec = recipes(fam)["ties"]
+    rec["models"][2]["parameters"]["density"] = [0.5, density]
+    _fails(tmp_path, rec, "models[2]", "density", "(0.0, 1.0]")
+
+
+def test_pickled_checkpoint_refused_then_allowed(fam, tmp_path):
+    m = _copy_model(fam["expert_1"], tmp_path / "m")
+    sd = load_file(str(m / "model.safetensors"))
+    (m / "model.safetensors").unlink()
+    torch.save(sd, m / "pytorch_model.bin")
+    rec = recipes(fam)["ties"]
+    rec["models"][1]["model"] = str(m)
+    rfile = _write(tmp_path, "pk", rec)
+    _fails(tmp_path, rfile, str(m), "pickle", "--allow-pickle")
+    out = tmp_path / "ok"
+    assert merge_main([rfile, str(out), "--no-progress", "--allow-pickle"]) == 0
+    ref = tmp_path / "ref"
+    rec["models"][1]["model"] = fam["expert_1"]
+    assert merge_main([_write(tmp_path, "ref", rec), str(ref), "--no-progress"]) == 0
+    a, b = load_file(str(out / "model.safetensors")), load_file(str(ref / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pickle_with_code_is_refused_even_when_allowed(fam, tmp_path):
+    m = _copy_model(fam["expert_1"], tmp_path / "m")
+    (m / "model.safetensors").unlink()
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    torch.save({"x": Evil()}, m / "pytorch_model.bin", _use_new_zipfile_serialization=True)
+    rec = recipes(fam)["ties"]
+    rec["models"][1]["model"] = str(m)
+    _fails(tmp_path, rec, str(m), "weights_only", extra=("--allow-pickle",))
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_existing_output_refused_unless_overwrite(fam, tmp_path):
+    rfile = _write(tmp_path, "ta", recipes(fam)["task_arithmetic"])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    r = subprocess.run([sys.executable, "-m", "evomerge.cli", rfile, str(out), "--no-progress"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "already exists" in r.stderr and "--overwrite" in r.stderr
+    assert (out / "keep.txt").read_text() == "mine"
+    assert merge_main([rfile, str(out), "--no-progress", "--overwrite"]) == 0
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+
+
+def test_failure_midway_leaves_nothing(fam, tmp_path):
+    """A NaN in the last tensor is found after most shards are written: no output remains."""
+    m = _copy_model(fam["expert_0"], tmp_path / "m")
+    sd = load_file(str(m / "model.safetensors"))
+    sd["lm_head.weight"][0, 0] = float("nan")
+    save_file(sd, str(m / "model.safetensors"))
+    rec = recipes(fam)["linear"]
+    rec["models"][0]["model"] = str(m)
+    _fails(tmp_path, rec, "lm_head.weight", extra=("--shard-size", "10KB"))
+
+
+def test_unknown_recipe_key_and_bad_yaml(tmp_path):
+    _fails(tmp_path, {"merge_method": "linear", "modles": []}, "modles", "accepted")
+    p = tmp_path / "broken.yaml"
+    p.write_text("merge_method: [linear\n")
+    _fails(tmp_path, str(p), "not valid YAML")
+    _fails(tmp_path, str(tmp_path / "absent.yaml"), "not found")
