@@ -102,3 +102,27 @@ def tiny_family(
         out[name] = path
     del base
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m evomerge.testing OUT [--experts N] [--layers N] [--hidden N]``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m evomerge.testing",
+                                 description="Write a tiny base model and its experts (seconds).")
+    ap.add_argument("out")
+    ap.add_argument("--experts", type=int, default=3)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--hidden", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    if (Path(a.out) / "base" / "config.json").is_file():
+        print(f"{a.out}: already there")
+        return 0
+    paths = tiny_family(a.out, n_experts=a.experts, seed=a.seed, hidden=a.hidden, layers=a.layers)
+    print("\n".join(f"{k}: {v}" for k, v in paths.items()))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
