@@ -34,6 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import os
+import warnings
+
 import yaml
 
 from .merge.methods import METHODS, MethodSpec, ParamSpec
@@ -82,6 +85,8 @@ class ModelRef:
     def parse(cls, value: Any, where: str) -> "ModelRef":
         if isinstance(value, ModelRef):
             return value
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
         if isinstance(value, dict):
             inner = value.get("model", value)
             if isinstance(inner, dict):
@@ -177,34 +182,47 @@ def _check_params(params: Any, method: MethodSpec, where: str, per_model: bool |
                 f"accepted: {', '.join(method.param_names) or '(none)'}"
             )
         spec = method.param(key)
+        if per_model and not spec.per_model:
+            warnings.warn(
+                f"{where}.{key}: '{key}' is shared by all models and is read from the recipe's "
+                "or the slice's parameters; the value given for this model is ignored "
+                "(as mergekit ignores it)",
+                stacklevel=3,
+            )
         _check_setting(setting, spec, f"{where}.{key}")
     return params
 
 
-def _iter_values(setting: Any):
-    """Every scalar a setting can produce (gradients and filtered values included)."""
-    if isinstance(setting, dict):
-        yield from _iter_values(setting.get("value"))
-    elif isinstance(setting, list):
-        for e in setting:
-            yield from _iter_values(e)
-    else:
-        yield setting
-
-
-def _check_setting(setting: Any, spec: ParamSpec, where: str) -> None:
+def _check_setting(setting: Any, spec: ParamSpec, where: str, nested: bool = False) -> None:
+    """A setting is a scalar, a list of scalars (a gradient), a ``{filter, value}`` mapping,
+    or a list of such mappings; anything else is refused, as mergekit's schema refuses it."""
     if isinstance(setting, dict):
         _check_keys(setting, ("filter", "value"), where)
         if "value" not in setting:
             raise RecipeError(f"{where}: a filtered setting needs a 'value'")
+        v = setting["value"]
+        if isinstance(v, dict) or (isinstance(v, list) and any(isinstance(e, (dict, list)) for e in v)):
+            raise RecipeError(f"{where}.value: expected a number or a list of numbers, got {v!r}")
+        _check_setting(v, spec, f"{where}.value", nested=True)
+        return
     if isinstance(setting, list):
+        if not setting:
+            raise RecipeError(f"{where}: an empty list is not a valid setting")
+        dicts = [isinstance(e, dict) for e in setting]
+        if any(dicts) and not all(dicts):
+            raise RecipeError(
+                f"{where}: mixes {{filter, value}} entries with bare values; write the fallback "
+                "as {value: ...} (an entry without a filter matches every tensor)"
+            )
         for i, e in enumerate(setting):
             if isinstance(e, dict):
                 _check_setting(e, spec, f"{where}[{i}]")
             elif isinstance(e, list):
                 raise RecipeError(f"{where}[{i}]: nested lists are not a valid setting")
-    for v in _iter_values(setting):
-        validate_value(spec, v, where)
+            else:
+                validate_value(spec, e, f"{where}[{i}]")
+        return
+    validate_value(spec, setting, where)
 
 
 def validate_value(spec: ParamSpec, v: Any, where: str) -> Any:

@@ -1,0 +1,964 @@
+"""Tests for the pure merge maths in ``evomerge.merge.methods``.
+
+Expected values are worked out by hand from the definitions (see /work/shared/METHODS.md and
+the module docstring) and written out literally; the property tests use independent
+reference computations (a stable ``torch.argsort`` for ranks, the TIES definition spelled
+out element by element), never the functions under test.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from evomerge.merge import methods as M
+from evomerge.merge.methods import (
+    METHODS,
+    breadcrumbs,
+    breadcrumbs_ties,
+    dare_linear,
+    dare_ties,
+    della,
+    della_keep_probabilities,
+    della_linear,
+    linear,
+    magnitude_mask,
+    model_stock,
+    outlier_mask,
+    passthrough,
+    rank_range_mask,
+    slerp,
+    task_arithmetic,
+    ties,
+    wise_ft,
+)
+
+F64 = torch.float64
+PROPS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def T(*xs) -> torch.Tensor:
+    """A float64 tensor (float64 inputs keep the maths in float64, so results are exact)."""
+    if len(xs) == 1 and isinstance(xs[0], (list, tuple)):
+        xs = xs[0]
+    return torch.tensor(xs, dtype=F64)
+
+
+def close(actual, expected, rtol=1e-12, atol=1e-12):
+    if not isinstance(expected, torch.Tensor):
+        expected = T(expected)
+    torch.testing.assert_close(actual, expected.to(actual.dtype), rtol=rtol, atol=atol)
+
+
+def ref_ranks(a: torch.Tensor) -> torch.Tensor:
+    """Ascending rank of each entry of flat ``a``; equal values ranked by position."""
+    flat = a.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    ranks = torch.empty_like(order)
+    ranks[order] = torch.arange(flat.numel())
+    return ranks.reshape(a.shape)
+
+
+def ref_ties_combine(deltas, weights, normalize):
+    """TIES election + disjoint merge, element by element, straight from the definition."""
+    n = deltas[0].numel()
+    out = []
+    flat = [d.reshape(-1).tolist() for d in deltas]
+    for i in range(n):
+        wd = [w * f[i] for w, f in zip(weights, flat)]
+        elected = 1.0 if sum(wd) >= 0 else -1.0
+        agree = [k for k, v in enumerate(wd) if v != 0 and math.copysign(1.0, v) == elected]
+        s = sum(wd[k] for k in agree)
+        if normalize:
+            div = sum(weights[k] for k in agree)
+            s = s / div if div != 0 else s
+        out.append(s)
+    return torch.tensor(out, dtype=deltas[0].dtype).reshape(deltas[0].shape)
+
+
+# --------------------------------------------------------------------------------------
+# Strategies
+# --------------------------------------------------------------------------------------
+
+# Exactly representable values: sums and differences of these stay exact in float64, and
+# the small set makes duplicate magnitudes (ties in trimming) common.
+GRID = st.sampled_from([-3.0, -2.0, -1.0, -0.5, -0.25, 0.0, 0.25, 0.5, 1.0, 1.5, 2.0, 4.0])
+
+
+@st.composite
+def model_sets(draw, k_min=1, k_max=3, n_min=1, n_max=12):
+    """(base, [experts...]) as float64 1-D tensors of one shared length."""
+    n = draw(st.integers(n_min, n_max))
+    k = draw(st.integers(k_min, k_max))
+    vec = st.lists(GRID, min_size=n, max_size=n)
+    base = T(draw(vec))
+    experts = [T(draw(vec)) for _ in range(k)]
+    return base, experts
+
+
+pos_weight = st.sampled_from([0.25, 0.5, 1.0, 1.5, 2.0, 3.0])
+nonzero_weight = st.sampled_from([-2.0, -1.0, -0.5, 0.25, 0.5, 1.0, 1.5, 3.0])
+lambdas = st.sampled_from([0.0, 0.3, 0.5, 1.0, 1.7])
+densities = st.floats(min_value=0.0, max_value=1.0, exclude_min=True, allow_nan=False)
+seeds = st.integers(min_value=0, max_value=2**40)
+
+
+# --------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------
+
+HAND_TESTED = {
+    "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
+    "breadcrumbs_ties", "della", "della_linear", "slerp", "model_stock", "wise_ft", "passthrough",
+}
+
+
+def test_every_registered_method_has_hand_computed_tests():
+    # A method added to the registry must get its own tests here.
+    assert set(METHODS) == HAND_TESTED
+
+
+def test_registry_matches_the_functions():
+    for name, spec in METHODS.items():
+        assert spec.name == name
+        assert spec.fn is getattr(M, name)
+        assert spec.reference.startswith("https://arxiv.org/abs/")
+    assert METHODS["slerp"].max_models == 1 and METHODS["wise_ft"].max_models == 1
+    assert METHODS["model_stock"].min_models == 2
+    assert not METHODS["linear"].needs_base and METHODS["linear"].base_in_inputs
+    for name in ("dare_linear", "dare_ties", "della", "della_linear"):
+        assert METHODS[name].random
+    for name in ("linear", "task_arithmetic", "ties", "slerp", "model_stock", "wise_ft"):
+        assert not METHODS[name].random
+    d = METHODS["ties"].param("density")
+    assert (d.lo, d.hi, d.lo_open, d.per_model) == (0.0, 1.0, True, True)
+
+
+# --------------------------------------------------------------------------------------
+# linear
+# --------------------------------------------------------------------------------------
+
+
+def test_linear_normalized_is_weighted_mean():
+    x, y = T(1, 2, 3, 4), T(5, -2, 0, 8)
+    # (1*x + 3*y) / 4
+    close(linear(None, [x, y], [1.0, 3.0]), [4.0, -1.0, 0.75, 7.0])
+    close(linear(None, [x, y], [1.0, 3.0], normalize=True), [4.0, -1.0, 0.75, 7.0])
+
+
+def test_linear_unnormalized_is_weighted_sum():
+    x, y = T(1, 2, 3, 4), T(5, -2, 0, 8)
+    close(linear(None, [x, y], [1.0, 3.0], normalize=False), [16.0, -4.0, 3.0, 28.0])
+
+
+def test_linear_uniform_soup_of_three():
+    a, b, c = T(3, 0, -3, 6), T(0, 3, 3, 0), T(0, 0, 3, 3)
+    close(linear(None, [a, b, c], [1 / 3] * 3, normalize=False), [1.0, 1.0, 1.0, 3.0])
+    close(linear(None, [a, b, c], [7.0] * 3), [1.0, 1.0, 1.0, 3.0])
+
+
+def test_linear_ignores_base_tensor():
+    x, y = T(1, 2), T(3, 4)
+    close(linear(T(100, 100), [x, y], [1.0, 1.0]), [2.0, 3.0])
+
+
+def test_linear_normalize_with_zero_weight_sum_is_an_error():
+    with pytest.raises(ValueError, match="sum to zero"):
+        linear(None, [T(1, 2), T(3, 4)], [1.0, -1.0])
+
+
+# --------------------------------------------------------------------------------------
+# task arithmetic
+# --------------------------------------------------------------------------------------
+
+TA_BASE = (1, 1, 1, 1, 1)
+TA_X = (2, 0, 1, 3, -1)  # tau_x = [1, -1, 0, 2, -2]
+TA_Y = (0, 1, 3, 1, 3)  # tau_y = [-1, 0, 2, 0, 2]
+
+
+def test_task_arithmetic_negative_weight():
+    base, x, y = T(TA_BASE), T(TA_X), T(TA_Y)
+    # tau_x - 0.5 tau_y = [1.5, -1, -1, 2, -3]
+    close(task_arithmetic(base, [x, y], [1.0, -0.5]), [2.5, 0.0, 0.0, 3.0, -2.0])
+
+
+def test_task_arithmetic_negation_removes_a_skill():
+    base, x = T(TA_BASE), T(TA_X)
+    close(task_arithmetic(base, [x], [-1.0]), [0.0, 2.0, 1.0, -1.0, 3.0])
+
+
+def test_task_arithmetic_lambda_scales_the_sum():
+    base, x, y = T(TA_BASE), T(TA_X), T(TA_Y)
+    close(task_arithmetic(base, [x, y], [1.0, -0.5], lambda_=0.5), [1.75, 0.5, 0.5, 2.0, -0.5])
+
+
+def test_task_arithmetic_normalize_divides_by_weight_sum():
+    base, x, y = T(TA_BASE), T(TA_X), T(TA_Y)
+    # weights sum to 0.5: [1.5, -1, -1, 2, -3] / 0.5 = [3, -2, -2, 4, -6]
+    close(task_arithmetic(base, [x, y], [1.0, -0.5], normalize=True), [4.0, -1.0, -1.0, 5.0, -5.0])
+    close(
+        task_arithmetic(base, [x, y], [1.0, -0.5], lambda_=0.5, normalize=True),
+        [2.5, 0.0, 0.0, 3.0, -2.0],
+    )
+
+
+def test_task_arithmetic_without_models_returns_base():
+    close(task_arithmetic(T(1, 2), [], []), [1.0, 2.0])
+
+
+# --------------------------------------------------------------------------------------
+# TIES
+# --------------------------------------------------------------------------------------
+
+# tau1 = [3, -1, 0.5, -2, 0.125, 1.5]   -> top 3 by magnitude: 3, -2, 1.5
+# tau2 = [-1, -2, 0.75, 4, 0.25, -0.375] -> top 3 by magnitude: 4, -2, -1
+TIES_BASE = (2,) * 6
+TIES_X = (5, 1, 2.5, 0, 2.125, 3.5)
+TIES_Y = (1, 0, 2.75, 6, 2.25, 1.625)
+
+
+def test_ties_trim_elect_disjoint_mean():
+    base, x, y = T(TIES_BASE), T(TIES_X), T(TIES_Y)
+    # trimmed: t1 = [3, 0, 0, -2, 0, 1.5], t2 = [-1, -2, 0, 4, 0, 0]; weights [1, 2]
+    # weighted: [3, 0, 0, -2, 0, 1.5] and [-2, -4, 0, 8, 0, 0]
+    # sum [1, -4, 0, 6, 0, 1.5] -> elected signs [+, -, +, +, +, +]
+    # agreeing: model 1 at 0 and 5, model 2 at 1 and 3
+    # disjoint mean: [3/1, -4/2, 0, 8/2, 0, 1.5/1] = [3, -2, 0, 4, 0, 1.5]
+    out = ties(base, [x, y], [1.0, 2.0], [0.5, 0.5])
+    close(out, [5.0, 0.0, 2.0, 6.0, 2.0, 3.5])
+
+
+def test_ties_lambda_scales_merged_vector():
+    base, x, y = T(TIES_BASE), T(TIES_X), T(TIES_Y)
+    out = ties(base, [x, y], [1.0, 2.0], [0.5, 0.5], lambda_=0.5)
+    close(out, [3.5, 1.0, 2.0, 4.0, 2.0, 2.75])
+
+
+def test_ties_without_normalize_sums_agreeing_entries():
+    base, x, y = T(TIES_BASE), T(TIES_X), T(TIES_Y)
+    out = ties(base, [x, y], [1.0, 2.0], [0.5, 0.5], normalize=False)
+    # [3, -4, 0, 8, 0, 1.5] + base
+    close(out, [5.0, -2.0, 2.0, 10.0, 2.0, 3.5])
+
+
+def test_ties_keeps_at_least_one_entry():
+    base, x, y = T(TIES_BASE), T(TIES_X), T(TIES_Y)
+    # density 0.1 of 6 entries: int(0.6) = 0, but max(1, .) = 1 entry survives per model
+    out = ties(base, [x, y], [1.0, 1.0], [0.1, 0.1])
+    close(out, [5.0, 2.0, 2.0, 6.0, 2.0, 2.0])
+
+
+def test_ties_zero_sum_elects_positive_and_divides_by_agreeing_weights():
+    base = T(1, 1, 1, 1)
+    x = T(3, -1, 2, 5)  # tau1 = [2, -2, 1, 4]
+    y = T(0, 2, 0.25, 1)  # tau2 = [-1, 1, -0.75, 0]
+    # weights [1, 2] -> weighted [2, -2, 1, 4] and [-2, 2, -1.5, 0]
+    # sums [0, 0, -0.5, 4]: zero counts as positive; the third entry is elected negative
+    # by the weighted sum (the unweighted sum 0.25 would be positive)
+    # kept: [2 (m1), 2 (m2), -1.5 (m2), 4 (m1; the zero of m2 never agrees)]
+    # divisors: [1, 2, 2, 1]
+    out = ties(base, [x, y], [1.0, 2.0], [1.0, 1.0])
+    close(out, [3.0, 2.0, 0.25, 5.0])
+    out = ties(base, [x, y], [1.0, 2.0], [1.0, 1.0], normalize=False)
+    close(out, [3.0, 3.0, -0.5, 5.0])
+
+
+def test_ties_trims_per_tensor_not_per_row():
+    base = torch.zeros(2, 3, dtype=F64)
+    x = T([[1, 2, 3], [10, 20, 30]])
+    # density 0.5 of 6 entries keeps the 3 largest of the whole tensor: the second row
+    out = ties(base, [x], [1.0], [0.5])
+    close(out, T([[0, 0, 0], [10, 20, 30]]))
+
+
+def test_ties_trim_ties_broken_by_position():
+    base = torch.zeros(5, dtype=F64)
+    x = T(1, -1, 1, -1, 1)  # all magnitudes equal: the later positions rank higher
+    out = ties(base, [x], [1.0], [0.4])
+    close(out, [0.0, 0.0, 0.0, -1.0, 1.0])
+
+
+def test_ties_rescale_norms():
+    base = torch.zeros(6, dtype=F64)
+    x = T(3, -1, 0.5, -2, 0.125, 1.5)  # L1 8.125; the top 3 (3, -2, 1.5) have L1 6.5
+    c1 = 8.125 / 6.5
+    expected_l1 = [3 * c1, 0.0, 0.0, -2 * c1, 0.0, 1.5 * c1]
+    close(ties(base, [x], [1.0], [0.5], rescale="l1"), expected_l1)
+    # a deterministic trim has no keep probability to divide by: ``true`` means the L1
+    # norm there, as in mergekit
+    close(ties(base, [x], [1.0], [0.5], rescale=True), expected_l1)
+    c2 = math.sqrt(9 + 1 + 0.25 + 4 + 0.015625 + 2.25) / math.sqrt(9 + 4 + 2.25)
+    close(ties(base, [x], [1.0], [0.5], rescale="l2"), [3 * c2, 0.0, 0.0, -2 * c2, 0.0, 1.5 * c2])
+    # the largest entry survives the trim: the L-inf norm is unchanged
+    close(ties(base, [x], [1.0], [0.5], rescale="linf"), [3.0, 0.0, 0.0, -2.0, 0.0, 1.5])
+    close(ties(base, [x], [1.0], [0.5], rescale=False), [3.0, 0.0, 0.0, -2.0, 0.0, 1.5])
+    # density 1 never rescales
+    close(ties(base, [x], [1.0], [1.0], rescale="l2"), x)
+
+
+# --------------------------------------------------------------------------------------
+# DARE
+# --------------------------------------------------------------------------------------
+
+def _dare_inputs(n=2000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=g, dtype=F64)
+    tau = torch.randn(n, generator=g, dtype=F64)
+    tau[tau.abs() < 1e-3] = 0.5  # every entry non-zero, so a kept entry is visible
+    return base, tau
+
+
+@pytest.mark.parametrize("fn", [dare_linear, dare_ties])
+def test_dare_is_seeded(fn):
+    base, tau = _dare_inputs()
+    x = base + tau
+    a = fn(base, [x], [1.0], [0.5], [123])
+    b = fn(base, [x], [1.0], [0.5], [123])
+    c = fn(base, [x], [1.0], [0.5], [124])
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert not torch.equal((a - base) != 0, (c - base) != 0)
+
+
+def test_dare_rescale_true_divides_survivors_by_density():
+    base = torch.zeros(4000, dtype=F64)
+    _, tau = _dare_inputs(4000)
+    density = 0.25  # drop rate p = 0.75, survivors times 1 / (1 - p) = 4
+    out = dare_linear(base, [tau], [1.0], [density], [7])
+    kept = out != 0
+    frac = kept.double().mean().item()
+    assert abs(frac - density) < 0.03
+    close(out[kept], tau[kept] * 4.0)
+    # rescale=True is the default
+    assert torch.equal(out, dare_linear(base, [tau], [1.0], [density], [7], rescale=True))
+
+
+def test_dare_rescale_false_keeps_survivors_unchanged():
+    base = torch.zeros(3000, dtype=F64)
+    _, tau = _dare_inputs(3000)
+    out = dare_linear(base, [tau], [1.0], [0.4], [9], rescale=False)
+    kept = out != 0
+    assert abs(kept.double().mean().item() - 0.4) < 0.04
+    close(out[kept], tau[kept])
+    # same mask as with rescaling: only the scale differs
+    scaled = dare_linear(base, [tau], [1.0], [0.4], [9], rescale=True)
+    assert torch.equal(scaled != 0, kept)
+
+
+def test_dare_rescale_l1_keeps_the_l1_norm_of_each_task_vector():
+    base, tau = _dare_inputs(2500)
+    x = base + tau
+    out = dare_linear(base, [x], [1.0], [0.3], [5], rescale="l1")
+    delta = out - base
+    close(delta.abs().sum(), tau.abs().sum(), rtol=1e-9, atol=1e-9)
+    kept = delta != 0
+    assert 0.25 < kept.double().mean().item() < 0.35
+    ratio = delta[kept] / tau[kept]
+    # every survivor is the original entry times one common factor L1(tau) / L1(masked)
+    close(ratio, torch.full_like(ratio, ratio[0].item()), rtol=1e-9, atol=1e-9)
+    close(ratio[0], tau.abs().sum() / tau[kept].abs().sum(), rtol=1e-9, atol=1e-9)
+
+
+def test_dare_linear_weights_and_lambda_act_after_dropping():
+    base, tau = _dare_inputs(500)
+    single = dare_linear(base, [base + tau], [1.0], [0.5], [11]) - base
+    out = dare_linear(base, [base + tau], [-2.0], [0.5], [11], lambda_=0.5)
+    close(out, base + (-2.0 * 0.5) * single, rtol=1e-12, atol=1e-12)
+
+
+def test_dare_ties_is_ties_election_over_dropped_vectors():
+    base, t1 = _dare_inputs(800, seed=1)
+    _, t2 = _dare_inputs(800, seed=2)
+    x, y = base + t1, base + t2
+    # each model's drop-and-rescale depends on its own seed only
+    d1 = dare_linear(base, [x], [1.0], [0.5], [31]) - base
+    d2 = dare_linear(base, [y], [1.0], [0.5], [32]) - base
+    for normalize in (False, True):
+        out = dare_ties(base, [x, y], [1.0, 0.5], [0.5, 0.5], [31, 32], normalize=normalize)
+        close(out, base + ref_ties_combine([d1, d2], [1.0, 0.5], normalize), rtol=1e-10, atol=1e-10)
+
+
+# --------------------------------------------------------------------------------------
+# Model Breadcrumbs
+# --------------------------------------------------------------------------------------
+
+# magnitudes .5 3 1 7 2 .25 6 4 5 .75 -> ascending order of positions: 5 0 9 2 4 1 7 8 6 3
+BC_TAU1 = (0.5, -3, 1, 7, -2, 0.25, 6, -4, 5, -0.75)
+# magnitudes 1 2 .5 3 1.5 6 .25 4.5 5 .125 -> ascending order of positions: 9 6 2 0 4 1 3 7 8 5
+BC_TAU2 = (-1, 2, -0.5, 3, 1.5, -6, 0.25, 4.5, -5, 0.125)
+
+
+def test_breadcrumbs_drops_top_gamma_and_keeps_density_next():
+    base = torch.ones(10, dtype=F64)
+    x = base + T(BC_TAU1)
+    # n = 10, density 0.5 -> keep 5; gamma 0.2 -> drop the 2 largest (7, 6), and the 3
+    # smallest (.25, .5, .75); kept: 1, -2, -3, -4, 5
+    out = breadcrumbs(base, [x], [1.0], [0.5], [0.2])
+    close(out, [1.0, -2.0, 2.0, 1.0, -1.0, 1.0, 1.0, -3.0, 6.0, 1.0])
+    out = breadcrumbs(base, [x], [2.0], [0.5], [0.2], lambda_=0.5)
+    close(out, [1.0, -2.0, 2.0, 1.0, -1.0, 1.0, 1.0, -3.0, 6.0, 1.0])
+
+
+def test_breadcrumbs_drops_fewer_top_entries_when_density_needs_them():
+    base = torch.zeros(10, dtype=F64)
+    # density 0.8 keeps 8, so only 2 of the int(0.5 * 10) = 5 largest can go: 7 and 6
+    out = breadcrumbs(base, [T(BC_TAU1)], [1.0], [0.8], [0.5])
+    close(out, [0.5, -3.0, 1.0, 0.0, -2.0, 0.25, 0.0, -4.0, 5.0, -0.75])
+
+
+def test_breadcrumbs_with_gamma_zero_is_magnitude_trim():
+    base = torch.zeros(10, dtype=F64)
+    out = breadcrumbs(base, [T(BC_TAU1)], [1.0], [0.3], [0.0])
+    close(out, [0.0, 0.0, 0.0, 7.0, 0.0, 0.0, 6.0, 0.0, 5.0, 0.0])
+
+
+def test_breadcrumbs_sums_models_with_task_arithmetic():
+    base = torch.zeros(10, dtype=F64)
+    # t1' = [0, -3, 1, 0, -2, 0, 0, -4, 5, 0]; t2' = [-1, 2, 0, 3, 1.5, 0, 0, 4.5, 0, 0]
+    out = breadcrumbs(base, [T(BC_TAU1), T(BC_TAU2)], [1.0, 1.0], [0.5, 0.5], [0.2, 0.2])
+    close(out, [-1.0, -1.0, 1.0, 3.0, -0.5, 0.0, 0.0, 0.5, 5.0, 0.0])
+
+
+def test_breadcrumbs_ties_elects_signs():
+    base = torch.ones(10, dtype=F64)
+    x, y = base + T(BC_TAU1), base + T(BC_TAU2)
+    # weighted (w = [1, 2]): [0, -3, 1, 0, -2, 0, 0, -4, 5, 0] and [-2, 4, 0, 6, 3, 0, 0, 9, 0, 0]
+    # sum [-2, 1, 1, 6, 1, 0, 0, 5, 5, 0] -> signs [-, +, +, +, +, +, +, +, +, +]
+    # kept: [-2 (m2), 4 (m2), 1 (m1), 6 (m2), 3 (m2), 0, 0, 9 (m2), 5 (m1), 0]
+    args = (base, [x, y], [1.0, 2.0], [0.5, 0.5], [0.2, 0.2])
+    close(breadcrumbs_ties(*args), [-1.0, 5.0, 2.0, 7.0, 4.0, 1.0, 1.0, 10.0, 6.0, 1.0])
+    # disjoint mean: divisors [2, 2, 1, 2, 2, 1, 1, 2, 1, 1]
+    close(breadcrumbs_ties(*args, normalize=True), [0.0, 3.0, 2.0, 4.0, 2.5, 1.0, 1.0, 5.5, 6.0, 1.0])
+
+
+def test_breadcrumbs_rescale_l1():
+    base = torch.zeros(10, dtype=F64)
+    out = breadcrumbs(base, [T(BC_TAU1)], [1.0], [0.5], [0.2], rescale="l1")
+    # L1(tau) = 29.5, L1(kept) = 1 + 2 + 3 + 4 + 5 = 15 -> kept entries times 29.5 / 15
+    c = 29.5 / 15
+    close(out, [0.0, -3 * c, 1 * c, 0.0, -2 * c, 0.0, 0.0, -4 * c, 5 * c, 0.0])
+    close(breadcrumbs(base, [T(BC_TAU1)], [1.0], [0.5], [0.2], rescale=True), out)
+
+
+# --------------------------------------------------------------------------------------
+# DELLA
+# --------------------------------------------------------------------------------------
+
+
+def test_della_keep_probabilities_by_rank():
+    tau = T(0.5, -4, 2, -1, 3)  # magnitude ranks 0 4 2 1 3
+    p = della_keep_probabilities(tau, 0.5, 0.2)
+    # spread over [0.3, 0.7] in steps of 0.4 / 4
+    close(p, [0.3, 0.7, 0.5, 0.4, 0.6])
+
+
+def test_della_keep_probabilities_are_ranked_within_each_row():
+    tau = T([[1, -3, 2], [-6, 5, 4]])
+    p = della_keep_probabilities(tau, 0.5, 0.1)
+    close(p, T([[0.4, 0.6, 0.5], [0.6, 0.5, 0.4]]))
+    assert p.shape == tau.shape
+
+
+@pytest.mark.parametrize("density,eps", [(0.9, 0.15), (0.1, 0.1), (0.05, 0.2)])
+def test_della_rejects_probabilities_outside_0_1(density, eps):
+    with pytest.raises(ValueError, match="epsilon"):
+        della_keep_probabilities(T(1, 2, 3), density, eps)
+
+
+def test_della_linear_survivors_rescaled_by_one_over_p():
+    n = 6000
+    base = torch.zeros(n, dtype=F64)
+    tau = torch.linspace(0.01, 1.0, n, dtype=F64) * torch.where(torch.arange(n) % 2 == 0, 1.0, -1.0).to(F64)
+    tau = tau[torch.randperm(n, generator=torch.Generator().manual_seed(3))]
+    density, eps = 0.5, 0.3
+    out = della_linear(base, [tau], [1.0], [density], [eps], [17])
+    p = 0.2 + 0.6 * (tau.abs().argsort().argsort().to(F64) / (n - 1))  # distinct magnitudes
+    kept = out != 0
+    close(out[kept], tau[kept] / p[kept], rtol=1e-10, atol=1e-10)
+    # survival follows the probabilities: overall ~ density, small entries rarer than large
+    assert abs(kept.double().mean().item() - density) < 0.03
+    small = tau.abs() < 0.25
+    large = tau.abs() > 0.75
+    assert abs(kept[small].double().mean().item() - 0.275) < 0.05
+    assert abs(kept[large].double().mean().item() - 0.725) < 0.05
+    # seeded
+    assert torch.equal(out, della_linear(base, [tau], [1.0], [density], [eps], [17]))
+    assert not torch.equal(out, della_linear(base, [tau], [1.0], [density], [eps], [18]))
+
+
+def test_della_is_ties_over_magpruned_vectors():
+    base, t1 = _dare_inputs(600, seed=4)
+    _, t2 = _dare_inputs(600, seed=5)
+    x, y = base + t1, base + t2
+    d1 = della_linear(base, [x], [1.0], [0.4], [0.1], [1]) - base
+    d2 = della_linear(base, [y], [1.0], [0.6], [0.2], [2]) - base
+    out = della(base, [x, y], [1.0, 3.0], [0.4, 0.6], [0.1, 0.2], [1, 2])  # normalize default
+    close(out, base + ref_ties_combine([d1, d2], [1.0, 3.0], True), rtol=1e-10, atol=1e-10)
+    out = della(base, [x, y], [1.0, 3.0], [0.4, 0.6], [0.1, 0.2], [1, 2], normalize=False, lambda_=0.5)
+    close(out, base + 0.5 * ref_ties_combine([d1, d2], [1.0, 3.0], False), rtol=1e-10, atol=1e-10)
+
+
+# --------------------------------------------------------------------------------------
+# SLERP
+# --------------------------------------------------------------------------------------
+
+
+def test_slerp_orthogonal_equal_norm_midpoint():
+    v0, v1 = T(2, 0, 0, 0), T(0, 2, 0, 0)
+    # Omega = pi / 2: both coefficients sin(pi / 4) / sin(pi / 2)
+    r = math.sqrt(2.0)
+    close(slerp(v0, [v1], 0.5), [r, r, 0.0, 0.0])
+    # t = 1/3: sin(pi/3) and sin(pi/6)
+    close(slerp(v0, [v1], 1 / 3), [math.sqrt(3.0), 1.0, 0.0, 0.0])
+
+
+def test_slerp_sixty_degrees_stays_on_the_circle():
+    v0, v1 = T(1, 0), T(0.5, math.sqrt(3) / 2)
+    # coefficients sin(30 deg) / sin(60 deg); the result is the unit vector at 30 degrees
+    close(slerp(v0, [v1], 0.5), [math.sqrt(3) / 2, 0.5])
+
+
+def test_slerp_endpoints():
+    v0, v1 = T(1, -2, 3, 0.5), T(-1, 0, 2, 4)
+    close(slerp(v0, [v1], 0.0), v0)
+    close(slerp(v0, [v1], 1.0), v1)
+
+
+def test_slerp_collinear_falls_back_to_lerp():
+    v0 = T(1, 2, -1)
+    close(slerp(v0, [T(2, 4, -2)], 0.25), [1.25, 2.5, -1.25])
+    # anti-parallel: also linear
+    close(slerp(v0, [T(-1, -2, 1)], 0.5), [0.0, 0.0, 0.0])
+
+
+def test_slerp_threshold():
+    v0 = T(1, 0)
+    near = T(1, 0.01)  # cos = 0.99995 > 0.9995: linear
+    close(slerp(v0, [near], 0.5), [1.0, 0.005])
+    a = math.acos(0.999)  # cos = 0.999 < 0.9995: spherical
+    out = slerp(v0, [T(math.cos(a), math.sin(a))], 0.5)
+    close(out, [math.cos(a / 2), math.sin(a / 2)])
+    # with a lower threshold the same pair is interpolated linearly
+    out = slerp(v0, [T(math.cos(a), math.sin(a))], 0.5, dot_threshold=0.99)
+    close(out, [(1 + math.cos(a)) / 2, math.sin(a) / 2])
+
+
+def test_slerp_works_on_matrices_as_one_vector():
+    v0 = T([[2, 0], [0, 0]])
+    v1 = T([[0, 0], [0, 2]])
+    r = math.sqrt(2.0)
+    close(slerp(v0, [v1], 0.5), T([[r, 0], [0, r]]))
+
+
+# --------------------------------------------------------------------------------------
+# Model Stock
+# --------------------------------------------------------------------------------------
+
+
+def test_model_stock_two_models_known_cosine():
+    base = T(1, 1, 1, 1)
+    x = base + T(5, 0, 0, 0)
+    y = base + T(3, 4, 0, 0)
+    # cos = 15 / 25 = 0.6 -> t = 2 * 0.6 / (1 + 0.6) = 0.75
+    # t * mean + (1 - t) * base = base + 0.75 * [4, 2, 0, 0]
+    close(model_stock(base, [x, y]), [4.0, 2.5, 1.0, 1.0])
+
+
+def test_model_stock_three_models():
+    base = T(2, -1, 0)
+    taus = [T(1, 0, 0), T(0, 1, 0), T(1, 1, 0)]
+    # pairwise cosines 0, 1/sqrt2, 1/sqrt2
+    c = (0 + 2 / math.sqrt(2)) / 3
+    t = 3 * c / (1 + 2 * c)
+    expected = [2 + t * 2 / 3, -1 + t * 2 / 3, 0.0]
+    close(model_stock(base, [base + tau for tau in taus]), expected)
+
+
+def test_model_stock_orthogonal_task_vectors_return_base():
+    base = T(1, 2, 3)
+    out = model_stock(base, [base + T(1, 0, 0), base + T(0, 3, 0)])
+    close(out, base)
+
+
+def test_model_stock_filter_wise_uses_one_cosine_per_row():
+    base = torch.zeros(2, 3, dtype=F64)
+    x = T([[5, 0, 0], [0, 1, 0]])
+    y = T([[3, 4, 0], [0, 0, 1]])
+    # row 0: cos 0.6 -> t = 0.75; row 1: cos 0 -> t = 0 (the base row)
+    close(model_stock(base, [x, y], filter_wise=True), T([[3, 1.5, 0], [0, 0, 0]]))
+    # whole tensor: cos = 15 / 26 -> t = 30 / 41
+    t = 30 / 41
+    close(model_stock(base, [x, y]), t * T([[4, 2, 0], [0, 0.5, 0.5]]))
+
+
+# --------------------------------------------------------------------------------------
+# WiSE-FT and passthrough
+# --------------------------------------------------------------------------------------
+
+
+def test_wise_ft():
+    base, ft = T(0, 2, -4), T(4, 2, 0)
+    close(wise_ft(base, [ft], alpha=0.25), [1.0, 2.0, -3.0])
+    close(wise_ft(base, [ft]), [2.0, 2.0, -2.0])
+    close(wise_ft(base, [ft], alpha=0.0), base)
+    close(wise_ft(base, [ft], alpha=1.0), ft)
+
+
+def test_passthrough_scale():
+    x = T(1, -2, 3)
+    close(passthrough(None, [x]), [1.0, -2.0, 3.0])
+    close(passthrough(None, [x], scale=2.0), [2.0, -4.0, 6.0])
+    close(passthrough(None, [x], scale=[0.5]), [0.5, -1.0, 1.5])
+    close(passthrough(None, [x], scale=[None]), [1.0, -2.0, 3.0])
+
+
+# --------------------------------------------------------------------------------------
+# Working precision
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype,work", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                                        (torch.float32, torch.float32), (torch.float64, torch.float64)])
+def test_results_come_back_in_working_precision(dtype, work):
+    base = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=dtype)
+    x = torch.tensor([2.0, 2.0, -1.0, 0.5], dtype=dtype)
+    y = torch.tensor([0.0, 3.0, 3.0, 4.0], dtype=dtype)
+    calls = {
+        "linear": lambda: linear(None, [x, y], [1.0, 1.0]),
+        "task_arithmetic": lambda: task_arithmetic(base, [x, y], [0.5, 0.5]),
+        "ties": lambda: ties(base, [x, y], [1.0, 1.0], [0.5, 0.5]),
+        "dare_linear": lambda: dare_linear(base, [x, y], [1.0, 1.0], [0.5, 0.5], [1, 2]),
+        "dare_ties": lambda: dare_ties(base, [x, y], [1.0, 1.0], [0.5, 0.5], [1, 2]),
+        "breadcrumbs": lambda: breadcrumbs(base, [x, y], [1.0, 1.0], [0.5, 0.5], [0.25, 0.25]),
+        "breadcrumbs_ties": lambda: breadcrumbs_ties(base, [x, y], [1.0, 1.0], [0.5, 0.5], [0.25, 0.25]),
+        "della": lambda: della(base, [x, y], [1.0, 1.0], [0.5, 0.5], [0.1, 0.1], [1, 2]),
+        "della_linear": lambda: della_linear(base, [x, y], [1.0, 1.0], [0.5, 0.5], [0.1, 0.1], [1, 2]),
+        "slerp": lambda: slerp(base, [x], 0.3),
+        "model_stock": lambda: model_stock(base, [x, y]),
+        "wise_ft": lambda: wise_ft(base, [x], 0.5),
+        "passthrough": lambda: passthrough(None, [x], 2.0),
+    }
+    assert set(calls) == set(METHODS)
+    for name, call in calls.items():
+        out = call()
+        assert out.dtype == work, name
+        assert out.shape == base.shape, name
+        assert torch.isfinite(out).all(), name
+    # the value itself is computed in the working precision
+    close(calls["task_arithmetic"](), torch.tensor([1.0, 2.5, 1.0, 2.25], dtype=F64), rtol=1e-6, atol=1e-6)
+
+
+def test_inputs_are_not_modified():
+    base, x, y = T(TIES_BASE), T(TIES_X), T(TIES_Y)
+    copies = [base.clone(), x.clone(), y.clone()]
+    ties(base, [x, y], [1.0, 2.0], [0.5, 0.5])
+    dare_ties(base, [x, y], [1.0, 2.0], [0.5, 0.5], [1, 2])
+    della(base, [x, y], [1.0, 2.0], [0.5, 0.5], [0.1, 0.1], [1, 2])
+    linear(None, [x, y], [1.0, 2.0])
+    slerp(base, [x], 0.5)
+    model_stock(base, [x, y])
+    wise_ft(base, [x], 0.5)
+    passthrough(None, [x], 2.0)
+    for orig, now in zip(copies, [base, x, y]):
+        assert torch.equal(orig, now)
+
+
+# --------------------------------------------------------------------------------------
+# Masks: exact counts and tie-breaking, against a stable-sort reference
+# --------------------------------------------------------------------------------------
+
+mask_values = st.one_of(
+    st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.0, -2.0, 0.5]),
+    st.floats(min_value=-1e3, max_value=1e3, allow_nan=False, allow_subnormal=False),
+)
+
+
+@st.composite
+def mask_tensors(draw):
+    n = draw(st.integers(1, 48))
+    vals = draw(st.lists(mask_values, min_size=n, max_size=n))
+    t = torch.tensor(vals, dtype=draw(st.sampled_from([torch.float32, torch.float64])))
+    divisors = [d for d in (2, 3, 4) if n % d == 0 and n > d]
+    if divisors and draw(st.booleans()):
+        d = draw(st.sampled_from(divisors))
+        t = t.reshape(d, n // d)
+    return t
+
+
+@PROPS
+@given(a=mask_tensors(), data=st.data())
+def test_rank_range_mask_matches_stable_sort(a, data):
+    n = a.numel()
+    start = data.draw(st.integers(-3, n + 3))
+    stop = data.draw(st.integers(-3, n + 3))
+    mask = rank_range_mask(a, start, stop)
+    r = ref_ranks(a)
+    assert mask.shape == a.shape and mask.dtype == torch.bool
+    assert torch.equal(mask, (r >= start) & (r < stop))
+    assert int(mask.sum()) == max(0, min(n, stop) - max(0, start))
+
+
+@PROPS
+@given(delta=mask_tensors(), density=densities)
+def test_magnitude_mask_matches_stable_sort(delta, density):
+    n = delta.numel()
+    mask = magnitude_mask(delta, density)
+    k = n if density >= 1 else max(1, int(density * n))
+    assert int(mask.sum()) == k
+    assert torch.equal(mask, ref_ranks(delta.abs()) >= n - k)
+    # every kept magnitude is >= every dropped one
+    if 0 < k < n:
+        assert delta.abs()[mask].min() >= delta.abs()[~mask].max()
+
+
+@PROPS
+@given(delta=mask_tensors(), density=densities, gamma=st.floats(0.0, 1.0, allow_nan=False))
+def test_outlier_mask_matches_stable_sort(delta, density, gamma):
+    n = delta.numel()
+    mask = outlier_mask(delta, density, gamma)
+    if density >= 1:
+        assert bool(mask.all())
+        return
+    keep = int(density * n)
+    n_top = min(int(gamma * n), n - keep)  # fewer top entries dropped when needed
+    r = ref_ranks(delta.abs())
+    assert int(mask.sum()) == keep
+    assert torch.equal(mask, (r >= n - n_top - keep) & (r < n - n_top))
+
+
+def test_masks_with_many_equal_values_break_ties_by_position():
+    a = T(1, 1, 1, 1, 1, 1, 1, 1)
+    assert magnitude_mask(a, 0.25).tolist() == [False] * 6 + [True] * 2
+    assert rank_range_mask(a, 2, 5).tolist() == [False, False, True, True, True, False, False, False]
+    assert outlier_mask(a, 0.5, 0.25).tolist() == [False, False, True, True, True, True, False, False]
+    b = T(3, 1, 3, 2, 3, 3, 0, 3)  # 3 at positions 0 2 4 5 7 (ranks 3..7)
+    assert magnitude_mask(b, 0.375).tolist() == [False, False, False, False, True, True, False, True]
+
+
+def test_trimming_never_sorts(monkeypatch):
+    delta = torch.randn(64, 33, generator=torch.Generator().manual_seed(0))
+    expected_mag = magnitude_mask(delta, 0.3)
+    expected_out = outlier_mask(delta, 0.3, 0.05)
+
+    def boom(*a, **k):
+        raise AssertionError("trimming must not sort the tensor")
+
+    for name in ("sort", "argsort", "topk", "msort"):
+        monkeypatch.setattr(torch, name, boom)
+        monkeypatch.setattr(torch.Tensor, name, boom)
+    assert torch.equal(magnitude_mask(delta, 0.3), expected_mag)
+    assert torch.equal(outlier_mask(delta, 0.3, 0.05), expected_out)
+    base = torch.zeros_like(delta)
+    ties(base, [delta, -delta], [1.0, 1.0], [0.2, 0.2])
+    breadcrumbs_ties(base, [delta, -delta], [1.0, 1.0], [0.2, 0.2], [0.01, 0.01])
+
+
+# --------------------------------------------------------------------------------------
+# Properties
+# --------------------------------------------------------------------------------------
+
+
+@PROPS
+@given(ms=model_sets(k_min=1, k_max=4), w=st.lists(pos_weight, min_size=4, max_size=4))
+def test_prop_linear_of_identical_models_is_the_model(ms, w):
+    _, experts = ms
+    x = experts[0]
+    k = len(experts)
+    close(linear(None, [x] * k, w[:k]), x)
+    close(linear(None, [x] * k, w[:k], normalize=False), sum(w[:k]) * x)
+
+
+@PROPS
+@given(ms=model_sets(k_min=2, k_max=4), w=st.lists(pos_weight, min_size=4, max_size=4),
+       normalize=st.booleans())
+def test_prop_task_arithmetic_of_identical_experts(ms, w, normalize):
+    base, experts = ms
+    x = experts[0]
+    k = len(experts)
+    if normalize:
+        weights = w[:k]  # any positive weights: divided out
+    else:
+        weights = [1.0 / k] * k  # weights summing to 1
+    close(task_arithmetic(base, [x] * k, weights, normalize=normalize), x, rtol=1e-9, atol=1e-9)
+
+
+@PROPS
+@given(ms=model_sets(k_min=2, k_max=4), w=st.lists(pos_weight, min_size=4, max_size=4),
+       density=densities, lam=lambdas)
+def test_prop_ties_of_identical_experts(ms, w, density, lam):
+    base, experts = ms
+    x = experts[0]
+    k = len(experts)
+    tau = x - base
+    n = tau.numel()
+    kk = n if density >= 1 else max(1, int(density * n))
+    trimmed = tau * (ref_ranks(tau.abs()) >= n - kk)
+    # normalize: the disjoint mean of k copies of the same trimmed vector is that vector
+    out = ties(base, [x] * k, w[:k], [density] * k, lambda_=lam)
+    close(out, base + lam * trimmed)
+    if density == 1.0 and lam == 1.0:
+        close(out, x)
+    # without normalize the weights add up
+    out = ties(base, [x] * k, w[:k], [density] * k, lambda_=lam, normalize=False)
+    close(out, base + lam * sum(w[:k]) * trimmed, rtol=1e-10, atol=1e-10)
+
+
+@PROPS
+@given(ms=model_sets(k_min=1, k_max=1), t=st.floats(0.0, 1.0))
+def test_prop_slerp_of_identical_models_is_the_model(ms, t):
+    _, (x,) = ms
+    close(slerp(x, [x.clone()], t), x)
+
+
+@PROPS
+@given(ms=model_sets(k_min=1, k_max=1), k=st.integers(2, 4), filter_wise=st.booleans())
+def test_prop_model_stock_of_identical_models_is_the_model(ms, k, filter_wise):
+    base, (x,) = ms
+    close(model_stock(base, [x] * k, filter_wise=filter_wise), x)
+
+
+@PROPS
+@given(ms=model_sets(k_min=1, k_max=3), density=densities, s=st.lists(seeds, min_size=3, max_size=3),
+       normalize=st.booleans(), lam=lambdas)
+def test_prop_zero_weights_return_the_base(ms, density, s, normalize, lam):
+    base, experts = ms
+    k = len(experts)
+    w, d, sd = [0.0] * k, [density] * k, s[:k]
+    close(task_arithmetic(base, experts, w, lambda_=lam, normalize=normalize), base)
+    close(ties(base, experts, w, d, lambda_=lam, normalize=normalize), base)
+    close(dare_linear(base, experts, w, d, sd, lambda_=lam, normalize=normalize), base)
+    close(dare_ties(base, experts, w, d, sd, lambda_=lam, normalize=normalize), base)
+    close(breadcrumbs(base, experts, w, d, [0.1] * k, lambda_=lam, normalize=normalize), base)
+    close(breadcrumbs_ties(base, experts, w, d, [0.1] * k, lambda_=lam, normalize=normalize), base)
+
+
+@PROPS
+@given(ms=model_sets(k_min=2, k_max=2), w=nonzero_weight, density=densities,
+       s=st.lists(seeds, min_size=2, max_size=2), normalize=st.booleans(), lam=lambdas)
+def test_prop_a_zero_weight_model_changes_nothing(ms, w, density, s, normalize, lam):
+    base, (x, y) = ms
+    kw = dict(lambda_=lam, normalize=normalize)
+    close(ties(base, [x, y], [w, 0.0], [density] * 2, **kw), ties(base, [x], [w], [density], **kw))
+    close(dare_ties(base, [x, y], [w, 0.0], [density] * 2, s, **kw),
+          dare_ties(base, [x], [w], [density], s[:1], **kw))
+    close(dare_linear(base, [x, y], [w, 0.0], [density] * 2, s, **kw),
+          dare_linear(base, [x], [w], [density], s[:1], **kw))
+    close(task_arithmetic(base, [x, y], [w, 0.0], **kw), task_arithmetic(base, [x], [w], **kw))
+
+
+@PROPS
+@given(ms=model_sets(k_min=1, k_max=1), w=nonzero_weight, lam=lambdas)
+def test_prop_ties_density_one_single_model(ms, w, lam):
+    base, (x,) = ms
+    tau = x - base
+    # without normalize TIES of one model is task arithmetic
+    close(ties(base, [x], [w], [1.0], lambda_=lam, normalize=False),
+          task_arithmetic(base, [x], [w], lambda_=lam))
+    close(ties(base, [x], [w], [1.0], lambda_=lam, normalize=False), base + lam * w * tau)
+    # with normalize the weight divides out (also for negative weights)
+    close(ties(base, [x], [w], [1.0], lambda_=lam), base + lam * tau)
+    close(ties(base, [x], [w], [1.0], lambda_=lam),
+          task_arithmetic(base, [x], [w], lambda_=lam, normalize=True))
+
+
+@PROPS
+@given(ms=model_sets(k_min=1, k_max=3), w=st.lists(nonzero_weight, min_size=3, max_size=3),
+       s=st.lists(seeds, min_size=3, max_size=3), normalize=st.booleans(), lam=lambdas,
+       rescale=st.sampled_from([True, False, "l1", "l2"]))
+def test_prop_dare_with_density_one_is_plain_merging(ms, w, s, normalize, lam, rescale):
+    base, experts = ms
+    k = len(experts)
+    kw = dict(lambda_=lam, normalize=normalize)
+    if normalize:
+        assume(abs(sum(w[:k])) > 1e-3)
+    close(dare_linear(base, experts, w[:k], [1.0] * k, s[:k], rescale=rescale, **kw),
+          task_arithmetic(base, experts, w[:k], **kw), rtol=1e-9, atol=1e-9)
+    close(dare_ties(base, experts, w[:k], [1.0] * k, s[:k], rescale=rescale, **kw),
+          ties(base, experts, w[:k], [1.0] * k, **kw), rtol=1e-9, atol=1e-9)
+
+
+@PROPS
+@given(ms=model_sets(k_min=1, k_max=3), w=st.lists(nonzero_weight, min_size=3, max_size=3),
+       density=densities, normalize=st.booleans(), lam=lambdas)
+def test_prop_ties_matches_the_definition(ms, w, density, normalize, lam):
+    base, experts = ms
+    k = len(experts)
+    trimmed = []
+    for x in experts:
+        tau = x - base
+        n = tau.numel()
+        kk = n if density >= 1 else max(1, int(density * n))
+        trimmed.append(tau * (ref_ranks(tau.abs()) >= n - kk))
+    expected = base + lam * ref_ties_combine(trimmed, w[:k], normalize)
+    close(ties(base, experts, w[:k], [density] * k, lambda_=lam, normalize=normalize), expected,
+          rtol=1e-10, atol=1e-10)
+
+
+@PROPS
+@given(ms=model_sets(k_min=2, k_max=3, n_min=6, n_max=6), w=st.lists(nonzero_weight, min_size=3, max_size=3),
+       density=densities, normalize=st.booleans())
+def test_prop_ties_trims_the_flattened_tensor(ms, w, density, normalize):
+    base, experts = ms
+    k = len(experts)
+    flat = ties(base, experts, w[:k], [density] * k, normalize=normalize)
+    shaped = ties(base.reshape(2, 3), [x.reshape(2, 3) for x in experts], w[:k], [density] * k,
+                  normalize=normalize)
+    close(shaped.reshape(-1), flat)
+
+
+@PROPS
+@given(ms=model_sets(k_min=2, k_max=3, n_min=8, n_max=12), w=st.lists(nonzero_weight, min_size=3, max_size=3),
+       density=densities, s=st.lists(seeds, min_size=3, max_size=3), rescale=st.sampled_from([True, False, "l1"]))
+def test_prop_dare_linear_adds_independent_per_model_contributions(ms, w, density, s, rescale):
+    base, experts = ms
+    k = len(experts)
+    total = dare_linear(base, experts, w[:k], [density] * k, s[:k], rescale=rescale)
+    parts = [dare_linear(base, [x], [wi], [density], [si], rescale=rescale) - base
+             for x, wi, si in zip(experts, w, s)]
+    close(total, base + sum(parts), rtol=1e-10, atol=1e-10)
+
+
+@PROPS
+@given(ms=model_sets(k_min=1, k_max=1), t=st.sampled_from([0.0, 1.0]))
+def test_prop_slerp_endpoints(ms, t):
+    base, (x,) = ms
+    out = slerp(base, [x], t)
+    close(out, base if t == 0.0 else x, rtol=1e-9, atol=1e-9)
+
+
+@PROPS
+@given(angle=st.floats(0.1, 3.0), radius=st.floats(0.5, 4.0), t=st.floats(0.0, 1.0),
+       phase=st.floats(0.0, 6.28))
+def test_prop_slerp_stays_on_the_sphere(angle, radius, t, phase):
+    v0 = T(radius * math.cos(phase), radius * math.sin(phase), 0.0)
+    v1 = T(radius * math.cos(phase + angle), radius * math.sin(phase + angle), 0.0)
+    out = slerp(v0, [v1], t)
+    # the interpolant rotates v0 towards v1 by t * angle at constant norm
+    close(out, T(radius * math.cos(phase + t * angle), radius * math.sin(phase + t * angle), 0.0),
+          rtol=1e-9, atol=1e-9)
+
+
+@PROPS
+@given(ms=model_sets(k_min=1, k_max=3), w=st.lists(nonzero_weight, min_size=3, max_size=3),
+       lam=st.floats(-2.0, 3.0), density=densities)
+def test_prop_lambda_interpolates_linearly(ms, w, lam, density):
+    base, experts = ms
+    k = len(experts)
+    full = task_arithmetic(base, experts, w[:k])
+    close(task_arithmetic(base, experts, w[:k], lambda_=lam), base + lam * (full - base),
+          rtol=1e-9, atol=1e-9)
+    full = ties(base, experts, w[:k], [density] * k)
+    close(ties(base, experts, w[:k], [density] * k, lambda_=lam), base + lam * (full - base),
+          rtol=1e-9, atol=1e-9)
+
+
+@PROPS
+@given(ms=model_sets(k_min=1, k_max=1), a=st.floats(0.0, 1.0))
+def test_prop_wise_ft_is_linear_in_alpha(ms, a):
+    base, (x,) = ms
+    close(wise_ft(base, [x], a), (1 - a) * base + a * x, rtol=1e-9, atol=1e-9)
+    close(linear(None, [base, x], [1 - a, a], normalize=False), wise_ft(base, [x], a), rtol=1e-9, atol=1e-9)
