@@ -962,3 +962,75 @@ def test_prop_wise_ft_is_linear_in_alpha(ms, a):
     base, (x,) = ms
     close(wise_ft(base, [x], a), (1 - a) * base + a * x, rtol=1e-9, atol=1e-9)
     close(linear(None, [base, x], [1 - a, a], normalize=False), wise_ft(base, [x], a), rtol=1e-9, atol=1e-9)
+
+
+def test_no_method_writes_into_its_inputs():
+    """Inputs in the working dtype are views, not copies: a method must never modify them."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 5, generator=g)
+    experts = [base + 0.1 * torch.randn(6, 5, generator=g) for _ in range(3)]
+    kept = [base.clone()] + [e.clone() for e in experts]
+    per = {"weight": [0.5, 0.3, 0.2], "density": [0.5] * 3, "gamma": [0.1] * 3,
+           "epsilon": [0.1] * 3, "seeds": [1, 2, 3]}
+    for name, spec in METHODS.items():
+        n_models = spec.max_models or 3
+        kwargs = {}
+        for p in spec.params:
+            if p.ignored:
+                continue
+            if p.per_model:
+                kwargs[p.name] = per.get(p.name, [p.default] * n_models)[:n_models]
+            elif p.name == "t":
+                kwargs["t"] = 0.3
+        if spec.random:
+            kwargs["seeds"] = per["seeds"][:n_models]
+        out = spec.fn(base, experts[:n_models], **kwargs)
+        assert out.shape == base.shape, name
+        for a, b in zip([base] + experts, kept):
+            assert torch.equal(a, b), f"{name} modified an input"
+
+
+# --------------------------------------------------------------------------------------
+# Streaming: chunked thresholds and masks equal the whole-tensor definitions
+# --------------------------------------------------------------------------------------
+
+
+def _tied_values(n, seed, levels=7):
+    """Task vectors whose magnitudes repeat a lot (as bf16 deltas do), so thresholds fall
+    inside groups of equal values and ties must be broken by position."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(-levels, levels + 1, (n,), generator=g).double() / levels)
+
+
+@pytest.mark.parametrize("sample", [1 << 16, 8])  # 8: the bracket often misses; fallback path
+@pytest.mark.parametrize("chunk", [64, 100, 4096])
+def test_streamed_cuts_equal_whole_tensor_masks(monkeypatch, chunk, sample):
+    n = 3000
+    base = _tied_values(n, 0)
+    experts = [base + _tied_values(n, s) for s in (1, 2, 3)]
+    want_ties = ties(base, experts, [0.5, 0.3, 0.4], [0.2, 0.55, 0.9])
+    want_bc = breadcrumbs_ties(base, experts, [0.5, 0.3, 0.4], [0.5, 0.7, 0.3], [0.1, 0.05, 0.2])
+    monkeypatch.setattr(M, "EXACT_SELECT_MAX", 16)
+    monkeypatch.setattr(M, "CHUNK", chunk)
+    monkeypatch.setattr(M, "_SAMPLE", sample)
+    got_ties = ties(base, experts, [0.5, 0.3, 0.4], [0.2, 0.55, 0.9])
+    got_bc = breadcrumbs_ties(base, experts, [0.5, 0.3, 0.4], [0.5, 0.7, 0.3], [0.1, 0.05, 0.2])
+    assert torch.equal(got_ties, want_ties)
+    assert torch.equal(got_bc, want_bc)
+    # and both agree with the reference masks, tensor by tensor
+    for e, d in zip(experts, [0.2, 0.55, 0.9]):
+        single = ties(base, [e], [1.0], [d])
+        tau = e - base
+        assert torch.equal(single, base + tau * magnitude_mask(tau, d))
+
+
+def test_dare_masks_do_not_depend_on_chunking(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(5000, generator=g, dtype=F64)
+    experts = [base + torch.randn(5000, generator=g, dtype=F64) for _ in range(2)]
+    want = dare_ties(base, experts, [0.6, 0.4], [0.3, 0.5], seeds=[11, 12])
+    for chunk in (4, 64, 1000):
+        monkeypatch.setattr(M, "CHUNK", chunk)
+        assert torch.equal(dare_ties(base, experts, [0.6, 0.4], [0.3, 0.5], seeds=[11, 12]), want)
+    kept = (dare_linear(base, [experts[0]], [1.0], [0.3], seeds=[11], rescale=False) != base).double().mean()
+    assert abs(float(kept) - 0.3) < 0.03

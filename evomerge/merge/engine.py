@@ -287,7 +287,10 @@ class MergeEngine:
     # ----------------------------------------------------------------------------------
     def _load(self, model: ModelRef, name: str, out_name: str) -> Tensor:
         t = self.models[model].get(name, self.device)
-        if self.check_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        # A sum is finite when every entry is (one cheap reduction); an overflowing sum of
+        # finite values is told apart by the exact check.
+        if (self.check_finite and t.is_floating_point() and not bool(torch.isfinite(t.sum()))
+                and not bool(torch.isfinite(t).all())):
             raise MergeError(f"model '{model}': tensor '{name}' contains NaN or inf")
         if self.compute_dtype is not None and t.is_floating_point() and t.dtype != self.compute_dtype:
             t = t.to(self.compute_dtype)
@@ -314,7 +317,7 @@ class MergeEngine:
             return (base if base is not None else tensors[0]).clone()
         kwargs = {("lambda_" if k == "lambda" else k): v for k, v in task.params.items()}
         try:
-            out = self.method.fn(base, tensors, **kwargs)
+            out = self.method.fn(base, tensors, **kwargs, out_dtype=self.output_dtype(task))
         except (ValueError, RuntimeError) as e:
             raise MergeError(f"tensor '{task.name}': {self.method.name} failed: {e}") from None
         return out.to(self.output_dtype(task))

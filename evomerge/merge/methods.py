@@ -6,14 +6,16 @@ tensors in recipe order, and ``params`` scalars (shared) or lists with one value
 of ``tensors`` (per model). The engine resolves per-layer gradients and name filters before
 calling, so a method only ever sees plain numbers.
 
-Arithmetic runs in float32 (float64 if the inputs are float64); the result is returned in
-that working precision and cast by the caller. Conventions follow the papers, with the
+Arithmetic runs in float32 (float64 if the inputs are float64); the result comes back in
+``out_dtype`` (every method takes it) or in that working precision. Inputs are read in
+flat chunks small enough to stay in cache, so a merge costs one or two passes over memory. Conventions follow the papers, with the
 documented choices that make recipes written for mergekit give the same weights: trimming
 keeps exactly ``max(1, int(density * n))`` entries (ties broken by position), TIES elects the
 sign of the weighted sum with zero counted as positive, SLERP falls back to linear
 interpolation when ``|cos| > 0.9995``.
 
-Trimming never sorts a whole tensor: thresholds come from ``torch.kthvalue``.
+Trimming never sorts a whole tensor: thresholds come from ``torch.kthvalue`` (over a
+seeded sample's bracket for large tensors).
 """
 
 from __future__ import annotations
@@ -143,58 +145,6 @@ def _generator(seed: int, device: torch.device) -> torch.Generator:
     return g
 
 
-def random_keep_mask(shape, density: float, seed: int, device) -> Tensor:
-    """DARE: keep each entry with probability ``density`` (drop rate p = 1 - density)."""
-    g = _generator(seed, torch.device(device))
-    return torch.rand(shape, generator=g, device=device) < density
-
-
-# --------------------------------------------------------------------------------------
-# The task-arithmetic family
-# --------------------------------------------------------------------------------------
-
-
-def _sparsify(
-    delta: Tensor,
-    kind: str | None,
-    density: float,
-    rescale,
-    seed: int | None,
-    gamma: float,
-    epsilon: float,
-) -> Tensor:
-    if kind is None or density >= 1:
-        return delta
-    if kind in ("magnitude", "outliers"):
-        # mergekit reads ``rescale: true`` as "match the L1 norm" for every sparsification;
-        # deterministic trims have no keep probability to divide by, so do the same here
-        # (the random methods below keep their documented 1/p meaning of ``true``).
-        how = "l1" if rescale is True else rescale
-        if kind == "magnitude":
-            masked = delta * magnitude_mask(delta, density)
-        else:
-            masked = delta * outlier_mask(delta, density, gamma)
-        return _rescale(delta, masked, how) if isinstance(how, str) else masked
-    if kind == "random":
-        if density <= 0:
-            return torch.zeros_like(delta)
-        masked = delta * random_keep_mask(delta.shape, density, seed or 0, delta.device)
-        if rescale is True:
-            return masked / density
-        return _rescale(delta, masked, rescale) if isinstance(rescale, str) else masked
-    if kind == "della":
-        if density <= 0:
-            return torch.zeros_like(delta)
-        p = della_keep_probabilities(delta, density, epsilon)
-        g = _generator(seed or 0, delta.device)
-        keep = torch.rand(p.shape, generator=g, device=delta.device) < p
-        masked = delta * keep
-        if rescale is True:
-            return masked / p
-        return _rescale(delta, masked, rescale) if isinstance(rescale, str) else masked
-    raise ValueError(f"unknown sparsification {kind!r}")
-
-
 def della_keep_probabilities(delta: Tensor, density: float, epsilon: float) -> Tensor:
     """DELLA MagPrune: keep probabilities spread over [density - eps, density + eps]
     by magnitude rank within each row (larger magnitude, higher keep probability).
@@ -215,30 +165,303 @@ def della_keep_probabilities(delta: Tensor, density: float, epsilon: float) -> T
     return ((density - epsilon) + 2 * epsilon * norm).reshape(delta.shape)
 
 
-def _elect_and_sum(deltas: Tensor, weights: Tensor, consensus: bool, normalize: bool) -> Tensor:
-    """Combine weighted deltas ``deltas[k] = w_k * tau_k``.
+# --------------------------------------------------------------------------------------
+# Streaming over chunks
+#
+# Every method below reads its inputs in flat chunks of CHUNK elements (on a CPU, small
+# enough to stay in cache), so a merge is one or two passes over memory whatever the
+# number of intermediate steps. Whole-tensor statistics (trim thresholds, norms, cosines)
+# come from a first pass; the element-wise combination from a second.
+# --------------------------------------------------------------------------------------
 
-    With ``consensus`` (TIES): elect per entry the sign of the sum (zero counts as
-    positive) and keep only the entries that agree; ``normalize`` divides by the sum of
-    the weights of the kept entries (the disjoint mean).
+CHUNK = 1 << 17
+GPU_CHUNK = 1 << 26
+EXACT_SELECT_MAX = 1 << 20  # tensors up to this size find thresholds with one kthvalue
+_SAMPLE = 1 << 16
+
+
+def _chunk(device: torch.device) -> int:
+    return CHUNK if device.type == "cpu" else GPU_CHUNK
+
+
+def _spans(n: int, device: torch.device):
+    step = _chunk(device)
+    for s in range(0, n, step):
+        yield s, min(n, s + step)
+
+
+def _alloc(like: Tensor, out_dtype) -> Tensor:
+    return torch.empty(like.numel(), dtype=out_dtype or _work_dtype(like), device=like.device)
+
+
+# --------------------------------------------------------------------------------------
+# Rank cuts: "ascending magnitude rank >= r" as a threshold, found without sorting
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Cut:
+    """The set {i : rank(a_i) >= r}: entries above ``v``, and those equal to ``v`` past the
+    first ``skip`` of them in position order. ``v = None`` selects everything."""
+
+    v: float | None
+    skip: int = 0
+    seen: int = 0  # entries equal to v met so far, while streaming chunks in order
+
+    def chunk(self, a: Tensor) -> Tensor:
+        if self.v is None:
+            return torch.ones_like(a, dtype=torch.bool)
+        if self.skip <= 0:
+            return a >= self.v
+        eq = a == self.v
+        n_eq = int(eq.sum())
+        if n_eq == 0 or self.seen + n_eq <= self.skip:
+            self.seen += n_eq
+            return a > self.v
+        pos = torch.cumsum(eq, 0, dtype=torch.int64).add_(self.seen)
+        self.seen += n_eq
+        return (a > self.v) | (eq & (pos > self.skip))
+
+
+_NONE = object()  # a cut that selects nothing (rank >= n)
+
+
+def _cut_from(a: Tensor, r: int, v: Tensor | float) -> _Cut:
+    v = float(v)
+    n_below = int((a < v).sum())
+    return _Cut(v, r - n_below)
+
+
+def _find_cuts(mags, n: int, ranks: list[int], device) -> list:
+    """Cuts for each rank r (0-based, ascending) of the magnitudes ``mags(s, e)``.
+
+    Small tensors: one ``kthvalue``. Large ones: a seeded sample brackets each rank, one
+    streamed pass counts the entries below the bracket and keeps those inside it, and a
+    ``kthvalue`` over the bracket finds the exact value (a whole-tensor ``kthvalue`` if the
+    bracket missed, which is rare).
     """
-    wshape = (-1,) + (1,) * (deltas.dim() - 1)
-    w = weights.reshape(wshape)
-    if consensus:
-        elected = torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0).to(deltas.dtype)
-        agree = deltas.sign() == elected
-        mixed = (deltas * agree).sum(dim=0)
-        if normalize:
-            div = (w * agree).sum(dim=0)
-            div[div == 0] = 1
-            mixed /= div
-        return mixed
-    mixed = deltas.sum(dim=0)
-    if normalize:
-        div = weights.sum()
-        if div.abs() >= 1e-8:
-            mixed /= div
-    return mixed
+    out: list = [None] * len(ranks)
+    todo = []
+    for i, r in enumerate(ranks):
+        if r <= 0:
+            out[i] = _Cut(None)
+        elif r >= n:
+            out[i] = _NONE
+        else:
+            todo.append(i)
+    if not todo:
+        return out
+    if n <= EXACT_SELECT_MAX:
+        a = mags(0, n)
+        for i in todo:
+            out[i] = _cut_from(a, ranks[i], torch.kthvalue(a, ranks[i] + 1).values)
+        return out
+    g = torch.Generator().manual_seed(n)
+    idx = torch.randint(0, n, (_SAMPLE,), generator=g).to(device)
+    sample = mags(None, idx)
+    m = sample.numel()
+    brackets = []
+    for i in todo:
+        q = ranks[i] / n
+        sd = (m * q * (1 - q)) ** 0.5
+        lo_i, hi_i = int(q * m - 6 * sd - 4), int(q * m + 6 * sd + 4)
+        lo = float(torch.kthvalue(sample, lo_i + 1).values) if lo_i >= 0 else float("-inf")
+        hi = float(torch.kthvalue(sample, hi_i + 1).values) if hi_i < m else float("inf")
+        brackets.append((lo, hi))
+    below = [0] * len(todo)
+    bands: list[list[Tensor]] = [[] for _ in todo]
+    for s, e in _spans(n, device):
+        a = mags(s, e)
+        for j, (lo, hi) in enumerate(brackets):
+            lt = a < lo
+            below[j] += int(lt.sum())
+            bands[j].append(a[~lt & (a <= hi)])
+    full = None
+    for j, i in enumerate(todo):
+        r = ranks[i]
+        band = torch.cat(bands[j]) if bands[j] else torch.empty(0, device=device)
+        if below[j] <= r < below[j] + band.numel():
+            v = float(torch.kthvalue(band, r - below[j] + 1).values)
+            out[i] = _Cut(v, r - below[j] - int((band < v).sum()))
+        else:  # the sample missed: select over the whole tensor
+            full = mags(0, n) if full is None else full
+            out[i] = _cut_from(full, r, torch.kthvalue(full, r + 1).values)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Per-model masks, applied chunk by chunk
+# --------------------------------------------------------------------------------------
+
+
+class _Mask:
+    """What one model keeps of its task vector, chunk by chunk, and by what it is scaled."""
+
+    scale: float = 1.0
+
+    def chunk(self, s: int, e: int, d: Tensor) -> Tensor | None:  # None: keep all
+        return None
+
+
+class _RankMask(_Mask):
+    def __init__(self, start: _Cut | object, stop: _Cut | object | None):
+        self.start, self.stop = start, stop
+
+    def chunk(self, s, e, d):
+        a = d.abs()
+        if self.start is _NONE:
+            return torch.zeros_like(a, dtype=torch.bool)
+        m = self.start.chunk(a)
+        if self.stop is not None and self.stop is not _NONE:
+            m &= ~self.stop.chunk(a)
+        return m
+
+
+class _RandomMask(_Mask):
+    """DARE's drop mask: one 16-bit uniform per entry from a stream seeded per (seed,
+    tensor, model), so the mask is the same whatever the chunking or the device; an entry
+    is kept when its uniform is below ``density`` (rounded to a multiple of 1/65536)."""
+
+    def __init__(self, seed: int, density: float):
+        import numpy as np
+
+        self.bitgen = np.random.SFC64(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
+        self.thresh = min(65536, max(0, int(round(density * 65536))))
+        self.pos = 0
+
+    def chunk(self, s, e, d):
+        import numpy as np
+
+        if s != self.pos:
+            raise RuntimeError("DARE masks must be streamed in order")
+        n = e - s
+        self.pos = e
+        if self.thresh >= 65536:
+            return None
+        raw = self.bitgen.random_raw((n + 3) // 4)
+        keep = raw.view(np.uint16)[:n] < np.uint16(self.thresh)
+        return torch.from_numpy(keep).to(d.device)
+
+
+class _DenseMask(_Mask):
+    """A precomputed per-entry multiplier (DELLA: keep / p)."""
+
+    def __init__(self, mult: Tensor):
+        self.mult = mult
+
+    def chunk(self, s, e, d):
+        return self.mult[s:e]
+
+
+def _apply(d: Tensor, m: Tensor | None) -> Tensor:
+    return d if m is None else d.mul_(m)
+
+
+# --------------------------------------------------------------------------------------
+# The task-arithmetic family
+# --------------------------------------------------------------------------------------
+
+
+def _deltas(base: Tensor, t: Tensor, dt: torch.dtype):
+    """``mags(s, e)``: |t - b| on a span, or ``mags(None, idx)`` on gathered entries."""
+    bf, tf = base.reshape(-1), t.reshape(-1)
+
+    def mags(s, e):
+        if s is None:
+            return (tf[e].to(dt) - bf[e].to(dt)).abs_()
+        return (tf[s:e].to(dt) - bf[s:e].to(dt)).abs_()
+
+    return mags
+
+
+def _make_masks(base, tensors, kind, density, rescale, seeds, gamma, epsilon, dt) -> list[_Mask]:
+    n = base.numel()
+    masks: list[_Mask] = []
+    for i, t in enumerate(tensors):
+        p = density[i] if density is not None else 1.0
+        if kind is None or p >= 1:
+            masks.append(_Mask())
+            continue
+        if kind == "magnitude":
+            k = max(1, int(p * n)) if p > 0 and n else 0
+            (c,) = _find_cuts(_deltas(base, t, dt), n, [n - k], base.device)
+            masks.append(_RankMask(c, None))
+        elif kind == "outliers":
+            keep = int(p * n)
+            n_top = int(gamma[i] * n)
+            n_bot = max(0, n - keep - n_top)
+            lo, hi = _find_cuts(_deltas(base, t, dt), n, [n_bot, n_bot + keep], base.device)
+            masks.append(_RankMask(lo, hi if n_bot + keep < n else None))
+        elif kind == "random":
+            m = _RandomMask(seeds[i] if seeds is not None else 0, p)
+            if m.thresh == 0:  # p rounds to 0 of 65536: nothing is kept
+                m = _RankMask(_NONE, None)
+            elif rescale is True:
+                m.scale = 1.0 / p
+            masks.append(m)
+        elif kind == "della":
+            if p <= 0:
+                masks.append(_RankMask(_NONE, None))
+                continue
+            delta = (t.to(dt) - base.to(dt)).reshape(base.shape)
+            prob = della_keep_probabilities(delta, p, epsilon[i])
+            g = _generator(seeds[i] if seeds is not None else 0, base.device)
+            keep = torch.rand(prob.shape, generator=g, device=base.device) < prob
+            mult = keep.to(dt)
+            if rescale is True:
+                mult /= prob
+            masks.append(_DenseMask(mult.reshape(-1)))
+        else:
+            raise ValueError(f"unknown sparsification {kind!r}")
+    how = ("l1" if rescale is True else rescale) if kind in ("magnitude", "outliers") else rescale
+    if isinstance(how, str) and kind is not None:
+        _norm_rescale(base, tensors, masks, how, dt)
+    return masks
+
+
+def _norm_rescale(base, tensors, masks, how, dt) -> None:
+    """Scale each masked task vector to the norm (l1, l2, linf) it had before masking."""
+    n = base.numel()
+    bf = base.reshape(-1)
+    for t, m in zip(tensors, masks):
+        if type(m) is _Mask:
+            continue
+        before = after = 0.0
+        tf = t.reshape(-1)
+        state = _clone_mask_state(m)
+        for s, e in _spans(n, base.device):
+            d = tf[s:e].to(dt) - bf[s:e].to(dt)
+            kept = _apply(d.clone(), state.chunk(s, e, d))
+            if how == "l1":
+                before += float(d.abs().sum())
+                after += float(kept.abs().sum())
+            elif how == "l2":
+                before += float(d.square().sum())
+                after += float(kept.square().sum())
+            elif how == "linf":
+                before = max(before, float(d.abs().max()) if d.numel() else 0.0)
+                after = max(after, float(kept.abs().max()) if kept.numel() else 0.0)
+            else:
+                raise ValueError(f"unknown rescale norm {how!r}")
+        if how == "l2":
+            before, after = before ** 0.5, after ** 0.5
+        m.scale = 1.0 if before < 1e-7 or after < 1e-7 else before / after
+
+
+def _clone_mask_state(m: _Mask) -> _Mask:
+    """A fresh copy of a mask's streaming state (cuts' counters, random stream)."""
+    import copy
+
+    c = copy.copy(m)
+    if isinstance(m, _RankMask):
+        c.start = copy.copy(m.start) if isinstance(m.start, _Cut) else m.start
+        c.stop = copy.copy(m.stop) if isinstance(m.stop, _Cut) else m.stop
+    elif isinstance(m, _RandomMask):
+        import numpy as np
+
+        c.bitgen = np.random.SFC64()
+        c.bitgen.state = m.bitgen.state
+    return c
 
 
 def _general_task_arithmetic(
@@ -255,42 +478,74 @@ def _general_task_arithmetic(
     seeds: Sequence[int] | None = None,
     gamma: Sequence[float] | None = None,
     epsilon: Sequence[float] | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> Tensor:
-    b = _f(base)
+    """theta0 + lambda * combine_k(w_k * scale_k * mask_k(tau_k)), streamed over chunks.
+
+    ``combine`` is the sum (optionally divided by sum_k w_k) or, with ``consensus``, the
+    TIES disjoint merge: per entry, the sign of the weighted sum is elected (zero counts
+    as positive) and only agreeing entries are summed (divided, with ``normalize``, by the
+    summed weights of those entries).
+    """
+    dt = _work_dtype(base)
+    shape = base.shape
+    out = _alloc(base, out_dtype)
+    bf = base.reshape(-1)
+    n = bf.numel()
     if not tensors:
-        return b.clone()
+        return out.copy_(bf).reshape(shape)
+    masks = _make_masks(base, tensors, sparsify, density, rescale, seeds, gamma, epsilon, dt)
+    w = [float(x) for x in weight]
+    coef = [wi * m.scale for wi, m in zip(w, masks)]
+    flats = [t.reshape(-1) for t in tensors]
+    wsum = sum(w)
     k = len(tensors)
-    deltas = torch.empty((k, *b.shape), dtype=b.dtype, device=b.device)
-    for i, t in enumerate(tensors):
-        torch.sub(_f(t), b, out=deltas[i])
-        if sparsify is not None:
-            deltas[i] = _sparsify(
-                deltas[i],
-                sparsify,
-                density[i] if density is not None else 1.0,
-                rescale,
-                seeds[i] if seeds is not None else 0,
-                gamma[i] if gamma is not None else 0.0,
-                epsilon[i] if epsilon is not None else 0.0,
-            )
-    w = torch.tensor(list(weight), dtype=b.dtype, device=b.device)
-    deltas.mul_(w.reshape((-1,) + (1,) * b.dim()))
-    mixed = _elect_and_sum(deltas, w, consensus, normalize)
-    if lambda_ != 1:
-        mixed.mul_(lambda_)
-    return mixed.add_(b)
+    for s, e in _spans(n, base.device):
+        b = bf[s:e].to(dt)
+        if consensus:
+            D = torch.empty((k, e - s), dtype=dt, device=base.device)
+            for i, (t, m) in enumerate(zip(flats, masks)):
+                d = torch.sub(t[s:e].to(dt), b, out=D[i])
+                _apply(d, m.chunk(s, e, d))
+                if coef[i] != 1:
+                    d.mul_(coef[i])
+            positive = D.sum(dim=0) >= 0
+            sign = D.sign()
+            agree = torch.where(positive, sign == 1, sign == -1)
+            mixed = (D * agree).sum(dim=0)
+            if normalize:
+                wt = torch.tensor(w, dtype=dt, device=base.device).unsqueeze(1)
+                div = (wt * agree).sum(dim=0)
+                div[div == 0] = 1
+                mixed /= div
+        else:
+            mixed = None
+            for i, (t, m) in enumerate(zip(flats, masks)):
+                d = t[s:e].to(dt) - b
+                _apply(d, m.chunk(s, e, d))
+                if mixed is None:
+                    mixed = d.mul_(coef[i]) if coef[i] != 1 else d
+                else:
+                    mixed.add_(d, alpha=coef[i])
+            if normalize and abs(wsum) >= 1e-8:
+                mixed /= wsum
+        if lambda_ != 1:
+            mixed *= lambda_
+        out[s:e] = mixed.add_(b)
+    return out.reshape(shape)
 
 
-def task_arithmetic(base, tensors, weight, lambda_=1.0, normalize=False):
+def task_arithmetic(base, tensors, weight, lambda_=1.0, normalize=False, out_dtype=None):
     """Task arithmetic: theta = theta0 + lambda * sum_k w_k (theta_k - theta0).
 
     Negative weights subtract a skill. Ilharco et al. 2023, "Editing Models with Task
     Arithmetic", https://arxiv.org/abs/2212.04089.
     """
-    return _general_task_arithmetic(base, tensors, weight, lambda_=lambda_, normalize=normalize)
+    return _general_task_arithmetic(base, tensors, weight, lambda_=lambda_, normalize=normalize,
+                                    out_dtype=out_dtype)
 
 
-def ties(base, tensors, weight, density, lambda_=1.0, normalize=True, rescale=False):
+def ties(base, tensors, weight, density, lambda_=1.0, normalize=True, rescale=False, out_dtype=None):
     """TIES-Merging: trim each task vector to its top-``density`` magnitudes, elect a sign
     per entry (sign of the weighted sum), and average the agreeing entries.
 
@@ -299,24 +554,29 @@ def ties(base, tensors, weight, density, lambda_=1.0, normalize=True, rescale=Fa
     """
     return _general_task_arithmetic(
         base, tensors, weight, lambda_=lambda_, normalize=normalize, consensus=True,
-        sparsify="magnitude", density=density, rescale=rescale,
+        sparsify="magnitude", density=density, rescale=rescale, out_dtype=out_dtype,
     )
 
 
-def dare_linear(base, tensors, weight, density, seeds, lambda_=1.0, normalize=False, rescale=True):
+def dare_linear(base, tensors, weight, density, seeds, lambda_=1.0, normalize=False, rescale=True,
+                out_dtype=None):
     """DARE + task arithmetic: drop each task-vector entry with probability p = 1 - density
     and rescale survivors by 1/(1 - p) (``rescale: l1`` matches the tensor's L1 norm
     instead, as mergekit does), then add the weighted sum to the base.
+
+    The drop mask of a model's tensor depends only on its seed (the engine derives one per
+    seed, tensor and model), never on chunking or device.
 
     Yu et al. 2024, "Language Models are Super Mario", https://arxiv.org/abs/2311.03099.
     """
     return _general_task_arithmetic(
         base, tensors, weight, lambda_=lambda_, normalize=normalize, sparsify="random",
-        density=density, rescale=rescale, seeds=seeds,
+        density=density, rescale=rescale, seeds=seeds, out_dtype=out_dtype,
     )
 
 
-def dare_ties(base, tensors, weight, density, seeds, lambda_=1.0, normalize=False, rescale=True):
+def dare_ties(base, tensors, weight, density, seeds, lambda_=1.0, normalize=False, rescale=True,
+              out_dtype=None):
     """DARE drop-and-rescale followed by TIES sign election.
 
     Yu et al. 2024, https://arxiv.org/abs/2311.03099; election from
@@ -324,11 +584,12 @@ def dare_ties(base, tensors, weight, density, seeds, lambda_=1.0, normalize=Fals
     """
     return _general_task_arithmetic(
         base, tensors, weight, lambda_=lambda_, normalize=normalize, consensus=True,
-        sparsify="random", density=density, rescale=rescale, seeds=seeds,
+        sparsify="random", density=density, rescale=rescale, seeds=seeds, out_dtype=out_dtype,
     )
 
 
-def breadcrumbs(base, tensors, weight, density, gamma, lambda_=1.0, normalize=False, rescale=False):
+def breadcrumbs(base, tensors, weight, density, gamma, lambda_=1.0, normalize=False, rescale=False,
+                out_dtype=None):
     """Model Breadcrumbs: per tensor drop the ``gamma`` largest and the smallest entries
     of each task vector, keeping a ``density`` fraction, then task arithmetic.
 
@@ -336,22 +597,24 @@ def breadcrumbs(base, tensors, weight, density, gamma, lambda_=1.0, normalize=Fa
     """
     return _general_task_arithmetic(
         base, tensors, weight, lambda_=lambda_, normalize=normalize, sparsify="outliers",
-        density=density, gamma=gamma, rescale=rescale,
+        density=density, gamma=gamma, rescale=rescale, out_dtype=out_dtype,
     )
 
 
-def breadcrumbs_ties(base, tensors, weight, density, gamma, lambda_=1.0, normalize=False, rescale=False):
+def breadcrumbs_ties(base, tensors, weight, density, gamma, lambda_=1.0, normalize=False, rescale=False,
+                     out_dtype=None):
     """Model Breadcrumbs masks followed by TIES sign election.
 
     Davari & Belilovsky 2023, https://arxiv.org/abs/2312.06795.
     """
     return _general_task_arithmetic(
         base, tensors, weight, lambda_=lambda_, normalize=normalize, consensus=True,
-        sparsify="outliers", density=density, gamma=gamma, rescale=rescale,
+        sparsify="outliers", density=density, gamma=gamma, rescale=rescale, out_dtype=out_dtype,
     )
 
 
-def della(base, tensors, weight, density, epsilon, seeds, lambda_=1.0, normalize=True, rescale=True):
+def della(base, tensors, weight, density, epsilon, seeds, lambda_=1.0, normalize=True, rescale=True,
+          out_dtype=None):
     """DELLA-Merging: MagPrune (rank-dependent drop probabilities in
     [1-density-eps, 1-density+eps], survivors rescaled by 1/keep-probability), then TIES
     election and disjoint merge.
@@ -361,47 +624,59 @@ def della(base, tensors, weight, density, epsilon, seeds, lambda_=1.0, normalize
     return _general_task_arithmetic(
         base, tensors, weight, lambda_=lambda_, normalize=normalize, consensus=True,
         sparsify="della", density=density, epsilon=epsilon, rescale=rescale, seeds=seeds,
+        out_dtype=out_dtype,
     )
 
 
-def della_linear(base, tensors, weight, density, epsilon, seeds, lambda_=1.0, normalize=False, rescale=True):
+def della_linear(base, tensors, weight, density, epsilon, seeds, lambda_=1.0, normalize=False, rescale=True,
+                 out_dtype=None):
     """DELLA MagPrune followed by plain task arithmetic (no election).
 
     Deep et al. 2024, https://arxiv.org/abs/2406.11617.
     """
     return _general_task_arithmetic(
         base, tensors, weight, lambda_=lambda_, normalize=normalize, sparsify="della",
-        density=density, epsilon=epsilon, rescale=rescale, seeds=seeds,
+        density=density, epsilon=epsilon, rescale=rescale, seeds=seeds, out_dtype=out_dtype,
     )
 
 
-def linear(base, tensors, weight, normalize=True):
+def linear(base, tensors, weight, normalize=True, out_dtype=None):
     """Linear merge (model soup): sum_k w_k theta_k, divided by sum_k w_k if ``normalize``.
 
     Wortsman et al. 2022, "Model soups", https://arxiv.org/abs/2203.05482.
     """
-    out = torch.zeros_like(_f(tensors[0]))
-    for t, w in zip(tensors, weight):
-        out.add_(_f(t), alpha=float(w))
-    if normalize:
-        total = float(sum(weight))
-        if total == 0:
-            raise ValueError("linear merge with normalize: the weights sum to zero")
-        out.div_(total)
-    return out
+    first = tensors[0]
+    dt = _work_dtype(first)
+    total = float(sum(weight))
+    if normalize and total == 0:
+        raise ValueError("linear merge with normalize: the weights sum to zero")
+    out = _alloc(first, out_dtype)
+    flats = [t.reshape(-1) for t in tensors]
+    for s, e in _spans(first.numel(), first.device):
+        acc = torch.zeros(e - s, dtype=dt, device=first.device)
+        for t, w in zip(flats, weight):
+            acc.add_(t[s:e].to(dt), alpha=float(w))
+        if normalize:
+            acc.div_(total)
+        out[s:e] = acc
+    return out.reshape(first.shape)
 
 
-def wise_ft(base, tensors, alpha=0.5):
+def wise_ft(base, tensors, alpha=0.5, out_dtype=None):
     """WiSE-FT: theta = (1 - alpha) * theta0 + alpha * theta_ft.
 
     Wortsman et al. 2022, "Robust fine-tuning of zero-shot models",
     https://arxiv.org/abs/2109.01903.
     """
-    b = _f(base)
-    return torch.lerp(b, _f(tensors[0]), float(alpha))
+    dt = _work_dtype(base)
+    out = _alloc(base, out_dtype)
+    b, f = base.reshape(-1), tensors[0].reshape(-1)
+    for s, e in _spans(b.numel(), base.device):
+        out[s:e] = torch.lerp(b[s:e].to(dt), f[s:e].to(dt), float(alpha))
+    return out.reshape(base.shape)
 
 
-def slerp(base, tensors, t, dot_threshold=0.9995, eps=1e-8):
+def slerp(base, tensors, t, dot_threshold=0.9995, eps=1e-8, out_dtype=None):
     """Spherical linear interpolation between the base (t = 0) and one model (t = 1),
     over the whole flattened tensor; linear interpolation when the two are nearly
     collinear (|cos| > ``dot_threshold``).
@@ -409,61 +684,96 @@ def slerp(base, tensors, t, dot_threshold=0.9995, eps=1e-8):
     Shoemake 1985, "Animating rotation with quaternion curves"; as used for LLM merging in
     WARP, https://arxiv.org/abs/2406.16768.
     """
-    v0, v1 = _f(base), _f(tensors[0])
+    dt = _work_dtype(base)
+    a, b = base.reshape(-1), tensors[0].reshape(-1)
     t = float(t)
-    n0 = torch.linalg.vector_norm(v0)
-    n1 = torch.linalg.vector_norm(v1)
+    n = a.numel()
+    sq0 = sq1 = dot = torch.zeros((), dtype=dt, device=base.device)
+    for s, e in _spans(n, base.device):
+        x, y = a[s:e].to(dt), b[s:e].to(dt)
+        sq0 = sq0 + torch.dot(x, x)
+        sq1 = sq1 + torch.dot(y, y)
+        dot = dot + torch.dot(x, y)
+    n0, n1 = sq0.sqrt(), sq1.sqrt()
     n0 = n0 if n0 > eps else torch.ones_like(n0)
     n1 = n1 if n1 > eps else torch.ones_like(n1)
-    dot = (torch.dot((v0 / n0).reshape(-1), (v1 / n1).reshape(-1))).clamp(-1, 1)
-    if dot.abs() > dot_threshold:
-        return torch.lerp(v0, v1, t)
-    theta = torch.acos(dot)
-    s = torch.sin(theta)
-    c0 = torch.sin((1 - t) * theta) / s
-    c1 = torch.sin(t * theta) / s
-    return v0 * c0 + v1 * c1
+    cos = (dot / (n0 * n1)).clamp(-1, 1)
+    if cos.abs() > dot_threshold:
+        c0, c1 = 1 - t, t
+    else:
+        theta = torch.acos(cos)
+        st = torch.sin(theta)
+        c0 = float(torch.sin((1 - t) * theta) / st)
+        c1 = float(torch.sin(t * theta) / st)
+    out = _alloc(base, out_dtype)
+    for s, e in _spans(n, base.device):
+        r = torch.mul(a[s:e].to(dt), c0)  # a new tensor: never write into an input
+        out[s:e] = r.add_(b[s:e].to(dt), alpha=c1)
+    return out.reshape(base.shape)
 
 
-def model_stock(base, tensors, filter_wise=False):
+def model_stock(base, tensors, filter_wise=False, out_dtype=None):
     """Model Stock: t = k cos(phi) / (1 + (k - 1) cos(phi)) from the mean pairwise cosine
-    of the task vectors; theta = t * mean(theta_k) + (1 - t) * theta0.
+    of the task vectors; theta = t * mean(theta_k) + (1 - t) * theta0. With
+    ``filter_wise`` the cosine and t are computed per row.
 
     Jang et al. 2024, "Model Stock: All we need is just a few fine-tuned models",
     https://arxiv.org/abs/2403.19522.
     """
-    b = _f(base)
-    shape = b.shape
-    if filter_wise and b.dim() >= 1:
-        rows = (lambda x: x.reshape(1, -1)) if b.dim() == 1 else (lambda x: x.reshape(shape[0], -1))
+    dt = _work_dtype(base)
+    shape = base.shape
+    k = len(tensors)
+    if filter_wise and base.dim() >= 2:
+        rows = shape[0]
     else:
-        rows = lambda x: x.reshape(1, -1)  # noqa: E731
-    w0 = rows(b)
-    ws = [rows(_f(t)) for t in tensors]
-    offsets = [w - w0 for w in ws]
+        rows = 1
+    b = base.reshape(rows, -1)
+    ts = [t.reshape(rows, -1) for t in tensors]
+    cols = b.shape[1]
+    step = max(1, _chunk(base.device) // rows)
+    # pass 1: Gram matrix of the task vectors (per row)
+    gram = torch.zeros((k, k, rows), dtype=dt, device=base.device)
+    for s in range(0, cols, step):
+        e = min(cols, s + step)
+        bb = b[:, s:e].to(dt)
+        ds = [t[:, s:e].to(dt) - bb for t in ts]
+        for i in range(k):
+            for j in range(i, k):
+                gram[i, j] += (ds[i] * ds[j]).sum(dim=1)
+    norms = gram.diagonal(dim1=0, dim2=1).T.clamp(min=0).sqrt()  # (k, rows)
     cos = []
-    for i, a in enumerate(offsets):
-        for c in offsets[i + 1:]:
-            denom = (a.norm(dim=-1) * c.norm(dim=-1)).clamp(min=1e-6)
-            cos.append(((a * c).sum(dim=-1) / denom).clamp(-1, 1))
-    cos_t = torch.stack(cos).mean(dim=0).unsqueeze(-1)
-    k = len(ws)
+    for i in range(k):
+        for j in range(i + 1, k):
+            denom = (norms[i] * norms[j]).clamp(min=1e-6)
+            cos.append((gram[i, j] / denom).clamp(-1, 1))
+    cos_t = torch.stack(cos).mean(dim=0).unsqueeze(-1)  # (rows, 1)
     den = 1 + (k - 1) * cos_t
     singular = den.abs() < 1e-6
-    t = torch.where(singular, torch.zeros_like(cos_t), k * cos_t / torch.where(singular, 1, den))
-    mean = torch.stack(ws).mean(dim=0)
-    return (t * mean + (1 - t) * w0).reshape(shape)
+    tt = torch.where(singular, torch.zeros_like(cos_t), k * cos_t / torch.where(singular, 1, den))
+    # pass 2: t * mean + (1 - t) * base
+    out = torch.empty((rows, cols), dtype=out_dtype or dt, device=base.device)
+    for s in range(0, cols, step):
+        e = min(cols, s + step)
+        bb = b[:, s:e].to(dt)
+        mean = ts[0][:, s:e].to(dt).clone()
+        for t in ts[1:]:
+            mean.add_(t[:, s:e].to(dt))
+        mean.div_(k)
+        out[:, s:e] = tt * mean + (1 - tt) * bb
+    return out.reshape(shape)
 
 
-def passthrough(base, tensors, scale=None):
+def passthrough(base, tensors, scale=None, out_dtype=None):
     """Passthrough: copy one input tensor (optionally scaled). With ``slices`` it stacks
     layer ranges of one or more models (depth up-scaling).
 
     Kim et al. 2023, "SOLAR 10.7B", https://arxiv.org/abs/2312.15166.
     """
-    t = _f(tensors[0])
+    t = tensors[0]
     s = scale[0] if isinstance(scale, (list, tuple)) else scale
-    return t if s is None else t * float(s)
+    dt = out_dtype or _work_dtype(t)
+    out = t.to(dt, copy=True)
+    return out if s is None else out.mul_(float(s))
 
 
 # --------------------------------------------------------------------------------------
