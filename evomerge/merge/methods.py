@@ -194,6 +194,34 @@ def _alloc(like: Tensor, out_dtype) -> Tensor:
     return torch.empty(like.numel(), dtype=out_dtype or _work_dtype(like), device=like.device)
 
 
+class _Work:
+    """Buffers reused across the chunks of one merge: on a CPU, allocating a fresh
+    temporary per operation costs several times the arithmetic."""
+
+    def __init__(self, k: int, n: int, dt: torch.dtype, device):
+        self.k, self.n = k, n
+        e = dict(device=device)
+        self.D = torch.empty((k, n), dtype=dt, **e)  # the (weighted, masked) task vectors
+        self.C = torch.empty((k, n), dtype=dt, **e)  # scratch, one row per model
+        self.B = torch.empty((k, n), dtype=torch.bool, **e)
+        self.b = torch.empty(n, dtype=dt, **e)  # the base, in the working dtype
+        self.a = torch.empty(n, dtype=dt, **e)  # magnitudes
+        self.m = torch.empty(n, dtype=torch.bool, **e)
+        self.m2 = torch.empty(n, dtype=torch.bool, **e)
+        self.fm = torch.empty(n, dtype=dt, **e)  # float masks
+        self.fm2 = torch.empty(n, dtype=dt, **e)
+        self.f = [torch.empty(n, dtype=dt, **e) for _ in range(5)]
+
+    def base(self, bf: Tensor, s: int, e: int) -> Tensor:
+        b = self.b[: e - s]
+        b.copy_(bf[s:e])
+        return b
+
+
+def _work(k: int, n: int, dt, device) -> _Work:
+    return _Work(k, min(n, _chunk(torch.device(device))) or 1, dt, device)
+
+
 # --------------------------------------------------------------------------------------
 # Rank cuts: "ascending magnitude rank >= r" as a threshold, found without sorting
 # --------------------------------------------------------------------------------------
@@ -201,91 +229,147 @@ def _alloc(like: Tensor, out_dtype) -> Tensor:
 
 @dataclass
 class _Cut:
-    """The set {i : rank(a_i) >= r}: entries above ``v``, and those equal to ``v`` past the
-    first ``skip`` of them in position order. ``v = None`` selects everything."""
+    """The entries of ascending magnitude rank >= r, as a threshold: those above ``v``,
+    and those equal to ``v`` at positions >= ``pos`` (ties broken by position).
+    ``v = None`` selects everything."""
 
     v: float | None
-    skip: int = 0
-    seen: int = 0  # entries equal to v met so far, while streaming chunks in order
+    pos: int = 0
 
-    def chunk(self, a: Tensor) -> Tensor:
+    def chunk(self, a: Tensor, s: int, out: Tensor) -> Tensor:
+        """A float 0/1 mask of the chunk ``a`` starting at flat position ``s``.
+
+        Float masks: on a CPU, comparisons that produce bools cost several times the
+        arithmetic, so ``x > v`` is computed as ``sign(x - v)`` clamped at 0; ``x >= v``
+        as ``x > prev(v)``, the largest float below ``v``.
+        """
         if self.v is None:
-            return torch.ones_like(a, dtype=torch.bool)
-        if self.skip <= 0:
-            return a >= self.v
-        eq = a == self.v
-        n_eq = int(eq.sum())
-        if n_eq == 0 or self.seen + n_eq <= self.skip:
-            self.seen += n_eq
-            return a > self.v
-        pos = torch.cumsum(eq, 0, dtype=torch.int64).add_(self.seen)
-        self.seen += n_eq
-        return (a > self.v) | (eq & (pos > self.skip))
+            return out.fill_(1)
+        n = a.numel()
+        split = min(max(self.pos - s, 0), n)  # entries before `split` need a > v
+        if split:
+            torch.sub(a[:split], self.v, out=out[:split])
+        if split < n:
+            torch.sub(a[split:], _below(self.v, a.dtype), out=out[split:])
+        return out.sign_().clamp_(min=0)
+
+
+def _below(v: float, dtype) -> float:
+    t = torch.tensor(v, dtype=dtype)
+    return float(torch.nextafter(t, torch.tensor(float("-inf"), dtype=dtype)))
 
 
 _NONE = object()  # a cut that selects nothing (rank >= n)
 
 
+def _cut(v: float, skip: int, eq_positions) -> _Cut:
+    """From the value at rank r and the number of entries equal to it that rank below r."""
+    if skip <= 0:
+        return _Cut(v, 0)
+    return _Cut(v, int(eq_positions()[skip]))
+
+
 def _cut_from(a: Tensor, r: int, v: Tensor | float) -> _Cut:
     v = float(v)
-    n_below = int((a < v).sum())
-    return _Cut(v, r - n_below)
+    skip = r - int((a < v).sum())
+    return _cut(v, skip, lambda: torch.nonzero(a == v).flatten())
 
 
-def _find_cuts(mags, n: int, ranks: list[int], device) -> list:
-    """Cuts for each rank r (0-based, ascending) of the magnitudes ``mags(s, e)``.
+def _magnitudes(base: Tensor, t: Tensor, dt) -> Tensor:
+    return (t.reshape(-1).to(dt) - base.reshape(-1).to(dt)).abs_()
+
+
+def _find_cuts(base: Tensor, tensors: Sequence[Tensor], ranks: list[list[int]], dt, work: _Work) -> list[list]:
+    """Cuts for each model's ranks (0-based, ascending) of its magnitudes |t - base|.
 
     Small tensors: one ``kthvalue``. Large ones: a seeded sample brackets each rank, one
     streamed pass counts the entries below the bracket and keeps those inside it, and a
     ``kthvalue`` over the bracket finds the exact value (a whole-tensor ``kthvalue`` if the
     bracket missed, which is rare).
     """
-    out: list = [None] * len(ranks)
-    todo = []
-    for i, r in enumerate(ranks):
-        if r <= 0:
-            out[i] = _Cut(None)
-        elif r >= n:
-            out[i] = _NONE
-        else:
-            todo.append(i)
+    n = base.numel()
+    out = [[None] * len(rs) for rs in ranks]
+    todo = []  # (model, index of the rank)
+    for i, rs in enumerate(ranks):
+        for j, r in enumerate(rs):
+            if r <= 0:
+                out[i][j] = _Cut(None)
+            elif r >= n:
+                out[i][j] = _NONE
+            else:
+                todo.append((i, j))
     if not todo:
         return out
     if n <= EXACT_SELECT_MAX:
-        a = mags(0, n)
-        for i in todo:
-            out[i] = _cut_from(a, ranks[i], torch.kthvalue(a, ranks[i] + 1).values)
+        for i in sorted({i for i, _ in todo}):
+            a = _magnitudes(base, tensors[i], dt)
+            for ii, j in todo:
+                if ii == i:
+                    r = ranks[i][j]
+                    out[i][j] = _cut_from(a, r, torch.kthvalue(a, r + 1).values)
         return out
+    bf = base.reshape(-1)
+    flats = [t.reshape(-1) for t in tensors]
     g = torch.Generator().manual_seed(n)
-    idx = torch.randint(0, n, (_SAMPLE,), generator=g).to(device)
-    sample = mags(None, idx)
-    m = sample.numel()
-    brackets = []
-    for i in todo:
-        q = ranks[i] / n
+    idx = torch.randint(0, n, (_SAMPLE,), generator=g).to(base.device)
+    brackets = {}
+    samples = {}
+    for i, j in todo:
+        if i not in samples:
+            samples[i] = (flats[i][idx].to(dt) - bf[idx].to(dt)).abs_()
+        sample = samples[i]
+        m = sample.numel()
+        q = ranks[i][j] / n
         sd = (m * q * (1 - q)) ** 0.5
         lo_i, hi_i = int(q * m - 6 * sd - 4), int(q * m + 6 * sd + 4)
         lo = float(torch.kthvalue(sample, lo_i + 1).values) if lo_i >= 0 else float("-inf")
         hi = float(torch.kthvalue(sample, hi_i + 1).values) if hi_i < m else float("inf")
-        brackets.append((lo, hi))
-    below = [0] * len(todo)
-    bands: list[list[Tensor]] = [[] for _ in todo]
-    for s, e in _spans(n, device):
-        a = mags(s, e)
-        for j, (lo, hi) in enumerate(brackets):
-            lt = a < lo
-            below[j] += int(lt.sum())
-            bands[j].append(a[~lt & (a <= hi)])
-    full = None
-    for j, i in enumerate(todo):
-        r = ranks[i]
-        band = torch.cat(bands[j]) if bands[j] else torch.empty(0, device=device)
-        if below[j] <= r < below[j] + band.numel():
-            v = float(torch.kthvalue(band, r - below[j] + 1).values)
-            out[i] = _Cut(v, r - below[j] - int((band < v).sum()))
+        brackets[(i, j)] = (lo, hi)
+    below = {key: 0 for key in todo}
+    bands: dict = {key: [] for key in todo}
+    spans = list(_spans(n, base.device))
+    models = sorted({i for i, _ in todo})
+    for s, e in spans:
+        b = work.base(bf, s, e)
+        a, m, m2 = work.a[: e - s], work.m[: e - s], work.m2[: e - s]
+        for i in models:
+            torch.sub(flats[i][s:e], b, out=a).abs_()
+            for key in todo:
+                if key[0] != i:
+                    continue
+                lo, hi = brackets[key]
+                torch.lt(a, lo, out=m)
+                below[key] += int(torch.count_nonzero(m))
+                torch.le(a, hi, out=m2)
+                m2 &= m.logical_not_()
+                bands[key].append(a[m2])
+    full = {}
+    for key in todo:
+        i, j = key
+        r = ranks[i][j]
+        parts = bands[key]
+        band = torch.cat(parts) if parts else torch.empty(0, dtype=dt, device=base.device)
+        if below[key] <= r < below[key] + band.numel():
+            v = float(torch.kthvalue(band, r - below[key] + 1).values)
+            skip = r - below[key] - int(torch.count_nonzero(band < v))
+
+            def eq_positions(parts=parts, v=v, i=i, skip=skip):
+                # find the chunk holding entry number `skip` among those equal to v
+                seen = 0
+                for (s, e), p in zip(spans, parts):
+                    c = int(torch.count_nonzero(p == v))
+                    if seen + c > skip:
+                        a = (flats[i][s:e].to(dt) - bf[s:e].to(dt)).abs_()
+                        pos = torch.nonzero(a == v).flatten() + s
+                        return torch.cat([torch.zeros(seen, dtype=pos.dtype, device=pos.device), pos])
+                    seen += c
+                raise AssertionError("rank bookkeeping")
+
+            out[i][j] = _cut(v, skip, eq_positions)
         else:  # the sample missed: select over the whole tensor
-            full = mags(0, n) if full is None else full
-            out[i] = _cut_from(full, r, torch.kthvalue(full, r + 1).values)
+            if i not in full:
+                full[i] = _magnitudes(base, tensors[i], dt)
+            out[i][j] = _cut_from(full[i], r, torch.kthvalue(full[i], r + 1).values)
     return out
 
 
@@ -299,21 +383,24 @@ class _Mask:
 
     scale: float = 1.0
 
-    def chunk(self, s: int, e: int, d: Tensor) -> Tensor | None:  # None: keep all
+    def chunk(self, s: int, e: int, d: Tensor, work: _Work) -> Tensor | None:  # None: keep all
         return None
 
 
 class _RankMask(_Mask):
-    def __init__(self, start: _Cut | object, stop: _Cut | object | None):
+    """Entries ranked in [start, stop) by magnitude (a float 0/1 mask)."""
+
+    def __init__(self, start, stop=None):
         self.start, self.stop = start, stop
 
-    def chunk(self, s, e, d):
-        a = d.abs()
+    def chunk(self, s, e, d, work):
+        m = work.fm[: e - s]
         if self.start is _NONE:
-            return torch.zeros_like(a, dtype=torch.bool)
-        m = self.start.chunk(a)
+            return m.fill_(0)
+        a = torch.abs(d, out=work.a[: e - s])
+        self.start.chunk(a, s, m)
         if self.stop is not None and self.stop is not _NONE:
-            m &= ~self.stop.chunk(a)
+            m.sub_(self.stop.chunk(a, s, work.fm2[: e - s]))
         return m
 
 
@@ -329,7 +416,7 @@ class _RandomMask(_Mask):
         self.thresh = min(65536, max(0, int(round(density * 65536))))
         self.pos = 0
 
-    def chunk(self, s, e, d):
+    def chunk(self, s, e, d, work):
         import numpy as np
 
         if s != self.pos:
@@ -349,12 +436,8 @@ class _DenseMask(_Mask):
     def __init__(self, mult: Tensor):
         self.mult = mult
 
-    def chunk(self, s, e, d):
+    def chunk(self, s, e, d, work):
         return self.mult[s:e]
-
-
-def _apply(d: Tensor, m: Tensor | None) -> Tensor:
-    return d if m is None else d.mul_(m)
 
 
 # --------------------------------------------------------------------------------------
@@ -362,46 +445,32 @@ def _apply(d: Tensor, m: Tensor | None) -> Tensor:
 # --------------------------------------------------------------------------------------
 
 
-def _deltas(base: Tensor, t: Tensor, dt: torch.dtype):
-    """``mags(s, e)``: |t - b| on a span, or ``mags(None, idx)`` on gathered entries."""
-    bf, tf = base.reshape(-1), t.reshape(-1)
-
-    def mags(s, e):
-        if s is None:
-            return (tf[e].to(dt) - bf[e].to(dt)).abs_()
-        return (tf[s:e].to(dt) - bf[s:e].to(dt)).abs_()
-
-    return mags
-
-
-def _make_masks(base, tensors, kind, density, rescale, seeds, gamma, epsilon, dt) -> list[_Mask]:
+def _make_masks(base, tensors, kind, density, rescale, seeds, gamma, epsilon, dt, work) -> list[_Mask]:
     n = base.numel()
-    masks: list[_Mask] = []
+    masks: list[_Mask | None] = [None] * len(tensors)
+    ranks: list[list[int]] = [[] for _ in tensors]
     for i, t in enumerate(tensors):
         p = density[i] if density is not None else 1.0
         if kind is None or p >= 1:
-            masks.append(_Mask())
-            continue
-        if kind == "magnitude":
+            masks[i] = _Mask()
+        elif kind == "magnitude":
             k = max(1, int(p * n)) if p > 0 and n else 0
-            (c,) = _find_cuts(_deltas(base, t, dt), n, [n - k], base.device)
-            masks.append(_RankMask(c, None))
+            ranks[i] = [n - k]
         elif kind == "outliers":
             keep = int(p * n)
             n_top = int(gamma[i] * n)
             n_bot = max(0, n - keep - n_top)
-            lo, hi = _find_cuts(_deltas(base, t, dt), n, [n_bot, n_bot + keep], base.device)
-            masks.append(_RankMask(lo, hi if n_bot + keep < n else None))
+            ranks[i] = [n_bot, n_bot + keep]
         elif kind == "random":
             m = _RandomMask(seeds[i] if seeds is not None else 0, p)
             if m.thresh == 0:  # p rounds to 0 of 65536: nothing is kept
-                m = _RankMask(_NONE, None)
+                m = _RankMask(_NONE)
             elif rescale is True:
                 m.scale = 1.0 / p
-            masks.append(m)
+            masks[i] = m
         elif kind == "della":
             if p <= 0:
-                masks.append(_RankMask(_NONE, None))
+                masks[i] = _RankMask(_NONE)
                 continue
             delta = (t.to(dt) - base.to(dt)).reshape(base.shape)
             prob = della_keep_probabilities(delta, p, epsilon[i])
@@ -410,16 +479,23 @@ def _make_masks(base, tensors, kind, density, rescale, seeds, gamma, epsilon, dt
             mult = keep.to(dt)
             if rescale is True:
                 mult /= prob
-            masks.append(_DenseMask(mult.reshape(-1)))
+            masks[i] = _DenseMask(mult.reshape(-1))
         else:
             raise ValueError(f"unknown sparsification {kind!r}")
+    if any(ranks):
+        cuts = _find_cuts(base, tensors, ranks, dt, work)
+        for i, rs in enumerate(ranks):
+            if rs:
+                c = cuts[i]
+                stop = c[1] if len(c) > 1 and rs[1] < n else None
+                masks[i] = _RankMask(c[0], stop)
     how = ("l1" if rescale is True else rescale) if kind in ("magnitude", "outliers") else rescale
     if isinstance(how, str) and kind is not None:
-        _norm_rescale(base, tensors, masks, how, dt)
+        _norm_rescale(base, tensors, masks, how, dt, work)
     return masks
 
 
-def _norm_rescale(base, tensors, masks, how, dt) -> None:
+def _norm_rescale(base, tensors, masks, how, dt, work) -> None:
     """Scale each masked task vector to the norm (l1, l2, linf) it had before masking."""
     n = base.numel()
     bf = base.reshape(-1)
@@ -431,7 +507,8 @@ def _norm_rescale(base, tensors, masks, how, dt) -> None:
         state = _clone_mask_state(m)
         for s, e in _spans(n, base.device):
             d = tf[s:e].to(dt) - bf[s:e].to(dt)
-            kept = _apply(d.clone(), state.chunk(s, e, d))
+            mask = state.chunk(s, e, d, work)
+            kept = d if mask is None else d * mask
             if how == "l1":
                 before += float(d.abs().sum())
                 after += float(kept.abs().sum())
@@ -494,39 +571,45 @@ def _general_task_arithmetic(
     n = bf.numel()
     if not tensors:
         return out.copy_(bf).reshape(shape)
-    masks = _make_masks(base, tensors, sparsify, density, rescale, seeds, gamma, epsilon, dt)
+    k = len(tensors)
+    work = _work(k, n, dt, base.device)
+    masks = _make_masks(base, tensors, sparsify, density, rescale, seeds, gamma, epsilon, dt, work)
     w = [float(x) for x in weight]
     coef = [wi * m.scale for wi, m in zip(w, masks)]
     flats = [t.reshape(-1) for t in tensors]
     wsum = sum(w)
-    k = len(tensors)
+    wt = torch.tensor(w, dtype=dt, device=base.device)
     for s, e in _spans(n, base.device):
-        b = bf[s:e].to(dt)
+        L = e - s
+        b = work.base(bf, s, e)
+        D = work.D[:, :L]
+        for i, (t, m) in enumerate(zip(flats, masks)):
+            d = torch.sub(t[s:e], b, out=D[i])
+            mask = m.chunk(s, e, d, work)
+            if mask is not None:
+                d.mul_(mask)
+            if coef[i] != 1:
+                d.mul_(coef[i])
+        mixed = work.f[0][:L]
         if consensus:
-            D = torch.empty((k, e - s), dtype=dt, device=base.device)
-            for i, (t, m) in enumerate(zip(flats, masks)):
-                d = torch.sub(t[s:e].to(dt), b, out=D[i])
-                _apply(d, m.chunk(s, e, d))
-                if coef[i] != 1:
-                    d.mul_(coef[i])
-            positive = D.sum(dim=0) >= 0
-            sign = D.sign()
-            agree = torch.where(positive, sign == 1, sign == -1)
-            mixed = (D * agree).sum(dim=0)
+            S, P, N, neg = work.f[1][:L], work.f[2][:L], work.f[3][:L], work.f[4][:L]
+            C = work.C[:, :L]
+            torch.sum(D, 0, out=S)
+            torch.neg(S, out=neg).sign_().clamp_(min=0)  # 1 where the elected sign is -
+            torch.sum(torch.clamp(D, min=0, out=C), 0, out=P)
+            torch.sum(torch.clamp(D, max=0, out=C), 0, out=N)
+            pos = S.copy_(neg).neg_().add_(1)
+            # exactly one product is nonzero: mixed is P or N to the last bit
+            torch.mul(N, neg, out=mixed).addcmul_(P, pos)
             if normalize:
-                wt = torch.tensor(w, dtype=dt, device=base.device).unsqueeze(1)
-                div = (wt * agree).sum(dim=0)
-                div[div == 0] = 1
-                mixed /= div
+                # summed weights of the entries that agree with the elected sign
+                torch.mv(torch.sign(D, out=C).clamp_(min=0).T, wt, out=P)
+                torch.mv(torch.sign(D, out=C).neg_().clamp_(min=0).T, wt, out=N)
+                div = N.mul_(neg).addcmul_(P, pos)
+                zero = torch.sign(div, out=P).abs_().neg_().add_(1)  # 1 where div == 0
+                mixed.div_(div.add_(zero))
         else:
-            mixed = None
-            for i, (t, m) in enumerate(zip(flats, masks)):
-                d = t[s:e].to(dt) - b
-                _apply(d, m.chunk(s, e, d))
-                if mixed is None:
-                    mixed = d.mul_(coef[i]) if coef[i] != 1 else d
-                else:
-                    mixed.add_(d, alpha=coef[i])
+            torch.sum(D, 0, out=mixed)
             if normalize and abs(wsum) >= 1e-8:
                 mixed /= wsum
         if lambda_ != 1:
