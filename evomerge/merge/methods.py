@@ -176,7 +176,7 @@ def della_keep_probabilities(delta: Tensor, density: float, epsilon: float) -> T
 
 CHUNK = 1 << 17
 GPU_CHUNK = 1 << 26
-EXACT_SELECT_MAX = 1 << 20  # tensors up to this size find thresholds with one kthvalue
+EXACT_SELECT_MAX = 1 << 16  # tensors up to this size find thresholds with one kthvalue
 _SAMPLE = 1 << 16
 
 
@@ -279,6 +279,26 @@ def _magnitudes(base: Tensor, t: Tensor, dt) -> Tensor:
     return (t.reshape(-1).to(dt) - base.reshape(-1).to(dt)).abs_()
 
 
+def _bracket(a, lo: float, hi: float, count: int, w) -> tuple[int, Tensor]:
+    """Add the number of entries of ``a`` below ``lo`` to ``count``; return it with the
+    entries in [lo, hi] (in position order). ``a`` is a NumPy array on a CPU (NumPy's
+    comparisons are several times faster there), else a tensor."""
+    if not isinstance(a, torch.Tensor):
+        import numpy as np
+
+        m = np.less(a, lo)
+        count += int(np.count_nonzero(m))
+        m2 = np.less_equal(a, hi)
+        np.greater(m2, m, out=m2)  # in the bracket: <= hi and not < lo
+        return count, torch.from_numpy(a[m2])
+    m, m2 = w.m[: a.numel()], w.m2[: a.numel()]
+    torch.lt(a, lo, out=m)
+    count += int(torch.count_nonzero(m))
+    torch.le(a, hi, out=m2)
+    m2 &= m.logical_not_()
+    return count, a[m2]
+
+
 def _find_cuts(base: Tensor, tensors: Sequence[Tensor], ranks: list[list[int]], dt, work: _Work) -> list[list]:
     """Cuts for each model's ranks (0-based, ascending) of its magnitudes |t - base|.
 
@@ -311,7 +331,7 @@ def _find_cuts(base: Tensor, tensors: Sequence[Tensor], ranks: list[list[int]], 
     bf = base.reshape(-1)
     flats = [t.reshape(-1) for t in tensors]
     g = torch.Generator().manual_seed(n)
-    idx = torch.randint(0, n, (_SAMPLE,), generator=g).to(base.device)
+    idx = torch.randint(0, n, (min(_SAMPLE, max(4096, n // 32)),), generator=g).to(base.device)
     brackets = {}
     samples = {}
     for i, j in todo:
@@ -325,24 +345,20 @@ def _find_cuts(base: Tensor, tensors: Sequence[Tensor], ranks: list[list[int]], 
         lo = float(torch.kthvalue(sample, lo_i + 1).values) if lo_i >= 0 else float("-inf")
         hi = float(torch.kthvalue(sample, hi_i + 1).values) if hi_i < m else float("inf")
         brackets[(i, j)] = (lo, hi)
-    below = {key: 0 for key in todo}
-    bands: dict = {key: [] for key in todo}
     spans = list(_spans(n, base.device))
     models = sorted({i for i, _ in todo})
-    for s, e in spans:
+    below = {key: 0 for key in todo}
+    bands: dict = {key: [None] * len(spans) for key in todo}
+
+    for c, (s, e) in enumerate(spans):
         b = work.base(bf, s, e)
-        a, m, m2 = work.a[: e - s], work.m[: e - s], work.m2[: e - s]
+        a = work.a[: e - s]
         for i in models:
             torch.sub(flats[i][s:e], b, out=a).abs_()
+            x = a.numpy() if a.device.type == "cpu" else a
             for key in todo:
-                if key[0] != i:
-                    continue
-                lo, hi = brackets[key]
-                torch.lt(a, lo, out=m)
-                below[key] += int(torch.count_nonzero(m))
-                torch.le(a, hi, out=m2)
-                m2 &= m.logical_not_()
-                bands[key].append(a[m2])
+                if key[0] == i:
+                    below[key], bands[key][c] = _bracket(x, *brackets[key], below[key], work)
     full = {}
     for key in todo:
         i, j = key
@@ -443,6 +459,15 @@ class _DenseMask(_Mask):
 # --------------------------------------------------------------------------------------
 # The task-arithmetic family
 # --------------------------------------------------------------------------------------
+
+
+def _rowsum(D: Tensor, out: Tensor) -> Tensor:
+    """Sum of the rows of a (k, n) tensor, in row order (faster than a reduction over a
+    short leading dimension)."""
+    out.copy_(D[0])
+    for row in D[1:]:
+        out.add_(row)
+    return out
 
 
 def _make_masks(base, tensors, kind, density, rescale, seeds, gamma, epsilon, dt, work) -> list[_Mask]:
@@ -582,34 +607,38 @@ def _general_task_arithmetic(
     for s, e in _spans(n, base.device):
         L = e - s
         b = work.base(bf, s, e)
-        D = work.D[:, :L]
-        for i, (t, m) in enumerate(zip(flats, masks)):
-            d = torch.sub(t[s:e], b, out=D[i])
-            mask = m.chunk(s, e, d, work)
-            if mask is not None:
-                d.mul_(mask)
-            if coef[i] != 1:
-                d.mul_(coef[i])
         mixed = work.f[0][:L]
         if consensus:
-            S, P, N, neg = work.f[1][:L], work.f[2][:L], work.f[3][:L], work.f[4][:L]
-            C = work.C[:, :L]
-            torch.sum(D, 0, out=S)
-            torch.neg(S, out=neg).sign_().clamp_(min=0)  # 1 where the elected sign is -
-            torch.sum(torch.clamp(D, min=0, out=C), 0, out=P)
-            torch.sum(torch.clamp(D, max=0, out=C), 0, out=N)
-            pos = S.copy_(neg).neg_().add_(1)
-            # exactly one product is nonzero: mixed is P or N to the last bit
-            torch.mul(N, neg, out=mixed).addcmul_(P, pos)
+            D = work.D[:, :L]
+            for i, (t, m) in enumerate(zip(flats, masks)):
+                d = torch.sub(t[s:e], b, out=D[i])
+                mask = m.chunk(s, e, d, work)
+                if mask is not None:
+                    d.mul_(mask)
+                if coef[i] != 1:
+                    d.mul_(coef[i])
+            # elect: e = +1 where the sum of the weighted deltas is >= 0, else -1
+            S, el = work.f[1][:L], work.f[2][:L]
+            _rowsum(D, S)
+            torch.neg(S, out=el).sign_().clamp_(min=0).mul_(-2).add_(1)
+            # agree[k] = 1 where sign(D[k]) == e (zeros never agree)
+            A = torch.sign(D, out=work.C[:, :L]).mul_(el).clamp_(min=0)
+            _rowsum(D.mul_(A), mixed)  # the masked sum, term by term as (D * A).sum(0)
             if normalize:
-                # summed weights of the entries that agree with the elected sign
-                torch.mv(torch.sign(D, out=C).clamp_(min=0).T, wt, out=P)
-                torch.mv(torch.sign(D, out=C).neg_().clamp_(min=0).T, wt, out=N)
-                div = N.mul_(neg).addcmul_(P, pos)
-                zero = torch.sign(div, out=P).abs_().neg_().add_(1)  # 1 where div == 0
+                div = torch.mv(A.T, wt, out=S)  # summed weights of the agreeing entries
+                zero = torch.sign(div, out=el).abs_().neg_().add_(1)  # 1 where div == 0
                 mixed.div_(div.add_(zero))
         else:
-            torch.sum(D, 0, out=mixed)
+            d = work.f[1][:L]
+            for i, (t, m) in enumerate(zip(flats, masks)):
+                torch.sub(t[s:e], b, out=d)
+                mask = m.chunk(s, e, d, work)
+                if mask is not None:
+                    d.mul_(mask)
+                if i == 0:
+                    torch.mul(d, coef[0], out=mixed)
+                else:
+                    mixed.add_(d, alpha=coef[i])
             if normalize and abs(wsum) >= 1e-8:
                 mixed /= wsum
         if lambda_ != 1:
