@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import safe_open
 
 __all__ = [
     "Checkpoint",
@@ -48,6 +47,10 @@ TOKENIZER_FILES = (
     "vocab.json", "vocab.txt", "merges.txt", "added_tokens.json", "chat_template.jinja",
     "chat_template.json",
 )
+
+_ST_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
+             "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+             "BOOL": "bool"}
 
 _DTYPES = {
     "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -192,12 +195,12 @@ class Checkpoint:
                 raise CheckpointError(f"model '{self.name}': shard {shard} listed in {p.name} is missing")
         return dict(wm)
 
-    def _handle(self, file: str):
+    def _handle(self, file: str) -> "_SafetensorsFile":
         h = self._handles.get(file)
         if h is None:
             try:
-                h = safe_open(str(self.folder / file), framework="pt")
-            except Exception as e:
+                h = _SafetensorsFile(self.folder / file)
+            except (OSError, ValueError) as e:
                 raise CheckpointError(f"model '{self.name}': cannot read {file}: {e}") from None
             self._handles[file] = h
         return h
@@ -225,10 +228,8 @@ class Checkpoint:
         if m is None:
             file = self._file(name)
             if file.endswith(".safetensors"):
-                sl = self._handle(file).get_slice(name)
-                dt = str(sl.get_dtype()).lower()
-                dt = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "f64": "float64"}.get(dt, dt)
-                m = (tuple(sl.get_shape()), dt)
+                info = self._handle(file).header[name]
+                m = (tuple(info["shape"]), _ST_NAMES.get(info["dtype"], info["dtype"].lower()))
             else:
                 t = self._load_pickle(file)[name]
                 m = (tuple(t.shape), str(t.dtype).replace("torch.", ""))
@@ -241,17 +242,30 @@ class Checkpoint:
         except KeyError:
             raise CheckpointError(f"model '{self.name}': tensor '{name}' is missing") from None
 
-    def get(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
-        """Read one tensor (a zero-copy view of the file on CPU where possible)."""
+    def get(self, name: str, device: str | torch.device = "cpu", copy: bool = True) -> torch.Tensor:
+        """Read one tensor. ``copy=True``: into memory of its own (positional reads).
+        ``copy=False``: a read-only view of the memory-mapped file, for code that only
+        reads it; call ``release(name)`` when done so its pages leave this process."""
         file = self._file(name)
         if file.endswith(".safetensors"):
             try:
-                t = self._handle(file).get_tensor(name)
-            except Exception as e:
+                h = self._handle(file)
+                t = h.read(name) if copy or str(device) != "cpu" else h.view(name)
+            except (OSError, ValueError, KeyError) as e:
                 raise CheckpointError(f"model '{self.name}': cannot read tensor '{name}' from {file}: {e}") from None
         else:
             t = self._load_pickle(file)[name]
         return t if str(device) == "cpu" else t.to(device, non_blocking=True)
+
+    def populate(self, name: str) -> None:
+        file = self.weight_map.get(name)
+        if file is not None and file.endswith(".safetensors"):
+            self._handle(file).populate(name)
+
+    def release(self, name: str) -> None:
+        file = self.weight_map.get(name)
+        if file is not None and file.endswith(".safetensors"):
+            self._handle(file).release(name)
 
     def tokenizer_files(self) -> list[Path]:
         return [self.folder / n for n in TOKENIZER_FILES if (self.folder / n).is_file()]
@@ -268,6 +282,113 @@ class Checkpoint:
     def architecture(self) -> str:
         arch = self.config.get("architectures") or [self.config.get("model_type", "?")]
         return str(arch[0])
+
+
+_MADV_POPULATE_READ = 22  # linux/mman.h; not exposed by Python's mmap module
+
+
+class _SafetensorsFile:
+    """The header of a safetensors file, and positional reads of its tensors."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise ValueError("not a safetensors file (too short)")
+            size = int.from_bytes(raw, "little")
+            if size > 100_000_000:
+                raise ValueError("not a safetensors file (header size)")
+            header = json.loads(f.read(size))
+        header.pop("__metadata__", None)
+        self.header: dict = header
+        self.data_start = 8 + size
+        self.file_size = path.stat().st_size
+        self._fd: int | None = None
+        self._mm = None
+
+    def keys(self):
+        return self.header.keys()
+
+    def _info(self, name: str):
+        info = self.header[name]
+        dtype = _DTYPES.get(_ST_NAMES.get(info["dtype"], ""), None) or getattr(torch, _ST_NAMES[info["dtype"]])
+        begin, end = info["data_offsets"]
+        if self.data_start + end > self.file_size:
+            raise ValueError(f"tensor '{name}' lies past the end of the file (truncated?)")
+        return dtype, info["shape"], self.data_start + begin, end - begin
+
+    @staticmethod
+    def _typed(buf: torch.Tensor, dtype, shape) -> torch.Tensor:
+        return buf.view(dtype).reshape(shape)
+
+    def read(self, name: str) -> torch.Tensor:
+        """A copy of the tensor in memory of its own (positional reads)."""
+        dtype, shape, offset, nbytes = self._info(name)
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        if nbytes:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY)
+            view = memoryview(buf.numpy())
+            done = 0
+            while done < nbytes:
+                got = os.preadv(self._fd, [view[done:]], offset + done)
+                if got <= 0:
+                    raise ValueError(f"short read of tensor '{name}'")
+                done += got
+        return self._typed(buf, dtype, shape)
+
+    def view(self, name: str) -> torch.Tensor:
+        """The tensor as a read-only view of the memory-mapped file (no copy). Writing
+        into it is an error; ``release`` drops its pages from this process."""
+        dtype, shape, offset, nbytes = self._info(name)
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
+        if self._mm is None:
+            import mmap
+
+            with open(self.path, "rb") as f:
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "non-writable buffer": views are only read
+            buf = torch.frombuffer(self._mm, dtype=torch.uint8, count=nbytes, offset=offset)
+        return self._typed(buf, dtype, shape)
+
+    def populate(self, name: str) -> None:
+        """Map a viewed tensor's pages into this process ahead of use, in one call
+        (MADV_POPULATE_READ, Linux 5.14+), instead of one page fault per page later."""
+        if self._mm is None:
+            return
+        _, _, offset, nbytes = self._info(name)
+        page = 4096
+        start = offset // page * page
+        try:
+            self._mm.madvise(_MADV_POPULATE_READ, start, offset + nbytes - start)
+        except (OSError, ValueError):
+            pass  # an older kernel: pages are faulted in on first use instead
+
+    def release(self, name: str) -> None:
+        """Unmap the whole pages of a tensor read through ``view`` (they stay in the page
+        cache), so a streamed merge keeps only what it is working on resident."""
+        if self._mm is None:
+            return
+        import mmap
+
+        _, _, offset, nbytes = self._info(name)
+        page = mmap.PAGESIZE
+        start = -(-offset // page) * page
+        stop = (offset + nbytes) // page * page
+        if stop > start:
+            self._mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
+
+    def __del__(self):
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
 
 
 # --------------------------------------------------------------------------------------

@@ -285,20 +285,44 @@ class MergeEngine:
     # ----------------------------------------------------------------------------------
     # Execution
     # ----------------------------------------------------------------------------------
-    def _load(self, model: ModelRef, name: str, out_name: str) -> Tensor:
-        t = self.models[model].get(name, self.device)
-        # A sum is finite when every entry is (one cheap reduction); an overflowing sum of
-        # finite values is told apart by the exact check.
-        if (self.check_finite and t.is_floating_point() and not bool(torch.isfinite(t.sum()))
-                and not bool(torch.isfinite(t).all())):
-            raise MergeError(f"model '{model}': tensor '{name}' contains NaN or inf")
-        if self.compute_dtype is not None and t.is_floating_point() and t.dtype != self.compute_dtype:
-            t = t.to(self.compute_dtype)
-        return t
+    def _read(self, task: TensorTask) -> list[Tensor]:
+        """Read a task's inputs (base first). File reads only: safe to run in a thread
+        beside the arithmetic, which owns the CPU's compute threads."""
+        out = []
+        for m, n in ([task.base] if task.base else []) + task.inputs:
+            out.append(self.models[m].get(n, self.device, copy=False))
+            self.models[m].populate(n)
+        return out
+
+    def _release(self, task: TensorTask) -> None:
+        for m, n in ([task.base] if task.base else []) + task.inputs:
+            self.models[m].release(n)
+
+    def _prepare(self, task: TensorTask, raw: list[Tensor]) -> tuple[Tensor | None, list[Tensor]]:
+        """Round inputs to the recipe's ``dtype``."""
+        out = []
+        for t in raw:
+            if self.compute_dtype is not None and t.is_floating_point() and t.dtype != self.compute_dtype:
+                t = t.to(self.compute_dtype)
+            out.append(t)
+        return (out[0], out[1:]) if task.base else (None, out)
+
+    def _check_finite(self, task: TensorTask, out: Tensor, raw: list[Tensor]) -> None:
+        """Every method multiplies or adds each input entry into the result, so a NaN or
+        inf in an input shows in the output: one reduction over the output finds it, and
+        only then are the inputs searched for the culprit."""
+        if not self.check_finite or not out.is_floating_point() or bool(torch.isfinite(out.sum())):
+            return
+        if bool(torch.isfinite(out).all()):
+            return  # the sum overflowed; every entry is finite
+        refs = ([task.base] if task.base else []) + task.inputs
+        for (model, name), t in zip(refs, raw):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise MergeError(f"model '{model}': tensor '{name}' contains NaN or inf")
+        raise MergeError(f"tensor '{task.name}': the merged values overflow {out.dtype}")
 
     def load_inputs(self, task: TensorTask) -> tuple[Tensor | None, list[Tensor]]:
-        base = self._load(*task.base, task.name) if task.base else None
-        return base, [self._load(m, n, task.name) for m, n in task.inputs]
+        return self._prepare(task, self._read(task))
 
     def shape(self, task: TensorTask) -> tuple[int, ...]:
         m, n = task.base or task.inputs[0]
@@ -323,8 +347,12 @@ class MergeEngine:
         return out.to(self.output_dtype(task))
 
     def merge_tensor(self, task: TensorTask) -> Tensor:
-        base, tensors = self.load_inputs(task)
-        return self.compute(task, base, tensors)
+        raw = self._read(task)
+        out = self.compute(task, *self._prepare(task, raw))
+        self._check_finite(task, out, raw)
+        del raw
+        self._release(task)
+        return out
 
     def iter_merged(self, progress: bool = False, prefetch: int = 2) -> Iterator[tuple[str, Tensor]]:
         """Merged tensors in plan order; the next tensors' inputs are read in a
@@ -335,13 +363,15 @@ class MergeEngine:
 
             bar = tqdm(total=len(self.tasks), desc=f"merging ({self.method.name})", unit="tensor")
         with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = [pool.submit(self.load_inputs, t) for t in self.tasks[:prefetch]]
+            pending = [pool.submit(self._read, t) for t in self.tasks[:prefetch]]
             for i, task in enumerate(self.tasks):
-                base, tensors = pending.pop(0).result()
+                raw = pending.pop(0).result()
                 if i + prefetch < len(self.tasks):
-                    pending.append(pool.submit(self.load_inputs, self.tasks[i + prefetch]))
-                out = self.compute(task, base, tensors)
-                del base, tensors
+                    pending.append(pool.submit(self._read, self.tasks[i + prefetch]))
+                out = self.compute(task, *self._prepare(task, raw))
+                self._check_finite(task, out, raw)
+                del raw
+                self._release(task)
                 yield task.name, out
                 if bar is not None:
                     bar.update(1)
@@ -373,8 +403,16 @@ class MergeEngine:
         """Stream the merge into a new model folder (atomic: nothing is left on failure)."""
         entries = [TensorEntry(t.name, self.shape(t), self.output_dtype(t)) for t in self.tasks]
         with CheckpointWriter(out_dir, entries, shard_size=shard_size, overwrite=overwrite) as w:
-            for name, t in self.iter_merged(progress=progress):
-                w.add(name, t)
+            # Writing runs in its own thread (file writes need no compute threads), at most
+            # one tensor behind the arithmetic.
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                last = None
+                for name, t in self.iter_merged(progress=progress):
+                    if last is not None:
+                        last.result()
+                    last = pool.submit(w.add, name, t)
+                if last is not None:
+                    last.result()
             self._write_metadata(w, recipe_text or self.recipe.to_yaml())
             return w.commit()
 

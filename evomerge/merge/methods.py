@@ -764,10 +764,13 @@ def linear(base, tensors, weight, normalize=True, out_dtype=None):
         raise ValueError("linear merge with normalize: the weights sum to zero")
     out = _alloc(first, out_dtype)
     flats = [t.reshape(-1) for t in tensors]
-    for s, e in _spans(first.numel(), first.device):
-        acc = torch.zeros(e - s, dtype=dt, device=first.device)
+    n = first.numel()
+    work = _work(1, n, dt, first.device)
+    for s, e in _spans(n, first.device):
+        acc, x = work.f[0][: e - s], work.f[1][: e - s]
+        acc.zero_()
         for t, w in zip(flats, weight):
-            acc.add_(t[s:e].to(dt), alpha=float(w))
+            acc.add_(x.copy_(t[s:e]), alpha=float(w))
         if normalize:
             acc.div_(total)
         out[s:e] = acc
@@ -783,8 +786,10 @@ def wise_ft(base, tensors, alpha=0.5, out_dtype=None):
     dt = _work_dtype(base)
     out = _alloc(base, out_dtype)
     b, f = base.reshape(-1), tensors[0].reshape(-1)
+    work = _work(1, b.numel(), dt, base.device)
     for s, e in _spans(b.numel(), base.device):
-        out[s:e] = torch.lerp(b[s:e].to(dt), f[s:e].to(dt), float(alpha))
+        x, y = work.f[0][: e - s].copy_(b[s:e]), work.f[1][: e - s].copy_(f[s:e])
+        out[s:e] = torch.lerp(x, y, float(alpha), out=work.f[2][: e - s])
     return out.reshape(base.shape)
 
 
@@ -800,9 +805,10 @@ def slerp(base, tensors, t, dot_threshold=0.9995, eps=1e-8, out_dtype=None):
     a, b = base.reshape(-1), tensors[0].reshape(-1)
     t = float(t)
     n = a.numel()
+    work = _work(1, n, dt, base.device)
     sq0 = sq1 = dot = torch.zeros((), dtype=dt, device=base.device)
     for s, e in _spans(n, base.device):
-        x, y = a[s:e].to(dt), b[s:e].to(dt)
+        x, y = work.f[0][: e - s].copy_(a[s:e]), work.f[1][: e - s].copy_(b[s:e])
         sq0 = sq0 + torch.dot(x, x)
         sq1 = sq1 + torch.dot(y, y)
         dot = dot + torch.dot(x, y)
@@ -819,8 +825,8 @@ def slerp(base, tensors, t, dot_threshold=0.9995, eps=1e-8, out_dtype=None):
         c1 = float(torch.sin(t * theta) / st)
     out = _alloc(base, out_dtype)
     for s, e in _spans(n, base.device):
-        r = torch.mul(a[s:e].to(dt), c0)  # a new tensor: never write into an input
-        out[s:e] = r.add_(b[s:e].to(dt), alpha=c1)
+        x, y = work.f[0][: e - s].copy_(a[s:e]), work.f[1][: e - s].copy_(b[s:e])
+        out[s:e] = x.mul_(c0).add_(y, alpha=c1)
     return out.reshape(base.shape)
 
 
@@ -835,10 +841,7 @@ def model_stock(base, tensors, filter_wise=False, out_dtype=None):
     dt = _work_dtype(base)
     shape = base.shape
     k = len(tensors)
-    if filter_wise and base.dim() >= 2:
-        rows = shape[0]
-    else:
-        rows = 1
+    rows = shape[0] if filter_wise and base.dim() >= 2 else 1
     b = base.reshape(rows, -1)
     ts = [t.reshape(rows, -1) for t in tensors]
     cols = b.shape[1]
