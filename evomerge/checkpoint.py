@@ -257,11 +257,6 @@ class Checkpoint:
             t = self._load_pickle(file)[name]
         return t if str(device) == "cpu" else t.to(device, non_blocking=True)
 
-    def populate(self, name: str) -> None:
-        file = self.weight_map.get(name)
-        if file is not None and file.endswith(".safetensors"):
-            self._handle(file).populate(name)
-
     def release(self, name: str) -> None:
         file = self.weight_map.get(name)
         if file is not None and file.endswith(".safetensors"):
@@ -282,9 +277,6 @@ class Checkpoint:
     def architecture(self) -> str:
         arch = self.config.get("architectures") or [self.config.get("model_type", "?")]
         return str(arch[0])
-
-
-_MADV_POPULATE_READ = 22  # linux/mman.h; not exposed by Python's mmap module
 
 
 class _SafetensorsFile:
@@ -355,19 +347,6 @@ class _SafetensorsFile:
             warnings.simplefilter("ignore")  # "non-writable buffer": views are only read
             buf = torch.frombuffer(self._mm, dtype=torch.uint8, count=nbytes, offset=offset)
         return self._typed(buf, dtype, shape)
-
-    def populate(self, name: str) -> None:
-        """Map a viewed tensor's pages into this process ahead of use, in one call
-        (MADV_POPULATE_READ, Linux 5.14+), instead of one page fault per page later."""
-        if self._mm is None:
-            return
-        _, _, offset, nbytes = self._info(name)
-        page = 4096
-        start = offset // page * page
-        try:
-            self._mm.madvise(_MADV_POPULATE_READ, start, offset + nbytes - start)
-        except (OSError, ValueError):
-            pass  # an older kernel: pages are faulted in on first use instead
 
     def release(self, name: str) -> None:
         """Unmap the whole pages of a tensor read through ``view`` (they stay in the page

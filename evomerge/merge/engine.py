@@ -288,11 +288,8 @@ class MergeEngine:
     def _read(self, task: TensorTask) -> list[Tensor]:
         """Read a task's inputs (base first). File reads only: safe to run in a thread
         beside the arithmetic, which owns the CPU's compute threads."""
-        out = []
-        for m, n in ([task.base] if task.base else []) + task.inputs:
-            out.append(self.models[m].get(n, self.device, copy=False))
-            self.models[m].populate(n)
-        return out
+        return [self.models[m].get(n, self.device, copy=False)
+                for m, n in ([task.base] if task.base else []) + task.inputs]
 
     def _release(self, task: TensorTask) -> None:
         for m, n in ([task.base] if task.base else []) + task.inputs:
@@ -362,12 +359,19 @@ class MergeEngine:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(self.tasks), desc=f"merging ({self.method.name})", unit="tensor")
+        # Inputs on the CPU are memory-mapped views, read as the arithmetic touches them; a
+        # reading thread would only compete with the arithmetic's threads. Copies to a GPU
+        # are started one task ahead.
+        ahead = self.device.type != "cpu"
         with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = [pool.submit(self._read, t) for t in self.tasks[:prefetch]]
+            pending = [pool.submit(self._read, t) for t in self.tasks[:prefetch]] if ahead else []
             for i, task in enumerate(self.tasks):
-                raw = pending.pop(0).result()
-                if i + prefetch < len(self.tasks):
-                    pending.append(pool.submit(self._read, self.tasks[i + prefetch]))
+                if ahead:
+                    raw = pending.pop(0).result()
+                    if i + prefetch < len(self.tasks):
+                        pending.append(pool.submit(self._read, self.tasks[i + prefetch]))
+                else:
+                    raw = self._read(task)
                 out = self.compute(task, *self._prepare(task, raw))
                 self._check_finite(task, out, raw)
                 del raw

@@ -52,11 +52,6 @@ def _work_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def _f(t: Tensor) -> Tensor:
-    dt = _work_dtype(t)
-    return t if t.dtype == dt else t.to(dt)
-
-
 # --------------------------------------------------------------------------------------
 # Trimming by magnitude rank (no full sort)
 # --------------------------------------------------------------------------------------
@@ -124,21 +119,6 @@ def outlier_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
     return rank_range_mask(delta.abs(), n_bot, n_bot + keep)
 
 
-def _rescale(delta: Tensor, masked: Tensor, how) -> Tensor:
-    """Match the norm of ``masked`` to that of ``delta`` (mergekit's ``rescale``)."""
-    if how == "l1":
-        before, after = delta.abs().sum(), masked.abs().sum()
-    elif how == "l2":
-        before, after = delta.norm(), masked.norm()
-    elif how == "linf":
-        before, after = delta.abs().max(), masked.abs().max()
-    else:  # pragma: no cover - validated by the spec
-        raise ValueError(f"unknown rescale norm {how!r}")
-    if before < 1e-7 or after < 1e-7:
-        return masked
-    return masked * (before / after)
-
-
 def _generator(seed: int, device: torch.device) -> torch.Generator:
     g = torch.Generator(device=device)
     g.manual_seed(int(seed) & 0x7FFF_FFFF_FFFF_FFFF)
@@ -177,7 +157,7 @@ def della_keep_probabilities(delta: Tensor, density: float, epsilon: float) -> T
 CHUNK = 1 << 17
 GPU_CHUNK = 1 << 26
 EXACT_SELECT_MAX = 1 << 16  # tensors up to this size find thresholds with one kthvalue
-_SAMPLE = 1 << 16
+_SAMPLE = 1 << 14
 
 
 def _chunk(device: torch.device) -> int:
@@ -331,7 +311,11 @@ def _find_cuts(base: Tensor, tensors: Sequence[Tensor], ranks: list[list[int]], 
     bf = base.reshape(-1)
     flats = [t.reshape(-1) for t in tensors]
     g = torch.Generator().manual_seed(n)
-    idx = torch.randint(0, n, (min(_SAMPLE, max(4096, n // 32)),), generator=g).to(base.device)
+    # a stratified sample: one seeded position in each of m equal blocks (reads memory in
+    # order, and cannot alias with the rows of a matrix as a fixed stride could)
+    m = min(_SAMPLE, n)
+    step = n // m
+    idx = (torch.arange(m) * step + torch.randint(0, step, (m,), generator=g)).to(base.device)
     brackets = {}
     samples = {}
     for i, j in todo:
@@ -399,7 +383,8 @@ class _Mask:
 
     scale: float = 1.0
 
-    def chunk(self, s: int, e: int, d: Tensor, work: _Work) -> Tensor | None:  # None: keep all
+    def chunk(self, s: int, e: int, d: Tensor, work: _Work, coef: float = 1.0) -> Tensor | None:
+        """The chunk's float multiplier: the 0/1 mask times ``coef``; None keeps all."""
         return None
 
 
@@ -409,7 +394,7 @@ class _RankMask(_Mask):
     def __init__(self, start, stop=None):
         self.start, self.stop = start, stop
 
-    def chunk(self, s, e, d, work):
+    def chunk(self, s, e, d, work, coef=1.0):
         m = work.fm[: e - s]
         if self.start is _NONE:
             return m.fill_(0)
@@ -417,7 +402,7 @@ class _RankMask(_Mask):
         self.start.chunk(a, s, m)
         if self.stop is not None and self.stop is not _NONE:
             m.sub_(self.stop.chunk(a, s, work.fm2[: e - s]))
-        return m
+        return m if coef == 1 else m.mul_(coef)
 
 
 class _RandomMask(_Mask):
@@ -430,9 +415,10 @@ class _RandomMask(_Mask):
 
         self.bitgen = np.random.SFC64(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
         self.thresh = min(65536, max(0, int(round(density * 65536))))
+        self._t16 = np.uint16(min(self.thresh, 65535))
         self.pos = 0
 
-    def chunk(self, s, e, d, work):
+    def chunk(self, s, e, d, work, coef=1.0):
         import numpy as np
 
         if s != self.pos:
@@ -442,8 +428,12 @@ class _RandomMask(_Mask):
         if self.thresh >= 65536:
             return None
         raw = self.bitgen.random_raw((n + 3) // 4)
-        keep = raw.view(np.uint16)[:n] < np.uint16(self.thresh)
-        return torch.from_numpy(keep).to(d.device)
+        u = raw.view(np.uint16)[:n]
+        if d.device.type == "cpu":  # a float 0/1 mask straight from NumPy: no boolean torch ops
+            keep = torch.from_numpy(np.less(u, self._t16, out=work.fm[:n].numpy(), casting="unsafe"))
+        else:
+            keep = torch.from_numpy(np.less(u, self._t16)).to(d.device).to(d.dtype)
+        return keep if coef == 1 else keep.mul_(coef)
 
 
 class _DenseMask(_Mask):
@@ -452,8 +442,8 @@ class _DenseMask(_Mask):
     def __init__(self, mult: Tensor):
         self.mult = mult
 
-    def chunk(self, s, e, d, work):
-        return self.mult[s:e]
+    def chunk(self, s, e, d, work, coef=1.0):
+        return torch.mul(self.mult[s:e], coef, out=work.fm[: e - s])
 
 
 # --------------------------------------------------------------------------------------
@@ -612,10 +602,10 @@ def _general_task_arithmetic(
             D = work.D[:, :L]
             for i, (t, m) in enumerate(zip(flats, masks)):
                 d = torch.sub(t[s:e], b, out=D[i])
-                mask = m.chunk(s, e, d, work)
+                mask = m.chunk(s, e, d, work, coef[i])
                 if mask is not None:
                     d.mul_(mask)
-                if coef[i] != 1:
+                elif coef[i] != 1:
                     d.mul_(coef[i])
             # elect: e = +1 where the sum of the weighted deltas is >= 0, else -1
             S, el = work.f[1][:L], work.f[2][:L]
@@ -632,13 +622,14 @@ def _general_task_arithmetic(
             d = work.f[1][:L]
             for i, (t, m) in enumerate(zip(flats, masks)):
                 torch.sub(t[s:e], b, out=d)
-                mask = m.chunk(s, e, d, work)
+                mask = m.chunk(s, e, d, work, coef[i])
+                c = coef[i] if mask is None else 1.0
                 if mask is not None:
                     d.mul_(mask)
                 if i == 0:
-                    torch.mul(d, coef[0], out=mixed)
+                    torch.mul(d, c, out=mixed)
                 else:
-                    mixed.add_(d, alpha=coef[i])
+                    mixed.add_(d, alpha=c)
             if normalize and abs(wsum) >= 1e-8:
                 mixed /= wsum
         if lambda_ != 1:
