@@ -414,13 +414,16 @@ class TensorEntry:
 
 
 class CheckpointWriter:
-    """Writes a model folder atomically and with no shard buffer.
+    """Writes a model folder atomically, with no shard buffer and no extra copy.
 
-    The tensors to write are declared up front (``entries``, in the order they will be
-    added), so shard boundaries and each safetensors header are known before any data:
-    each tensor's bytes go to disk as soon as it is added. Everything goes into a temporary
-    sibling folder that ``commit()`` renames to ``out_dir``; ``abort()`` (or an exception
-    inside the ``with`` block) removes it, so a failed merge leaves nothing behind.
+    The tensors are declared up front (``entries``), so shard boundaries and every
+    safetensors header are known before any data: each shard file is created at its final
+    size and memory-mapped. ``buffer(name)`` is a writable tensor over that tensor's bytes
+    in the file, so a merge can compute straight into the file's pages; ``add(name, t)``
+    records a tensor as written (copying it into place unless it is that buffer) and lets
+    its pages go from this process. Everything goes into a temporary sibling folder that
+    ``commit()`` renames to ``out_dir``; ``abort()`` (or an exception inside the ``with``
+    block) removes it, so a failed merge leaves nothing behind.
     """
 
     def __init__(
@@ -436,14 +439,23 @@ class CheckpointWriter:
         self.overwrite = overwrite
         self.shard_size = parse_size(shard_size)
         self.entries = list(entries)
+        names = [e.name for e in self.entries]
+        if len(set(names)) != len(names):
+            raise ValueError("a tensor name is declared twice")
         self._shards = self._layout()
+        self.total_bytes = sum(e.nbytes for e in self.entries)
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent))
-        self._next = 0
-        self._fh = None
-        self._shard_idx = -1
-        self.total_bytes = sum(e.nbytes for e in self.entries)
         self._done = False
+        self._maps: list = [None] * len(self._shards)
+        self._where: dict[str, tuple[int, int, TensorEntry]] = {}
+        self._written: set[str] = set()
+        try:
+            for i in range(len(self._shards)):
+                self._create_shard(i)
+        except BaseException:
+            self.abort()
+            raise
 
     def _layout(self) -> list[list[TensorEntry]]:
         shards: list[list[TensorEntry]] = [[]]
@@ -467,7 +479,7 @@ class CheckpointWriter:
         if exc_type is not None or not self._done:
             self.abort()
 
-    def _open_shard(self, i: int) -> None:
+    def _create_shard(self, i: int) -> None:
         header: dict = {"__metadata__": {"format": "pt"}}
         off = 0
         for e in self._shards[i]:
@@ -476,33 +488,65 @@ class CheckpointWriter:
             off += e.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
-        self._fh = open(self.tmp / self.shard_file(i), "wb")
-        self._fh.write(len(raw).to_bytes(8, "little"))
-        self._fh.write(raw)
-        self._shard_idx = i
-        self._left_in_shard = len(self._shards[i])
+        start = 8 + len(raw)
+        for e in self._shards[i]:
+            self._where[e.name] = (i, start + header[e.name]["data_offsets"][0], e)
+        with open(self.tmp / self.shard_file(i), "wb") as f:
+            f.write(len(raw).to_bytes(8, "little"))
+            f.write(raw)
+            f.truncate(start + off)
+
+    def _map(self, i: int):
+        if self._maps[i] is None:
+            import mmap
+
+            with open(self.tmp / self.shard_file(i), "r+b") as f:
+                self._maps[i] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_WRITE)
+        return self._maps[i]
+
+    def _entry(self, name: str) -> tuple[int, int, TensorEntry]:
+        try:
+            return self._where[name]
+        except KeyError:
+            raise ValueError(f"tensor '{name}' was not declared") from None
+
+    def buffer(self, name: str) -> torch.Tensor:
+        """A writable CPU tensor over the declared tensor's place in its shard file."""
+        i, offset, e = self._entry(name)
+        if e.nbytes == 0:
+            return torch.empty(e.shape, dtype=e.dtype)
+        buf = torch.frombuffer(self._map(i), dtype=torch.uint8, count=e.nbytes, offset=offset)
+        return buf.view(e.dtype).reshape(e.shape)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Write the next declared tensor."""
-        if self._next >= len(self.entries):
-            raise ValueError(f"tensor '{name}' was not declared")
-        e = self.entries[self._next]
-        if e.name != name or tuple(tensor.shape) != e.shape or tensor.dtype != e.dtype:
+        """Record a declared tensor as written, copying it into place if needed."""
+        i, offset, e = self._entry(name)
+        if tuple(tensor.shape) != e.shape or tensor.dtype != e.dtype:
             raise ValueError(
                 f"tensor '{name}' {list(tensor.shape)} {tensor.dtype} does not match the declared "
-                f"'{e.name}' {list(e.shape)} {e.dtype}"
+                f"{list(e.shape)} {e.dtype}"
             )
-        if self._fh is None:
-            self._open_shard(self._shard_idx + 1)
-        t = tensor.detach()
-        if t.device.type != "cpu":
-            t = t.to("cpu")
-        self._fh.write(t.contiguous().reshape(-1).view(torch.uint8).numpy().data)
-        self._next += 1
-        self._left_in_shard -= 1
-        if self._left_in_shard == 0:
-            self._fh.close()
-            self._fh = None
+        if e.nbytes:
+            dst = self.buffer(name)
+            if dst.data_ptr() != tensor.data_ptr():
+                dst.copy_(tensor.detach())
+            del dst
+            import mmap
+
+            page = mmap.PAGESIZE
+            lo, hi = -(-offset // page) * page, (offset + e.nbytes) // page * page
+            if hi > lo:  # the data stays in the page cache, on its way to disk
+                self._maps[i].madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        self._written.add(name)
+
+    def _close_maps(self) -> None:
+        for i, m in enumerate(self._maps):
+            if m is not None:
+                try:
+                    m.close()
+                except BufferError:
+                    pass  # a caller still holds a view; the mapping ends with it
+                self._maps[i] = None
 
     def write_text(self, rel: str, text: str) -> None:
         (self.tmp / rel).write_text(text, encoding="utf-8")
@@ -512,9 +556,10 @@ class CheckpointWriter:
 
     def commit(self) -> Path:
         """Check every declared tensor was written, write the index, move into place."""
-        if self._next != len(self.entries):
-            missing = self.entries[self._next].name
-            raise ValueError(f"tensor '{missing}' was declared but never written")
+        missing = [e.name for e in self.entries if e.name not in self._written]
+        if missing:
+            raise ValueError(f"tensor '{missing[0]}' was declared but never written")
+        self._close_maps()
         if len(self._shards) > 1:
             weight_map = {e.name: self.shard_file(i) for i, sh in enumerate(self._shards) for e in sh}
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
@@ -532,9 +577,7 @@ class CheckpointWriter:
         return self.out_dir
 
     def abort(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+        self._close_maps()
         shutil.rmtree(self.tmp, ignore_errors=True)
         self._done = True
 

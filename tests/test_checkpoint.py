@@ -124,16 +124,35 @@ def test_writer_streams_and_is_atomic(tmp_path):
         assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
 
 
-def test_writer_rejects_undeclared_or_missing_tensors(tmp_path):
+def test_writer_rejects_undeclared_mismatched_or_missing_tensors(tmp_path):
     e = [TensorEntry("a", (2,), torch.float32), TensorEntry("b", (2,), torch.float32)]
+    with pytest.raises(ValueError, match="not declared"):
+        with CheckpointWriter(tmp_path / "x", e) as w:
+            w.add("c", torch.zeros(2))
     with pytest.raises(ValueError, match="does not match"):
         with CheckpointWriter(tmp_path / "x", e) as w:
-            w.add("b", torch.zeros(2))
+            w.add("b", torch.zeros(3))
     with pytest.raises(ValueError, match="never written"):
         with CheckpointWriter(tmp_path / "y", e) as w:
             w.add("a", torch.zeros(2))
             w.commit()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_buffers_take_results_in_place_in_any_order(tmp_path):
+    e = [TensorEntry("a", (3, 2), torch.bfloat16), TensorEntry("b", (4,), torch.float32)]
+    with CheckpointWriter(tmp_path / "m", e, shard_size=16) as w:
+        b = w.buffer("b")
+        b.copy_(torch.arange(4.0))
+        w.add("b", b)  # already in place: nothing copied
+        w.add("a", torch.full((3, 2), 2.5, dtype=torch.bfloat16))
+        w.commit()
+    idx = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())
+    got = {}
+    for shard in set(idx["weight_map"].values()):
+        got.update(load_file(str(tmp_path / "m" / shard)))
+    assert torch.equal(got["b"], torch.arange(4.0))
+    assert torch.equal(got["a"], torch.full((3, 2), 2.5, dtype=torch.bfloat16))
 
 
 def test_checkpoint_errors(tmp_path):

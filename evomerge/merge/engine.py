@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import json
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -286,8 +285,8 @@ class MergeEngine:
     # Execution
     # ----------------------------------------------------------------------------------
     def _read(self, task: TensorTask) -> list[Tensor]:
-        """Read a task's inputs (base first). File reads only: safe to run in a thread
-        beside the arithmetic, which owns the CPU's compute threads."""
+        """A task's inputs (base first): read-only memory-mapped views on the CPU, read as
+        the arithmetic touches them; copies on another device."""
         return [self.models[m].get(n, self.device, copy=False)
                 for m, n in ([task.base] if task.base else []) + task.inputs]
 
@@ -318,9 +317,6 @@ class MergeEngine:
                 raise MergeError(f"model '{model}': tensor '{name}' contains NaN or inf")
         raise MergeError(f"tensor '{task.name}': the merged values overflow {out.dtype}")
 
-    def load_inputs(self, task: TensorTask) -> tuple[Tensor | None, list[Tensor]]:
-        return self._prepare(task, self._read(task))
-
     def shape(self, task: TensorTask) -> tuple[int, ...]:
         m, n = task.base or task.inputs[0]
         return self.models[m].meta(n)[0]
@@ -332,68 +328,67 @@ class MergeEngine:
         t = self.models[m].meta(n)[1]
         return torch_dtype(t) if t in ("float32", "float16", "bfloat16", "float64") else getattr(torch, t)
 
-    def compute(self, task: TensorTask, base: Tensor | None, tensors: list[Tensor]) -> Tensor:
-        """Apply the method to loaded inputs; returns the tensor in its output dtype."""
+    def compute(self, task: TensorTask, base: Tensor | None, tensors: list[Tensor],
+                out: Tensor | None = None) -> Tensor:
+        """Apply the method to loaded inputs; the result is in the output dtype, or written
+        into ``out`` (any float dtype) when given."""
         if task.copy:
-            return (base if base is not None else tensors[0]).clone()
+            src = base if base is not None else tensors[0]
+            return src.clone() if out is None else out.copy_(src)
         kwargs = {("lambda_" if k == "lambda" else k): v for k, v in task.params.items()}
         try:
-            out = self.method.fn(base, tensors, **kwargs, out_dtype=self.output_dtype(task))
+            res = self.method.fn(base, tensors, **kwargs, out_dtype=self.output_dtype(task), out=out)
         except (ValueError, RuntimeError) as e:
             raise MergeError(f"tensor '{task.name}': {self.method.name} failed: {e}") from None
-        return out.to(self.output_dtype(task))
+        return res if out is not None else res.to(self.output_dtype(task))
 
-    def merge_tensor(self, task: TensorTask) -> Tensor:
+    def merge_tensor(self, task: TensorTask, out: Tensor | None = None) -> Tensor:
+        """Merge one tensor (into ``out`` when given)."""
         raw = self._read(task)
-        out = self.compute(task, *self._prepare(task, raw))
-        self._check_finite(task, out, raw)
+        res = self.compute(task, *self._prepare(task, raw), out=out)
+        self._check_finite(task, res, raw)
         del raw
         self._release(task)
-        return out
+        return res
 
-    def iter_merged(self, progress: bool = False, prefetch: int = 2) -> Iterator[tuple[str, Tensor]]:
-        """Merged tensors in plan order; the next tensors' inputs are read in a
-        background thread while the current one is computed."""
+    def iter_merged(
+        self, progress: bool = False, out: Callable[[TensorTask], Tensor | None] | None = None,
+    ) -> Iterator[tuple[str, Tensor]]:
+        """Merged tensors in plan order. ``out(task)`` may give the memory each result is
+        written into (a file mapping, a live parameter)."""
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(self.tasks), desc=f"merging ({self.method.name})", unit="tensor")
-        # Inputs on the CPU are memory-mapped views, read as the arithmetic touches them; a
-        # reading thread would only compete with the arithmetic's threads. Copies to a GPU
-        # are started one task ahead.
-        ahead = self.device.type != "cpu"
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = [pool.submit(self._read, t) for t in self.tasks[:prefetch]] if ahead else []
-            for i, task in enumerate(self.tasks):
-                if ahead:
-                    raw = pending.pop(0).result()
-                    if i + prefetch < len(self.tasks):
-                        pending.append(pool.submit(self._read, self.tasks[i + prefetch]))
-                else:
-                    raw = self._read(task)
-                out = self.compute(task, *self._prepare(task, raw))
-                self._check_finite(task, out, raw)
-                del raw
-                self._release(task)
-                yield task.name, out
+        try:
+            for task in self.tasks:
+                yield task.name, self.merge_tensor(task, out(task) if out is not None else None)
                 if bar is not None:
                     bar.update(1)
-        if bar is not None:
-            bar.close()
+        finally:
+            if bar is not None:
+                bar.close()
 
     def materialize(self, into: torch.nn.Module) -> None:
-        """Write every merged tensor into ``into``'s own parameters and buffers, in place."""
+        """Write every merged tensor into ``into``'s own parameters and buffers, in place:
+        the arithmetic writes straight into their storage (no second copy of the model)."""
         state = dict(into.named_parameters())
         state.update(dict(into.named_buffers()))
+        for task in self.tasks:
+            dst = state.get(task.name)
+            if dst is None:
+                raise MergeError(f"the live model has no parameter '{task.name}'")
+            if tuple(dst.shape) != self.shape(task):
+                raise MergeError(f"tensor '{task.name}': merged shape {list(self.shape(task))} does not "
+                                 f"fit the live model's {list(dst.shape)}")
         with torch.no_grad():
-            for name, t in self.iter_merged():
-                dst = state.get(name)
-                if dst is None:
-                    raise MergeError(f"the live model has no parameter '{name}'")
-                if dst.shape != t.shape:
-                    raise MergeError(f"tensor '{name}': merged shape {list(t.shape)} does not fit the live model's {list(dst.shape)}")
-                dst.copy_(t)
+            for task in self.tasks:
+                dst = state[task.name]
+                direct = dst.is_contiguous() and dst.device == self.device and dst.is_floating_point()
+                res = self.merge_tensor(task, out=dst.data if direct else None)
+                if not direct:
+                    dst.copy_(res)
 
     def write(
         self,
@@ -404,19 +399,14 @@ class MergeEngine:
         progress: bool = False,
         recipe_text: str | None = None,
     ) -> Path:
-        """Stream the merge into a new model folder (atomic: nothing is left on failure)."""
+        """Stream the merge into a new model folder (atomic: nothing is left on failure).
+        On the CPU each result is computed straight into its place in the mapped shard."""
         entries = [TensorEntry(t.name, self.shape(t), self.output_dtype(t)) for t in self.tasks]
         with CheckpointWriter(out_dir, entries, shard_size=shard_size, overwrite=overwrite) as w:
-            # Writing runs in its own thread (file writes need no compute threads), at most
-            # one tensor behind the arithmetic.
-            with ThreadPoolExecutor(max_workers=1) as pool:
-                last = None
-                for name, t in self.iter_merged(progress=progress):
-                    if last is not None:
-                        last.result()
-                    last = pool.submit(w.add, name, t)
-                if last is not None:
-                    last.result()
+            direct = (lambda t: w.buffer(t.name)) if self.device.type == "cpu" else None
+            for name, t in self.iter_merged(progress=progress, out=direct):
+                w.add(name, t)
+                del t
             self._write_metadata(w, recipe_text or self.recipe.to_yaml())
             return w.commit()
 

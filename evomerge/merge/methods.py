@@ -170,7 +170,13 @@ def _spans(n: int, device: torch.device):
         yield s, min(n, s + step)
 
 
-def _alloc(like: Tensor, out_dtype) -> Tensor:
+def _alloc(like: Tensor, out_dtype, out: Tensor | None = None) -> Tensor:
+    """The flat result: ``out`` when the caller gives the memory to write into (a live
+    model's parameter, a file mapping), else new memory."""
+    if out is not None:
+        if out.numel() != like.numel() or not out.is_contiguous():
+            raise ValueError(f"out must be contiguous with {like.numel()} elements")
+        return out.view(-1)
     return torch.empty(like.numel(), dtype=out_dtype or _work_dtype(like), device=like.device)
 
 
@@ -571,6 +577,7 @@ def _general_task_arithmetic(
     gamma: Sequence[float] | None = None,
     epsilon: Sequence[float] | None = None,
     out_dtype: torch.dtype | None = None,
+    out: Tensor | None = None,
 ) -> Tensor:
     """theta0 + lambda * combine_k(w_k * scale_k * mask_k(tau_k)), streamed over chunks.
 
@@ -581,11 +588,11 @@ def _general_task_arithmetic(
     """
     dt = _work_dtype(base)
     shape = base.shape
-    out = _alloc(base, out_dtype)
+    result = _alloc(base, out_dtype, out)
     bf = base.reshape(-1)
     n = bf.numel()
     if not tensors:
-        return out.copy_(bf).reshape(shape)
+        return result.copy_(bf).reshape(shape)
     k = len(tensors)
     work = _work(k, n, dt, base.device)
     masks = _make_masks(base, tensors, sparsify, density, rescale, seeds, gamma, epsilon, dt, work)
@@ -634,21 +641,21 @@ def _general_task_arithmetic(
                 mixed /= wsum
         if lambda_ != 1:
             mixed *= lambda_
-        out[s:e] = mixed.add_(b)
-    return out.reshape(shape)
+        result[s:e] = mixed.add_(b)
+    return result.reshape(shape)
 
 
-def task_arithmetic(base, tensors, weight, lambda_=1.0, normalize=False, out_dtype=None):
+def task_arithmetic(base, tensors, weight, lambda_=1.0, normalize=False, out_dtype=None, out=None):
     """Task arithmetic: theta = theta0 + lambda * sum_k w_k (theta_k - theta0).
 
     Negative weights subtract a skill. Ilharco et al. 2023, "Editing Models with Task
     Arithmetic", https://arxiv.org/abs/2212.04089.
     """
     return _general_task_arithmetic(base, tensors, weight, lambda_=lambda_, normalize=normalize,
-                                    out_dtype=out_dtype)
+                                    out_dtype=out_dtype, out=out)
 
 
-def ties(base, tensors, weight, density, lambda_=1.0, normalize=True, rescale=False, out_dtype=None):
+def ties(base, tensors, weight, density, lambda_=1.0, normalize=True, rescale=False, out_dtype=None, out=None):
     """TIES-Merging: trim each task vector to its top-``density`` magnitudes, elect a sign
     per entry (sign of the weighted sum), and average the agreeing entries.
 
@@ -657,12 +664,12 @@ def ties(base, tensors, weight, density, lambda_=1.0, normalize=True, rescale=Fa
     """
     return _general_task_arithmetic(
         base, tensors, weight, lambda_=lambda_, normalize=normalize, consensus=True,
-        sparsify="magnitude", density=density, rescale=rescale, out_dtype=out_dtype,
+        sparsify="magnitude", density=density, rescale=rescale, out_dtype=out_dtype, out=out,
     )
 
 
 def dare_linear(base, tensors, weight, density, seeds, lambda_=1.0, normalize=False, rescale=True,
-                out_dtype=None):
+                out_dtype=None, out=None):
     """DARE + task arithmetic: drop each task-vector entry with probability p = 1 - density
     and rescale survivors by 1/(1 - p) (``rescale: l1`` matches the tensor's L1 norm
     instead, as mergekit does), then add the weighted sum to the base.
@@ -674,12 +681,12 @@ def dare_linear(base, tensors, weight, density, seeds, lambda_=1.0, normalize=Fa
     """
     return _general_task_arithmetic(
         base, tensors, weight, lambda_=lambda_, normalize=normalize, sparsify="random",
-        density=density, rescale=rescale, seeds=seeds, out_dtype=out_dtype,
+        density=density, rescale=rescale, seeds=seeds, out_dtype=out_dtype, out=out,
     )
 
 
 def dare_ties(base, tensors, weight, density, seeds, lambda_=1.0, normalize=False, rescale=True,
-              out_dtype=None):
+              out_dtype=None, out=None):
     """DARE drop-and-rescale followed by TIES sign election.
 
     Yu et al. 2024, https://arxiv.org/abs/2311.03099; election from
@@ -687,12 +694,12 @@ def dare_ties(base, tensors, weight, density, seeds, lambda_=1.0, normalize=Fals
     """
     return _general_task_arithmetic(
         base, tensors, weight, lambda_=lambda_, normalize=normalize, consensus=True,
-        sparsify="random", density=density, rescale=rescale, seeds=seeds, out_dtype=out_dtype,
+        sparsify="random", density=density, rescale=rescale, seeds=seeds, out_dtype=out_dtype, out=out,
     )
 
 
 def breadcrumbs(base, tensors, weight, density, gamma, lambda_=1.0, normalize=False, rescale=False,
-                out_dtype=None):
+                out_dtype=None, out=None):
     """Model Breadcrumbs: per tensor drop the ``gamma`` largest and the smallest entries
     of each task vector, keeping a ``density`` fraction, then task arithmetic.
 
@@ -700,24 +707,24 @@ def breadcrumbs(base, tensors, weight, density, gamma, lambda_=1.0, normalize=Fa
     """
     return _general_task_arithmetic(
         base, tensors, weight, lambda_=lambda_, normalize=normalize, sparsify="outliers",
-        density=density, gamma=gamma, rescale=rescale, out_dtype=out_dtype,
+        density=density, gamma=gamma, rescale=rescale, out_dtype=out_dtype, out=out,
     )
 
 
 def breadcrumbs_ties(base, tensors, weight, density, gamma, lambda_=1.0, normalize=False, rescale=False,
-                     out_dtype=None):
+                     out_dtype=None, out=None):
     """Model Breadcrumbs masks followed by TIES sign election.
 
     Davari & Belilovsky 2023, https://arxiv.org/abs/2312.06795.
     """
     return _general_task_arithmetic(
         base, tensors, weight, lambda_=lambda_, normalize=normalize, consensus=True,
-        sparsify="outliers", density=density, gamma=gamma, rescale=rescale, out_dtype=out_dtype,
+        sparsify="outliers", density=density, gamma=gamma, rescale=rescale, out_dtype=out_dtype, out=out,
     )
 
 
 def della(base, tensors, weight, density, epsilon, seeds, lambda_=1.0, normalize=True, rescale=True,
-          out_dtype=None):
+          out_dtype=None, out=None):
     """DELLA-Merging: MagPrune (rank-dependent drop probabilities in
     [1-density-eps, 1-density+eps], survivors rescaled by 1/keep-probability), then TIES
     election and disjoint merge.
@@ -727,23 +734,23 @@ def della(base, tensors, weight, density, epsilon, seeds, lambda_=1.0, normalize
     return _general_task_arithmetic(
         base, tensors, weight, lambda_=lambda_, normalize=normalize, consensus=True,
         sparsify="della", density=density, epsilon=epsilon, rescale=rescale, seeds=seeds,
-        out_dtype=out_dtype,
+        out_dtype=out_dtype, out=out,
     )
 
 
 def della_linear(base, tensors, weight, density, epsilon, seeds, lambda_=1.0, normalize=False, rescale=True,
-                 out_dtype=None):
+                 out_dtype=None, out=None):
     """DELLA MagPrune followed by plain task arithmetic (no election).
 
     Deep et al. 2024, https://arxiv.org/abs/2406.11617.
     """
     return _general_task_arithmetic(
         base, tensors, weight, lambda_=lambda_, normalize=normalize, sparsify="della",
-        density=density, epsilon=epsilon, rescale=rescale, seeds=seeds, out_dtype=out_dtype,
+        density=density, epsilon=epsilon, rescale=rescale, seeds=seeds, out_dtype=out_dtype, out=out,
     )
 
 
-def linear(base, tensors, weight, normalize=True, out_dtype=None):
+def linear(base, tensors, weight, normalize=True, out_dtype=None, out=None):
     """Linear merge (model soup): sum_k w_k theta_k, divided by sum_k w_k if ``normalize``.
 
     Wortsman et al. 2022, "Model soups", https://arxiv.org/abs/2203.05482.
@@ -753,7 +760,7 @@ def linear(base, tensors, weight, normalize=True, out_dtype=None):
     total = float(sum(weight))
     if normalize and total == 0:
         raise ValueError("linear merge with normalize: the weights sum to zero")
-    out = _alloc(first, out_dtype)
+    out = _alloc(first, out_dtype, out)
     flats = [t.reshape(-1) for t in tensors]
     n = first.numel()
     work = _work(1, n, dt, first.device)
@@ -768,14 +775,14 @@ def linear(base, tensors, weight, normalize=True, out_dtype=None):
     return out.reshape(first.shape)
 
 
-def wise_ft(base, tensors, alpha=0.5, out_dtype=None):
+def wise_ft(base, tensors, alpha=0.5, out_dtype=None, out=None):
     """WiSE-FT: theta = (1 - alpha) * theta0 + alpha * theta_ft.
 
     Wortsman et al. 2022, "Robust fine-tuning of zero-shot models",
     https://arxiv.org/abs/2109.01903.
     """
     dt = _work_dtype(base)
-    out = _alloc(base, out_dtype)
+    out = _alloc(base, out_dtype, out)
     b, f = base.reshape(-1), tensors[0].reshape(-1)
     work = _work(1, b.numel(), dt, base.device)
     for s, e in _spans(b.numel(), base.device):
@@ -784,7 +791,7 @@ def wise_ft(base, tensors, alpha=0.5, out_dtype=None):
     return out.reshape(base.shape)
 
 
-def slerp(base, tensors, t, dot_threshold=0.9995, eps=1e-8, out_dtype=None):
+def slerp(base, tensors, t, dot_threshold=0.9995, eps=1e-8, out_dtype=None, out=None):
     """Spherical linear interpolation between the base (t = 0) and one model (t = 1),
     over the whole flattened tensor; linear interpolation when the two are nearly
     collinear (|cos| > ``dot_threshold``).
@@ -814,14 +821,14 @@ def slerp(base, tensors, t, dot_threshold=0.9995, eps=1e-8, out_dtype=None):
         st = torch.sin(theta)
         c0 = float(torch.sin((1 - t) * theta) / st)
         c1 = float(torch.sin(t * theta) / st)
-    out = _alloc(base, out_dtype)
+    out = _alloc(base, out_dtype, out)
     for s, e in _spans(n, base.device):
         x, y = work.f[0][: e - s].copy_(a[s:e]), work.f[1][: e - s].copy_(b[s:e])
         out[s:e] = x.mul_(c0).add_(y, alpha=c1)
     return out.reshape(base.shape)
 
 
-def model_stock(base, tensors, filter_wise=False, out_dtype=None):
+def model_stock(base, tensors, filter_wise=False, out_dtype=None, out=None):
     """Model Stock: t = k cos(phi) / (1 + (k - 1) cos(phi)) from the mean pairwise cosine
     of the task vectors; theta = t * mean(theta_k) + (1 - t) * theta0. With
     ``filter_wise`` the cosine and t are computed per row.
@@ -857,7 +864,7 @@ def model_stock(base, tensors, filter_wise=False, out_dtype=None):
     singular = den.abs() < 1e-6
     tt = torch.where(singular, torch.zeros_like(cos_t), k * cos_t / torch.where(singular, 1, den))
     # pass 2: t * mean + (1 - t) * base
-    out = torch.empty((rows, cols), dtype=out_dtype or dt, device=base.device)
+    out = _alloc(base, out_dtype or dt, out).view(rows, cols)
     for s in range(0, cols, step):
         e = min(cols, s + step)
         bb = b[:, s:e].to(dt)
@@ -869,7 +876,7 @@ def model_stock(base, tensors, filter_wise=False, out_dtype=None):
     return out.reshape(shape)
 
 
-def passthrough(base, tensors, scale=None, out_dtype=None):
+def passthrough(base, tensors, scale=None, out_dtype=None, out=None):
     """Passthrough: copy one input tensor (optionally scaled). With ``slices`` it stacks
     layer ranges of one or more models (depth up-scaling).
 
@@ -877,9 +884,8 @@ def passthrough(base, tensors, scale=None, out_dtype=None):
     """
     t = tensors[0]
     s = scale[0] if isinstance(scale, (list, tuple)) else scale
-    dt = out_dtype or _work_dtype(t)
-    out = t.to(dt, copy=True)
-    return out if s is None else out.mul_(float(s))
+    res = _alloc(t, out_dtype, out).view(t.shape)
+    return res.copy_(t if s is None else t.to(_work_dtype(t)) * float(s))
 
 
 # --------------------------------------------------------------------------------------
