@@ -414,14 +414,14 @@ class TensorEntry:
 
 
 class CheckpointWriter:
-    """Writes a model folder atomically, with no shard buffer and no extra copy.
+    """Writes a model folder atomically, with no shard buffer.
 
     The tensors are declared up front (``entries``), so shard boundaries and every
     safetensors header are known before any data: each shard file is created at its final
-    size and memory-mapped. ``buffer(name)`` is a writable tensor over that tensor's bytes
-    in the file, so a merge can compute straight into the file's pages; ``add(name, t)``
-    records a tensor as written (copying it into place unless it is that buffer) and lets
-    its pages go from this process. Everything goes into a temporary sibling folder that
+    size, and each tensor's bytes are written at their offset as soon as it is added
+    (positional writes, in any order). ``buffer(name)`` lends a reusable scratch tensor of
+    the declared shape and dtype to compute a result into, so a streamed merge allocates
+    no new memory per tensor. Everything goes into a temporary sibling folder that
     ``commit()`` renames to ``out_dir``; ``abort()`` (or an exception inside the ``with``
     block) removes it, so a failed merge leaves nothing behind.
     """
@@ -447,9 +447,10 @@ class CheckpointWriter:
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent))
         self._done = False
-        self._maps: list = [None] * len(self._shards)
+        self._fds: list[int | None] = [None] * len(self._shards)
         self._where: dict[str, tuple[int, int, TensorEntry]] = {}
         self._written: set[str] = set()
+        self._scratch: torch.Tensor | None = None
         try:
             for i in range(len(self._shards)):
                 self._create_shard(i)
@@ -491,18 +492,12 @@ class CheckpointWriter:
         start = 8 + len(raw)
         for e in self._shards[i]:
             self._where[e.name] = (i, start + header[e.name]["data_offsets"][0], e)
-        with open(self.tmp / self.shard_file(i), "wb") as f:
+        path = self.tmp / self.shard_file(i)
+        with open(path, "wb") as f:
             f.write(len(raw).to_bytes(8, "little"))
             f.write(raw)
             f.truncate(start + off)
-
-    def _map(self, i: int):
-        if self._maps[i] is None:
-            import mmap
-
-            with open(self.tmp / self.shard_file(i), "r+b") as f:
-                self._maps[i] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_WRITE)
-        return self._maps[i]
+        self._fds[i] = os.open(path, os.O_WRONLY)
 
     def _entry(self, name: str) -> tuple[int, int, TensorEntry]:
         try:
@@ -511,15 +506,16 @@ class CheckpointWriter:
             raise ValueError(f"tensor '{name}' was not declared") from None
 
     def buffer(self, name: str) -> torch.Tensor:
-        """A writable CPU tensor over the declared tensor's place in its shard file."""
-        i, offset, e = self._entry(name)
-        if e.nbytes == 0:
-            return torch.empty(e.shape, dtype=e.dtype)
-        buf = torch.frombuffer(self._map(i), dtype=torch.uint8, count=e.nbytes, offset=offset)
-        return buf.view(e.dtype).reshape(e.shape)
+        """A scratch CPU tensor of the declared shape and dtype to compute ``name`` into;
+        the same memory is lent again by the next call, so ``add`` it first."""
+        _, _, e = self._entry(name)
+        if self._scratch is None or self._scratch.numel() < e.nbytes:
+            largest = max(x.nbytes for x in self.entries)
+            self._scratch = torch.empty(largest, dtype=torch.uint8)
+        return self._scratch[: e.nbytes].view(e.dtype).reshape(e.shape)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Record a declared tensor as written, copying it into place if needed."""
+        """Write a declared tensor at its place in its shard."""
         i, offset, e = self._entry(name)
         if tuple(tensor.shape) != e.shape or tensor.dtype != e.dtype:
             raise ValueError(
@@ -527,26 +523,21 @@ class CheckpointWriter:
                 f"{list(e.shape)} {e.dtype}"
             )
         if e.nbytes:
-            dst = self.buffer(name)
-            if dst.data_ptr() != tensor.data_ptr():
-                dst.copy_(tensor.detach())
-            del dst
-            import mmap
-
-            page = mmap.PAGESIZE
-            lo, hi = -(-offset // page) * page, (offset + e.nbytes) // page * page
-            if hi > lo:  # the data stays in the page cache, on its way to disk
-                self._maps[i].madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+            t = tensor.detach()
+            if t.device.type != "cpu":
+                t = t.to("cpu")
+            data = memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+            done = 0
+            while done < e.nbytes:
+                done += os.pwrite(self._fds[i], data[done:], offset + done)
         self._written.add(name)
 
-    def _close_maps(self) -> None:
-        for i, m in enumerate(self._maps):
-            if m is not None:
-                try:
-                    m.close()
-                except BufferError:
-                    pass  # a caller still holds a view; the mapping ends with it
-                self._maps[i] = None
+    def _close(self) -> None:
+        for i, fd in enumerate(self._fds):
+            if fd is not None:
+                os.close(fd)
+                self._fds[i] = None
+        self._scratch = None
 
     def write_text(self, rel: str, text: str) -> None:
         (self.tmp / rel).write_text(text, encoding="utf-8")
@@ -559,7 +550,7 @@ class CheckpointWriter:
         missing = [e.name for e in self.entries if e.name not in self._written]
         if missing:
             raise ValueError(f"tensor '{missing[0]}' was declared but never written")
-        self._close_maps()
+        self._close()
         if len(self._shards) > 1:
             weight_map = {e.name: self.shard_file(i) for i, sh in enumerate(self._shards) for e in sh}
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
@@ -577,7 +568,7 @@ class CheckpointWriter:
         return self.out_dir
 
     def abort(self) -> None:
-        self._close_maps()
+        self._close()
         shutil.rmtree(self.tmp, ignore_errors=True)
         self._done = True
 

@@ -400,13 +400,13 @@ class MergeEngine:
         recipe_text: str | None = None,
     ) -> Path:
         """Stream the merge into a new model folder (atomic: nothing is left on failure).
-        On the CPU each result is computed straight into its place in the mapped shard."""
+        On the CPU every result is computed into one reused scratch buffer, then written
+        at its offset in its shard."""
         entries = [TensorEntry(t.name, self.shape(t), self.output_dtype(t)) for t in self.tasks]
         with CheckpointWriter(out_dir, entries, shard_size=shard_size, overwrite=overwrite) as w:
             direct = (lambda t: w.buffer(t.name)) if self.device.type == "cpu" else None
             for name, t in self.iter_merged(progress=progress, out=direct):
                 w.add(name, t)
-                del t
             self._write_metadata(w, recipe_text or self.recipe.to_yaml())
             return w.commit()
 
