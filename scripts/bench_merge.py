@@ -202,7 +202,8 @@ def main() -> None:
             for _ in range(args.repeat):
                 shutil.rmtree(work / f"mk-{method}", ignore_errors=True)
                 shutil.rmtree(work / f"out-{method}", ignore_errors=True)
-                os.sync()  # start every run with no dirty pages left by the one before
+                os.sync()  # start every run with no dirty pages left by the one before,
+                time.sleep(3)  # and after the removal of the last output has settled
                 secs, rss, _ = run_child(cmd)
                 if best is None or secs < best[0]:
                     best = (secs, rss)
