@@ -189,14 +189,13 @@ class _Work:
         e = dict(device=device)
         self.D = torch.empty((k, n), dtype=dt, **e)  # the (weighted, masked) task vectors
         self.C = torch.empty((k, n), dtype=dt, **e)  # scratch, one row per model
-        self.B = torch.empty((k, n), dtype=torch.bool, **e)
         self.b = torch.empty(n, dtype=dt, **e)  # the base, in the working dtype
         self.a = torch.empty(n, dtype=dt, **e)  # magnitudes
-        self.m = torch.empty(n, dtype=torch.bool, **e)
+        self.m = torch.empty(n, dtype=torch.bool, **e)  # boolean masks (off the CPU)
         self.m2 = torch.empty(n, dtype=torch.bool, **e)
         self.fm = torch.empty(n, dtype=dt, **e)  # float masks
         self.fm2 = torch.empty(n, dtype=dt, **e)
-        self.f = [torch.empty(n, dtype=dt, **e) for _ in range(5)]
+        self.f = [torch.empty(n, dtype=dt, **e) for _ in range(3)]
 
     def base(self, bf: Tensor, s: int, e: int) -> Tensor:
         b = self.b[: e - s]
