@@ -3,8 +3,10 @@ grouping for any architecture, and atomic sharded safetensors writing.
 
 Reading: ``Checkpoint.open(ref)`` accepts a local folder (single ``model.safetensors`` or
 shards listed in ``model.safetensors.index.json``) or a hub id, fetched through
-``huggingface_hub`` where a network exists. Pickled ``.bin`` weights are refused unless
-``allow_pickle=True``, and then loaded with ``weights_only=True``.
+``huggingface_hub`` where a network exists. Tensors are read from the safetensors header
+directly: as copies (positional reads) or as read-only memory-mapped views whose pages
+are released after use. Pickled ``.bin`` weights are refused unless ``allow_pickle=True``,
+and then loaded with ``weights_only=True``.
 
 Layers: a tensor belongs to a layer when its name has a numeric path component
 (``model.layers.7.mlp.up_proj.weight``, ``transformer.h.3.attn.c_attn.weight``,

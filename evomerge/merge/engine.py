@@ -6,8 +6,9 @@ export of a found recipe.
 inputs and fully resolved parameters (gradients interpolated over depth, filters applied).
 Then:
 
-- ``engine.write(out_dir)`` streams the merge to disk: one tensor per model in memory at a
-  time plus the output shard being filled, written atomically (temporary folder, renamed);
+- ``engine.write(out_dir)`` streams the merge to disk: inputs are memory-mapped and released
+  tensor by tensor, each result is written at its offset in its shard, and the folder
+  appears atomically (temporary folder, renamed);
 - ``engine.materialize(model)`` writes every merged tensor into a live model's own
   parameters, with no second model and no disk;
 - ``engine.merge_tensor(task)`` merges a single tensor.
@@ -66,6 +67,11 @@ class TensorTask:
     inputs: list[tuple[ModelRef, str]]
     params: dict[str, Any] = field(default_factory=dict)
     copy: bool = False
+
+    @property
+    def sources(self) -> list[tuple[ModelRef, str]]:
+        """Every input, the base first."""
+        return ([self.base] if self.base else []) + self.inputs
 
 
 def _seed(seed: int, tensor: str, model: ModelRef) -> int:
@@ -287,11 +293,10 @@ class MergeEngine:
     def _read(self, task: TensorTask) -> list[Tensor]:
         """A task's inputs (base first): read-only memory-mapped views on the CPU, read as
         the arithmetic touches them; copies on another device."""
-        return [self.models[m].get(n, self.device, copy=False)
-                for m, n in ([task.base] if task.base else []) + task.inputs]
+        return [self.models[m].get(n, self.device, copy=False) for m, n in task.sources]
 
     def _release(self, task: TensorTask) -> None:
-        for m, n in ([task.base] if task.base else []) + task.inputs:
+        for m, n in task.sources:
             self.models[m].release(n)
 
     def _prepare(self, task: TensorTask, raw: list[Tensor]) -> tuple[Tensor | None, list[Tensor]]:
@@ -311,8 +316,7 @@ class MergeEngine:
             return
         if bool(torch.isfinite(out).all()):
             return  # the sum overflowed; every entry is finite
-        refs = ([task.base] if task.base else []) + task.inputs
-        for (model, name), t in zip(refs, raw):
+        for (model, name), t in zip(task.sources, raw):
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise MergeError(f"model '{model}': tensor '{name}' contains NaN or inf")
         raise MergeError(f"tensor '{task.name}': the merged values overflow {out.dtype}")
@@ -355,7 +359,7 @@ class MergeEngine:
         self, progress: bool = False, out: Callable[[TensorTask], Tensor | None] | None = None,
     ) -> Iterator[tuple[str, Tensor]]:
         """Merged tensors in plan order. ``out(task)`` may give the memory each result is
-        written into (a file mapping, a live parameter)."""
+        written into (the writer's scratch buffer, a live parameter)."""
         bar = None
         if progress:
             from tqdm.auto import tqdm

@@ -185,7 +185,6 @@ class _Work:
     temporary per operation costs several times the arithmetic."""
 
     def __init__(self, k: int, n: int, dt: torch.dtype, device):
-        self.k, self.n = k, n
         e = dict(device=device)
         self.D = torch.empty((k, n), dtype=dt, **e)  # the (weighted, masked) task vectors
         self.C = torch.empty((k, n), dtype=dt, **e)  # scratch, one row per model
