@@ -182,19 +182,39 @@ def _alloc(like: Tensor, out_dtype, out: Tensor | None = None) -> Tensor:
 
 class _Work:
     """Buffers reused across the chunks of one merge: on a CPU, allocating a fresh
-    temporary per operation costs several times the arithmetic."""
+    temporary per operation costs several times the arithmetic. Each buffer is allocated
+    on first use, so a method pays only for those it needs."""
 
     def __init__(self, k: int, n: int, dt: torch.dtype, device):
-        e = dict(device=device)
-        self.D = torch.empty((k, n), dtype=dt, **e)  # the (weighted, masked) task vectors
-        self.C = torch.empty((k, n), dtype=dt, **e)  # scratch, one row per model
-        self.b = torch.empty(n, dtype=dt, **e)  # the base, in the working dtype
-        self.a = torch.empty(n, dtype=dt, **e)  # magnitudes
-        self.m = torch.empty(n, dtype=torch.bool, **e)  # boolean masks (off the CPU)
-        self.m2 = torch.empty(n, dtype=torch.bool, **e)
-        self.fm = torch.empty(n, dtype=dt, **e)  # float masks
-        self.fm2 = torch.empty(n, dtype=dt, **e)
-        self.f = [torch.empty(n, dtype=dt, **e) for _ in range(3)]
+        self._specs = {
+            "D": ((k, n), dt),  # the (weighted, masked) task vectors
+            "C": ((k, n), dt),  # scratch, one row per model
+            "b": ((n,), dt),  # the base, in the working dtype
+            "a": ((n,), dt),  # magnitudes
+            "m": ((n,), torch.bool),  # boolean masks (off the CPU)
+            "m2": ((n,), torch.bool),
+            "fm": ((n,), dt),  # float masks
+            "fm2": ((n,), dt),
+        }
+        self._device = device
+        self._f: list[Tensor] = []
+        self._n, self._dt = n, dt
+
+    def __getattr__(self, name: str) -> Tensor:
+        specs = self.__dict__.get("_specs", {})
+        if name not in specs:
+            raise AttributeError(name)
+        shape, dtype = specs[name]
+        t = torch.empty(shape, dtype=dtype, device=self._device)
+        setattr(self, name, t)
+        return t
+
+    @property
+    def f(self) -> list[Tensor]:
+        """Three scratch vectors."""
+        if not self._f:
+            self._f = [torch.empty(self._n, dtype=self._dt, device=self._device) for _ in range(3)]
+        return self._f
 
     def base(self, bf: Tensor, s: int, e: int) -> Tensor:
         b = self.b[: e - s]
