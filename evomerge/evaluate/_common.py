@@ -1,0 +1,194 @@
+"""Helpers shared by the evaluators: the error type, data-source resolution, JSONL reading,
+seeded subsampling and a context manager that puts a model in evaluation mode."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+__all__ = [
+    "EvaluationError", "SPLITS", "check_split", "resolve_sources", "read_jsonl", "subsample",
+    "eval_mode", "model_device", "pad_token_id", "text_hash",
+]
+
+SPLITS = ("search", "test")
+
+
+class EvaluationError(ValueError):
+    """Bad evaluator input: unknown task, missing or empty data, unusable tokenizer, a search
+    split that would touch a benchmark's test data. The message names the thing at fault."""
+
+
+def check_split(split: str) -> str:
+    if split not in SPLITS:
+        raise EvaluationError(f"unknown split {split!r}: use 'search' (what the search optimises) or 'test'")
+    return split
+
+
+# A data source is a path (str / PathLike), a list of paths, or a datasets spec
+# ({"path": ..., "name": ..., "split": ..., "field": ...}; perplexity only).
+Source = Any
+
+
+def _is_source(v: Any) -> bool:
+    if isinstance(v, (str, os.PathLike)):
+        return True
+    if isinstance(v, Mapping):
+        return "path" in v  # a datasets spec
+    if isinstance(v, Sequence):
+        return all(isinstance(x, (str, os.PathLike)) for x in v)
+    return False
+
+
+def resolve_sources(
+    data: Mapping | None,
+    data_dir: str | os.PathLike | None,
+    tasks: Sequence[str] | None,
+    search_split: str,
+    test_split: str,
+    default_name: str,
+) -> dict[str, dict[str, Source]]:
+    """Normalise the ways data can be given into ``{task: {"search": source, "test": source}}``.
+
+    Accepted forms:
+
+    * ``data={task: {split: source}}`` where ``split`` is ``"search"``/``"test"`` or a file
+      split name (``search_split``, ``test_split``, e.g. ``"validation"``/``"test"``);
+    * ``data={split: source}``: one task named ``default_name``;
+    * ``data_dir`` and ``tasks``: ``<data_dir>/<task>/<search_split>.jsonl`` and
+      ``<data_dir>/<task>/<test_split>.jsonl`` (``data_dir`` may also be a zoo folder that
+      holds ``data/``).
+
+    A split that is not given is left out (asking for it later is an error); a given file
+    that does not exist is an error now.
+    """
+    if (data is None) == (data_dir is None):
+        raise EvaluationError("give exactly one of data= (a mapping) or data_dir= (with tasks=)")
+    if data_dir is not None:
+        if not tasks:
+            raise EvaluationError("data_dir= needs tasks= (the task folder names)")
+        root = Path(data_dir)
+        if not (root / tasks[0]).is_dir() and (root / "data" / tasks[0]).is_dir():
+            root = root / "data"
+        data = {t: {search_split: root / t / f"{search_split}.jsonl", test_split: root / t / f"{test_split}.jsonl"}
+                for t in tasks}
+    if not isinstance(data, Mapping) or not data:
+        raise EvaluationError(f"data must be a non-empty mapping, got {type(data).__name__}")
+    if set(data) <= {"search", "test", search_split, test_split} and all(_is_source(v) for v in data.values()):
+        data = {default_name: data}
+    out: dict[str, dict[str, Source]] = {}
+    for task, splits in data.items():
+        if tasks is not None and data_dir is None and task not in tasks:
+            continue
+        if not isinstance(splits, Mapping):
+            raise EvaluationError(f"task {task!r}: expected a mapping of split to file(s), got {splits!r}")
+        res = {}
+        for want, alias in (("search", search_split), ("test", test_split)):
+            src = splits.get(want, splits.get(alias))
+            if src is None:
+                continue
+            for p in _paths(src):
+                if not p.is_file():
+                    raise EvaluationError(f"task {task!r}, {want} split: data file {str(p)!r} does not exist")
+            res[want] = src
+        unknown = set(splits) - {"search", "test", search_split, test_split}
+        if unknown:
+            raise EvaluationError(f"task {task!r}: unknown split name(s) {sorted(unknown)}; use 'search'/'test' "
+                                  f"or {search_split!r}/{test_split!r}")
+        if not res:
+            raise EvaluationError(f"task {task!r}: no data for the search or the test split")
+        out[str(task)] = res
+    if tasks is not None and data_dir is None:
+        missing = [t for t in tasks if t not in out]
+        if missing:
+            raise EvaluationError(f"no data given for task(s) {missing}")
+    return out
+
+
+def _paths(src: Source) -> list[Path]:
+    if isinstance(src, Mapping):
+        return []
+    if isinstance(src, (str, os.PathLike)):
+        return [Path(src)]
+    return [Path(p) for p in src]
+
+
+def read_jsonl(src: Source, task: str, split: str) -> list[dict]:
+    """Rows of one or more JSONL files, in order; an empty result is an error."""
+    rows: list[dict] = []
+    for path in _paths(src):
+        with open(path) as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise EvaluationError(f"task {task!r}, {split} split: {path}:{lineno} is not JSON ({e})") from None
+    if not rows:
+        raise EvaluationError(f"task {task!r}: the {split} split is empty ({', '.join(map(str, _paths(src)))})")
+    return rows
+
+
+def require_fields(rows: list[dict], fields: Sequence[str], task: str, split: str, src: Source) -> None:
+    for i, r in enumerate(rows):
+        miss = [f for f in fields if f not in r]
+        if miss:
+            raise EvaluationError(f"task {task!r}, {split} split ({src}): row {i} lacks field(s) {miss}")
+
+
+def subsample(n: int, limit: int | None, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded subsample of ``limit`` out of ``n`` (all when ``limit`` is
+    None or at least ``n``), drawn with NumPy's PCG64."""
+    if limit is None or limit >= n:
+        return np.arange(n)
+    if limit <= 0:
+        raise EvaluationError(f"limit must be positive, got {limit}")
+    rng = np.random.Generator(np.random.PCG64(seed))
+    return np.sort(rng.choice(n, size=limit, replace=False))
+
+
+def text_hash(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def check_disjoint(search_keys: Sequence[str], test_keys: Sequence[str], what: str) -> None:
+    """Refuse a search split that shares an item with the test split (compared by hash)."""
+    test = {text_hash(k) for k in test_keys}
+    shared = [k for k in search_keys if text_hash(k) in test]
+    if shared:
+        raise EvaluationError(f"{what}: {len(shared)} search example(s) also occur in the test split, e.g. "
+                              f"{shared[0]!r}; the search split must not overlap the test split")
+
+
+def pad_token_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        raise EvaluationError(f"tokenizer {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__!r} "
+                              "has no pad token; set one (e.g. tokenizer.pad_token = tokenizer.eos_token)")
+    return pad
+
+
+def model_device(model):
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def eval_mode(model) -> Iterator[None]:
+    """Evaluation mode and no autograd for the duration; the training flag is restored."""
+    import torch
+
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was)
