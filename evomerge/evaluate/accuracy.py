@@ -55,7 +55,9 @@ class ExactMatchEvaluator:
         limit: size of a seeded subsample of each task's search split (the test split is
             always used whole).
         seed: seed of that subsample (NumPy PCG64).
-        batch_size: rows per forward pass (sequences per pass in ``"choice"`` mode).
+        batch_size: rows per forward pass (in ``"choice"`` mode, prompt + choice sequences:
+            the prompts of ``batch_size // choices`` rows are run once, with a KV cache, then
+            all their choices in one pass).
         mode: ``"teacher_forced"``, ``"generate"`` or ``"choice"``.
 
     Rows need ``prompt`` and ``answer`` (``prompt``, ``choices`` and ``label`` in choice mode).
@@ -163,21 +165,39 @@ class ExactMatchEvaluator:
         return len(rows), batches, max_new, stops
 
     def _prep_choice(self, tokenizer, rows, device):
-        seqs = []  # (row index, choice index, prompt, choice)
+        """Batches of rows: left-padded prompts ``[R, P]`` and their choices right-padded
+        ``[R * k, C]`` (``k`` the most choices of a row; missing ones are masked)."""
+        pad = pad_token_id(tokenizer)
         for i, r in enumerate(rows):
             if not (0 <= int(r["label"]) < len(r["choices"])):
                 raise EvaluationError(f"row {i}: label {r['label']} is not an index of its {len(r['choices'])} "
                                       "choices")
-            seqs += [(i, j, r["prompt"], c) for j, c in enumerate(r["choices"])]
+        k = max(len(r["choices"]) for r in rows)
+        p_ids = tokenizer([r["prompt"] for r in rows], add_special_tokens=False)["input_ids"]
+        c_ids = [tokenizer(list(r["choices"]), add_special_tokens=False)["input_ids"] for r in rows]
+        for i, cs in enumerate(c_ids):
+            if not p_ids[i] or any(len(c) == 0 for c in cs):
+                raise EvaluationError(f"row {i}: an empty prompt or choice cannot be scored")
+        per_batch = max(1, self.batch_size // k)
+        order = sorted(range(len(rows)), key=lambda i: len(p_ids[i]))
         batches = []
-        for chunk in self._chunks(seqs, [len(p) + len(c) for _, _, p, c in seqs]):
-            ids, mask, labels = encode_pairs(tokenizer, [s[2] for s in chunk], [s[3] for s in chunk])
-            where = torch.tensor([[s[0], s[1]] for s in chunk])
-            batches.append((ids.to(device), mask.to(device), labels[:, 1:].to(device), where))
-        n_choices = max(len(r["choices"]) for r in rows)
+        for b in range(0, len(order), per_batch):
+            idx = order[b: b + per_batch]
+            width = max(len(p_ids[i]) for i in idx)
+            c_width = max(len(c) for i in idx for c in c_ids[i])
+            ids = torch.full((len(idx), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            cids = torch.full((len(idx) * k, c_width), pad, dtype=torch.long)
+            cmask = torch.zeros((len(idx) * k, c_width), dtype=torch.long)
+            for r, i in enumerate(idx):
+                ids[r, width - len(p_ids[i]):] = torch.tensor(p_ids[i])
+                mask[r, width - len(p_ids[i]):] = 1
+                for j, c in enumerate(c_ids[i]):
+                    cids[r * k + j, : len(c)] = torch.tensor(c)
+                    cmask[r * k + j, : len(c)] = 1
+            batches.append(tuple(t.to(device) for t in (ids, mask, cids, cmask)) + (torch.tensor(idx),))
         labels = torch.tensor([int(r["label"]) for r in rows])
-        counts = torch.tensor([len(r["choices"]) for r in rows])
-        return len(rows), batches, n_choices, labels, counts
+        return len(rows), batches, k, labels
 
     # ------------------------------------------------------------------ scoring
 
@@ -222,13 +242,23 @@ class ExactMatchEvaluator:
         return hits / n
 
     @staticmethod
-    def _choice(model, n, batches, n_choices, labels, counts) -> float:
-        ll = torch.full((n, n_choices), float("-inf"))
-        for ids, mask, tgt, where in batches:
-            logp = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float().log_softmax(-1)
-            keep = tgt != -100
-            tok = logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            ll[where[:, 0], where[:, 1]] = (tok * keep).sum(-1).cpu()
+    def _choice(model, n, batches, k, labels) -> float:
+        """One pass over the prompts with a KV cache, then one over all their choices."""
+        ll = torch.full((n, k), float("-inf"))
+        for ids, mask, cids, cmask, rows in batches:
+            pos = (mask.cumsum(-1) - 1).clamp(min=0)
+            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+            first = out.logits[:, -1].float().log_softmax(-1).repeat_interleave(k, dim=0)  # predicts choice token 0
+            cache = out.past_key_values
+            cache.batch_repeat_interleave(k)
+            full_mask = torch.cat([mask.repeat_interleave(k, dim=0), cmask], dim=1)
+            cpos = pos[:, -1:].repeat_interleave(k, dim=0) + 1 + torch.arange(cids.shape[1], device=cids.device)
+            logits = model(input_ids=cids, attention_mask=full_mask, position_ids=cpos, past_key_values=cache,
+                           use_cache=True).logits[:, :-1].float().log_softmax(-1)
+            tok = logits.gather(-1, cids[:, 1:].unsqueeze(-1)).squeeze(-1) * cmask[:, 1:]
+            total = first.gather(-1, cids[:, :1]).squeeze(-1) + tok.sum(-1)
+            total = torch.where(cmask[:, 0] > 0, total, torch.full_like(total, float("-inf")))
+            ll[rows] = total.view(-1, k).cpu()
         return int((ll.argmax(-1) == labels).sum()) / n
 
 
