@@ -13,6 +13,7 @@ answered correctly by greedy decoding.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -23,10 +24,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-torch.set_num_threads(1)
-
 TASK_NAMES = ("add", "reverse")
 EVAL_SIZE = 40
+
+
+@contextlib.contextmanager
+def one_thread():
+    """One torch thread for the duration (these models are tiny, and the test machine's two
+    cores may be busy: more threads then only wait on each other)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def zoo_like_tokenizer():

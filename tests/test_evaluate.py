@@ -10,7 +10,7 @@ import json
 import math
 from pathlib import Path
 
-import eval_support as S  # sets the offline environment and the thread count first
+import eval_support as S  # sets the offline environment first
 import pytest
 import torch
 
@@ -20,6 +20,12 @@ from evomerge.evaluate import (
 )
 from evomerge.evaluate.entropy import encode_prompts
 from evomerge.evaluate.perplexity import sliding_windows
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with S.one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -213,6 +219,19 @@ def test_perplexity_on_zoo_rows_cached_and_follows_weights(setup):
     assert ev(model, tok) == first
     S.perturb_(model)
     assert ev(model, tok)["score"] != first["score"]
+
+
+def test_perplexity_from_a_datasets_spec(setup, tmp_path):
+    model, tok, _ = setup
+    docs = ["add:12+34=46\n", "rev:abcde=edcba\n", "srt:31=13\n"]
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"body": d}) + "\n" for d in docs))
+    spec = {"path": "json", "data_files": {"validation": str(rows)}, "field": "body"}
+    got = PerplexityEvaluator({"search": spec}, max_length=32)(model, tok)  # split defaults to "validation"
+    total, count = _reference_nll(model, tok, docs, 32, 16)
+    assert got["text/nll"] == pytest.approx(total / count, rel=1e-5)
+    with pytest.raises(EvaluationError, match="no field 'text'"):
+        PerplexityEvaluator({"search": {**spec, "field": "text"}})
 
 
 def test_perplexity_errors(setup, tmp_path):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import eval_support as S  # sets the offline environment and the thread count first
+import eval_support as S  # sets the offline environment first
 import pytest
 import yaml
 
@@ -15,6 +15,12 @@ from evomerge.evaluate import EvaluationError, ExactMatchEvaluator, LMEvalEvalua
 
 GEN = [f"zoo_{t}" for t in S.TASK_NAMES]
 MC = [f"{t}_mc" for t in GEN]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with S.one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

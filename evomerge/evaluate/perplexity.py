@@ -28,19 +28,20 @@ from ._common import (
 __all__ = ["PerplexityEvaluator", "load_documents", "sliding_windows"]
 
 
-def load_documents(src, task: str, split: str, field: str = "text") -> list[str]:
+def load_documents(src, task: str, split: str, field: str = "text", dataset_split: str | None = None) -> list[str]:
     """Documents of a source: a ``.txt`` file is one document; a ``.jsonl`` row gives
     ``row[field]``, or ``prompt + answer + "\\n"`` (the zoo's training text) when it has no
     ``field``; a datasets spec ``{"path", "name", "split", "field", ...}`` gives one document
-    per non-empty row (the remaining keys go to ``datasets.load_dataset``)."""
+    per non-empty row (the remaining keys, e.g. ``data_files``, go to
+    ``datasets.load_dataset``; ``split`` defaults to ``dataset_split``)."""
     if isinstance(src, Mapping):
         import datasets
 
         spec = dict(src)
         fld = spec.pop("field", field)
         try:
-            ds = datasets.load_dataset(spec.pop("path"), spec.pop("name", None), split=spec.pop("split", split),
-                                       **spec)
+            ds = datasets.load_dataset(spec.pop("path"), spec.pop("name", None),
+                                       split=spec.pop("split", dataset_split or split), **spec)
         except Exception as e:  # noqa: BLE001 - datasets raises many kinds
             raise EvaluationError(f"task {task!r}, {split} split: cannot load dataset {dict(src)}: {e}") from e
         if fld not in ds.column_names:
@@ -134,7 +135,8 @@ class PerplexityEvaluator:
         for task, splits in sources.items():
             self.docs[task] = {}
             for split, src in splits.items():
-                docs = load_documents(src, task, split, field)
+                docs = load_documents(src, task, split, field,
+                                      dataset_split=search_split if split == "search" else test_split)
                 if split == "search":
                     docs = [docs[i] for i in subsample(len(docs), limit, seed)]
                 self.docs[task][split] = docs
