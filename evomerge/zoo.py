@@ -38,7 +38,10 @@ from typing import Callable
 
 import numpy as np
 
-__all__ = ["TASKS", "Task", "ZooConfig", "zoo_tokenizer", "make_examples"]
+__all__ = [
+    "TASKS", "Task", "ZooConfig", "Zoo", "ZooError", "build_zoo", "load_zoo", "default_zoo_dir",
+    "zoo_tokenizer", "make_examples", "write_data", "accuracy", "main",
+]
 
 ZOO_VERSION = 1
 CHARS = list("0123456789abcdefghijklmnopqrstuvwxyz+-=:,.>\n ")
@@ -282,7 +285,7 @@ def train(model, tokenizer, sampler: _Sampler, steps: int, lr: float, batch_size
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.detach().item())
         if step % 50 == 0:
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     model.eval()
@@ -324,3 +327,226 @@ def write_data(cfg: ZooConfig, root: str | Path) -> dict[str, dict[str, Path]]:
             write_jsonl(path, rows)
             out[name][split] = path
     return out
+
+
+# --------------------------------------------------------------------------------------
+# Building
+# --------------------------------------------------------------------------------------
+
+
+def default_zoo_dir() -> Path:
+    """``$EVOMERGE_ZOO`` when set, else ``./zoo``."""
+    return Path(os.environ.get("EVOMERGE_ZOO", "zoo"))
+
+
+class ZooError(RuntimeError):
+    """A zoo folder that cannot be used as asked."""
+
+
+@dataclass
+class Zoo:
+    """A built zoo: paths and what was measured when it was built."""
+
+    root: Path
+    info: dict = field(default_factory=dict)
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.info["config"]["tasks"])
+
+    @property
+    def base(self) -> Path:
+        return self.root / "base"
+
+    @property
+    def experts(self) -> dict[str, Path]:
+        return {t: self.root / "experts" / t for t in self.tasks}
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / "tokenizer"
+
+    @property
+    def lm_eval_tasks(self) -> Path:
+        """The folder of lm-eval task YAMLs over this zoo's JSONL files (``zoo_<task>``,
+        generate-until with exact match, and ``zoo_<task>_mc``, multiple choice). lm-eval
+        needs absolute data paths, so the YAMLs are (re)written whenever the zoo has moved."""
+        from .evaluate.lm_eval import write_jsonl_tasks
+
+        folder = self.root / "lm_eval_tasks"
+        stamp = folder / ".zoo_root"
+        here = str(self.root.resolve())
+        if not stamp.is_file() or stamp.read_text() != here:
+            files = {t: {s: p.resolve() for s, p in d.items()} for t, d in self.data_files().items()}
+            write_jsonl_tasks(files, folder)
+            stamp.write_text(here)
+        return folder
+
+    def data(self, task: str, split: str) -> Path:
+        if task not in self.tasks:
+            raise ZooError(f"the zoo at {self.root} has no task {task!r}; it has {', '.join(self.tasks)}")
+        return self.root / "data" / task / f"{split}.jsonl"
+
+    def data_files(self) -> dict[str, dict[str, Path]]:
+        return {t: {s: self.data(t, s) for s in ("validation", "test")} for t in self.tasks}
+
+
+def load_zoo(root: str | Path | None = None) -> Zoo:
+    """Open a built zoo (``zoo.json`` present); a clear error otherwise."""
+    root = Path(root) if root is not None else default_zoo_dir()
+    meta = root / "zoo.json"
+    if not meta.is_file():
+        raise ZooError(f"no zoo at {root} (missing {meta}); build it with `evomerge-zoo build --out {root}`")
+    return Zoo(root, json.loads(meta.read_text()))
+
+
+def _save_model(model, tokenizer, path: Path) -> None:
+    nl = tokenizer.convert_tokens_to_ids("\n")
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = nl  # answers end with a newline
+    model.generation_config.bos_token_id = None
+    model.save_pretrained(path)
+    _save_tokenizer(tokenizer, path)
+
+
+def _save_tokenizer(tokenizer, path: Path) -> None:
+    tokenizer.save_pretrained(path)
+    tc = path / "tokenizer_config.json"
+    c = json.loads(tc.read_text())
+    c["model_max_length"] = tokenizer.model_max_length  # transformers leaves 1e30 otherwise
+    c["padding_side"] = tokenizer.padding_side
+    tc.write_text(json.dumps(c, indent=2, sort_keys=True) + "\n")
+
+
+def build_zoo(out: str | Path | None = None, cfg: ZooConfig | None = None, force: bool = False,
+              progress: bool = True, log=print) -> Zoo:
+    """Build the zoo into ``out`` (default :func:`default_zoo_dir`), or return the one there.
+
+    A zoo built with the same configuration is reused at once; one built with another
+    configuration is an error unless ``force``. The build happens in a temporary folder
+    beside ``out`` that is renamed into place when complete.
+    """
+    import torch
+    from transformers import LlamaForCausalLM
+
+    cfg = cfg or ZooConfig()
+    unknown = [t for t in cfg.tasks if t not in TASKS]
+    if unknown:
+        raise ZooError(f"unknown zoo task(s) {unknown}; accepted: {', '.join(TASKS)}")
+    out = Path(out) if out is not None else default_zoo_dir()
+    if (out / "zoo.json").is_file():
+        zoo = load_zoo(out)
+        if zoo.info.get("key") == cfg.key():
+            return zoo
+        if not force:
+            raise ZooError(f"the zoo at {out} was built with another configuration "
+                           f"(key {zoo.info.get('key')} != {cfg.key()}); pass --force to rebuild it")
+    elif out.exists() and any(out.iterdir()) and not force:
+        raise ZooError(f"{out} exists and is not a zoo; choose another --out or pass --force")
+
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    t_start = time.perf_counter()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tok = zoo_tokenizer()
+        _save_tokenizer(tok, tmp / "tokenizer")
+        write_data(cfg, tmp)
+        tasks = [TASKS[t] for t in cfg.tasks]
+        splits = {t.name: eval_splits(t, cfg) for t in tasks}
+        exclude = {e["input"] for t in tasks for s in splits[t.name].values() for e in s}
+
+        def measure(model) -> dict[str, dict[str, float]]:
+            return {t.name: {s: round(accuracy(model, tok, rows), 4) for s, rows in splits[t.name].items()}
+                    for t in tasks}
+
+        torch.manual_seed(cfg.seed)
+        model = LlamaForCausalLM(zoo_model_config(cfg, len(tok)))
+        n_params = sum(p.numel() for p in model.parameters())
+        log(f"zoo: pretraining the base ({n_params / 1e6:.2f}M parameters, {cfg.pretrain_steps} steps)")
+        mix = [(t, t.pretrain_n) for t in tasks] + [(COPY, COPY.pretrain_n)]
+        train(model, tok, _Sampler(mix, _stable_seed("pretrain", cfg.seed), exclude), cfg.pretrain_steps,
+              cfg.pretrain_lr, cfg.batch_size, weight_decay=0.01, warmup=max(1, cfg.pretrain_steps // 15),
+              desc="base", progress=progress)
+        _save_model(model, tok, tmp / "base")
+        acc = {"base": measure(model)}
+        base_state = {k: v.clone() for k, v in model.state_dict().items()}
+        for t in tasks:
+            model.load_state_dict(base_state)
+            log(f"zoo: fine-tuning the {t.name} expert ({cfg.expert_steps} steps)")
+            train(model, tok, _Sampler([(t, (t.target_n,))], _stable_seed("expert", t.name, cfg.seed), exclude),
+                  cfg.expert_steps, cfg.expert_lr, cfg.batch_size, weight_decay=0.0,
+                  warmup=max(1, cfg.expert_steps // 10), desc=t.name, progress=progress)
+            _save_model(model, tok, tmp / "experts" / t.name)
+            acc[t.name] = measure(model)
+        info = {
+            "key": cfg.key(),
+            "config": asdict(cfg),
+            "parameters": n_params,
+            "tasks": {t.name: {"prefix": t.prefix, "description": t.description, "target_n": t.target_n,
+                               "pretrain_n": list(t.pretrain_n), "example": splits[t.name]["test"][0]}
+                      for t in tasks},
+            "accuracy": acc,
+        }
+        (tmp / "zoo.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        torch.set_num_threads(threads_before)
+    log(f"zoo: built {out} in {time.perf_counter() - t_start:.0f} s")
+    return load_zoo(out)
+
+
+# --------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------
+
+
+def _table(zoo: Zoo, split: str = "test") -> str:
+    tasks = zoo.tasks
+    rows = [["model"] + tasks + ["mean"]]
+    for name, acc in zoo.info["accuracy"].items():
+        vals = [acc[t][split] for t in tasks]
+        rows.append([name] + [f"{v:.3f}" for v in vals] + [f"{sum(vals) / len(vals):.3f}"])
+    w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w[i]) for i, c in enumerate(r)) for r in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``evomerge-zoo build [--out DIR] [--seed N] [--test-mode] [--force]`` and ``evomerge-zoo info``."""
+    ap = argparse.ArgumentParser(prog="evomerge-zoo", description="Build or inspect the local model zoo.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build", help="build the zoo (instant when already built)")
+    b.add_argument("--out", default=None, help="zoo folder (default $EVOMERGE_ZOO or ./zoo)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--threads", type=int, default=ZooConfig.threads,
+                   help="torch threads for training (part of the zoo's identity: results depend on it)")
+    b.add_argument("--test-mode", action="store_true", help="a reduced zoo that builds in seconds (for tests)")
+    b.add_argument("--force", action="store_true", help="rebuild even if the folder holds another zoo")
+    b.add_argument("--no-progress", action="store_true")
+    i = sub.add_parser("info", help="print what a zoo holds and its accuracies")
+    i.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    try:
+        if a.cmd == "build":
+            kw = {"seed": a.seed, "threads": a.threads}
+            cfg = ZooConfig.test_mode(**kw) if a.test_mode else ZooConfig(**kw)
+            zoo = build_zoo(a.out, cfg, force=a.force, progress=not a.no_progress)
+        else:
+            zoo = load_zoo(a.out)
+        print(f"zoo at {zoo.root} ({zoo.info['parameters'] / 1e6:.2f}M parameters per model)")
+        print("test accuracy (exact match):")
+        print(_table(zoo))
+    except ZooError as e:
+        print(f"evomerge-zoo: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,174 @@
+"""Measure the zoo's merging signal and write ``results/zoo.md``.
+
+    python scripts/zoo_report.py                    # builds ./zoo if missing, then measures
+    python scripts/zoo_report.py --zoo DIR --rebuild-timing   # also times a fresh build
+
+On the test split (exact-match accuracy), checks that
+  (a) each expert beats the base on its own task by >= 30 points,
+  (b) the base does not already solve the tasks (< 50% on each),
+  (c) task arithmetic over all experts, at the single lambda that is best on the validation
+      split, beats the base on mean accuracy by >= 10 points,
+  (d) the merge is sensitive to its coefficient (the lambda curve, validation and test).
+Merges go through evomerge's merge engine straight into a live model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from evomerge.merge.engine import MergeEngine  # noqa: E402
+from evomerge.recipe import parse_recipe  # noqa: E402
+from evomerge.zoo import ZooConfig, accuracy, build_zoo, eval_splits, TASKS  # noqa: E402
+
+LAMBDAS = [round(0.1 * i, 1) for i in range(0, 16)]
+
+
+def task_arithmetic(zoo, lam: float, tasks: list[str]):
+    return parse_recipe({
+        "merge_method": "task_arithmetic",
+        "base_model": str(zoo.base),
+        "models": [{"model": str(zoo.experts[t]), "parameters": {"weight": lam}} for t in tasks],
+        "dtype": "float32",
+    })
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--zoo", default="zoo")
+    ap.add_argument("--out", default="results/zoo.md")
+    ap.add_argument("--rebuild-timing", action="store_true",
+                    help="also build a second zoo from scratch in a temporary folder and compare its files")
+    a = ap.parse_args()
+    torch.set_num_threads(ZooConfig.threads)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t0 = time.perf_counter()
+    zoo = build_zoo(a.zoo)
+    first_build = time.perf_counter() - t0
+    cfg = ZooConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in zoo.info["config"].items()})
+    tasks = zoo.tasks
+    splits = {t: eval_splits(TASKS[t], cfg) for t in tasks}
+    tok = AutoTokenizer.from_pretrained(zoo.tokenizer)
+
+    def measure(model) -> dict[str, dict[str, float]]:
+        return {s: {t: accuracy(model, tok, splits[t][s]) for t in tasks} for s in ("validation", "test")}
+
+    def mean(d: dict[str, float]) -> float:
+        return sum(d.values()) / len(d)
+
+    scores = {}
+    model = AutoModelForCausalLM.from_pretrained(zoo.base).eval()
+    scores["base"] = measure(model)
+    for t in tasks:
+        scores[f"expert:{t}"] = measure(AutoModelForCausalLM.from_pretrained(zoo.experts[t]).eval())
+    curve = {}
+    for lam in LAMBDAS:
+        MergeEngine(task_arithmetic(zoo, lam, tasks)).materialize(model)
+        curve[lam] = measure(model)
+        print(f"lambda {lam:.1f}: validation {mean(curve[lam]['validation']):.3f} "
+              f"test {mean(curve[lam]['test']):.3f}", flush=True)
+    best = max(LAMBDAS, key=lambda lam: (mean(curve[lam]["validation"]), -lam))
+
+    rebuild = None
+    if a.rebuild_timing:
+        with tempfile.TemporaryDirectory() as d:
+            t1 = time.perf_counter()
+            other = build_zoo(Path(d) / "zoo", cfg, progress=False)
+            secs = time.perf_counter() - t1
+            t2 = time.perf_counter()
+            build_zoo(Path(d) / "zoo", cfg, progress=False)
+            again = time.perf_counter() - t2
+            same = _same_files(zoo.root, other.root)
+            rebuild = (secs, again, same)
+
+    base_test = scores["base"]["test"]
+    checks = []
+    worst_gain = min(scores[f"expert:{t}"]["test"][t] - base_test[t] for t in tasks)
+    checks.append(("(a) each expert beats the base on its own task by >= 30 points",
+                   worst_gain >= 0.30, f"smallest gain {100 * worst_gain:.1f} points"))
+    top_base = max(base_test.values())
+    checks.append(("(b) the base does not already solve the tasks (< 50% on each)",
+                   top_base < 0.5, f"best base accuracy {100 * top_base:.1f}%"))
+    gain = mean(curve[best]["test"]) - mean(base_test)
+    checks.append((f"(c) task arithmetic at the validation-best lambda ({best}) beats the base by >= 10 points",
+                   gain >= 0.10, f"{100 * mean(curve[best]['test']):.1f}% vs {100 * mean(base_test):.1f}% "
+                                 f"(+{100 * gain:.1f} points)"))
+    tests = [mean(curve[lam]["test"]) for lam in LAMBDAS]
+    spread = max(tests) - min(tests)
+    checks.append(("(d) the merge is sensitive to lambda (test mean spread over the curve >= 20 points)",
+                   spread >= 0.20, f"spread {100 * spread:.1f} points"))
+
+    lines = [
+        "# The local zoo and its merging signal",
+        "",
+        "Made by `python scripts/zoo_report.py" + (" --rebuild-timing" if a.rebuild_timing else "") + "` "
+        f"(zoo key `{zoo.info['key']}`, {zoo.info['parameters'] / 1e6:.2f}M parameters per model, "
+        f"{cfg.layers} layers, hidden {cfg.hidden}). Exact-match accuracy (teacher-forced argmax of every "
+        "answer token and the closing newline, which equals greedy decoding's exact match), "
+        f"{cfg.eval_size} examples per task and split. Merges are made by evomerge's merge engine "
+        "straight into a live model.",
+        "",
+        "## Tasks",
+        "",
+        "| task | example prompt | answer | target size | base pretrained on sizes |",
+        "|---|---|---|---|---|",
+    ]
+    for t in tasks:
+        info = zoo.info["tasks"][t]
+        ex = info["example"]
+        lines.append(f"| {t} | `{ex['prompt']}` | `{ex['answer']}` | {info['target_n']} | "
+                     f"{', '.join(map(str, info['pretrain_n']))} |")
+    lines += ["", "## Checks (test split)", "", "| check | holds | measured |", "|---|---|---|"]
+    lines += [f"| {c} | {'yes' if ok else '**no**'} | {m} |" for c, ok, m in checks]
+    lines += ["", "## Sources and the best single-lambda merge (test split)", "",
+              "| model | " + " | ".join(tasks) + " | mean |", "|---" * (len(tasks) + 2) + "|"]
+    rows = [(k, v["test"]) for k, v in scores.items()] + [(f"task arithmetic, lambda {best}", curve[best]["test"])]
+    for name, acc in rows:
+        lines.append(f"| {name} | " + " | ".join(f"{100 * acc[t]:.1f}" for t in tasks) + f" | {100 * mean(acc):.1f} |")
+    lines += ["", "## Task arithmetic over all experts: the lambda curve", "",
+              "theta = theta_base + lambda * sum_k tau_k (mean accuracy in %; per-task test accuracy after the bar)",
+              "", "| lambda | validation mean | test mean | " + " | ".join(f"test {t}" for t in tasks) + " |",
+              "|---" * (len(tasks) + 3) + "|"]
+    for lam in LAMBDAS:
+        v, te = curve[lam]["validation"], curve[lam]["test"]
+        mark = " (best on validation)" if lam == best else ""
+        lines.append(f"| {lam}{mark} | {100 * mean(v):.1f} | {100 * mean(te):.1f} | "
+                     + " | ".join(f"{100 * te[t]:.1f}" for t in tasks) + " |")
+    lines += ["", "## Build", ""]
+    if rebuild:
+        secs, again, same = rebuild
+        lines.append(f"A fresh build took {secs:.0f} s on {cfg.threads} threads "
+                     f"({os.cpu_count()} CPUs); building again into the same folder took {again:.2f} s; "
+                     f"the two builds' files are {'identical' if same else '**not identical**'}.")
+    else:
+        lines.append(f"Opening (or building) the zoo took {first_build:.1f} s in this run.")
+    lines.append("")
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text("\n".join(lines))
+    print("\n".join(lines))
+    return 0 if all(ok for _, ok, _ in checks) else 1
+
+
+def _same_files(a: Path, b: Path) -> bool:
+    """Same relative file names and bytes, ignoring the lm-eval YAMLs (they hold absolute paths)."""
+    def files(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+                if p.is_file() and "lm_eval_tasks" not in p.parts}
+    fa, fb = files(a), files(b)
+    diff = [k for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
+    if diff:
+        print("differing files:", diff[:10], file=sys.stderr)
+    return not diff
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
