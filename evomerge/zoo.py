@@ -158,12 +158,13 @@ def _choices(answer: str, rng: np.random.Generator, k: int = 4) -> tuple[list[st
 def zoo_tokenizer():
     """A character-level fast tokenizer built locally with the ``tokenizers`` library:
     one token per character, no BOS/EOS added, ``<pad>`` for padding."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {t: i for i, t in enumerate(SPECIAL + CHARS)}
     tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tk.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tk.decoder = decoders.Fuse()  # decode "102" as "102", not "1 0 2"
     tok = PreTrainedTokenizerFast(
         tokenizer_object=tk, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
     )
