@@ -38,7 +38,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 def _parse(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--zoo", default=None, help="a built zoo folder (base/, data/); default: make a random model")
-    ap.add_argument("--tasks", default="add,reverse,sort,increment,alternate")
+    ap.add_argument("--tasks", default=None, help="comma-separated (default: the zoo's tasks)")
     ap.add_argument("--variant", choices=["gen", "mc"], default="gen",
                     help="gen: generate_until + exact match; mc: multiple choice over 4 candidates")
     ap.add_argument("--limit", type=int, default=100, help="search documents per task (default 100)")
@@ -47,7 +47,7 @@ def _parse(argv):
     ap.add_argument("--threads", type=int, default=1, help="torch threads, here and in the subprocess")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--hidden", type=int, default=128, help="random model width (default: the zoo's)")
-    ap.add_argument("--layers", type=int, default=6, help="random model depth (default: the zoo's)")
+    ap.add_argument("--layers", type=int, default=None, help="random model depth (default: the zoo's)")
     return ap.parse_args(argv)
 
 
@@ -97,7 +97,8 @@ def main(argv=None) -> int:
     from evomerge.evaluate import ExactMatchEvaluator, LMEvalEvaluator, write_jsonl_tasks
     from evomerge.zoo import ZooConfig, write_data
 
-    tasks = a.tasks.split(",")
+    tasks = a.tasks.split(",") if a.tasks else list(ZooConfig().tasks)
+    a.layers = a.layers or ZooConfig().layers
     work = Path(tempfile.mkdtemp(prefix="bench_eval_"))
     try:
         if a.zoo and (Path(a.zoo) / "base" / "config.json").is_file():
