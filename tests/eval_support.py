@@ -41,15 +41,10 @@ def one_thread():
 
 
 def zoo_like_tokenizer():
-    """The zoo's character tokenizer, with a decoder that joins characters (without one,
-    ``decode`` puts spaces between tokens and generated text never matches an answer)."""
-    from tokenizers import decoders
-
+    """The zoo's character tokenizer."""
     from evomerge.zoo import zoo_tokenizer
 
-    tok = zoo_tokenizer()
-    tok.backend_tokenizer.decoder = decoders.Fuse()
-    return tok
+    return zoo_tokenizer()
 
 
 def tiny_lm(tok, seed: int = 0):

@@ -152,11 +152,13 @@ def test_bad_inputs_give_clear_errors(setup, tmp_path):
 
 
 def test_generate_refuses_a_tokenizer_that_cannot_decode_answers(setup):
-    from evomerge.zoo import zoo_tokenizer  # no decoder: "ab" decodes as "a b"
+    from evomerge.zoo import zoo_tokenizer
 
+    tok = zoo_tokenizer()
+    tok.backend_tokenizer.decoder = None  # "ab" now decodes as "a b"
     model, _, paths = setup
     with pytest.raises(EvaluationError, match="decoder"):
-        ExactMatchEvaluator(paths, mode="generate")(model, zoo_tokenizer())
+        ExactMatchEvaluator(paths, mode="generate")(model, tok)
 
 
 # --------------------------------------------------------------------------------------
