@@ -1,0 +1,80 @@
+"""A worker: the resident merge engine, one live model and an evaluator, built once.
+
+Each candidate is materialized into the live model's own parameters and scored; nothing is
+reloaded between candidates. Failures (a bad genome, a merge error, an evaluator error)
+come back as a failed ``Result`` with the error, never as an exception.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+
+import torch
+
+from ..merge.resident import ResidentEngine
+from ..search.base import Candidate, Result
+from ..space import Space
+
+__all__ = ["Worker"]
+
+
+class Worker:
+    """Args:
+        space: the genome space (its models and method).
+        evaluator: an ``Evaluator`` (``evomerge.evaluate``).
+        model_path: the folder whose config and tokenizer make the live model (default: the base).
+        device: where the inputs live and the model runs.
+        store_dtype: keep the resident inputs in a lower precision (e.g. ``bfloat16``).
+        seed: seeds DARE/DELLA masks.
+    """
+
+    def __init__(self, space: Space, evaluator, model_path: str | None = None, device: str = "cpu",
+                 store_dtype: str | None = None, seed: int = 0, name: str = "local"):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.space = space
+        self.evaluator = evaluator
+        self.name = name
+        self.engine = ResidentEngine(space.recipe(space.x0), device=device, seed=seed, store_dtype=store_dtype)
+        path = model_path or space.base_model or space.models[0]
+        dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[space.dtype]
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+
+    def _load_source(self, source: str) -> None:
+        """Copy one model's own weights (held by the resident engine) into the live model."""
+        state = dict(self.model.named_parameters())
+        state.update(dict(self.model.named_buffers()))
+        found = False
+        with torch.no_grad():
+            for task in self.engine.template.tasks:
+                for ref, name in task.sources:
+                    if str(ref) == source:
+                        state[task.name].copy_(self.engine._inputs[(ref, name)])
+                        found = True
+        if not found:
+            raise ValueError(f"model {source!r} is not one of the merged models")
+
+    def evaluate(self, cand: Candidate) -> Result:
+        t0 = time.perf_counter()
+        res = Result(id=cand.id, x=list(cand.x), status="ok", split=cand.split, worker=self.name,
+                     generation=cand.generation, kind=cand.kind)
+        try:
+            if cand.source is not None:
+                self._load_source(cand.source)
+            else:
+                self.engine.materialize(self.space.recipe(cand.x), into=self.model)
+            res.materialize_s = time.perf_counter() - t0
+            with torch.no_grad():
+                metrics = self.evaluator(self.model, self.tokenizer, split=cand.split)
+            res.metrics = {k: float(v) for k, v in metrics.items()}
+            score = res.metrics["score"]
+            res.score = score if getattr(self.evaluator, "direction", "maximize") == "maximize" else -score
+        except Exception as e:  # a failed candidate is a result, not a crash
+            res.status, res.error = "failed", f"{type(e).__name__}: {e}"
+            res.metrics = {}
+            res.score = None
+            res.error += "\n" + "".join(traceback.format_exception_only(type(e), e)[-1:])
+        res.wall_s = time.perf_counter() - t0
+        return res

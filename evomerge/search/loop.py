@@ -1,0 +1,197 @@
+"""The search loop: ask, evaluate through an executor, log, tell; then score the best on test.
+
+    outcome = run_search(space, strategy, executor, run_dir="results/run", budget=60)
+
+Every finished evaluation is appended to ``run_dir/trials.jsonl`` (fsynced) before anything
+else happens, and the strategy's state is saved with the generation in flight
+(``run_dir/strategy.pkl``), so a search killed at any point resumes with
+``run_search(..., resume=True)``: finished evaluations are read back instead of re-run and
+the strategy continues exactly, so the resumed search ends where an uninterrupted one would.
+
+At the end the best genome on the search split is scored on the test split, together with
+the sources (base and each expert) and the baselines, on both splits; the run directory gets
+``best_recipe.yaml`` and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+from ..space import Space
+from ..trials import TrialLog, atomic_write, load_state, save_state
+from .base import Candidate, Result
+
+__all__ = ["run_search", "SearchOutcome"]
+
+STATE_FILE = "strategy.pkl"
+LOG_FILE = "trials.jsonl"
+
+
+@dataclass
+class SearchOutcome:
+    run_dir: Path
+    best_x: np.ndarray | None
+    best_score: float | None
+    evaluations: int
+    summary: dict[str, Any]
+    stopped: bool = False
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="search", unit="eval", disable=not enabled, leave=True)
+
+
+def run_search(
+    space: Space,
+    strategy,
+    executor,
+    run_dir: str | Path,
+    budget: int = 100,
+    max_seconds: float | None = None,
+    resume: bool = False,
+    baselines: Mapping[str, Any] | None = None,
+    sources: bool = True,
+    progress: bool = True,
+    config: Mapping[str, Any] | None = None,
+) -> SearchOutcome:
+    """Run (or resume) a search until ``budget`` evaluations or ``max_seconds`` are spent or
+    the strategy stops; then score the best, the baselines and the sources.
+
+    Args:
+        baselines: named genomes to report beside the best (default: the space's start ``x0``).
+        sources: also score the base and every expert as they are.
+        config: recorded in ``summary.json`` (e.g. the experiment's configuration).
+    """
+    run_dir = Path(run_dir)
+    state_path = run_dir / STATE_FILE
+    if not resume and ((run_dir / LOG_FILE).is_file() or state_path.is_file()):
+        raise FileExistsError(f"{run_dir} already holds a search; resume it or choose another run directory")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log = TrialLog(run_dir / LOG_FILE)
+    done: dict[tuple[str, int], Result] = {(r.kind, r.id): r for r in log}
+    state = load_state(state_path) if resume else None
+    if state is not None:
+        strategy.load_state_dict(state["strategy"])
+        pending = [Candidate(**c) for c in state["pending"]]
+        next_id, generation, elapsed = state["next_id"], state["generation"], state.get("elapsed", 0.0)
+    else:
+        pending, next_id, generation, elapsed = [], 0, 0, 0.0
+
+    def checkpoint() -> None:
+        save_state(state_path, {
+            "strategy": strategy.state_dict(), "pending": [c.__dict__ for c in pending],
+            "next_id": next_id, "generation": generation, "elapsed": elapsed + (time.perf_counter() - t_start),
+        })
+
+    n_search = sum(1 for k in done if k[0] == "search")
+    t_start = time.perf_counter()
+    bar = _progress(budget, min(n_search, budget), progress)
+    stopped = False
+    try:
+        while True:
+            if not pending:
+                spent = elapsed + time.perf_counter() - t_start
+                if n_search >= budget or strategy.done() or (max_seconds is not None and spent >= max_seconds):
+                    break
+                xs = strategy.ask()
+                if not xs:
+                    break
+                pending = [Candidate(next_id + i, [float(v) for v in x], generation) for i, x in enumerate(xs)]
+                next_id += len(xs)
+                checkpoint()
+            todo = [c for c in pending if ("search", c.id) not in done]
+            for res in executor.map(todo):
+                log.append(res)
+                done[("search", res.id)] = res
+                n_search += 1
+                bar.update(1)
+                best = strategy.best()[1]
+                if res.score is not None:
+                    best = res.score if best is None else max(best, res.score)
+                bar.set_postfix(best=f"{best:.4f}" if best is not None else "-")
+            results = [done[("search", c.id)] for c in pending]
+            strategy.tell([np.asarray(c.x) for c in pending], [r.score for r in results])
+            pending = []
+            generation += 1
+            checkpoint()
+    except KeyboardInterrupt:
+        stopped = True
+    finally:
+        bar.close()
+    if stopped:
+        return SearchOutcome(run_dir, *strategy.best(), n_search, {}, stopped=True)
+
+    summary = _finish(space, strategy, executor, run_dir, log, done, baselines, sources, config, n_search)
+    best_x, best_score = strategy.best()
+    return SearchOutcome(run_dir, best_x, best_score, n_search, summary)
+
+
+def _finish(space, strategy, executor, run_dir, log, done, baselines, sources, config, n_search) -> dict:
+    best_x, best_score = strategy.best()
+    searched = [r for k, r in done.items() if k[0] == "search"]
+    if best_x is None:
+        ok = [r for r in searched if r.status == "ok" and r.score is not None]
+        if ok:
+            top = max(ok, key=lambda r: r.score)
+            best_x, best_score = np.asarray(top.x), top.score
+    wanted: list[Candidate] = []
+    named: dict[str, dict[str, Any]] = {}
+    fid = -1
+
+    def add(name: str, kind: str, x, source=None, splits=("search", "test")):
+        nonlocal fid
+        named[name] = {"kind": kind, "x": None if x is None else [float(v) for v in x], "source": source}
+        for split in splits:
+            wanted.append(Candidate(fid, [] if x is None else [float(v) for v in x], -1, kind=f"{kind}:{name}",
+                                    split=split, source=source))
+            named[name].setdefault("ids", {})[split] = fid
+            fid -= 1
+
+    if best_x is not None:
+        add("best", "best", best_x)
+    for name, x in (baselines if baselines is not None else {"start": space.x0}).items():
+        add(name, "baseline", space.clip(x))
+    if sources:
+        if space.base_model is not None:
+            add("base", "source", None, source=space.base_model)
+        for m in space.models:
+            add(Path(m).name or m, "source", None, source=m)
+    todo = [c for c in wanted if (c.kind, c.id) not in done]
+    for res in executor.map(todo):
+        log.append(res)
+        done[(res.kind, res.id)] = res
+    rows = {}
+    for name, info in named.items():
+        row = {"kind": info["kind"]}
+        for split, i in info["ids"].items():
+            r = done[(f"{info['kind']}:{name}", i)]
+            row[split] = r.metrics if r.status == "ok" else {"error": r.error}
+        if info["x"] is not None:
+            row["genome"] = dict(zip(space.names, info["x"]))
+        if info["source"] is not None:
+            row["model"] = info["source"]
+        rows[name] = row
+    ok = [r for r in searched if r.status == "ok"]
+    summary = {
+        "evaluations": n_search,
+        "failed": sum(1 for r in searched if r.status != "ok"),
+        "best_search_score": best_score,
+        "space": space.describe(),
+        "strategy": getattr(strategy, "name", type(strategy).__name__),
+        "results": rows,
+        "seconds_per_candidate": float(np.mean([r.wall_s for r in ok])) if ok else None,
+        "materialize_seconds_per_candidate": float(np.mean([r.materialize_s for r in ok])) if ok else None,
+        "config": dict(config or {}),
+    }
+    if best_x is not None:
+        atomic_write(run_dir / "best_recipe.yaml", space.recipe_yaml(best_x))
+    atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
+    return summary
