@@ -3,7 +3,12 @@
 As in the evolutionary model-merging paper (Akiba et al. 2024, https://arxiv.org/abs/2403.13187)
 and mergekit-evolve: the search runs in the unit cube (each gene scaled by its bounds),
 starting at x0 (the space's start, or a constant such as 0.5) with step size sigma0 = 1/6 and
-the default population 4 + floor(3 ln n); bounds are handled by pycma's boundary handler.
+the default population 4 + floor(3 ln n). Bounds: a sample outside the unit cube is
+evaluated at its nearest point inside, and told with a penalty growing with its squared
+distance to the cube, so the distribution is pulled back inside. (The loop, not pycma, keeps
+the map from samples to genomes: pycma's own boundary handler finds its samples again
+through Python's per-process salted hashes, which a resumed search in a new process could
+not reproduce.)
 """
 
 from __future__ import annotations
@@ -33,7 +38,11 @@ class CMAES:
         n = len(space)
         self.popsize = int(popsize) if popsize else 4 + int(3 * math.log(n))
         start = np.full(n, float(x0)) if x0 is not None else space.to_unit(space.x0)
-        opts = {"bounds": [0.0, 1.0], "popsize": self.popsize, "seed": int(seed) + 1, "verbose": -9,
+        self.penalty = 1.0
+        # pycma samples with opts["randn"]; give it a generator of its own, which travels
+        # with the pickled strategy (NumPy's global one would be copied at pickling time)
+        self._randn_source = np.random.RandomState(int(seed) + 1)
+        opts = {"randn": self._randn_source.randn, "popsize": self.popsize, "seed": int(seed) + 1, "verbose": -9,
                 "verb_log": 0, "verb_disp": 0, "tolx": 1e-6, "tolfun": 0.0}
         if max_generations:
             opts["maxiter"] = int(max_generations)
@@ -58,7 +67,8 @@ class CMAES:
         finally:
             np.random.set_state(outer)
         self._asked = [np.asarray(u, dtype=float) for u in us]
-        return [self.space.from_unit(u) for u in self._asked]
+        self._settle()
+        return [self.space.from_unit(np.clip(u, 0.0, 1.0)) for u in self._asked]
 
     def tell(self, xs, scores) -> None:
         if len(xs) != len(self._asked):
@@ -67,7 +77,9 @@ class CMAES:
         worst = min(ok) if ok else 0.0
         # pycma minimises; a failure counts as a little worse than the worst success
         failed = (worst - max(1.0, abs(worst))) if ok else FAILED_PENALTY
-        fitness = [-(s if s is not None and np.isfinite(s) else failed) for s in scores]
+        fitness = [-(s if s is not None and np.isfinite(s) else failed)
+                   + self.penalty * float(np.sum((u - np.clip(u, 0.0, 1.0)) ** 2))
+                   for s, u in zip(scores, self._asked)]
         outer = np.random.get_state()
         np.random.set_state(self._rng)
         try:
@@ -79,6 +91,14 @@ class CMAES:
             np.random.set_state(outer)
         self.tracker.update(xs, scores)
         self._asked = []
+        self._settle()
+
+    def _settle(self) -> None:
+        """Replace the live pycma object by a pickled copy of itself. pycma keeps lazily
+        updated caches that pickling drops, so a strategy resumed from its checkpoint would
+        otherwise sample differently from one that never stopped; settling after every ask
+        and tell makes the two identical."""
+        self.es = pickle.loads(pickle.dumps(self.es))
 
     def best(self):
         return self.tracker.best_x, self.tracker.best_score

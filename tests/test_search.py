@@ -1,0 +1,248 @@
+"""Strategies (one conformance suite), the trial log, the loop and resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+from evomerge.search import CMAES, GridSearch, RandomSearch, Result, run_search
+from evomerge.search.base import Candidate
+from evomerge.space import Space
+from evomerge.trials import TrialLog
+
+TARGET = np.array([0.9, 0.6, 0.8, 0.5, 0.7, 0.7])
+
+
+def synthetic_space() -> Space:
+    # a global space over explicit genes: 6 per-model weights of task arithmetic
+    return Space("task_arithmetic", [f"m{i}" for i in range(6)], base_model="base",
+                 search={"weight": {"lo": 0.0, "hi": 1.0, "x0": 0.5}}, granularity="per_model")
+
+
+def objective(x) -> float:
+    return -float(np.sum((np.asarray(x) - TARGET) ** 2))
+
+
+class FunctionExecutor:
+    """Scores genomes with a plain function; genomes in ``fail_if`` fail."""
+
+    def __init__(self, fn=objective, fail_if=None):
+        self.fn, self.fail_if, self.calls = fn, fail_if, []
+
+    def map(self, cands):
+        for c in cands:
+            self.calls.append((c.kind, c.id, c.split))
+            if c.source is not None:
+                yield Result(c.id, [], "ok", 0.0, {"score": 0.0}, split=c.split, kind=c.kind)
+            elif self.fail_if is not None and self.fail_if(c.x):
+                yield Result(c.id, list(c.x), "failed", None, split=c.split, error="boom", kind=c.kind,
+                             generation=c.generation)
+            else:
+                s = self.fn(c.x)
+                yield Result(c.id, list(c.x), "ok", s, {"score": s}, split=c.split, kind=c.kind,
+                             generation=c.generation)
+
+
+STRATEGIES = {
+    "cmaes": lambda sp, seed: CMAES(sp, seed=seed),
+    "random": lambda sp, seed: RandomSearch(sp, seed=seed),
+    "grid": lambda sp, seed: GridSearch(sp, points=5),
+}
+
+
+def drive(strategy, space, rounds: int, fail_if=None):
+    scores = []
+    for _ in range(rounds):
+        if strategy.done():
+            break
+        xs = strategy.ask()
+        s = [None if fail_if is not None and fail_if(x) else objective(x) for x in xs]
+        strategy.tell(xs, s)
+        scores += s
+    return scores
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_conformance(name):
+    sp = synthetic_space()
+    st = STRATEGIES[name](sp, 0)
+    xs = st.ask()
+    for x in xs:
+        assert x.shape == (len(sp),) and np.all(x >= sp.lower) and np.all(x <= sp.upper)
+    st.tell(xs, [objective(x) for x in xs])
+    drive(st, sp, 15)
+    bx, bs = st.best()
+    assert np.all(bx >= sp.lower) and np.all(bx <= sp.upper)
+    assert bs > objective(sp.x0)  # improves over the starting point
+    assert bs == pytest.approx(objective(bx))
+
+
+@pytest.mark.parametrize("name", ["cmaes", "random"])
+def test_reproducible_with_a_seed(name):
+    sp = synthetic_space()
+    a, b, c = STRATEGIES[name](sp, 3), STRATEGIES[name](sp, 3), STRATEGIES[name](sp, 4)
+    sa, sb, sc = drive(a, sp, 5), drive(b, sp, 5), drive(c, sp, 5)
+    assert sa == sb and sa != sc
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_state_dict_round_trip_continues_exactly(name):
+    sp = synthetic_space()
+    a = STRATEGIES[name](sp, 1)
+    drive(a, sp, 3)
+    state = pickle.loads(pickle.dumps(a.state_dict()))
+    b = STRATEGIES[name](sp, 99)
+    b.load_state_dict(state)
+    np.random.seed(123)  # global NumPy state must not matter
+    xa = a.ask()
+    np.random.seed(7)
+    xb = b.ask()
+    assert [x.tolist() for x in xa] == [x.tolist() for x in xb]
+    a.tell(xa, [objective(x) for x in xa])
+    b.tell(xb, [objective(x) for x in xb])
+    assert a.best()[1] == b.best()[1]
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_failed_candidates_are_told_not_crashed(name):
+    sp = synthetic_space()
+    st = STRATEGIES[name](sp, 0)
+    fail = lambda x: x[0] > 0.8  # noqa: E731
+    drive(st, sp, 8, fail_if=fail)
+    bx, bs = st.best()
+    assert bx is not None and not fail(bx)
+
+
+def test_cmaes_population_and_sigma_defaults():
+    sp = synthetic_space()
+    st = CMAES(sp)
+    assert st.popsize == 4 + int(3 * np.log(len(sp)))
+    assert st.es.sigma0 == pytest.approx(1 / 6)
+    assert len(st.ask()) == st.popsize
+
+
+def test_grid_covers_the_values_once():
+    sp = synthetic_space()
+    g = GridSearch(sp, values={"weight": [0.1, 0.5, 0.9]})
+    xs = g.ask(10)
+    assert [x[0] for x in xs] == [0.1, 0.5, 0.9] and all(np.all(x == x[0]) for x in xs)
+    assert g.done() and g.ask() == []
+
+
+def test_trial_log_survives_a_torn_line(tmp_path):
+    log = TrialLog(tmp_path / "t.jsonl")
+    log.append(Result(0, [0.1], "ok", 1.0))
+    with open(tmp_path / "t.jsonl", "a") as f:
+        f.write('{"id": 1, "x": [0.')
+    again = TrialLog(tmp_path / "t.jsonl")
+    assert [r.id for r in again] == [0]
+    again.append(Result(2, [0.2], "ok", 2.0))
+    assert [r.id for r in TrialLog(tmp_path / "t.jsonl")] == [0, 2]
+
+
+def test_loop_logs_everything_once_and_writes_summary(tmp_path):
+    sp = synthetic_space()
+    ex = FunctionExecutor()
+    out = run_search(sp, CMAES(sp, seed=0), ex, tmp_path / "run", budget=40, progress=False, sources=False)
+    recs = TrialLog(tmp_path / "run" / "trials.jsonl").results()
+    search = [r for r in recs if r.kind == "search"]
+    assert len({r.id for r in search}) == len(search) >= 40
+    assert out.best_score == max(r.score for r in search)
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["results"]["best"]["search"]["score"] == pytest.approx(out.best_score)
+    assert "test" in s["results"]["best"] and "start" in s["results"]
+    assert (tmp_path / "run" / "best_recipe.yaml").is_file()
+    with pytest.raises(FileExistsError):
+        run_search(sp, CMAES(sp, seed=0), ex, tmp_path / "run", budget=40, progress=False)
+
+
+def test_loop_records_failures(tmp_path):
+    sp = synthetic_space()
+    ex = FunctionExecutor(fail_if=lambda x: x[1] > 0.6)
+    out = run_search(sp, RandomSearch(sp, seed=0), ex, tmp_path / "run", budget=32, progress=False, sources=False)
+    recs = [r for r in TrialLog(tmp_path / "run" / "trials.jsonl") if r.kind == "search"]
+    failed = [r for r in recs if r.status == "failed"]
+    assert failed and all(r.error == "boom" and r.score is None for r in failed)
+    assert out.summary["failed"] == len(failed)
+
+
+def test_resume_after_interrupted_generation_reruns_nothing(tmp_path):
+    sp = synthetic_space()
+    full = run_search(sp, CMAES(sp, seed=5), FunctionExecutor(), tmp_path / "full", budget=50, progress=False,
+                      sources=False)
+
+    class Dies(FunctionExecutor):
+        def __init__(self, after):
+            super().__init__()
+            self.after = after
+
+        def map(self, cands):
+            for r in super().map(cands):
+                if len(self.calls) > self.after:
+                    raise KeyboardInterrupt
+                yield r
+
+    out = run_search(sp, CMAES(sp, seed=5), Dies(after=17), tmp_path / "cut", budget=50, progress=False,
+                     sources=False)
+    assert out.stopped
+    ex = FunctionExecutor()
+    res = run_search(sp, CMAES(sp, seed=5), ex, tmp_path / "cut", budget=50, progress=False, resume=True,
+                     sources=False)
+    ran = [c for c in ex.calls if c[0] == "search"]
+    assert min(i for _, i, _ in ran) == 17  # the first 17 were read back, not re-run
+    assert res.best_score == full.best_score and np.array_equal(res.best_x, full.best_x)
+
+
+RESUME_SCRIPT = textwrap.dedent("""
+    import sys, time
+    import numpy as np
+    sys.path.insert(0, {tests!r})
+    from test_search import synthetic_space, FunctionExecutor, objective
+    from evomerge.search import CMAES, run_search
+
+    def slow(x):
+        time.sleep(0.01)
+        return objective(x)
+
+    sp = synthetic_space()
+    out = run_search(sp, CMAES(sp, seed=11), FunctionExecutor(slow), sys.argv[1], budget=60, progress=False,
+                     resume=True, sources=False)
+    print(repr(out.best_score), list(out.best_x))
+""")
+
+
+def test_sigkill_at_random_points_then_resume_matches_uninterrupted(tmp_path):
+    script = tmp_path / "run.py"
+    script.write_text(RESUME_SCRIPT.format(tests=os.path.dirname(__file__)))
+    rng = np.random.default_rng(0)
+
+    def env():  # every process gets its own hash salt: nothing may depend on it
+        return {**os.environ, "PYTHONHASHSEED": str(int(rng.integers(1, 2**31)))}
+
+    ref = subprocess.run([sys.executable, str(script), str(tmp_path / "ref")], capture_output=True, text=True,
+                         env=env(), check=True).stdout
+    run = tmp_path / "killed"
+    kills = 0
+    for _ in range(6):
+        p = subprocess.Popen([sys.executable, str(script), str(run)], stdout=subprocess.PIPE, text=True, env=env())
+        time.sleep(float(rng.uniform(1.0, 2.2)))  # imports take about 1 s; the search about 1 s more
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            kills += 1
+        p.communicate()
+    final = subprocess.run([sys.executable, str(script), str(run)], capture_output=True, text=True, env=env(),
+                           check=True).stdout
+    assert final == ref
+    recs = [r for r in TrialLog(run / "trials.jsonl") if r.kind == "search"]
+    ids = [r.id for r in recs]
+    assert len(ids) == len(set(ids)) and set(ids) == set(range(max(ids) + 1))
+    assert kills >= 1
