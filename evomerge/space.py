@@ -104,6 +104,8 @@ class Space:
         self.method = METHODS[method]
         self.models = [str(m) for m in models]
         self.base_model = str(base_model) if base_model is not None else None
+        if self.method.base_in_inputs and self.base_model is not None and self.base_model not in self.models:
+            self.models.insert(0, self.base_model)  # linear: the base is one more weighted model
         self.fixed = dict(fixed or {})
         self.granularity = granularity
         self.layer_granularity = int(layer_granularity)

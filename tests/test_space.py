@@ -1,0 +1,157 @@
+"""Genome spaces and the resident engine: genomes export as recipes that the one-shot merge
+reproduces bit for bit; candidates are materialized in place."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from evomerge.cli import merge_main
+from evomerge.merge.engine import MergeEngine
+from evomerge.merge.resident import ResidentEngine
+from evomerge.recipe import RecipeError, load_recipe
+from evomerge.space import Space
+from evomerge.testing import tiny_family
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    return tiny_family(tmp_path_factory.mktemp("fam"), n_experts=3, layers=4, hidden=32)
+
+
+def experts(family, k=3):
+    return [str(family[f"expert_{i}"]) for i in range(k)]
+
+
+def live_model(family):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(family["base"]).eval()
+
+
+def test_gene_counts(family):
+    m = experts(family)
+    kw = dict(base_model=str(family["base"]), search=["weight", "density"])
+    assert len(Space("ties", m, granularity="global", **kw)) == 2
+    assert len(Space("ties", m, granularity="per_model", **kw)) == 2 * 3
+    # embed + 4 layers + head, per model, per parameter
+    assert len(Space("ties", m, granularity="per_layer", **kw)) == 2 * 3 * 6
+    assert len(Space("ties", m, granularity="per_layer", layer_granularity=2, **kw)) == 2 * 3 * 4
+    assert len(Space("ties", m, granularity="per_layer_filtered", **kw)) == 2 * 3 * 10
+    assert len(Space("ties", m, granularity="per_layer", smoothing=3, **kw)) == 2 * 3 * 5
+    sl = Space("slerp", [str(family["expert_0"])], base_model=str(family["base"]), search=["t"])
+    assert len(sl) == 6  # t is not per model
+
+
+def test_bad_spaces_are_refused(family):
+    m = experts(family)
+    with pytest.raises(RecipeError, match="no parameter 'epsilon'"):
+        Space("ties", m, base_model=str(family["base"]), search=["epsilon"])
+    with pytest.raises(RecipeError, match="lo < hi"):
+        Space("ties", m, base_model=str(family["base"]), search={"weight": {"lo": 1, "hi": 0}})
+    with pytest.raises(RecipeError, match="smoothing"):
+        Space("ties", m, base_model=str(family["base"]), granularity="global", smoothing=3)
+    with pytest.raises(RecipeError, match="granularity"):
+        Space("ties", m, base_model=str(family["base"]), granularity="per_head")
+    with pytest.raises(RecipeError, match="both searched and fixed"):
+        Space("ties", m, base_model=str(family["base"]), search=["weight"], fixed={"weight": 1.0})
+
+
+def resolved(space, x, name):
+    """The parameters the engine resolves for one tensor of genome x."""
+    eng = MergeEngine(space.recipe(x))
+    return next(t.params for t in eng.tasks if t.name == name)
+
+
+def test_genes_land_on_their_tensors(family):
+    sp = Space("task_arithmetic", experts(family), base_model=str(family["base"]), search=["weight"],
+               granularity="per_layer_filtered")
+    x = np.arange(len(sp)) / len(sp)
+    g = {name: v for name, v in zip(sp.names, x)}
+    assert resolved(sp, x, "model.layers.2.self_attn.q_proj.weight")["weight"][1] == pytest.approx(
+        g["weight[1]@attn:layers[2:3]"])
+    assert resolved(sp, x, "model.layers.3.mlp.up_proj.weight")["weight"][0] == pytest.approx(
+        g["weight[0]@mlp:layers[3:4]"])
+    assert resolved(sp, x, "model.layers.0.input_layernorm.weight")["weight"][2] == pytest.approx(
+        g["weight[2]@mlp:layers[0:1]"])
+    assert resolved(sp, x, "model.embed_tokens.weight")["weight"][0] == pytest.approx(g["weight[0]@embed"])
+    assert resolved(sp, x, "lm_head.weight")["weight"][2] == pytest.approx(g["weight[2]@head"])
+    assert resolved(sp, x, "model.norm.weight")["weight"][2] == pytest.approx(g["weight[2]@head"])
+
+
+def test_smoothing_interpolates_control_points_over_depth(family):
+    sp = Space("task_arithmetic", experts(family, 1), base_model=str(family["base"]), search=["weight"],
+               granularity="per_layer", smoothing=2)
+    x = np.array([0.9, 0.0, 0.6, 0.1])  # embed, cp0, cp1, head
+    vals = [resolved(sp, x, f"model.layers.{i}.mlp.up_proj.weight")["weight"][0] for i in range(4)]
+    assert vals == pytest.approx([0.0, 0.2, 0.4, 0.6])
+
+
+METHOD_SPACES = [
+    ("linear", ["weight"], {}),
+    ("task_arithmetic", ["weight"], {"lambda": 0.8}),
+    ("ties", ["weight", "density"], {}),
+    ("dare_ties", ["weight", "density"], {}),
+    ("dare_linear", ["weight", "density"], {}),
+    ("breadcrumbs", ["weight", "density", "gamma"], {}),
+    ("della", ["weight", "density", "epsilon"], {}),
+    ("slerp", ["t"], {}),
+]
+
+
+@pytest.mark.parametrize("method,search,fixed", METHOD_SPACES, ids=[m for m, _, _ in METHOD_SPACES])
+def test_resident_equals_one_shot_merge_of_the_exported_recipe(family, tmp_path, method, search, fixed):
+    models = experts(family, 1 if method == "slerp" else 3)
+    sp = Space(method, models, base_model=str(family["base"]), search=search, fixed=fixed,
+               granularity="per_layer_filtered" if method != "linear" else "per_layer")
+    x = np.random.default_rng(0).uniform(sp.lower, sp.upper)
+    if method == "della":  # keep density + epsilon within (0, 1]
+        x = np.where(np.array([g.param == "epsilon" for g in sp.genes]), 0.05, x)
+        x = np.where(np.array([g.param == "density" for g in sp.genes]), np.clip(x, 0.2, 0.9), x)
+    engine = ResidentEngine(sp.recipe(sp.x0), seed=3)
+    model = live_model(family)
+    ptrs = {k: p.data_ptr() for k, p in model.named_parameters()}
+    engine.materialize(sp.recipe(x), into=model)
+    engine.materialize(sp.recipe(sp.x0), into=model)
+    engine.materialize(sp.recipe(x), into=model)
+    assert {k: p.data_ptr() for k, p in model.named_parameters()} == ptrs  # nothing reallocated
+
+    recipe_file = tmp_path / "genome.yaml"
+    recipe_file.write_text(sp.recipe_yaml(x))
+    assert merge_main([str(recipe_file), str(tmp_path / "out"), "--seed", "3", "--no-progress"]) == 0
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    live = dict(model.named_parameters())
+    assert set(written) == set(live)
+    for name, t in written.items():
+        assert torch.equal(live[name].detach(), t), name
+
+
+def test_store_dtype_bf16_halves_memory_and_stays_close(family):
+    sp = Space("task_arithmetic", experts(family), base_model=str(family["base"]), search=["weight"],
+               granularity="per_model")
+    full = ResidentEngine(sp.recipe(sp.x0))
+    half = ResidentEngine(sp.recipe(sp.x0), store_dtype="bfloat16")
+    assert half.nbytes * 2 == full.nbytes
+    x = np.full(len(sp), 0.4)
+    a, b = full.merged(sp.recipe(x)), half.merged(sp.recipe(x))
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=2e-2, rtol=2e-2)
+
+
+def test_a_recipe_over_other_models_is_refused(family):
+    sp = Space("task_arithmetic", experts(family), base_model=str(family["base"]), search=["weight"])
+    engine = ResidentEngine(sp.recipe(sp.x0))
+    other = Space("task_arithmetic", experts(family, 2), base_model=str(family["base"]), search=["weight"])
+    with pytest.raises(Exception, match="other models"):
+        engine.materialize(other.recipe(other.x0), into=live_model(family))
+
+
+def test_exported_yaml_loads_as_a_recipe(family, tmp_path):
+    sp = Space("ties", experts(family), base_model=str(family["base"]), search=["weight", "density"],
+               granularity="per_layer", layer_granularity=2)
+    p = tmp_path / "r.yaml"
+    p.write_text(sp.recipe_yaml(sp.x0))
+    r = load_recipe(p)
+    assert r.method.name == "ties"
