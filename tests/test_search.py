@@ -246,3 +246,67 @@ def test_sigkill_at_random_points_then_resume_matches_uninterrupted(tmp_path):
     ids = [r.id for r in recs]
     assert len(ids) == len(set(ids)) and set(ids) == set(range(max(ids) + 1))
     assert kills >= 1
+
+
+# --------------------------------------------------------------------------------------
+# On the zoo of tests: the whole path (resident engine, live model, evaluator, loop)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_zoo(tmp_path_factory):
+    from evomerge.zoo import ZooConfig, build_zoo
+
+    return build_zoo(tmp_path_factory.mktemp("zoo") / "zoo", ZooConfig.test_mode(), progress=False,
+                     log=lambda *_: None)
+
+
+def test_per_layer_cmaes_on_the_zoo_reports_best_baselines_and_sources(small_zoo, tmp_path):
+    from evomerge.evaluate import build_evaluator
+    from evomerge.execute import LocalExecutor, Worker
+
+    z = small_zoo
+    sp = Space("task_arithmetic", [str(p) for p in z.experts.values()], base_model=str(z.base),
+               search=["weight"], granularity="per_layer")
+    ev = build_evaluator("choice", data_dir=z.root, tasks=z.tasks, limit=40)
+    worker = Worker(sp, ev)
+    out = run_search(sp, CMAES(sp, seed=0), LocalExecutor(worker), tmp_path / "run", budget=12, progress=False)
+    s = out.summary
+    names = {"best", "start", "base", *z.tasks}
+    assert names <= set(s["results"])
+    for name in names:
+        for split in ("search", "test"):
+            assert 0.0 <= s["results"][name][split]["score"] <= 1.0
+    assert s["results"]["best"]["search"]["score"] == pytest.approx(out.best_score)
+    assert s["results"]["best"]["search"]["score"] >= s["results"]["start"]["search"]["score"]
+    # the sources were scored on their own weights: the same as scoring the checkpoints directly
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    task = z.tasks[0]
+    m = AutoModelForCausalLM.from_pretrained(z.experts[task]).eval()
+    direct = ev(m, AutoTokenizer.from_pretrained(z.experts[task]), split="test")
+    assert s["results"][task]["test"] == direct
+    # and the best genome's exported recipe reproduces its search score
+    from evomerge.merge.engine import MergeEngine
+    from evomerge.recipe import load_recipe
+
+    model = worker.model
+    MergeEngine(load_recipe(tmp_path / "run" / "best_recipe.yaml")).materialize(model)
+    assert ev(model, worker.tokenizer, split="search")["score"] == pytest.approx(out.best_score)
+
+
+def test_worker_turns_errors_into_failed_results(small_zoo):
+    from evomerge.execute import Worker
+
+    z = small_zoo
+    sp = Space("task_arithmetic", [str(p) for p in z.experts.values()], base_model=str(z.base),
+               search=["weight"], granularity="global")
+
+    def broken(model, tok, split="search"):
+        raise RuntimeError("evaluator exploded")
+
+    w = Worker(sp, broken)
+    r = w.evaluate(Candidate(0, list(sp.x0)))
+    assert r.status == "failed" and "evaluator exploded" in r.error and r.score is None
+    r = w.evaluate(Candidate(1, [0.5, 0.5]))  # wrong genome length
+    assert r.status == "failed" and "genome" in r.error
