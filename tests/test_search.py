@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from evomerge.search import CMAES, GridSearch, RandomSearch, Result, run_search
+from evomerge.search import CMAES, GreedySoup, GridSearch, OptunaSearch, RandomSearch, Result, run_search
 from evomerge.search.base import Candidate
 from evomerge.space import Space
 from evomerge.trials import TrialLog
@@ -54,6 +54,9 @@ class FunctionExecutor:
 
 STRATEGIES = {
     "cmaes": lambda sp, seed: CMAES(sp, seed=seed),
+    "optuna_tpe": lambda sp, seed: OptunaSearch(sp, "tpe", seed=seed),
+    "optuna_cmaes": lambda sp, seed: OptunaSearch(sp, "cmaes", seed=seed),
+    "optuna_random": lambda sp, seed: OptunaSearch(sp, "random", seed=seed),
     "random": lambda sp, seed: RandomSearch(sp, seed=seed),
     "grid": lambda sp, seed: GridSearch(sp, points=5),
 }
@@ -86,7 +89,7 @@ def test_conformance(name):
     assert bs == pytest.approx(objective(bx))
 
 
-@pytest.mark.parametrize("name", ["cmaes", "random"])
+@pytest.mark.parametrize("name", ["cmaes", "random", "optuna_tpe", "optuna_cmaes"])
 def test_reproducible_with_a_seed(name):
     sp = synthetic_space()
     a, b, c = STRATEGIES[name](sp, 3), STRATEGIES[name](sp, 3), STRATEGIES[name](sp, 4)
@@ -310,3 +313,92 @@ def test_worker_turns_errors_into_failed_results(small_zoo):
     assert r.status == "failed" and "evaluator exploded" in r.error and r.score is None
     r = w.evaluate(Candidate(1, [0.5, 0.5]))  # wrong genome length
     assert r.status == "failed" and "genome" in r.error
+
+
+# --------------------------------------------------------------------------------------
+# Optuna storage, NSGA-II, GP; greedy soup
+# --------------------------------------------------------------------------------------
+
+
+def test_optuna_sqlite_storage_resumes_from_the_run_directory(tmp_path):
+    sp = synthetic_space()
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    full = run_search(sp, OptunaSearch(sp, "tpe", seed=2, storage=f"sqlite:///{tmp_path / 'full.db'}"),
+                      FunctionExecutor(), tmp_path / "full", budget=24, progress=False, sources=False)
+
+    class Dies(FunctionExecutor):
+        def map(self, cands):
+            for r in super().map(cands):
+                if len(self.calls) > 10:
+                    raise KeyboardInterrupt
+                yield r
+
+    assert run_search(sp, OptunaSearch(sp, "tpe", seed=2, storage=url), Dies(), tmp_path / "cut", budget=24,
+                      progress=False, sources=False).stopped
+    res = run_search(sp, OptunaSearch(sp, "tpe", seed=2, storage=url), FunctionExecutor(), tmp_path / "cut",
+                     budget=24, progress=False, sources=False, resume=True)
+    assert res.best_score == full.best_score
+    import optuna
+
+    study = optuna.load_study(storage=url, study_name="evomerge")
+    assert len([t for t in study.trials if t.state.name == "COMPLETE"]) == 24
+
+
+def test_optuna_nsga2_keeps_a_pareto_front_over_tasks(tmp_path):
+    sp = synthetic_space()
+
+    def two_tasks(x):
+        x = np.asarray(x)
+        return {"a/acc": float(1 - (x[0] - 1) ** 2), "b/acc": float(1 - x[0] ** 2)}
+
+    class Multi(FunctionExecutor):
+        def map(self, cands):
+            for c in cands:
+                m = two_tasks(c.x)
+                m["score"] = (m["a/acc"] + m["b/acc"]) / 2
+                yield Result(c.id, list(c.x), "ok", m["score"], m, split=c.split, kind=c.kind)
+
+    st = OptunaSearch(sp, "nsga2", seed=0, objectives=["a/acc", "b/acc"], batch=8)
+    run_search(sp, st, Multi(), tmp_path / "run", budget=40, progress=False, sources=False, baselines={})
+    front = st.pareto_front()
+    assert len(front) >= 3
+    xs = sorted(f["x"][0] for f in front)
+    assert xs[0] < 0.5 < xs[-1]  # the front trades task a against task b
+    with pytest.raises(ValueError, match="objectives"):
+        OptunaSearch(sp, "nsga2")
+
+
+def test_optuna_gp_improves_over_the_start():
+    sp = synthetic_space()
+    st = OptunaSearch(sp, "gp", seed=0)
+    drive(st, sp, 5)
+    assert st.best()[1] > objective(sp.x0)
+
+
+def soup_space():
+    return Space("linear", [f"m{i}" for i in range(5)], search=["weight"], granularity="per_model")
+
+
+def test_greedy_soup_follows_the_recipe():
+    sp = soup_space()
+    single = [0.50, 0.70, 0.60, 0.65, 0.10]
+
+    def score(x):  # a soup is better the more good ingredients it averages, ruined by m4
+        members = [i for i, v in enumerate(x) if v > 0.5]
+        if 4 in members:
+            return 0.0
+        return float(np.mean([single[i] for i in members]) + 0.05 * (len(members) - 1))
+
+    st = GreedySoup(sp)
+    calls = []
+    while not st.done():
+        xs = st.ask()
+        calls.append([sorted(i for i, v in enumerate(x) if v > 0.5) for x in xs])
+        st.tell(xs, [score(x) for x in xs])
+    assert calls[0] == [[0], [1], [2], [3], [4]]  # every ingredient alone, first
+    assert calls[1:] == [[[1, 3]], [[1, 2, 3]], [[0, 1, 2, 3]], [[0, 1, 2, 3, 4]]]  # best first, then in order
+    bx, bs = st.best()
+    assert sorted(i for i, v in enumerate(bx) if v > 0.5) == [0, 1, 2, 3]
+    assert bs >= max(single)
+    with pytest.raises(ValueError, match="linear"):
+        GreedySoup(synthetic_space())

@@ -3,9 +3,12 @@
 from .base import Candidate, Result, Strategy
 from .baselines import GridSearch, RandomSearch
 from .cmaes import CMAES
+from .greedy_soup import GreedySoup
+from .optuna import OptunaSearch
 from .loop import SearchOutcome, run_search
 
-STRATEGIES = {"cmaes": CMAES, "random": RandomSearch, "grid": GridSearch}
+STRATEGIES = {"cmaes": CMAES, "optuna": OptunaSearch, "greedy_soup": GreedySoup, "random": RandomSearch,
+              "grid": GridSearch}
 
-__all__ = ["Candidate", "Result", "Strategy", "CMAES", "RandomSearch", "GridSearch", "STRATEGIES",
+__all__ = ["Candidate", "Result", "Strategy", "CMAES", "OptunaSearch", "GreedySoup", "RandomSearch", "GridSearch", "STRATEGIES",
            "run_search", "SearchOutcome"]

@@ -118,7 +118,11 @@ def run_search(
                     best = res.score if best is None else max(best, res.score)
                 bar.set_postfix(best=f"{best:.4f}" if best is not None else "-")
             results = [done[("search", c.id)] for c in pending]
-            strategy.tell([np.asarray(c.x) for c in pending], [r.score for r in results])
+            xs_told, scores_told = [np.asarray(c.x) for c in pending], [r.score for r in results]
+            if getattr(strategy, "wants_metrics", False):
+                strategy.tell(xs_told, scores_told, metrics=[r.metrics for r in results])
+            else:
+                strategy.tell(xs_told, scores_told)
             pending = []
             generation += 1
             checkpoint()
