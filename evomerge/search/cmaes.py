@@ -32,7 +32,9 @@ class CMAES:
 
     def __init__(self, space: Space, seed: int = 0, sigma0: float = 1 / 6, x0: float | None = None,
                  popsize: int | None = None, max_generations: int | None = None):
-        import cma
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pycma warns when matplotlib (for its plots) is missing
+            import cma
 
         self.space = space
         n = len(space)

@@ -1,0 +1,127 @@
+"""``evomerge``: the Hydra application that runs a merge search from configs in ``conf/``.
+
+    evomerge                                          # per-layer CMA-ES on the local zoo
+    evomerge merge=ties space=per_layer_filtered search=optuna_tpe budget=120
+    evomerge -m search=cmaes,random seed=0,1,2        # one run directory per job
+    evomerge resume=true hydra.run.dir=results/quickstart/2026-11-23_10-00-00
+
+Each run directory holds Hydra's ``.hydra/`` (the composed config and overrides), the trial
+log, the strategy's checkpoint, ``best_recipe.yaml`` (``evomerge-merge`` reproduces the best
+merge from it) and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+__all__ = ["main", "run"]
+
+_METRIC = {"accuracy": "acc", "exact_match": "acc", "choice": "acc", "perplexity": "ppl", "entropy": "entropy"}
+
+
+def _models(cfg) -> tuple[str | None, list[str], Any]:
+    zoo = None
+    if cfg.models.get("zoo_dir"):
+        from .zoo import build_zoo, load_zoo
+
+        root = Path(cfg.models.zoo_dir)
+        # a zoo already there is used as built (any seed or size); a missing one is built
+        zoo = load_zoo(root) if (root / "zoo.json").is_file() else build_zoo(root, progress=cfg.progress)
+    base = cfg.models.get("base") or (str(zoo.base) if zoo else None)
+    experts = list(cfg.models.get("experts") or ([str(p) for p in zoo.experts.values()] if zoo else []))
+    if not experts:
+        raise ValueError("models.experts: no models to merge (give a list, or models.zoo_dir)")
+    return base, experts, zoo
+
+
+def run(cfg, run_dir: str | Path) -> dict:
+    """Run (or resume) the search a composed config describes; returns the summary."""
+    import torch
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from .execute import Worker
+    from .search import run_search
+    from .space import Space
+
+    torch.set_num_threads(int(cfg.threads))
+    run_dir = Path(run_dir)
+    base, experts, zoo = _models(cfg)
+    def plain(node) -> Any:
+        return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else (node or {})
+
+    ranges = plain(cfg.space.get("ranges"))
+    search = {p: ranges.get(p, {}) for p in cfg.merge.search}
+    space = Space(cfg.merge.method, experts, base_model=base, search=search,
+                  fixed=plain(cfg.merge.get("fixed")),
+                  granularity=cfg.space.granularity, layer_granularity=cfg.space.get("layer_granularity", 1),
+                  smoothing=cfg.space.get("smoothing"))
+    eval_kw = {}
+    if cfg.eval.get("tasks") is None and zoo is not None:
+        eval_kw["tasks"] = zoo.tasks if cfg.eval.name != "lm_eval" else ["zoo"]
+    evaluator = instantiate(cfg.eval, **eval_kw)
+    strat_kw: dict[str, Any] = {"seed": int(cfg.seed)}
+    target = cfg.search.get("_target_", "")
+    if target.endswith("OptunaSearch"):
+        if cfg.search.get("storage") is None:
+            strat_kw["storage"] = f"sqlite:///{(run_dir / 'optuna.db').resolve()}"
+        if cfg.search.get("sampler") == "nsga2" and not cfg.search.get("objectives"):
+            metric = _METRIC.get(cfg.eval.get("name"), "acc")
+            strat_kw["objectives"] = [f"{t}/{metric}" for t in evaluator.tasks]
+    if target.endswith("GridSearch"):
+        strat_kw.pop("seed")  # a grid has no randomness
+    strategy = instantiate(cfg.search)(space, **strat_kw)
+    worker = Worker(space, evaluator, device=cfg.device, seed=int(cfg.seed))
+    executor = instantiate(cfg.executor)(worker)
+    outcome = run_search(space, strategy, executor, run_dir, budget=int(cfg.budget), max_seconds=cfg.max_seconds,
+                         resume=bool(cfg.resume), progress=bool(cfg.progress),
+                         config=OmegaConf.to_container(cfg, resolve=True))
+    if outcome.stopped:
+        print(f"stopped after {outcome.evaluations} evaluations; resume with: evomerge resume=true "
+              f"hydra.run.dir={run_dir}", file=sys.stderr)
+        return {}
+    print(format_summary(outcome.summary, run_dir))
+    return outcome.summary
+
+
+def format_summary(summary: dict, run_dir: Path) -> str:
+    rows = [("", "search", "test")]
+    for name, row in summary["results"].items():
+        label = {"best": "best (searched)", "start": "start (baseline)"}.get(name, name)
+        if row["kind"] == "source":
+            label = f"{name} (source)"
+        cells = []
+        for split in ("search", "test"):
+            m = row.get(split, {})
+            cells.append(f"{m['score']:.4f}" if "score" in m else "failed")
+        rows.append((label, *cells))
+    w = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [f"{summary['strategy']} over {summary['space']['genes']} genes "
+             f"({summary['space']['method']}, {summary['space']['granularity']}): "
+             f"{summary['evaluations']} evaluations, {summary['failed']} failed"]
+    lines += ["  ".join(c.ljust(w[i]) for i, c in enumerate(r)) for r in rows]
+    lines.append(f"run directory: {run_dir} (summary.json, best_recipe.yaml, trials.jsonl)")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    conf = str(Path(__file__).resolve().parent.parent / "conf")
+
+    @hydra.main(version_base=None, config_path=conf, config_name="config")
+    def _main(cfg) -> None:
+        run(cfg, HydraConfig.get().runtime.output_dir)
+
+    _main()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

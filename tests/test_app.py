@@ -1,0 +1,94 @@
+"""The ``evomerge`` Hydra app: every config option composes and instantiates; a search runs
+from the command line, survives SIGKILL and resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+GROUPS = ["models", "merge", "space", "search", "eval", "executor"]
+
+
+def options(group):
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_option_composes_and_its_target_exists(group):
+    import importlib
+
+    from hydra import compose, initialize_config_dir
+
+    assert options(group)
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        for opt in options(group):
+            cfg = compose(config_name="config", overrides=[f"{group}={opt}"])
+            node = cfg[group]
+            if "_target_" in node:
+                mod, _, attr = node["_target_"].rpartition(".")
+                target = getattr(importlib.import_module(mod), attr)
+                import inspect
+
+                params = inspect.signature(target).parameters
+                if not any(p.kind == p.VAR_KEYWORD for p in params.values()):
+                    unknown = [k for k in node if not k.startswith("_") and k not in params]
+                    assert not unknown, f"{group}={opt}: keys {unknown} are not arguments of {node['_target_']}"
+
+
+@pytest.fixture(scope="module")
+def zoo_dir(tmp_path_factory):
+    from evomerge.zoo import ZooConfig, build_zoo
+
+    root = tmp_path_factory.mktemp("zoo") / "zoo"
+    build_zoo(root, ZooConfig.test_mode(), progress=False, log=lambda *_: None)
+    return root
+
+
+def evomerge(args, run_dir, **kw):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "evomerge.app", *args, f"hydra.run.dir={run_dir}", "progress=false"]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **kw)
+
+
+def test_search_from_the_command_line_then_kill_and_resume(zoo_dir, tmp_path):
+    args = [f"models.zoo_dir={zoo_dir}", "eval.name=choice", "eval.limit=30", "budget=30", "space=per_layer"]
+    run = tmp_path / "run"
+    p = evomerge(args, run)
+    log = run / "trials.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not log.is_file() or len(log.read_text().splitlines()) < 8):
+        time.sleep(0.2)
+    assert p.poll() is None, p.communicate()
+    p.send_signal(signal.SIGKILL)
+    p.communicate()
+    before = len(log.read_text().splitlines())
+    assert 8 <= before < 30 and not (run / "summary.json").exists()
+
+    p = evomerge(args + ["resume=true"], run)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    assert "best (searched)" in out
+    recs = [json.loads(x) for x in log.read_text().splitlines()]
+    ids = [r["id"] for r in recs if r["kind"] == "search"]
+    assert len(ids) == len(set(ids)) >= 30
+    s = json.loads((run / "summary.json").read_text())
+    for name in ["best", "start", "base"]:
+        assert set(s["results"][name]) >= {"search", "test"}
+    assert (run / "best_recipe.yaml").is_file() and (run / ".hydra" / "config.yaml").is_file()
+
+
+def test_an_existing_run_directory_is_not_overwritten(zoo_dir, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "trials.jsonl").write_text("")
+    p = evomerge([f"models.zoo_dir={zoo_dir}", "budget=4"], run)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode != 0 and "already holds a search" in err
