@@ -86,6 +86,13 @@ def run(cfg, run_dir: str | Path) -> dict:
         print(f"stopped after {outcome.evaluations} evaluations; resume with: evomerge resume=true "
               f"hydra.run.dir={run_dir}", file=sys.stderr)
         return {}
+    if cfg.get("export_model") and outcome.best_x is not None:
+        from .merge.engine import MergeEngine
+
+        path = MergeEngine(space.recipe(outcome.best_x), device=cfg.device, seed=int(cfg.seed)).write(
+            run_dir / "best_model", overwrite=True, progress=bool(cfg.progress),
+            recipe_text=space.recipe_yaml(outcome.best_x))
+        print(f"best merge written to {path}")
     print(format_summary(outcome.summary, run_dir))
     return outcome.summary
 

@@ -72,7 +72,7 @@ def test_search_from_the_command_line_then_kill_and_resume(zoo_dir, tmp_path):
     before = len(log.read_text().splitlines())
     assert 8 <= before < 30 and not (run / "summary.json").exists()
 
-    p = evomerge(args + ["resume=true"], run)
+    p = evomerge(args + ["resume=true", "export_model=true"], run)
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0, err
     assert "best (searched)" in out
@@ -83,6 +83,17 @@ def test_search_from_the_command_line_then_kill_and_resume(zoo_dir, tmp_path):
     for name in ["best", "start", "base"]:
         assert set(s["results"][name]) >= {"search", "test"}
     assert (run / "best_recipe.yaml").is_file() and (run / ".hydra" / "config.yaml").is_file()
+    # the exported model is the best genome's merge, and scores what the search recorded
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.evaluate import build_evaluator
+    from evomerge.zoo import load_zoo
+
+    z = load_zoo(zoo_dir)
+    ev = build_evaluator("choice", data_dir=z.root, tasks=z.tasks, limit=30)
+    model = AutoModelForCausalLM.from_pretrained(run / "best_model").eval()
+    got = ev(model, AutoTokenizer.from_pretrained(run / "best_model"), split="search")["score"]
+    assert got == pytest.approx(s["best_search_score"])
 
 
 def test_an_existing_run_directory_is_not_overwritten(zoo_dir, tmp_path):
