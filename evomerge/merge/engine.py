@@ -377,6 +377,17 @@ class MergeEngine:
     def materialize(self, into: torch.nn.Module) -> None:
         """Write every merged tensor into ``into``'s own parameters and buffers, in place:
         the arithmetic writes straight into their storage (no second copy of the model)."""
+        state = self.live_state(into)
+        with torch.no_grad():
+            for task in self.tasks:
+                dst = state[task.name]
+                direct = dst.is_contiguous() and dst.device == self.device and dst.is_floating_point()
+                res = self.merge_tensor(task, out=dst.data if direct else None)
+                if not direct:
+                    dst.copy_(res)
+
+    def live_state(self, into: torch.nn.Module) -> dict[str, Tensor]:
+        """``into``'s parameters and buffers by name, checked to receive every merged tensor."""
         state = dict(into.named_parameters())
         state.update(dict(into.named_buffers()))
         for task in self.tasks:
@@ -386,13 +397,7 @@ class MergeEngine:
             if tuple(dst.shape) != self.shape(task):
                 raise MergeError(f"tensor '{task.name}': merged shape {list(self.shape(task))} does not "
                                  f"fit the live model's {list(dst.shape)}")
-        with torch.no_grad():
-            for task in self.tasks:
-                dst = state[task.name]
-                direct = dst.is_contiguous() and dst.device == self.device and dst.is_floating_point()
-                res = self.merge_tensor(task, out=dst.data if direct else None)
-                if not direct:
-                    dst.copy_(res)
+        return state
 
     def write(
         self,

@@ -91,15 +91,7 @@ class ResidentEngine:
     def materialize(self, recipe: Recipe, into: torch.nn.Module) -> None:
         """Write the candidate's merged weights into ``into``'s parameters, in place."""
         eng = self.plan(recipe)
-        state = dict(into.named_parameters())
-        state.update(dict(into.named_buffers()))
-        for task in eng.tasks:
-            dst = state.get(task.name)
-            if dst is None:
-                raise MergeError(f"the live model has no parameter '{task.name}'")
-            if tuple(dst.shape) != eng.shape(task):
-                raise MergeError(f"tensor '{task.name}': merged shape {list(eng.shape(task))} does not fit "
-                                 f"the live model's {list(dst.shape)}")
+        state = eng.live_state(into)
         for task in eng.tasks:
             dst = state[task.name]
             direct = dst.is_contiguous() and dst.device == self.device and dst.is_floating_point()
