@@ -1034,3 +1034,24 @@ def test_dare_masks_do_not_depend_on_chunking(monkeypatch):
         assert torch.equal(dare_ties(base, experts, [0.6, 0.4], [0.3, 0.5], seeds=[11, 12]), want)
     kept = (dare_linear(base, [experts[0]], [1.0], [0.3], seeds=[11], rescale=False) != base).double().mean()
     assert abs(float(kept) - 0.3) < 0.03
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
+def test_cached_order_statistics_give_the_same_cuts(method):
+    from evomerge.merge.methods import METHODS, order_statistics
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(3000, generator=g)
+    # many equal magnitudes, so that ties are broken by position
+    tensors = [base + torch.randint(-3, 4, (3000,), generator=g).float() * 0.25 for _ in range(3)]
+    fn = METHODS[method].fn
+    cache: dict = {}
+    for density in (0.1, 0.37, 0.8, 1.0):
+        kw = dict(weight=[0.5, 0.3, 0.2], density=[density, density / 2, 0.5])
+        if method == "breadcrumbs_ties":
+            kw["gamma"] = [0.05, 0.01, 0.1]
+        plain = fn(base, tensors, **kw)
+        with order_statistics(cache):
+            cached = fn(base, tensors, **kw)
+        assert torch.equal(plain, cached), density
+    assert set(cache) == {0, 1, 2}

@@ -20,6 +20,9 @@ on a CPU, ``torch.kthvalue`` elsewhere), over a seeded sample's bracket for larg
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -313,6 +316,31 @@ def _bracket(a, lo: float, hi: float, count: int, w) -> tuple[int, Tensor]:
     return count, a[m2]
 
 
+_ORDER_STATS: contextvars.ContextVar[dict | None] = contextvars.ContextVar("order_stats", default=None)
+
+
+@contextlib.contextmanager
+def order_statistics(cache: dict):
+    """Within this block, magnitude trims of a tensor read their thresholds from ``cache``
+    (one per output tensor, kept by the caller): the first use sorts each task vector's
+    magnitudes once (stable, so ties keep position order), and every later call finds any
+    rank's cut by a lookup instead of a pass over the weights. The cuts are the same as
+    without the cache. Used by the resident engine, which merges the same inputs with many
+    densities."""
+    token = _ORDER_STATS.set(cache)
+    try:
+        yield
+    finally:
+        _ORDER_STATS.reset(token)
+
+
+def _cut_from_sorted(stats: tuple[Tensor, Tensor], r: int) -> _Cut:
+    values, order = stats
+    v = values[r]
+    first = int(torch.searchsorted(values, v, right=False))
+    return _Cut(float(v), 0 if r == first else int(order[r]))
+
+
 def _find_cuts(base: Tensor, tensors: Sequence[Tensor], ranks: list[list[int]], dt, work: _Work) -> list[list]:
     """Cuts for each model's ranks (0-based, ascending) of its magnitudes |t - base|.
 
@@ -333,6 +361,13 @@ def _find_cuts(base: Tensor, tensors: Sequence[Tensor], ranks: list[list[int]], 
             else:
                 todo.append((i, j))
     if not todo:
+        return out
+    cache = _ORDER_STATS.get()
+    if cache is not None:
+        for i, j in todo:
+            if i not in cache:
+                cache[i] = torch.sort(_magnitudes(base, tensors[i], dt), stable=True)
+            out[i][j] = _cut_from_sorted(cache[i], ranks[i][j])
         return out
     if n <= EXACT_SELECT_MAX:
         for i in sorted({i for i, _ in todo}):

@@ -19,6 +19,7 @@ from torch import Tensor
 from ..checkpoint import torch_dtype
 from ..recipe import Recipe
 from .engine import MergeEngine, MergeError, TensorTask
+from .methods import order_statistics
 
 __all__ = ["ResidentEngine"]
 
@@ -33,10 +34,14 @@ class ResidentEngine:
         seed: seeds DARE/DELLA masks, as in the one-shot path.
         store_dtype: keep inputs in this dtype (e.g. ``bfloat16`` to halve memory); by
             default the recipe's ``dtype`` (or the checkpoint's).
+        order_stats: keep each task vector's sorted magnitudes (12 bytes per weight and
+            model) after the first candidate, so that magnitude trims (TIES, breadcrumbs)
+            with any density cost a lookup instead of a pass over the weights.
     """
 
     def __init__(self, recipe: Recipe, *, device: str | torch.device = "cpu", seed: int = 0,
-                 store_dtype: str | torch.dtype | None = None, allow_pickle: bool = False):
+                 store_dtype: str | torch.dtype | None = None, allow_pickle: bool = False,
+                 order_stats: bool = True):
         self.template = MergeEngine(recipe, device=device, seed=seed, allow_pickle=allow_pickle)
         self.device = self.template.device
         self.seed = seed
@@ -45,6 +50,8 @@ class ResidentEngine:
             store_dtype = torch_dtype(store_dtype)
         self.store_dtype = store_dtype
         self._inputs: dict[tuple[Any, str], Tensor] = {}
+        self.order_stats = order_stats
+        self._stats: dict[str, dict] = {}
         for task in self.template.tasks:
             raw = self.template._read(task)
             base, tensors = self.template._prepare(task, raw)
@@ -85,7 +92,13 @@ class ResidentEngine:
     def merged(self, recipe: Recipe) -> dict[str, Tensor]:
         """Every merged tensor of a candidate, as new tensors (for tests and export)."""
         eng = self.plan(recipe)
-        return {t.name: eng.compute(t, *self._inputs_for(eng, t)) for t in eng.tasks}
+        return {t.name: self._compute(eng, t) for t in eng.tasks}
+
+    def _compute(self, eng: MergeEngine, task: TensorTask, out: Tensor | None = None) -> Tensor:
+        if not self.order_stats:
+            return eng.compute(task, *self._inputs_for(eng, task), out=out)
+        with order_statistics(self._stats.setdefault(task.name, {})):
+            return eng.compute(task, *self._inputs_for(eng, task), out=out)
 
     @torch.no_grad()
     def materialize(self, recipe: Recipe, into: torch.nn.Module) -> None:
@@ -95,7 +108,7 @@ class ResidentEngine:
         for task in eng.tasks:
             dst = state[task.name]
             direct = dst.is_contiguous() and dst.device == self.device and dst.is_floating_point()
-            res = eng.compute(task, *self._inputs_for(eng, task), out=dst.data if direct else None)
+            res = self._compute(eng, task, out=dst.data if direct else None)
             if not direct:
                 dst.copy_(res)
             if res.is_floating_point() and not bool(torch.isfinite(res.sum())) and not bool(torch.isfinite(res).all()):
