@@ -76,9 +76,11 @@ def run(cfg, run_dir: str | Path) -> dict:
             strat_kw["objectives"] = [f"{t}/{metric}" for t in evaluator.tasks]
     if target.endswith("GridSearch"):
         strat_kw.pop("seed")  # a grid has no randomness
-    strategy = instantiate(cfg.search)(space, **strat_kw)
     worker = Worker(space, evaluator, device=cfg.device, seed=int(cfg.seed))
     executor = instantiate(cfg.executor)(worker)
+    if target.endswith("AdaMerging"):
+        return _adamerging(cfg, space, worker, executor, zoo, evaluator, run_dir)
+    strategy = instantiate(cfg.search)(space, **strat_kw)
     outcome = run_search(space, strategy, executor, run_dir, budget=int(cfg.budget), max_seconds=cfg.max_seconds,
                          resume=bool(cfg.resume), progress=bool(cfg.progress),
                          config=OmegaConf.to_container(cfg, resolve=True))
@@ -95,6 +97,27 @@ def run(cfg, run_dir: str | Path) -> dict:
         print(f"best merge written to {path}")
     print(format_summary(outcome.summary, run_dir))
     return outcome.summary
+
+
+def _adamerging(cfg, space, worker, executor, zoo, evaluator, run_dir: Path) -> dict:
+    """AdaMerging runs inside the worker (gradients need the models), then the usual finish."""
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from .search import finish_run
+
+    if zoo is None:
+        raise ValueError("search=adamerging* needs unlabeled prompts: the zoo's, for now")
+    prompts = [json.loads(line)["prompt"] for t in evaluator.tasks
+               for line in zoo.data(t, "validation").read_text().splitlines()]
+    if (run_dir / "summary.json").is_file() and not cfg.resume:
+        raise FileExistsError(f"{run_dir} already holds a search; resume it or choose another run directory")
+    am = instantiate(cfg.search)(space, worker, prompts, seed=int(cfg.seed))
+    x, score = am.run(run_dir, resume=bool(cfg.resume), progress=bool(cfg.progress))
+    summary = finish_run(space, am.name, x, score, executor, run_dir,
+                         config=OmegaConf.to_container(cfg, resolve=True))
+    print(format_summary(summary, run_dir))
+    return summary
 
 
 def format_summary(summary: dict, run_dir: Path) -> str:

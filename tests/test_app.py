@@ -103,3 +103,15 @@ def test_an_existing_run_directory_is_not_overwritten(zoo_dir, tmp_path):
     p = evomerge([f"models.zoo_dir={zoo_dir}", "budget=4"], run)
     out, err = p.communicate(timeout=120)
     assert p.returncode != 0 and "already holds a search" in err
+
+
+def test_adamerging_from_the_command_line(zoo_dir, tmp_path):
+    run = tmp_path / "am"
+    p = evomerge([f"models.zoo_dir={zoo_dir}", "search=adamerging_taskwise", "space=per_model", "search.steps=6",
+                  "search.lr=0.05"], run)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err
+    s = json.loads((run / "summary.json").read_text())
+    assert s["strategy"] == "adamerging" and s["evaluations"] == 6
+    assert {"search", "test"} <= set(s["results"]["best"])
+    assert (run / "best_recipe.yaml").is_file()

@@ -5,10 +5,11 @@ from .baselines import GridSearch, RandomSearch
 from .cmaes import CMAES
 from .greedy_soup import GreedySoup
 from .optuna import OptunaSearch
-from .loop import SearchOutcome, run_search
+from .adamerging import AdaMerging
+from .loop import SearchOutcome, finish_run, run_search
 
 STRATEGIES = {"cmaes": CMAES, "optuna": OptunaSearch, "greedy_soup": GreedySoup, "random": RandomSearch,
               "grid": GridSearch}
 
 __all__ = ["Candidate", "Result", "Strategy", "CMAES", "OptunaSearch", "GreedySoup", "RandomSearch", "GridSearch", "STRATEGIES",
-           "run_search", "SearchOutcome"]
+           "run_search", "SearchOutcome", "finish_run", "AdaMerging"]

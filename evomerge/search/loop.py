@@ -27,7 +27,7 @@ from ..space import Space
 from ..trials import TrialLog, atomic_write, load_state, save_state
 from .base import Candidate, Result
 
-__all__ = ["run_search", "SearchOutcome"]
+__all__ = ["run_search", "SearchOutcome", "finish_run"]
 
 STATE_FILE = "strategy.pkl"
 LOG_FILE = "trials.jsonl"
@@ -136,6 +136,29 @@ def run_search(
     summary = _finish(space, strategy, executor, run_dir, log, done, baselines, sources, config, n_search)
     best_x, best_score = strategy.best()
     return SearchOutcome(run_dir, best_x, best_score, n_search, summary)
+
+
+class _Given:
+    """A result found by other means (e.g. gradient descent), in the strategy protocol's shape."""
+
+    def __init__(self, name: str, x, score):
+        self.name, self._best = name, (None if x is None else np.asarray(x, dtype=float), score)
+
+    def best(self):
+        return self._best
+
+
+def finish_run(space: Space, name: str, best_x, best_score, executor, run_dir: str | Path,
+               baselines: Mapping[str, Any] | None = None, sources: bool = True,
+               config: Mapping[str, Any] | None = None) -> dict:
+    """Score a given best genome, the baselines and the sources on both splits, and write
+    ``best_recipe.yaml`` and ``summary.json`` (what ``run_search`` does at its end)."""
+    run_dir = Path(run_dir)
+    log = TrialLog(run_dir / LOG_FILE)
+    done = {(r.kind, r.id): r for r in log}
+    n_search = sum(1 for k in done if k[0] == "search")
+    return _finish(space, _Given(name, best_x, best_score), executor, run_dir, log, done, baselines, sources,
+                   config, n_search)
 
 
 def _finish(space, strategy, executor, run_dir, log, done, baselines, sources, config, n_search) -> dict:

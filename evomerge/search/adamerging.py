@@ -1,0 +1,182 @@
+"""AdaMerging: merge coefficients learned by entropy minimisation on unlabeled inputs.
+
+Yang et al. 2024, "AdaMerging: Adaptive Model Merging for Multi-Task Learning",
+https://arxiv.org/abs/2310.02575. theta = theta_0 + sum_k lambda_k tau_k, with one lambda
+per task (``space`` granularity ``per_model``: task-wise) or per task and layer group
+(``per_layer`` / ``per_layer_filtered``: layer-wise), initialised at 0.3, clamped to [0, 1]
+and trained with Adam to minimise the Shannon entropy of the merged model's next-token
+predictions on unlabeled prompts of the search split. The merge is differentiable and goes
+through ``torch.func.functional_call`` over the live model, so no second model is built.
+AdaMerging++ (``plus_plus``) learns the same coefficients over TIES-trimmed task vectors
+(top-``density`` magnitudes kept, entries disagreeing with the elected sign dropped).
+
+It runs where the models are (inside a worker, from the resident engine's inputs) and logs
+every step in the trial log like any other evaluation: its genome is the space's (the
+coefficients are task-arithmetic weights), so the result exports as a recipe.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..evaluate.entropy import encode_prompts, prediction_entropy
+from ..space import Space
+from ..trials import TrialLog, load_state, save_state
+from .base import Result
+
+__all__ = ["AdaMerging", "coefficient_map"]
+
+
+def coefficient_map(space: Space, engine) -> dict[str, torch.Tensor]:
+    """For every merged tensor, the matrix ``A`` (models x genes) with weight_k = (A @ x)_k.
+
+    Recipe resolution is linear in the genes (values, filters and interpolation over
+    depth), so probing with the zero genome and each unit genome recovers it exactly.
+    """
+    n = len(space)
+
+    def weights(x) -> dict[str, list[float]]:
+        eng = engine.plan(space.recipe(x))
+        return {t.name: list(t.params.get("weight", [])) for t in eng.tasks if not t.copy}
+
+    zero = weights(np.zeros(n))
+    if any(any(v != 0 for v in w) for w in zero.values()):
+        raise ValueError("adamerging: the space's weights must be linear in the genome (lower bound 0)")
+    cols = [weights(np.eye(n)[g]) for g in range(n)]
+    return {name: torch.tensor([[cols[g][name][k] for g in range(n)] for k in range(len(w))], dtype=torch.float32)
+            for name, w in zero.items()}
+
+
+class AdaMerging:
+    """Args:
+        space: a ``task_arithmetic`` space searching ``weight`` (``per_model`` for task-wise,
+            a per-layer granularity for layer-wise).
+        worker: a ``Worker`` holding the models (its resident engine and live model).
+        prompts: unlabeled inputs (the search split's prompts).
+        lr, steps, batch_size, init: Adam's learning rate, the number of steps, prompts per
+            step, and the starting coefficient.
+        plus_plus, density: AdaMerging++ over TIES-trimmed task vectors.
+        seed: order of the prompt batches.
+    """
+
+    name = "adamerging"
+
+    def __init__(self, space: Space, worker, prompts: Sequence[str], lr: float = 1e-3, steps: int = 100,
+                 batch_size: int = 16, init: float = 0.3, plus_plus: bool = False, density: float = 0.2,
+                 seed: int = 0):
+        if space.method.name != "task_arithmetic" or set(space.ranges) != {"weight"}:
+            raise ValueError("adamerging needs a task_arithmetic space searching 'weight' only")
+        if not prompts:
+            raise ValueError("adamerging: no unlabeled prompts")
+        self.space, self.worker = space, worker
+        self.lr, self.steps, self.batch_size = float(lr), int(steps), int(batch_size)
+        self.seed = seed
+        self.model = worker.model
+        self.batches = encode_prompts(worker.tokenizer, list(prompts))
+        eng = worker.engine
+        self.A = coefficient_map(space, eng)
+        self.base: dict[str, torch.Tensor] = {}
+        self.taus: dict[str, torch.Tensor] = {}
+        for task in eng.template.tasks:
+            if task.copy or task.name not in self.A:
+                continue
+            b = eng._inputs[task.base].float()
+            tau = torch.stack([eng._inputs[src].float() - b for src in task.inputs])
+            if plus_plus:
+                tau = _ties_filter(tau, density)
+            self.base[task.name], self.taus[task.name] = b, tau
+        dev = next(self.model.parameters()).device
+        self.x = torch.full((len(space),), float(init), device=dev, requires_grad=True)
+        self.opt = torch.optim.Adam([self.x], lr=self.lr)
+        self.step = 0
+
+    def merged_params(self) -> dict[str, torch.Tensor]:
+        """The merged tensors as differentiable functions of the coefficients."""
+        out = {}
+        for name, tau in self.taus.items():
+            w = self.A[name].to(self.x.device) @ self.x
+            out[name] = self.base[name] + torch.tensordot(w, tau, dims=1)
+        return out
+
+    def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = self.batches
+        rng = np.random.Generator(np.random.PCG64([self.seed, step]))
+        idx = torch.as_tensor(rng.choice(ids.shape[0], size=min(self.batch_size, ids.shape[0]), replace=False))
+        dev = self.x.device
+        return ids[idx].to(dev), mask[idx].to(dev)
+
+    def train_step(self) -> float:
+        params = self.merged_params()
+
+        def call(**kw):
+            return torch.func.functional_call(self.model, params, args=(), kwargs={**kw, "use_cache": False})
+
+        loss = prediction_entropy(call, self._batch(self.step), differentiable=True).mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        with torch.no_grad():
+            self.x.clamp_(0.0, 1.0)
+        self.step += 1
+        return float(loss.detach())
+
+    def genome(self) -> np.ndarray:
+        return self.space.clip(self.x.detach().cpu().numpy().astype(float))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"x": self.x.detach().cpu().tolist(), "opt": self.opt.state_dict(), "step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            self.x.copy_(torch.tensor(state["x"]))
+        self.opt.load_state_dict(state["opt"])
+        self.step = int(state["step"])
+
+    def run(self, run_dir: str | Path, resume: bool = False, progress: bool = True) -> tuple[np.ndarray, float]:
+        """Train for ``steps`` steps, logging each in ``run_dir/trials.jsonl`` (score: minus
+        the step's entropy); resumable from ``run_dir/adamerging.pkl``."""
+        from tqdm.auto import tqdm
+
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log = TrialLog(run_dir / "trials.jsonl")
+        state_path = run_dir / "adamerging.pkl"
+        if resume and (state := load_state(state_path)) is not None:
+            self.load_state_dict(state)
+        done = {r.id for r in log if r.kind == "search"}
+        bar = tqdm(total=self.steps, initial=self.step, desc="adamerging", disable=not progress)
+        while self.step < self.steps:
+            t0 = time.perf_counter()
+            x = self.genome()
+            step = self.step
+            entropy = self.train_step()
+            if step not in done:
+                log.append(Result(step, [float(v) for v in x], "ok", -entropy, {"entropy": entropy, "score": entropy},
+                                  wall_s=time.perf_counter() - t0, worker=self.worker.name, generation=step))
+            save_state(state_path, self.state_dict())
+            bar.update(1)
+            bar.set_postfix(entropy=f"{entropy:.4f}")
+        bar.close()
+        return self.genome(), -entropy if self.steps else float("nan")
+
+
+def _ties_filter(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """TIES trim and elect on stacked task vectors ``[k, ...]``: keep each one's top
+    ``density`` magnitudes, then drop the entries whose sign disagrees with the sign of the
+    sum (zero counts as positive)."""
+    k = tau.shape[0]
+    flat = tau.reshape(k, -1)
+    n = flat.shape[1]
+    keep = max(1, int(density * n))
+    out = torch.zeros_like(flat)
+    for i in range(k):
+        idx = torch.topk(flat[i].abs(), keep).indices
+        out[i, idx] = flat[i, idx]
+    elected = torch.where(out.sum(0) >= 0, 1.0, -1.0)
+    out = out * (torch.sign(out) == elected).float()
+    return out.reshape(tau.shape)
