@@ -61,7 +61,7 @@ def run(cfg, run_dir: str | Path) -> dict:
     space = Space(cfg.merge.method, experts, base_model=base, search=search,
                   fixed=plain(cfg.merge.get("fixed")),
                   granularity=cfg.space.granularity, layer_granularity=cfg.space.get("layer_granularity", 1),
-                  smoothing=cfg.space.get("smoothing"))
+                  smoothing=cfg.space.get("smoothing"), dtype=cfg.merge.get("dtype", "float32"))
     eval_kw = {}
     if cfg.eval.get("tasks") is None and zoo is not None:
         eval_kw["tasks"] = zoo.tasks if cfg.eval.name != "lm_eval" else ["zoo"]

@@ -115,3 +115,16 @@ def test_adamerging_from_the_command_line(zoo_dir, tmp_path):
     assert s["strategy"] == "adamerging" and s["evaluations"] == 6
     assert {"search", "test"} <= set(s["results"]["best"])
     assert (run / "best_recipe.yaml").is_file()
+
+
+@pytest.mark.parametrize("name", options("experiment"))
+def test_experiments_compose_and_carry_their_command(name):
+    from hydra import compose, initialize_config_dir
+
+    text = (CONF / "experiment" / f"{name}.yaml").read_text().splitlines()
+    assert text[0] == "# @package _global_"
+    assert text[1].startswith(f"# evomerge experiment={name}")
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose(config_name="config", overrides=[f"experiment={name}"])
+    assert cfg.name == name and cfg.budget > 0
+    assert cfg.merge.method and cfg.space.granularity and cfg.search._target_.startswith("evomerge.")
