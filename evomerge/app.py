@@ -140,11 +140,20 @@ def format_summary(summary: dict, run_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def conf_dir() -> Path:
+    """The configuration folder: ``conf/`` beside the package (a source checkout or an
+    editable install), else the copy a regular install puts under ``sys.prefix``."""
+    for d in (Path(__file__).resolve().parent.parent / "conf", Path(sys.prefix) / "share" / "evomerge" / "conf"):
+        if (d / "config.yaml").is_file():
+            return d
+    raise SystemExit("evomerge: cannot find the configuration folder conf/ (reinstall the package)")
+
+
 def main() -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    conf = str(Path(__file__).resolve().parent.parent / "conf")
+    conf = str(conf_dir())
 
     @hydra.main(version_base=None, config_path=conf, config_name="config")
     def _main(cfg) -> None:

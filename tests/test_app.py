@@ -128,3 +128,19 @@ def test_experiments_compose_and_carry_their_command(name):
         cfg = compose(config_name="config", overrides=[f"experiment={name}"])
     assert cfg.name == name and cfg.budget > 0
     assert cfg.merge.method and cfg.space.granularity and cfg.search._target_.startswith("evomerge.")
+
+
+def test_every_config_file_ships_with_a_regular_install():
+    import glob
+    import tomllib
+
+    root = CONF.parent
+    spec = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["data-files"]
+    shipped = {Path(f).resolve() for patterns in spec.values() for p in patterns for f in glob.glob(str(root / p))}
+    assert set(CONF.rglob("*.yaml")) <= shipped
+
+
+def test_conf_dir_is_found():
+    from evomerge.app import conf_dir
+
+    assert (conf_dir() / "config.yaml").is_file()
