@@ -76,14 +76,30 @@ def run(cfg, run_dir: str | Path) -> dict:
             strat_kw["objectives"] = [f"{t}/{metric}" for t in evaluator.tasks]
     if target.endswith("GridSearch"):
         strat_kw.pop("seed")  # a grid has no randomness
-    worker = Worker(space, evaluator, device=cfg.device, seed=int(cfg.seed))
-    executor = instantiate(cfg.executor)(worker)
+    eval_cfg, device, seed = cfg.eval, cfg.device, int(cfg.seed)
+
+    def build_worker() -> Worker:  # runs where the worker lives (in-process, or in a Ray actor)
+        from hydra.utils import instantiate
+
+        return Worker(space, instantiate(eval_cfg, **eval_kw), device=device, seed=seed)
+
+    if cfg.executor.get("_target_", "").endswith("RayExecutor"):
+        if target.endswith("AdaMerging"):
+            raise ValueError("search=adamerging* runs in-process: use executor=local")
+        worker = None
+        executor = instantiate(cfg.executor)(build_worker)
+    else:
+        worker = Worker(space, evaluator, device=device, seed=seed)
+        executor = instantiate(cfg.executor)(worker)
     if target.endswith("AdaMerging"):
         return _adamerging(cfg, space, worker, executor, zoo, evaluator, run_dir)
     strategy = instantiate(cfg.search)(space, **strat_kw)
-    outcome = run_search(space, strategy, executor, run_dir, budget=int(cfg.budget), max_seconds=cfg.max_seconds,
-                         resume=bool(cfg.resume), progress=bool(cfg.progress),
-                         config=OmegaConf.to_container(cfg, resolve=True))
+    try:
+        outcome = run_search(space, strategy, executor, run_dir, budget=int(cfg.budget),
+                             max_seconds=cfg.max_seconds, resume=bool(cfg.resume), progress=bool(cfg.progress),
+                             config=OmegaConf.to_container(cfg, resolve=True))
+    finally:
+        executor.close()
     if outcome.stopped:
         print(f"stopped after {outcome.evaluations} evaluations; resume with: evomerge resume=true "
               f"hydra.run.dir={run_dir}", file=sys.stderr)

@@ -1,0 +1,86 @@
+"""The Ray executor: one actor per worker slot, each holding its own ``Worker``.
+
+A local Ray is started when none is running (dashboard off, bound to 127.0.0.1); with
+``address`` (``auto``, ``ray://host:port``) an existing cluster is joined. Each actor builds
+its worker once from ``build_worker`` (a picklable callable returning a ``Worker``), pins
+torch to its CPU share, and then scores candidates as they come: ``map`` keeps every actor
+busy and yields results in completion order.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Iterator
+
+from ..search.base import Candidate, Result
+
+__all__ = ["RayExecutor"]
+
+
+class _Actor:
+    def __init__(self, build_worker: Callable, threads: int, name: str):
+        import torch
+
+        torch.set_num_threads(max(1, int(threads)))
+        self.worker = build_worker()
+        self.worker.name = name
+
+    def evaluate(self, cand: Candidate) -> Result:
+        return self.worker.evaluate(cand)
+
+
+class RayExecutor:
+    """Args:
+        build_worker: called once inside each actor to make its ``Worker``.
+        num_workers: actors (default: one per GPU, else one per ``cpus_per_worker`` CPUs).
+        cpus_per_worker, gpus_per_worker: each actor's resources (and torch thread count).
+        address: join an existing cluster (``auto``, ``ray://host:port``); default: a local Ray.
+    """
+
+    def __init__(self, build_worker: Callable, num_workers: int | None = None, cpus_per_worker: int = 1,
+                 gpus_per_worker: float = 0, address: str | None = None, num_cpus: int | None = None):
+        import ray
+
+        if not ray.is_initialized():
+            kw = {"include_dashboard": False, "log_to_driver": False}
+            if address:
+                ray.init(address=address, **kw)
+            else:
+                ray.init(num_cpus=num_cpus, **kw, dashboard_host="127.0.0.1")
+            self._owns_ray = True
+        else:
+            self._owns_ray = False
+        res = ray.cluster_resources()
+        if num_workers is None:
+            gpus = int(res.get("GPU", 0))
+            num_workers = gpus // max(1, int(gpus_per_worker or 1)) if gpus_per_worker else \
+                max(1, int(res.get("CPU", 1)) // max(1, cpus_per_worker))
+        actor_cls = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)(_Actor)
+        self.actors = [actor_cls.remote(build_worker, cpus_per_worker, f"ray-{i}") for i in range(num_workers)]
+
+    @property
+    def num_workers(self) -> int:
+        return len(self.actors)
+
+    def map(self, candidates: Iterable[Candidate]) -> Iterator[Result]:
+        import ray
+
+        todo = list(candidates)[::-1]
+        running = {}
+        idle = list(self.actors)
+        while todo or running:
+            while todo and idle:
+                actor = idle.pop()
+                running[actor.evaluate.remote(todo.pop())] = actor
+            ready, _ = ray.wait(list(running), num_returns=1)
+            for ref in ready:
+                idle.append(running.pop(ref))
+                yield ray.get(ref)
+
+    def close(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+        if self._owns_ray:
+            ray.shutdown()
