@@ -74,8 +74,6 @@ def run(cfg, run_dir: str | Path) -> dict:
         if cfg.search.get("sampler") == "nsga2" and not cfg.search.get("objectives"):
             metric = _METRIC.get(cfg.eval.get("name"), "acc")
             strat_kw["objectives"] = [f"{t}/{metric}" for t in evaluator.tasks]
-    if target.endswith("GridSearch"):
-        strat_kw.pop("seed")  # a grid has no randomness
     eval_cfg, device, seed = cfg.eval, cfg.device, int(cfg.seed)
 
     def build_worker() -> Worker:  # runs where the worker lives (in-process, or in a Ray actor)

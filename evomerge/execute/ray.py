@@ -51,9 +51,9 @@ class RayExecutor:
             self._owns_ray = False
         res = ray.cluster_resources()
         if num_workers is None:
-            gpus = int(res.get("GPU", 0))
-            num_workers = gpus // max(1, int(gpus_per_worker or 1)) if gpus_per_worker else \
-                max(1, int(res.get("CPU", 1)) // max(1, cpus_per_worker))
+            kind, share = ("GPU", gpus_per_worker) if gpus_per_worker else ("CPU", cpus_per_worker)
+            have = res.get(kind, 0)
+            num_workers = max(1, int(have // share))
         actor_cls = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)(_Actor)
         self.actors = [actor_cls.remote(build_worker, cpus_per_worker, f"ray-{i}") for i in range(num_workers)]
 

@@ -8,10 +8,10 @@ come back as a failed ``Result`` with the error, never as an exception.
 from __future__ import annotations
 
 import time
-import traceback
 
 import torch
 
+from ..checkpoint import torch_dtype
 from ..merge.resident import ResidentEngine
 from ..search.base import Candidate, Result
 from ..space import Space
@@ -38,23 +38,15 @@ class Worker:
         self.name = name
         self.engine = ResidentEngine(space.recipe(space.x0), device=device, seed=seed, store_dtype=store_dtype)
         path = model_path or space.base_model or space.models[0]
-        dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[space.dtype]
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(space.dtype)).to(device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
 
     def _load_source(self, source: str) -> None:
         """Copy one model's own weights (held by the resident engine) into the live model."""
-        state = dict(self.model.named_parameters())
-        state.update(dict(self.model.named_buffers()))
-        found = False
+        state = self.engine.template.live_state(self.model)
         with torch.no_grad():
-            for task in self.engine.template.tasks:
-                for ref, name in task.sources:
-                    if str(ref) == source:
-                        state[task.name].copy_(self.engine._inputs[(ref, name)])
-                        found = True
-        if not found:
-            raise ValueError(f"model {source!r} is not one of the merged models")
+            for name, t in self.engine.source(source).items():
+                state[name].copy_(t)
 
     def evaluate(self, cand: Candidate) -> Result:
         t0 = time.perf_counter()
@@ -73,8 +65,6 @@ class Worker:
             res.score = score if getattr(self.evaluator, "direction", "maximize") == "maximize" else -score
         except Exception as e:  # a failed candidate is a result, not a crash
             res.status, res.error = "failed", f"{type(e).__name__}: {e}"
-            res.metrics = {}
-            res.score = None
-            res.error += "\n" + "".join(traceback.format_exception_only(type(e), e)[-1:])
+            res.metrics, res.score = {}, None
         res.wall_s = time.perf_counter() - t0
         return res

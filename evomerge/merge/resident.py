@@ -83,8 +83,20 @@ class ResidentEngine:
             raise MergeError("the candidate recipe merges other models or tensors than the resident engine holds")
         return eng
 
+    def inputs(self, task: TensorTask) -> list[Tensor]:
+        """A tensor task's resident inputs, the base first (as stored: do not modify)."""
+        return [self._inputs[k] for k in task.sources]
+
+    def source(self, model: str) -> dict[str, Tensor]:
+        """One merged model's own resident weights, by output tensor name."""
+        out = {task.name: self._inputs[(ref, name)]
+               for task in self.template.tasks for ref, name in task.sources if str(ref) == model}
+        if not out:
+            raise MergeError(f"model {model!r} is not one of the merged models")
+        return out
+
     def _inputs_for(self, eng: MergeEngine, task: TensorTask) -> tuple[Tensor | None, list[Tensor]]:
-        ins = [self._inputs[k] for k in task.sources]
+        ins = self.inputs(task)
         if eng.compute_dtype is not None:
             ins = [t.to(eng.compute_dtype) if t.is_floating_point() else t for t in ins]
         return (ins[0], ins[1:]) if task.base else (None, ins)

@@ -85,8 +85,8 @@ class AdaMerging:
         for task in eng.template.tasks:
             if task.copy or task.name not in self.A:
                 continue
-            b = eng._inputs[task.base].float()
-            tau = torch.stack([eng._inputs[src].float() - b for src in task.inputs])
+            b, *experts = (t.float() for t in eng.inputs(task))
+            tau = torch.stack([e - b for e in experts])
             if plus_plus:
                 tau = _ties_filter(tau, density)
             self.base[task.name], self.taus[task.name] = b, tau

@@ -51,7 +51,7 @@ class GridSearch:
     name = "grid"
 
     def __init__(self, space: Space, values: Mapping[str, Sequence[float]] | None = None, points: int = 11,
-                 batch: int = 8):
+                 batch: int = 8, seed: int = 0):  # seed: accepted like every strategy's; a grid has no randomness
         self.space = space
         self.batch = int(batch)
         params = list(space.ranges)
