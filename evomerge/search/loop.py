@@ -94,6 +94,7 @@ def run_search(
     n_search = sum(1 for k in done if k[0] == "search")
     t_start = time.perf_counter()
     bar = _progress(budget, min(n_search, budget), progress)
+    best_seen = max((r.score for k, r in done.items() if k[0] == "search" and r.score is not None), default=None)
     stopped = False
     try:
         while True:
@@ -113,10 +114,9 @@ def run_search(
                 done[("search", res.id)] = res
                 n_search += 1
                 bar.update(1)
-                best = strategy.best()[1]
-                if res.score is not None:
-                    best = res.score if best is None else max(best, res.score)
-                bar.set_postfix(best=f"{best:.4f}" if best is not None else "-")
+                if res.score is not None and (best_seen is None or res.score > best_seen):
+                    best_seen = res.score
+                    bar.set_postfix(best=f"{best_seen:.4f}")
             results = [done[("search", c.id)] for c in pending]
             xs_told, scores_told = [np.asarray(c.x) for c in pending], [r.score for r in results]
             if getattr(strategy, "wants_metrics", False):
