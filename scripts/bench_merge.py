@@ -146,14 +146,18 @@ def child_main(cmd: list[str]) -> None:
     sys.exit(rc)
 
 
-def copy_bandwidth(gb: float = 1.0) -> float:
-    """GB/s of a large fp32 clone (bytes read + bytes written over time)."""
-    x = torch.ones(int(gb * 2**30 / 4))
+def copy_bandwidth(gb: float = 1.0, device: str = "cpu") -> float:
+    """GB/s of a large fp32 clone on ``device`` (bytes read + bytes written over time)."""
+    x = torch.ones(int(gb * 2**30 / 4), device=device)
     x.clone()
     best = float("inf")
     for _ in range(3):
+        if x.is_cuda:
+            torch.cuda.synchronize()
         t0 = time.perf_counter()
         y = x.clone()
+        if x.is_cuda:
+            torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)
         del y
     return 2 * x.numel() * 4 / best / 1e9
@@ -170,6 +174,7 @@ def main() -> None:
     ap.add_argument("--mergekit", default=shutil.which("mergekit-yaml"),
                     help="path to mergekit-yaml (default: found on PATH)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per tool and method (best is reported)")
+    ap.add_argument("--device", default="cpu", help="where both tools do the arithmetic (cpu or cuda)")
     args = ap.parse_args()
 
     root = Path(args.root) / f"h{args.hidden}-l{args.layers}-v{args.vocab}-e{args.experts}"
@@ -180,6 +185,9 @@ def main() -> None:
           f"(ready in {time.perf_counter() - t0:.0f}s)")
     bw = copy_bandwidth()
     print(f"memory copy bandwidth (fp32 clone of 1 GiB, read+write): {bw:.1f} GB/s; torch threads {torch.get_num_threads()}")
+    if args.device != "cpu":
+        print(f"{args.device} copy bandwidth (fp32 clone of 1 GiB, read+write): "
+              f"{copy_bandwidth(device=args.device):.0f} GB/s ({torch.cuda.get_device_name()})")
     warm(paths)
 
     rows = []
@@ -193,10 +201,13 @@ def main() -> None:
         rfile.write_text(yaml.safe_dump(rec, sort_keys=False))
         gb = input_bytes(method, paths) / 1e9
         res = {}
-        tools = {"evomerge": [shutil.which("evomerge-merge") or "evomerge-merge", str(rfile), str(work / f"out-{method}"),
-                              "--no-progress", "--overwrite"]}
+        ours = [shutil.which("evomerge-merge")] if shutil.which("evomerge-merge") else [sys.executable, "-m", "evomerge.cli"]
+        tools = {"evomerge": [*ours, str(rfile), str(work / f"out-{method}"), "--no-progress", "--overwrite",
+                              "--device", args.device]}
         if args.mergekit:
             tools["mergekit"] = [args.mergekit, str(rfile), str(work / f"mk-{method}"), "--random-seed", "0", "--quiet"]
+            if args.device != "cpu":
+                tools["mergekit"].append("--cuda")
         for tool, cmd in tools.items():
             best = None
             for _ in range(args.repeat):
@@ -221,7 +232,7 @@ def main() -> None:
             msg += (f" | mergekit {row['mk_secs']:7.2f}s {row['mk_gbps']:5.3f} GB/s peak {row['mk_peak_gib']:5.2f} GiB"
                     f" | {row['speedup']:.1f}x faster")
         print(msg, flush=True)
-    print(json.dumps({"copy_gbps": bw, "rows": rows}))
+    print(json.dumps({"copy_gbps": bw, "device": args.device, "rows": rows}))
 
 
 if __name__ == "__main__":

@@ -30,13 +30,20 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 
-def copy_bandwidth(nbytes: int = 1 << 30) -> float:
-    x = torch.empty(nbytes // 4, dtype=torch.float32).uniform_()
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(nbytes: int = 1 << 30, device: str = "cpu") -> float:
+    x = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
     y = x.clone()
     best = float("inf")
     for _ in range(3):
+        sync(device)
         t = time.perf_counter()
         y.copy_(x)
+        sync(device)
         best = min(best, time.perf_counter() - t)
     return 2 * nbytes / best  # read + write
 
@@ -50,6 +57,7 @@ def main() -> int:
     ap.add_argument("--candidates", type=int, default=20)
     ap.add_argument("--limit", type=int, default=100, help="search examples per task (zoo)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="where the models live and the merge runs (cpu or cuda)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from transformers import AutoModelForCausalLM
@@ -82,23 +90,26 @@ def main() -> int:
             what = f"zoo {a.zoo}"
         search = ["weight", "density"] if a.method in ("ties", "dare_ties", "breadcrumbs") else ["weight"]
         sp = Space(a.method, experts, base_model=base, search=search, granularity="per_layer")
-        worker = Worker(sp, ev)
+        worker = Worker(sp, ev, device=a.device)
         n_params = sum(p.numel() for p in worker.model.parameters())
         model_bytes = sum(p.numel() * p.element_size() for p in worker.model.parameters())
         print(f"{what}: {n_params / 1e6:.2f}M parameters per model, {len(experts)} experts, {a.method}, "
-              f"{len(sp)} genes, {a.threads} threads")
+              f"{len(sp)} genes, {a.threads} threads, device {a.device}")
 
-        bw = copy_bandwidth()
+        bw = copy_bandwidth(device=a.device)
         floor = (worker.engine.nbytes + model_bytes) / bw
         rng = np.random.default_rng(0)
         genomes = [rng.uniform(sp.lower, sp.upper) for _ in range(a.candidates)]
         mat, evs = [], []
         for x in genomes:
+            sync(a.device)
             t0 = time.perf_counter()
             worker.engine.materialize(sp.recipe(x), into=worker.model)
+            sync(a.device)
             t1 = time.perf_counter()
             with torch.no_grad():
                 ev(worker.model, worker.tokenizer, split="search")
+            sync(a.device)
             t2 = time.perf_counter()
             mat.append(t1 - t0)
             evs.append(t2 - t1)
@@ -124,10 +135,11 @@ def main() -> int:
         for x in genomes[: max(3, a.candidates // 4)]:
             t0 = time.perf_counter()
             out_dir = work / "merged"
-            MergeEngine(sp.recipe(x)).write(out_dir, overwrite=True, progress=False)
-            model = AutoModelForCausalLM.from_pretrained(out_dir).eval()
+            MergeEngine(sp.recipe(x), device=a.device).write(out_dir, overwrite=True, progress=False)
+            model = AutoModelForCausalLM.from_pretrained(out_dir).to(a.device).eval()
             with torch.no_grad():
                 ev(model, worker.tokenizer, split="search")
+            sync(a.device)
             disk.append(time.perf_counter() - t0)
             shutil.rmtree(out_dir)
         d = statistics.median(disk)

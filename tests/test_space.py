@@ -155,3 +155,17 @@ def test_exported_yaml_loads_as_a_recipe(family, tmp_path):
     p.write_text(sp.recipe_yaml(sp.x0))
     r = load_recipe(p)
     assert r.method.name == "ties"
+
+
+def test_a_candidate_with_non_finite_weights_is_named(family):
+    from evomerge.recipe import parse_recipe
+
+    def recipe(w):  # a sum of two models whose norm weights are 1.0
+        return parse_recipe({"merge_method": "linear", "parameters": {"normalize": False},
+                             "models": [{"model": m, "parameters": {"weight": w}} for m in experts(family, 2)]})
+
+    engine = ResidentEngine(recipe(0.5))
+    model = live_model(family)
+    engine.materialize(recipe(1e38), into=model)  # huge but finite: accepted
+    with pytest.raises(Exception, match="tensor '.*norm.*': the merged values are not finite"):
+        engine.materialize(recipe(3e38), into=model)

@@ -663,7 +663,6 @@ def _general_task_arithmetic(
     coef = [wi * m.scale for wi, m in zip(w, masks)]
     flats = [t.reshape(-1) for t in tensors]
     wsum = sum(w)
-    wt = torch.tensor(w, dtype=dt, device=base.device)
     for s, e in _spans(n, base.device):
         L = e - s
         b = work.base(bf, s, e)
@@ -684,8 +683,10 @@ def _general_task_arithmetic(
             # agree[k] = 1 where sign(D[k]) == e (zeros never agree)
             A = torch.sign(D, out=work.C[:, :L]).mul_(el).clamp_(min=0)
             _rowsum(D.mul_(A), mixed)  # the masked sum, term by term as (D * A).sum(0)
-            if normalize:
-                div = torch.mv(A.T, wt, out=S)  # summed weights of the agreeing entries
+            if normalize:  # divide by the summed weights of the agreeing entries
+                for i in range(k):
+                    A[i].mul_(w[i])
+                div = _rowsum(A, S)
                 zero = torch.sign(div, out=el).abs_().neg_().add_(1)  # 1 where div == 0
                 mixed.div_(div.add_(zero))
         else:
@@ -693,13 +694,14 @@ def _general_task_arithmetic(
             for i, (t, m) in enumerate(zip(flats, masks)):
                 torch.sub(t[s:e], b, out=d)
                 mask = m.chunk(s, e, d, work, coef[i])
-                c = coef[i] if mask is None else 1.0
                 if mask is not None:
                     d.mul_(mask)
+                elif coef[i] != 1:
+                    d.mul_(coef[i])
                 if i == 0:
-                    torch.mul(d, c, out=mixed)
+                    mixed.copy_(d)
                 else:
-                    mixed.add_(d, alpha=c)
+                    mixed.add_(d)
             if normalize and abs(wsum) >= 1e-8:
                 mixed /= wsum
         if lambda_ != 1:

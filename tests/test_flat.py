@@ -1,0 +1,118 @@
+"""The flat path of the resident engine: every tensor of a candidate merged at once gives
+bit for bit the weights of the one-shot, per-tensor merge, whatever the parameters."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from evomerge.merge.engine import MergeEngine
+from evomerge.merge.flat import FlatGroup
+from evomerge.merge.resident import ResidentEngine
+from evomerge.recipe import parse_recipe
+from evomerge.testing import tiny_family
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flat")
+    return {
+        "float32": tiny_family(root / "f32", n_experts=3, layers=3, hidden=32, tie=True),
+        # bf16 task vectors repeat values often: cuts fall inside runs of equal magnitudes
+        "bfloat16": tiny_family(root / "bf16", n_experts=3, layers=2, hidden=32, dtype=torch.bfloat16,
+                                scale=0.05),
+    }
+
+
+# a GPU, where there is one, runs the same checks (the merge core is device-agnostic)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def live(path, dtype, device="cpu"):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+
+
+def recipe_for(fam, method, weights, densities, lam, normalize, rescale, per_layer):
+    models = []
+    for i, (w, d) in enumerate(zip(weights, densities)):
+        p = {"weight": [w, -w / 2, w] if per_layer else w}
+        if method != "task_arithmetic":
+            p["density"] = [d, min(1.0, d + 0.3), d / 2] if per_layer else d
+        models.append({"model": str(fam[f"expert_{i}"]), "parameters": p})
+    params = {"normalize": normalize, "lambda": lam}
+    if method.startswith("dare"):
+        params["rescale"] = rescale
+    return parse_recipe({"merge_method": method, "base_model": str(fam["base"]), "models": models,
+                         "parameters": params})
+
+
+def one_shot(recipe, seed, device="cpu"):
+    eng = MergeEngine(recipe, seed=seed, device=device)
+    return {t.name: eng.merge_tensor(t) for t in eng.tasks}
+
+
+weights = st.lists(st.sampled_from([0.0, 0.3, 0.5, 1.0, -0.4, 1.7]), min_size=3, max_size=3)
+densities = st.lists(st.sampled_from([1e-5, 1e-4, 0.1, 0.37, 0.5, 0.9, 0.99999, 1.0]), min_size=3, max_size=3)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(method=st.sampled_from(["task_arithmetic", "ties", "dare_ties", "dare_linear"]),
+       dtype=st.sampled_from(["float32", "bfloat16"]), w=weights, d=densities,
+       lam=st.sampled_from([1.0, 0.7]), normalize=st.booleans(), rescale=st.booleans(),
+       per_layer=st.booleans(), seed=st.integers(0, 3), device=st.sampled_from(DEVICES))
+def test_flat_equals_one_shot(families, method, dtype, w, d, lam, normalize, rescale, per_layer, seed, device):
+    fam = families[dtype]
+    recipe = recipe_for(fam, method, w, d, lam, normalize, rescale, per_layer)
+    tdt = getattr(torch, dtype)
+    engine = ResidentEngine(recipe, seed=seed, device=device)
+    assert engine._groups, "the flat path is built for this method"
+    model = live(fam["base"], tdt, device)
+    calls = []
+    orig = FlatGroup.merge
+
+    def spy(self, *a, **k):
+        calls.append(1)
+        return orig(self, *a, **k)
+
+    FlatGroup.merge = spy
+    try:
+        engine.materialize(recipe, into=model)
+    finally:
+        FlatGroup.merge = orig
+    assert calls, "the candidate took the flat path"
+    want = one_shot(recipe, seed, device)
+    got = dict(model.named_parameters())
+    for name, t in want.items():
+        assert torch.equal(got[name].detach(), t.to(got[name].dtype)), name
+
+
+def test_flat_buffers_hold_the_inputs_once(families):
+    fam = families["float32"]
+    recipe = recipe_for(fam, "ties", [0.5] * 3, [0.5] * 3, 1.0, True, False, False)
+    flat = ResidentEngine(recipe)
+    per_tensor = ResidentEngine(recipe, flat=False)
+    assert flat.nbytes == per_tensor.nbytes
+    (idx, g), = flat._groups
+    for i in idx:  # the resident inputs are views into the flat buffers
+        task = flat.template.tasks[i]
+        ins = flat.inputs(task)
+        assert ins[0].untyped_storage().data_ptr() == g.B.untyped_storage().data_ptr()
+        assert all(t.untyped_storage().data_ptr() == g.T.untyped_storage().data_ptr() for t in ins[1:])
+
+
+def test_mixed_normalize_falls_back_to_the_per_tensor_path(families):
+    fam = families["float32"]
+    models = [{"model": str(fam[f"expert_{i}"]), "parameters": {"weight": 0.4, "density": 0.5}} for i in range(3)]
+    recipe = parse_recipe({"merge_method": "ties", "base_model": str(fam["base"]), "models": models,
+                           "parameters": {"normalize": [{"filter": "mlp", "value": False}, {"value": True}]}})
+    engine = ResidentEngine(recipe)
+    model = live(fam["base"], torch.float32)
+    engine.materialize(recipe, into=model)
+    want = one_shot(recipe, 0)
+    got = dict(model.named_parameters())
+    for name, t in want.items():
+        assert torch.equal(got[name].detach(), t), name
