@@ -272,8 +272,9 @@ def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
         return setting
     if not setting:
         return None
-    if all(not isinstance(e, (dict, list)) for e in setting):
-        numeric = all(isinstance(e, (int, float)) and not isinstance(e, bool) for e in setting)
+    kinds = {type(e) for e in setting}
+    if not any(issubclass(k, (dict, list)) for k in kinds):
+        numeric = all(issubclass(k, (int, float)) and not issubclass(k, bool) for k in kinds)
         if not numeric:
             return setting[int(t * (len(setting) - 1))]
         scaled = t * (len(setting) - 1)

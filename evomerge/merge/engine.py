@@ -90,6 +90,8 @@ class MergeEngine:
         allow_pickle: accept pickled ``.bin`` checkpoints (loaded with ``weights_only``).
         check_finite: refuse NaN or inf in input weights.
         checkpoints: already opened models, by reference (used by tests and workers).
+        like: an engine planned for a recipe of the same models, method and base (its
+            checkpoints passed here too): reuse its plan and resolve only the parameters.
     """
 
     def __init__(
@@ -102,12 +104,15 @@ class MergeEngine:
         allow_pickle: bool = False,
         check_finite: bool = True,
         checkpoints: dict[ModelRef, Checkpoint] | None = None,
+        like: MergeEngine | None = None,
     ):
         self.recipe = recipe
         self.method: MethodSpec = recipe.method
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise MergeError("device 'cuda' was asked for, but torch sees no CUDA device")
+        if self.device.type == "cuda" and self.device.index is None:  # compare equal to tensors' devices
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.seed = int(seed)
         self.compute_dtype = torch_dtype(recipe.dtype)
         self.out_dtype = torch_dtype(out_dtype or recipe.out_dtype or recipe.dtype)
@@ -120,8 +125,27 @@ class MergeEngine:
                 except CheckpointError as e:
                     raise MergeError(str(e)) from None
         self.reference = self.models[self._reference_ref()]
+        if like is not None and self._same_structure(like):
+            # the same models, method and tensors as an engine already planned: only the
+            # parameters are resolved again (a search plans thousands of candidates)
+            s = recipe.slices[0]
+            self.tasks = []
+            for task in like.tasks:
+                t = TensorTask(task.name, task.group, task.layer, task.t, task.base, task.inputs, copy=task.copy)
+                if not t.copy:
+                    base_ref = self._slice_base(s)
+                    t.params = self._resolve(t, s, [x for x in s.sources if x.model != base_ref])
+                self.tasks.append(t)
+            return
         self._check_architectures()
         self.tasks: list[TensorTask] = self._plan()
+
+    def _same_structure(self, other: MergeEngine) -> bool:
+        a, b = self.recipe, other.recipe
+        return (a.uses_models_form and b.uses_models_form and a.method.name == b.method.name
+                and a.base_model == b.base_model and a.dtype == b.dtype
+                and [x.model for x in a.slices[0].sources] == [x.model for x in b.slices[0].sources]
+                and all(self.models[r] is other.models.get(r) for r in a.referenced_models()))
 
     # ----------------------------------------------------------------------------------
     # Planning

@@ -131,7 +131,7 @@ class ResidentEngine:
 
     def plan(self, recipe: Recipe) -> MergeEngine:
         """Plan a candidate recipe against the open checkpoints (nothing is read)."""
-        eng = MergeEngine(recipe, device=self.device, seed=self.seed, checkpoints=self.models)
+        eng = MergeEngine(recipe, device=self.device, seed=self.seed, checkpoints=self.models, like=self.template)
         if self._signature(eng.tasks) != self._structure:
             raise MergeError("the candidate recipe merges other models or tensors than the resident engine holds")
         return eng
