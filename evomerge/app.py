@@ -75,11 +75,12 @@ def run(cfg, run_dir: str | Path) -> dict:
             metric = _METRIC.get(cfg.eval.get("name"), "acc")
             strat_kw["objectives"] = [f"{t}/{metric}" for t in evaluator.tasks]
     eval_cfg, device, seed = cfg.eval, cfg.device, int(cfg.seed)
+    engine_kw = {"store_dtype": cfg.get("store_dtype"), "compile": bool(cfg.get("compile", False))}
 
     def build_worker() -> Worker:  # runs where the worker lives (in-process, or in a Ray actor)
         from hydra.utils import instantiate
 
-        return Worker(space, instantiate(eval_cfg, **eval_kw), device=device, seed=seed)
+        return Worker(space, instantiate(eval_cfg, **eval_kw), device=device, seed=seed, **engine_kw)
 
     if cfg.executor.get("_target_", "").endswith("RayExecutor"):
         if target.endswith("AdaMerging"):
@@ -87,7 +88,7 @@ def run(cfg, run_dir: str | Path) -> dict:
         worker = None
         executor = instantiate(cfg.executor)(build_worker)
     else:
-        worker = Worker(space, evaluator, device=device, seed=seed)
+        worker = Worker(space, evaluator, device=device, seed=seed, **engine_kw)
         executor = instantiate(cfg.executor)(worker)
     if target.endswith("AdaMerging"):
         return _adamerging(cfg, space, worker, executor, zoo, evaluator, run_dir)

@@ -58,6 +58,7 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=100, help="search examples per task (zoo)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="where the models live and the merge runs (cpu or cuda)")
+    ap.add_argument("--compile", type=int, default=0, help="1: merge through torch.compile (the first candidate compiles)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from transformers import AutoModelForCausalLM
@@ -90,11 +91,11 @@ def main() -> int:
             what = f"zoo {a.zoo}"
         search = ["weight", "density"] if a.method in ("ties", "dare_ties", "breadcrumbs") else ["weight"]
         sp = Space(a.method, experts, base_model=base, search=search, granularity="per_layer")
-        worker = Worker(sp, ev, device=a.device)
+        worker = Worker(sp, ev, device=a.device, compile=bool(a.compile))
         n_params = sum(p.numel() for p in worker.model.parameters())
         model_bytes = sum(p.numel() * p.element_size() for p in worker.model.parameters())
         print(f"{what}: {n_params / 1e6:.2f}M parameters per model, {len(experts)} experts, {a.method}, "
-              f"{len(sp)} genes, {a.threads} threads, device {a.device}")
+              f"{len(sp)} genes, {a.threads} threads, device {a.device}, compile {bool(a.compile)}")
 
         bw = copy_bandwidth(device=a.device)
         floor = (worker.engine.nbytes + model_bytes) / bw

@@ -116,3 +116,17 @@ def test_mixed_normalize_falls_back_to_the_per_tensor_path(families):
     got = dict(model.named_parameters())
     for name, t in want.items():
         assert torch.equal(got[name].detach(), t), name
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_linear"])
+def test_compiled_flat_path_equals_one_shot(families, method):
+    """``compile=True``: the fused kernels give the same bits as the one-shot merge."""
+    fam = families["bfloat16"]
+    recipe = recipe_for(fam, method, [0.5, 1.0, -0.4], [0.37, 0.9, 0.1], 0.7, True, True, True)
+    engine = ResidentEngine(recipe, seed=1, compile=True)
+    model = live(fam["base"], torch.bfloat16)
+    engine.materialize(recipe, into=model)
+    want = one_shot(recipe, 1)
+    got = dict(model.named_parameters())
+    for name, t in want.items():
+        assert torch.equal(got[name].detach(), t), name

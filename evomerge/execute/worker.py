@@ -27,16 +27,19 @@ class Worker:
         device: where the inputs live and the model runs.
         store_dtype: keep the resident inputs in a lower precision (e.g. ``bfloat16``).
         seed: seeds DARE/DELLA masks.
+        compile: merge through ``torch.compile`` (task arithmetic, TIES, DARE; see
+            ``ResidentEngine``).
     """
 
     def __init__(self, space: Space, evaluator, model_path: str | None = None, device: str = "cpu",
-                 store_dtype: str | None = None, seed: int = 0, name: str = "local"):
+                 store_dtype: str | None = None, seed: int = 0, name: str = "local", compile: bool = False):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.space = space
         self.evaluator = evaluator
         self.name = name
-        self.engine = ResidentEngine(space.recipe(space.x0), device=device, seed=seed, store_dtype=store_dtype)
+        self.engine = ResidentEngine(space.recipe(space.x0), device=device, seed=seed, store_dtype=store_dtype,
+                                     compile=compile)
         path = model_path or space.base_model or space.models[0]
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(space.dtype)).to(device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(path)

@@ -1,14 +1,19 @@
-"""The task-arithmetic family over one flat vector: a candidate in a few dozen operations.
+"""The task-arithmetic family over blocks of equal-sized tensors: a candidate in a few
+dozen operations.
 
 The per-tensor path of the merge core spends, per tensor and model, a handful of small
 operations (and, on a GPU, a synchronisation for every magnitude threshold), so a model of
-hundreds of tensors costs thousands of operations per candidate. A ``FlatGroup`` holds the
-inputs of many tensors back to back in one flat buffer per model, with the tensors as
-*segments*; a candidate's per-tensor parameters (weights, densities, lambda) become short
-per-segment tables, expanded chunk by chunk to per-entry values, and the method runs over
-the whole buffer at once. The arithmetic is, entry by entry, the same sequence of
-operations as ``methods._general_task_arithmetic``, so the weights are bit-identical to the
-one-shot merge.
+hundreds of tensors costs thousands of operations per candidate. A ``FlatGroup`` stores
+the inputs of many tensors back to back in one flat buffer per model, ordered by size, so
+that the tensors of one size (every layer's ``q_proj``, every ``gate_proj``, ...) form a
+*block*: an ``(m, n)`` matrix per model. A candidate's per-tensor parameters (weights,
+densities, lambda, magnitude cuts) are ``(k, m, 1)`` columns broadcast over a block, so a
+whole block merges in one sequence of operations, with no per-entry parameter tensors.
+The arithmetic is, entry by entry, the operations of ``methods._general_task_arithmetic``
+in the same order, so the weights are bit-identical to the one-shot merge.
+
+With ``compile=True`` each block runs through ``torch.compile`` as one fused kernel (the
+first candidate pays the compilation).
 
 Covered: ``task_arithmetic``, ``ties`` and ``dare_linear`` / ``dare_ties`` (with ``rescale``
 true or false); anything else (and a candidate whose tensors disagree on ``normalize`` or
@@ -33,11 +38,63 @@ FLAT_METHODS = {
     "dare_ties": ("random", True),
 }
 
-CPU_CHUNK = 1 << 16
+CPU_CHUNK = 1 << 16  # entries per model per operation on a CPU: a few such buffers stay in cache
+COMPILED_CHUNK = 1 << 24
+
+
+def _combine(B: Tensor, T: Tensor, C: Tensor, WS, W, LAM, mask_in: tuple, sparsify, consensus: bool,
+             cd: torch.dtype, dt: torch.dtype) -> Tensor:
+    """A piece of a block (``B``: (m, n), ``T``: (k, m, n)) with parameters as columns
+    (``C``, ``W``: (k, m, 1); ``WS``, ``LAM``: (m, 1)): the operations of
+    ``methods._general_task_arithmetic``, in the same order (so the same roundings)."""
+    b = B.to(cd).to(dt)
+    D = T.to(cd).to(dt) - b
+    if sparsify == "magnitude":
+        v, below, tie, local = mask_in
+        # entries > below are kept; before position `tie`, entries equal to v are not
+        thr = below if local is None else torch.where(local < tie, v, below)
+        M = torch.abs(D).sub_(thr).sign_().clamp_(min=0)
+        D.mul_(M.mul_(C))
+    elif sparsify == "random":
+        U, T16 = mask_in
+        M = (U < T16).to(dt)
+        D.mul_(M.mul_(C))
+    else:
+        D.mul_(C)
+    mixed = torch.empty_like(b)
+    if consensus:
+        S = _rowsum(D, torch.empty_like(mixed))
+        el = S.neg_().sign_().clamp_(min=0).mul_(-2).add_(1)
+        A = torch.sign(D).mul_(el).clamp_(min=0)
+        _rowsum(D.mul_(A), mixed)
+        if W is not None:
+            div = _rowsum(A.mul_(W), S)
+            zero = torch.sign(div).abs_().neg_().add_(1)
+            mixed.div_(div.add_(zero))
+    else:
+        _rowsum(D, mixed)
+        if WS is not None:
+            mixed.div_(WS)
+    if LAM is not None:
+        mixed.mul_(LAM)
+    return mixed.add_(b)
+
+
+_COMPILED = None
+
+
+def _compiled_combine():
+    """``_combine`` through ``torch.compile`` (shapes dynamic): one fused kernel per
+    piece instead of a pass over memory per operation."""
+    global _COMPILED
+    if _COMPILED is None:
+        _COMPILED = torch.compile(_combine, dynamic=True, fullgraph=True)
+    return _COMPILED
 
 
 class FlatGroup:
-    """Tensors sharing a base and the same models, stored as one flat vector per model.
+    """Tensors sharing a base and the same models, stored as one flat vector per model,
+    in blocks of equal-sized tensors.
 
     Args:
         names: the output tensors, in plan order.
@@ -45,49 +102,62 @@ class FlatGroup:
         models: ``models[i][j]`` is model j's weights for tensor i.
         device: where the buffers live.
         dtype: the stored dtype.
+        compile: run the arithmetic through ``torch.compile``.
+
+    ``order`` gives, for each stored segment, the index of its tensor in ``names``.
     """
 
-    def __init__(self, names: list[str], base: list[Tensor], models: list[list[Tensor]], device, dtype):
-        self.names = list(names)
+    def __init__(self, names: list[str], base: list[Tensor], models: list[list[Tensor]], device, dtype,
+                 compile: bool = False):
+        self.compile = compile
+        sizes = np.array([b.numel() for b in base], dtype=np.int64)
+        self.order = [int(i) for i in np.argsort(sizes, kind="stable")]
+        self.names = [names[i] for i in self.order]
         self.k = len(models[0])
-        self.sizes = np.array([b.numel() for b in base], dtype=np.int64)
+        self.sizes = sizes[self.order]
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)])
         self.n = int(self.offsets[-1])
         self.device = torch.device(device)
         self.B = torch.empty(self.n, dtype=dtype, device=self.device)
         self.T = torch.empty(self.k, self.n, dtype=dtype, device=self.device)
-        for i, (b, ts) in enumerate(zip(base, models)):
-            s, e = self.offsets[i], self.offsets[i + 1]
-            self.B[s:e].copy_(b.reshape(-1))
-            for j, t in enumerate(ts):
+        for seg, i in enumerate(self.order):
+            s, e = self.offsets[seg], self.offsets[seg + 1]
+            self.B[s:e].copy_(base[i].reshape(-1))
+            for j, t in enumerate(models[i]):
                 self.T[j, s:e].copy_(t.reshape(-1))
+        # blocks: runs of segments of one size; pieces: (first segment, last + 1, column
+        # range) small enough for one pass (rows of a block, or columns of a large tensor)
         step = _chunk(self.device) if self.device.type != "cpu" else CPU_CHUNK
-        self.chunks = []  # (start, stop, segment ids, entries of each segment in the chunk)
-        for s in range(0, self.n, step):
-            e = min(self.n, s + step)
-            first = int(np.searchsorted(self.offsets, s, side="right")) - 1
-            last = int(np.searchsorted(self.offsets, e, side="left"))  # exclusive
-            ids = np.arange(first, last)
-            counts = np.minimum(self.offsets[ids + 1], e) - np.maximum(self.offsets[ids], s)
-            pieces = [(int(i), int(a), int(a + c)) for i, a, c in
-                      zip(ids, np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)]
-            self.chunks.append((s, e, torch.as_tensor(ids, device=self.device),
-                                torch.as_tensor(counts, device=self.device), pieces))
+        if compile:  # one fused kernel keeps nothing but its inputs and output in memory
+            step = max(step, COMPILED_CHUNK)
+        self.pieces = []
+        seg = 0
+        while seg < len(self.sizes):
+            n = int(self.sizes[seg])
+            end = seg
+            while end < len(self.sizes) and self.sizes[end] == n:
+                end += 1
+            if n:
+                rows = max(1, step // n)
+                for a in range(seg, end, rows):
+                    b = min(end, a + rows)
+                    for c in range(0, n, step):
+                        self.pieces.append((a, b, c, min(n, c + step)))
+            seg = end
         self._sorted: tuple[Tensor, Tensor] | None = None
         self._uniform: Tensor | None = None
+        self._uniform_seeds = None
 
-    def base_view(self, i: int) -> Tensor:
-        return self.B[self.offsets[i]:self.offsets[i + 1]]
+    def segment(self, name_index: int) -> slice:
+        """The flat range of tensor ``names_in_plan_order[name_index]``."""
+        seg = self.order.index(name_index)
+        return slice(int(self.offsets[seg]), int(self.offsets[seg + 1]))
 
-    def model_view(self, i: int, j: int) -> Tensor:
-        return self.T[j, self.offsets[i]:self.offsets[i + 1]]
-
-    @property
-    def nbytes(self) -> int:
-        extra = sum(t.numel() * t.element_size() for t in (self._sorted or ()))
-        if self._uniform is not None:
-            extra += self._uniform.numel() * self._uniform.element_size()
-        return (self.B.numel() + self.T.numel()) * self.B.element_size() + extra
+    def _block(self, x: Tensor, a: int, b: int, c: int, d: int) -> Tensor:
+        """Segments a..b (of one size) of a flat (..., n) tensor as (..., b - a, width)."""
+        n = int(self.sizes[a])
+        s = int(self.offsets[a])
+        return x[..., s:s + (b - a) * n].unflatten(-1, (b - a, n))[..., c:d]
 
     # ----------------------------------------------------------------------------------
     # What does not change between candidates
@@ -128,8 +198,8 @@ class FlatGroup:
     def merge(self, method: str, params: list[dict], out: Tensor, compute_dtype=None) -> None:
         """Merge every segment into the flat ``out`` (length n, any float dtype).
 
-        ``params[i]`` are tensor i's resolved method parameters (as the per-tensor path
-        receives them)."""
+        ``params[i]`` are the resolved method parameters of ``names[i]`` (as the
+        per-tensor path receives them)."""
         sparsify, consensus = FLAT_METHODS[method]
         k, S = self.k, len(self.names)
         cd = compute_dtype or self.B.dtype
@@ -141,13 +211,19 @@ class FlatGroup:
         dens = (np.array([p["density"] for p in params], dtype=np.float64).T
                 if sparsify is not None else np.ones((k, S)))
         n = self.sizes[None, :]
+        dev = self.device
+
+        def col(x, dtype=dt):  # a per-(model, segment) table as (k, S, 1) on the device
+            return torch.as_tensor(np.ascontiguousarray(x), dtype=dtype).to(dev).unsqueeze(-1)
 
         scale = np.ones((k, S))
-        rows = {}
+        cuts = ties = uniforms = t16 = None
         if sparsify == "magnitude":
             keep = np.where((dens > 0) & (n > 0), np.maximum(1, (dens * n).astype(np.int64)), 0)
             rank = np.where(dens >= 1, 0, n - keep)
-            rows["thr"] = self._thresholds(rank, dt)
+            v, below, tie = self._thresholds(rank, dt)
+            cuts = (v.unsqueeze(-1), below.unsqueeze(-1), tie.unsqueeze(-1))
+            ties = bool((tie > 0).any())  # one synchronisation: is any cut inside a run of equal values
         elif sparsify == "random":
             thresh = np.clip(np.rint(dens * 65536), 0, 65536).astype(np.int64)
             thresh = np.where(dens >= 1, 65536, thresh)
@@ -155,86 +231,40 @@ class FlatGroup:
                 scale = np.where((dens < 1) & (thresh > 0), 1.0 / np.where(dens > 0, dens, 1.0), 1.0)
             seeds = np.array([p["seeds"] for p in params], dtype=np.uint64).T
             uniforms = self._uniforms(seeds)
-            t16 = torch.as_tensor(thresh - 32768, dtype=torch.int32, device=self.device)
-        coef = w * scale
-        table = [torch.as_tensor(coef, dtype=dt)]
+            t16 = col(thresh - 32768, torch.int32)
+        C = col(w * scale)
+        WS = W = LAM = None
         if normalize and not consensus:
             ws = np.array([sum(float(x) for x in p["weight"]) for p in params])
-            table.append(torch.as_tensor(np.where(np.abs(ws) >= 1e-8, ws, 1.0)[None, :], dtype=dt))
+            WS = col(np.where(np.abs(ws) >= 1e-8, ws, 1.0)[None, :])[0]
         if normalize and consensus:
-            table.append(torch.as_tensor(w, dtype=dt))
-        use_lam = bool((lam != 1).any())
-        if use_lam:
-            table.append(torch.as_tensor(lam[None, :], dtype=dt))
-        table = torch.cat(table).to(self.device)
-        if "thr" in rows:
-            thr_seg, fixups = rows["thr"]
-            table = torch.cat([table, thr_seg])
+            W = col(w)
+        if (lam != 1).any():
+            LAM = col(lam[None, :])[0]
 
+        fn = _compiled_combine() if self.compile else _combine
         o = out.view(-1)
-        gpu = self.device.type != "cpu"
-        for s, e, ids, counts, pieces in self.chunks:
-            L = e - s
-            X = self._expand(table, ids, counts, pieces, L, gpu)
-            C = X[:k]
-            r = k
-            WS = W = LAM = None
-            if normalize and not consensus:
-                WS, r = X[r], r + 1
-            if normalize and consensus:
-                W, r = X[r:r + k], r + k
-            if use_lam:
-                LAM, r = X[r], r + 1
-            b = self.B[s:e].to(cd).to(dt)
-            D = self.T[:, s:e].to(cd).to(dt) - b
+        for a, b, c, d in self.pieces:
             if sparsify == "magnitude":
-                THR = X[r:r + k]
-                for j, fs, fe, v in fixups:  # ties at a cut: the first of them stay out
-                    lo, hi = max(fs, s), min(fe, e)
-                    if lo < hi:
-                        THR[j, lo - s:hi - s] = v
-                M = torch.abs(D).sub_(THR).sign_().clamp_(min=0)
-                D.mul_(M.mul_(C))
+                local = None
+                if ties:
+                    local = torch.arange(c, d, device=dev)
+                mask_in = (cuts[0][:, a:b], cuts[1][:, a:b], cuts[2][:, a:b], local)
             elif sparsify == "random":
-                T16 = self._expand(t16, ids, counts, pieces, L, gpu)
-                M = (uniforms[:, s:e] < T16).to(dt)
-                D.mul_(M.mul_(C))
+                mask_in = (self._block(uniforms, a, b, c, d), t16[:, a:b])
             else:
-                D.mul_(C)
-            mixed = torch.empty(L, dtype=dt, device=self.device)
-            if consensus:
-                S_ = _rowsum(D, torch.empty_like(mixed))
-                el = S_.neg_().sign_().clamp_(min=0).mul_(-2).add_(1)
-                A = torch.sign(D).mul_(el).clamp_(min=0)
-                _rowsum(D.mul_(A), mixed)
-                if normalize:
-                    div = _rowsum(A.mul_(W), S_)
-                    zero = torch.sign(div).abs_().neg_().add_(1)
-                    mixed.div_(div.add_(zero))
-            else:
-                _rowsum(D, mixed)
-                if WS is not None:
-                    mixed.div_(WS)
-            if LAM is not None:
-                mixed.mul_(LAM)
-            o[s:e] = mixed.add_(b)
+                mask_in = ()
+            res = fn(self._block(self.B, a, b, c, d), self._block(self.T, a, b, c, d), C[:, a:b],
+                     None if WS is None else WS[a:b], None if W is None else W[:, a:b],
+                     None if LAM is None else LAM[a:b], mask_in, sparsify, consensus, cd, dt)
+            self._block(o, a, b, c, d).copy_(res)
 
-    @staticmethod
-    def _expand(table: Tensor, ids: Tensor, counts: Tensor, pieces: list, L: int, gpu: bool) -> Tensor:
-        """Per-segment columns repeated over each segment's entries of a chunk: one kernel
-        on a GPU; on a CPU (where ``repeat_interleave`` builds an index first) one
-        broadcast copy per segment."""
-        if gpu:
-            return torch.repeat_interleave(table[:, ids], counts, dim=1, output_size=L)
-        X = torch.empty(table.shape[0], L, dtype=table.dtype)
-        for i, a, b in pieces:
-            X[:, a:b] = table[:, i:i + 1]
-        return X
-
-    def _thresholds(self, rank: np.ndarray, dt) -> tuple[Tensor, list]:
-        """Per (model, segment) the magnitude threshold keeping ranks >= ``rank``: entries
-        >= the value at that rank, except that entries equal to it at positions before
-        the rank's own stay out (the fixups: (model, start, stop, value))."""
+    def _thresholds(self, rank: np.ndarray, dt) -> tuple[Tensor, Tensor, Tensor]:
+        """Per (model, segment) the magnitude cut keeping ranks >= ``rank``, as
+        ``(v, below, tie)``: entries > ``below`` (the float just under the value ``v`` at
+        that rank) are kept, except that entries equal to ``v`` at positions before
+        ``tie`` (0 where the cut is not inside a run of equal values) stay out. ``below``
+        is -inf to keep everything, +inf to keep nothing."""
         vals, pos = self._sorted_magnitudes(dt)
         k, S = rank.shape
         n = self.sizes[None, :]
@@ -243,19 +273,10 @@ class FlatGroup:
         flat = torch.as_tensor((np.arange(k)[:, None] * self.n + g).reshape(-1), device=self.device)
         v = vals.reshape(-1)[flat].reshape(k, S)
         prev = vals.reshape(-1)[flat - 1].reshape(k, S)
-        p = pos.reshape(-1)[flat].reshape(k, S)
-        below = torch.nextafter(v, torch.full_like(v, float("-inf")))
+        p = pos.reshape(-1)[flat].reshape(k, S).long()
         validt = torch.as_tensor(valid, device=self.device)
         inf = torch.full_like(v, float("inf"))
         none = torch.as_tensor(rank >= n, device=self.device)
-        thr = torch.where(validt, below, torch.where(none, inf, -inf))
-        tie = validt & (prev == v) & (p > 0)
-        fixups = []
-        idx = torch.nonzero(tie).tolist()
-        if idx:
-            vv = v[tie].tolist()
-            pp = p[tie].tolist()
-            for (j, i), val, q in zip(idx, vv, pp):
-                s = int(self.offsets[i])
-                fixups.append((j, s, s + int(q), val))
-        return thr, fixups
+        below = torch.where(validt, torch.nextafter(v, -inf), torch.where(none, inf, -inf))
+        tie = torch.where(validt & (prev == v), p, torch.zeros_like(p))
+        return v, below, tie

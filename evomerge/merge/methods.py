@@ -703,7 +703,9 @@ def _general_task_arithmetic(
                 else:
                     mixed.add_(d)
             if normalize and abs(wsum) >= 1e-8:
-                mixed /= wsum
+                # a tensor divisor: a GPU multiplies by the reciprocal of a Python scalar,
+                # which rounds differently from the division the flat path does
+                mixed.div_(torch.tensor(wsum, dtype=dt, device=mixed.device))
         if lambda_ != 1:
             mixed *= lambda_
         result[s:e] = mixed.add_(b)

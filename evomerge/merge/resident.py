@@ -41,11 +41,13 @@ class ResidentEngine:
         flat: for the task-arithmetic family (task arithmetic, TIES, DARE), keep the
             inputs as one flat vector per model and merge a candidate over all tensors at
             once (``flat.FlatGroup``): the same weights in far fewer operations.
+        compile: run the flat path's arithmetic through ``torch.compile`` (one fused
+            kernel per chunk; the first candidate pays the compilation).
     """
 
     def __init__(self, recipe: Recipe, *, device: str | torch.device = "cpu", seed: int = 0,
                  store_dtype: str | torch.dtype | None = None, allow_pickle: bool = False,
-                 order_stats: bool = True, flat: bool = True):
+                 order_stats: bool = True, flat: bool = True, compile: bool = False):
         self.template = MergeEngine(recipe, device=device, seed=seed, allow_pickle=allow_pickle)
         self.device = self.template.device
         self.seed = seed
@@ -70,6 +72,7 @@ class ResidentEngine:
             del raw, base, tensors, prepared
             self.template._release(task)
         self._structure = self._signature(self.template.tasks)
+        self.compile = compile
         self._groups = self._flat_groups() if flat and self.template.method.name in FLAT_METHODS else []
 
     def _flat_groups(self) -> list[tuple[list[int], FlatGroup]]:
@@ -88,11 +91,12 @@ class ResidentEngine:
             tasks = [self.template.tasks[i] for i in idx]
             ins = [self.inputs(t) for t in tasks]
             g = FlatGroup([t.name for t in tasks], [x[0] for x in ins], [x[1:] for x in ins],
-                          self.device, key[1])
+                          self.device, key[1], compile=self.compile)
             for j, (t, x) in enumerate(zip(tasks, ins)):
-                self._inputs[t.sources[0]] = g.base_view(j).view(x[0].shape)
+                seg = g.segment(j)
+                self._inputs[t.sources[0]] = g.B[seg].view(x[0].shape)
                 for m, src in enumerate(t.sources[1:]):
-                    self._inputs[src] = g.model_view(j, m).view(x[m + 1].shape)
+                    self._inputs[src] = g.T[m, seg].view(x[m + 1].shape)
             groups.append((idx, g))
         return groups
 
@@ -177,7 +181,7 @@ class ResidentEngine:
             if not self._flat_ok(eng, idx, [state[n] for n in names]):
                 continue
             out = self._flat_out(group, state[names[0]].dtype)
-            group.merge(eng.method.name, [eng.tasks[i].params for i in idx], out, eng.compute_dtype)
+            group.merge(eng.method.name, [eng.tasks[idx[i]].params for i in group.order], out, eng.compute_dtype)
             dsts = [state[n] for n in names]
             srcs = [out[group.offsets[j]:group.offsets[j + 1]].view(d.shape) for j, d in enumerate(dsts)]
             if hasattr(torch, "_foreach_copy_"):
