@@ -110,8 +110,20 @@ def run(cfg, run_dir: str | Path) -> dict:
             run_dir / "best_model", overwrite=True, progress=bool(cfg.progress),
             recipe_text=space.recipe_yaml(outcome.best_x))
         print(f"best merge written to {path}")
+    _report(run_dir)
     print(format_summary(outcome.summary, run_dir))
     return outcome.summary
+
+
+def _report(run_dir: Path) -> None:
+    """report.md and its plots; the search's results are already safe if this fails."""
+    from .report import write_report
+
+    try:
+        write_report(run_dir)
+    except Exception as e:  # noqa: BLE001 - a failed plot must not hide a finished search
+        print(f"evomerge: the report could not be written ({type(e).__name__}: {e}); "
+              f"retry with: evomerge-report {run_dir}", file=sys.stderr)
 
 
 def _adamerging(cfg, space, worker, executor, zoo, evaluator, run_dir: Path) -> dict:
@@ -131,6 +143,7 @@ def _adamerging(cfg, space, worker, executor, zoo, evaluator, run_dir: Path) -> 
     x, score = am.run(run_dir, resume=bool(cfg.resume), progress=bool(cfg.progress))
     summary = finish_run(space, am.name, x, score, executor, run_dir,
                          config=OmegaConf.to_container(cfg, resolve=True))
+    _report(run_dir)
     print(format_summary(summary, run_dir))
     return summary
 
@@ -151,7 +164,9 @@ def format_summary(summary: dict, run_dir: Path) -> str:
              f"({summary['space']['method']}, {summary['space']['granularity']}): "
              f"{summary['evaluations']} evaluations, {summary['failed']} failed"]
     lines += ["  ".join(c.ljust(w[i]) for i, c in enumerate(r)) for r in rows]
-    lines.append(f"run directory: {run_dir} (summary.json, best_recipe.yaml, trials.jsonl)")
+    files = "report.md, summary.json, best_recipe.yaml, trials.jsonl" if (run_dir / "report.md").is_file() \
+        else "summary.json, best_recipe.yaml, trials.jsonl"
+    lines.append(f"run directory: {run_dir} ({files})")
     return "\n".join(lines)
 
 

@@ -250,7 +250,9 @@ class Space:
     def describe(self) -> dict:
         return {"method": self.method.name, "granularity": self.granularity, "genes": len(self.genes),
                 "searched": {k: list(v) for k, v in self.ranges.items()}, "fixed": self.fixed,
-                "layer_granularity": self.layer_granularity, "smoothing": self.smoothing}
+                "layer_granularity": self.layer_granularity, "smoothing": self.smoothing,
+                "models": list(self.models), "base_model": self.base_model,
+                "gene_table": [[g.name, g.param, g.model, g.unit] for g in self.genes]}
 
 
 def _structure(model: str) -> dict:

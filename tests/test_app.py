@@ -83,6 +83,9 @@ def test_search_from_the_command_line_then_kill_and_resume(zoo_dir, tmp_path):
     for name in ["best", "start", "base"]:
         assert set(s["results"][name]) >= {"search", "test"}
     assert (run / "best_recipe.yaml").is_file() and (run / ".hydra" / "config.yaml").is_file()
+    assert "report.md" in out
+    for img in ("convergence.png", "coefficients.png", "tasks.png"):
+        assert (run / img).read_bytes()[:4] == b"\x89PNG" and f"]({img})" in (run / "report.md").read_text()
     # the exported model is the best genome's merge, and scores what the search recorded
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -94,6 +97,25 @@ def test_search_from_the_command_line_then_kill_and_resume(zoo_dir, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(run / "best_model").eval()
     got = ev(model, AutoTokenizer.from_pretrained(run / "best_model"), split="search")["score"]
     assert got == pytest.approx(s["best_search_score"])
+
+
+def test_a_multirun_writes_one_directory_per_job_and_the_report_compares_them(zoo_dir, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "evomerge.app", "-m", f"models.zoo_dir={zoo_dir}", "eval.name=choice",
+           "eval.limit=20", "budget=6", "search=random", "seed=0,1", f"hydra.sweep.dir={sweep}", "progress=false"]
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stderr
+    runs = sorted(d.parent for d in sweep.glob("*/summary.json"))
+    assert len(runs) == 2 and runs[0] != runs[1]
+    assert all((r / "trials.jsonl").is_file() and (r / "report.md").is_file() for r in runs)
+    seeds = {json.loads((r / "summary.json").read_text())["config"]["seed"] for r in runs}
+    assert seeds == {0, 1}
+    rep = subprocess.run([sys.executable, "-m", "evomerge.report", str(sweep)], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert rep.returncode == 0, rep.stderr
+    row = next(line for line in rep.stdout.splitlines() if "search=random" in line)
+    assert "| 2 |" in row and "±" in row  # two seeds of one configuration, as mean ± std
 
 
 def test_an_existing_run_directory_is_not_overwritten(zoo_dir, tmp_path):

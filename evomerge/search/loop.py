@@ -213,6 +213,7 @@ def _finish(space, strategy, executor, run_dir, log, done, baselines, sources, c
         "best_search_score": best_score,
         "space": space.describe(),
         "strategy": getattr(strategy, "name", type(strategy).__name__),
+        "objectives": getattr(strategy, "objectives", None),
         "results": rows,
         "seconds_per_candidate": float(np.mean([r.wall_s for r in ok])) if ok else None,
         "materialize_seconds_per_candidate": float(np.mean([r.materialize_s for r in ok])) if ok else None,
