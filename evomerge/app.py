@@ -35,6 +35,16 @@ def _models(cfg) -> tuple[str | None, list[str], Any]:
         zoo = load_zoo(root) if (root / "zoo.json").is_file() else build_zoo(root, progress=cfg.progress)
     base = cfg.models.get("base") or (str(zoo.base) if zoo else None)
     experts = list(cfg.models.get("experts") or ([str(p) for p in zoo.experts.values()] if zoo else []))
+    task = cfg.models.get("ingredients")
+    if task:
+        if zoo is None:
+            raise ValueError("models.ingredients needs the zoo (models.zoo_dir)")
+        from .zoo import build_ingredients
+
+        experts = [str(p) for p in build_ingredients(zoo, str(task), int(cfg.models.get("ingredient_count", 6)),
+                                                     progress=bool(cfg.progress))]
+        if cfg.merge.get("method") == "linear":
+            base = None  # a soup averages the ingredients alone
     if not experts:
         raise ValueError("models.experts: no models to merge (give a list, or models.zoo_dir)")
     return base, experts, zoo
@@ -65,6 +75,9 @@ def run(cfg, run_dir: str | Path) -> dict:
     eval_kw = {}
     if cfg.eval.get("tasks") is None and zoo is not None:
         eval_kw["tasks"] = zoo.tasks if cfg.eval.name != "lm_eval" else ["zoo"]
+        if cfg.models.get("ingredients"):  # a soup of one task's fine-tunes is scored on that task
+            eval_kw["tasks"] = [str(cfg.models.ingredients)] if cfg.eval.name != "lm_eval" \
+                else [f"zoo_{cfg.models.ingredients}"]
     evaluator = instantiate(cfg.eval, **eval_kw)
     strat_kw: dict[str, Any] = {"seed": int(cfg.seed)}
     target = cfg.search.get("_target_", "")

@@ -383,6 +383,13 @@ class Zoo:
             stamp.write_text(here)
         return folder
 
+    def ingredients(self, task: str) -> list[Path]:
+        """The soup ingredients of ``task`` built so far (see :func:`build_ingredients`)."""
+        meta = self.root / "ingredients" / task / "ingredients.json"
+        if not meta.is_file():
+            return []
+        return [self.root / "ingredients" / task / r["name"] for r in json.loads(meta.read_text())["runs"]]
+
     def data(self, task: str, split: str) -> Path:
         if task not in self.tasks:
             raise ZooError(f"the zoo at {self.root} has no task {task!r}; it has {', '.join(self.tasks)}")
@@ -503,6 +510,64 @@ def build_zoo(out: str | Path | None = None, cfg: ZooConfig | None = None, force
     return load_zoo(out)
 
 
+INGREDIENT_LRS = (1e-4, 2e-4, 3e-4, 5e-4, 8e-4)
+
+
+def build_ingredients(zoo: Zoo, task: str, count: int = 6, progress: bool = True, log=print) -> list[Path]:
+    """Soup ingredients: ``count`` fine-tunes of the base on one task, each with its own
+    data-order seed and learning rate (cycling through ``INGREDIENT_LRS``), as in the model
+    soups recipe. Built once into ``<zoo>/ingredients/<task>/`` (a temporary folder renamed
+    into place) and reused; asking for another count rebuilds them."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if task not in zoo.tasks:
+        raise ZooError(f"the zoo at {zoo.root} has no task {task!r}; it has {', '.join(zoo.tasks)}")
+    if count < 2:
+        raise ZooError(f"ingredients: count must be at least 2, got {count}")
+    folder = zoo.root / "ingredients" / task
+    meta = folder / "ingredients.json"
+    cfg = ZooConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in zoo.info["config"].items()})
+    want = {"count": count, "steps": cfg.expert_steps, "lrs": list(INGREDIENT_LRS), "key": zoo.info.get("key")}
+    if meta.is_file():
+        info = json.loads(meta.read_text())
+        if {k: info.get(k) for k in want} == want:
+            return zoo.ingredients(task)
+    t = TASKS[task]
+    tok = AutoTokenizer.from_pretrained(zoo.tokenizer)
+    splits = eval_splits(t, cfg)
+    exclude = {e["input"] for tt in zoo.tasks for sp in eval_splits(TASKS[tt], cfg).values() for e in sp}
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{task}.", dir=folder.parent))
+    try:
+        runs = []
+        for i in range(count):
+            lr = INGREDIENT_LRS[i % len(INGREDIENT_LRS)]
+            seed = _stable_seed("ingredient", task, i, cfg.seed)
+            log(f"zoo: ingredient {i + 1}/{count} of {task} (lr {lr:g}, seed {seed})")
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_pretrained(zoo.base)
+            train(model, tok, _Sampler([(t, (t.target_n,))], seed, exclude), cfg.expert_steps, lr,
+                  cfg.batch_size, weight_decay=0.0, warmup=max(1, cfg.expert_steps // 10),
+                  desc=f"{task}-{i}", progress=progress)
+            name = f"{i:02d}"
+            _save_model(model, tok, tmp / name)
+            runs.append({"name": name, "lr": lr, "seed": seed,
+                         "accuracy": {s: round(accuracy(model, tok, rows), 4) for s, rows in splits.items()}})
+        (tmp / "ingredients.json").write_text(json.dumps({**want, "task": task, "runs": runs}, indent=2) + "\n")
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        torch.set_num_threads(threads_before)
+    return zoo.ingredients(task)
+
+
 # --------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------
@@ -519,7 +584,8 @@ def _table(zoo: Zoo, split: str = "test") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``evomerge-zoo build [--out DIR] [--seed N] [--test-mode] [--force]`` and ``evomerge-zoo info``."""
+    """``evomerge-zoo build [--out DIR] [--seed N] [--test-mode] [--force]``, ``evomerge-zoo info`` and
+    ``evomerge-zoo ingredients --task T [--count N]``."""
     ap = argparse.ArgumentParser(prog="evomerge-zoo", description="Build or inspect the local model zoo.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="build the zoo (instant when already built)")
@@ -532,8 +598,22 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--no-progress", action="store_true")
     i = sub.add_parser("info", help="print what a zoo holds and its accuracies")
     i.add_argument("--out", default=None)
+    g = sub.add_parser("ingredients", help="fine-tune soup ingredients of one task (different seeds and lrs)")
+    g.add_argument("--out", default=None)
+    g.add_argument("--task", required=True)
+    g.add_argument("--count", type=int, default=6)
+    g.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     try:
+        if a.cmd == "ingredients":
+            zoo = load_zoo(a.out)
+            paths = build_ingredients(zoo, a.task, a.count, progress=not a.no_progress)
+            info = json.loads((paths[0].parent / "ingredients.json").read_text())
+            print(f"{len(paths)} ingredients of {a.task} in {paths[0].parent}")
+            for r in info["runs"]:
+                print(f"  {r['name']}  lr {r['lr']:g}  validation {r['accuracy']['validation']:.3f}  "
+                      f"test {r['accuracy']['test']:.3f}")
+            return 0
         if a.cmd == "build":
             kw = {"seed": a.seed, "threads": a.threads}
             cfg = ZooConfig.test_mode(**kw) if a.test_mode else ZooConfig(**kw)

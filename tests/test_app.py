@@ -118,6 +118,31 @@ def test_a_multirun_writes_one_directory_per_job_and_the_report_compares_them(zo
     assert "| 2 |" in row and "±" in row  # two seeds of one configuration, as mean ± std
 
 
+def test_greedy_soup_over_ingredients_from_the_command_line(zoo_dir, tmp_path):
+    from evomerge.zoo import build_ingredients, load_zoo
+
+    run = tmp_path / "soup"
+    p = evomerge([f"models.zoo_dir={zoo_dir}", "experiment=zoo_greedy_soup", "models.ingredient_count=3",
+                  "eval.limit=40"], run)
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err
+    zoo = load_zoo(zoo_dir)
+    ingredients = zoo.ingredients("sort")
+    assert [q.name for q in ingredients] == ["00", "01", "02"]
+    s = json.loads((run / "summary.json").read_text())
+    sources = {n: r for n, r in s["results"].items() if r["kind"] == "source"}
+    assert set(sources) == {"00", "01", "02"}  # the soup's sources are the ingredients, not the base
+    assert set(s["results"]["best"]["search"]) == {"score", "sort/acc"}  # scored on the ingredients' task
+    best_single = max(r["search"]["score"] for r in sources.values())
+    assert s["results"]["best"]["search"]["score"] >= best_single  # greedy soup's guarantee
+    # built once: asking again reuses them; another count rebuilds
+    stamp = (ingredients[0] / "model.safetensors").stat().st_mtime_ns
+    assert build_ingredients(zoo, "sort", 3, progress=False, log=lambda *_: None) == ingredients
+    assert (ingredients[0] / "model.safetensors").stat().st_mtime_ns == stamp
+    assert len(build_ingredients(zoo, "sort", 2, progress=False, log=lambda *_: None)) == 2
+    assert not [d for d in (zoo_dir / "ingredients").iterdir() if d.name.startswith(".")]
+
+
 def test_an_existing_run_directory_is_not_overwritten(zoo_dir, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
