@@ -42,7 +42,7 @@ def _models(cfg) -> tuple[str | None, list[str], Any]:
         from .zoo import build_ingredients
 
         experts = [str(p) for p in build_ingredients(zoo, str(task), int(cfg.models.get("ingredient_count", 6)),
-                                                     progress=bool(cfg.progress))]
+                                                     cfg.models.get("ingredient_steps"), progress=bool(cfg.progress))]
         if cfg.merge.get("method") == "linear":
             base = None  # a soup averages the ingredients alone
     if not experts:

@@ -513,11 +513,14 @@ def build_zoo(out: str | Path | None = None, cfg: ZooConfig | None = None, force
 INGREDIENT_LRS = (1e-4, 2e-4, 3e-4, 5e-4, 8e-4)
 
 
-def build_ingredients(zoo: Zoo, task: str, count: int = 6, progress: bool = True, log=print) -> list[Path]:
+def build_ingredients(zoo: Zoo, task: str, count: int = 6, steps: int | None = None, progress: bool = True,
+                      log=print) -> list[Path]:
     """Soup ingredients: ``count`` fine-tunes of the base on one task, each with its own
     data-order seed and learning rate (cycling through ``INGREDIENT_LRS``), as in the model
-    soups recipe. Built once into ``<zoo>/ingredients/<task>/`` (a temporary folder renamed
-    into place) and reused; asking for another count rebuilds them."""
+    soups recipe, for ``steps`` steps (default: a quarter of the experts' steps, so that
+    they differ and none has saturated the task). Built once into
+    ``<zoo>/ingredients/<task>/`` (a temporary folder renamed into place) and reused; asking
+    for another count or number of steps rebuilds them."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -528,7 +531,8 @@ def build_ingredients(zoo: Zoo, task: str, count: int = 6, progress: bool = True
     folder = zoo.root / "ingredients" / task
     meta = folder / "ingredients.json"
     cfg = ZooConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in zoo.info["config"].items()})
-    want = {"count": count, "steps": cfg.expert_steps, "lrs": list(INGREDIENT_LRS), "key": zoo.info.get("key")}
+    steps = int(steps) if steps is not None else max(1, cfg.expert_steps // 4)
+    want = {"count": count, "steps": steps, "lrs": list(INGREDIENT_LRS), "key": zoo.info.get("key")}
     if meta.is_file():
         info = json.loads(meta.read_text())
         if {k: info.get(k) for k in want} == want:
@@ -549,8 +553,8 @@ def build_ingredients(zoo: Zoo, task: str, count: int = 6, progress: bool = True
             log(f"zoo: ingredient {i + 1}/{count} of {task} (lr {lr:g}, seed {seed})")
             torch.manual_seed(seed)
             model = AutoModelForCausalLM.from_pretrained(zoo.base)
-            train(model, tok, _Sampler([(t, (t.target_n,))], seed, exclude), cfg.expert_steps, lr,
-                  cfg.batch_size, weight_decay=0.0, warmup=max(1, cfg.expert_steps // 10),
+            train(model, tok, _Sampler([(t, (t.target_n,))], seed, exclude), steps, lr,
+                  cfg.batch_size, weight_decay=0.0, warmup=max(1, steps // 10),
                   desc=f"{task}-{i}", progress=progress)
             name = f"{i:02d}"
             _save_model(model, tok, tmp / name)
@@ -602,12 +606,13 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--out", default=None)
     g.add_argument("--task", required=True)
     g.add_argument("--count", type=int, default=6)
+    g.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: a quarter of the experts')")
     g.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     try:
         if a.cmd == "ingredients":
             zoo = load_zoo(a.out)
-            paths = build_ingredients(zoo, a.task, a.count, progress=not a.no_progress)
+            paths = build_ingredients(zoo, a.task, a.count, a.steps, progress=not a.no_progress)
             info = json.loads((paths[0].parent / "ingredients.json").read_text())
             print(f"{len(paths)} ingredients of {a.task} in {paths[0].parent}")
             for r in info["runs"]:

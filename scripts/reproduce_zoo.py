@@ -8,7 +8,7 @@ four tasks), searching on the validation split (a seeded 200-example subsample p
 the seed changes it) and reporting on the full test split. A claim that does not hold
 here is reported as not holding, with its numbers.
 
-  soup      greedy soup >= the best single ingredient on test (6 fine-tunes of one task)
+  soup      greedy soup >= the best single ingredient on test (6 short fine-tunes of one task)
   lambda    task arithmetic's score is unimodal in lambda
   experts   TIES vs task arithmetic as the number of merged experts grows from 2 to 4
   ada       layer-wise AdaMerging vs task-wise vs task arithmetic
@@ -82,7 +82,7 @@ class Bench:
 
 def lambda_curve(b: Bench, experts, method="task_arithmetic", grid=None, seed=0, fixed=None):
     """Search- and test-split scores over a grid of a single lambda (uniform weights)."""
-    fixed = dict(fixed or {})
+    fixed = {"weight": 1.0, **(fixed or {})}
     sp = Space(method, experts, base_model=str(b.zoo.base), search=LAMBDA, fixed=fixed, granularity="global")
     w = b.worker(sp, seed)
     out = []
@@ -143,8 +143,8 @@ def claim_experts(b: Bench, out: list[str], state: dict):
                 curve = lambda_curve(b, ex, method, grid, s, fixed)
                 lam, _, test = max(curve, key=lambda r: r[1])
                 # the score counts all four tasks; report the merged tasks' mean too
-                sp = Space(method, ex, base_model=str(b.zoo.base), search=LAMBDA, fixed=fixed,
-                           granularity="global")
+                sp = Space(method, ex, base_model=str(b.zoo.base), search=LAMBDA,
+                           fixed={"weight": 1.0, **fixed}, granularity="global")
                 m = b.score(b.worker(sp, s), np.array([lam]), "test", metrics=True)
                 merged = statistics.mean(m[f"{t}/acc"] for t in subset)
                 res[method].append((test, merged, lam))
@@ -180,7 +180,7 @@ def claim_dare(b: Bench, out: list[str], state: dict):
             vals = []
             for s in b.seeds:
                 sp = Space("dare_linear", b.experts(), base_model=str(b.zoo.base), search=LAMBDA,
-                           fixed={"density": round(1 - p, 4), "rescale": rescale}, granularity="global")
+                           fixed={"weight": 1.0, "density": round(1 - p, 4), "rescale": rescale}, granularity="global")
                 # the drop masks depend on the engine's seed: one worker per (seed, rescale, p)
                 w = b.worker(sp, s, key=("dare", p, rescale, s))
                 vals.append(b.score(w, np.array([lam]), "test"))
@@ -263,9 +263,11 @@ def claim_ada(b: Bench, out: list[str], state: dict, steps: int, lr: float, work
             "here: entropy at one answer position is a weak proxy for these tasks' accuracy.", ""]
 
 
-def claim_soup(b: Bench, out: list[str], state: dict, count: int, work: Path):
-    task = "sort"
+def claim_soup(b: Bench, out: list[str], state: dict, count: int, task: str, work: Path):
+    import json
+
     ingredients = [str(p) for p in build_ingredients(b.zoo, task, count, progress=False)]
+    info = json.loads((Path(ingredients[0]).parent / "ingredients.json").read_text())
     rows = []
     for s in b.seeds:
         ev = build_evaluator("accuracy", data_dir=b.zoo.root, tasks=[task], limit=SEARCH_LIMIT, seed=s)
@@ -280,9 +282,12 @@ def claim_soup(b: Bench, out: list[str], state: dict, count: int, work: Path):
         rows.append((s, r["best"]["test"]["score"], singles[top]["test"]["score"], r["uniform"]["test"]["score"],
                      members, max(v["test"]["score"] for v in singles.values())))
     out += ["## Greedy soup vs the best single ingredient", "",
-            f"{count} fine-tunes of the base on `{task}` (seeded data order, learning rates cycling through "
-            "1e-4, 2e-4, 3e-4, 5e-4, 8e-4), ranked on the search subsample; an ingredient joins the uniform "
-            "soup only if the soup's search score improves. Test accuracy (%) on the task.", "",
+            f"{count} fine-tunes of the base on `{task}` for {info['steps']} steps each (seeded data order, "
+            "learning rates cycling through 1e-4, 2e-4, 3e-4, 5e-4, 8e-4; built by `evomerge-zoo ingredients "
+            f"--task {task} --count {count}`), ranked on the search subsample; an ingredient joins the uniform "
+            "soup only if the soup's search score improves. Their own test accuracies: "
+            + ", ".join(f"{100 * r['accuracy']['test']:.1f}%" for r in info["runs"])
+            + ". Test accuracy (%) on the task:", "",
             "| seed | greedy soup | ingredients in it | best ingredient (by search score) | best ingredient on test "
             "(oracle) | uniform soup |", "|---|---|---|---|---|---|"]
     for s, g, single, uni, members, oracle in rows:
@@ -303,6 +308,7 @@ def main() -> int:
     ap.add_argument("--ada-steps", type=int, default=500)
     ap.add_argument("--ada-lr", type=float, default=1e-3)
     ap.add_argument("--ingredients", type=int, default=6)
+    ap.add_argument("--soup-task", default="reverse")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="results/reproductions.md")
     a = ap.parse_args()
@@ -338,7 +344,7 @@ def main() -> int:
             elif name == "ada":
                 claim_ada(b, out, state, a.ada_steps, a.ada_lr, work)
             elif name == "soup":
-                claim_soup(b, out, state, a.ingredients, work)
+                claim_soup(b, out, state, a.ingredients, a.soup_task, work)
             print(f"[{name}] {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
     out.append(f"Total wall time: {time.perf_counter() - t0:.0f} s.")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

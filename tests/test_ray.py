@@ -61,3 +61,126 @@ def test_a_search_through_executor_ray_from_the_command_line(tmp_path_factory, t
     recs = [json.loads(x) for x in (run / "trials.jsonl").read_text().splitlines()]
     assert {r["worker"] for r in recs if r["kind"] == "search"} == {"ray-0", "ray-1"}
     assert json.loads((run / "summary.json").read_text())["results"]["best"]["test"]["score"] >= 0
+
+
+def _fake_worker(marker_dir, slow=0.3):
+    """A worker without models: candidate 3 kills its own process the first time it runs,
+    candidate 5 every time; the others sleep a little and return their id as the score."""
+    def build():
+        import os
+        import signal
+        import time
+        from pathlib import Path
+
+        from evomerge.search.base import Result
+
+        class Fake:
+            name = "fake"
+
+            def evaluate(self, cand):
+                if cand.id == 5 or (cand.id == 3 and not (Path(marker_dir) / "3").exists()):
+                    (Path(marker_dir) / str(cand.id)).touch()
+                    os.kill(os.getpid(), signal.SIGKILL)
+                time.sleep(slow)
+                return Result(cand.id, list(cand.x), "ok", score=float(cand.id), metrics={"score": float(cand.id)},
+                              split=cand.split, worker=self.name, kind=cand.kind)
+        return Fake()
+    return build
+
+
+def test_dead_workers_are_replaced_and_every_candidate_gets_one_result(tmp_path):
+    import ray
+
+    from evomerge.execute.ray import RayExecutor
+    from evomerge.search.base import Candidate
+
+    ex = RayExecutor(_fake_worker(str(tmp_path)), num_workers=2, cpus_per_worker=1, num_cpus=2, max_attempts=2)
+    try:
+        cands = [Candidate(i, [0.0]) for i in range(10)]
+        results = []
+        for r in ex.map(cands):
+            results.append(r)
+            if len(results) == 1:  # and one killed from outside, mid-evaluation
+                ray.kill(ex.actors[0], no_restart=True)
+        ids = [r.id for r in results]
+        assert sorted(ids) == list(range(10))  # exactly one result each
+        by_id = {r.id: r for r in results}
+        assert by_id[3].status == "ok" and by_id[3].score == 3.0  # re-run on a replacement
+        assert by_id[5].status == "failed" and "died 2 times" in by_id[5].error
+        assert all(by_id[i].status == "ok" for i in range(10) if i != 5)
+        assert ex.replaced >= 3 and len(ex.actors) == 2
+        # the replacements serve later calls too
+        again = list(ex.map([Candidate(20, [0.0]), Candidate(21, [0.0])]))
+        assert sorted(r.id for r in again) == [20, 21] and all(r.status == "ok" for r in again)
+    finally:
+        ex.close()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_search_joins_an_existing_cluster_by_address(tmp_path_factory, tmp_path):
+    """A head node started here (on 127.0.0.1, its own temp dir, token authentication off),
+    joined through executor.address; its processes are stopped by their ids, found by that
+    temp dir, never by a broad `ray stop`."""
+    import json
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from evomerge.zoo import ZooConfig, build_zoo
+
+    ray_bin = shutil.which("ray") or os.path.join(os.path.dirname(sys.executable), "ray")
+    temp = f"/tmp/evomerge-ray-{os.getpid()}-{_free_port()}"
+    port = _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    start = subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                            "--num-cpus=2", "--include-dashboard=false", f"--temp-dir={temp}",
+                            "--disable-usage-stats"], capture_output=True, text=True, env=env, timeout=180)
+
+    def ours() -> list[int]:
+        pids = []
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                try:
+                    cmd = open(f"/proc/{d}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+                except OSError:
+                    continue
+                if temp in cmd and int(d) != os.getpid():
+                    pids.append(int(d))
+        return pids
+
+    try:
+        assert start.returncode == 0, start.stderr[-2000:]
+        z = build_zoo(tmp_path_factory.mktemp("zoo3") / "zoo", ZooConfig.test_mode(), progress=False,
+                      log=lambda *_: None)
+        run = tmp_path / "run"
+        p = subprocess.run([sys.executable, "-m", "evomerge.app", f"models.zoo_dir={z.root}", "executor=ray",
+                            f"executor.address=127.0.0.1:{port}", "executor.num_workers=2", "eval.name=choice",
+                            "eval.limit=20", "space=per_model", "budget=6", "progress=false",
+                            f"hydra.run.dir={run}"], capture_output=True, text=True, env=env, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        recs = [json.loads(x) for x in (run / "trials.jsonl").read_text().splitlines()]
+        assert {r["worker"] for r in recs if r["kind"] == "search"} == {"ray-0", "ray-1"}
+        assert (run / "summary.json").is_file()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in ours():
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.time() + 10
+            while ours() and time.time() < deadline:
+                time.sleep(0.2)
+        shutil.rmtree(temp, ignore_errors=True)
+    assert not ours()

@@ -5,6 +5,10 @@ A local Ray is started when none is running (dashboard off, bound to 127.0.0.1);
 its worker once from ``build_worker`` (a picklable callable returning a ``Worker``), pins
 torch to its CPU share, and then scores candidates as they come: ``map`` keeps every actor
 busy and yields results in completion order.
+
+A worker that dies (killed, out of memory) is replaced by a new actor and its candidate is
+run again; a candidate whose worker dies ``max_attempts`` times is recorded as failed with
+the error, and the search goes on. Every candidate given to ``map`` gets exactly one result.
 """
 
 from __future__ import annotations
@@ -14,6 +18,11 @@ from typing import Callable, Iterable, Iterator
 from ..search.base import Candidate, Result
 
 __all__ = ["RayExecutor"]
+
+
+def _failed(cand: Candidate, error: str) -> Result:
+    return Result(id=cand.id, x=list(cand.x), status="failed", split=cand.split, error=error,
+                  generation=cand.generation, kind=cand.kind)
 
 
 class _Actor:
@@ -37,8 +46,12 @@ class RayExecutor:
     """
 
     def __init__(self, build_worker: Callable, num_workers: int | None = None, cpus_per_worker: int = 1,
-                 gpus_per_worker: float = 0, address: str | None = None, num_cpus: int | None = None):
+                 gpus_per_worker: float = 0, address: str | None = None, num_cpus: int | None = None,
+                 max_attempts: int = 3):
         import ray
+
+        self.max_attempts = max(1, int(max_attempts))
+        self.replaced = 0  # workers started again after dying
 
         if not ray.is_initialized():
             kw = {"include_dashboard": False, "log_to_driver": False}
@@ -54,8 +67,9 @@ class RayExecutor:
             kind, share = ("GPU", gpus_per_worker) if gpus_per_worker else ("CPU", cpus_per_worker)
             have = res.get(kind, 0)
             num_workers = max(1, int(have // share))
-        actor_cls = ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker)(_Actor)
-        self.actors = [actor_cls.remote(build_worker, cpus_per_worker, f"ray-{i}") for i in range(num_workers)]
+        self._new = lambda i: ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=0)(
+            _Actor).remote(build_worker, cpus_per_worker, f"ray-{i}")
+        self.actors = [self._new(i) for i in range(num_workers)]
 
     @property
     def num_workers(self) -> int:
@@ -64,17 +78,38 @@ class RayExecutor:
     def map(self, candidates: Iterable[Candidate]) -> Iterator[Result]:
         import ray
 
+        from ray.exceptions import RayActorError
+
         todo = list(candidates)[::-1]
-        running = {}
-        idle = list(self.actors)
+        running = {}  # ref -> (slot, candidate)
+        attempts: dict[int, int] = {}
+        idle = list(range(len(self.actors)))
         while todo or running:
             while todo and idle:
-                actor = idle.pop()
-                running[actor.evaluate.remote(todo.pop())] = actor
+                slot, cand = idle.pop(), todo.pop()
+                attempts[id(cand)] = attempts.get(id(cand), 0) + 1
+                running[self.actors[slot].evaluate.remote(cand)] = (slot, cand)
             ready, _ = ray.wait(list(running), num_returns=1)
             for ref in ready:
-                idle.append(running.pop(ref))
-                yield ray.get(ref)
+                slot, cand = running.pop(ref)
+                try:
+                    res = ray.get(ref)
+                except RayActorError as e:  # the worker died: replace it, run the candidate again
+                    ray.kill(self.actors[slot], no_restart=True)
+                    self.actors[slot] = self._new(slot)
+                    self.replaced += 1
+                    idle.append(slot)
+                    if attempts[id(cand)] < self.max_attempts:
+                        todo.append(cand)
+                        continue
+                    res = _failed(cand, f"its worker died {attempts[id(cand)]} times; last: "
+                                        f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+                except Exception as e:  # noqa: BLE001 - any other error is this candidate's failure
+                    idle.append(slot)
+                    res = _failed(cand, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+                else:
+                    idle.append(slot)
+                yield res
 
     def close(self) -> None:
         import ray
