@@ -56,7 +56,7 @@ def run(cfg, run_dir: str | Path) -> dict:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from .execute import Worker
+    from .execute import LocalExecutor, Worker
     from .search import run_search
     from .space import Space
 
@@ -95,14 +95,12 @@ def run(cfg, run_dir: str | Path) -> dict:
 
         return Worker(space, instantiate(eval_cfg, **eval_kw), device=device, seed=seed, **engine_kw)
 
-    if cfg.executor.get("_target_", "").endswith("RayExecutor"):
-        if target.endswith("AdaMerging"):
-            raise ValueError("search=adamerging* runs in-process: use executor=local")
+    if cfg.executor.get("_target_", "").endswith("RayExecutor") and not target.endswith("AdaMerging"):
         worker = None
         executor = instantiate(cfg.executor)(build_worker)
-    else:
+    else:  # in-process; AdaMerging always (its gradient steps need the models where the driver is)
         worker = Worker(space, evaluator, device=device, seed=seed, **engine_kw)
-        executor = instantiate(cfg.executor)(worker)
+        executor = LocalExecutor(worker) if target.endswith("AdaMerging") else instantiate(cfg.executor)(worker)
     if target.endswith("AdaMerging"):
         return _adamerging(cfg, space, worker, executor, zoo, evaluator, run_dir)
     strategy = instantiate(cfg.search)(space, **strat_kw)

@@ -54,6 +54,10 @@ def zoo_dir(tmp_path_factory):
 
 def evomerge(args, run_dir, **kw):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    # in-process: these tests are about the app, the trial log and resume (test_ray.py runs the
+    # app through Ray); a SIGKILLed driver would also leave its local Ray's agents behind
+    if not any(a.startswith("executor=") for a in args):
+        args = [*args, "executor=local"]
     cmd = [sys.executable, "-m", "evomerge.app", *args, f"hydra.run.dir={run_dir}", "progress=false"]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, **kw)
 
@@ -103,7 +107,8 @@ def test_a_multirun_writes_one_directory_per_job_and_the_report_compares_them(zo
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     sweep = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "evomerge.app", "-m", f"models.zoo_dir={zoo_dir}", "eval.name=choice",
-           "eval.limit=20", "budget=6", "search=random", "seed=0,1", f"hydra.sweep.dir={sweep}", "progress=false"]
+           "eval.limit=20", "budget=6", "search=random", "seed=0,1", f"hydra.sweep.dir={sweep}", "progress=false",
+           "executor=local"]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert p.returncode == 0, p.stderr
     runs = sorted(d.parent for d in sweep.glob("*/summary.json"))
