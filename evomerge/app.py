@@ -50,6 +50,55 @@ def _models(cfg) -> tuple[str | None, list[str], Any]:
     return base, experts, zoo
 
 
+class ConfigError(ValueError):
+    """A configuration value that cannot work, found before anything is loaded."""
+
+
+_UNIT_PARAMS = ("density", "t", "epsilon", "gamma", "alpha")  # fractions: bounds within [0, 1]
+
+
+def check_config(cfg) -> None:
+    """Refuse values that cannot work, naming the key, before any model is loaded."""
+    from omegaconf import OmegaConf
+
+    budget = cfg.get("budget")
+    if budget is None and cfg.get("max_seconds") is None:
+        raise ConfigError("budget: give a number of evaluations (or max_seconds)")
+    if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 1):
+        raise ConfigError(f"budget: must be a positive number of evaluations, got {budget!r}")
+    ms = cfg.get("max_seconds")
+    if ms is not None and (not isinstance(ms, (int, float)) or ms <= 0):
+        raise ConfigError(f"max_seconds: must be a positive number of seconds, got {ms!r}")
+    ranges = cfg.space.get("ranges") or {}
+    for param, r in (OmegaConf.to_container(ranges, resolve=True) if OmegaConf.is_config(ranges) else ranges).items():
+        r = r or {}
+        lo, hi = r.get("lo"), r.get("hi")
+        for k in ("lo", "hi", "x0"):
+            v = r.get(k)
+            if v is not None and param in _UNIT_PARAMS and not 0.0 <= float(v) <= 1.0:
+                raise ConfigError(f"space.ranges.{param}.{k}: {param} is a fraction, {v} is outside [0, 1]")
+        if lo is not None and hi is not None and float(lo) >= float(hi):
+            raise ConfigError(f"space.ranges.{param}: lo ({lo}) must be below hi ({hi})")
+
+    def targets(node, path):
+        if OmegaConf.is_dict(node):
+            for k in node:
+                v = node._get_node(k)
+                if k == "_target_":
+                    t = str(node[k])
+                    if not t.startswith("evomerge."):
+                        raise ConfigError(f"{path + '.' if path else ''}_target_: {t!r} is not an evomerge class "
+                                          "(only evomerge.* targets are instantiated)")
+                elif OmegaConf.is_config(v):
+                    targets(v, f"{path}.{k}" if path else str(k))
+        elif OmegaConf.is_list(node):
+            for i, v in enumerate(node):
+                if OmegaConf.is_config(v):
+                    targets(v, f"{path}[{i}]")
+
+    targets(cfg, "")
+
+
 def run(cfg, run_dir: str | Path) -> dict:
     """Run (or resume) the search a composed config describes; returns the summary."""
     import torch
@@ -60,6 +109,7 @@ def run(cfg, run_dir: str | Path) -> dict:
     from .search import run_search
     from .space import Space
 
+    check_config(cfg)
     torch.set_num_threads(int(cfg.threads))
     run_dir = Path(run_dir)
     base, experts, zoo = _models(cfg)
@@ -198,6 +248,11 @@ def main() -> None:
 
     @hydra.main(version_base=None, config_path=conf, config_name="config")
     def _main(cfg) -> None:
+        try:
+            check_config(cfg)
+        except ConfigError as e:
+            print(f"evomerge: error in the configuration: {e}", file=sys.stderr)
+            sys.exit(2)
         run(cfg, HydraConfig.get().runtime.output_dir)
 
     _main()

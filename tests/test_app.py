@@ -148,6 +148,24 @@ def test_greedy_soup_over_ingredients_from_the_command_line(zoo_dir, tmp_path):
     assert not [d for d in (zoo_dir / "ingredients").iterdir() if d.name.startswith(".")]
 
 
+@pytest.mark.parametrize("override,expect", [
+    ("search=no_such_strategy", "search"),
+    ("budget=-3", "budget"),
+    ("budget=lots", "budget"),
+    ("+space.ranges.density.hi=1.5", "space.ranges.density.hi"),
+    ("+space.ranges.weight={lo:2,hi:1}", "space.ranges.weight"),
+    ("search._target_=os.system", "search._target_"),
+])
+def test_bad_config_values_fail_before_anything_loads(tmp_path, override, expect):
+    zoo = tmp_path / "no_zoo_here"  # were the check to pass, the zoo would be built: minutes, not seconds
+    run = tmp_path / "run"
+    p = evomerge([f"models.zoo_dir={zoo}", "merge=ties", override], run)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode != 0
+    assert expect in err, err[-2000:]
+    assert not zoo.exists() and not (run / "trials.jsonl").exists()
+
+
 def test_an_existing_run_directory_is_not_overwritten(zoo_dir, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
