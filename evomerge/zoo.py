@@ -23,6 +23,7 @@ How the zoo is made (and why this way):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -426,6 +427,28 @@ def _save_tokenizer(tokenizer, path: Path) -> None:
     tc.write_text(json.dumps(c, indent=2, sort_keys=True) + "\n")
 
 
+@contextlib.contextmanager
+def _atomic_dir(dest: Path, threads: int):
+    """A temporary folder beside ``dest`` that replaces it when the block completes and is
+    removed if the block fails; torch runs on ``threads`` threads meanwhile."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        yield tmp
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        torch.set_num_threads(before)
+
+
 def build_zoo(out: str | Path | None = None, cfg: ZooConfig | None = None, force: bool = False,
               progress: bool = True, log=print) -> Zoo:
     """Build the zoo into ``out`` (default :func:`default_zoo_dir`), or return the one there.
@@ -452,12 +475,8 @@ def build_zoo(out: str | Path | None = None, cfg: ZooConfig | None = None, force
     elif out.exists() and any(out.iterdir()) and not force:
         raise ZooError(f"{out} exists and is not a zoo; choose another --out or pass --force")
 
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
     t_start = time.perf_counter()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with _atomic_dir(out, cfg.threads) as tmp:
         tok = zoo_tokenizer()
         _save_tokenizer(tok, tmp / "tokenizer")
         write_data(cfg, tmp)
@@ -498,14 +517,6 @@ def build_zoo(out: str | Path | None = None, cfg: ZooConfig | None = None, force
             "accuracy": acc,
         }
         (tmp / "zoo.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        torch.set_num_threads(threads_before)
     log(f"zoo: built {out} in {time.perf_counter() - t_start:.0f} s")
     return load_zoo(out)
 
@@ -541,11 +552,7 @@ def build_ingredients(zoo: Zoo, task: str, count: int = 6, steps: int | None = N
     tok = AutoTokenizer.from_pretrained(zoo.tokenizer)
     splits = eval_splits(t, cfg)
     exclude = {e["input"] for tt in zoo.tasks for sp in eval_splits(TASKS[tt], cfg).values() for e in sp}
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{task}.", dir=folder.parent))
-    try:
+    with _atomic_dir(folder, cfg.threads) as tmp:
         runs = []
         for i in range(count):
             lr = INGREDIENT_LRS[i % len(INGREDIENT_LRS)]
@@ -561,14 +568,6 @@ def build_ingredients(zoo: Zoo, task: str, count: int = 6, steps: int | None = N
             runs.append({"name": name, "lr": lr, "seed": seed,
                          "accuracy": {s: round(accuracy(model, tok, rows), 4) for s, rows in splits.items()}})
         (tmp / "ingredients.json").write_text(json.dumps({**want, "task": task, "runs": runs}, indent=2) + "\n")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        torch.set_num_threads(threads_before)
     return zoo.ingredients(task)
 
 

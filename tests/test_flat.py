@@ -55,6 +55,13 @@ def one_shot(recipe, seed, device="cpu"):
     return {t.name: eng.merge_tensor(t) for t in eng.tasks}
 
 
+def assert_weights(model, want):
+    """The live model holds exactly the one-shot merge's weights."""
+    got = dict(model.named_parameters())
+    for name, t in want.items():
+        assert torch.equal(got[name].detach(), t.to(got[name].dtype)), name
+
+
 weights = st.lists(st.sampled_from([0.0, 0.3, 0.5, 1.0, -0.4, 1.7]), min_size=3, max_size=3)
 densities = st.lists(st.sampled_from([1e-5, 1e-4, 0.1, 0.37, 0.5, 0.9, 0.99999, 1.0]), min_size=3, max_size=3)
 
@@ -84,10 +91,7 @@ def test_flat_equals_one_shot(families, method, dtype, w, d, lam, normalize, res
     finally:
         FlatGroup.merge = orig
     assert calls, "the candidate took the flat path"
-    want = one_shot(recipe, seed, device)
-    got = dict(model.named_parameters())
-    for name, t in want.items():
-        assert torch.equal(got[name].detach(), t.to(got[name].dtype)), name
+    assert_weights(model, one_shot(recipe, seed, device))
 
 
 def test_flat_buffers_hold_the_inputs_once(families):
@@ -112,10 +116,7 @@ def test_mixed_normalize_falls_back_to_the_per_tensor_path(families):
     engine = ResidentEngine(recipe)
     model = live(fam["base"], torch.float32)
     engine.materialize(recipe, into=model)
-    want = one_shot(recipe, 0)
-    got = dict(model.named_parameters())
-    for name, t in want.items():
-        assert torch.equal(got[name].detach(), t), name
+    assert_weights(model, one_shot(recipe, 0))
 
 
 @pytest.mark.parametrize("method", ["ties", "dare_linear"])
@@ -126,7 +127,4 @@ def test_compiled_flat_path_equals_one_shot(families, method):
     engine = ResidentEngine(recipe, seed=1, compile=True)
     model = live(fam["base"], torch.bfloat16)
     engine.materialize(recipe, into=model)
-    want = one_shot(recipe, 1)
-    got = dict(model.named_parameters())
-    for name, t in want.items():
-        assert torch.equal(got[name].detach(), t), name
+    assert_weights(model, one_shot(recipe, 1))
