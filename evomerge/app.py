@@ -105,7 +105,7 @@ def run(cfg, run_dir: str | Path) -> dict:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from .execute import LocalExecutor, Worker
+    from .execute import Worker
     from .search import run_search
     from .space import Space
 
@@ -145,12 +145,12 @@ def run(cfg, run_dir: str | Path) -> dict:
 
         return Worker(space, instantiate(eval_cfg, **eval_kw), device=device, seed=seed, **engine_kw)
 
-    if cfg.executor.get("_target_", "").endswith("RayExecutor") and not target.endswith("AdaMerging"):
+    if cfg.executor.get("_target_", "").endswith("RayExecutor"):
         worker = None
         executor = instantiate(cfg.executor)(build_worker)
-    else:  # in-process; AdaMerging always (its gradient steps need the models where the driver is)
+    else:
         worker = Worker(space, evaluator, device=device, seed=seed, **engine_kw)
-        executor = LocalExecutor(worker) if target.endswith("AdaMerging") else instantiate(cfg.executor)(worker)
+        executor = instantiate(cfg.executor)(worker)
     if target.endswith("AdaMerging"):
         return _adamerging(cfg, space, worker, executor, zoo, evaluator, run_dir)
     strategy = instantiate(cfg.search)(space, **strat_kw)
@@ -188,8 +188,8 @@ def _report(run_dir: Path) -> None:
 
 
 def _adamerging(cfg, space, worker, executor, zoo, evaluator, run_dir: Path) -> dict:
-    """AdaMerging runs inside the worker (gradients need the models), then the usual finish."""
-    from hydra.utils import instantiate
+    """AdaMerging runs inside one worker (its gradient steps need the models), under the
+    run's executor, then the usual finish."""
     from omegaconf import OmegaConf
 
     from .search import finish_run
@@ -200,9 +200,18 @@ def _adamerging(cfg, space, worker, executor, zoo, evaluator, run_dir: Path) -> 
                for line in zoo.data(t, "validation").read_text().splitlines()]
     if (run_dir / "summary.json").is_file() and not cfg.resume:
         raise FileExistsError(f"{run_dir} already holds a search; resume it or choose another run directory")
-    am = instantiate(cfg.search)(space, worker, prompts, seed=int(cfg.seed))
-    x, score = am.run(run_dir, resume=bool(cfg.resume), progress=bool(cfg.progress))
-    summary = finish_run(space, am.name, x, score, executor, run_dir,
+    search_cfg = OmegaConf.to_container(cfg.search, resolve=True)
+    seed, resume, progress = int(cfg.seed), bool(cfg.resume), bool(cfg.progress)
+
+    def train(w):  # runs where the worker is: in-process, or inside a Ray actor
+        from hydra.utils import instantiate
+
+        am = instantiate(search_cfg)(space, w, prompts, seed=seed)
+        x, score = am.run(run_dir, resume=resume, progress=progress and w is worker)
+        return am.name, x, score
+
+    name, x, score = executor.run_on_worker(train)
+    summary = finish_run(space, name, x, score, executor, run_dir,
                          config=OmegaConf.to_container(cfg, resolve=True))
     _report(run_dir)
     print(format_summary(summary, run_dir))

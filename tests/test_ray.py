@@ -184,3 +184,27 @@ def test_a_search_joins_an_existing_cluster_by_address(tmp_path_factory, tmp_pat
                 time.sleep(0.2)
         shutil.rmtree(temp, ignore_errors=True)
     assert not ours()
+
+
+def test_adamerging_trains_inside_a_ray_worker(tmp_path_factory, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from evomerge.zoo import ZooConfig, build_zoo
+
+    z = build_zoo(tmp_path_factory.mktemp("zoo4") / "zoo", ZooConfig.test_mode(), progress=False,
+                  log=lambda *_: None)
+    run = tmp_path / "am"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    p = subprocess.run([sys.executable, "-m", "evomerge.app", f"models.zoo_dir={z.root}", "executor=ray",
+                        "executor.num_workers=2", "executor.num_cpus=2", "search=adamerging_taskwise",
+                        "space=per_model", "search.steps=5", "search.lr=0.05", "eval.limit=20", "progress=false",
+                        f"hydra.run.dir={run}"], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    s = json.loads((run / "summary.json").read_text())
+    assert s["strategy"] == "adamerging" and s["evaluations"] == 5
+    recs = [json.loads(x) for x in (run / "trials.jsonl").read_text().splitlines()]
+    assert {r["worker"] for r in recs if r["kind"] != "search"} <= {"ray-0", "ray-1"}  # finals through Ray
+    assert (run / "report.md").is_file()

@@ -23,5 +23,9 @@ class LocalExecutor:
         for c in candidates:
             yield self.worker.evaluate(c)
 
+    def run_on_worker(self, fn):
+        """``fn(worker)`` where the worker is (here: in this process)."""
+        return fn(self.worker)
+
     def close(self) -> None:
         pass

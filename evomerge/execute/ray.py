@@ -36,6 +36,9 @@ class _Actor:
     def evaluate(self, cand: Candidate) -> Result:
         return self.worker.evaluate(cand)
 
+    def call(self, fn: Callable):
+        return fn(self.worker)
+
 
 class RayExecutor:
     """Args:
@@ -110,6 +113,13 @@ class RayExecutor:
                 else:
                     idle.append(slot)
                 yield res
+
+    def run_on_worker(self, fn: Callable):
+        """``fn(worker)`` inside the first actor, where its models are (AdaMerging trains
+        there); its return value comes back here."""
+        import ray
+
+        return ray.get(self.actors[0].call.remote(fn))
 
     def close(self) -> None:
         import ray
