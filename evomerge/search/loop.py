@@ -93,6 +93,7 @@ def run_search(
 
     n_search = sum(1 for k in done if k[0] == "search")
     t_start = time.perf_counter()
+    n_start = n_search  # candidates per minute count this process's evaluations only
     bar = _progress(budget, min(n_search, budget), progress)
     best_seen = max((r.score for k, r in done.items() if k[0] == "search" and r.score is not None), default=None)
     stopped = False
@@ -116,7 +117,11 @@ def run_search(
                 bar.update(1)
                 if res.score is not None and (best_seen is None or res.score > best_seen):
                     best_seen = res.score
-                    bar.set_postfix(best=f"{best_seen:.4f}")
+                done_here = n_search - n_start
+                if done_here and (done_here % 5 == 0 or res.score == best_seen):
+                    per_min = 60 * done_here / max(1e-9, time.perf_counter() - t_start)
+                    bar.set_postfix(best=None if best_seen is None else f"{best_seen:.4f}",
+                                    per_min=f"{per_min:.0f}", refresh=False)
             results = [done[("search", c.id)] for c in pending]
             xs_told, scores_told = [np.asarray(c.x) for c in pending], [r.score for r in results]
             if getattr(strategy, "wants_metrics", False):
