@@ -8,6 +8,25 @@ import pytest
 pytestmark = pytest.mark.ray
 
 
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    from evomerge.zoo import ZooConfig, build_zoo
+
+    return build_zoo(tmp_path_factory.mktemp("zoo") / "zoo", ZooConfig.test_mode(), progress=False,
+                     log=lambda *_: None)
+
+
+def app(args, run, env=None):
+    """The evomerge command, in a subprocess, writing into ``run``."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "evomerge.app", *args, "progress=false", f"hydra.run.dir={run}"],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
 def _build(zoo_root, models, base, tasks):
     def build():
         from evomerge.evaluate import build_evaluator
@@ -19,13 +38,12 @@ def _build(zoo_root, models, base, tasks):
     return build
 
 
-def test_ray_and_local_give_identical_results(tmp_path_factory):
+def test_ray_and_local_give_identical_results(zoo):
     from evomerge.execute import LocalExecutor
     from evomerge.execute.ray import RayExecutor
     from evomerge.search.base import Candidate
-    from evomerge.zoo import ZooConfig, build_zoo
 
-    z = build_zoo(tmp_path_factory.mktemp("zoo") / "zoo", ZooConfig.test_mode(), progress=False, log=lambda *_: None)
+    z = zoo
     build = _build(str(z.root), [str(p) for p in z.experts.values()], str(z.base), z.tasks)
     rng = np.random.default_rng(0)
     cands = [Candidate(i, list(rng.uniform(0, 1, 4))) for i in range(6)]
@@ -41,22 +59,12 @@ def test_ray_and_local_give_identical_results(tmp_path_factory):
     assert {r.worker for r in remote.values()} <= {"ray-0", "ray-1"}
 
 
-def test_a_search_through_executor_ray_from_the_command_line(tmp_path_factory, tmp_path):
+def test_a_search_through_executor_ray_from_the_command_line(zoo, tmp_path):
     import json
-    import os
-    import subprocess
-    import sys
 
-    from evomerge.zoo import ZooConfig, build_zoo
-
-    z = build_zoo(tmp_path_factory.mktemp("zoo2") / "zoo", ZooConfig.test_mode(), progress=False,
-                  log=lambda *_: None)
     run = tmp_path / "run"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    p = subprocess.run([sys.executable, "-m", "evomerge.app", f"models.zoo_dir={z.root}", "executor=ray",
-                        "executor.num_workers=2", "executor.num_cpus=2", "eval.name=choice", "eval.limit=20",
-                        "space=per_model", "budget=8", "progress=false", f"hydra.run.dir={run}"],
-                       capture_output=True, text=True, env=env, timeout=300)
+    p = app([f"models.zoo_dir={zoo.root}", "executor=ray", "executor.num_workers=2", "executor.num_cpus=2",
+             "eval.name=choice", "eval.limit=20", "space=per_model", "budget=8"], run)
     assert p.returncode == 0, p.stderr[-2000:]
     recs = [json.loads(x) for x in (run / "trials.jsonl").read_text().splitlines()]
     assert {r["worker"] for r in recs if r["kind"] == "search"} == {"ray-0", "ray-1"}
@@ -124,7 +132,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_a_search_joins_an_existing_cluster_by_address(tmp_path_factory, tmp_path):
+def test_a_search_joins_an_existing_cluster_by_address(zoo, tmp_path):
     """A head node started here (on 127.0.0.1, its own temp dir, token authentication off),
     joined through executor.address; its processes are stopped by their ids, found by that
     temp dir, never by a broad `ray stop`."""
@@ -136,8 +144,6 @@ def test_a_search_joins_an_existing_cluster_by_address(tmp_path_factory, tmp_pat
     import sys
     import time
 
-    from evomerge.zoo import ZooConfig, build_zoo
-
     ray_bin = shutil.which("ray") or os.path.join(os.path.dirname(sys.executable), "ray")
     temp = f"/tmp/evomerge-ray-{os.getpid()}-{_free_port()}"
     port = _free_port()
@@ -148,26 +154,35 @@ def test_a_search_joins_an_existing_cluster_by_address(tmp_path_factory, tmp_pat
                             "--disable-usage-stats"], capture_output=True, text=True, env=env, timeout=180)
 
     def ours() -> list[int]:
+        """The head's processes: their command line names the temp dir, or (for those that
+        retitle themselves, like the dashboard agent) one of their open files lies in it."""
         pids = []
         for d in os.listdir("/proc"):
-            if d.isdigit():
-                try:
-                    cmd = open(f"/proc/{d}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
-                except OSError:
-                    continue
-                if temp in cmd and int(d) != os.getpid():
-                    pids.append(int(d))
+            if not d.isdigit() or int(d) == os.getpid():
+                continue
+            try:
+                cmd = open(f"/proc/{d}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace")
+                mine = temp in cmd
+                if not mine:
+                    for fd in os.listdir(f"/proc/{d}/fd"):
+                        try:
+                            if os.readlink(f"/proc/{d}/fd/{fd}").startswith(temp):
+                                mine = True
+                                break
+                        except OSError:
+                            continue
+            except OSError:
+                continue
+            if mine:
+                pids.append(int(d))
         return pids
 
     try:
         assert start.returncode == 0, start.stderr[-2000:]
-        z = build_zoo(tmp_path_factory.mktemp("zoo3") / "zoo", ZooConfig.test_mode(), progress=False,
-                      log=lambda *_: None)
         run = tmp_path / "run"
-        p = subprocess.run([sys.executable, "-m", "evomerge.app", f"models.zoo_dir={z.root}", "executor=ray",
-                            f"executor.address=127.0.0.1:{port}", "executor.num_workers=2", "eval.name=choice",
-                            "eval.limit=20", "space=per_model", "budget=6", "progress=false",
-                            f"hydra.run.dir={run}"], capture_output=True, text=True, env=env, timeout=300)
+        p = app([f"models.zoo_dir={zoo.root}", "executor=ray", f"executor.address=127.0.0.1:{port}",
+                 "executor.num_workers=2", "eval.name=choice", "eval.limit=20", "space=per_model", "budget=6"],
+                run, env={"RAY_AUTH_MODE": "disabled"})
         assert p.returncode == 0, p.stderr[-3000:]
         recs = [json.loads(x) for x in (run / "trials.jsonl").read_text().splitlines()]
         assert {r["worker"] for r in recs if r["kind"] == "search"} == {"ray-0", "ray-1"}
@@ -186,22 +201,13 @@ def test_a_search_joins_an_existing_cluster_by_address(tmp_path_factory, tmp_pat
     assert not ours()
 
 
-def test_adamerging_trains_inside_a_ray_worker(tmp_path_factory, tmp_path):
+def test_adamerging_trains_inside_a_ray_worker(zoo, tmp_path):
     import json
-    import os
-    import subprocess
-    import sys
 
-    from evomerge.zoo import ZooConfig, build_zoo
-
-    z = build_zoo(tmp_path_factory.mktemp("zoo4") / "zoo", ZooConfig.test_mode(), progress=False,
-                  log=lambda *_: None)
     run = tmp_path / "am"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    p = subprocess.run([sys.executable, "-m", "evomerge.app", f"models.zoo_dir={z.root}", "executor=ray",
-                        "executor.num_workers=2", "executor.num_cpus=2", "search=adamerging_taskwise",
-                        "space=per_model", "search.steps=5", "search.lr=0.05", "eval.limit=20", "progress=false",
-                        f"hydra.run.dir={run}"], capture_output=True, text=True, env=env, timeout=300)
+    p = app([f"models.zoo_dir={zoo.root}", "executor=ray", "executor.num_workers=2", "executor.num_cpus=2",
+             "search=adamerging_taskwise", "space=per_model", "search.steps=5", "search.lr=0.05", "eval.limit=20"],
+            run)
     assert p.returncode == 0, p.stderr[-3000:]
     s = json.loads((run / "summary.json").read_text())
     assert s["strategy"] == "adamerging" and s["evaluations"] == 5
