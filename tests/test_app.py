@@ -166,6 +166,17 @@ def test_bad_config_values_fail_before_anything_loads(tmp_path, override, expect
     assert not zoo.exists() and not (run / "trials.jsonl").exists()
 
 
+def test_a_multi_objective_search_reports_its_pareto_front(zoo_dir, tmp_path):
+    run = tmp_path / "nsga2"
+    p = evomerge([f"models.zoo_dir={zoo_dir}", "experiment=zoo_optuna_nsga2", "budget=8", "eval.limit=20"], run)
+    out, err = p.communicate(timeout=600)
+    assert p.returncode == 0, err
+    s = json.loads((run / "summary.json").read_text())
+    assert len(s["objectives"]) == 4  # one per zoo task
+    assert (run / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert "](pareto.png)" in (run / "report.md").read_text()
+
+
 def test_an_existing_run_directory_is_not_overwritten(zoo_dir, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
