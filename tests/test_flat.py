@@ -128,3 +128,14 @@ def test_compiled_flat_path_equals_one_shot(families, method):
     model = live(fam["base"], torch.bfloat16)
     engine.materialize(recipe, into=model)
     assert_weights(model, one_shot(recipe, 1))
+
+
+def test_a_non_finite_candidate_is_named_on_the_flat_path(families):
+    fam = families["float32"]
+    ok = recipe_for(fam, "task_arithmetic", [0.5] * 3, [1.0] * 3, 1.0, False, False, False)
+    huge = recipe_for(fam, "task_arithmetic", [1e39] * 3, [1.0] * 3, 1.0, False, False, False)  # inf in float32
+    engine = ResidentEngine(ok)
+    model = live(fam["base"], torch.float32)
+    engine.materialize(ok, into=model)
+    with pytest.raises(Exception, match="tensor '.*': the merged values are not finite"):
+        engine.materialize(huge, into=model)

@@ -113,6 +113,7 @@ class FlatGroup:
         sizes = np.array([b.numel() for b in base], dtype=np.int64)
         self.order = [int(i) for i in np.argsort(sizes, kind="stable")]
         self.names = [names[i] for i in self.order]
+        self.shapes = [tuple(base[i].shape) for i in self.order]
         self.k = len(models[0])
         self.sizes = sizes[self.order]
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)])
@@ -147,6 +148,16 @@ class FlatGroup:
         self._sorted: tuple[Tensor, Tensor] | None = None
         self._uniform: Tensor | None = None
         self._uniform_seeds = None
+        self._out: tuple[Tensor, list[Tensor]] | None = None
+
+    def output(self, dtype: torch.dtype) -> tuple[Tensor, list[Tensor]]:
+        """The flat buffer candidates are merged into (made once per dtype), and its
+        segments shaped as the tensors, in ``names`` order."""
+        if self._out is None or self._out[0].dtype != dtype:
+            buf = torch.empty(self.n, dtype=dtype, device=self.device)
+            views = [buf[self.offsets[j]:self.offsets[j + 1]].view(shape) for j, shape in enumerate(self.shapes)]
+            self._out = (buf, views)
+        return self._out
 
     def segment(self, name_index: int) -> slice:
         """The flat range of tensor ``names_in_plan_order[name_index]``."""

@@ -118,12 +118,6 @@ class ResidentEngine:
         return (len({d.dtype for d in dsts}) == 1 and all(d.device == self.device for d in dsts)
                 and dsts[0].is_floating_point())
 
-    def _flat_out(self, group: FlatGroup, dtype: torch.dtype) -> Tensor:
-        buf = getattr(group, "_out", None)
-        if buf is None or buf.dtype != dtype:
-            buf = group._out = torch.empty(group.n, dtype=dtype, device=self.device)
-        return buf
-
     @staticmethod
     def _signature(tasks: list[TensorTask]) -> list[tuple]:
         return [(t.name, t.base, tuple(t.inputs), t.copy) for t in tasks]
@@ -180,17 +174,10 @@ class ResidentEngine:
             names = group.names
             if not self._flat_ok(eng, idx, [state[n] for n in names]):
                 continue
-            out = self._flat_out(group, state[names[0]].dtype)
+            out, views = group.output(state[names[0]].dtype)
             group.merge(eng.method.name, [eng.tasks[idx[i]].params for i in group.order], out, eng.compute_dtype)
-            dsts = [state[n] for n in names]
-            srcs = [out[group.offsets[j]:group.offsets[j + 1]].view(d.shape) for j, d in enumerate(dsts)]
-            if hasattr(torch, "_foreach_copy_"):
-                torch._foreach_copy_([d.data for d in dsts], srcs)
-            else:  # pragma: no cover - older torch
-                for d, src in zip(dsts, srcs):
-                    d.data.copy_(src)
-            sums.extend((n, out[group.offsets[j]:group.offsets[j + 1]].sum(dtype=torch.float32))
-                        for j, n in enumerate(names))
+            torch._foreach_copy_([state[n].data for n in names], views)  # one multi-tensor copy
+            sums.append((group, out.sum(dtype=torch.float32)))
             done.update(names)
         for task in eng.tasks:
             if task.name in done:
@@ -203,7 +190,10 @@ class ResidentEngine:
             if res.is_floating_point():
                 sums.append((task.name, res.sum(dtype=torch.float32)))
         if sums and not bool(torch.isfinite(torch.stack([s for _, s in sums])).all()):
-            bad = next((n for n, s in sums if not bool(torch.isfinite(s)) and not bool(torch.isfinite(state[n]).all())),
-                       None)  # None: a float32 sum overflowed, the values are finite
+            # a sum over a flat group covers its tensors; a float32 sum may also overflow
+            # with every value finite, so the culprit is looked for in the tensors themselves
+            names = [n for key, s in sums if not bool(torch.isfinite(s))
+                     for n in (key.names if isinstance(key, FlatGroup) else [key])]
+            bad = next((n for n in names if not bool(torch.isfinite(state[n]).all())), None)
             if bad is not None:
                 raise MergeError(f"tensor '{bad}': the merged values are not finite")
