@@ -81,22 +81,18 @@ def check_config(cfg) -> None:
             raise ConfigError(f"space.ranges.{param}: lo ({lo}) must be below hi ({hi})")
 
     def targets(node, path):
-        if OmegaConf.is_dict(node):
-            for k in node:
-                v = node._get_node(k)
-                if k == "_target_":
-                    t = str(node[k])
-                    if not t.startswith("evomerge."):
-                        raise ConfigError(f"{path + '.' if path else ''}_target_: {t!r} is not an evomerge class "
-                                          "(only evomerge.* targets are instantiated)")
-                elif OmegaConf.is_config(v):
-                    targets(v, f"{path}.{k}" if path else str(k))
-        elif OmegaConf.is_list(node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                key = f"{path}.{k}" if path else str(k)
+                if k == "_target_" and not str(v).startswith("evomerge."):
+                    raise ConfigError(f"{key}: {v!r} is not an evomerge class "
+                                      "(only evomerge.* targets are instantiated)")
+                targets(v, key)
+        elif isinstance(node, list):
             for i, v in enumerate(node):
-                if OmegaConf.is_config(v):
-                    targets(v, f"{path}[{i}]")
+                targets(v, f"{path}[{i}]")
 
-    targets(cfg, "")
+    targets(OmegaConf.to_container(cfg, resolve=False), "")
 
 
 def run(cfg, run_dir: str | Path) -> dict:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -190,10 +192,8 @@ def test_a_search_joins_an_existing_cluster_by_address(zoo, tmp_path):
     finally:
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for pid in ours():
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
             deadline = time.time() + 10
             while ours() and time.time() < deadline:
                 time.sleep(0.2)
