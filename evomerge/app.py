@@ -136,14 +136,20 @@ def run(cfg, run_dir: str | Path) -> dict:
     eval_cfg, device, seed = cfg.eval, cfg.device, int(cfg.seed)
     engine_kw = {"store_dtype": cfg.get("store_dtype"), "compile": bool(cfg.get("compile", False))}
 
-    def build_worker() -> Worker:  # runs where the worker lives (in-process, or in a Ray actor)
+    def build_worker(shared=None) -> Worker:  # runs where the worker lives (in-process, or in a Ray actor)
         from hydra.utils import instantiate
 
-        return Worker(space, instantiate(eval_cfg, **eval_kw), device=device, seed=seed, **engine_kw)
+        return Worker(space, instantiate(eval_cfg, **eval_kw), device=device, seed=seed, shared=shared,
+                      **engine_kw)
+
+    def inputs():  # the weights, read once here (on the CPU) and shared with every worker
+        from .merge.resident import ResidentEngine
+
+        return ResidentEngine(space.recipe(space.x0), store_dtype=engine_kw["store_dtype"]).share()
 
     if cfg.executor.get("_target_", "").endswith("RayExecutor"):
         worker = None
-        executor = instantiate(cfg.executor)(build_worker)
+        executor = instantiate(cfg.executor)(build_worker, inputs=inputs)
     else:
         worker = Worker(space, evaluator, device=device, seed=seed, **engine_kw)
         executor = instantiate(cfg.executor)(worker)

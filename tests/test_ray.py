@@ -29,15 +29,27 @@ def app(args, run, env=None):
                           capture_output=True, text=True, env=env, timeout=300)
 
 
+# (the closures below import what they use: Ray workers cannot import this test module)
 def _build(zoo_root, models, base, tasks):
-    def build():
+    def build(shared=None):
         from evomerge.evaluate import build_evaluator
         from evomerge.execute import Worker
         from evomerge.space import Space
 
         sp = Space("task_arithmetic", models, base_model=base, search=["weight"], granularity="per_model")
-        return Worker(sp, build_evaluator("choice", data_dir=zoo_root, tasks=tasks, limit=20))
+        return Worker(sp, build_evaluator("choice", data_dir=zoo_root, tasks=tasks, limit=20), shared=shared)
     return build
+
+
+def _inputs(models, base):
+    def inputs():
+        from evomerge.merge.resident import ResidentEngine
+        from evomerge.space import Space
+
+        sp = Space("task_arithmetic", models, base_model=base, search=["weight"], granularity="per_model")
+        return ResidentEngine(sp.recipe(sp.x0)).share()
+    return inputs
+
 
 
 def test_ray_and_local_give_identical_results(zoo):
@@ -46,15 +58,38 @@ def test_ray_and_local_give_identical_results(zoo):
     from evomerge.search.base import Candidate
 
     z = zoo
-    build = _build(str(z.root), [str(p) for p in z.experts.values()], str(z.base), z.tasks)
+    models, base = [str(p) for p in z.experts.values()], str(z.base)
+    build = _build(str(z.root), models, base, z.tasks)
     rng = np.random.default_rng(0)
     cands = [Candidate(i, list(rng.uniform(0, 1, 4))) for i in range(6)]
     local = {r.id: r for r in LocalExecutor(build()).map(cands)}
-    ex = RayExecutor(build, num_workers=2, cpus_per_worker=1, num_cpus=2)
+
+    def where_inputs_live(w):  # defined here so that Ray sends it by value
+        """Inside a worker: what it read, where its live model came from, and the file that
+        backs the memory of its resident inputs (anonymous memory would mean a copy)."""
+        B = w.engine._groups[0][1].B
+        p = B.data_ptr()
+        backing = None
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split()
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                if lo <= p < hi:
+                    backing = parts[5] if len(parts) > 5 else "(anonymous)"
+        return w.engine.bytes_read, w.live_from, backing
+
+    # the weights are read once, here, and reach both workers through the object store
+    ex = RayExecutor(build, num_workers=2, cpus_per_worker=1, num_cpus=2, inputs=_inputs(models, base))
     try:
         remote = {r.id: r for r in ex.map(cands)}
+        import ray
+
+        places = ray.get([a.call.remote(where_inputs_live) for a in ex.actors])
     finally:
         ex.close()
+    for read, live_from, backing in places:  # nothing read, nothing copied: shared memory
+        assert read == 0 and live_from == "resident inputs"
+        assert backing is not None and backing != "(anonymous)", backing
     assert set(remote) == set(local)
     for i in local:
         assert remote[i].status == "ok" and remote[i].metrics == local[i].metrics
@@ -75,8 +110,9 @@ def test_a_search_through_executor_ray_from_the_command_line(zoo, tmp_path):
 
 def _fake_worker(marker_dir, slow=0.3):
     """A worker without models: candidate 3 kills its own process the first time it runs,
-    candidate 5 every time; the others sleep a little and return their id as the score."""
-    def build():
+    candidate 5 every time; the others sleep a little and return their id as the score, and
+    the sum of the shared inputs they were built with."""
+    def build(shared):
         import os
         import signal
         import time
@@ -92,7 +128,8 @@ def _fake_worker(marker_dir, slow=0.3):
                     (Path(marker_dir) / str(cand.id)).touch()
                     os.kill(os.getpid(), signal.SIGKILL)
                 time.sleep(slow)
-                return Result(cand.id, list(cand.x), "ok", score=float(cand.id), metrics={"score": float(cand.id)},
+                return Result(cand.id, list(cand.x), "ok", score=float(cand.id),
+                              metrics={"score": float(cand.id), "inputs": float(shared["w"].sum())},
                               split=cand.split, worker=self.name, kind=cand.kind)
         return Fake()
     return build
@@ -104,7 +141,14 @@ def test_dead_workers_are_replaced_and_every_candidate_gets_one_result(tmp_path)
     from evomerge.execute.ray import RayExecutor
     from evomerge.search.base import Candidate
 
-    ex = RayExecutor(_fake_worker(str(tmp_path)), num_workers=2, cpus_per_worker=1, num_cpus=2, max_attempts=2)
+    made = []
+
+    def inputs():  # put into the object store once; replacement workers adopt the same
+        made.append(1)
+        return {"w": np.arange(1000)}
+
+    ex = RayExecutor(_fake_worker(str(tmp_path)), num_workers=2, cpus_per_worker=1, num_cpus=2, max_attempts=2,
+                     inputs=inputs)
     try:
         cands = [Candidate(i, [0.0]) for i in range(10)]
         results = []
@@ -119,6 +163,7 @@ def test_dead_workers_are_replaced_and_every_candidate_gets_one_result(tmp_path)
         assert by_id[5].status == "failed" and "died 2 times" in by_id[5].error
         assert all(by_id[i].status == "ok" for i in range(10) if i != 5)
         assert ex.replaced >= 3 and len(ex.actors) == 2
+        assert made == [1] and all(r.metrics["inputs"] == 499500 for r in results if r.status == "ok")
         # the replacements serve later calls too
         again = list(ex.map([Candidate(20, [0.0]), Candidate(21, [0.0])]))
         assert sorted(r.id for r in again) == [20, 21] and all(r.status == "ok" for r in again)

@@ -6,6 +6,12 @@ its worker once from ``build_worker`` (a picklable callable returning a ``Worker
 torch to its CPU share, and then scores candidates as they come: ``map`` keeps every actor
 busy and yields results in completion order.
 
+Model weights are read once, by the driver, and reach the actors through Ray's object
+store (``share_weights``, on by default): ``inputs()`` returns them as numpy arrays, which
+actors on one node map from shared memory without a copy (an actor on a GPU copies them
+to its device once), so no actor reads a checkpoint (from a network file system, say) and a
+node holds one copy of them, however many actors it runs.
+
 A worker that dies (killed, out of memory) is replaced by a new actor and its candidate is
 run again; a candidate whose worker dies ``max_attempts`` times is recorded as failed with
 the error, and the search goes on. Every candidate given to ``map`` gets exactly one result.
@@ -26,11 +32,11 @@ def _failed(cand: Candidate, error: str) -> Result:
 
 
 class _Actor:
-    def __init__(self, build_worker: Callable, threads: int, name: str):
+    def __init__(self, build_worker: Callable, threads: int, name: str, shared=None):
         import torch
 
         torch.set_num_threads(max(1, int(threads)))
-        self.worker = build_worker()
+        self.worker = build_worker() if shared is None else build_worker(shared)
         self.worker.name = name
 
     def evaluate(self, cand: Candidate) -> Result:
@@ -46,11 +52,16 @@ class RayExecutor:
         num_workers: actors (default: one per GPU, else one per ``cpus_per_worker`` CPUs).
         cpus_per_worker, gpus_per_worker: each actor's resources (and torch thread count).
         address: join an existing cluster (``auto``, ``ray://host:port``); default: a local Ray.
+        max_attempts: a candidate whose worker dies this many times is recorded as failed.
+        inputs: called once, here in the driver, for what every worker is built from
+            (``build_worker(inputs())``): the models' weights, put once into the object store.
+        share_weights: use ``inputs``; when false, each worker reads the checkpoints itself
+            (``build_worker()``).
     """
 
     def __init__(self, build_worker: Callable, num_workers: int | None = None, cpus_per_worker: int = 1,
                  gpus_per_worker: float = 0, address: str | None = None, num_cpus: int | None = None,
-                 max_attempts: int = 3):
+                 max_attempts: int = 3, inputs: Callable | None = None, share_weights: bool = True):
         import ray
 
         self.max_attempts = max(1, int(max_attempts))
@@ -70,8 +81,10 @@ class RayExecutor:
             kind, share = ("GPU", gpus_per_worker) if gpus_per_worker else ("CPU", cpus_per_worker)
             have = res.get(kind, 0)
             num_workers = max(1, int(have // share))
+        # a replacement actor adopts the same stored inputs: nothing is read or put again
+        self.shared = ray.put(inputs()) if share_weights and inputs is not None else None
         self._new = lambda i: ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=0)(
-            _Actor).remote(build_worker, cpus_per_worker, f"ray-{i}")
+            _Actor).remote(build_worker, cpus_per_worker, f"ray-{i}", self.shared)
         self.actors = [self._new(i) for i in range(num_workers)]
 
     @property
@@ -127,5 +140,6 @@ class RayExecutor:
         for a in self.actors:
             ray.kill(a)
         self.actors = []
+        self.shared = None
         if self._owns_ray:
             ray.shutdown()

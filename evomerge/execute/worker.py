@@ -29,20 +29,52 @@ class Worker:
         seed: seeds DARE/DELLA masks.
         compile: merge through ``torch.compile`` (task arithmetic, TIES, DARE; see
             ``ResidentEngine``).
+        shared: ``SharedInputs`` made by another engine for the same space: the worker
+            adopts them and reads no weights itself (its live model starts from the held
+            weights of the model it is made from).
     """
 
     def __init__(self, space: Space, evaluator, model_path: str | None = None, device: str = "cpu",
-                 store_dtype: str | None = None, seed: int = 0, name: str = "local", compile: bool = False):
+                 store_dtype: str | None = None, seed: int = 0, name: str = "local", compile: bool = False,
+                 shared=None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.space = space
         self.evaluator = evaluator
         self.name = name
         self.engine = ResidentEngine(space.recipe(space.x0), device=device, seed=seed, store_dtype=store_dtype,
-                                     compile=compile)
+                                     compile=compile, shared=shared)
         path = model_path or space.base_model or space.models[0]
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(space.dtype)).to(device).eval()
+        dtype = torch_dtype(space.dtype)
+        self.model = None
+        self.live_from = "checkpoint"  # or "resident inputs": where the live model's weights came from
+        if shared is not None and str(path) in {str(m) for m in self.engine.models}:
+            self.model = self._held_model(path, dtype, device)
+        if self.model is None:
+            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
+
+    def _held_model(self, path, dtype, device):
+        """The live model built from ``path``'s config alone, its weights copied from the
+        resident inputs (no checkpoint read); None when those do not cover every parameter."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        try:
+            from transformers.initialization import no_init_weights
+        except ImportError:  # transformers < 5
+            from transformers.modeling_utils import no_init_weights
+
+        with no_init_weights():
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+        model.tie_weights()  # tied embeddings, as loading a checkpoint would leave them
+        model = model.to(device).eval()
+        held = self.engine.source(str(path))
+        if set(dict(model.named_parameters())) - set(held):
+            return None
+        self.model = model
+        self._load_source(str(path))
+        self.live_from = "resident inputs"
+        return model
 
     def _load_source(self, source: str) -> None:
         """Copy one model's own weights (held by the resident engine) into the live model."""

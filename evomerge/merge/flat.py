@@ -103,12 +103,16 @@ class FlatGroup:
         device: where the buffers live.
         dtype: the stored dtype.
         compile: run the arithmetic through ``torch.compile``.
+        buffers: the flat ``(B, T)`` of an identical group (``buffers()``) to adopt instead
+            of copying ``base`` and ``models`` into new ones (then only their shapes are
+            used: they may be meta tensors). Adopted buffers on the group's device are
+            used as they are (they are never written to), others are copied there once.
 
     ``order`` gives, for each stored segment, the index of its tensor in ``names``.
     """
 
     def __init__(self, names: list[str], base: list[Tensor], models: list[list[Tensor]], device, dtype,
-                 compile: bool = False):
+                 compile: bool = False, buffers: tuple[Tensor, Tensor] | None = None):
         self.compile = compile
         sizes = np.array([b.numel() for b in base], dtype=np.int64)
         self.order = [int(i) for i in np.argsort(sizes, kind="stable")]
@@ -119,13 +123,21 @@ class FlatGroup:
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)])
         self.n = int(self.offsets[-1])
         self.device = torch.device(device)
-        self.B = torch.empty(self.n, dtype=dtype, device=self.device)
-        self.T = torch.empty(self.k, self.n, dtype=dtype, device=self.device)
-        for seg, i in enumerate(self.order):
-            s, e = self.offsets[seg], self.offsets[seg + 1]
-            self.B[s:e].copy_(base[i].reshape(-1))
-            for j, t in enumerate(models[i]):
-                self.T[j, s:e].copy_(t.reshape(-1))
+        if buffers is not None:
+            B, T = buffers
+            if tuple(B.shape) != (self.n,) or tuple(T.shape) != (self.k, self.n) or B.dtype != dtype \
+                    or T.dtype != dtype:
+                raise ValueError(f"flat buffers {tuple(B.shape)}/{tuple(T.shape)} {B.dtype} do not fit a group "
+                                 f"of {self.k} models x {self.n} {dtype} entries")
+            self.B, self.T = B.to(self.device), T.to(self.device)
+        else:
+            self.B = torch.empty(self.n, dtype=dtype, device=self.device)
+            self.T = torch.empty(self.k, self.n, dtype=dtype, device=self.device)
+            for seg, i in enumerate(self.order):
+                s, e = self.offsets[seg], self.offsets[seg + 1]
+                self.B[s:e].copy_(base[i].reshape(-1))
+                for j, t in enumerate(models[i]):
+                    self.T[j, s:e].copy_(t.reshape(-1))
         # blocks: runs of segments of one size; pieces: (first segment, last + 1, column
         # range) small enough for one pass (rows of a block, or columns of a large tensor)
         step = _chunk(self.device) if self.device.type != "cpu" else CPU_CHUNK

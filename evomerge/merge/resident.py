@@ -11,8 +11,11 @@ gives bit-identical weights through both paths.
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -22,7 +25,40 @@ from .engine import MergeEngine, MergeError, TensorTask
 from .flat import FLAT_METHODS, FlatGroup
 from .methods import order_statistics
 
-__all__ = ["ResidentEngine"]
+__all__ = ["ResidentEngine", "SharedInputs"]
+
+
+def _to_bytes(t: Tensor) -> np.ndarray:
+    return t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def _from_bytes(a: np.ndarray, dtype: torch.dtype, shape) -> Tensor:
+    with warnings.catch_warnings():  # a shared array is read-only, and is only ever read
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(a).view(dtype).view(shape)
+
+
+@dataclass
+class SharedInputs:
+    """A resident engine's inputs as plain byte arrays, for other processes to adopt
+    (``ResidentEngine(recipe, shared=...)``) instead of reading every checkpoint again.
+    Ray's object store keeps numpy arrays in shared memory, so workers on one node map
+    them without a copy, and a worker on a GPU copies them to its device once.
+
+    ``structure`` is the plan they were made for; ``meta`` gives every input's shape and
+    dtype; ``arrays`` holds the inputs outside flat groups, ``groups`` each flat group's
+    tensor names and its ``B`` and ``T`` buffers.
+    """
+
+    structure: list
+    store_dtype: Any
+    meta: dict
+    arrays: dict
+    groups: list
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values()) + sum(b.nbytes + t.nbytes for _, b, t in self.groups)
 
 
 class ResidentEngine:
@@ -43,11 +79,14 @@ class ResidentEngine:
             once (``flat.FlatGroup``): the same weights in far fewer operations.
         compile: run the flat path's arithmetic through ``torch.compile`` (one fused
             kernel per chunk; the first candidate pays the compilation).
+        shared: the ``SharedInputs`` of an engine built for the same recipe (``share()``):
+            adopted instead of reading the checkpoints (only their headers are read).
     """
 
     def __init__(self, recipe: Recipe, *, device: str | torch.device = "cpu", seed: int = 0,
                  store_dtype: str | torch.dtype | None = None, allow_pickle: bool = False,
-                 order_stats: bool = True, flat: bool = True, compile: bool = False):
+                 order_stats: bool = True, flat: bool = True, compile: bool = False,
+                 shared: SharedInputs | None = None):
         self.template = MergeEngine(recipe, device=device, seed=seed, allow_pickle=allow_pickle)
         self.device = self.template.device
         self.seed = seed
@@ -58,6 +97,20 @@ class ResidentEngine:
         self._inputs: dict[tuple[Any, str], Tensor] = {}
         self.order_stats = order_stats
         self._stats: dict[str, dict] = {}
+        self._structure = self._signature(self.template.tasks)
+        self.bytes_read = 0  # of checkpoint data (none when the inputs are adopted)
+        if shared is not None:
+            self._adopt(shared)
+        else:
+            self._load()
+        self.compile = compile
+        flat = flat and self.template.method.name in FLAT_METHODS
+        if shared is not None and shared.groups and not flat:
+            raise MergeError("the shared inputs are stored in flat groups: adopt them with flat=True")
+        self._groups = self._flat_groups(shared.groups if shared is not None else None) if flat else []
+
+    def _load(self) -> None:
+        """Read every input once, onto the device, in the stored dtype."""
         for task in self.template.tasks:
             raw = self.template._read(task)
             base, tensors = self.template._prepare(task, raw)
@@ -67,17 +120,36 @@ class ResidentEngine:
                     continue
                 if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                     raise MergeError(f"model '{ref}': tensor '{name}' contains NaN or inf")
+                self.bytes_read += t.numel() * t.element_size()
                 dt = self.store_dtype if self.store_dtype is not None and t.is_floating_point() else t.dtype
                 self._inputs[(ref, name)] = t.to(device=self.device, dtype=dt, copy=True)
             del raw, base, tensors, prepared
             self.template._release(task)
-        self._structure = self._signature(self.template.tasks)
-        self.compile = compile
-        self._groups = self._flat_groups() if flat and self.template.method.name in FLAT_METHODS else []
 
-    def _flat_groups(self) -> list[tuple[list[int], FlatGroup]]:
+    def _adopt(self, shared: SharedInputs) -> None:
+        """Take the inputs of another engine's ``share()`` (checked when it loaded them)."""
+        if shared.structure != self._structure:
+            raise MergeError("the shared inputs were made for another recipe (other models or tensors)")
+        self.store_dtype = shared.store_dtype
+        for key, (shape, dtype) in shared.meta.items():  # flat groups' inputs: views, made below
+            self._inputs[key] = torch.empty(shape, dtype=dtype, device="meta")
+        for key, a in shared.arrays.items():
+            shape, dtype = shared.meta[key]
+            self._inputs[key] = _from_bytes(a, dtype, shape).to(self.device)
+
+    def share(self) -> SharedInputs:
+        """Every resident input as byte arrays (see ``SharedInputs``)."""
+        in_groups = {src for idx, _ in self._groups for i in idx for src in self.template.tasks[i].sources}
+        return SharedInputs(
+            structure=self._structure, store_dtype=self.store_dtype,
+            meta={k: (tuple(t.shape), t.dtype) for k, t in self._inputs.items()},
+            arrays={k: _to_bytes(t) for k, t in self._inputs.items() if k not in in_groups},
+            groups=[(g.names, _to_bytes(g.B), _to_bytes(g.T)) for _, g in self._groups])
+
+    def _flat_groups(self, shared: list | None = None) -> list[tuple[list[int], FlatGroup]]:
         """Tensors with a base and the same models, stored back to back (the resident
-        inputs become views into the flat buffers, so nothing is held twice)."""
+        inputs become views into the flat buffers, so nothing is held twice); with
+        ``shared``, the groups' buffers as ``share()`` gave them."""
         by_key: dict[tuple, list[int]] = {}
         for i, task in enumerate(self.template.tasks):
             if task.copy or task.base is None:
@@ -87,11 +159,20 @@ class ResidentEngine:
                    self.template.output_dtype(task))
             by_key.setdefault(key, []).append(i)
         groups = []
-        for key, idx in by_key.items():
+        if shared is not None and len(shared) != len(by_key):
+            raise MergeError(f"the shared inputs hold {len(shared)} flat groups, this plan makes {len(by_key)}")
+        for gi, (key, idx) in enumerate(by_key.items()):
             tasks = [self.template.tasks[i] for i in idx]
             ins = [self.inputs(t) for t in tasks]
+            buffers = None
+            if shared is not None:
+                names, b_bytes, t_bytes = shared[gi]
+                k, n = len(ins[0]) - 1, sum(x[0].numel() for x in ins)
+                buffers = (_from_bytes(b_bytes, key[1], (n,)), _from_bytes(t_bytes, key[1], (k, n)))
             g = FlatGroup([t.name for t in tasks], [x[0] for x in ins], [x[1:] for x in ins],
-                          self.device, key[1], compile=self.compile)
+                          self.device, key[1], compile=self.compile, buffers=buffers)
+            if shared is not None and g.names != names:
+                raise MergeError("the shared inputs' flat groups hold other tensors than this plan")
             for j, (t, x) in enumerate(zip(tasks, ins)):
                 seg = g.segment(j)
                 self._inputs[t.sources[0]] = g.B[seg].view(x[0].shape)

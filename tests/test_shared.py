@@ -1,0 +1,118 @@
+"""Inputs read once and adopted elsewhere: a resident engine built from another engine's
+``share()`` (as Ray workers get it, through the object store) reads no checkpoint, copies
+nothing on the CPU, and merges the same weights."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from evomerge.merge.engine import MergeError
+from evomerge.merge.resident import ResidentEngine
+from evomerge.recipe import parse_recipe
+from evomerge.testing import tiny_family
+
+
+@pytest.fixture(scope="module")
+def fam(tmp_path_factory):
+    return tiny_family(tmp_path_factory.mktemp("shared") / "f", n_experts=3, layers=3, hidden=32, tie=True)
+
+
+def through_store(obj):
+    """A pickle round trip with the arrays out of band and read-only, as Ray's object
+    store hands them to a worker."""
+    buffers = []
+    data = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+    frozen = []
+    for b in buffers:
+        a = np.frombuffer(bytes(b.raw()), dtype=np.uint8)
+        assert not a.flags.writeable
+        frozen.append(a)
+    return pickle.loads(data, buffers=frozen), frozen
+
+
+def recipe(fam, method, experts=3):
+    models = []
+    for i in range(experts if method != "slerp" else 1):
+        p = {} if method == "slerp" else {"weight": [0.7, -0.2, 0.5][i]}
+        if method in ("ties", "dare_ties", "breadcrumbs"):
+            p["density"] = [0.6, 0.9, 0.3][i]
+        models.append({"model": str(fam[f"expert_{i}"]), "parameters": p})
+    params = {"t": [0.2, 0.7]} if method == "slerp" else {"lambda": 0.9} if method != "breadcrumbs" else {}
+    return parse_recipe({"merge_method": method, "base_model": str(fam["base"]), "models": models,
+                         "parameters": params})
+
+
+def live(fam):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(fam["base"]).eval()
+
+
+@pytest.mark.parametrize("store_dtype", [None, "bfloat16"])
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "breadcrumbs", "slerp"])
+def test_adopted_inputs_merge_the_same_weights_without_reading_or_copying(fam, method, store_dtype):
+    r = recipe(fam, method)
+    reader = ResidentEngine(r, store_dtype=store_dtype, seed=3)
+    assert reader.bytes_read > 0
+    shared, arrays = through_store(reader.share())
+    assert shared.nbytes == reader.nbytes
+    adopter = ResidentEngine(r, shared=shared, seed=3)
+    assert adopter.bytes_read == 0
+
+    # every input the adopter holds lies inside the store's arrays: nothing was copied
+    spans = [(a.ctypes.data, a.ctypes.data + a.nbytes) for a in arrays]
+    for key, t in adopter._inputs.items():
+        p = t.data_ptr()
+        assert any(lo <= p and p + t.numel() * t.element_size() <= hi for lo, hi in spans), key
+
+    a, b = live(fam), live(fam)
+    reader.materialize(r, a)
+    adopter.materialize(r, b)
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), name
+
+
+def test_inputs_made_for_other_models_are_refused(fam):
+    shared = ResidentEngine(recipe(fam, "ties", experts=2)).share()
+    with pytest.raises(MergeError, match="another recipe"):
+        ResidentEngine(recipe(fam, "ties", experts=3), shared=shared)
+
+
+def test_a_worker_on_shared_inputs_reads_no_weights(fam, monkeypatch):
+    """Its engine and its live model come from the shared inputs alone: reading a
+    checkpoint tensor (or loading a model the usual way) would fail here."""
+    import transformers
+
+    from evomerge.checkpoint import Checkpoint
+    from evomerge.execute import Worker
+    from evomerge.space import Space
+
+    sp = Space("ties", [str(fam[f"expert_{i}"]) for i in range(3)], base_model=str(fam["base"]),
+               search=["weight", "density"], granularity="per_layer")
+    shared, _ = through_store(ResidentEngine(sp.recipe(sp.x0)).share())
+    want = live(fam)
+
+    def no_reading(*a, **k):
+        raise AssertionError("a weight was read from a checkpoint")
+
+    monkeypatch.setattr(Checkpoint, "get", no_reading)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_reading)
+    w = Worker(sp, lambda *a, **k: {"score": 1.0}, shared=shared)
+    assert w.live_from == "resident inputs" and w.engine.bytes_read == 0
+    got = w.model.state_dict()
+    for name, t in want.state_dict().items():  # parameters and buffers (rotary tables too)
+        assert torch.equal(got[name], t), name
+    x = np.random.default_rng(0).uniform(0.2, 0.8, len(sp))
+    from evomerge.search.base import Candidate
+
+    assert w.evaluate(Candidate(0, list(x))).status == "ok"
+    monkeypatch.undo()
+    ref = Worker(sp, lambda *a, **k: {"score": 1.0})
+    assert ref.live_from == "checkpoint"
+    ref.evaluate(Candidate(0, list(x)))
+    for (name, a), b in zip(ref.model.state_dict().items(), w.model.state_dict().values()):
+        assert torch.equal(a, b), name
