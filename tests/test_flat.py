@@ -119,23 +119,59 @@ def test_mixed_normalize_falls_back_to_the_per_tensor_path(families):
     assert_weights(model, one_shot(recipe, 0))
 
 
-@pytest.mark.parametrize("method", ["ties", "dare_linear"])
-def test_compiled_flat_path_equals_one_shot(families, method):
-    """``compile=True``: the fused kernels give the same bits as the one-shot merge."""
-    fam = families["bfloat16"]
-    recipe = recipe_for(fam, method, [0.5, 1.0, -0.4], [0.37, 0.9, 0.1], 0.7, True, True, True)
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_linear", "dare_ties"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_compiled_flat_path_equals_one_shot(families, method, dtype, normalize):
+    """``compile=True``: the fused kernels (written model by model) give the same bits as
+    the one-shot merge; bf16 puts TIES cuts inside runs of equal magnitudes."""
+    fam = families[dtype]
+    recipe = recipe_for(fam, method, [0.5, 1.0, -0.4], [0.37, 0.9, 0.1], 0.7, normalize, True, True)
     engine = ResidentEngine(recipe, seed=1, compile=True)
-    model = live(fam["base"], torch.bfloat16)
+    model = live(fam["base"], getattr(torch, dtype))
     engine.materialize(recipe, into=model)
     assert_weights(model, one_shot(recipe, 1))
 
 
-def test_a_non_finite_candidate_is_named_on_the_flat_path(families):
+@pytest.mark.parametrize("compile", [False, True])
+def test_a_non_finite_candidate_is_named_on_the_flat_path(families, compile):
     fam = families["float32"]
     ok = recipe_for(fam, "task_arithmetic", [0.5] * 3, [1.0] * 3, 1.0, False, False, False)
     huge = recipe_for(fam, "task_arithmetic", [1e39] * 3, [1.0] * 3, 1.0, False, False, False)  # inf in float32
-    engine = ResidentEngine(ok)
+    engine = ResidentEngine(ok, compile=compile)
     model = live(fam["base"], torch.float32)
     engine.materialize(ok, into=model)
     with pytest.raises(Exception, match="tensor '.*': the merged values are not finite"):
         engine.materialize(huge, into=model)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_a_bound_model_is_merged_into_in_place_and_other_models_are_not_disturbed(families, compile):
+    """``bind``: the worker's live model becomes the flat output (no copy per candidate);
+    a second model cannot bind the same buffers, takes copies, and neither disturbs the other."""
+    fam = families["float32"]
+    a = recipe_for(fam, "ties", [0.5, 1.0, -0.4], [0.37, 0.9, 0.1], 0.7, True, False, True)
+    b = recipe_for(fam, "ties", [1.0, 0.3, 0.5], [0.5, 0.5, 0.99999], 1.0, False, False, False)
+    engine = ResidentEngine(a, compile=compile)
+    bound, other = live(fam["base"], torch.float32), live(fam["base"], torch.float32)
+    before = {n: p.detach().clone() for n, p in bound.named_parameters()}
+    n = engine.bind(bound)
+    assert n == len(engine._groups[0][1].names) > 0
+    assert_weights(bound, before)  # binding keeps the values
+    buf = engine._groups[0][1].output(torch.float32)[0]
+    ptrs = {k: p.data_ptr() for k, p in bound.named_parameters()}
+    lo, hi = buf.data_ptr(), buf.data_ptr() + buf.numel() * buf.element_size()
+    assert sum(lo <= p < hi for p in ptrs.values()) == n  # the parameters live in the flat output
+    assert engine.bind(other) == 0  # one model per engine
+    for recipe, seed in ((a, 0), (b, 0), (a, 0)):
+        engine.materialize(recipe, into=bound)
+        assert_weights(bound, one_shot(recipe, seed))
+        assert {k: p.data_ptr() for k, p in bound.named_parameters()} == ptrs  # nothing reallocated
+    engine.materialize(b, into=other)
+    assert_weights(other, one_shot(b, 0))
+    assert_weights(bound, one_shot(a, 0))  # untouched by the other model's candidate
+    # the bound model still computes with its (bound) weights
+    ids = torch.tensor([[1, 2, 3]])
+    ref = live(fam["base"], torch.float32)
+    engine.materialize(a, into=ref)
+    assert torch.equal(bound(ids).logits, ref(ids).logits)

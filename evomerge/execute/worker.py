@@ -52,6 +52,7 @@ class Worker:
             self.model = self._held_model(path, dtype, device)
         if self.model is None:
             self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        self.engine.bind(self.model)  # candidates are merged straight into its parameters
         self.tokenizer = AutoTokenizer.from_pretrained(path)
 
     def _held_model(self, path, dtype, device):

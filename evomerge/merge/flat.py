@@ -22,6 +22,9 @@ true or false); anything else (and a candidate whose tensors disagree on ``norma
 
 from __future__ import annotations
 
+import contextlib
+import types
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -80,16 +83,90 @@ def _combine(B: Tensor, T: Tensor, C: Tensor, WS, W, LAM, mask_in: tuple, sparsi
     return mixed.add_(b)
 
 
-_COMPILED = None
+def _combine_by_model(B: Tensor, T: Tensor, C: Tensor, WS, W, LAM, mask_in: tuple, sparsify, consensus: bool,
+                      cd: torch.dtype, dt: torch.dtype) -> Tensor:
+    """``_combine`` written model by model, out of place: the same operations on the same
+    values in the same order (so the same bits), but with no reduction over the models'
+    dimension, so that ``torch.compile`` fuses the whole piece into one elementwise loop
+    that reads each input once (a reduction over a short leading dimension would be a
+    separate loop, each reading ``T`` again)."""
+    k = T.shape[0]
+    b = B.to(cd).to(dt)
+    Ds = []
+    for j in range(k):
+        D = T[j].to(cd).to(dt) - b
+        if sparsify == "magnitude":
+            v, below, tie, local = mask_in
+            thr = below[j] if local is None else torch.where(local < tie[j], v[j], below[j])
+            D = D * ((torch.abs(D) - thr).sign().clamp(min=0) * C[j])
+        elif sparsify == "random":
+            U, T16 = mask_in
+            D = D * ((U[j] < T16[j]).to(dt) * C[j])
+        else:
+            D = D * C[j]
+        Ds.append(D)
+    if consensus:
+        S = Ds[0]
+        for D in Ds[1:]:
+            S = S + D
+        el = (-S).sign().clamp(min=0) * -2 + 1
+        mixed = div = None
+        for j, D in enumerate(Ds):
+            A = (torch.sign(D) * el).clamp(min=0)
+            mixed = D * A if mixed is None else mixed + D * A
+            if W is not None:
+                div = A * W[j] if div is None else div + A * W[j]
+        if W is not None:
+            mixed = mixed / (div + (-(torch.sign(div).abs()) + 1))
+    else:
+        mixed = Ds[0]
+        for D in Ds[1:]:
+            mixed = mixed + D
+        if WS is not None:
+            mixed = mixed / WS
+    if LAM is not None:
+        mixed = mixed * LAM
+    return mixed + b
 
 
-def _compiled_combine():
-    """``_combine`` through ``torch.compile`` (shapes dynamic): one fused kernel per
-    piece instead of a pass over memory per operation."""
-    global _COMPILED
-    if _COMPILED is None:
-        _COMPILED = torch.compile(_combine, dynamic=True, fullgraph=True)
-    return _COMPILED
+def _combine_into(out: Tensor, *args) -> Tensor:
+    """``_combine_by_model`` written into ``out``, and the float32 sum of what was
+    written (a finiteness check): compiled, all of it is one pass."""
+    out.copy_(_combine_by_model(*args))
+    return out.sum(dtype=torch.float32)
+
+
+_COMPILED: dict[tuple, object] = {}
+
+# Pieces of a group come in a handful of shapes, each of which may specialise the compiled
+# kernel (a dimension of 1, sizes that happen to be equal): a search stays within these
+# limits, and none of them may turn into a failure.
+_RECOMPILES = 64
+
+
+def _compile_scope():
+    """torch.compile's settings while the flat path's kernels run (this scope only)."""
+    import torch._dynamo.config as dynamo_config
+    import torch.fx.experimental._config as fx_config
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(dynamo_config.patch(recompile_limit=_RECOMPILES))
+    stack.enter_context(fx_config.patch(use_duck_shape=False))
+    return stack
+
+
+def _compiled_combine(key: tuple):
+    """``_combine_into`` through ``torch.compile`` (shapes dynamic): one fused kernel per
+    piece (the merge, the store and the check) instead of a pass per operation. Each
+    configuration ``key`` (method, dtypes, number of models, ...) compiles its own copy of
+    the function, so that a process merging many configurations never runs out of
+    torch's recompilations per function."""
+    fn = _COMPILED.get(key)
+    if fn is None:
+        code = _combine_into.__code__.replace(co_name=f"_combine_into_{len(_COMPILED)}")
+        f = types.FunctionType(code, _combine_into.__globals__, code.co_name)
+        fn = _COMPILED[key] = torch.compile(f, dynamic=True, fullgraph=True)
+    return fn
 
 
 class FlatGroup:
@@ -161,15 +238,21 @@ class FlatGroup:
         self._uniform: Tensor | None = None
         self._uniform_seeds = None
         self._out: tuple[Tensor, list[Tensor]] | None = None
+        self._spare: tuple[Tensor, list[Tensor]] | None = None
+        self.bound_to = None  # a weak reference to the model whose parameters live in the output
 
-    def output(self, dtype: torch.dtype) -> tuple[Tensor, list[Tensor]]:
+    def output(self, dtype: torch.dtype, spare: bool = False) -> tuple[Tensor, list[Tensor]]:
         """The flat buffer candidates are merged into (made once per dtype), and its
-        segments shaped as the tensors, in ``names`` order."""
-        if self._out is None or self._out[0].dtype != dtype:
+        segments shaped as the tensors, in ``names`` order. ``spare``: a second one, for
+        models other than the one whose parameters live in the first (``bound_to``)."""
+        slot = "_spare" if spare else "_out"
+        cur = getattr(self, slot)
+        if cur is None or cur[0].dtype != dtype:
             buf = torch.empty(self.n, dtype=dtype, device=self.device)
             views = [buf[self.offsets[j]:self.offsets[j + 1]].view(shape) for j, shape in enumerate(self.shapes)]
-            self._out = (buf, views)
-        return self._out
+            cur = (buf, views)
+            setattr(self, slot, cur)
+        return cur
 
     def segment(self, name_index: int) -> slice:
         """The flat range of tensor ``names_in_plan_order[name_index]``."""
@@ -218,8 +301,9 @@ class FlatGroup:
     # ----------------------------------------------------------------------------------
     # A candidate
     # ----------------------------------------------------------------------------------
-    def merge(self, method: str, params: list[dict], out: Tensor, compute_dtype=None) -> None:
-        """Merge every segment into the flat ``out`` (length n, any float dtype).
+    def merge(self, method: str, params: list[dict], out: Tensor, compute_dtype=None) -> Tensor:
+        """Merge every segment into the flat ``out`` (length n, any float dtype); returns
+        the float32 sum of ``out`` (not finite if any merged value is not).
 
         ``params[i]`` are the resolved method parameters of ``names[i]`` (as the
         per-tensor path receives them)."""
@@ -265,22 +349,33 @@ class FlatGroup:
         if (lam != 1).any():
             LAM = col(lam[None, :])[0]
 
-        fn = _compiled_combine() if self.compile else _combine
+        if self.compile:  # no optional inputs: each None would be one more compiled variant
+            ones = torch.ones(S, 1, dtype=dt, device=dev)
+            LAM = ones if LAM is None else LAM
+            if not consensus:
+                WS = ones if WS is None else WS
+            fn = _compiled_combine((sparsify, consensus, W is not None, k, cd, dt, dev.type))
         o = out.view(-1)
-        for a, b, c, d in self.pieces:
-            if sparsify == "magnitude":
-                local = None
-                if ties:
-                    local = torch.arange(c, d, device=dev)
-                mask_in = (cuts[0][:, a:b], cuts[1][:, a:b], cuts[2][:, a:b], local)
-            elif sparsify == "random":
-                mask_in = (self._block(uniforms, a, b, c, d), t16[:, a:b])
-            else:
-                mask_in = ()
-            res = fn(self._block(self.B, a, b, c, d), self._block(self.T, a, b, c, d), C[:, a:b],
-                     None if WS is None else WS[a:b], None if W is None else W[:, a:b],
-                     None if LAM is None else LAM[a:b], mask_in, sparsify, consensus, cd, dt)
-            self._block(o, a, b, c, d).copy_(res)
+        sums = []
+        with _compile_scope() if self.compile else contextlib.nullcontext():
+            for a, b, c, d in self.pieces:
+                if sparsify == "magnitude":
+                    local = None
+                    if ties or self.compile:
+                        local = torch.arange(c, d, device=dev)
+                    mask_in = (cuts[0][:, a:b], cuts[1][:, a:b], cuts[2][:, a:b], local)
+                elif sparsify == "random":
+                    mask_in = (self._block(uniforms, a, b, c, d), t16[:, a:b])
+                else:
+                    mask_in = ()
+                args = (self._block(self.B, a, b, c, d), self._block(self.T, a, b, c, d), C[:, a:b],
+                        None if WS is None else WS[a:b], None if W is None else W[:, a:b],
+                        None if LAM is None else LAM[a:b], mask_in, sparsify, consensus, cd, dt)
+                if self.compile:
+                    sums.append(fn(self._block(o, a, b, c, d), *args))
+                else:
+                    self._block(o, a, b, c, d).copy_(_combine(*args))
+        return torch.stack(sums).sum() if sums else out.sum(dtype=torch.float32)
 
     def _thresholds(self, rank: np.ndarray, dt) -> tuple[Tensor, Tensor, Tensor]:
         """Per (model, segment) the magnitude cut keeping ranks >= ``rank``, as

@@ -245,6 +245,34 @@ class ResidentEngine:
             return eng.compute(task, *self._inputs_for(eng, task), out=out)
 
     @torch.no_grad()
+    def bind(self, model: torch.nn.Module) -> int:
+        """Make ``model``'s parameters that the flat path merges views of the flat
+        groups' output buffers (their values kept), so that every later candidate is merged
+        straight into them instead of into a buffer then copied. For a live model that
+        this engine alone writes (a worker's), once, before its first candidate; one model
+        per engine (a second one is refused and keeps taking copies). Returns the number
+        of parameters bound."""
+        import weakref
+
+        state = self.template.live_state(model)
+        bound = 0
+        for _, g in self._groups:
+            if g.bound_to is not None and g.bound_to() not in (None, model):
+                continue
+            dsts = [state[n] for n in g.names]
+            if (len({d.dtype for d in dsts}) != 1 or any(d.device != self.device for d in dsts)
+                    or not dsts[0].is_floating_point()):
+                continue
+            _, views = g.output(dsts[0].dtype)
+            for d, v in zip(dsts, views):
+                if d.data_ptr() != v.data_ptr():
+                    v.copy_(d)
+                    d.data = v
+            g.bound_to = weakref.ref(model)
+            bound += len(dsts)
+        return bound
+
+    @torch.no_grad()
     def materialize(self, recipe: Recipe, into: torch.nn.Module) -> None:
         """Write the candidate's merged weights into ``into``'s parameters, in place."""
         eng = self.plan(recipe)
@@ -255,10 +283,15 @@ class ResidentEngine:
             names = group.names
             if not self._flat_ok(eng, idx, [state[n] for n in names]):
                 continue
-            out, views = group.output(state[names[0]].dtype)
-            group.merge(eng.method.name, [eng.tasks[idx[i]].params for i in group.order], out, eng.compute_dtype)
-            torch._foreach_copy_([state[n].data for n in names], views)  # one multi-tensor copy
-            sums.append((group, out.sum(dtype=torch.float32)))
+            # a model other than the bound one is merged into a spare buffer, then copied
+            spare = group.bound_to is not None and group.bound_to() not in (None, into)
+            out, views = group.output(state[names[0]].dtype, spare=spare)
+            total = group.merge(eng.method.name, [eng.tasks[idx[i]].params for i in group.order], out,
+                                eng.compute_dtype)
+            dsts = [state[n].data for n in names]
+            if any(d.data_ptr() != v.data_ptr() for d, v in zip(dsts, views)):  # not bound: copy
+                torch._foreach_copy_(dsts, views)  # one multi-tensor copy
+            sums.append((group, total))
             done.update(names)
         for task in eng.tasks:
             if task.name in done:
