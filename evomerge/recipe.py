@@ -272,9 +272,17 @@ def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
         return setting
     if not setting:
         return None
-    kinds = {type(e) for e in setting}
-    if not any(issubclass(k, (dict, list)) for k in kinds):
-        numeric = all(issubclass(k, (int, float)) and not issubclass(k, bool) for k in kinds)
+    nested, numeric = False, True  # one scan of the element types (this runs per tensor and candidate)
+    for e in setting:
+        k = type(e)
+        if k is float or k is int:
+            continue
+        if issubclass(k, (dict, list)):
+            nested = True
+            break
+        if issubclass(k, bool) or not issubclass(k, (int, float)):
+            numeric = False
+    if not nested:
         if not numeric:
             return setting[int(t * (len(setting) - 1))]
         scaled = t * (len(setting) - 1)
