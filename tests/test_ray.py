@@ -259,3 +259,33 @@ def test_adamerging_trains_inside_a_ray_worker(zoo, tmp_path):
     recs = [json.loads(x) for x in (run / "trials.jsonl").read_text().splitlines()]
     assert {r["worker"] for r in recs if r["kind"] != "search"} <= {"ray-0", "ray-1"}  # finals through Ray
     assert (run / "report.md").is_file()
+
+
+def test_a_bad_checkpoint_fails_in_the_driver_before_ray_starts(tmp_path):
+    """The weights are read (and checked) once, in the driver: a NaN in a model is named
+    there, and no Ray process is started for a search that cannot run."""
+    import ray
+    from safetensors.torch import load_file, save_file
+
+    from evomerge.execute.ray import RayExecutor
+    from evomerge.merge.engine import MergeError
+    from evomerge.merge.resident import ResidentEngine
+    from evomerge.space import Space
+    from evomerge.testing import tiny_family
+
+    fam = tiny_family(tmp_path / "f", n_experts=2)
+    f = fam["expert_1"] / "model.safetensors"
+    weights = load_file(f)
+    name = "model.layers.0.mlp.up_proj.weight"
+    weights[name][0, 0] = float("nan")
+    save_file(weights, f, metadata={"format": "pt"})
+    sp = Space("ties", [str(fam["expert_0"]), str(fam["expert_1"])], base_model=str(fam["base"]),
+               search=["weight", "density"], granularity="per_layer")
+
+    def never(shared=None):
+        raise AssertionError("no worker should be built")
+
+    assert not ray.is_initialized()
+    with pytest.raises(MergeError, match=f"expert_1.*'{name}' contains NaN"):
+        RayExecutor(never, num_workers=1, num_cpus=1, inputs=lambda: ResidentEngine(sp.recipe(sp.x0)).share())
+    assert not ray.is_initialized()

@@ -66,6 +66,8 @@ class RayExecutor:
 
         self.max_attempts = max(1, int(max_attempts))
         self.replaced = 0  # workers started again after dying
+        # the weights first: a bad checkpoint fails here, before any Ray process is started
+        payload = inputs() if share_weights and inputs is not None else None
 
         if not ray.is_initialized():
             kw = {"include_dashboard": False, "log_to_driver": False}
@@ -82,7 +84,8 @@ class RayExecutor:
             have = res.get(kind, 0)
             num_workers = max(1, int(have // share))
         # a replacement actor adopts the same stored inputs: nothing is read or put again
-        self.shared = ray.put(inputs()) if share_weights and inputs is not None else None
+        self.shared = ray.put(payload) if payload is not None else None
+        del payload
         self._new = lambda i: ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=0)(
             _Actor).remote(build_worker, cpus_per_worker, f"ray-{i}", self.shared)
         self.actors = [self._new(i) for i in range(num_workers)]
