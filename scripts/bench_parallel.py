@@ -5,7 +5,8 @@
 
 Scores the same fixed list of per-layer TIES genomes through (a) the in-process executor
 (one worker using every CPU thread), (b) Ray with one worker holding every CPU, and (c) Ray
-with one worker per CPU (1 thread each). Prints candidates per minute for each, and the
+with one worker per CPU (1 thread each), the Ray workers taking the weights from the object
+store as the app does. Prints candidates per minute for each, and the
 per-candidate overhead Ray adds: the wall time per candidate through one Ray worker minus
 the time the worker itself spent on it.
 """
@@ -23,14 +24,25 @@ import numpy as np  # noqa: E402
 
 
 def _build(zoo_root, base, experts, tasks, limit, device):
-    def build():
+    def build(shared=None):
         from evomerge.evaluate import build_evaluator
         from evomerge.execute import Worker
         from evomerge.space import Space
 
         sp = Space("ties", experts, base_model=base, search=["weight", "density"], granularity="per_layer")
-        return Worker(sp, build_evaluator("accuracy", data_dir=zoo_root, tasks=tasks, limit=limit), device=device)
+        return Worker(sp, build_evaluator("accuracy", data_dir=zoo_root, tasks=tasks, limit=limit), device=device,
+                      shared=shared)
     return build
+
+
+def _inputs(base, experts):
+    def inputs():  # the weights, read once by the driver (the app's default)
+        from evomerge.merge.resident import ResidentEngine
+        from evomerge.space import Space
+
+        sp = Space("ties", experts, base_model=base, search=["weight", "density"], granularity="per_layer")
+        return ResidentEngine(sp.recipe(sp.x0)).share()
+    return inputs
 
 
 def main() -> int:
@@ -72,6 +84,7 @@ def main() -> int:
     del probe
     for label, n, cpus in ((f"ray, 1 worker x {a.cpus} CPUs", 1, a.cpus), (f"ray, {a.cpus} workers x 1 CPU", a.cpus, 1)):
         ex = RayExecutor(build, num_workers=n, cpus_per_worker=cpus, num_cpus=a.cpus,
+                         inputs=_inputs(str(z.base), [str(p) for p in z.experts.values()]),
                          gpus_per_worker=1 if a.device.startswith("cuda") else 0)
         try:
             got = measure(label, ex, n)
