@@ -234,11 +234,13 @@ class FlatGroup:
                     for c in range(0, n, step):
                         self.pieces.append((a, b, c, min(n, c + step)))
             seg = end
+        self.widest = max((d - c for _, _, c, d in self.pieces), default=0)
         self._sorted: tuple[Tensor, Tensor] | None = None
         self._uniform: Tensor | None = None
         self._uniform_seeds = None
         self._out: tuple[Tensor, list[Tensor]] | None = None
         self._spare: tuple[Tensor, list[Tensor]] | None = None
+        self._consts: dict = {}  # small constant tensors the candidates share (made once)
         self.bound_to = None  # a weak reference to the model whose parameters live in the output
 
     def output(self, dtype: torch.dtype, spare: bool = False) -> tuple[Tensor, list[Tensor]]:
@@ -253,6 +255,12 @@ class FlatGroup:
             cur = (buf, views)
             setattr(self, slot, cur)
         return cur
+
+    def _const(self, key: tuple, make) -> Tensor:
+        t = self._consts.get(key)
+        if t is None:
+            t = self._consts[key] = make()
+        return t
 
     def segment(self, name_index: int) -> slice:
         """The flat range of tensor ``names_in_plan_order[name_index]``."""
@@ -350,7 +358,7 @@ class FlatGroup:
             LAM = col(lam[None, :])[0]
 
         if self.compile:  # no optional inputs: each None would be one more compiled variant
-            ones = torch.ones(S, 1, dtype=dt, device=dev)
+            ones = self._const(("ones", dt), lambda: torch.ones(S, 1, dtype=dt, device=dev))
             LAM = ones if LAM is None else LAM
             if not consensus:
                 WS = ones if WS is None else WS
@@ -360,10 +368,11 @@ class FlatGroup:
         with _compile_scope() if self.compile else contextlib.nullcontext():
             for a, b, c, d in self.pieces:
                 if sparsify == "magnitude":
-                    local = None
-                    if ties or self.compile:
-                        local = torch.arange(c, d, device=dev)
-                    mask_in = (cuts[0][:, a:b], cuts[1][:, a:b], cuts[2][:, a:b], local)
+                    local, tie = None, cuts[2][:, a:b]
+                    if ties or self.compile:  # positions within the piece, and the tie cut shifted to match
+                        local = self._const(("arange",), lambda: torch.arange(self.widest, device=dev))[: d - c]
+                        tie = tie - c
+                    mask_in = (cuts[0][:, a:b], cuts[1][:, a:b], tie, local)
                 elif sparsify == "random":
                     mask_in = (self._block(uniforms, a, b, c, d), t16[:, a:b])
                 else:
