@@ -101,7 +101,7 @@ def run(cfg, run_dir: str | Path) -> dict:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from .execute import Worker
+    from .execute import Worker, shared_inputs
     from .search import run_search
     from .space import Space
 
@@ -143,9 +143,7 @@ def run(cfg, run_dir: str | Path) -> dict:
                       **engine_kw)
 
     def inputs():  # the weights, read once here (on the CPU) and shared with every worker
-        from .merge.resident import ResidentEngine
-
-        return ResidentEngine(space.recipe(space.x0), store_dtype=engine_kw["store_dtype"]).share()
+        return shared_inputs(space, engine_kw["store_dtype"])
 
     if cfg.executor.get("_target_", "").endswith("RayExecutor"):
         worker = None

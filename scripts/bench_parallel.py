@@ -37,11 +37,11 @@ def _build(zoo_root, base, experts, tasks, limit, device):
 
 def _inputs(base, experts):
     def inputs():  # the weights, read once by the driver (the app's default)
-        from evomerge.merge.resident import ResidentEngine
+        from evomerge.execute import shared_inputs
         from evomerge.space import Space
 
-        sp = Space("ties", experts, base_model=base, search=["weight", "density"], granularity="per_layer")
-        return ResidentEngine(sp.recipe(sp.x0)).share()
+        return shared_inputs(Space("ties", experts, base_model=base, search=["weight", "density"],
+                                   granularity="per_layer"))
     return inputs
 
 

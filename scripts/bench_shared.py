@@ -29,9 +29,7 @@ import numpy as np  # noqa: E402
 
 def _memory(w):
     """Inside a worker: its pid, checkpoint bytes it read, and its memory (smaps_rollup, kB)."""
-    import os as _os
-
-    out = {"pid": _os.getpid(), "read": w.engine.bytes_read, "live_from": w.live_from}
+    out = {"pid": os.getpid(), "read": w.engine.bytes_read, "live_from": w.live_from}
     with open("/proc/self/smaps_rollup") as f:
         for line in f:
             parts = line.split()
@@ -54,11 +52,11 @@ def _build(base, experts, data):
 
 def _inputs(base, experts):
     def inputs():
-        from evomerge.merge.resident import ResidentEngine
+        from evomerge.execute import shared_inputs
         from evomerge.space import Space
 
-        sp = Space("ties", experts, base_model=base, search=["weight", "density"], granularity="per_layer")
-        return ResidentEngine(sp.recipe(sp.x0)).share()
+        return shared_inputs(Space("ties", experts, base_model=base, search=["weight", "density"],
+                                   granularity="per_layer"))
     return inputs
 
 

@@ -43,13 +43,12 @@ def _build(zoo_root, models, base, tasks):
 
 def _inputs(models, base):
     def inputs():
-        from evomerge.merge.resident import ResidentEngine
+        from evomerge.execute import shared_inputs
         from evomerge.space import Space
 
-        sp = Space("task_arithmetic", models, base_model=base, search=["weight"], granularity="per_model")
-        return ResidentEngine(sp.recipe(sp.x0)).share()
+        return shared_inputs(Space("task_arithmetic", models, base_model=base, search=["weight"],
+                                   granularity="per_model"))
     return inputs
-
 
 
 def test_ray_and_local_give_identical_results(zoo):
@@ -267,9 +266,9 @@ def test_a_bad_checkpoint_fails_in_the_driver_before_ray_starts(tmp_path):
     import ray
     from safetensors.torch import load_file, save_file
 
+    from evomerge.execute import shared_inputs
     from evomerge.execute.ray import RayExecutor
     from evomerge.merge.engine import MergeError
-    from evomerge.merge.resident import ResidentEngine
     from evomerge.space import Space
     from evomerge.testing import tiny_family
 
@@ -287,5 +286,5 @@ def test_a_bad_checkpoint_fails_in_the_driver_before_ray_starts(tmp_path):
 
     assert not ray.is_initialized()
     with pytest.raises(MergeError, match=f"expert_1.*'{name}' contains NaN"):
-        RayExecutor(never, num_workers=1, num_cpus=1, inputs=lambda: ResidentEngine(sp.recipe(sp.x0)).share())
+        RayExecutor(never, num_workers=1, num_cpus=1, inputs=lambda: shared_inputs(sp))
     assert not ray.is_initialized()

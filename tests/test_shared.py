@@ -88,12 +88,12 @@ def test_a_worker_on_shared_inputs_reads_no_weights(fam, monkeypatch):
     import transformers
 
     from evomerge.checkpoint import Checkpoint
-    from evomerge.execute import Worker
+    from evomerge.execute import Worker, shared_inputs
     from evomerge.space import Space
 
     sp = Space("ties", [str(fam[f"expert_{i}"]) for i in range(3)], base_model=str(fam["base"]),
                search=["weight", "density"], granularity="per_layer")
-    shared, _ = through_store(ResidentEngine(sp.recipe(sp.x0)).share())
+    shared, _ = through_store(shared_inputs(sp))
     want = live(fam)
 
     def no_reading(*a, **k):

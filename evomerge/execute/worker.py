@@ -16,7 +16,13 @@ from ..merge.resident import ResidentEngine
 from ..search.base import Candidate, Result
 from ..space import Space
 
-__all__ = ["Worker"]
+__all__ = ["Worker", "shared_inputs"]
+
+
+def shared_inputs(space: Space, store_dtype: str | None = None):
+    """The weights every ``Worker`` of ``space`` is built from, read once (on the CPU) as
+    ``SharedInputs`` for ``Worker(..., shared=...)`` (the Ray executor's ``inputs``)."""
+    return ResidentEngine(space.recipe(space.x0), store_dtype=store_dtype).share()
 
 
 class Worker:
@@ -49,15 +55,19 @@ class Worker:
         self.model = None
         self.live_from = "checkpoint"  # or "resident inputs": where the live model's weights came from
         if shared is not None and str(path) in {str(m) for m in self.engine.models}:
-            self.model = self._held_model(path, dtype, device)
-        if self.model is None:
+            self.model = self._bare_model(path, dtype, device)
+        if self.model is not None:
+            self._load_source(str(path))
+            self.live_from = "resident inputs"
+        else:
             self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
         self.engine.bind(self.model)  # candidates are merged straight into its parameters
         self.tokenizer = AutoTokenizer.from_pretrained(path)
 
-    def _held_model(self, path, dtype, device):
-        """The live model built from ``path``'s config alone, its weights copied from the
-        resident inputs (no checkpoint read); None when those do not cover every parameter."""
+    def _bare_model(self, path, dtype, device):
+        """The live model built from ``path``'s config alone (no weights read, none
+        initialised), for the resident inputs to fill; None when those do not hold every
+        one of its parameters."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
         try:
@@ -68,14 +78,9 @@ class Worker:
         with no_init_weights():
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
         model.tie_weights()  # tied embeddings, as loading a checkpoint would leave them
-        model = model.to(device).eval()
-        held = self.engine.source(str(path))
-        if set(dict(model.named_parameters())) - set(held):
+        if set(dict(model.named_parameters())) - set(self.engine.source(str(path))):
             return None
-        self.model = model
-        self._load_source(str(path))
-        self.live_from = "resident inputs"
-        return model
+        return model.to(device).eval()
 
     def _load_source(self, source: str) -> None:
         """Copy one model's own weights (held by the resident engine) into the live model."""
