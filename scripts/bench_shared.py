@@ -5,11 +5,12 @@ driver reading them once and the workers mapping them from Ray's object store.
     python scripts/bench_shared.py --hidden 1024 --layers 16
 
 Starts the same Ray executor twice (``share_weights`` off, then on) with a worker per CPU
-and prints, for each: the time until every worker is built, checkpoint bytes read (by the
-driver and by the workers), each worker's resident memory (RSS), the part of it that
-is its own heap (anonymous memory: copies, caches, the live model) and its proportional
-share (PSS: pages mapped by several workers, such as the object store's, count once per node), and the time one candidate takes,
-with the scores of the same candidates compared between the two.
+and prints, for each: the time until every worker is built; checkpoint bytes read by the
+driver (as put into the object store) and by the workers; each worker's resident memory
+(RSS), the part of it that is its own heap (anonymous memory: copies, caches, the live
+model) and the workers' proportional share (PSS: pages mapped by several workers, such as
+the object store's, count once per node); and the time one candidate takes, with the
+scores of the same candidates compared between the two.
 """
 
 from __future__ import annotations
@@ -86,9 +87,17 @@ def main() -> int:
         build = _build(base, experts, data)
         rows, scores = [], {}
         for share in (False, True):
+            put_bytes = []
+            make = _inputs(base, experts)
+
+            def inputs():  # what the driver read and puts into the object store, measured
+                shared = make()
+                put_bytes.append(shared.nbytes)
+                return shared
+
             t0 = time.perf_counter()
             ex = RayExecutor(build, num_workers=a.workers, cpus_per_worker=1, num_cpus=a.workers,
-                             inputs=_inputs(base, experts), share_weights=share)
+                             inputs=inputs, share_weights=share)
             put = time.perf_counter() - t0  # the driver's read and put (share) or nothing
             try:
                 mem = ray.get([w.call.remote(_memory) for w in ex.actors])  # every worker built
@@ -104,7 +113,7 @@ def main() -> int:
                 scores[share] = {r.id: r.score for r in res}
             finally:
                 ex.close()
-            driver_read = ckpt if share else 0
+            driver_read = sum(put_bytes)
             base_bytes = sum(f.stat().st_size for f in Path(base).glob("*.safetensors"))
             # the engine's reads, and the live model's own load of the base where it loads one
             wread = sum(m["read"] + (base_bytes if m["live_from"] == "checkpoint" else 0) for m in mem)
