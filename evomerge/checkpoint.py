@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -152,6 +153,7 @@ class Checkpoint:
             raise CheckpointError(f"model '{self.name}': config.json is not valid JSON: {e}") from None
         self._handles: dict[str, object] = {}
         self._pickled: dict[str, dict[str, torch.Tensor]] = {}
+        self._lock = threading.Lock()  # merges read tensors from several threads
         self.weight_map = self._index(allow_pickle)
         self._meta: dict[str, tuple[tuple[int, ...], str]] = {}
 
@@ -200,21 +202,28 @@ class Checkpoint:
     def _handle(self, file: str) -> "_SafetensorsFile":
         h = self._handles.get(file)
         if h is None:
-            try:
-                h = _SafetensorsFile(self.folder / file)
-            except (OSError, ValueError) as e:
-                raise CheckpointError(f"model '{self.name}': cannot read {file}: {e}") from None
-            self._handles[file] = h
+            with self._lock:
+                h = self._handles.get(file)
+                if h is None:
+                    try:
+                        h = _SafetensorsFile(self.folder / file)
+                    except (OSError, ValueError) as e:
+                        raise CheckpointError(f"model '{self.name}': cannot read {file}: {e}") from None
+                    self._handles[file] = h
         return h
 
     def _load_pickle(self, file: str) -> dict[str, torch.Tensor]:
         d = self._pickled.get(file)
         if d is None:
-            try:
-                d = torch.load(self.folder / file, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as e:
-                raise CheckpointError(f"model '{self.name}': cannot load {file} with weights_only=True: {e}") from None
-            self._pickled[file] = d
+            with self._lock:
+                d = self._pickled.get(file)
+                if d is None:
+                    try:
+                        d = torch.load(self.folder / file, map_location="cpu", weights_only=True, mmap=True)
+                    except Exception as e:
+                        raise CheckpointError(
+                            f"model '{self.name}': cannot load {file} with weights_only=True: {e}") from None
+                    self._pickled[file] = d
         return d
 
     # tensors ----------------------------------------------------------------------------
@@ -300,6 +309,7 @@ class _SafetensorsFile:
         self.file_size = path.stat().st_size
         self._fd: int | None = None
         self._mm = None
+        self._lock = threading.Lock()
 
     def keys(self):
         return self.header.keys()
@@ -322,7 +332,9 @@ class _SafetensorsFile:
         buf = torch.empty(nbytes, dtype=torch.uint8)
         if nbytes:
             if self._fd is None:
-                self._fd = os.open(self.path, os.O_RDONLY)
+                with self._lock:
+                    if self._fd is None:
+                        self._fd = os.open(self.path, os.O_RDONLY)
             view = memoryview(buf.numpy())
             done = 0
             while done < nbytes:
@@ -341,8 +353,10 @@ class _SafetensorsFile:
         if self._mm is None:
             import mmap
 
-            with open(self.path, "rb") as f:
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            with self._lock:
+                if self._mm is None:
+                    with open(self.path, "rb") as f:
+                        self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         import warnings
 
         with warnings.catch_warnings():
@@ -452,7 +466,7 @@ class CheckpointWriter:
         self._fds: list[int | None] = [None] * len(self._shards)
         self._where: dict[str, tuple[int, int, TensorEntry]] = {}
         self._written: set[str] = set()
-        self._scratch: torch.Tensor | None = None
+        self._scratch = threading.local()  # one scratch buffer per thread that asks
         try:
             for i in range(len(self._shards)):
                 self._create_shard(i)
@@ -509,12 +523,14 @@ class CheckpointWriter:
 
     def buffer(self, name: str) -> torch.Tensor:
         """A scratch CPU tensor of the declared shape and dtype to compute ``name`` into;
-        the same memory is lent again by the next call, so ``add`` it first."""
+        the same memory is lent again by the next call from the same thread, so ``add``
+        it first. Threads get scratch buffers of their own (``add`` is thread-safe)."""
         _, _, e = self._entry(name)
-        if self._scratch is None or self._scratch.numel() < e.nbytes:
+        buf = getattr(self._scratch, "buf", None)
+        if buf is None or buf.numel() < e.nbytes:
             largest = max(x.nbytes for x in self.entries)
-            self._scratch = torch.empty(largest, dtype=torch.uint8)
-        return self._scratch[: e.nbytes].view(e.dtype).reshape(e.shape)
+            buf = self._scratch.buf = torch.empty(largest, dtype=torch.uint8)
+        return buf[: e.nbytes].view(e.dtype).reshape(e.shape)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Write a declared tensor at its place in its shard."""
@@ -539,7 +555,7 @@ class CheckpointWriter:
             if fd is not None:
                 os.close(fd)
                 self._fds[i] = None
-        self._scratch = None
+        self._scratch = threading.local()
 
     def write_text(self, rel: str, text: str) -> None:
         (self.tmp / rel).write_text(text, encoding="utf-8")

@@ -17,6 +17,7 @@ Then:
 from __future__ import annotations
 
 import json
+import math
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -437,11 +438,55 @@ class MergeEngine:
         at its offset in its shard."""
         entries = [TensorEntry(t.name, self.shape(t), self.output_dtype(t)) for t in self.tasks]
         with CheckpointWriter(out_dir, entries, shard_size=shard_size, overwrite=overwrite) as w:
-            direct = (lambda t: w.buffer(t.name)) if self.device.type == "cpu" else None
-            for name, t in self.iter_merged(progress=progress, out=direct):
-                w.add(name, t)
+            lanes = self.lanes()
+            if lanes > 1:
+                self._write_lanes(w, lanes, progress)
+            else:
+                direct = (lambda t: w.buffer(t.name)) if self.device.type == "cpu" else None
+                for name, t in self.iter_merged(progress=progress, out=direct):
+                    w.add(name, t)
             self._write_metadata(w, recipe_text or self.recipe.to_yaml())
             return w.commit()
+
+    def lanes(self) -> int:
+        """How many tensors a CPU merge works on at once: one per torch thread where the
+        fused kernels run (each merges a whole tensor without holding the GIL), else one
+        (torch's own threads share out each operation)."""
+        from . import native
+
+        if self.device.type != "cpu" or not native.available():
+            return 1
+        return max(1, min(torch.get_num_threads(), len(self.tasks)))
+
+    def _write_lanes(self, w: CheckpointWriter, lanes: int, progress: bool) -> None:
+        """Merge and write ``lanes`` tensors at a time, the largest first; each thread
+        computes into its own scratch buffer and writes at the tensor's offset."""
+        import contextvars
+        from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+
+        def one(task: TensorTask) -> None:
+            w.add(task.name, self.merge_tensor(task, w.buffer(task.name)))
+
+        order = sorted(self.tasks, key=lambda t: -math.prod(self.shape(t)))
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(self.tasks), desc=f"merging ({self.method.name})", unit="tensor")
+        pool = ThreadPoolExecutor(lanes, thread_name_prefix="evomerge-merge")
+        try:
+            # each task runs in a copy of this context (a test's torch-only switch, say)
+            pending = {pool.submit(contextvars.copy_context().run, one, t) for t in order}
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                for f in done:
+                    f.result()  # raises the first failure; the writer then removes its folder
+                    if bar is not None:
+                        bar.update(1)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            if bar is not None:
+                bar.close()
 
     # ----------------------------------------------------------------------------------
     # Metadata: config, generation config, tokenizer, model card

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import ctypes
+import os
 
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -369,6 +371,8 @@ def _find_cuts(base: Tensor, tensors: Sequence[Tensor], ranks: list[list[int]], 
                 cache[i] = torch.sort(_magnitudes(base, tensors[i], dt), stable=True)
             out[i][j] = _cut_from_sorted(cache[i], ranks[i][j])
         return out
+    if _native_cuts(base, tensors, ranks, todo, out):
+        return out
     if n <= EXACT_SELECT_MAX:
         for i in sorted({i for i, _ in todo}):
             a = _magnitudes(base, tensors[i], dt)
@@ -440,6 +444,34 @@ def _find_cuts(base: Tensor, tensors: Sequence[Tensor], ranks: list[list[int]], 
                 full[i] = _magnitudes(base, tensors[i], dt)
             out[i][j] = _cut_from(full[i], r, _kth(full[i], r))
     return out
+
+
+def _native_cuts(base: Tensor, tensors: Sequence[Tensor], ranks, todo, out) -> bool:
+    """Exact cuts from the fused kernel's radix select (two passes over each task
+    vector's magnitudes, a third only to place a cut inside a run of equal values)."""
+    from . import native
+
+    bf = base.reshape(-1)
+    flats = [t.reshape(-1) for t in tensors]
+    lib = native.active(bf, *flats)
+    if lib is None or bf.dtype == torch.float64:
+        return False
+    n = bf.numel()
+    for i in sorted({i for i, _ in todo}):
+        js = [j for ii, j in todo if ii == i]
+        k = len(js)
+        rs = (ctypes.c_int64 * k)(*[ranks[i][j] for j in js])
+        vals, pos = (ctypes.c_float * k)(), (ctypes.c_int64 * k)()
+        for a in range(0, k, 2):  # the kernel takes up to two ranks per pass
+            m = min(2, k - a)
+            rc = lib.em_select(flats[i].data_ptr(), native.DTYPE_CODES[flats[i].dtype], bf.data_ptr(),
+                               native.DTYPE_CODES[bf.dtype], n, m, ctypes.addressof(rs) + 8 * a,
+                               ctypes.addressof(vals) + 4 * a, ctypes.addressof(pos) + 8 * a)
+            if rc < 0:
+                raise OSError(-rc, os.strerror(-rc))
+        for q, j in enumerate(js):
+            out[i][j] = _Cut(float(vals[q]), int(pos[q]))
+    return True
 
 
 # --------------------------------------------------------------------------------------
@@ -663,6 +695,8 @@ def _general_task_arithmetic(
     coef = [wi * m.scale for wi, m in zip(w, masks)]
     flats = [t.reshape(-1) for t in tensors]
     wsum = sum(w)
+    if _native_task_arithmetic(bf, flats, masks, coef, w, lambda_, normalize, consensus, wsum, result):
+        return result.reshape(shape)
     for s, e in _spans(n, base.device):
         L = e - s
         b = work.base(bf, s, e)
@@ -710,6 +744,58 @@ def _general_task_arithmetic(
             mixed *= lambda_
         result[s:e] = mixed.add_(b)
     return result.reshape(shape)
+
+
+def _native_models(flats: list[Tensor], masks: list[_Mask], coef: list[float], w: list[float]):
+    """The masks as the fused kernel's per-model inputs; ``None`` for a mask it does not
+    apply (DELLA's dense multipliers, a random stream already advanced)."""
+    from . import native
+
+    arr = (native.Model * len(flats))()
+    for x, t, m, c, wi in zip(arr, flats, masks, coef, w):
+        x.ptr, x.dtype, x.coef, x.weight = t.data_ptr(), native.DTYPE_CODES[t.dtype], c, wi
+        if type(m) is _Mask:
+            x.kind = native.MASK_ALL
+        elif type(m) is _RankMask:
+            if m.start is _NONE:
+                x.kind = native.MASK_NONE
+                continue
+            x.kind = native.MASK_CUT
+            if m.start.v is not None:
+                x.has_start, x.start_v, x.start_pos = 1, m.start.v, m.start.pos
+            if m.stop is not None and m.stop is not _NONE:
+                x.has_stop, x.stop_v, x.stop_pos = 1, (float("-inf") if m.stop.v is None else m.stop.v), m.stop.pos
+        elif type(m) is _RandomMask and m.pos == 0:
+            if m.thresh >= 65536:
+                x.kind = native.MASK_ALL
+            else:
+                x.kind, x.thresh = native.MASK_RANDOM, m.thresh
+                x.rng[:] = [int(v) for v in m.bitgen.state["state"]["state"]]
+        else:
+            return None
+    return arr
+
+
+def _native_task_arithmetic(bf, flats, masks, coef, w, lambda_, normalize, consensus, wsum, result) -> bool:
+    """The whole merge in one fused pass (``_kernels.c``) where it applies; the same
+    operations, in the same order, as the chunked loop of ``_general_task_arithmetic``."""
+    from . import native
+
+    lib = native.active(bf, *flats, result)
+    if lib is None or bf.dtype == torch.float64:
+        return False
+    models = _native_models(flats, masks, coef, w)
+    if models is None:
+        return False
+    div_sum = (not consensus) and normalize and abs(wsum) >= 1e-8
+    rc = lib.em_task_arithmetic(
+        bf.data_ptr(), native.DTYPE_CODES[bf.dtype], bf.numel(), len(flats), models, int(consensus),
+        int(bool(normalize)), int(div_sum), float(wsum), int(lambda_ != 1), float(lambda_),
+        result.data_ptr(), native.DTYPE_CODES[result.dtype], -1, 0,
+    )
+    if rc < 0:
+        raise OSError(-rc, os.strerror(-rc))
+    return True
 
 
 def task_arithmetic(base, tensors, weight, lambda_=1.0, normalize=False, out_dtype=None, out=None):
@@ -830,14 +916,28 @@ def linear(base, tensors, weight, normalize=True, out_dtype=None, out=None):
     out = _alloc(first, out_dtype, out)
     flats = [t.reshape(-1) for t in tensors]
     n = first.numel()
+    from . import native
+
+    lib = native.active(*flats, out) if dt == torch.float32 else None
+    if lib is not None:  # one fused pass, the same operations as the loop below
+        k = len(flats)
+        rc = lib.em_linear(
+            n, k, (ctypes.c_void_p * k)(*[t.data_ptr() for t in flats]),
+            (ctypes.c_int32 * k)(*[native.DTYPE_CODES[t.dtype] for t in flats]),
+            (ctypes.c_float * k)(*[float(x) for x in weight]), int(bool(normalize)), total,
+            out.data_ptr(), native.DTYPE_CODES[out.dtype], -1, 0,
+        )
+        if rc < 0:
+            raise OSError(-rc, os.strerror(-rc))
+        return out.reshape(first.shape)
     work = _work(1, n, dt, first.device)
     for s, e in _spans(n, first.device):
         acc, x = work.f[0][: e - s], work.f[1][: e - s]
-        acc.zero_()
-        for t, w in zip(flats, weight):
-            acc.add_(x.copy_(t[s:e]), alpha=float(w))
+        acc.copy_(flats[0][s:e]).mul_(float(weight[0]))  # each term rounded, then summed in order
+        for t, w in zip(flats[1:], weight[1:]):
+            acc.add_(x.copy_(t[s:e]).mul_(float(w)))
         if normalize:
-            acc.div_(total)
+            acc.div_(torch.tensor(total, dtype=dt, device=acc.device))
         out[s:e] = acc
     return out.reshape(first.shape)
 

@@ -1,0 +1,537 @@
+/* Fused CPU kernels for the one-shot merge of the task-arithmetic family.
+ *
+ * Each call merges one whole tensor in blocks small enough to stay in the L1/L2 cache:
+ * every input is read once, converted to float32 and combined, and the result is stored
+ * in the output dtype. The operations and their order are those of the chunked torch
+ * code in methods.py (the reference these kernels are tested against bit for bit), so a
+ * merge gives the same weights with or without them. Compiled with -ffp-contract=off:
+ * a fused multiply-add would round differently.
+ *
+ * Loaded by native.py with ctypes; the Python side decides what each model keeps (cuts
+ * found by selection, DARE's random streams), these loops only apply it.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <errno.h>
+#include <unistd.h>
+
+#define BLK 2048
+
+enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
+enum { MASK_ALL = 0, MASK_CUT = 1, MASK_RANDOM = 2, MASK_NONE = 3 };
+
+int em_version(void) { return 1; }
+
+int em_has_f16(void) {
+#ifdef __FLT16_MAX__
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* dtype conversion                                                                      */
+/* ------------------------------------------------------------------------------------ */
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    uint16_t r = (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+    return (u & 0x7fffffffu) > 0x7f800000u ? (uint16_t)0x7fc0 : r;
+}
+
+static void load(const void *p, int dt, int64_t s, int64_t n, float *dst) {
+    if (dt == DT_BF16) {
+        const uint16_t *q = (const uint16_t *)p + s;
+        for (int64_t j = 0; j < n; j++) dst[j] = bf16_to_f32(q[j]);
+    } else if (dt == DT_F32) {
+        memcpy(dst, (const float *)p + s, (size_t)n * 4);
+    }
+#ifdef __FLT16_MAX__
+    else {
+        const _Float16 *q = (const _Float16 *)p + s;
+        for (int64_t j = 0; j < n; j++) dst[j] = (float)q[j];
+    }
+#endif
+}
+
+/* Store n floats at element s of out (or of the block buffer); returns 1 if any stored
+ * value is not finite in the output dtype. */
+static int store(void *out, int dt, int64_t s, int64_t n, const float *src) {
+    uint32_t bad = 0;
+    if (dt == DT_BF16) {
+        uint16_t *q = (uint16_t *)out + s;
+        for (int64_t j = 0; j < n; j++) {
+            uint16_t h = f32_to_bf16(src[j]);
+            q[j] = h;
+            bad |= (uint32_t)((h & 0x7f80u) == 0x7f80u);
+        }
+    } else if (dt == DT_F32) {
+        float *q = (float *)out + s;
+        for (int64_t j = 0; j < n; j++) {
+            uint32_t u;
+            memcpy(&u, &src[j], 4);
+            q[j] = src[j];
+            bad |= (uint32_t)((u & 0x7f800000u) == 0x7f800000u);
+        }
+    }
+#ifdef __FLT16_MAX__
+    else {
+        _Float16 *q = (_Float16 *)out + s;
+        for (int64_t j = 0; j < n; j++) {
+            _Float16 h = (_Float16)src[j];
+            uint16_t u;
+            memcpy(&u, &h, 2);
+            q[j] = h;
+            bad |= (uint32_t)((u & 0x7c00u) == 0x7c00u);
+        }
+    }
+#endif
+    return bad != 0;
+}
+
+static int dt_size(int dt) { return dt == DT_F32 ? 4 : 2; }
+
+/* Write the block [s, s+n) of the result to the file at foff (positional writes). */
+static int flush(int fd, int64_t foff, int dt, int64_t s, int64_t n, const void *buf) {
+    size_t bytes = (size_t)n * dt_size(dt), done = 0;
+    off_t at = (off_t)(foff + s * dt_size(dt));
+    while (done < bytes) {
+        ssize_t w = pwrite(fd, (const char *)buf + done, bytes - done, at + (off_t)done);
+        if (w < 0) {
+            if (errno == EINTR) continue;
+            return -errno;
+        }
+        if (w == 0) return -EIO;
+        done += (size_t)w;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* DARE's random stream: numpy's SFC64, four 16-bit uniforms per 64-bit output            */
+/* ------------------------------------------------------------------------------------ */
+static inline uint64_t sfc64_next(uint64_t *s) {
+    const uint64_t tmp = s[0] + s[1] + s[3]++;
+    s[0] = s[1] ^ (s[1] >> 11);
+    s[1] = s[2] + (s[2] << 3);
+    s[2] = ((s[2] << 24) | (s[2] >> 40)) + tmp;
+    return tmp;
+}
+
+/* The next n uniforms of m streams (stream q's to u + q * stride), four streams at a time
+ * with their states in registers, so that their dependency chains overlap. n is a
+ * multiple of 4 except at the tensor's end, where the rest of the last output is
+ * discarded as numpy's random_raw does. */
+static void uniforms_4(uint64_t **st, int m, int64_t n, uint16_t *u, int64_t stride) {
+    uint64_t a[4] = {0}, b[4] = {0}, c[4] = {0}, w[4] = {0};
+    for (int q = 0; q < m; q++) {
+        a[q] = st[q][0];
+        b[q] = st[q][1];
+        c[q] = st[q][2];
+        w[q] = st[q][3];
+    }
+    for (int64_t j = 0; j < n; j += 4) {
+        for (int q = 0; q < 4; q++) {
+            const uint64_t x = a[q] + b[q] + w[q]++;
+            a[q] = b[q] ^ (b[q] >> 11);
+            b[q] = c[q] + (c[q] << 3);
+            c[q] = ((c[q] << 24) | (c[q] >> 40)) + x;
+            if (q < m) {
+                uint16_t *v = u + q * stride + j;
+                if (j + 4 <= n) {
+                    v[0] = (uint16_t)x;
+                    v[1] = (uint16_t)(x >> 16);
+                    v[2] = (uint16_t)(x >> 32);
+                    v[3] = (uint16_t)(x >> 48);
+                } else {
+                    for (int64_t r = 0; j + r < n; r++) v[r] = (uint16_t)(x >> (16 * r));
+                }
+            }
+        }
+    }
+    for (int q = 0; q < m; q++) {
+        st[q][0] = a[q];
+        st[q][1] = b[q];
+        st[q][2] = c[q];
+        st[q][3] = w[q];
+    }
+}
+
+static void uniforms_many(uint64_t **st, int m, int64_t n, uint16_t *u, int64_t stride) {
+    for (int q = 0; q < m; q += 4) uniforms_4(st + q, m - q < 4 ? m - q : 4, n, u + q * stride, stride);
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* The task-arithmetic family                                                            */
+/* ------------------------------------------------------------------------------------ */
+typedef struct {
+    const void *ptr; /* the model's tensor */
+    int32_t dtype;
+    int32_t kind;    /* MASK_* */
+    float coef;      /* multiplier of kept entries: weight x rescale */
+    float weight;    /* for TIES' normalisation */
+    /* MASK_CUT: keep rank >= start and < stop; a cut keeps |d| > v, and |d| == v at
+     * positions >= pos */
+    int32_t has_start, has_stop;
+    float start_v, stop_v;
+    int64_t start_pos, stop_pos;
+    /* MASK_RANDOM: keep where the uniform < thresh */
+    uint64_t rng[4];
+    uint32_t thresh;
+    uint32_t _pad;
+} em_model;
+
+/* keep[j] (or keep[j] - 1 when sub) for a cut over the block starting at position s:
+ * |d| > v before position pos, |d| >= v from pos on (ties broken by position). */
+static void cut_block(const float *d, int64_t s, int64_t L, float v, int64_t pos, float *keep, int sub) {
+    int64_t split = pos - s;
+    split = split < 0 ? 0 : (split > L ? L : split);
+    const float one = sub ? -1.0f : 1.0f;
+    for (int64_t j = 0; j < split; j++) keep[j] += fabsf(d[j]) > v ? one : 0.0f;
+    for (int64_t j = split; j < L; j++) keep[j] += fabsf(d[j]) >= v ? one : 0.0f;
+}
+
+/* Elementwise steps over one block, on arrays that do not overlap. */
+static void delta(float *restrict d, const float *restrict x, const float *restrict b, int64_t L) {
+    for (int64_t j = 0; j < L; j++) d[j] = x[j] - b[j];
+}
+
+static void delta_scaled(float *restrict d, const float *restrict x, const float *restrict b, int64_t L,
+                         float c) {
+    for (int64_t j = 0; j < L; j++) d[j] = (x[j] - b[j]) * c;
+}
+
+static void delta_dropped(float *restrict d, const float *restrict x, const float *restrict b,
+                          const uint16_t *restrict u, int64_t L, uint32_t th, float c) {
+    for (int64_t j = 0; j < L; j++) d[j] = (x[j] - b[j]) * ((u[j] < th ? 1.0f : 0.0f) * c);
+}
+
+/* The same, reading a bf16 input directly and adding into the running sum (sum = d when
+ * first): one pass instead of four. */
+static void delta_scaled_bf16(float *restrict d, float *restrict sum, const uint16_t *restrict x,
+                              const float *restrict b, int64_t L, float c, int first) {
+    for (int64_t j = 0; j < L; j++) {
+        float v = (bf16_to_f32(x[j]) - b[j]) * c;
+        d[j] = v;
+        sum[j] = first ? v : sum[j] + v;
+    }
+}
+
+static void delta_dropped_bf16(float *restrict d, float *restrict sum, const uint16_t *restrict x,
+                               const float *restrict b, const uint16_t *restrict u, int64_t L, uint32_t th,
+                               float c, int first) {
+    const float c0 = 0.0f * c; /* a dropped entry's multiplier: 0 * coef, signed as in torch */
+    for (int64_t j = 0; j < L; j++) {
+        float v = (bf16_to_f32(x[j]) - b[j]) * (u[j] < th ? c : c0);
+        d[j] = v;
+        sum[j] = first ? v : sum[j] + v;
+    }
+}
+
+static void scale_by(float *restrict d, const float *restrict keep, int64_t L, float c) {
+    for (int64_t j = 0; j < L; j++) d[j] *= keep[j] * c;
+}
+
+static void add_to(float *restrict acc, const float *restrict d, int64_t L) {
+    for (int64_t j = 0; j < L; j++) acc[j] += d[j];
+}
+
+/* TIES: A = clamp(sign(d) * e, min 0), where sign(+-0) is +0 and clamp keeps -0, as in
+ * torch; mixed (+)= d * A; dv (+)= A * w. */
+static void agree(float *restrict mixed, float *restrict dv, float *restrict A, const float *restrict d,
+                  const float *restrict e, int64_t L, float w, int first) {
+    for (int64_t j = 0; j < L; j++) {
+        float sg = (d[j] > 0.0f ? 1.0f : 0.0f) - (d[j] < 0.0f ? 1.0f : 0.0f);
+        float p = sg * e[j];
+        A[j] = p < 0.0f ? 0.0f : p;
+    }
+    if (first) {
+        for (int64_t j = 0; j < L; j++) mixed[j] = d[j] * A[j];
+        if (dv)
+            for (int64_t j = 0; j < L; j++) dv[j] = A[j] * w;
+    } else {
+        for (int64_t j = 0; j < L; j++) mixed[j] += d[j] * A[j];
+        if (dv)
+            for (int64_t j = 0; j < L; j++) dv[j] += A[j] * w;
+    }
+}
+
+static void divide_by_weights(float *restrict mixed, const float *restrict dv, int64_t L) {
+    for (int64_t j = 0; j < L; j++) mixed[j] /= dv[j] + (dv[j] == 0.0f ? 1.0f : 0.0f);
+}
+
+/* mixed / wd * lam + b; a division is slow, so it is skipped when wd is 1 (exact) */
+static void finish(float *restrict mixed, const float *restrict b, int64_t L, float wd, float lam) {
+    if (wd != 1.0f)
+        for (int64_t j = 0; j < L; j++) mixed[j] = mixed[j] / wd * lam + b[j];
+    else
+        for (int64_t j = 0; j < L; j++) mixed[j] = mixed[j] * lam + b[j];
+}
+
+/* theta0 + lambda * combine_k(coef_k * mask_k * (theta_k - theta0)).
+ *
+ * combine is the row-order sum (divided by wdiv when div_sum), or with consensus the
+ * TIES disjoint merge: the sign of the sum is elected (zero counts as positive), the
+ * agreeing entries are summed and, with normalize, divided by the summed weights of the
+ * agreeing entries. The result goes to out (dtype odt) or, when out is NULL, to the file
+ * fd at byte offset foff.
+ *
+ * Per block: each model's entries are converted to float32 in one pass, masked, scaled
+ * and accumulated in a second; x * 1 and x / 1 are exact, so the steps the torch code
+ * skips (lambda = 1, no division) are applied as such.
+ *
+ * Returns 0, 1 if a result is not finite, or -errno on a failed write / allocation. */
+int em_task_arithmetic(const void *base, int32_t bdt, int64_t n, int32_t k, em_model *models,
+                       int32_t consensus, int32_t normalize, int32_t div_sum, float wdiv,
+                       int32_t scale_lambda, float lambda, void *out, int32_t odt, int32_t fd,
+                       int64_t foff) {
+    float *mem = (float *)malloc(sizeof(float) * BLK * (size_t)(k + 7));
+    uint16_t *u = (uint16_t *)malloc(sizeof(uint16_t) * BLK * (size_t)k);
+    uint64_t **streams = (uint64_t **)malloc(sizeof(uint64_t *) * (size_t)k);
+    int32_t *slot = (int32_t *)malloc(sizeof(int32_t) * (size_t)k);
+    int nstreams = 0;
+    if (streams && slot)
+        for (int32_t i = 0; i < k; i++) {
+            slot[i] = -1;
+            if (models[i].kind == MASK_RANDOM) {
+                slot[i] = nstreams;
+                streams[nstreams++] = models[i].rng;
+            }
+        }
+    void *obuf = out ? NULL : malloc((size_t)BLK * 4);
+    if (!mem || !u || !streams || !slot || (!out && !obuf)) {
+        free(mem);
+        free(u);
+        free(streams);
+        free(slot);
+        free(obuf);
+        return -ENOMEM;
+    }
+    float *b = mem, *mixed = mem + BLK, *S = mem + 2 * BLK, *dv = mem + 3 * BLK;
+    float *keep = mem + 4 * BLK, *x = mem + 5 * BLK, *t = mem + 6 * BLK, *D = mem + 7 * BLK;
+    const float wd = div_sum ? wdiv : 1.0f, lam = scale_lambda ? lambda : 1.0f;
+    int bad = 0, rc = 0;
+    for (int64_t s = 0; s < n; s += BLK) {
+        int64_t L = n - s < BLK ? n - s : BLK;
+        load(base, bdt, s, L, b);
+        if (nstreams) uniforms_many(streams, nstreams, L, u, BLK);
+        /* d_k = (x_k - b) * mask_k * coef_k; summed into S (consensus) or mixed */
+        float *sum = consensus ? S : mixed;
+        for (int32_t i = 0; i < k; i++) {
+            em_model *m = &models[i];
+            float *d = consensus ? D + (size_t)i * BLK : t;
+            if (m->dtype == DT_BF16 && m->kind != MASK_CUT) { /* the common case, fused */
+                const uint16_t *xb = (const uint16_t *)m->ptr + s;
+                if (m->kind == MASK_RANDOM)
+                    delta_dropped_bf16(d, sum, xb, b, u + (size_t)slot[i] * BLK, L, m->thresh, m->coef, i == 0);
+                else
+                    delta_scaled_bf16(d, sum, xb, b, L, m->kind == MASK_NONE ? 0.0f : m->coef, i == 0);
+                continue;
+            }
+            load(m->ptr, m->dtype, s, L, x);
+            switch (m->kind) {
+            case MASK_ALL:
+                delta_scaled(d, x, b, L, m->coef);
+                break;
+            case MASK_NONE:
+                delta_scaled(d, x, b, L, 0.0f);
+                break;
+            case MASK_CUT:
+                delta(d, x, b, L);
+                if (m->has_start) {
+                    memset(keep, 0, (size_t)L * 4);
+                    cut_block(d, s, L, m->start_v, m->start_pos, keep, 0);
+                } else {
+                    for (int64_t j = 0; j < L; j++) keep[j] = 1.0f;
+                }
+                if (m->has_stop) cut_block(d, s, L, m->stop_v, m->stop_pos, keep, 1);
+                scale_by(d, keep, L, m->coef);
+                break;
+            case MASK_RANDOM:
+                delta_dropped(d, x, b, u + (size_t)slot[i] * BLK, L, m->thresh, m->coef);
+                break;
+            }
+            if (i == 0)
+                memcpy(sum, d, (size_t)L * 4);
+            else
+                add_to(sum, d, L);
+        }
+        if (consensus) {
+            /* e = +1 where S >= 0, else -1; A_k = clamp(sign(d_k) * e, min 0), where
+             * sign(+-0) is +0 and clamp keeps -0, as in torch; mixed = sum_k d_k A_k,
+             * dv = sum_k A_k w_k */
+            for (int64_t j = 0; j < L; j++) S[j] = S[j] < 0.0f ? -1.0f : 1.0f;
+            for (int32_t i = 0; i < k; i++)
+                agree(mixed, normalize ? dv : NULL, keep, D + (size_t)i * BLK, S, L, models[i].weight, i == 0);
+            if (normalize) divide_by_weights(mixed, dv, L);
+        }
+        finish(mixed, b, L, wd, lam);
+        if (out) {
+            bad |= store(out, odt, s, L, mixed);
+        } else {
+            bad |= store(obuf, odt, 0, L, mixed);
+            rc = flush(fd, foff, odt, s, L, obuf);
+            if (rc) break;
+        }
+    }
+    free(mem);
+    free(u);
+    free(streams);
+    free(slot);
+    free(obuf);
+    return rc ? rc : bad;
+}
+
+/* Linear merge: sum_k w_k theta_k (row order, each term rounded), divided by wdiv when
+ * div_sum. Output as em_task_arithmetic. */
+int em_linear(int64_t n, int32_t k, const void **ptrs, const int32_t *dts, const float *w,
+              int32_t div_sum, float wdiv, void *out, int32_t odt, int32_t fd, int64_t foff) {
+    float *acc = (float *)malloc(sizeof(float) * BLK * 2);
+    void *obuf = out ? NULL : malloc((size_t)BLK * 4);
+    if (!acc || (!out && !obuf)) {
+        free(acc);
+        free(obuf);
+        return -ENOMEM;
+    }
+    float *x = acc + BLK;
+    int bad = 0, rc = 0;
+    for (int64_t s = 0; s < n; s += BLK) {
+        int64_t L = n - s < BLK ? n - s : BLK;
+        load(ptrs[0], dts[0], s, L, acc);
+        for (int64_t j = 0; j < L; j++) acc[j] *= w[0];
+        for (int32_t i = 1; i < k; i++) {
+            load(ptrs[i], dts[i], s, L, x);
+            const float wi = w[i];
+            for (int64_t j = 0; j < L; j++) acc[j] += x[j] * wi;
+        }
+        if (div_sum)
+            for (int64_t j = 0; j < L; j++) acc[j] /= wdiv;
+        if (out) {
+            bad |= store(out, odt, s, L, acc);
+        } else {
+            bad |= store(obuf, odt, 0, L, acc);
+            rc = flush(fd, foff, odt, s, L, obuf);
+            if (rc) break;
+        }
+    }
+    free(acc);
+    free(obuf);
+    return rc ? rc : bad;
+}
+
+/* ------------------------------------------------------------------------------------ */
+/* Magnitude thresholds                                                                  */
+/* ------------------------------------------------------------------------------------ */
+
+/* Exact order statistics of |t - base| without sorting: a radix select on the float bit
+ * patterns (which order non-negative floats as unsigned integers). For each rank r
+ * (0-based, ascending) it finds the value v and, as ties are broken by position, pos:
+ * the position of the entry equal to v that has rank r (0 when it is the first such).
+ * Pass 1 histograms the top 16 bits, pass 2 the low 16 bits inside the rank's bin,
+ * pass 3 (only when entries equal to v rank below r) finds pos. Returns 0 or -ENOMEM. */
+static void keys_block(const void *t, int tdt, const void *base, int bdt, int64_t s, int64_t L,
+                       float *bb, float *tt, uint32_t *key) {
+    load(base, bdt, s, L, bb);
+    load(t, tdt, s, L, tt);
+    for (int64_t j = 0; j < L; j++) {
+        float a = fabsf(tt[j] - bb[j]);
+        memcpy(&key[j], &a, 4);
+    }
+}
+
+int em_select(const void *t, int32_t tdt, const void *base, int32_t bdt, int64_t n, int32_t nr,
+              const int64_t *ranks, float *values, int64_t *positions) {
+    if (nr < 1 || nr > 2) return -EINVAL;
+    uint32_t *h1 = (uint32_t *)calloc(2 * 65536, sizeof(uint32_t));
+    uint32_t *h2 = (uint32_t *)calloc((size_t)nr * 65536, sizeof(uint32_t));
+    if (!h1 || !h2) {
+        free(h1);
+        free(h2);
+        return -ENOMEM;
+    }
+    float bb[BLK], tt[BLK];
+    uint32_t key[BLK];
+    /* pass 1; two histograms, alternating, so that runs of one bin do not serialise */
+    for (int64_t s = 0; s < n; s += BLK) {
+        int64_t L = n - s < BLK ? n - s : BLK, j = 0;
+        keys_block(t, tdt, base, bdt, s, L, bb, tt, key);
+        for (; j + 2 <= L; j += 2) {
+            h1[key[j] >> 16]++;
+            h1[65536 + (key[j + 1] >> 16)]++;
+        }
+        if (j < L) h1[key[j] >> 16]++;
+    }
+    uint32_t bin[2] = {0, 0};
+    int64_t below[2] = {0, 0};
+    for (int q = 0; q < nr; q++) {
+        int64_t c = 0, r = ranks[q];
+        uint32_t b = 0;
+        for (; b < 65535; b++) {
+            int64_t h = (int64_t)h1[b] + h1[65536 + b];
+            if (c + h > r) break;
+            c += h;
+        }
+        bin[q] = b;
+        below[q] = c;
+    }
+    /* pass 2 */
+    for (int64_t s = 0; s < n; s += BLK) {
+        int64_t L = n - s < BLK ? n - s : BLK;
+        keys_block(t, tdt, base, bdt, s, L, bb, tt, key);
+        for (int q = 0; q < nr; q++) {
+            uint32_t *h = h2 + (size_t)q * 65536;
+            for (int64_t j = 0; j < L; j++)
+                if ((key[j] >> 16) == bin[q]) h[key[j] & 0xffffu]++;
+        }
+    }
+    uint32_t vbits[2] = {0, 0};
+    int64_t skip[2] = {0, 0};
+    for (int q = 0; q < nr; q++) {
+        const uint32_t *h = h2 + (size_t)q * 65536;
+        int64_t c = below[q], r = ranks[q];
+        uint32_t lo = 0;
+        for (; lo < 65535; lo++) {
+            if (c + h[lo] > r) break;
+            c += h[lo];
+        }
+        vbits[q] = (bin[q] << 16) | lo;
+        skip[q] = r - c;
+        memcpy(&values[q], &vbits[q], 4);
+        positions[q] = 0;
+    }
+    free(h1);
+    free(h2);
+    /* pass 3: the position of entry number skip among those equal to v */
+    int64_t seen[2] = {0, 0};
+    int todo = 0;
+    for (int q = 0; q < nr; q++) todo += skip[q] > 0;
+    for (int64_t s = 0; s < n && todo; s += BLK) {
+        int64_t L = n - s < BLK ? n - s : BLK;
+        keys_block(t, tdt, base, bdt, s, L, bb, tt, key);
+        for (int q = 0; q < nr; q++) {
+            if (skip[q] <= 0 || seen[q] > skip[q]) continue;
+            for (int64_t j = 0; j < L; j++) {
+                if (key[j] == vbits[q]) {
+                    if (seen[q] == skip[q]) {
+                        positions[q] = s + j;
+                        seen[q]++;
+                        todo--;
+                        break;
+                    }
+                    seen[q]++;
+                }
+            }
+        }
+    }
+    return 0;
+}

@@ -1,0 +1,170 @@
+"""The fused CPU kernels give, bit for bit, the weights of the torch path they replace,
+for every method they serve, every input and output dtype, and tensors large enough for
+the streamed threshold search (with the runs of equal magnitudes bf16 makes)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from evomerge.merge import native
+from evomerge.merge.methods import EXACT_SELECT_MAX, METHODS
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="the kernels are built for POSIX systems")
+
+SERVED = ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties"]
+
+
+def test_the_kernels_build_here():
+    """Where a C compiler exists (CI has one), the kernels must build and load: a silent
+    fall-back to the torch path would hide a broken build."""
+    assert native.library() is not None
+
+
+def call(method, base, tensors, out_dtype, **params):
+    fn = METHODS[method].fn
+    k = len(tensors)
+    kw = dict(weight=params.get("weight", [0.7, -0.4, 0.55][:k]))
+    if method != "linear":
+        kw["lambda_"] = params.get("lambda_", 1.0)
+        kw["normalize"] = params.get("normalize", method in ("ties",))
+    else:
+        kw["normalize"] = params.get("normalize", True)
+    if method not in ("linear", "task_arithmetic"):
+        kw["density"] = params.get("density", [0.3] * k)
+    if method.startswith("dare"):
+        kw["seeds"] = params.get("seeds", [11 + i for i in range(k)])
+        kw["rescale"] = params.get("rescale", True)
+    if method.startswith("breadcrumbs"):
+        kw["gamma"] = params.get("gamma", [0.05] * k)
+    if method == "linear":
+        return fn(None, [base, *tensors], out_dtype=out_dtype, **kw)
+    return fn(base, tensors, out_dtype=out_dtype, **kw)
+
+
+def both(method, base, tensors, out_dtype, **params):
+    """The torch path's result and the kernels' (checked to have run)."""
+    with native.disabled():
+        ref = call(method, base, tensors, out_dtype, **params)
+    used = []
+    real = native.active
+
+    def spy(*ts):
+        lib = real(*ts)
+        used.append(lib is not None)
+        return lib
+
+    native.active = spy
+    try:
+        got = call(method, base, tensors, out_dtype, **params)
+    finally:
+        native.active = real
+    assert any(used), "the fused kernels did not run"
+    return ref, got
+
+
+def same_bits(a, b):
+    assert a.dtype == b.dtype and a.shape == b.shape
+    ia = a.reshape(-1).view(torch.int16 if a.element_size() == 2 else torch.int32)
+    ib = b.reshape(-1).view(torch.int16 if b.element_size() == 2 else torch.int32)
+    bad = (ia != ib).nonzero().flatten()
+    assert bad.numel() == 0, f"{bad.numel()} entries differ, first at {bad[:5].tolist()}: {a.reshape(-1)[bad[:5]]} vs {b.reshape(-1)[bad[:5]]}"
+
+
+def family(n, k, dtype, seed, scale=0.01, zeros=0.0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=g)
+    tensors = [base + torch.randn(n, generator=g) * scale for _ in range(k)]
+    if zeros:
+        z = torch.rand(n, generator=g) < zeros
+        base[z] = 0
+        tensors[0][z] = 0  # an unchanged entry: a task vector of exactly zero
+    return base.to(dtype), [t.to(dtype) for t in tensors]
+
+
+@pytest.mark.parametrize("method", SERVED)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_large_tensors_match_the_torch_path(method, dtype):
+    """Above EXACT_SELECT_MAX the thresholds come from the streamed band pass."""
+    n = EXACT_SELECT_MAX * 3 + 12345
+    base, tensors = family(n, 3, dtype, seed=1, zeros=0.01)
+    for out_dtype in {dtype, torch.float32}:
+        ref, got = both(method, base, tensors, out_dtype)
+        same_bits(ref, got)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    method=st.sampled_from(SERVED),
+    n=st.sampled_from([1, 7, 2047, 2049, 5000, EXACT_SELECT_MAX + 3]),
+    k=st.integers(1, 3),
+    dtype=st.sampled_from([torch.bfloat16, torch.float32]),
+    density=st.sampled_from([1e-6, 0.1, 0.5, 0.97, 1.0]),
+    lam=st.sampled_from([1.0, 0.6, -1.3]),
+    normalize=st.booleans(),
+    rescale=st.sampled_from([True, False]),
+    w0=st.sampled_from([0.0, 1.0, -0.5, 0.35]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_any_parameters_match_the_torch_path(method, n, k, dtype, density, lam, normalize, rescale, w0, seed):
+    base, tensors = family(n, k, dtype, seed=seed % 1000, scale=0.05, zeros=0.05)
+    weight = [w0, 0.5, -0.25][:k]
+    if method == "linear" and normalize and abs(w0 + 1.0 + sum(weight[1:])) < 1e-6:
+        normalize = False  # linear refuses weights summing to zero
+    params = dict(weight=weight if method != "linear" else [1.0, *weight], lambda_=lam, normalize=normalize,
+                  density=[density] * k, rescale=rescale, seeds=[seed + i for i in range(k)])
+    ref, got = both(method, base, tensors, dtype, **params)
+    same_bits(ref, got)
+
+
+def test_dare_stream_is_numpys_sfc64():
+    """The kernel draws DARE's uniforms from the same SFC64 stream as NumPy: a density of
+    exactly one half keeps the entries whose 16-bit uniform is below 32768."""
+    n = 10_001
+    base = torch.zeros(n)
+    t = torch.ones(n)
+    got = METHODS["dare_linear"].fn(base, [t], weight=[1.0], density=[0.5], seeds=[1234], rescale=False)
+    raw = np.random.SFC64(1234).random_raw((n + 3) // 4).view(np.uint16)[:n]
+    assert torch.equal(got, torch.from_numpy((raw < 32768).astype(np.float32)))
+
+
+@pytest.mark.parametrize("method", ["linear", "ties", "dare_ties"])
+def test_a_non_finite_input_still_names_the_culprit(tmp_path, method):
+    from safetensors.torch import load_file, save_file
+
+    from evomerge.merge.engine import MergeEngine, MergeError
+    from evomerge.recipe import parse_recipe
+    from evomerge.testing import tiny_family
+
+    fam = tiny_family(tmp_path, n_experts=2, layers=2, hidden=32)
+    f = fam["expert_1"] / "model.safetensors"
+    sd = load_file(str(f))
+    sd["model.layers.1.mlp.up_proj.weight"][5, 6] = float("nan")
+    save_file(sd, str(f))
+    p = {"weight": 0.5} if method == "linear" else {"weight": 0.5, "density": 0.5}
+    rec = {"merge_method": method, "models": [{"model": str(fam[f"expert_{i}"]), "parameters": p} for i in range(2)]}
+    if method != "linear":
+        rec["base_model"] = str(fam["base"])
+    rec = parse_recipe(rec)
+    with pytest.raises(MergeError, match="expert_1.*model.layers.1.mlp.up_proj.weight"):
+        MergeEngine(rec).write(tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_without_a_compiler_merges_take_the_torch_path(tmp_path):
+    """No compiler on PATH and an empty cache: a merge still runs, on the torch path."""
+    code = ("from evomerge.merge import native; import torch;"
+            "from evomerge.merge.methods import task_arithmetic as ta;"
+            "b=torch.zeros(10); r=ta(b,[torch.ones(10)],[0.5]);"
+            "assert native.library() is None and torch.equal(r, torch.full((10,), 0.5)); print('ok')")
+    env = dict(os.environ, PATH=str(tmp_path), CC="", EVOMERGE_CACHE=str(tmp_path / "cache"))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "ok" in r.stdout and "torch path" in r.stderr
