@@ -168,3 +168,31 @@ def test_without_a_compiler_merges_take_the_torch_path(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "ok" in r.stdout and "torch path" in r.stderr
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "linear"])
+def test_lanes_write_the_same_files(tmp_path, method):
+    """Merging two tensors at a time on threads writes byte for byte the folder that one
+    at a time does, sharded or not; the torch path writes it too."""
+    from evomerge.merge.engine import MergeEngine
+    from evomerge.recipe import parse_recipe
+    from evomerge.testing import tiny_family
+
+    fam = tiny_family(tmp_path / "fam", n_experts=3, layers=3, hidden=64, dtype=torch.bfloat16, scale=0.05)
+    p = {"weight": 0.4} if method == "linear" else {"weight": 0.4, "density": [0.2, 0.6]}
+    rec = {"merge_method": method, "models": [{"model": str(fam[f"expert_{i}"]), "parameters": p} for i in range(3)]}
+    if method != "linear":
+        rec["base_model"] = str(fam["base"])
+    rec = parse_recipe(rec)
+    outs = {}
+    for lanes in (1, 2):
+        eng = MergeEngine(rec, seed=5)
+        outs[lanes] = eng.write(tmp_path / f"out{lanes}", shard_size="40KB", lanes=lanes, progress=False)
+    with native.disabled():
+        outs["torch"] = MergeEngine(rec, seed=5).write(tmp_path / "outt", shard_size="40KB", progress=False)
+    shards = sorted(p.name for p in outs[1].glob("*.safetensors"))
+    assert len(shards) > 1
+    for other in (2, "torch"):
+        assert sorted(p.name for p in outs[other].glob("*.safetensors")) == shards
+        for f in shards:
+            assert (outs[other] / f).read_bytes() == (outs[1] / f).read_bytes(), (other, f)

@@ -7,15 +7,15 @@
  * merge gives the same weights with or without them. Compiled with -ffp-contract=off:
  * a fused multiply-add would round differently.
  *
- * Loaded by native.py with ctypes; the Python side decides what each model keeps (cuts
- * found by selection, DARE's random streams), these loops only apply it.
+ * Loaded by native.py with ctypes. em_select finds the magnitude cuts of a trim exactly
+ * (a radix select, no sort); em_task_arithmetic applies per-model masks (cuts, DARE's
+ * random streams) and combines; em_linear is the weighted average.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <errno.h>
-#include <unistd.h>
 
 #define BLK 2048
 
@@ -64,7 +64,7 @@ static void load(const void *p, int dt, int64_t s, int64_t n, float *dst) {
 #endif
 }
 
-/* Store n floats at element s of out (or of the block buffer); returns 1 if any stored
+/* Store n floats at element s of out; returns 1 if any stored
  * value is not finite in the output dtype. */
 static int store(void *out, int dt, int64_t s, int64_t n, const float *src) {
     uint32_t bad = 0;
@@ -97,24 +97,6 @@ static int store(void *out, int dt, int64_t s, int64_t n, const float *src) {
     }
 #endif
     return bad != 0;
-}
-
-static int dt_size(int dt) { return dt == DT_F32 ? 4 : 2; }
-
-/* Write the block [s, s+n) of the result to the file at foff (positional writes). */
-static int flush(int fd, int64_t foff, int dt, int64_t s, int64_t n, const void *buf) {
-    size_t bytes = (size_t)n * dt_size(dt), done = 0;
-    off_t at = (off_t)(foff + s * dt_size(dt));
-    while (done < bytes) {
-        ssize_t w = pwrite(fd, (const char *)buf + done, bytes - done, at + (off_t)done);
-        if (w < 0) {
-            if (errno == EINTR) continue;
-            return -errno;
-        }
-        if (w == 0) return -EIO;
-        done += (size_t)w;
-    }
-    return 0;
 }
 
 /* ------------------------------------------------------------------------------------ */
@@ -283,18 +265,16 @@ static void finish(float *restrict mixed, const float *restrict b, int64_t L, fl
  * combine is the row-order sum (divided by wdiv when div_sum), or with consensus the
  * TIES disjoint merge: the sign of the sum is elected (zero counts as positive), the
  * agreeing entries are summed and, with normalize, divided by the summed weights of the
- * agreeing entries. The result goes to out (dtype odt) or, when out is NULL, to the file
- * fd at byte offset foff.
+ * agreeing entries. The result goes to out, in dtype odt.
  *
  * Per block: each model's entries are converted to float32 in one pass, masked, scaled
  * and accumulated in a second; x * 1 and x / 1 are exact, so the steps the torch code
  * skips (lambda = 1, no division) are applied as such.
  *
- * Returns 0, 1 if a result is not finite, or -errno on a failed write / allocation. */
+ * Returns 0, 1 if a result is not finite, or -ENOMEM. */
 int em_task_arithmetic(const void *base, int32_t bdt, int64_t n, int32_t k, em_model *models,
                        int32_t consensus, int32_t normalize, int32_t div_sum, float wdiv,
-                       int32_t scale_lambda, float lambda, void *out, int32_t odt, int32_t fd,
-                       int64_t foff) {
+                       int32_t scale_lambda, float lambda, void *out, int32_t odt) {
     float *mem = (float *)malloc(sizeof(float) * BLK * (size_t)(k + 7));
     uint16_t *u = (uint16_t *)malloc(sizeof(uint16_t) * BLK * (size_t)k);
     uint64_t **streams = (uint64_t **)malloc(sizeof(uint64_t *) * (size_t)k);
@@ -308,19 +288,17 @@ int em_task_arithmetic(const void *base, int32_t bdt, int64_t n, int32_t k, em_m
                 streams[nstreams++] = models[i].rng;
             }
         }
-    void *obuf = out ? NULL : malloc((size_t)BLK * 4);
-    if (!mem || !u || !streams || !slot || (!out && !obuf)) {
+    if (!mem || !u || !streams || !slot) {
         free(mem);
         free(u);
         free(streams);
         free(slot);
-        free(obuf);
         return -ENOMEM;
     }
     float *b = mem, *mixed = mem + BLK, *S = mem + 2 * BLK, *dv = mem + 3 * BLK;
     float *keep = mem + 4 * BLK, *x = mem + 5 * BLK, *t = mem + 6 * BLK, *D = mem + 7 * BLK;
     const float wd = div_sum ? wdiv : 1.0f, lam = scale_lambda ? lambda : 1.0f;
-    int bad = 0, rc = 0;
+    int bad = 0;
     for (int64_t s = 0; s < n; s += BLK) {
         int64_t L = n - s < BLK ? n - s : BLK;
         load(base, bdt, s, L, b);
@@ -376,35 +354,23 @@ int em_task_arithmetic(const void *base, int32_t bdt, int64_t n, int32_t k, em_m
             if (normalize) divide_by_weights(mixed, dv, L);
         }
         finish(mixed, b, L, wd, lam);
-        if (out) {
-            bad |= store(out, odt, s, L, mixed);
-        } else {
-            bad |= store(obuf, odt, 0, L, mixed);
-            rc = flush(fd, foff, odt, s, L, obuf);
-            if (rc) break;
-        }
+        bad |= store(out, odt, s, L, mixed);
     }
     free(mem);
     free(u);
     free(streams);
     free(slot);
-    free(obuf);
-    return rc ? rc : bad;
+    return bad;
 }
 
 /* Linear merge: sum_k w_k theta_k (row order, each term rounded), divided by wdiv when
- * div_sum. Output as em_task_arithmetic. */
+ * div_sum. Output and return value as em_task_arithmetic. */
 int em_linear(int64_t n, int32_t k, const void **ptrs, const int32_t *dts, const float *w,
-              int32_t div_sum, float wdiv, void *out, int32_t odt, int32_t fd, int64_t foff) {
+              int32_t div_sum, float wdiv, void *out, int32_t odt) {
     float *acc = (float *)malloc(sizeof(float) * BLK * 2);
-    void *obuf = out ? NULL : malloc((size_t)BLK * 4);
-    if (!acc || (!out && !obuf)) {
-        free(acc);
-        free(obuf);
-        return -ENOMEM;
-    }
+    if (!acc) return -ENOMEM;
     float *x = acc + BLK;
-    int bad = 0, rc = 0;
+    int bad = 0;
     for (int64_t s = 0; s < n; s += BLK) {
         int64_t L = n - s < BLK ? n - s : BLK;
         load(ptrs[0], dts[0], s, L, acc);
@@ -416,17 +382,10 @@ int em_linear(int64_t n, int32_t k, const void **ptrs, const int32_t *dts, const
         }
         if (div_sum)
             for (int64_t j = 0; j < L; j++) acc[j] /= wdiv;
-        if (out) {
-            bad |= store(out, odt, s, L, acc);
-        } else {
-            bad |= store(obuf, odt, 0, L, acc);
-            rc = flush(fd, foff, odt, s, L, obuf);
-            if (rc) break;
-        }
+        bad |= store(out, odt, s, L, acc);
     }
     free(acc);
-    free(obuf);
-    return rc ? rc : bad;
+    return bad;
 }
 
 /* ------------------------------------------------------------------------------------ */

@@ -432,13 +432,14 @@ class MergeEngine:
         overwrite: bool = False,
         progress: bool = False,
         recipe_text: str | None = None,
+        lanes: int | None = None,
     ) -> Path:
         """Stream the merge into a new model folder (atomic: nothing is left on failure).
-        On the CPU every result is computed into one reused scratch buffer, then written
-        at its offset in its shard."""
+        On the CPU every result is computed into a reused scratch buffer, then written at
+        its offset in its shard; ``lanes`` tensors at a time (default: ``self.lanes()``)."""
         entries = [TensorEntry(t.name, self.shape(t), self.output_dtype(t)) for t in self.tasks]
         with CheckpointWriter(out_dir, entries, shard_size=shard_size, overwrite=overwrite) as w:
-            lanes = self.lanes()
+            lanes = self.lanes() if lanes is None else max(1, int(lanes))
             if lanes > 1:
                 self._write_lanes(w, lanes, progress)
             else:

@@ -791,7 +791,7 @@ def _native_task_arithmetic(bf, flats, masks, coef, w, lambda_, normalize, conse
     rc = lib.em_task_arithmetic(
         bf.data_ptr(), native.DTYPE_CODES[bf.dtype], bf.numel(), len(flats), models, int(consensus),
         int(bool(normalize)), int(div_sum), float(wsum), int(lambda_ != 1), float(lambda_),
-        result.data_ptr(), native.DTYPE_CODES[result.dtype], -1, 0,
+        result.data_ptr(), native.DTYPE_CODES[result.dtype],
     )
     if rc < 0:
         raise OSError(-rc, os.strerror(-rc))
@@ -925,7 +925,7 @@ def linear(base, tensors, weight, normalize=True, out_dtype=None, out=None):
             n, k, (ctypes.c_void_p * k)(*[t.data_ptr() for t in flats]),
             (ctypes.c_int32 * k)(*[native.DTYPE_CODES[t.dtype] for t in flats]),
             (ctypes.c_float * k)(*[float(x) for x in weight]), int(bool(normalize)), total,
-            out.data_ptr(), native.DTYPE_CODES[out.dtype], -1, 0,
+            out.data_ptr(), native.DTYPE_CODES[out.dtype],
         )
         if rc < 0:
             raise OSError(-rc, os.strerror(-rc))

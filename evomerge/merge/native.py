@@ -119,10 +119,10 @@ def _signatures(lib: ctypes.CDLL) -> None:
     i32, i64, f32, vp = ctypes.c_int32, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
     lib.em_task_arithmetic.restype = ctypes.c_int
     lib.em_task_arithmetic.argtypes = [vp, i32, i64, i32, ctypes.POINTER(Model), i32, i32, i32, f32,
-                                       i32, f32, vp, i32, i32, i64]
+                                       i32, f32, vp, i32]
     lib.em_linear.restype = ctypes.c_int
     lib.em_linear.argtypes = [i64, i32, ctypes.POINTER(vp), ctypes.POINTER(i32), ctypes.POINTER(f32),
-                              i32, f32, vp, i32, i32, i64]
+                              i32, f32, vp, i32]
     lib.em_select.restype = ctypes.c_int
     lib.em_select.argtypes = [vp, i32, vp, i32, i64, i32, vp, vp, vp]
     lib.em_has_f16.restype = ctypes.c_int
