@@ -17,7 +17,12 @@
 #include <string.h>
 #include <errno.h>
 
-#define BLK 2048
+#ifndef BLK
+#define BLK 256
+#endif
+/* scratch arrays of one block lie ST floats apart: a multiple of 4 KiB would put them all
+ * in the same L1 cache sets */
+#define ST (BLK + 16)
 
 enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
 enum { MASK_ALL = 0, MASK_CUT = 1, MASK_RANDOM = 2, MASK_NONE = 3 };
@@ -110,47 +115,87 @@ static inline uint64_t sfc64_next(uint64_t *s) {
     return tmp;
 }
 
-/* The next n uniforms of m streams (stream q's to u + q * stride), four streams at a time
- * with their states in registers, so that their dependency chains overlap. n is a
+/* The next n uniforms of m streams (stream q's to u + q * stride), up to four streams at
+ * a time with their states in registers, so that their dependency chains overlap. n is a
  * multiple of 4 except at the tensor's end, where the rest of the last output is
  * discarded as numpy's random_raw does. */
-static void uniforms_4(uint64_t **st, int m, int64_t n, uint16_t *u, int64_t stride) {
-    uint64_t a[4] = {0}, b[4] = {0}, c[4] = {0}, w[4] = {0};
-    for (int q = 0; q < m; q++) {
-        a[q] = st[q][0];
-        b[q] = st[q][1];
-        c[q] = st[q][2];
-        w[q] = st[q][3];
-    }
-    for (int64_t j = 0; j < n; j += 4) {
-        for (int q = 0; q < 4; q++) {
-            const uint64_t x = a[q] + b[q] + w[q]++;
-            a[q] = b[q] ^ (b[q] >> 11);
-            b[q] = c[q] + (c[q] << 3);
-            c[q] = ((c[q] << 24) | (c[q] >> 40)) + x;
-            if (q < m) {
-                uint16_t *v = u + q * stride + j;
-                if (j + 4 <= n) {
-                    v[0] = (uint16_t)x;
-                    v[1] = (uint16_t)(x >> 16);
-                    v[2] = (uint16_t)(x >> 32);
-                    v[3] = (uint16_t)(x >> 48);
-                } else {
-                    for (int64_t r = 0; j + r < n; r++) v[r] = (uint16_t)(x >> (16 * r));
-                }
-            }
-        }
-    }
-    for (int q = 0; q < m; q++) {
-        st[q][0] = a[q];
-        st[q][1] = b[q];
-        st[q][2] = c[q];
-        st[q][3] = w[q];
+#define SFC_STEP(a, b, c, w, x)                  \
+    do {                                         \
+        x = a + b + w++;                         \
+        a = b ^ (b >> 11);                       \
+        b = c + (c << 3);                        \
+        c = ((c << 24) | (c >> 40)) + x;         \
+    } while (0)
+
+static inline void put4(uint16_t *v, uint64_t x, int64_t left) {
+    if (left >= 4) {
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+        memcpy(v, &x, 8); /* the four uniforms, low bits first: one store */
+#else
+        for (int r = 0; r < 4; r++) v[r] = (uint16_t)(x >> (16 * r));
+#endif
+    } else {
+        for (int64_t r = 0; r < left; r++) v[r] = (uint16_t)(x >> (16 * r));
     }
 }
 
+#define LOAD_STATE(q) uint64_t a##q = st[q][0], b##q = st[q][1], c##q = st[q][2], w##q = st[q][3], x##q
+#define SAVE_STATE(q) (st[q][0] = a##q, st[q][1] = b##q, st[q][2] = c##q, st[q][3] = w##q)
+
+static void uniforms_1(uint64_t **st, int64_t n, uint16_t *u, int64_t stride) {
+    (void)stride;
+    LOAD_STATE(0);
+    for (int64_t j = 0; j < n; j += 4) {
+        SFC_STEP(a0, b0, c0, w0, x0);
+        put4(u + j, x0, n - j);
+    }
+    SAVE_STATE(0);
+}
+
+static void uniforms_2(uint64_t **st, int64_t n, uint16_t *u, int64_t stride) {
+    LOAD_STATE(0);
+    LOAD_STATE(1);
+    for (int64_t j = 0; j < n; j += 4) {
+        SFC_STEP(a0, b0, c0, w0, x0);
+        SFC_STEP(a1, b1, c1, w1, x1);
+        put4(u + j, x0, n - j);
+        put4(u + stride + j, x1, n - j);
+    }
+    SAVE_STATE(0);
+    SAVE_STATE(1);
+}
+
+static void uniforms_3(uint64_t **st, int64_t n, uint16_t *u, int64_t stride) {
+    LOAD_STATE(0);
+    LOAD_STATE(1);
+    LOAD_STATE(2);
+    for (int64_t j = 0; j < n; j += 4) {
+        SFC_STEP(a0, b0, c0, w0, x0);
+        SFC_STEP(a1, b1, c1, w1, x1);
+        SFC_STEP(a2, b2, c2, w2, x2);
+        put4(u + j, x0, n - j);
+        put4(u + stride + j, x1, n - j);
+        put4(u + 2 * stride + j, x2, n - j);
+    }
+    SAVE_STATE(0);
+    SAVE_STATE(1);
+    SAVE_STATE(2);
+}
+
 static void uniforms_many(uint64_t **st, int m, int64_t n, uint16_t *u, int64_t stride) {
-    for (int q = 0; q < m; q += 4) uniforms_4(st + q, m - q < 4 ? m - q : 4, n, u + q * stride, stride);
+    for (int q = 0; q < m;) {
+        int left = m - q;
+        if (left >= 3) {
+            uniforms_3(st + q, n, u + q * stride, stride);
+            q += 3;
+        } else if (left == 2) {
+            uniforms_2(st + q, n, u + q * stride, stride);
+            q += 2;
+        } else {
+            uniforms_1(st + q, n, u + q * stride, stride);
+            q += 1;
+        }
+    }
 }
 
 /* ------------------------------------------------------------------------------------ */
@@ -275,8 +320,8 @@ static void finish(float *restrict mixed, const float *restrict b, int64_t L, fl
 int em_task_arithmetic(const void *base, int32_t bdt, int64_t n, int32_t k, em_model *models,
                        int32_t consensus, int32_t normalize, int32_t div_sum, float wdiv,
                        int32_t scale_lambda, float lambda, void *out, int32_t odt) {
-    float *mem = (float *)malloc(sizeof(float) * BLK * (size_t)(k + 7));
-    uint16_t *u = (uint16_t *)malloc(sizeof(uint16_t) * BLK * (size_t)k);
+    float *mem = (float *)malloc(sizeof(float) * ST * (size_t)(k + 7));
+    uint16_t *u = (uint16_t *)malloc(sizeof(uint16_t) * ST * (size_t)k);
     uint64_t **streams = (uint64_t **)malloc(sizeof(uint64_t *) * (size_t)k);
     int32_t *slot = (int32_t *)malloc(sizeof(int32_t) * (size_t)k);
     int nstreams = 0;
@@ -295,23 +340,23 @@ int em_task_arithmetic(const void *base, int32_t bdt, int64_t n, int32_t k, em_m
         free(slot);
         return -ENOMEM;
     }
-    float *b = mem, *mixed = mem + BLK, *S = mem + 2 * BLK, *dv = mem + 3 * BLK;
-    float *keep = mem + 4 * BLK, *x = mem + 5 * BLK, *t = mem + 6 * BLK, *D = mem + 7 * BLK;
+    float *b = mem, *mixed = mem + ST, *S = mem + 2 * ST, *dv = mem + 3 * ST;
+    float *keep = mem + 4 * ST, *x = mem + 5 * ST, *t = mem + 6 * ST, *D = mem + 7 * ST;
     const float wd = div_sum ? wdiv : 1.0f, lam = scale_lambda ? lambda : 1.0f;
     int bad = 0;
     for (int64_t s = 0; s < n; s += BLK) {
         int64_t L = n - s < BLK ? n - s : BLK;
         load(base, bdt, s, L, b);
-        if (nstreams) uniforms_many(streams, nstreams, L, u, BLK);
+        if (nstreams) uniforms_many(streams, nstreams, L, u, ST);
         /* d_k = (x_k - b) * mask_k * coef_k; summed into S (consensus) or mixed */
         float *sum = consensus ? S : mixed;
         for (int32_t i = 0; i < k; i++) {
             em_model *m = &models[i];
-            float *d = consensus ? D + (size_t)i * BLK : t;
+            float *d = consensus ? D + (size_t)i * ST : t;
             if (m->dtype == DT_BF16 && m->kind != MASK_CUT) { /* the common case, fused */
                 const uint16_t *xb = (const uint16_t *)m->ptr + s;
                 if (m->kind == MASK_RANDOM)
-                    delta_dropped_bf16(d, sum, xb, b, u + (size_t)slot[i] * BLK, L, m->thresh, m->coef, i == 0);
+                    delta_dropped_bf16(d, sum, xb, b, u + (size_t)slot[i] * ST, L, m->thresh, m->coef, i == 0);
                 else
                     delta_scaled_bf16(d, sum, xb, b, L, m->kind == MASK_NONE ? 0.0f : m->coef, i == 0);
                 continue;
@@ -336,7 +381,7 @@ int em_task_arithmetic(const void *base, int32_t bdt, int64_t n, int32_t k, em_m
                 scale_by(d, keep, L, m->coef);
                 break;
             case MASK_RANDOM:
-                delta_dropped(d, x, b, u + (size_t)slot[i] * BLK, L, m->thresh, m->coef);
+                delta_dropped(d, x, b, u + (size_t)slot[i] * ST, L, m->thresh, m->coef);
                 break;
             }
             if (i == 0)
@@ -350,7 +395,7 @@ int em_task_arithmetic(const void *base, int32_t bdt, int64_t n, int32_t k, em_m
              * dv = sum_k A_k w_k */
             for (int64_t j = 0; j < L; j++) S[j] = S[j] < 0.0f ? -1.0f : 1.0f;
             for (int32_t i = 0; i < k; i++)
-                agree(mixed, normalize ? dv : NULL, keep, D + (size_t)i * BLK, S, L, models[i].weight, i == 0);
+                agree(mixed, normalize ? dv : NULL, keep, D + (size_t)i * ST, S, L, models[i].weight, i == 0);
             if (normalize) divide_by_weights(mixed, dv, L);
         }
         finish(mixed, b, L, wd, lam);
@@ -363,22 +408,35 @@ int em_task_arithmetic(const void *base, int32_t bdt, int64_t n, int32_t k, em_m
     return bad;
 }
 
+/* acc = x * w (first) or acc += x * w, each product rounded before the sum */
+static void weighted(float *restrict acc, const float *restrict x, int64_t L, float w, int first) {
+    for (int64_t j = 0; j < L; j++) acc[j] = first ? x[j] * w : acc[j] + x[j] * w;
+}
+
+static void weighted_bf16(float *restrict acc, const uint16_t *restrict x, int64_t L, float w, int first) {
+    for (int64_t j = 0; j < L; j++) {
+        float v = bf16_to_f32(x[j]) * w;
+        acc[j] = first ? v : acc[j] + v;
+    }
+}
+
 /* Linear merge: sum_k w_k theta_k (row order, each term rounded), divided by wdiv when
  * div_sum. Output and return value as em_task_arithmetic. */
 int em_linear(int64_t n, int32_t k, const void **ptrs, const int32_t *dts, const float *w,
               int32_t div_sum, float wdiv, void *out, int32_t odt) {
-    float *acc = (float *)malloc(sizeof(float) * BLK * 2);
+    float *acc = (float *)malloc(sizeof(float) * ST * 2);
     if (!acc) return -ENOMEM;
-    float *x = acc + BLK;
+    float *x = acc + ST;
     int bad = 0;
     for (int64_t s = 0; s < n; s += BLK) {
         int64_t L = n - s < BLK ? n - s : BLK;
-        load(ptrs[0], dts[0], s, L, acc);
-        for (int64_t j = 0; j < L; j++) acc[j] *= w[0];
-        for (int32_t i = 1; i < k; i++) {
-            load(ptrs[i], dts[i], s, L, x);
-            const float wi = w[i];
-            for (int64_t j = 0; j < L; j++) acc[j] += x[j] * wi;
+        for (int32_t i = 0; i < k; i++) {
+            if (dts[i] == DT_BF16) {
+                weighted_bf16(acc, (const uint16_t *)ptrs[i] + s, L, w[i], i == 0);
+            } else {
+                load(ptrs[i], dts[i], s, L, x);
+                weighted(acc, x, L, w[i], i == 0);
+            }
         }
         if (div_sum)
             for (int64_t j = 0; j < L; j++) acc[j] /= wdiv;
