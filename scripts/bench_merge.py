@@ -3,6 +3,7 @@
     python scripts/bench_merge.py                       # 374M-parameter bf16 models, 1 base + 3 experts
     python scripts/bench_merge.py --hidden 256 --layers 4 --vocab 4096   # a quick smoke run
     python scripts/bench_merge.py --mergekit /path/to/mergekit-yaml      # compare with mergekit
+    python scripts/bench_merge.py --torch-path        # also without the fused CPU kernels
 
 Builds (once, cached under .bench/) a Llama-shaped base and three experts (base plus a
 random task vector) written directly as bf16 safetensors, then merges them with linear,
@@ -126,10 +127,10 @@ def warm(paths: list[Path]) -> None:
                     pass
 
 
-def run_child(cmd: list[str]) -> tuple[float, float, int]:
+def run_child(cmd: list[str], env: dict | None = None) -> tuple[float, float, int]:
     """Run cmd in a child that reports its own wall time and peak RSS."""
     wrapper = [sys.executable, __file__, "--child", "--", *cmd]
-    out = subprocess.run(wrapper, capture_output=True, text=True)
+    out = subprocess.run(wrapper, capture_output=True, text=True, env={**os.environ, **(env or {})})
     if out.returncode != 0:
         raise RuntimeError(f"{cmd[0]} failed:\n{out.stderr[-3000:]}")
     line = [x for x in out.stdout.splitlines() if x.startswith("BENCH ")][-1]
@@ -175,6 +176,8 @@ def main() -> None:
                     help="path to mergekit-yaml (default: found on PATH)")
     ap.add_argument("--repeat", type=int, default=1, help="runs per tool and method (best is reported)")
     ap.add_argument("--device", default="cpu", help="where both tools do the arithmetic (cpu or cuda)")
+    ap.add_argument("--torch-path", action="store_true",
+                    help="also time evomerge with its fused CPU kernels turned off (EVOMERGE_NATIVE=0)")
     args = ap.parse_args()
 
     root = Path(args.root) / f"h{args.hidden}-l{args.layers}-v{args.vocab}-e{args.experts}"
@@ -185,6 +188,10 @@ def main() -> None:
           f"(ready in {time.perf_counter() - t0:.0f}s)")
     bw = copy_bandwidth()
     print(f"memory copy bandwidth (fp32 clone of 1 GiB, read+write): {bw:.1f} GB/s; torch threads {torch.get_num_threads()}")
+    from evomerge.merge import native
+
+    # built here, once, so that no timed run pays for compiling them
+    print("fused CPU kernels: " + ("in use" if native.available() else "unavailable (the torch path runs)"))
     if args.device != "cpu":
         print(f"{args.device} copy bandwidth (fp32 clone of 1 GiB, read+write): "
               f"{copy_bandwidth(device=args.device):.0f} GB/s ({torch.cuda.get_device_name()})")
@@ -202,20 +209,21 @@ def main() -> None:
         gb = input_bytes(method, paths) / 1e9
         res = {}
         ours = [shutil.which("evomerge-merge")] if shutil.which("evomerge-merge") else [sys.executable, "-m", "evomerge.cli"]
-        tools = {"evomerge": [*ours, str(rfile), str(work / f"out-{method}"), "--no-progress", "--overwrite",
-                              "--device", args.device]}
+        ev = [*ours, str(rfile), str(work / f"out-{method}"), "--no-progress", "--overwrite", "--device", args.device]
+        tools = {"evomerge": (ev, None)}
+        if args.torch_path:
+            tools["torch_path"] = (ev, {"EVOMERGE_NATIVE": "0"})
         if args.mergekit:
-            tools["mergekit"] = [args.mergekit, str(rfile), str(work / f"mk-{method}"), "--random-seed", "0", "--quiet"]
-            if args.device != "cpu":
-                tools["mergekit"].append("--cuda")
-        for tool, cmd in tools.items():
+            mk = [args.mergekit, str(rfile), str(work / f"mk-{method}"), "--random-seed", "0", "--quiet"]
+            tools["mergekit"] = (mk + (["--cuda"] if args.device != "cpu" else []), None)
+        for tool, (cmd, env) in tools.items():
             best = None
             for _ in range(args.repeat):
                 shutil.rmtree(work / f"mk-{method}", ignore_errors=True)
                 shutil.rmtree(work / f"out-{method}", ignore_errors=True)
                 os.sync()  # start every run with no dirty pages left by the one before,
                 time.sleep(3)  # and after the removal of the last output has settled
-                secs, rss, _ = run_child(cmd)
+                secs, rss, _ = run_child(cmd, env)
                 if best is None or secs < best[0]:
                     best = (secs, rss)
             res[tool] = best
@@ -226,8 +234,12 @@ def main() -> None:
             row.update(mk_secs=res["mergekit"][0], mk_gbps=gb / res["mergekit"][0], mk_peak_gib=res["mergekit"][1],
                        speedup=res["mergekit"][0] / ours[0])
         rows.append(row)
+        if "torch_path" in res:
+            row.update(torch_secs=res["torch_path"][0], torch_peak_gib=res["torch_path"][1])
         msg = (f"{method:16s} in {gb:5.2f} GB  {row['secs']:7.2f}s  {row['gbps']:5.2f} GB/s  "
                f"peak {row['peak_gib']:5.2f} GiB  {row['vs_copy']:.3f} x copy bw")
+        if "torch_secs" in row:
+            msg += f" | torch path {row['torch_secs']:7.2f}s peak {row['torch_peak_gib']:5.2f} GiB"
         if "mk_secs" in row:
             msg += (f" | mergekit {row['mk_secs']:7.2f}s {row['mk_gbps']:5.3f} GB/s peak {row['mk_peak_gib']:5.2f} GiB"
                     f" | {row['speedup']:.1f}x faster")
