@@ -66,13 +66,16 @@ def merge_main(argv: list[str] | None = None) -> int:
 
 
 def merge_command() -> int:
-    """The ``evomerge-merge`` console script: ``merge_main``, then a quick exit. Once torch
-    is imported, the collection the interpreter runs at exit walks every object torch
-    made (about 0.4 s here); the work is done and written by then, so those objects are
-    frozen out of it."""
-    rc = merge_main()
+    """The ``evomerge-merge`` console script. Every full collection of the garbage
+    collector walks all the objects importing torch made (0.1-0.4 s here each time: one
+    during planning, one at exit), so they are frozen out of it once imported, and what
+    the merge made is frozen before the interpreter exits."""
     import gc
 
+    from .merge import engine  # noqa: F401  (torch and the merge core)
+
+    gc.freeze()
+    rc = merge_main()
     gc.freeze()
     return rc
 
