@@ -273,23 +273,30 @@ static void add_to(float *restrict acc, const float *restrict d, int64_t L) {
     for (int64_t j = 0; j < L; j++) acc[j] += d[j];
 }
 
-/* TIES: A = clamp(sign(d) * e, min 0), where sign(+-0) is +0 and clamp keeps -0, as in
- * torch; mixed (+)= d * A; dv (+)= A * w. */
-static void agree(float *restrict mixed, float *restrict dv, float *restrict A, const float *restrict d,
-                  const float *restrict e, int64_t L, float w, int first) {
-    for (int64_t j = 0; j < L; j++) {
-        float sg = (d[j] > 0.0f ? 1.0f : 0.0f) - (d[j] < 0.0f ? 1.0f : 0.0f);
-        float p = sg * e[j];
-        A[j] = p < 0.0f ? 0.0f : p;
-    }
-    if (first) {
-        for (int64_t j = 0; j < L; j++) mixed[j] = d[j] * A[j];
-        if (dv)
-            for (int64_t j = 0; j < L; j++) dv[j] = A[j] * w;
+/* TIES: with e = +1 where the sum S >= 0 else -1, A = clamp(sign(d) * e, min 0), where
+ * sign(+-0) is +0 and clamp keeps -0, as in torch; mixed (+)= d * A; dv (+)= A * w.
+ * One pass per model. */
+static void agree(float *restrict mixed, float *restrict dv, const float *restrict d, const float *restrict S,
+                  int64_t L, float w, int first) {
+    if (dv) {
+        for (int64_t j = 0; j < L; j++) {
+            float e = S[j] < 0.0f ? -1.0f : 1.0f;
+            float sg = (d[j] > 0.0f ? 1.0f : 0.0f) - (d[j] < 0.0f ? 1.0f : 0.0f);
+            float p = sg * e;
+            float A = p < 0.0f ? 0.0f : p;
+            float m = d[j] * A, aw = A * w;
+            mixed[j] = first ? m : mixed[j] + m;
+            dv[j] = first ? aw : dv[j] + aw;
+        }
     } else {
-        for (int64_t j = 0; j < L; j++) mixed[j] += d[j] * A[j];
-        if (dv)
-            for (int64_t j = 0; j < L; j++) dv[j] += A[j] * w;
+        for (int64_t j = 0; j < L; j++) {
+            float e = S[j] < 0.0f ? -1.0f : 1.0f;
+            float sg = (d[j] > 0.0f ? 1.0f : 0.0f) - (d[j] < 0.0f ? 1.0f : 0.0f);
+            float p = sg * e;
+            float A = p < 0.0f ? 0.0f : p;
+            float m = d[j] * A;
+            mixed[j] = first ? m : mixed[j] + m;
+        }
     }
 }
 
@@ -297,12 +304,44 @@ static void divide_by_weights(float *restrict mixed, const float *restrict dv, i
     for (int64_t j = 0; j < L; j++) mixed[j] /= dv[j] + (dv[j] == 0.0f ? 1.0f : 0.0f);
 }
 
-/* mixed / wd * lam + b; a division is slow, so it is skipped when wd is 1 (exact) */
-static void finish(float *restrict mixed, const float *restrict b, int64_t L, float wd, float lam) {
-    if (wd != 1.0f)
-        for (int64_t j = 0; j < L; j++) mixed[j] = mixed[j] / wd * lam + b[j];
-    else
-        for (int64_t j = 0; j < L; j++) mixed[j] = mixed[j] * lam + b[j];
+/* out[s + j] = mixed / wd * lam + b in the output dtype (a division is slow: skipped
+ * when wd is 1, which is exact); returns 1 if a stored value is not finite. */
+#define FINISH_LOOP(DIV)                                                                 \
+    for (int64_t j = 0; j < L; j++) {                                                    \
+        float r = (DIV ? mixed[j] / wd : mixed[j]) * lam + b[j];                        \
+        if (odt == DT_BF16) {                                                            \
+            uint16_t h = f32_to_bf16(r);                                                 \
+            ((uint16_t *)out)[s + j] = h;                                                \
+            bad |= (uint32_t)((h & 0x7f80u) == 0x7f80u);                                 \
+        } else {                                                                         \
+            uint32_t u;                                                                  \
+            memcpy(&u, &r, 4);                                                           \
+            ((float *)out)[s + j] = r;                                                   \
+            bad |= (uint32_t)((u & 0x7f800000u) == 0x7f800000u);                         \
+        }                                                                                \
+    }
+
+static int finish(void *out, int odt, int64_t s, int64_t L, float *restrict mixed, const float *restrict b,
+                  float wd, float lam) {
+    if (odt != DT_BF16 && odt != DT_F32) { /* float16: in two steps */
+        for (int64_t j = 0; j < L; j++) mixed[j] = (wd != 1.0f ? mixed[j] / wd : mixed[j]) * lam + b[j];
+        return store(out, odt, s, L, mixed);
+    }
+    uint32_t bad = 0;
+    if (odt == DT_BF16) {
+        if (wd != 1.0f) {
+            FINISH_LOOP(1)
+        } else {
+            FINISH_LOOP(0)
+        }
+    } else {
+        if (wd != 1.0f) {
+            FINISH_LOOP(1)
+        } else {
+            FINISH_LOOP(0)
+        }
+    }
+    return bad != 0;
 }
 
 /* theta0 + lambda * combine_k(coef_k * mask_k * (theta_k - theta0)).
@@ -393,13 +432,11 @@ int em_task_arithmetic(const void *base, int32_t bdt, int64_t n, int32_t k, em_m
             /* e = +1 where S >= 0, else -1; A_k = clamp(sign(d_k) * e, min 0), where
              * sign(+-0) is +0 and clamp keeps -0, as in torch; mixed = sum_k d_k A_k,
              * dv = sum_k A_k w_k */
-            for (int64_t j = 0; j < L; j++) S[j] = S[j] < 0.0f ? -1.0f : 1.0f;
             for (int32_t i = 0; i < k; i++)
-                agree(mixed, normalize ? dv : NULL, keep, D + (size_t)i * ST, S, L, models[i].weight, i == 0);
+                agree(mixed, normalize ? dv : NULL, D + (size_t)i * ST, S, L, models[i].weight, i == 0);
             if (normalize) divide_by_weights(mixed, dv, L);
         }
-        finish(mixed, b, L, wd, lam);
-        bad |= store(out, odt, s, L, mixed);
+        bad |= finish(out, odt, s, L, mixed, b, wd, lam);
     }
     free(mem);
     free(u);

@@ -452,15 +452,17 @@ class MergeEngine:
             self._write_metadata(w, recipe_text or self.recipe.to_yaml())
             return w.commit()
 
+    MAX_LANES = 4  # each lane holds a scratch buffer of the largest tensor; memory bandwidth is shared
+
     def lanes(self) -> int:
-        """How many tensors a CPU merge works on at once: one per torch thread where the
-        fused kernels run (each merges a whole tensor without holding the GIL), else one
-        (torch's own threads share out each operation)."""
+        """How many tensors a CPU merge works on at once: one per torch thread, up to
+        ``MAX_LANES``, where the fused kernels run (each merges a whole tensor without
+        holding the GIL), else one (torch's own threads share out each operation)."""
         from . import native
 
         if self.device.type != "cpu" or not native.available():
             return 1
-        return max(1, min(torch.get_num_threads(), len(self.tasks)))
+        return max(1, min(torch.get_num_threads(), self.MAX_LANES, len(self.tasks)))
 
     def _write_lanes(self, w: CheckpointWriter, lanes: int, progress: bool) -> None:
         """Merge and write ``lanes`` tensors at a time, the largest first; each thread
