@@ -196,3 +196,31 @@ def test_lanes_write_the_same_files(tmp_path, method):
         assert sorted(p.name for p in outs[other].glob("*.safetensors")) == shards
         for f in shards:
             assert (outs[other] / f).read_bytes() == (outs[1] / f).read_bytes(), (other, f)
+
+
+@pytest.mark.parametrize("torch_path", [False, True])
+def test_an_overflowing_result_is_refused(tmp_path, torch_path):
+    """Finite inputs whose merge overflows the output dtype: the kernels' own check
+    reports it like the torch path's, and nothing is written."""
+    import contextlib
+
+    from safetensors.torch import load_file, save_file
+
+    from evomerge.merge.engine import MergeEngine, MergeError
+    from evomerge.recipe import parse_recipe
+    from evomerge.testing import tiny_family
+
+    fam = tiny_family(tmp_path, n_experts=2, layers=2, hidden=32)
+    name = "model.layers.0.mlp.down_proj.weight"
+    for m in ("expert_0", "expert_1"):
+        f = fam[m] / "model.safetensors"
+        sd = load_file(str(f))
+        sd[name][1, 2] = 3e38
+        save_file(sd, str(f))
+    rec = parse_recipe({"merge_method": "task_arithmetic", "base_model": str(fam["base"]),
+                        "models": [{"model": str(fam[f"expert_{i}"]), "parameters": {"weight": 1.0}}
+                                   for i in range(2)]})
+    with native.disabled() if torch_path else contextlib.nullcontext():
+        with pytest.raises(MergeError, match=f"{name}.*overflow"):
+            MergeEngine(rec).write(tmp_path / "out", progress=False, lanes=1)
+    assert not (tmp_path / "out").exists()

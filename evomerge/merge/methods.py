@@ -793,8 +793,7 @@ def _native_task_arithmetic(bf, flats, masks, coef, w, lambda_, normalize, conse
         int(bool(normalize)), int(div_sum), float(wsum), int(lambda_ != 1), float(lambda_),
         result.data_ptr(), native.DTYPE_CODES[result.dtype],
     )
-    if rc < 0:
-        raise OSError(-rc, os.strerror(-rc))
+    native.checked(result, rc)
     return True
 
 
@@ -927,8 +926,7 @@ def linear(base, tensors, weight, normalize=True, out_dtype=None, out=None):
             (ctypes.c_float * k)(*[float(x) for x in weight]), int(bool(normalize)), total,
             out.data_ptr(), native.DTYPE_CODES[out.dtype],
         )
-        if rc < 0:
-            raise OSError(-rc, os.strerror(-rc))
+        native.checked(out, rc)
         return out.reshape(first.shape)
     work = _work(1, n, dt, first.device)
     for s, e in _spans(n, first.device):

@@ -168,6 +168,25 @@ def _load() -> ctypes.CDLL | None:
     return lib
 
 
+_finite = threading.local()
+
+
+def checked(out: torch.Tensor, rc: int) -> None:
+    """Take a kernel's return code for the result it wrote into ``out``: raise on an
+    error, and remember (per thread) whether every value it stored is finite."""
+    if rc < 0:
+        raise OSError(-rc, os.strerror(-rc))
+    _finite.key = (out.data_ptr(), out.numel(), out.dtype) if rc == 0 else None
+
+
+def known_finite(t: torch.Tensor) -> bool:
+    """Whether ``t`` is the result a kernel just wrote on this thread and found every
+    value finite (asked once: the answer is forgotten)."""
+    key = getattr(_finite, "key", None)
+    _finite.key = None
+    return key is not None and key == (t.data_ptr(), t.numel(), t.dtype)
+
+
 def available() -> bool:
     return library() is not None
 
