@@ -265,6 +265,39 @@ static void delta_dropped_bf16(float *restrict d, float *restrict sum, const uin
     }
 }
 
+/* A TIES / breadcrumbs trim fused with the conversion of bf16 x and the running sum:
+ * keep = [|d| > t1] - [|d| > t2] with the thresholds of this stretch of positions
+ * (|d| >= v is |d| > the float below v), then d * (keep * c). */
+static void delta_cut_range(float *restrict d, float *restrict sum, const uint16_t *restrict x,
+                            const float *restrict b, int64_t j0, int64_t j1, float t1, float t2, float c,
+                            int first) {
+    for (int64_t j = j0; j < j1; j++) {
+        float v = bf16_to_f32(x[j]) - b[j];
+        float a = fabsf(v);
+        float keep = (a > t1 ? 1.0f : 0.0f) - (a > t2 ? 1.0f : 0.0f);
+        v *= keep * c;
+        d[j] = v;
+        sum[j] = first ? v : sum[j] + v;
+    }
+}
+
+static void delta_cut_bf16(float *restrict d, float *restrict sum, const uint16_t *restrict x,
+                           const float *restrict b, int64_t s, int64_t L, const em_model *m, int first) {
+    /* where each cut switches from |d| > v to |d| >= v */
+    int64_t p1 = m->has_start ? m->start_pos - s : 0, p2 = m->has_stop ? m->stop_pos - s : 0;
+    p1 = p1 < 0 ? 0 : (p1 > L ? L : p1);
+    p2 = p2 < 0 ? 0 : (p2 > L ? L : p2);
+    int64_t cuts[4] = {0, p1 < p2 ? p1 : p2, p1 < p2 ? p2 : p1, L};
+    for (int k = 0; k < 3; k++) {
+        int64_t j0 = cuts[k], j1 = cuts[k + 1];
+        if (j0 >= j1) continue;
+        float t1 = -INFINITY, t2 = INFINITY;
+        if (m->has_start) t1 = j0 >= p1 ? nextafterf(m->start_v, -INFINITY) : m->start_v;
+        if (m->has_stop) t2 = j0 >= p2 ? nextafterf(m->stop_v, -INFINITY) : m->stop_v;
+        delta_cut_range(d, sum, x, b, j0, j1, t1, t2, m->coef, first);
+    }
+}
+
 static void scale_by(float *restrict d, const float *restrict keep, int64_t L, float c) {
     for (int64_t j = 0; j < L; j++) d[j] *= keep[j] * c;
 }
@@ -392,9 +425,11 @@ int em_task_arithmetic(const void *base, int32_t bdt, int64_t n, int32_t k, em_m
         for (int32_t i = 0; i < k; i++) {
             em_model *m = &models[i];
             float *d = consensus ? D + (size_t)i * ST : t;
-            if (m->dtype == DT_BF16 && m->kind != MASK_CUT) { /* the common case, fused */
+            if (m->dtype == DT_BF16) { /* the common case, fused */
                 const uint16_t *xb = (const uint16_t *)m->ptr + s;
-                if (m->kind == MASK_RANDOM)
+                if (m->kind == MASK_CUT)
+                    delta_cut_bf16(d, sum, xb, b, s, L, m, i == 0);
+                else if (m->kind == MASK_RANDOM)
                     delta_dropped_bf16(d, sum, xb, b, u + (size_t)slot[i] * ST, L, m->thresh, m->coef, i == 0);
                 else
                     delta_scaled_bf16(d, sum, xb, b, L, m->kind == MASK_NONE ? 0.0f : m->coef, i == 0);
@@ -491,8 +526,9 @@ int em_linear(int64_t n, int32_t k, const void **ptrs, const int32_t *dts, const
  * patterns (which order non-negative floats as unsigned integers). For each rank r
  * (0-based, ascending) it finds the value v and, as ties are broken by position, pos:
  * the position of the entry equal to v that has rank r (0 when it is the first such).
- * Pass 1 histograms the top 16 bits, pass 2 the low 16 bits inside the rank's bin,
- * pass 3 (only when entries equal to v rank below r) finds pos. Returns 0 or -ENOMEM. */
+ * Pass 1 histograms the top 16 bits; pass 2 keeps the entries of the rank's bin (their
+ * low 16 bits and positions), whose histogram gives v and whose order gives pos.
+ * Returns 0 or -ENOMEM. */
 static void keys_block(const void *t, int tdt, const void *base, int bdt, int64_t s, int64_t L,
                        float *bb, float *tt, uint32_t *key) {
     load(base, bdt, s, L, bb);
@@ -526,7 +562,7 @@ int em_select(const void *t, int32_t tdt, const void *base, int32_t bdt, int64_t
         if (j < L) h1[key[j] >> 16]++;
     }
     uint32_t bin[2] = {0, 0};
-    int64_t below[2] = {0, 0};
+    int64_t below[2] = {0, 0}, inbin[2] = {0, 0};
     for (int q = 0; q < nr; q++) {
         int64_t c = 0, r = ranks[q];
         uint32_t b = 0;
@@ -537,55 +573,67 @@ int em_select(const void *t, int32_t tdt, const void *base, int32_t bdt, int64_t
         }
         bin[q] = b;
         below[q] = c;
+        inbin[q] = (int64_t)h1[b] + h1[65536 + b];
     }
-    /* pass 2 */
+    free(h1);
+    /* pass 2: the entries of the rank's bin, compacted in position order (low 16 bits and
+     * position; written without a branch: a slot is kept only when it matches) */
+    uint16_t *low[2] = {NULL, NULL};
+    int64_t *where[2] = {NULL, NULL};
+    int ok = 1;
+    for (int q = 0; q < nr; q++) {
+        low[q] = (uint16_t *)malloc(sizeof(uint16_t) * (size_t)(inbin[q] + 1));
+        where[q] = (int64_t *)malloc(sizeof(int64_t) * (size_t)(inbin[q] + 1));
+        ok &= low[q] != NULL && where[q] != NULL;
+    }
+    if (!ok) {
+        for (int q = 0; q < nr; q++) {
+            free(low[q]);
+            free(where[q]);
+        }
+        free(h2);
+        return -ENOMEM;
+    }
+    int64_t cnt[2] = {0, 0};
     for (int64_t s = 0; s < n; s += BLK) {
         int64_t L = n - s < BLK ? n - s : BLK;
         keys_block(t, tdt, base, bdt, s, L, bb, tt, key);
         for (int q = 0; q < nr; q++) {
-            uint32_t *h = h2 + (size_t)q * 65536;
-            for (int64_t j = 0; j < L; j++)
-                if ((key[j] >> 16) == bin[q]) h[key[j] & 0xffffu]++;
+            uint16_t *lq = low[q];
+            int64_t *wq = where[q], c = cnt[q];
+            const uint32_t bq = bin[q];
+            for (int64_t j = 0; j < L; j++) {
+                lq[c] = (uint16_t)key[j];
+                wq[c] = s + j;
+                c += (key[j] >> 16) == bq;
+            }
+            cnt[q] = c;
         }
     }
-    uint32_t vbits[2] = {0, 0};
-    int64_t skip[2] = {0, 0};
+    /* the value: a histogram of the bin's low bits; the position: the entry number skip
+     * among those equal to it, in position order */
     for (int q = 0; q < nr; q++) {
-        const uint32_t *h = h2 + (size_t)q * 65536;
+        uint32_t *h = h2 + (size_t)q * 65536;
+        for (int64_t i = 0; i < cnt[q]; i++) h[low[q][i]]++;
         int64_t c = below[q], r = ranks[q];
         uint32_t lo = 0;
         for (; lo < 65535; lo++) {
             if (c + h[lo] > r) break;
             c += h[lo];
         }
-        vbits[q] = (bin[q] << 16) | lo;
-        skip[q] = r - c;
-        memcpy(&values[q], &vbits[q], 4);
+        uint32_t vbits = (bin[q] << 16) | lo;
+        int64_t skip = r - c, seen = 0;
+        memcpy(&values[q], &vbits, 4);
         positions[q] = 0;
-    }
-    free(h1);
-    free(h2);
-    /* pass 3: the position of entry number skip among those equal to v */
-    int64_t seen[2] = {0, 0};
-    int todo = 0;
-    for (int q = 0; q < nr; q++) todo += skip[q] > 0;
-    for (int64_t s = 0; s < n && todo; s += BLK) {
-        int64_t L = n - s < BLK ? n - s : BLK;
-        keys_block(t, tdt, base, bdt, s, L, bb, tt, key);
-        for (int q = 0; q < nr; q++) {
-            if (skip[q] <= 0 || seen[q] > skip[q]) continue;
-            for (int64_t j = 0; j < L; j++) {
-                if (key[j] == vbits[q]) {
-                    if (seen[q] == skip[q]) {
-                        positions[q] = s + j;
-                        seen[q]++;
-                        todo--;
-                        break;
-                    }
-                    seen[q]++;
+        if (skip > 0)
+            for (int64_t i = 0; i < cnt[q]; i++)
+                if (low[q][i] == lo && seen++ == skip) {
+                    positions[q] = where[q][i];
+                    break;
                 }
-            }
-        }
+        free(low[q]);
+        free(where[q]);
     }
+    free(h2);
     return 0;
 }
