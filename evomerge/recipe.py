@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import os
 import warnings
@@ -225,19 +225,14 @@ def _check_setting(setting: Any, spec: ParamSpec, where: str, nested: bool = Fal
     validate_value(spec, setting, where)
 
 
-def _where(where: str | Callable[[], str]) -> str:
-    return where() if callable(where) else where
-
-
-def validate_value(spec: ParamSpec, v: Any, where: str | Callable[[], str]) -> Any:
-    """Check one resolved value against its spec; returns it converted. ``where`` names
-    the value in errors (a callable is called only then: planning resolves thousands)."""
+def validate_value(spec: ParamSpec, v: Any, where: str) -> Any:
+    """Check one resolved value against its spec; returns it converted."""
     if spec.kind == "bool":
         if isinstance(v, bool):
             return v
         if isinstance(v, str) and v.lower() in ("true", "false"):
             return v.lower() == "true"
-        raise RecipeError(f"{_where(where)}: expected true or false, got {v!r}")
+        raise RecipeError(f"{where}: expected true or false, got {v!r}")
     if spec.kind == "rescale":
         if isinstance(v, bool):
             return v
@@ -245,23 +240,23 @@ def validate_value(spec: ParamSpec, v: Any, where: str | Callable[[], str]) -> A
             return v.lower() == "true"
         if isinstance(v, str) and v.lower() in ("l1", "l2", "linf"):
             return v.lower()
-        raise RecipeError(f"{_where(where)}: expected true, false, l1, l2 or linf, got {v!r}")
+        raise RecipeError(f"{where}: expected true, false, l1, l2 or linf, got {v!r}")
     if v is None and not spec.required:
         return None
     if isinstance(v, bool) or not isinstance(v, (int, float, str)):
-        raise RecipeError(f"{_where(where)}: expected a number, got {v!r}")
+        raise RecipeError(f"{where}: expected a number, got {v!r}")
     try:
         x = float(v)
     except ValueError:
-        raise RecipeError(f"{_where(where)}: expected a number, got {v!r}") from None
+        raise RecipeError(f"{where}: expected a number, got {v!r}") from None
     if x != x or x in (float("inf"), float("-inf")):
-        raise RecipeError(f"{_where(where)}: must be finite, got {v!r}")
+        raise RecipeError(f"{where}: must be finite, got {v!r}")
     if spec.lo is not None and (x < spec.lo or (spec.lo_open and x <= spec.lo)):
         bracket = "(" if spec.lo_open else "["
-        raise RecipeError(f"{_where(where)}: {spec.name}={x} is outside {bracket}{spec.lo}, {spec.hi}]")
+        raise RecipeError(f"{where}: {spec.name}={x} is outside {bracket}{spec.lo}, {spec.hi}]")
     if spec.hi is not None and x > spec.hi:
         bracket = "(" if spec.lo_open else "["
-        raise RecipeError(f"{_where(where)}: {spec.name}={x} is outside {bracket}{spec.lo}, {spec.hi}]")
+        raise RecipeError(f"{where}: {spec.name}={x} is outside {bracket}{spec.lo}, {spec.hi}]")
     return x
 
 

@@ -288,12 +288,9 @@ class MergeEngine:
                 vals = []
                 for src, (m, n) in zip(sources, task.inputs):
                     v = self._lookup(p.name, n, task.t, (src.parameters, s.parameters, r.parameters))
-
-                    def where(m=m, n=n, p=p):
-                        return f"model '{m}', tensor '{n}', parameter '{p.name}'"
-
+                    where = f"model '{m}', tensor '{n}', parameter '{p.name}'"
                     if v is None and p.required:
-                        raise RecipeError(f"{where()}: required but not given")
+                        raise RecipeError(f"{where}: required but not given")
                     vals.append(validate_value(p, p.default if v is None else v, where))
                 out[p.name] = vals
             else:
