@@ -389,11 +389,7 @@ class MergeEngine:
     ) -> Iterator[tuple[str, Tensor]]:
         """Merged tensors in plan order. ``out(task)`` may give the memory each result is
         written into (the writer's scratch buffer, a live parameter)."""
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(self.tasks), desc=f"merging ({self.method.name})", unit="tensor")
+        bar = self._progress_bar() if progress else None
         try:
             for task in self.tasks:
                 yield task.name, self.merge_tensor(task, out(task) if out is not None else None)
@@ -402,6 +398,11 @@ class MergeEngine:
         finally:
             if bar is not None:
                 bar.close()
+
+    def _progress_bar(self):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=len(self.tasks), desc=f"merging ({self.method.name})", unit="tensor")
 
     def materialize(self, into: torch.nn.Module) -> None:
         """Write every merged tensor into ``into``'s own parameters and buffers, in place:
@@ -475,11 +476,7 @@ class MergeEngine:
             w.add(task.name, self.merge_tensor(task, w.buffer(task.name)))
 
         order = sorted(self.tasks, key=lambda t: -math.prod(self.shape(t)))
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(self.tasks), desc=f"merging ({self.method.name})", unit="tensor")
+        bar = self._progress_bar() if progress else None
         pool = ThreadPoolExecutor(lanes, thread_name_prefix="evomerge-merge")
         try:
             # each task runs in a copy of this context (a test's torch-only switch, say)

@@ -448,13 +448,13 @@ def _find_cuts(base: Tensor, tensors: Sequence[Tensor], ranks: list[list[int]], 
 
 def _native_cuts(base: Tensor, tensors: Sequence[Tensor], ranks, todo, out) -> bool:
     """Exact cuts from the fused kernel's radix select (two passes over each task
-    vector's magnitudes, a third only to place a cut inside a run of equal values)."""
+    vector's magnitudes; the second also places a cut inside a run of equal values)."""
     from . import native
 
     bf = base.reshape(-1)
     flats = [t.reshape(-1) for t in tensors]
-    lib = native.active(bf, *flats)
-    if lib is None or bf.dtype == torch.float64:
+    lib = native.active(bf, *flats)  # None for float64, which the kernels do not take
+    if lib is None:
         return False
     n = bf.numel()
     for i in sorted({i for i, _ in todo}):
@@ -782,7 +782,7 @@ def _native_task_arithmetic(bf, flats, masks, coef, w, lambda_, normalize, conse
     from . import native
 
     lib = native.active(bf, *flats, result)
-    if lib is None or bf.dtype == torch.float64:
+    if lib is None:
         return False
     models = _native_models(flats, masks, coef, w)
     if models is None:
@@ -917,7 +917,7 @@ def linear(base, tensors, weight, normalize=True, out_dtype=None, out=None):
     n = first.numel()
     from . import native
 
-    lib = native.active(*flats, out) if dt == torch.float32 else None
+    lib = native.active(*flats, out)
     if lib is not None:  # one fused pass, the same operations as the loop below
         k = len(flats)
         rc = lib.em_linear(

@@ -218,13 +218,6 @@ def active(*tensors: torch.Tensor) -> ctypes.CDLL | None:
     return lib
 
 
-def reset() -> None:
-    """Forget the loaded library (tests switch ``EVOMERGE_NATIVE``)."""
-    global _lib, _tried
-    with _lock:
-        _lib, _tried = None, False
-
-
 def dtypes_supported(*dtypes: torch.dtype) -> bool:
     lib = library()
     if lib is None:
