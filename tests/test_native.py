@@ -4,6 +4,7 @@ the streamed threshold search (with the runs of equal magnitudes bf16 makes)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -49,10 +50,9 @@ def call(method, base, tensors, out_dtype, **params):
     return fn(base, tensors, out_dtype=out_dtype, **kw)
 
 
-def both(method, base, tensors, out_dtype, **params):
-    """The torch path's result and the kernels' (checked to have run)."""
-    with native.disabled():
-        ref = call(method, base, tensors, out_dtype, **params)
+@contextlib.contextmanager
+def kernels_run():
+    """Fails the block unless the fused kernels served at least one call in it."""
     used = []
     real = native.active
 
@@ -63,10 +63,18 @@ def both(method, base, tensors, out_dtype, **params):
 
     native.active = spy
     try:
-        got = call(method, base, tensors, out_dtype, **params)
+        yield
     finally:
         native.active = real
     assert any(used), "the fused kernels did not run"
+
+
+def both(method, base, tensors, out_dtype, **params):
+    """The torch path's result and the kernels' (checked to have run)."""
+    with native.disabled():
+        ref = call(method, base, tensors, out_dtype, **params)
+    with kernels_run():
+        got = call(method, base, tensors, out_dtype, **params)
     return ref, got
 
 
@@ -130,7 +138,8 @@ def test_dare_stream_is_numpys_sfc64():
     n = 10_001
     base = torch.zeros(n)
     t = torch.ones(n)
-    got = METHODS["dare_linear"].fn(base, [t], weight=[1.0], density=[0.5], seeds=[1234], rescale=False)
+    with kernels_run():
+        got = METHODS["dare_linear"].fn(base, [t], weight=[1.0], density=[0.5], seeds=[1234], rescale=False)
     raw = np.random.SFC64(1234).random_raw((n + 3) // 4).view(np.uint16)[:n]
     assert torch.equal(got, torch.from_numpy((raw < 32768).astype(np.float32)))
 
@@ -202,7 +211,6 @@ def test_lanes_write_the_same_files(tmp_path, method):
 def test_an_overflowing_result_is_refused(tmp_path, torch_path):
     """Finite inputs whose merge overflows the output dtype: the kernels' own check
     reports it like the torch path's, and nothing is written."""
-    import contextlib
 
     from safetensors.torch import load_file, save_file
 
