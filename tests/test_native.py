@@ -232,3 +232,27 @@ def test_an_overflowing_result_is_refused(tmp_path, torch_path):
         with pytest.raises(MergeError, match=f"{name}.*overflow"):
             MergeEngine(rec).write(tmp_path / "out", progress=False, lanes=1)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_stale_finite_report_does_not_vouch_for_the_next_result(tmp_path):
+    """A kernel's 'all finite' is remembered for the tensor it wrote; a later result
+    written into the same memory by the torch path (DELLA) must still be checked."""
+    from evomerge.merge.engine import MergeEngine, MergeError
+    from evomerge.recipe import parse_recipe
+    from evomerge.testing import tiny_family
+
+    fam = tiny_family(tmp_path, n_experts=1, layers=2, hidden=32)
+    rec = parse_recipe({"merge_method": "della", "base_model": str(fam["base"]),
+                        "models": [{"model": str(fam["expert_0"]),
+                                    "parameters": {"weight": 1.0, "density": 0.5, "epsilon": 0.1}}]})
+    eng = MergeEngine(rec)
+    task = next(t for t in eng.tasks if not t.copy and len(eng.shape(t)) == 2)
+    raw = eng._read(task)
+    base, tensors = eng._prepare(task, raw)
+    tensors = [tensors[0].clone()]
+    tensors[0].view(-1)[0] = float("nan")
+    out = torch.empty(eng.shape(task), dtype=eng.output_dtype(task))
+    native.checked(out, 0)  # a kernel said this memory held finite values
+    res = eng.compute(task, base, tensors, out=out)
+    with pytest.raises(MergeError, match="overflow|NaN"):
+        eng._check_finite(task, res, [raw[0], tensors[0]])

@@ -369,6 +369,9 @@ class MergeEngine:
             src = base if base is not None else tensors[0]
             return src.clone() if out is None else out.copy_(src)
         kwargs = {("lambda_" if k == "lambda" else k): v for k, v in task.params.items()}
+        from . import native
+
+        native.forget_finite()  # only a kernel run for this result may vouch for it
         try:
             res = self.method.fn(base, tensors, **kwargs, out_dtype=self.output_dtype(task), out=out)
         except (ValueError, RuntimeError) as e:

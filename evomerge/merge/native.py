@@ -179,6 +179,11 @@ def checked(out: torch.Tensor, rc: int) -> None:
     _finite.key = (out.data_ptr(), out.numel(), out.dtype) if rc == 0 else None
 
 
+def forget_finite() -> None:
+    """Drop what ``checked`` remembered on this thread (before a new result is made)."""
+    _finite.key = None
+
+
 def known_finite(t: torch.Tensor) -> bool:
     """Whether ``t`` is the result a kernel just wrote on this thread and found every
     value finite (asked once: the answer is forgotten)."""
