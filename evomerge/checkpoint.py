@@ -17,6 +17,7 @@ output projection, pooler).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -429,6 +430,161 @@ class TensorEntry:
         return n * torch.empty((), dtype=self.dtype).element_size()
 
 
+_BLOCK = 4096  # direct I/O: file offsets, lengths and memory addresses are multiples of this
+_BOUNCE = 8 << 20  # bytes copied at a time into aligned memory from memory out of phase
+_DIRECT_MIN = 16 << 20  # files smaller than this go through the page cache (auto mode)
+
+
+def _aligned(nbytes: int) -> torch.Tensor:
+    """``nbytes`` of fresh memory at an address that is a multiple of the direct-I/O block."""
+    raw = torch.empty(nbytes + _BLOCK, dtype=torch.uint8)
+    start = -raw.data_ptr() % _BLOCK
+    return raw[start : start + nbytes]
+
+
+def _direct_io_wanted(size: int) -> bool:
+    """The default for a file of ``size`` bytes: ``EVOMERGE_DIRECT_IO=0`` never, ``=1``
+    always (where the platform has it), unset: files of 16 MiB or more."""
+    if not hasattr(os, "O_DIRECT"):
+        return False
+    env = os.environ.get("EVOMERGE_DIRECT_IO", "").strip().lower()
+    if env in ("0", "off", "false", "no"):
+        return False
+    if env in ("1", "on", "true", "yes"):
+        return True
+    return size >= _DIRECT_MIN
+
+
+class _ShardFile:
+    """One output file, written by position, in any order, from any thread.
+
+    Where the filesystem takes it, the bytes go to the disk with direct I/O (``O_DIRECT``)
+    rather than through the page cache: filling fresh page-cache pages can cost more CPU
+    than the merge arithmetic itself (writing 0.8 GB on the benchmark machine: 1.3-1.8 s
+    of system time through the page cache, 0.05 s direct). Direct writes must cover whole aligned blocks from
+    aligned memory, so the aligned middle of each write goes straight from the caller's
+    memory (through a small aligned bounce buffer when that memory is out of phase with
+    the file) and the ragged ends are gathered into their blocks, each written once it is
+    complete. A filesystem that refuses direct I/O (tmpfs, some network filesystems) gets
+    ordinary writes of the same bytes, from the first refusal on."""
+
+    def __init__(self, path: Path, size: int, direct: bool):
+        self.path = path
+        self.size = size
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.dfd: int | None = None
+        try:
+            os.ftruncate(self.fd, size)
+            if direct:
+                try:
+                    self.dfd = os.open(path, os.O_WRONLY | os.O_DIRECT)
+                except OSError:
+                    self.dfd = None
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.direct = self.dfd is not None  # (still) written with direct I/O
+        self._blocks: dict[int, list] = {}  # block index -> [aligned buffer, bytes gathered]
+        self._lock = threading.Lock()
+        self._bounce = threading.local()
+
+    def write(self, offset: int, data: memoryview, address: int | None = None) -> None:
+        """Write ``data`` (bytes) at ``offset``; ``address`` is where ``data`` lies in memory
+        when known (memory in phase with the file is written without a copy)."""
+        n = len(data)
+        if n == 0:
+            return
+        if not self.direct:
+            self._pwrite(data, offset)
+            return
+        end = offset + n
+        lo = min(-(-offset // _BLOCK) * _BLOCK, end)
+        hi = max(end // _BLOCK * _BLOCK, lo)
+        if offset < lo:
+            self._gather(offset, data[: lo - offset])
+        if hi < end:
+            self._gather(hi, data[hi - offset :])
+        if hi > lo:
+            middle = data[lo - offset : hi - offset]
+            if address is not None and (address + lo - offset) % _BLOCK == 0:
+                self._pwrite_direct(middle, lo)
+            else:
+                bounce = getattr(self._bounce, "buf", None)
+                if bounce is None:
+                    bounce = self._bounce.buf = memoryview(_aligned(_BOUNCE).numpy())
+                for k in range(0, hi - lo, _BOUNCE):
+                    piece = middle[k : k + _BOUNCE]
+                    bounce[: len(piece)] = piece
+                    self._pwrite_direct(bounce[: len(piece)], lo + k)
+
+    def _gather(self, pos: int, piece: memoryview) -> None:
+        while len(piece):
+            b, within = divmod(pos, _BLOCK)
+            take = min(_BLOCK - within, len(piece))
+            full = None
+            with self._lock:
+                gathered = self.direct
+                if gathered:
+                    entry = self._blocks.get(b)
+                    if entry is None:
+                        entry = self._blocks[b] = [memoryview(_aligned(_BLOCK).numpy()), 0]
+                    entry[0][within : within + take] = piece[:take]
+                    entry[1] += take
+                    if entry[1] >= min(_BLOCK, self.size - b * _BLOCK):
+                        full = self._blocks.pop(b)[0]
+            if not gathered:
+                self._pwrite(piece[:take], pos)
+            elif full is not None:
+                self._pwrite_direct(full, b * _BLOCK)  # the last block is padded; close trims it
+            pos += take
+            piece = piece[take:]
+
+    def _pwrite(self, data: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(data):
+            done += os.pwrite(self.fd, data[done:], offset + done)
+
+    def _pwrite_direct(self, data: memoryview, offset: int) -> None:
+        done = 0
+        while done < len(data):
+            if self.direct:
+                try:
+                    done += os.pwrite(self.dfd, data[done:], offset + done)
+                    continue
+                except OSError as e:
+                    if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+                        raise
+                    self._fall_back()
+            stop = min(len(data), self.size - offset)  # a padded last block: its real part
+            if stop > done:
+                self._pwrite(data[done:stop], offset + done)
+            return
+
+    def _fall_back(self) -> None:
+        """Switch to ordinary writes: the blocks gathered so far are written as they are
+        (what is missing from them comes later, by ordinary writes)."""
+        with self._lock:
+            # the descriptor stays open until close(): another thread may be writing through it
+            self.direct = False
+            blocks, self._blocks = self._blocks, {}
+        for b, (buf, _) in blocks.items():
+            self._pwrite(buf[: min(_BLOCK, self.size - b * _BLOCK)], b * _BLOCK)
+
+    def close(self, complete: bool = True) -> None:
+        """Write any incomplete block, trim the padding of the last one, close (without
+        ``complete``, as when the file is about to be removed: just close)."""
+        try:
+            if complete:
+                if self._blocks:
+                    self._fall_back()
+                os.ftruncate(self.fd, self.size)
+        finally:
+            if self.dfd is not None:
+                os.close(self.dfd)
+                self.dfd = None
+            os.close(self.fd)
+
+
 class CheckpointWriter:
     """Writes a model folder atomically, with no shard buffer.
 
@@ -437,9 +593,11 @@ class CheckpointWriter:
     size, and each tensor's bytes are written at their offset as soon as it is added
     (positional writes, in any order). ``buffer(name)`` lends a reusable scratch tensor of
     the declared shape and dtype to compute a result into, so a streamed merge allocates
-    no new memory per tensor. Everything goes into a temporary sibling folder that
-    ``commit()`` renames to ``out_dir``; ``abort()`` (or an exception inside the ``with``
-    block) removes it, so a failed merge leaves nothing behind.
+    no new memory per tensor, in phase with the tensor's place in its file so that direct
+    I/O (``direct_io``; see ``_ShardFile``) writes it with no copy. Everything goes into a
+    temporary sibling folder that ``commit()`` renames to ``out_dir``; ``abort()`` (or an
+    exception inside the ``with`` block) removes it, so a failed merge leaves nothing
+    behind.
     """
 
     def __init__(
@@ -448,6 +606,7 @@ class CheckpointWriter:
         entries: list[TensorEntry],
         shard_size: int | str = "5GB",
         overwrite: bool = False,
+        direct_io: bool | None = None,
     ):
         self.out_dir = Path(out_dir)
         if self.out_dir.exists() and not overwrite:
@@ -463,7 +622,9 @@ class CheckpointWriter:
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent))
         self._done = False
-        self._fds: list[int | None] = [None] * len(self._shards)
+        self.direct_io = direct_io  # None: as EVOMERGE_DIRECT_IO says, else for shards >= 16 MiB
+        self._files: list[_ShardFile | None] = [None] * len(self._shards)
+        self._was_direct = [False] * len(self._shards)
         self._where: dict[str, tuple[int, int, TensorEntry]] = {}
         self._written: set[str] = set()
         self._scratch = threading.local()  # one scratch buffer per thread that asks
@@ -508,12 +669,13 @@ class CheckpointWriter:
         start = 8 + len(raw)
         for e in self._shards[i]:
             self._where[e.name] = (i, start + header[e.name]["data_offsets"][0], e)
-        path = self.tmp / self.shard_file(i)
-        with open(path, "wb") as f:
-            f.write(len(raw).to_bytes(8, "little"))
-            f.write(raw)
-            f.truncate(start + off)
-        self._fds[i] = os.open(path, os.O_WRONLY)
+        size = start + off
+        if self.direct_io is None:
+            direct = _direct_io_wanted(size)
+        else:
+            direct = self.direct_io and hasattr(os, "O_DIRECT")
+        f = self._files[i] = _ShardFile(self.tmp / self.shard_file(i), size, direct)
+        f.write(0, memoryview(len(raw).to_bytes(8, "little") + raw))
 
     def _entry(self, name: str) -> tuple[int, int, TensorEntry]:
         try:
@@ -525,12 +687,18 @@ class CheckpointWriter:
         """A scratch CPU tensor of the declared shape and dtype to compute ``name`` into;
         the same memory is lent again by the next call from the same thread, so ``add``
         it first. Threads get scratch buffers of their own (``add`` is thread-safe)."""
-        _, _, e = self._entry(name)
+        _, offset, e = self._entry(name)
         buf = getattr(self._scratch, "buf", None)
-        if buf is None or buf.numel() < e.nbytes:
+        if buf is None:
             largest = max(x.nbytes for x in self.entries)
-            buf = self._scratch.buf = torch.empty(largest, dtype=torch.uint8)
-        return buf[: e.nbytes].view(e.dtype).reshape(e.shape)
+            buf = self._scratch.buf = torch.empty(largest + 2 * _BLOCK, dtype=torch.uint8)
+        # in phase with the file (same address modulo the block): written with no copy;
+        # unless the tensor lies in its file at an offset that is no multiple of its element
+        size = e.dtype.itemsize
+        start = (offset - buf.data_ptr()) % _BLOCK
+        if start % size:
+            start = 0
+        return buf[start : start + e.nbytes].view(e.dtype).reshape(e.shape)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Write a declared tensor at its place in its shard."""
@@ -544,18 +712,23 @@ class CheckpointWriter:
             t = tensor.detach()
             if t.device.type != "cpu":
                 t = t.to("cpu")
-            data = memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
-            done = 0
-            while done < e.nbytes:
-                done += os.pwrite(self._fds[i], data[done:], offset + done)
+            flat = t.contiguous().reshape(-1).view(torch.uint8)
+            self._files[i].write(offset, memoryview(flat.numpy()), flat.data_ptr())
         self._written.add(name)
 
-    def _close(self) -> None:
-        for i, fd in enumerate(self._fds):
-            if fd is not None:
-                os.close(fd)
-                self._fds[i] = None
-        self._scratch = threading.local()
+    def _close(self, complete: bool = True) -> None:
+        try:
+            for i, f in enumerate(self._files):
+                if f is not None:
+                    self._files[i] = None
+                    self._was_direct[i] = f.direct
+                    f.close(complete)
+        finally:
+            self._scratch = threading.local()
+
+    def direct(self) -> list[bool]:
+        """Per shard, whether its bytes went (and still go) to the disk with direct I/O."""
+        return [f.direct if f is not None else was for f, was in zip(self._files, self._was_direct)]
 
     def write_text(self, rel: str, text: str) -> None:
         (self.tmp / rel).write_text(text, encoding="utf-8")
@@ -586,7 +759,7 @@ class CheckpointWriter:
         return self.out_dir
 
     def abort(self) -> None:
-        self._close()
+        self._close(complete=False)
         shutil.rmtree(self.tmp, ignore_errors=True)
         self._done = True
 

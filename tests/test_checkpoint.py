@@ -177,3 +177,195 @@ def test_parse_size():
     assert parse_size(123) == 123
     with pytest.raises(ValueError):
         parse_size("five")
+
+
+# --------------------------------------------------------------------------------------
+# Direct I/O: the same bytes as ordinary writes, whatever the sizes, order and memory
+# --------------------------------------------------------------------------------------
+
+
+def _takes_direct_io(folder) -> bool:
+    """Whether ``folder``'s filesystem accepts an aligned O_DIRECT write (tmpfs does not)."""
+    import mmap
+    import os
+
+    if not hasattr(os, "O_DIRECT"):
+        return False
+    p = folder / "probe"
+    try:
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
+    except OSError:
+        return False
+    try:
+        os.pwrite(fd, mmap.mmap(-1, 4096), 0)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+        p.unlink()
+
+
+_DT = [torch.bfloat16, torch.float32, torch.float16, torch.uint8, torch.int64]
+
+
+def _odd_tensors(sizes, seed):
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i, n in enumerate(sizes):
+        dt = _DT[i % len(_DT)]
+        if dt.is_floating_point:
+            out[f"t{i}"] = torch.randn(n, generator=g).to(dt)
+        else:
+            out[f"t{i}"] = torch.randint(0, 100, (n,), generator=g).to(dt)
+    return out
+
+
+def _write(folder, ts, order, via_buffer, shard_size, direct_io):
+    entries = [TensorEntry(k, tuple(v.shape), v.dtype) for k, v in ts.items()]
+    with CheckpointWriter(folder, entries, shard_size=shard_size, direct_io=direct_io) as w:
+        for k in order:
+            v = ts[k]
+            if via_buffer[k]:
+                b = w.buffer(k)
+                b.copy_(v)
+                w.add(k, b)
+            else:
+                # most likely out of phase with the file: one element into a larger block
+                es = v.element_size()
+                raw = torch.empty((v.numel() + 1) * es, dtype=torch.uint8)
+                t = raw[es:].view(v.dtype)
+                t.copy_(v)
+                w.add(k, t)
+        used = w.direct()
+        w.commit()
+    return used
+
+
+def _files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.suffix in (".safetensors", ".json")}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_direct_writes_give_the_bytes_of_ordinary_writes(tmp_path, seed):
+    import random
+
+    rnd = random.Random(seed)
+    # sizes around the 4096-byte block: inside one block, straddling two, exact blocks, large
+    sizes = [rnd.choice([1, 3, 511, 1024, 2047, 2048, 4096, 5000, 12288, 40_000, 300_000])
+             for _ in range(rnd.randint(3, 14))]
+    ts = _odd_tensors(sizes, seed)
+    order = list(ts)
+    rnd.shuffle(order)
+    via = {k: rnd.random() < 0.5 for k in ts}
+    shard = rnd.choice([10**9, 200_000, 50_000])
+    used = _write(tmp_path / "direct", ts, order, via, shard, True)
+    plain = _write(tmp_path / "plain", ts, order, via, shard, False)
+    assert _files(tmp_path / "direct") == _files(tmp_path / "plain")
+    assert plain == [False] * len(plain)
+    assert used == [_takes_direct_io(tmp_path)] * len(used)
+    back = {}
+    for f in (tmp_path / "direct").glob("*.safetensors"):
+        back.update(load_file(str(f)))
+    assert set(back) == set(ts)
+    for k, v in ts.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
+
+
+def test_direct_writes_from_threads_in_any_order(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    ts = _odd_tensors([3000, 70_001, 5, 4096, 123_457, 8191, 2, 65_536, 9999] * 3, 7)
+    entries = [TensorEntry(k, tuple(v.shape), v.dtype) for k, v in ts.items()]
+    for folder, direct in (("direct", True), ("plain", False)):
+        with CheckpointWriter(tmp_path / folder, entries, shard_size=400_000, direct_io=direct) as w:
+            def one(k):
+                b = w.buffer(k)
+                b.copy_(ts[k])
+                w.add(k, b)
+
+            with ThreadPoolExecutor(4) as pool:
+                list(pool.map(one, reversed(list(ts))))
+            w.commit()
+    assert _files(tmp_path / "direct") == _files(tmp_path / "plain")
+
+
+@pytest.mark.parametrize("ok_writes", [0, 1, 2, 5])
+def test_direct_io_refused_at_open_or_midway_falls_back_to_the_same_bytes(tmp_path, monkeypatch, ok_writes):
+    """A filesystem that refuses O_DIRECT when the file is opened, or after taking some
+    direct writes (the blocks gathered until then are written the ordinary way)."""
+    import errno
+    import os
+
+    ts = _odd_tensors([100_000, 3, 50_000, 7000, 4096, 99_999, 5, 1000, 60_000], 3)
+    order = list(reversed(ts))  # ragged ends wait in their blocks for their neighbours
+    via = {k: i % 2 == 0 for i, k in enumerate(ts)}
+    _write(tmp_path / "plain", ts, order, via, 120_000, False)
+
+    real_open, real_pwrite = os.open, os.pwrite
+
+    def no_direct_open(path, flags, *a):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(os, "open", no_direct_open)
+    refused = _write(tmp_path / "refused", ts, order, via, 120_000, True)
+    assert len(refused) > 1 and refused == [False] * len(refused)
+    monkeypatch.setattr(os, "open", real_open)
+
+    direct_fds: set[int] = set()
+    calls = [0]
+
+    def tracking_open(path, flags, *a):
+        fd = real_open(path, flags, *a)
+        if flags & os.O_DIRECT:
+            direct_fds.add(fd)
+        return fd
+
+    def failing_pwrite(fd, data, offset):
+        if fd in direct_fds:
+            calls[0] += 1
+            if calls[0] > ok_writes:  # a filesystem that takes the first writes, then refuses
+                raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "open", tracking_open)
+    monkeypatch.setattr(os, "pwrite", failing_pwrite)
+    used = _write(tmp_path / "midway", ts, order, via, 120_000, True)
+    monkeypatch.undo()
+    assert _files(tmp_path / "refused") == _files(tmp_path / "plain")
+    assert _files(tmp_path / "midway") == _files(tmp_path / "plain")
+    if _takes_direct_io(tmp_path):
+        assert calls[0] > ok_writes and False in used
+        if ok_writes == 0:
+            assert not any(used)
+
+
+def test_direct_io_default_follows_size_and_environment(tmp_path, monkeypatch):
+    big = TensorEntry("big", (17 << 20,), torch.uint8)  # over the 16 MiB threshold
+    small = TensorEntry("small", (1000,), torch.uint8)
+    takes = _takes_direct_io(tmp_path)
+
+    def used(name, entries):
+        with CheckpointWriter(tmp_path / name, entries) as w:
+            return w.direct()  # left uncommitted: the writer removes its folder
+
+    monkeypatch.delenv("EVOMERGE_DIRECT_IO", raising=False)
+    assert used("a", [big]) == [takes]
+    assert used("b", [small]) == [False]
+    monkeypatch.setenv("EVOMERGE_DIRECT_IO", "1")
+    assert used("c", [small]) == [takes]
+    monkeypatch.setenv("EVOMERGE_DIRECT_IO", "0")
+    assert used("d", [big]) == [False]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_direct_writer_abort_leaves_nothing(tmp_path):
+    ts = _odd_tensors([70_000, 5000], 1)
+    entries = [TensorEntry(k, tuple(v.shape), v.dtype) for k, v in ts.items()]
+    with pytest.raises(RuntimeError, match="boom"):
+        with CheckpointWriter(tmp_path / "out", entries, direct_io=True) as w:
+            w.add("t0", ts["t0"])
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []

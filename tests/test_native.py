@@ -180,9 +180,10 @@ def test_without_a_compiler_merges_take_the_torch_path(tmp_path):
 
 
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "linear"])
-def test_lanes_write_the_same_files(tmp_path, method):
+def test_lanes_write_the_same_files(tmp_path, method, monkeypatch):
     """Merging two tensors at a time on threads writes byte for byte the folder that one
-    at a time does, sharded or not; the torch path writes it too."""
+    at a time does, sharded or not, with direct I/O or through the page cache; the torch
+    path writes it too."""
     from evomerge.merge.engine import MergeEngine
     from evomerge.recipe import parse_recipe
     from evomerge.testing import tiny_family
@@ -195,6 +196,7 @@ def test_lanes_write_the_same_files(tmp_path, method):
     rec = parse_recipe(rec)
     outs = {}
     for lanes in (1, 2):
+        monkeypatch.setenv("EVOMERGE_DIRECT_IO", "1" if lanes == 2 else "0")
         eng = MergeEngine(rec, seed=5)
         outs[lanes] = eng.write(tmp_path / f"out{lanes}", shard_size="40KB", lanes=lanes, progress=False)
     with native.disabled():
