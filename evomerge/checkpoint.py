@@ -585,6 +585,17 @@ class _ShardFile:
             os.close(self.fd)
 
 
+class _Lane:
+    """A thread's two scratch buffers, lent in turn: one is computed into while the
+    other's bytes are still being written."""
+
+    def __init__(self):
+        self.bufs = [None, None]
+        self.pending = [None, None]
+        self.turn = 0
+        self.current = None
+
+
 class CheckpointWriter:
     """Writes a model folder atomically, with no shard buffer.
 
@@ -607,6 +618,7 @@ class CheckpointWriter:
         shard_size: int | str = "5GB",
         overwrite: bool = False,
         direct_io: bool | None = None,
+        write_behind: bool = True,
     ):
         self.out_dir = Path(out_dir)
         if self.out_dir.exists() and not overwrite:
@@ -628,6 +640,10 @@ class CheckpointWriter:
         self._where: dict[str, tuple[int, int, TensorEntry]] = {}
         self._written: set[str] = set()
         self._scratch = threading.local()  # one scratch buffer per thread that asks
+        self._inflight: list = []  # background writes of scratch buffers (write_behind)
+        self._io = None
+        self._io_lock = threading.Lock()
+        self.write_behind = write_behind
         try:
             for i in range(len(self._shards)):
                 self._create_shard(i)
@@ -684,14 +700,27 @@ class CheckpointWriter:
             raise ValueError(f"tensor '{name}' was not declared") from None
 
     def buffer(self, name: str) -> torch.Tensor:
-        """A scratch CPU tensor of the declared shape and dtype to compute ``name`` into;
-        the same memory is lent again by the next call from the same thread, so ``add``
-        it first. Threads get scratch buffers of their own (``add`` is thread-safe)."""
+        """A scratch CPU tensor of the declared shape and dtype to compute ``name`` into,
+        then ``add``. Each thread has scratch memory of its own (``add`` is thread-safe).
+        With ``write_behind``, ``add`` of a lent buffer returns at once and its bytes are
+        written in the background; the thread's next call lends its other buffer, and
+        the one after waits for the first one's write (so do not touch a buffer after
+        adding it). Without it, the next call from the thread lends the same memory."""
         _, offset, e = self._entry(name)
-        buf = getattr(self._scratch, "buf", None)
+        lane = getattr(self._scratch, "lane", None)
+        if lane is None:
+            lane = self._scratch.lane = _Lane()
+        k = lane.turn
+        if self.write_behind:
+            lane.turn ^= 1
+        fut, lane.pending[k] = lane.pending[k], None
+        if fut is not None:
+            fut.result()
+        buf = lane.bufs[k]
         if buf is None:
             largest = max(x.nbytes for x in self.entries)
-            buf = self._scratch.buf = torch.empty(largest + 2 * _BLOCK, dtype=torch.uint8)
+            buf = lane.bufs[k] = torch.empty(largest + 2 * _BLOCK, dtype=torch.uint8)
+        lane.current = k
         # in phase with the file (same address modulo the block): written with no copy;
         # unless the tensor lies in its file at an offset that is no multiple of its element
         size = e.dtype.itemsize
@@ -713,18 +742,67 @@ class CheckpointWriter:
             if t.device.type != "cpu":
                 t = t.to("cpu")
             flat = t.contiguous().reshape(-1).view(torch.uint8)
-            self._files[i].write(offset, memoryview(flat.numpy()), flat.data_ptr())
+            lane = getattr(self._scratch, "lane", None)
+            data, address = memoryview(flat.numpy()), flat.data_ptr()
+            if self.write_behind and self._lent(flat):
+                fut = self._executor().submit(self._files[i].write, offset, data, address)
+                lane = self._scratch.lane
+                lane.pending[lane.current] = fut
+                with self._io_lock:
+                    self._inflight.append(fut)
+            else:
+                self._files[i].write(offset, data, address)
         self._written.add(name)
 
+    def _lent(self, flat: torch.Tensor) -> bool:
+        """Whether ``flat`` lies in the scratch buffer this thread was lent last."""
+        lane = getattr(self._scratch, "lane", None)
+        if lane is None or lane.current is None:
+            return False
+        return flat.untyped_storage().data_ptr() == lane.bufs[lane.current].untyped_storage().data_ptr()
+
+    def _executor(self):
+        with self._io_lock:
+            if self._io is None:
+                from concurrent.futures import ThreadPoolExecutor
+
+                self._io = ThreadPoolExecutor(2, thread_name_prefix="evomerge-write")
+            return self._io
+
+    def _drain(self) -> None:
+        """Wait for every background write; raise the first failure."""
+        with self._io_lock:
+            futs, self._inflight = self._inflight, []
+        first = None
+        for f in futs:
+            try:
+                f.result()
+            except BaseException as e:
+                first = first or e
+        if first is not None:
+            raise first
+
     def _close(self, complete: bool = True) -> None:
+        """Finish the background writes and close the files; ``complete``: for a commit
+        (a failed write is raised), else for an abort (the folder is about to go)."""
+        failure = None
+        try:
+            self._drain()
+        except BaseException as e:
+            failure = e
+        if self._io is not None:
+            self._io.shutdown(wait=True)
+            self._io = None
         try:
             for i, f in enumerate(self._files):
                 if f is not None:
                     self._files[i] = None
                     self._was_direct[i] = f.direct
-                    f.close(complete)
+                    f.close(complete and failure is None)
         finally:
             self._scratch = threading.local()
+        if complete and failure is not None:
+            raise failure
 
     def direct(self) -> list[bool]:
         """Per shard, whether its bytes went (and still go) to the disk with direct I/O."""

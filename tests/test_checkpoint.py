@@ -221,9 +221,10 @@ def _odd_tensors(sizes, seed):
     return out
 
 
-def _write(folder, ts, order, via_buffer, shard_size, direct_io):
+def _write(folder, ts, order, via_buffer, shard_size, direct_io, write_behind=True):
     entries = [TensorEntry(k, tuple(v.shape), v.dtype) for k, v in ts.items()]
-    with CheckpointWriter(folder, entries, shard_size=shard_size, direct_io=direct_io) as w:
+    with CheckpointWriter(folder, entries, shard_size=shard_size, direct_io=direct_io,
+                          write_behind=write_behind) as w:
         for k in order:
             v = ts[k]
             if via_buffer[k]:
@@ -237,9 +238,8 @@ def _write(folder, ts, order, via_buffer, shard_size, direct_io):
                 t = raw[es:].view(v.dtype)
                 t.copy_(v)
                 w.add(k, t)
-        used = w.direct()
         w.commit()
-    return used
+        return w.direct()  # as the files were closed
 
 
 def _files(folder):
@@ -260,8 +260,11 @@ def test_direct_writes_give_the_bytes_of_ordinary_writes(tmp_path, seed):
     via = {k: rnd.random() < 0.5 for k in ts}
     shard = rnd.choice([10**9, 200_000, 50_000])
     used = _write(tmp_path / "direct", ts, order, via, shard, True)
-    plain = _write(tmp_path / "plain", ts, order, via, shard, False)
-    assert _files(tmp_path / "direct") == _files(tmp_path / "plain")
+    plain = _write(tmp_path / "plain", ts, order, via, shard, False, write_behind=False)
+    _write(tmp_path / "direct_sync", ts, order, via, shard, True, write_behind=False)
+    _write(tmp_path / "plain_behind", ts, order, via, shard, False)
+    for other in ("direct", "direct_sync", "plain_behind"):
+        assert _files(tmp_path / other) == _files(tmp_path / "plain"), other
     assert plain == [False] * len(plain)
     assert used == [_takes_direct_io(tmp_path)] * len(used)
     back = {}
@@ -368,4 +371,73 @@ def test_direct_writer_abort_leaves_nothing(tmp_path):
         with CheckpointWriter(tmp_path / "out", entries, direct_io=True) as w:
             w.add("t0", ts["t0"])
             raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_behind_lends_two_buffers_in_turn_and_waits_for_their_writes(tmp_path, monkeypatch):
+    """A thread computes into one scratch buffer while the other's bytes are written;
+    a buffer is lent again only once its write has finished."""
+    import threading
+    import time
+
+    import evomerge.checkpoint as ck
+
+    real = ck._ShardFile.write
+    finished: dict[int, float] = {}
+    seen_threads = set()
+
+    def slow_write(self, offset, data, address=None):
+        seen_threads.add(threading.current_thread().name)
+        time.sleep(0.2)
+        real(self, offset, data, address)
+        finished[offset] = time.perf_counter()
+
+    ts = {k: torch.full((5000,), float(i), dtype=torch.bfloat16) for i, k in enumerate("abc")}
+    entries = [TensorEntry(k, (5000,), torch.bfloat16) for k in ts]
+    with CheckpointWriter(tmp_path / "m", entries) as w:
+        monkeypatch.setattr(ck._ShardFile, "write", slow_write)
+        a = w.buffer("a")
+        a.copy_(ts["a"])
+        t0 = time.perf_counter()
+        w.add("a", a)
+        assert time.perf_counter() - t0 < 0.15  # returned before the (slow) write
+        b = w.buffer("b")
+        assert b.untyped_storage().data_ptr() != a.untyped_storage().data_ptr()
+        b.copy_(ts["b"])
+        w.add("b", b)
+        c = w.buffer("c")  # a's memory again, once a's bytes are out
+        got = time.perf_counter()
+        assert c.untyped_storage().data_ptr() == a.untyped_storage().data_ptr()
+        assert len(finished) >= 1 and min(finished.values()) <= got
+        c.copy_(ts["c"])
+        w.add("c", c)
+        w.commit()
+    assert seen_threads and all(n.startswith("evomerge-write") for n in seen_threads)
+    back = load_file(str(tmp_path / "m" / "model.safetensors"))
+    for k, v in ts.items():
+        assert torch.equal(back[k], v), k
+
+
+def test_a_failed_background_write_fails_the_merge_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    import evomerge.checkpoint as ck
+
+    real = ck._ShardFile.write
+    big = 100_000
+
+    def full_disk(self, offset, data, address=None):
+        if len(data) == big * 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self, offset, data, address)
+
+    monkeypatch.setattr(ck._ShardFile, "write", full_disk)
+    entries = [TensorEntry("x", (big,), torch.bfloat16), TensorEntry("y", (10,), torch.bfloat16)]
+    with pytest.raises(OSError, match="No space left"):
+        with CheckpointWriter(tmp_path / "out", entries) as w:
+            for e in entries:
+                buf = w.buffer(e.name)
+                buf.fill_(1.0)
+                w.add(e.name, buf)  # x's failure shows at the latest when committing
+            w.commit()
     assert list(tmp_path.iterdir()) == []
