@@ -258,3 +258,22 @@ def test_a_stale_finite_report_does_not_vouch_for_the_next_result(tmp_path):
     res = eng.compute(task, base, tensors, out=out)
     with pytest.raises(MergeError, match="overflow|NaN"):
         eng._check_finite(task, res, [raw[0], tensors[0]])
+
+
+def test_lanes_only_where_the_kernels_merge(tmp_path, monkeypatch):
+    """Several lanes for the methods the kernels serve (one per torch thread, at most
+    MAX_LANES); one for the torch-path methods, and one without the kernels."""
+    from evomerge.merge.engine import MergeEngine
+    from evomerge.recipe import parse_recipe
+    from evomerge.testing import tiny_family
+
+    fam = tiny_family(tmp_path / "fam", n_experts=2, layers=2, hidden=32)
+    models = [{"model": str(fam[f"expert_{i}"]), "parameters": {"weight": 0.5}} for i in range(2)]
+    ta = parse_recipe({"merge_method": "task_arithmetic", "base_model": str(fam["base"]), "models": models})
+    sl = parse_recipe({"merge_method": "slerp", "base_model": str(fam["base"]),
+                       "models": [{"model": str(fam["expert_0"])}], "parameters": {"t": 0.3}})
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
+    assert MergeEngine(ta).lanes() == MergeEngine.MAX_LANES
+    assert MergeEngine(sl).lanes() == 1
+    with native.disabled():
+        assert MergeEngine(ta).lanes() == 1

@@ -1094,6 +1094,7 @@ class MethodSpec:
     max_models: int | None = None
     base_in_inputs: bool = False  # linear: the base (if named) is one more weighted input
     random: bool = False  # takes per-model seeds
+    kernels: bool = False  # merged on the CPU by the fused kernels (native.py) where they are built
     reference: str = ""
     param_names: tuple[str, ...] = field(init=False)
 
@@ -1129,34 +1130,35 @@ def _ta_params(normalize: bool, rescale, *extra: ParamSpec, sparse: bool = True)
 METHODS: dict[str, MethodSpec] = {
     "linear": MethodSpec(
         "linear", linear, (_W, ParamSpec("normalize", kind="bool", default=True)),
-        needs_base=False, base_in_inputs=True, reference="https://arxiv.org/abs/2203.05482",
+        needs_base=False, base_in_inputs=True, kernels=True,
+        reference="https://arxiv.org/abs/2203.05482",
     ),
     "task_arithmetic": MethodSpec(
         # density and rescale are accepted (and unused) so that recipes written for
         # mergekit, whose task arithmetic takes them, run unchanged.
         "task_arithmetic", task_arithmetic,
         _ta_params(False, False, ParamSpec("density", per_model=True, default=1.0, ignored=True), sparse=False),
-        reference="https://arxiv.org/abs/2212.04089",
+        kernels=True, reference="https://arxiv.org/abs/2212.04089",
     ),
     "ties": MethodSpec(
         "ties", ties, _ta_params(True, False, _DENSITY),
-        reference="https://arxiv.org/abs/2306.01708",
+        kernels=True, reference="https://arxiv.org/abs/2306.01708",
     ),
     "dare_linear": MethodSpec(
         "dare_linear", dare_linear, _ta_params(False, True, _DENSITY), random=True,
-        reference="https://arxiv.org/abs/2311.03099",
+        kernels=True, reference="https://arxiv.org/abs/2311.03099",
     ),
     "dare_ties": MethodSpec(
         "dare_ties", dare_ties, _ta_params(False, True, _DENSITY), random=True,
-        reference="https://arxiv.org/abs/2311.03099",
+        kernels=True, reference="https://arxiv.org/abs/2311.03099",
     ),
     "breadcrumbs": MethodSpec(
         "breadcrumbs", breadcrumbs, _ta_params(False, False, _DENSITY, _GAMMA),
-        reference="https://arxiv.org/abs/2312.06795",
+        kernels=True, reference="https://arxiv.org/abs/2312.06795",
     ),
     "breadcrumbs_ties": MethodSpec(
         "breadcrumbs_ties", breadcrumbs_ties, _ta_params(False, False, _DENSITY, _GAMMA),
-        reference="https://arxiv.org/abs/2312.06795",
+        kernels=True, reference="https://arxiv.org/abs/2312.06795",
     ),
     "della": MethodSpec(
         "della", della, _ta_params(True, True, _DENSITY, _EPS), random=True,

@@ -192,11 +192,12 @@ def known_finite(t: torch.Tensor) -> bool:
     return key is not None and key == (t.data_ptr(), t.numel(), t.dtype)
 
 
-def available() -> bool:
-    return library() is not None
-
-
 _ENABLED: contextvars.ContextVar[bool] = contextvars.ContextVar("native_enabled", default=True)
+
+
+def available() -> bool:
+    """Whether merges here (this context: see ``disabled``) run in the kernels."""
+    return _ENABLED.get() and library() is not None
 
 
 @contextlib.contextmanager
