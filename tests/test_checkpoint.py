@@ -275,12 +275,19 @@ def test_direct_writes_give_the_bytes_of_ordinary_writes(tmp_path, seed):
         assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
 
 
-def test_direct_writes_from_threads_in_any_order(tmp_path):
+@pytest.mark.parametrize("refuse_after", [None, 0, 4])
+@pytest.mark.parametrize("attempt", range(3))  # the switch's races show in some runs only
+def test_direct_writes_from_threads_in_any_order(tmp_path, monkeypatch, refuse_after, attempt):
+    """Four threads writing at once, the filesystem taking every direct write or refusing
+    them after the first few (the switch to ordinary writes then happens mid-flight)."""
+    import errno
+    import os
     from concurrent.futures import ThreadPoolExecutor
 
     ts = _odd_tensors([3000, 70_001, 5, 4096, 123_457, 8191, 2, 65_536, 9999] * 3, 7)
     entries = [TensorEntry(k, tuple(v.shape), v.dtype) for k, v in ts.items()]
-    for folder, direct in (("direct", True), ("plain", False)):
+
+    def write(folder, direct):
         with CheckpointWriter(tmp_path / folder, entries, shard_size=400_000, direct_io=direct) as w:
             def one(k):
                 b = w.buffer(k)
@@ -290,7 +297,34 @@ def test_direct_writes_from_threads_in_any_order(tmp_path):
             with ThreadPoolExecutor(4) as pool:
                 list(pool.map(one, reversed(list(ts))))
             w.commit()
+            return w.direct()
+
+    write("plain", False)
+    calls = [0]
+    if refuse_after is not None:
+        real_open, real_pwrite = os.open, os.pwrite
+        direct_fds: set[int] = set()
+
+        def tracking_open(path, flags, *a):
+            fd = real_open(path, flags, *a)
+            if flags & os.O_DIRECT:
+                direct_fds.add(fd)
+            return fd
+
+        def refusing_pwrite(fd, data, offset):
+            if fd in direct_fds:
+                calls[0] += 1
+                if calls[0] > refuse_after:
+                    raise OSError(errno.EINVAL, "Invalid argument")
+            return real_pwrite(fd, data, offset)
+
+        monkeypatch.setattr(os, "open", tracking_open)
+        monkeypatch.setattr(os, "pwrite", refusing_pwrite)
+    used = write("direct", True)
+    monkeypatch.undo()
     assert _files(tmp_path / "direct") == _files(tmp_path / "plain")
+    if _takes_direct_io(tmp_path):
+        assert all(used) if refuse_after is None else calls[0] > refuse_after and not all(used)
 
 
 @pytest.mark.parametrize("ok_writes", [0, 1, 2, 5])
