@@ -275,13 +275,39 @@ def test_direct_writes_give_the_bytes_of_ordinary_writes(tmp_path, seed):
         assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
 
 
+def _refuse_direct_writes(monkeypatch, after: int) -> list[int]:
+    """Make the filesystem take the first ``after`` direct writes, then refuse them (as
+    EINVAL); returns the running count of direct writes tried."""
+    import errno
+    import os
+
+    real_open, real_pwrite = os.open, os.pwrite
+    direct_fds: set[int] = set()
+    calls = [0]
+
+    def tracking_open(path, flags, *a):
+        fd = real_open(path, flags, *a)
+        if flags & os.O_DIRECT:
+            direct_fds.add(fd)
+        return fd
+
+    def refusing_pwrite(fd, data, offset):
+        if fd in direct_fds:
+            calls[0] += 1
+            if calls[0] > after:
+                raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "open", tracking_open)
+    monkeypatch.setattr(os, "pwrite", refusing_pwrite)
+    return calls
+
+
 @pytest.mark.parametrize("refuse_after", [None, 0, 4])
 @pytest.mark.parametrize("attempt", range(3))  # the switch's races show in some runs only
 def test_direct_writes_from_threads_in_any_order(tmp_path, monkeypatch, refuse_after, attempt):
     """Four threads writing at once, the filesystem taking every direct write or refusing
     them after the first few (the switch to ordinary writes then happens mid-flight)."""
-    import errno
-    import os
     from concurrent.futures import ThreadPoolExecutor
 
     ts = _odd_tensors([3000, 70_001, 5, 4096, 123_457, 8191, 2, 65_536, 9999] * 3, 7)
@@ -300,26 +326,7 @@ def test_direct_writes_from_threads_in_any_order(tmp_path, monkeypatch, refuse_a
             return w.direct()
 
     write("plain", False)
-    calls = [0]
-    if refuse_after is not None:
-        real_open, real_pwrite = os.open, os.pwrite
-        direct_fds: set[int] = set()
-
-        def tracking_open(path, flags, *a):
-            fd = real_open(path, flags, *a)
-            if flags & os.O_DIRECT:
-                direct_fds.add(fd)
-            return fd
-
-        def refusing_pwrite(fd, data, offset):
-            if fd in direct_fds:
-                calls[0] += 1
-                if calls[0] > refuse_after:
-                    raise OSError(errno.EINVAL, "Invalid argument")
-            return real_pwrite(fd, data, offset)
-
-        monkeypatch.setattr(os, "open", tracking_open)
-        monkeypatch.setattr(os, "pwrite", refusing_pwrite)
+    calls = [0] if refuse_after is None else _refuse_direct_writes(monkeypatch, after=refuse_after)
     used = write("direct", True)
     monkeypatch.undo()
     assert _files(tmp_path / "direct") == _files(tmp_path / "plain")
@@ -339,7 +346,7 @@ def test_direct_io_refused_at_open_or_midway_falls_back_to_the_same_bytes(tmp_pa
     via = {k: i % 2 == 0 for i, k in enumerate(ts)}
     _write(tmp_path / "plain", ts, order, via, 120_000, False)
 
-    real_open, real_pwrite = os.open, os.pwrite
+    real_open = os.open
 
     def no_direct_open(path, flags, *a):
         if flags & os.O_DIRECT:
@@ -351,24 +358,7 @@ def test_direct_io_refused_at_open_or_midway_falls_back_to_the_same_bytes(tmp_pa
     assert len(refused) > 1 and refused == [False] * len(refused)
     monkeypatch.setattr(os, "open", real_open)
 
-    direct_fds: set[int] = set()
-    calls = [0]
-
-    def tracking_open(path, flags, *a):
-        fd = real_open(path, flags, *a)
-        if flags & os.O_DIRECT:
-            direct_fds.add(fd)
-        return fd
-
-    def failing_pwrite(fd, data, offset):
-        if fd in direct_fds:
-            calls[0] += 1
-            if calls[0] > ok_writes:  # a filesystem that takes the first writes, then refuses
-                raise OSError(errno.EINVAL, "Invalid argument")
-        return real_pwrite(fd, data, offset)
-
-    monkeypatch.setattr(os, "open", tracking_open)
-    monkeypatch.setattr(os, "pwrite", failing_pwrite)
+    calls = _refuse_direct_writes(monkeypatch, after=ok_writes)
     used = _write(tmp_path / "midway", ts, order, via, 120_000, True)
     monkeypatch.undo()
     assert _files(tmp_path / "refused") == _files(tmp_path / "plain")
