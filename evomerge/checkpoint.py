@@ -17,6 +17,7 @@ output projection, pooler).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -427,7 +428,7 @@ class TensorEntry:
         n = 1
         for d in self.shape:
             n *= d
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return n * self.dtype.itemsize
 
 
 _BLOCK = 4096  # direct I/O: file offsets, lengths and memory addresses are multiples of this
@@ -471,15 +472,13 @@ class _ShardFile:
     def __init__(self, path: Path, size: int, direct: bool):
         self.path = path
         self.size = size
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self.dfd: int | None = None
         try:
             os.ftruncate(self.fd, size)
             if direct:
-                try:
+                with contextlib.suppress(OSError):  # refused: ordinary writes
                     self.dfd = os.open(path, os.O_WRONLY | os.O_DIRECT)
-                except OSError:
-                    self.dfd = None
         except BaseException:
             os.close(self.fd)
             raise
@@ -575,7 +574,9 @@ class _ShardFile:
 
     def close(self, complete: bool = True) -> None:
         """Write any incomplete block, trim the padding of the last one, close (without
-        ``complete``, as when the file is about to be removed: just close)."""
+        ``complete``, as when the file is about to be removed: just close). Once only."""
+        if self.fd is None:
+            return
         try:
             if complete:
                 if self._blocks:
@@ -586,6 +587,7 @@ class _ShardFile:
                 os.close(self.dfd)
                 self.dfd = None
             os.close(self.fd)
+            self.fd = None
 
 
 class _Lane:
@@ -638,8 +640,8 @@ class CheckpointWriter:
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent))
         self._done = False
         self.direct_io = direct_io  # None: as EVOMERGE_DIRECT_IO says, else for shards >= 16 MiB
-        self._files: list[_ShardFile | None] = [None] * len(self._shards)
-        self._was_direct = [False] * len(self._shards)
+        self._files: list[_ShardFile] = []  # one per shard, in order, as created
+        self._largest = max((e.nbytes for e in self.entries), default=0)
         self._where: dict[str, tuple[int, int, TensorEntry]] = {}
         self._written: set[str] = set()
         self._scratch = threading.local()  # one scratch buffer per thread that asks
@@ -693,7 +695,8 @@ class CheckpointWriter:
             direct = _direct_io_wanted(size)
         else:
             direct = self.direct_io and hasattr(os, "O_DIRECT")
-        f = self._files[i] = _ShardFile(self.tmp / self.shard_file(i), size, direct)
+        f = _ShardFile(self.tmp / self.shard_file(i), size, direct)
+        self._files.append(f)
         f.write(0, memoryview(len(raw).to_bytes(8, "little") + raw))
 
     def _entry(self, name: str) -> tuple[int, int, TensorEntry]:
@@ -721,8 +724,7 @@ class CheckpointWriter:
             fut.result()
         buf = lane.bufs[k]
         if buf is None:
-            largest = max(x.nbytes for x in self.entries)
-            buf = lane.bufs[k] = torch.empty(largest + 2 * _BLOCK, dtype=torch.uint8)
+            buf = lane.bufs[k] = torch.empty(self._largest + 2 * _BLOCK, dtype=torch.uint8)
         lane.current = k
         # in phase with the file (same address modulo the block): written with no copy;
         # unless the tensor lies in its file at an offset that is no multiple of its element
@@ -745,7 +747,6 @@ class CheckpointWriter:
             if t.device.type != "cpu":
                 t = t.to("cpu")
             flat = t.contiguous().reshape(-1).view(torch.uint8)
-            lane = getattr(self._scratch, "lane", None)
             data, address = memoryview(flat.numpy()), flat.data_ptr()
             if self.write_behind and self._lent(flat):
                 fut = self._executor().submit(self._files[i].write, offset, data, address)
@@ -797,11 +798,8 @@ class CheckpointWriter:
             self._io.shutdown(wait=True)
             self._io = None
         try:
-            for i, f in enumerate(self._files):
-                if f is not None:
-                    self._files[i] = None
-                    self._was_direct[i] = f.direct
-                    f.close(complete and failure is None)
+            for f in self._files:
+                f.close(complete and failure is None)
         finally:
             self._scratch = threading.local()
         if complete and failure is not None:
@@ -809,7 +807,7 @@ class CheckpointWriter:
 
     def direct(self) -> list[bool]:
         """Per shard, whether its bytes went (and still go) to the disk with direct I/O."""
-        return [f.direct if f is not None else was for f, was in zip(self._files, self._was_direct)]
+        return [f.direct for f in self._files]
 
     def write_text(self, rel: str, text: str) -> None:
         (self.tmp / rel).write_text(text, encoding="utf-8")

@@ -332,6 +332,8 @@ def test_direct_writes_from_threads_in_any_order(tmp_path, monkeypatch, refuse_a
     assert _files(tmp_path / "direct") == _files(tmp_path / "plain")
     if _takes_direct_io(tmp_path):
         assert all(used) if refuse_after is None else calls[0] > refuse_after and not all(used)
+    else:
+        assert not any(used)
 
 
 @pytest.mark.parametrize("ok_writes", [0, 1, 2, 5])
@@ -422,9 +424,8 @@ def test_write_behind_lends_two_buffers_in_turn_and_waits_for_their_writes(tmp_p
         monkeypatch.setattr(ck._ShardFile, "write", slow_write)
         a = w.buffer("a")
         a.copy_(ts["a"])
-        t0 = time.perf_counter()
         w.add("a", a)
-        assert time.perf_counter() - t0 < 0.15  # returned before the (slow) write
+        assert not finished  # returned before the (slow) write finished
         b = w.buffer("b")
         assert b.untyped_storage().data_ptr() != a.untyped_storage().data_ptr()
         b.copy_(ts["b"])

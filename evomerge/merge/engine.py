@@ -36,6 +36,7 @@ from ..checkpoint import (
     torch_dtype,
 )
 from ..recipe import ModelRef, OutputSlice, Recipe, RecipeError, evaluate_setting, validate_value
+from . import native
 from .methods import MethodSpec
 
 __all__ = ["MergeEngine", "MergeError", "TensorTask"]
@@ -337,8 +338,6 @@ class MergeEngine:
         """Every method multiplies or adds each input entry into the result, so a NaN or
         inf in an input shows in the output: one reduction over the output finds it, and
         only then are the inputs searched for the culprit."""
-        from . import native
-
         if native.known_finite(out):  # the fused kernel checked every value as it stored it
             return
         if not self.check_finite or not out.is_floating_point() or bool(torch.isfinite(out.sum())):
@@ -369,8 +368,6 @@ class MergeEngine:
             src = base if base is not None else tensors[0]
             return src.clone() if out is None else out.copy_(src)
         kwargs = {("lambda_" if k == "lambda" else k): v for k, v in task.params.items()}
-        from . import native
-
         native.forget_finite()  # only a kernel run for this result may vouch for it
         try:
             res = self.method.fn(base, tensors, **kwargs, out_dtype=self.output_dtype(task), out=out)
@@ -467,8 +464,6 @@ class MergeEngine:
         (merging and writing 4 x 374M parameters: SLERP 1.38-1.57 s against 1.13-1.19 s,
         Model Stock 4.05-4.16 s against 2.30-2.60 s, DELLA 5-10% faster but with a third
         more peak memory)."""
-        from . import native
-
         if self.device.type != "cpu" or not self.method.kernels or not native.available():
             return 1
         return max(1, min(torch.get_num_threads(), self.MAX_LANES, len(self.tasks)))

@@ -31,6 +31,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from . import native
+
 __all__ = [
     "METHODS",
     "MethodSpec",
@@ -449,8 +451,6 @@ def _find_cuts(base: Tensor, tensors: Sequence[Tensor], ranks: list[list[int]], 
 def _native_cuts(base: Tensor, tensors: Sequence[Tensor], ranks, todo, out) -> bool:
     """Exact cuts from the fused kernel's radix select (two passes over each task
     vector's magnitudes; the second also places a cut inside a run of equal values)."""
-    from . import native
-
     bf = base.reshape(-1)
     flats = [t.reshape(-1) for t in tensors]
     lib = native.active(bf, *flats)  # None for float64, which the kernels do not take
@@ -749,8 +749,6 @@ def _general_task_arithmetic(
 def _native_models(flats: list[Tensor], masks: list[_Mask], coef: list[float], w: list[float]):
     """The masks as the fused kernel's per-model inputs; ``None`` for a mask it does not
     apply (DELLA's dense multipliers, a random stream already advanced)."""
-    from . import native
-
     arr = (native.Model * len(flats))()
     for x, t, m, c, wi in zip(arr, flats, masks, coef, w):
         x.ptr, x.dtype, x.coef, x.weight = t.data_ptr(), native.DTYPE_CODES[t.dtype], c, wi
@@ -779,8 +777,6 @@ def _native_models(flats: list[Tensor], masks: list[_Mask], coef: list[float], w
 def _native_task_arithmetic(bf, flats, masks, coef, w, lambda_, normalize, consensus, wsum, result) -> bool:
     """The whole merge in one fused pass (``_kernels.c``) where it applies; the same
     operations, in the same order, as the chunked loop of ``_general_task_arithmetic``."""
-    from . import native
-
     lib = native.active(bf, *flats, result)
     if lib is None:
         return False
@@ -915,8 +911,6 @@ def linear(base, tensors, weight, normalize=True, out_dtype=None, out=None):
     out = _alloc(first, out_dtype, out)
     flats = [t.reshape(-1) for t in tensors]
     n = first.numel()
-    from . import native
-
     lib = native.active(*flats, out)
     if lib is not None:  # one fused pass, the same operations as the loop below
         k = len(flats)
