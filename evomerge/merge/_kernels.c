@@ -107,18 +107,7 @@ static int store(void *out, int dt, int64_t s, int64_t n, const float *src) {
 /* ------------------------------------------------------------------------------------ */
 /* DARE's random stream: numpy's SFC64, four 16-bit uniforms per 64-bit output            */
 /* ------------------------------------------------------------------------------------ */
-static inline uint64_t sfc64_next(uint64_t *s) {
-    const uint64_t tmp = s[0] + s[1] + s[3]++;
-    s[0] = s[1] ^ (s[1] >> 11);
-    s[1] = s[2] + (s[2] << 3);
-    s[2] = ((s[2] << 24) | (s[2] >> 40)) + tmp;
-    return tmp;
-}
-
-/* The next n uniforms of m streams (stream q's to u + q * stride), up to four streams at
- * a time with their states in registers, so that their dependency chains overlap. n is a
- * multiple of 4 except at the tensor's end, where the rest of the last output is
- * discarded as numpy's random_raw does. */
+/* One SFC64 step: state (a, b, c, counter w), output x. */
 #define SFC_STEP(a, b, c, w, x)                  \
     do {                                         \
         x = a + b + w++;                         \
@@ -142,6 +131,10 @@ static inline void put4(uint16_t *v, uint64_t x, int64_t left) {
 #define LOAD_STATE(q) uint64_t a##q = st[q][0], b##q = st[q][1], c##q = st[q][2], w##q = st[q][3], x##q
 #define SAVE_STATE(q) (st[q][0] = a##q, st[q][1] = b##q, st[q][2] = c##q, st[q][3] = w##q)
 
+/* The next n uniforms of m streams (stream q's to u + q * stride), up to four streams at
+ * a time with their states in registers, so that their dependency chains overlap. n is a
+ * multiple of 4 except at the tensor's end, where the rest of the last output is
+ * discarded as numpy's random_raw does. */
 static void uniforms_1(uint64_t **st, int64_t n, uint16_t *u, int64_t stride) {
     (void)stride;
     LOAD_STATE(0);
