@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -57,6 +56,8 @@ STRATEGIES = {
     "optuna_tpe": lambda sp, seed: OptunaSearch(sp, "tpe", seed=seed),
     "optuna_cmaes": lambda sp, seed: OptunaSearch(sp, "cmaes", seed=seed),
     "optuna_random": lambda sp, seed: OptunaSearch(sp, "random", seed=seed),
+    "optuna_nsga2": lambda sp, seed: OptunaSearch(sp, "nsga2", seed=seed, objectives=["score"]),
+    "optuna_gp": lambda sp, seed: OptunaSearch(sp, "gp", seed=seed),
     "random": lambda sp, seed: RandomSearch(sp, seed=seed),
     "grid": lambda sp, seed: GridSearch(sp, points=5),
 }
@@ -102,9 +103,10 @@ def test_state_dict_round_trip_continues_exactly(name):
     sp = synthetic_space()
     a = STRATEGIES[name](sp, 1)
     drive(a, sp, 3)
-    state = pickle.loads(pickle.dumps(a.state_dict()))
-    b = STRATEGIES[name](sp, 99)
-    b.load_state_dict(state)
+    # the state is plain data: it survives JSON exactly, and nothing in it is pickled
+    text = json.dumps(a.state_dict(), allow_nan=True)
+    b = STRATEGIES[name](sp, 1)
+    b.load_state_dict(json.loads(text))
     np.random.seed(123)  # global NumPy state must not matter
     xa = a.ask()
     np.random.seed(7)
@@ -113,6 +115,54 @@ def test_state_dict_round_trip_continues_exactly(name):
     a.tell(xa, [objective(x) for x in xa])
     b.tell(xb, [objective(x) for x in xb])
     assert a.best()[1] == b.best()[1]
+
+
+@pytest.mark.parametrize("name", ["cmaes", "optuna_tpe", "optuna_nsga2"])
+def test_a_state_of_another_seed_is_refused(name):
+    sp = synthetic_space()
+    a = STRATEGIES[name](sp, 1)
+    drive(a, sp, 2)
+    with pytest.raises(ValueError, match="seed"):
+        STRATEGIES[name](sp, 2).load_state_dict(json.loads(json.dumps(a.state_dict())))
+
+
+def test_cmaes_state_that_does_not_replay_is_refused():
+    sp = synthetic_space()
+    a = CMAES(sp, seed=1)
+    drive(a, sp, 3)
+    state = json.loads(json.dumps(a.state_dict()))
+    state["history"][1]["u"][0][0] += 0.25  # not what this seed asks in generation 1
+    with pytest.raises(ValueError, match="generation 1"):
+        CMAES(sp, seed=1).load_state_dict(state)
+
+
+def test_pickled_strategy_state_is_never_read(tmp_path):
+    """A run directory from elsewhere may hold a crafted pickle: resume refuses it, unread."""
+    import evomerge.trials as trials
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "trials.jsonl").write_text("")
+    marker = tmp_path / "ran"
+    payload = b"cos\nsystem\n(S'touch " + str(marker).encode() + b"'\ntR."
+    (run / "strategy.pkl").write_bytes(payload)
+    sp = synthetic_space()
+    with pytest.raises(trials.StateError, match="pickled"):
+        run_search(sp, CMAES(sp, seed=0), FunctionExecutor(), run, budget=8, progress=False, resume=True,
+                   sources=False)
+    (run / "strategy.json").write_bytes(payload)  # the same bytes under the new name
+    with pytest.raises(trials.StateError, match="not a JSON state"):
+        run_search(sp, CMAES(sp, seed=0), FunctionExecutor(), run, budget=8, progress=False, resume=True,
+                   sources=False)
+    assert not marker.exists()
+
+
+def test_run_directory_state_is_json(tmp_path):
+    sp = synthetic_space()
+    run_search(sp, CMAES(sp, seed=0), FunctionExecutor(), tmp_path / "run", budget=20, progress=False,
+               sources=False)
+    state = json.loads((tmp_path / "run" / "strategy.json").read_text())
+    assert state["strategy"]["settings"]["seed"] == 0 and len(state["strategy"]["history"]) >= 2
 
 
 @pytest.mark.parametrize("name", list(STRATEGIES))
@@ -366,6 +416,32 @@ def test_optuna_nsga2_keeps_a_pareto_front_over_tasks(tmp_path):
     assert xs[0] < 0.5 < xs[-1]  # the front trades task a against task b
     with pytest.raises(ValueError, match="objectives"):
         OptunaSearch(sp, "nsga2")
+
+
+def test_optuna_nsga2_resumes_exactly_from_its_storage(tmp_path):
+    """The app's NSGA-II search (SQLite storage in the run directory) killed midway and
+    resumed ends with the same trials as one that never stopped."""
+    sp = synthetic_space()
+
+    def make(db):
+        return OptunaSearch(sp, "nsga2", seed=4, objectives=["score"], batch=6, storage=f"sqlite:///{db}")
+
+    class Dies(FunctionExecutor):
+        def map(self, cands):
+            for r in super().map(cands):
+                if len(self.calls) > 14:
+                    raise KeyboardInterrupt
+                yield r
+
+    full = run_search(sp, make(tmp_path / "full.db"), FunctionExecutor(), tmp_path / "full", budget=30,
+                      progress=False, sources=False)
+    assert run_search(sp, make(tmp_path / "cut.db"), Dies(), tmp_path / "cut", budget=30, progress=False,
+                      sources=False).stopped
+    res = run_search(sp, make(tmp_path / "cut.db"), FunctionExecutor(), tmp_path / "cut", budget=30,
+                     progress=False, sources=False, resume=True)
+    xs = lambda run: [r.x for r in TrialLog(run / "trials.jsonl") if r.kind == "search"]  # noqa: E731
+    assert sorted(map(tuple, xs(tmp_path / "cut"))) == sorted(map(tuple, xs(tmp_path / "full")))
+    assert res.best_score == full.best_score
 
 
 def test_optuna_gp_improves_over_the_start():

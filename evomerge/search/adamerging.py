@@ -129,23 +129,32 @@ class AdaMerging:
         return self.space.clip(self.x.detach().cpu().numpy().astype(float))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"x": self.x.detach().cpu().tolist(), "opt": self.opt.state_dict(), "step": self.step}
+        """Plain data: the coefficients, the step and Adam's moments (float32 values are exact
+        as JSON numbers)."""
+        opt = self.opt.state_dict()
+        moments = {str(i): {k: _tensor_json(v) for k, v in st.items()} for i, st in opt["state"].items()}
+        return {"x": self.x.detach().cpu().tolist(), "step": self.step,
+                "opt": {"state": moments, "param_groups": opt["param_groups"]}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         with torch.no_grad():
-            self.x.copy_(torch.tensor(state["x"]))
-        self.opt.load_state_dict(state["opt"])
+            self.x.copy_(torch.tensor(state["x"], dtype=self.x.dtype))
+        opt = state["opt"]
+        dev = self.x.device
+        moments = {int(i): {k: _tensor_from_json(v, dev if k != "step" else "cpu") for k, v in st.items()}
+                   for i, st in opt["state"].items()}
+        self.opt.load_state_dict({"state": moments, "param_groups": opt["param_groups"]})
         self.step = int(state["step"])
 
     def run(self, run_dir: str | Path, resume: bool = False, progress: bool = True) -> tuple[np.ndarray, float]:
         """Train for ``steps`` steps, logging each in ``run_dir/trials.jsonl`` (score: minus
-        the step's entropy); resumable from ``run_dir/adamerging.pkl``."""
+        the step's entropy); resumable from ``run_dir/adamerging.json``."""
         from tqdm.auto import tqdm
 
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         log = TrialLog(run_dir / "trials.jsonl")
-        state_path = run_dir / "adamerging.pkl"
+        state_path = run_dir / "adamerging.json"
         if resume and (state := load_state(state_path)) is not None:
             self.load_state_dict(state)
         done = {r.id for r in log if r.kind == "search"}
@@ -163,6 +172,16 @@ class AdaMerging:
             bar.set_postfix(entropy=f"{entropy:.4f}")
         bar.close()
         return self.genome(), -entropy if self.steps else float("nan")
+
+
+def _tensor_json(t) -> dict[str, Any]:
+    t = torch.as_tensor(t).detach().cpu()
+    return {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape), "data": t.flatten().tolist()}
+
+
+def _tensor_from_json(d: dict[str, Any], device) -> torch.Tensor:
+    dtype = getattr(torch, d["dtype"])
+    return torch.tensor(d["data"], dtype=dtype, device=device).reshape(d["shape"])
 
 
 def _ties_filter(tau: torch.Tensor, density: float) -> torch.Tensor:

@@ -9,13 +9,17 @@ distance to the cube, so the distribution is pulled back inside. (The loop, not 
 the map from samples to genomes: pycma's own boundary handler finds its samples again
 through Python's per-process salted hashes, which a resumed search in a new process could
 not reproduce.)
+
+The strategy's state is plain data: its settings and every generation it asked and was told
+(the unit-cube samples and the fitness values). ``load_state_dict`` rebuilds pycma from the
+seed and replays that history, checking that each replayed generation asks what was asked
+before, so a resumed search continues exactly (and a state from another seed, space or pycma
+version is refused rather than continued wrongly).
 """
 
 from __future__ import annotations
 
-import io
 import math
-import pickle
 import warnings
 from typing import Any
 
@@ -32,44 +36,58 @@ class CMAES:
 
     def __init__(self, space: Space, seed: int = 0, sigma0: float = 1 / 6, x0: float | None = None,
                  popsize: int | None = None, max_generations: int | None = None):
+        self.space = space
+        n = len(space)
+        self.popsize = int(popsize) if popsize else 4 + int(3 * math.log(n))
+        self.settings = {"genes": n, "seed": int(seed), "sigma0": float(sigma0),
+                         "x0": None if x0 is None else float(x0), "popsize": self.popsize,
+                         "max_generations": None if not max_generations else int(max_generations)}
+        self.penalty = 1.0
+        self._start()
+
+    def _start(self) -> None:
+        """A fresh pycma strategy from the settings (the same every time)."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pycma warns when matplotlib (for its plots) is missing
             import cma
 
-        self.space = space
-        n = len(space)
-        self.popsize = int(popsize) if popsize else 4 + int(3 * math.log(n))
-        start = np.full(n, float(x0)) if x0 is not None else space.to_unit(space.x0)
-        self.penalty = 1.0
-        # pycma samples with opts["randn"]; give it a generator of its own, which travels
-        # with the pickled strategy (NumPy's global one would be copied at pickling time)
-        self._randn_source = np.random.RandomState(int(seed) + 1)
-        opts = {"randn": self._randn_source.randn, "popsize": self.popsize, "seed": int(seed) + 1, "verbose": -9,
+        st = self.settings
+        start = np.full(st["genes"], st["x0"]) if st["x0"] is not None else self.space.to_unit(self.space.x0)
+        # pycma samples with opts["randn"]; give it a generator of its own (NumPy's global
+        # one belongs to whoever else uses it)
+        self._randn_source = np.random.RandomState(st["seed"] + 1)
+        opts = {"randn": self._randn_source.randn, "popsize": self.popsize, "seed": st["seed"] + 1, "verbose": -9,
                 "verb_log": 0, "verb_disp": 0, "tolx": 1e-6, "tolfun": 0.0}
-        if max_generations:
-            opts["maxiter"] = int(max_generations)
+        if st["max_generations"]:
+            opts["maxiter"] = st["max_generations"]
         state = np.random.get_state()
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                self.es = cma.CMAEvolutionStrategy(start.tolist(), float(sigma0), opts)
+                self.es = cma.CMAEvolutionStrategy(start.tolist(), st["sigma0"], opts)
             self._rng = np.random.get_state()  # pycma draws from NumPy's global generator
         finally:
             np.random.set_state(state)
         self._asked: list[np.ndarray] = []
+        self.history: list[dict[str, list]] = []  # per told generation: samples and fitness
         self.tracker = _BestTracker()
 
-    def ask(self, n: int | None = None) -> list[np.ndarray]:
-        """One generation (``popsize`` genomes; ``n`` is ignored: CMA-ES needs whole generations)."""
+    def _call(self, fn):
+        """Run ``fn`` with pycma's own NumPy generator state in place of the global one."""
         outer = np.random.get_state()
         np.random.set_state(self._rng)
         try:
-            us = self.es.ask()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out = fn()
             self._rng = np.random.get_state()
         finally:
             np.random.set_state(outer)
-        self._asked = [np.asarray(u, dtype=float) for u in us]
-        self._settle()
+        return out
+
+    def ask(self, n: int | None = None) -> list[np.ndarray]:
+        """One generation (``popsize`` genomes; ``n`` is ignored: CMA-ES needs whole generations)."""
+        self._asked = [np.asarray(u, dtype=float) for u in self._call(self.es.ask)]
         return [self.space.from_unit(np.clip(u, 0.0, 1.0)) for u in self._asked]
 
     def tell(self, xs, scores) -> None:
@@ -79,28 +97,16 @@ class CMAES:
         worst = min(ok) if ok else 0.0
         # pycma minimises; a failure counts as a little worse than the worst success
         failed = (worst - max(1.0, abs(worst))) if ok else FAILED_PENALTY
-        fitness = [-(s if s is not None and np.isfinite(s) else failed)
-                   + self.penalty * float(np.sum((u - np.clip(u, 0.0, 1.0)) ** 2))
+        fitness = [float(-(s if s is not None and np.isfinite(s) else failed)
+                         + self.penalty * float(np.sum((u - np.clip(u, 0.0, 1.0)) ** 2)))
                    for s, u in zip(scores, self._asked)]
-        outer = np.random.get_state()
-        np.random.set_state(self._rng)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                self.es.tell([u.tolist() for u in self._asked], fitness)
-            self._rng = np.random.get_state()
-        finally:
-            np.random.set_state(outer)
+        self._tell(self._asked, fitness)
         self.tracker.update(xs, scores)
-        self._asked = []
-        self._settle()
 
-    def _settle(self) -> None:
-        """Replace the live pycma object by a pickled copy of itself. pycma keeps lazily
-        updated caches that pickling drops, so a strategy resumed from its checkpoint would
-        otherwise sample differently from one that never stopped; settling after every ask
-        and tell makes the two identical."""
-        self.es = pickle.loads(pickle.dumps(self.es))
+    def _tell(self, us: list[np.ndarray], fitness: list[float]) -> None:
+        self._call(lambda: self.es.tell([u.tolist() for u in us], fitness))
+        self.history.append({"u": [u.tolist() for u in us], "fitness": list(fitness)})
+        self._asked = []
 
     def best(self):
         return self.tracker.best_x, self.tracker.best_score
@@ -109,10 +115,27 @@ class CMAES:
         return bool(self.es.stop())
 
     def state_dict(self) -> dict[str, Any]:
-        buf = io.BytesIO()
-        pickle.dump((self.es, self._rng, self._asked), buf)
-        return {"pickle": buf.getvalue(), **self.tracker.state()}
+        return {"settings": dict(self.settings), "history": self.history,
+                "asked": [u.tolist() for u in self._asked], **self.tracker.state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.es, self._rng, self._asked = pickle.loads(state["pickle"])
+        if state.get("settings") != self.settings:
+            diff = sorted(k for k in set(self.settings) | set(state.get("settings") or {})
+                          if (state.get("settings") or {}).get(k) != self.settings.get(k))
+            raise ValueError(f"cmaes: the saved state was made with other settings ({', '.join(diff)}: "
+                             f"{ {k: (state.get('settings') or {}).get(k) for k in diff} } against "
+                             f"{ {k: self.settings.get(k) for k in diff} })")
+        self._start()
+        for g, gen in enumerate(state["history"]):
+            self._replay_ask(gen["u"], g)
+            self._tell([np.asarray(u, dtype=float) for u in gen["u"]], [float(f) for f in gen["fitness"]])
+        if state["asked"]:
+            self._replay_ask(state["asked"], len(state["history"]))
+            self._asked = [np.asarray(u, dtype=float) for u in state["asked"]]
         self.tracker.load(state)
+
+    def _replay_ask(self, recorded: list[list[float]], generation: int) -> None:
+        us = self._call(self.es.ask)
+        if len(us) != len(recorded) or not np.allclose(np.asarray(us), np.asarray(recorded), rtol=1e-6, atol=1e-9):
+            raise ValueError(f"cmaes: replaying the saved state, generation {generation} asks for other genomes "
+                             "than were asked (another pycma version or space?); it cannot be resumed exactly")

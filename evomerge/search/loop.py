@@ -4,7 +4,7 @@
 
 Every finished evaluation is appended to ``run_dir/trials.jsonl`` (fsynced) before anything
 else happens, and the strategy's state is saved with the generation in flight
-(``run_dir/strategy.pkl``), so a search killed at any point resumes with
+(``run_dir/strategy.json``, plain data), so a search killed at any point resumes with
 ``run_search(..., resume=True)``: finished evaluations are read back instead of re-run and
 the strategy continues exactly, so the resumed search ends where an uninterrupted one would.
 
@@ -24,12 +24,13 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..space import Space
-from ..trials import TrialLog, atomic_write, load_state, save_state
+from ..trials import StateError, TrialLog, atomic_write, load_state, save_state
 from .base import Candidate, Result
 
 __all__ = ["run_search", "SearchOutcome", "finish_run"]
 
-STATE_FILE = "strategy.pkl"
+STATE_FILE = "strategy.json"
+LEGACY_STATE_FILE = "strategy.pkl"  # pickled state of older versions: never read
 LOG_FILE = "trials.jsonl"
 
 
@@ -74,6 +75,9 @@ def run_search(
     state_path = run_dir / STATE_FILE
     if not resume and ((run_dir / LOG_FILE).is_file() or state_path.is_file()):
         raise FileExistsError(f"{run_dir} already holds a search; resume it or choose another run directory")
+    if resume and not state_path.is_file() and (run_dir / LEGACY_STATE_FILE).is_file():
+        raise StateError(f"{run_dir / LEGACY_STATE_FILE}: a pickled strategy state (from an older evomerge); "
+                         "pickles can run code when read, so it is not resumed from. Start a new run directory")
     run_dir.mkdir(parents=True, exist_ok=True)
     log = TrialLog(run_dir / LOG_FILE)
     done: dict[tuple[str, int], Result] = {(r.kind, r.id): r for r in log}

@@ -4,12 +4,17 @@ Trials live in an Optuna storage: an SQLite file in the run directory by default
 SQLAlchemy URL (e.g. PostgreSQL) when given, so ``optuna-dashboard`` can watch a search.
 NSGA-II optimises one objective per task (``objectives``: metric names such as
 ``"reverse/acc"``) and keeps a Pareto front; the other samplers optimise the score.
+
+The strategy's state is plain data. The storage is the record of every trial (with a
+storage URL it is already on disk; an in-memory study's trials go into the state), and the
+sampler is rebuilt for every ``ask`` with a seed drawn from the search's seed and the number
+of trials so far, so a resumed search samples exactly what an uninterrupted one would, and
+nothing of a library's internals is pickled.
 """
 
 from __future__ import annotations
 
-import io
-import pickle
+import warnings
 from typing import Any, Sequence
 
 import numpy as np
@@ -23,6 +28,12 @@ SAMPLERS = ("tpe", "gp", "cmaes", "nsga2", "random")
 
 
 def _sampler(kind: str, seed: int):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # multivariate TPE is marked experimental
+        return _new_sampler(kind, seed)
+
+
+def _new_sampler(kind: str, seed: int):
     import optuna
 
     if kind == "tpe":
@@ -58,6 +69,7 @@ class OptunaSearch:
         self.name = f"optuna_{sampler}"
         self.space = space
         self.kind = sampler
+        self.seed = int(seed)
         self.batch = int(batch)
         self.objectives = list(objectives) if objectives else None
         if sampler == "nsga2" and not self.objectives:
@@ -78,6 +90,9 @@ class OptunaSearch:
         if not self._enqueued_x0 and len(self.study.trials) == 0:
             self.study.enqueue_trial({f"g{i}": float(v) for i, v in enumerate(self.space.x0)})
             self._enqueued_x0 = True
+        # a sampler of its own for each batch, seeded by the trials so far: no hidden state
+        seed = int(np.random.SeedSequence([self.seed, len(self.study.trials)]).generate_state(1)[0])
+        self.study.sampler = _sampler(self.kind, seed)
         out = []
         for _ in range(n):
             trial = self.study.ask(self.dists)
@@ -119,21 +134,44 @@ class OptunaSearch:
         return False
 
     def state_dict(self) -> dict[str, Any]:
-        buf = io.BytesIO()
-        # the sampler carries its random state; an in-memory study carries its trials too
-        pickle.dump((self.study.sampler, None if self.storage else self.study), buf)
-        return {"pickle": buf.getvalue(), "pending": list(self._pending), "enqueued": self._enqueued_x0,
-                **self.tracker.state()}
+        state = {"sampler": self.kind, "seed": self.seed, "pending": list(self._pending),
+                 "enqueued": self._enqueued_x0, **self.tracker.state()}
+        if not self.storage:  # an in-memory study: its trials are the state
+            state["trials"] = [_trial_json(t) for t in self.study.get_trials(deepcopy=False)]
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         import optuna
 
-        sampler, study = pickle.loads(state["pickle"])
-        if study is not None:
-            self.study = study
+        if (state.get("sampler"), state.get("seed")) != (self.kind, self.seed):
+            raise ValueError(f"optuna: the saved state is of sampler {state.get('sampler')!r} with seed "
+                             f"{state.get('seed')!r}, not {self.kind!r} with seed {self.seed}")
+        if self.storage:
+            self.study = optuna.load_study(storage=self.storage, study_name=self.study_name,
+                                           sampler=_sampler(self.kind, self.seed))
         else:
-            self.study = optuna.load_study(storage=self.storage, study_name=self.study_name, sampler=sampler)
-        self.study.sampler = sampler
-        self._pending = list(state["pending"])
-        self._enqueued_x0 = state["enqueued"]
+            self.study = optuna.create_study(sampler=_sampler(self.kind, self.seed),
+                                             directions=self.study.directions)
+            for t in state.get("trials", []):
+                self.study.add_trial(_trial_from_json(t))
+        self._pending = [int(i) for i in state["pending"]]
+        self._enqueued_x0 = bool(state["enqueued"])
         self.tracker.load(state)
+
+
+def _trial_json(t) -> dict[str, Any]:
+    from optuna.distributions import distribution_to_json
+
+    return {"number": t.number, "state": t.state.name, "values": t.values, "params": dict(t.params),
+            "distributions": {k: distribution_to_json(d) for k, d in t.distributions.items()},
+            "user_attrs": t.user_attrs, "system_attrs": t.system_attrs}
+
+
+def _trial_from_json(d: dict[str, Any]):
+    import optuna
+    from optuna.distributions import json_to_distribution
+
+    return optuna.trial.create_trial(
+        state=optuna.trial.TrialState[d["state"]], values=d["values"], params=d["params"],
+        distributions={k: json_to_distribution(v) for k, v in d["distributions"].items()},
+        user_attrs=d["user_attrs"], system_attrs=d["system_attrs"])
