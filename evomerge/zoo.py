@@ -380,7 +380,7 @@ class Zoo:
         here = str(self.root.resolve())
         if not stamp.is_file() or stamp.read_text() != here:
             files = {t: {s: p.resolve() for s, p in d.items()} for t, d in self.data_files().items()}
-            write_jsonl_tasks(files, folder)
+            write_jsonl_tasks(files, folder, stop=["\n"])  # the zoo's answers end with a newline
             stamp.write_text(here)
         return folder
 

@@ -115,7 +115,7 @@ def main(argv=None) -> int:
             data = write_data(ZooConfig(tasks=tuple(tasks)), work)
             source = f"random Llama, hidden {a.hidden}, {a.layers} layers"
         n_params = sum(p.numel() for p in model.parameters())
-        include = write_jsonl_tasks(data, work / "tasks")
+        include = write_jsonl_tasks(data, work / "tasks", stop=["\n"])
         names = [f"zoo_{t}" + ("_mc" if a.variant == "mc" else "") for t in tasks]
 
         g = torch.Generator().manual_seed(0)

@@ -77,6 +77,7 @@ def make_setup(root: Path):
     newline = tok.convert_tokens_to_ids("\n")
     with torch.no_grad():
         model.lm_head.weight[newline] = model.lm_head.weight[frequent] * 1.02
+    model.generation_config.eos_token_id = newline  # this family's answers end with a newline, as the zoo's
 
     texts = iter(_generate_texts(model, tok, prompts, 8))
     for task, splits in rows.items():

@@ -143,12 +143,17 @@ def test_bad_inputs_give_clear_errors(setup, tmp_path):
     with pytest.raises(EvaluationError, match=r"'add'.*no test data"):
         ev(model, tok, "test")
 
+    # no pad token: batches are padded with EOS (masked out), as lm-eval pads them, and the
+    # scores do not change; with no pad, EOS or unknown token to pad with, the error names it
     nopad = S.zoo_like_tokenizer()
     nopad.pad_token = None
-    nopad.name_or_path = "char-tokenizer-without-pad"
+    bare = S.zoo_like_tokenizer()
+    bare.pad_token = bare.eos_token = bare.unk_token = None
+    bare.name_or_path = "char-tokenizer-without-pad"
     for mode in ("teacher_forced", "generate", "choice"):
-        with pytest.raises(EvaluationError, match="char-tokenizer-without-pad.*pad token"):
-            ExactMatchEvaluator(paths, mode=mode)(model, nopad)
+        assert ExactMatchEvaluator(paths, mode=mode)(model, nopad) == ExactMatchEvaluator(paths, mode=mode)(model, tok)
+        with pytest.raises(EvaluationError, match="char-tokenizer-without-pad.*pad"):
+            ExactMatchEvaluator(paths, mode=mode)(model, bare)
 
 
 def test_generate_refuses_a_tokenizer_that_cannot_decode_answers(setup):

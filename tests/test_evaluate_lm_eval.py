@@ -27,7 +27,7 @@ def _one_thread():
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("lmeval")
     model, tok, paths = S.make_setup(root)
-    include = write_jsonl_tasks(paths, root / "tasks")
+    include = write_jsonl_tasks(paths, root / "tasks", stop=["\n"])
     return model, tok, paths, include
 
 
@@ -156,7 +156,7 @@ def test_guard_refuses_search_on_benchmark_test_splits(setup, tmp_path):
 def test_overlapping_search_and_test_refused(setup, tmp_path):
     _, _, paths, _ = setup
     same = {"add": {"validation": paths["add"]["test"], "test": paths["add"]["test"]}}
-    include = write_jsonl_tasks(same, tmp_path / "same", prefix="dup_")
+    include = write_jsonl_tasks(same, tmp_path / "same", prefix="dup_", stop=["\n"])
     with pytest.raises(EvaluationError, match="dup_add.*overlap"):
         LMEvalEvaluator(["dup_add"], include_path=include)
 
@@ -169,11 +169,14 @@ def test_unknown_task_named(setup):
         LMEvalEvaluator(["zoo_add"], include_path="/nonexistent/tasks")
 
 
-def test_tokenizer_without_pad_named(setup):
-    model, _, _, include = setup
-    tok = S.zoo_like_tokenizer()
-    tok.pad_token = None
-    tok.name_or_path = "char-tokenizer-without-pad"
-    ev = LMEvalEvaluator(MC, include_path=include, limit=5)
-    with pytest.raises(EvaluationError, match="char-tokenizer-without-pad.*pad token"):
-        ev(model, tok)
+def test_tokenizer_without_pad_scores_the_same(setup):
+    model, tok, _, include = setup
+    nopad = S.zoo_like_tokenizer()
+    nopad.pad_token = None
+    assert LMEvalEvaluator(MC, include_path=include, limit=5)(model, nopad) == \
+        LMEvalEvaluator(MC, include_path=include, limit=5)(model, tok)
+    bare = S.zoo_like_tokenizer()
+    bare.pad_token = bare.eos_token = bare.unk_token = None
+    bare.name_or_path = "char-tokenizer-without-pad"
+    with pytest.raises(EvaluationError, match="char-tokenizer-without-pad.*pad"):
+        LMEvalEvaluator(MC, include_path=include, limit=5)(model, bare)

@@ -1,5 +1,12 @@
-"""Batched teacher-forced scoring of (prompt, answer) pairs: the shared kernel of the
-native evaluators and of the zoo's training loop."""
+"""How prompts and answers become tokens, once for every evaluator and the zoo's training.
+
+Prompts are encoded as the tokenizer encodes text by default, so a model whose tokenizer
+adds a BOS token (its post-processor) sees one, as it did in training and as lm-eval's
+``HFLM`` gives it. An answer is the continuation of its prompt, found as lm-eval finds it:
+``tokens(prompt + answer)`` past the length of ``tokens(prompt)`` (a BPE vocabulary may merge
+across the boundary, and a continuation encoded alone could differ). The answer's end is a
+stop: token ids (the model's EOS) appended after it, or a stop string encoded with it.
+"""
 
 from __future__ import annotations
 
@@ -7,20 +14,36 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["encode_pairs", "answer_logits", "teacher_forced_correct"]
+__all__ = ["encode_context", "encode_continuations", "encode_pairs", "answer_logits", "teacher_forced_correct"]
 
 
-def encode_pairs(tokenizer, prompts: Sequence[str], answers: Sequence[str]) -> tuple[torch.Tensor, ...]:
-    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 except on the
-    answer tokens) for prompt + answer; the answer is predicted from the prompt."""
+def encode_context(tokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each text with the special tokens the tokenizer adds by default."""
+    return tokenizer(list(texts))["input_ids"]
+
+
+def encode_continuations(tokenizer, prompts: Sequence[str], answers: Sequence[str],
+                         end: str | Sequence[int] = ()) -> tuple[list[list[int]], list[list[int]]]:
+    """``(context ids, continuation ids)`` per pair. ``end`` ends each answer: a string
+    encoded with it (e.g. ``"\\n"``), or token ids appended to it (e.g. ``[eos_id]``)."""
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
-    pad = tokenizer.pad_token_id
+    text_end = end if isinstance(end, str) else ""
+    ctx = encode_context(tokenizer, prompts)
+    whole = encode_context(tokenizer, [p + a + text_end for p, a in zip(prompts, answers)])
+    tail = [] if isinstance(end, str) else [int(i) for i in end]
+    cont = [w[len(c):] + tail for c, w in zip(ctx, whole)]
+    return ctx, cont
+
+
+def encode_pairs(tokenizer, prompts: Sequence[str], answers: Sequence[str],
+                 end: str | Sequence[int] = ()) -> tuple[torch.Tensor, ...]:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 except on the
+    continuation: the answer and its ``end``) for prompt + answer."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
-        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no pad token; set one "
-                         "(e.g. tokenizer.pad_token = tokenizer.eos_token)")
-    p_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
-    a_ids = tokenizer(list(answers), add_special_tokens=False)["input_ids"]
+        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has neither a pad nor an EOS token")
+    p_ids, a_ids = encode_continuations(tokenizer, prompts, answers, end)
     width = max(len(p) + len(a) for p, a in zip(p_ids, a_ids))
     n = len(p_ids)
     ids = torch.full((n, width), pad, dtype=torch.long)

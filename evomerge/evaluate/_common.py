@@ -15,7 +15,7 @@ import numpy as np
 
 __all__ = [
     "EvaluationError", "SPLITS", "check_split", "resolve_sources", "read_jsonl", "subsample",
-    "eval_mode", "model_device", "pad_token_id", "text_hash",
+    "eval_mode", "model_device", "pad_token_id", "text_hash", "rename_fields", "FIELDS",
 ]
 
 SPLITS = ("search", "test")
@@ -120,8 +120,23 @@ def _paths(src: Source) -> list[Path]:
     return [Path(p) for p in src]
 
 
-def read_jsonl(src: Source, task: str, split: str) -> list[dict]:
-    """Rows of one or more JSONL files, in order; an empty result is an error."""
+FIELDS = ("prompt", "answer", "choices", "label")
+
+
+def rename_fields(fields: Mapping[str, str] | None) -> dict[str, str]:
+    """``{canonical name: the data's name}`` checked: keys among ``FIELDS``."""
+    fields = dict(fields or {})
+    unknown = sorted(set(fields) - set(FIELDS))
+    if unknown:
+        raise EvaluationError(f"fields: unknown key(s) {unknown}; rename any of {list(FIELDS)} "
+                              "(e.g. fields={'prompt': 'question', 'answer': 'target'})")
+    return {k: str(v) for k, v in fields.items()}
+
+
+def read_jsonl(src: Source, task: str, split: str, fields: Mapping[str, str] | None = None) -> list[dict]:
+    """Rows of one or more JSONL files, in order; an empty result is an error. With
+    ``fields`` (``{canonical: data name}``), each row also gets its values under the
+    canonical names."""
     rows: list[dict] = []
     for path in _paths(src):
         with open(path) as f:
@@ -129,19 +144,28 @@ def read_jsonl(src: Source, task: str, split: str) -> list[dict]:
                 if not line.strip():
                     continue
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise EvaluationError(f"task {task!r}, {split} split: {path}:{lineno} is not JSON ({e})") from None
+                if not isinstance(row, dict):
+                    raise EvaluationError(f"task {task!r}, {split} split: {path}:{lineno} is a JSON "
+                                          f"{type(row).__name__}, not an object")
+                for canonical, name in (fields or {}).items():
+                    if name in row:
+                        row[canonical] = row[name]
+                rows.append(row)
     if not rows:
         raise EvaluationError(f"task {task!r}: the {split} split is empty ({', '.join(map(str, _paths(src)))})")
     return rows
 
 
-def require_fields(rows: list[dict], fields: Sequence[str], task: str, split: str, src: Source) -> None:
+def require_fields(rows: list[dict], fields: Sequence[str], task: str, split: str, src: Source,
+                   names: Mapping[str, str] | None = None) -> None:
     for i, r in enumerate(rows):
-        miss = [f for f in fields if f not in r]
+        miss = [(names or {}).get(f, f) for f in fields if f not in r]
         if miss:
-            raise EvaluationError(f"task {task!r}, {split} split ({src}): row {i} lacks field(s) {miss}")
+            raise EvaluationError(f"task {task!r}, {split} split ({src}): row {i} lacks field(s) {miss}"
+                                  + ("" if names else "; name the data's own fields with fields={...}"))
 
 
 def subsample(n: int, limit: int | None, seed: int) -> np.ndarray:
@@ -169,11 +193,13 @@ def check_disjoint(search_keys: Sequence[str], test_keys: Sequence[str], what: s
 
 
 def pad_token_id(tokenizer) -> int:
-    pad = tokenizer.pad_token_id
-    if pad is None:
-        raise EvaluationError(f"tokenizer {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__!r} "
-                              "has no pad token; set one (e.g. tokenizer.pad_token = tokenizer.eos_token)")
-    return pad
+    """The id that fills padded positions (masked out, so any id serves): the tokenizer's pad
+    token, else its EOS, else its unknown token, as lm-eval pads."""
+    for pad in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id):
+        if pad is not None:
+            return int(pad)
+    raise EvaluationError(f"tokenizer {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__!r} "
+                          "has no pad, EOS or unknown token to pad batches with; set tokenizer.pad_token")
 
 
 def model_device(model):

@@ -1,17 +1,28 @@
 """Native accuracy on JSONL tasks of (prompt, answer) rows: the fast evaluator of a search.
 
+Where an answer ends (``stop``) comes from the model and the tokenizer, never from a habit of
+one model family: by default the answer is followed by the model's end of generation (its
+generation config's ``eos_token_id``, one id or several, else the tokenizer's EOS), as
+``model.generate`` stops; ``stop=["\\n"]`` (lm-eval's ``until``) says the answer is followed by
+a stop string instead. A stop string the tokenizer cannot encode as itself (a vocabulary
+without a newline turns ``"\\n"`` into ``<unk>``) is an error naming it. Prompts are encoded
+as the tokenizer encodes text by default (with its BOS token where it adds one) and answers
+as their continuation, as lm-eval does (``_batch``).
+
 Three ways to score a row, chosen with ``mode``:
 
 ``"teacher_forced"``
-    Correct when the greedy (argmax) prediction of every answer token and of the final
-    ``"\\n"`` is right given the true prefix: one forward pass per batch. For a model
-    decoding greedily this is the same as ``"generate"`` (both say whether greedy decoding
-    reproduces ``answer + "\\n"``), up to ties between logits.
+    Correct when the greedy (argmax) prediction of every answer token is right given the true
+    prefix, and the prediction after the answer is a stop (one of the stop ids; with stop
+    strings, the tokens of the first one): one forward pass per batch. For a model decoding
+    greedily this says whether greedy decoding reproduces the answer and then stops, up to
+    ties between logits and to a stop string reached through other tokens.
 ``"generate"``
-    Batched greedy decoding with a KV cache from left-padded prompts, stopped at a newline
-    (or the tokenizer's EOS) or after ``max answer tokens + 1`` new tokens; correct when the
-    text before the first newline equals the answer exactly. This is what lm-eval's
-    ``generate_until`` with ``until: ["\\n"]`` and ``exact_match`` measures.
+    Batched greedy decoding with a KV cache from left-padded prompts, stopped at a stop (or
+    the tokenizer's EOS, as lm-eval always does) or after as many new tokens as the longest
+    answer has bytes plus its stop; correct when the text before the first stop string (or
+    stop token) equals the answer exactly. This is what lm-eval's ``generate_until`` with
+    ``exact_match`` measures.
 ``"choice"``
     Multiple choice over the row's ``choices`` with the correct index in ``label``: correct
     when the choice with the highest summed log-likelihood given the prompt is the label
@@ -30,13 +41,13 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from ._batch import encode_pairs
+from ._batch import encode_context, encode_continuations
 from ._common import (
     EvaluationError, check_disjoint, check_split, eval_mode, model_device, pad_token_id, read_jsonl,
-    require_fields, resolve_sources, subsample,
+    rename_fields, require_fields, resolve_sources, subsample,
 )
 
-__all__ = ["ExactMatchEvaluator", "greedy_generate", "stop_token_ids", "MODES"]
+__all__ = ["ExactMatchEvaluator", "greedy_generate", "stop_token_ids", "resolve_stop", "MODES"]
 
 MODES = ("teacher_forced", "generate", "choice")
 
@@ -59,6 +70,10 @@ class ExactMatchEvaluator:
             the prompts of ``batch_size // choices`` rows are run once, with a KV cache, then
             all their choices in one pass).
         mode: ``"teacher_forced"``, ``"generate"`` or ``"choice"``.
+        stop: strings that end an answer (lm-eval's ``until``), e.g. ``["\\n"]``; None: the
+            model's end of generation (see the module docstring).
+        fields: the rows' field names when they are not ``prompt``, ``answer``, ``choices``
+            and ``label``, e.g. ``{"prompt": "question", "answer": "target"}``.
 
     Rows need ``prompt`` and ``answer`` (``prompt``, ``choices`` and ``label`` in choice mode).
     A search row whose prompt also occurs in the test split is an error.
@@ -78,6 +93,8 @@ class ExactMatchEvaluator:
         seed: int = 0,
         batch_size: int = 256,
         mode: str = "teacher_forced",
+        stop: str | Sequence[str] | None = None,
+        fields: Mapping[str, str] | None = None,
     ):
         if mode not in MODES:
             raise EvaluationError(f"unknown mode {mode!r}; choose one of {MODES}")
@@ -87,14 +104,16 @@ class ExactMatchEvaluator:
         self.batch_size = int(batch_size)
         self.limit = limit
         self.seed = seed
+        self.stop = _stop_strings(stop)
+        self.fields = rename_fields(fields)
         sources = resolve_sources(data, data_dir, tasks, search_split, test_split, default_name="task")
         fields = ("prompt", "choices", "label") if mode == "choice" else ("prompt", "answer")
         self.rows: dict[str, dict[str, list[dict]]] = {}
         for task, splits in sources.items():
             self.rows[task] = {}
             for split, src in splits.items():
-                rows = read_jsonl(src, task, split)
-                require_fields(rows, fields, task, split, src)
+                rows = read_jsonl(src, task, split, self.fields)
+                require_fields(rows, fields, task, split, src, self.fields)
                 if split == "search":
                     rows = [rows[i] for i in subsample(len(rows), limit, seed)]
                 self.rows[task][split] = rows
@@ -112,22 +131,22 @@ class ExactMatchEvaluator:
         except KeyError:
             raise EvaluationError(f"task {task!r}: no {split} data was given") from None
 
-    def _prepared(self, tokenizer, split: str, device) -> dict:
-        key = split
-        hit = self._cache.get(key)
-        if hit is not None and hit[0] is tokenizer and hit[1] == device:
-            return hit[2]
+    def _prepared(self, model, tokenizer, split: str, device) -> dict:
+        stop = None if self.mode == "choice" else resolve_stop(model, tokenizer, self.stop)
+        hit = self._cache.get(split)
+        if hit is not None and hit[0] is tokenizer and hit[1] == device and hit[2] == stop:
+            return hit[3]
         pad_token_id(tokenizer)
         prep = {}
         for task in self.tasks:
             rows = self._rows_for(task, split)
             if self.mode == "teacher_forced":
-                prep[task] = self._prep_teacher_forced(tokenizer, rows, device)
+                prep[task] = self._prep_teacher_forced(tokenizer, rows, device, stop)
             elif self.mode == "generate":
-                prep[task] = self._prep_generate(tokenizer, rows, device)
+                prep[task] = self._prep_generate(tokenizer, rows, device, stop)
             else:
                 prep[task] = self._prep_choice(tokenizer, rows, device)
-        self._cache[key] = (tokenizer, device, prep)
+        self._cache[split] = (tokenizer, device, stop, prep)
         return prep
 
     def _chunks(self, items: list, lengths: list[int]) -> list[list]:
@@ -136,21 +155,43 @@ class ExactMatchEvaluator:
         items = [items[i] for i in order]
         return [items[i: i + self.batch_size] for i in range(0, len(items), self.batch_size)]
 
-    def _prep_teacher_forced(self, tokenizer, rows, device):
-        lengths = [len(r["prompt"]) + len(r["answer"]) for r in rows]
+    def _prep_teacher_forced(self, tokenizer, rows, device, stop):
+        """Right-padded prompt + answer + stop, the targets (-100 off the answer), the
+        position of the stop's prediction and the ids accepted there."""
+        kind, stops = stop
+        end = stops[0] if kind == "strings" else [stops[0]]
+        accepted = torch.tensor(sorted(set(stops) | _eos_ids(tokenizer)) if kind == "ids" else [-1], device=device)
+        pad = pad_token_id(tokenizer)
+        ctx, cont = encode_continuations(tokenizer, [r["prompt"] for r in rows], [r["answer"] for r in rows], end)
+        items = list(zip(ctx, cont))
         batches = []
-        for chunk in self._chunks(rows, lengths):
-            ids, mask, labels = encode_pairs(tokenizer, [r["prompt"] for r in chunk],
-                                             [r["answer"] + "\n" for r in chunk])
-            batches.append((ids.to(device), mask.to(device), labels[:, 1:].to(device)))
-        return len(rows), batches
+        for chunk in self._chunks(items, [len(c) + len(a) for c, a in items]):
+            width = max(len(c) + len(a) for c, a in chunk)
+            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+            mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            tgt = torch.full((len(chunk), width - 1), -100, dtype=torch.long)
+            end_pos = torch.zeros(len(chunk), dtype=torch.long)
+            for i, (c, a) in enumerate(chunk):
+                seq = c + a
+                ids[i, : len(seq)] = torch.tensor(seq)
+                mask[i, : len(seq)] = 1
+                tgt[i, len(c) - 1: len(seq) - 1] = torch.tensor(a)
+                end_pos[i] = len(seq) - 2  # the logits row that predicts the stop
+            batches.append((ids.to(device), mask.to(device), tgt.to(device), end_pos.to(device)))
+        return len(rows), batches, (accepted if kind == "ids" else None)
 
-    def _prep_generate(self, tokenizer, rows, device):
+    def _prep_generate(self, tokenizer, rows, device, stop):
+        kind, stops = stop
         pad = pad_token_id(tokenizer)
         _check_round_trip(tokenizer, [r["answer"] for r in rows[:32]])
-        p_ids = tokenizer([r["prompt"] for r in rows], add_special_tokens=False)["input_ids"]
-        a_len = tokenizer([r["answer"] + "\n" for r in rows], add_special_tokens=False)["input_ids"]
-        max_new = max(len(a) for a in a_len)
+        p_ids = encode_context(tokenizer, [r["prompt"] for r in rows])
+        end = stops[0] if kind == "strings" else [stops[0]]
+        _, cont = encode_continuations(tokenizer, [r["prompt"] for r in rows], [r["answer"] for r in rows], end)
+        end_len = len(cont[0]) - len(tokenizer(rows[0]["answer"], add_special_tokens=False)["input_ids"]) \
+            if kind == "strings" else 1
+        # room for the longest answer even when the model spells it in more tokens than the
+        # tokenizer would (at most one per byte), then its stop
+        max_new = max(max(len(c) for c in cont), max(len(r["answer"].encode()) for r in rows) + max(1, end_len))
         items = list(zip(p_ids, [r["answer"] for r in rows]))
         batches = []
         for chunk in self._chunks(items, [len(p) for p in p_ids]):
@@ -161,8 +202,11 @@ class ExactMatchEvaluator:
                 ids[i, width - len(p):] = torch.tensor(p)
                 mask[i, width - len(p):] = 1
             batches.append((ids.to(device), mask.to(device), [a for _, a in chunk]))
-        stops = stop_token_ids(tokenizer).to(device)
-        return len(rows), batches, max_new, stops
+        if kind == "ids":
+            stop_ids, strings = torch.tensor(sorted(set(stops) | _eos_ids(tokenizer)), dtype=torch.long), ()
+        else:
+            stop_ids, strings = stop_token_ids(tokenizer, stops), tuple(stops)
+        return len(rows), batches, max_new, stop_ids.to(device), strings
 
     def _prep_choice(self, tokenizer, rows, device):
         """Batches of rows: left-padded prompts ``[R, P]`` and their choices right-padded
@@ -173,8 +217,9 @@ class ExactMatchEvaluator:
                 raise EvaluationError(f"row {i}: label {r['label']} is not an index of its {len(r['choices'])} "
                                       "choices")
         k = max(len(r["choices"]) for r in rows)
-        p_ids = tokenizer([r["prompt"] for r in rows], add_special_tokens=False)["input_ids"]
-        c_ids = [tokenizer(list(r["choices"]), add_special_tokens=False)["input_ids"] for r in rows]
+        p_ids = encode_context(tokenizer, [r["prompt"] for r in rows])
+        c_ids = [encode_continuations(tokenizer, [r["prompt"]] * len(r["choices"]), list(r["choices"]))[1]
+                 for r in rows]
         for i, cs in enumerate(c_ids):
             if not p_ids[i] or any(len(c) == 0 for c in cs):
                 raise EvaluationError(f"row {i}: an empty prompt or choice cannot be scored")
@@ -205,7 +250,7 @@ class ExactMatchEvaluator:
         """Accuracy per task (``"<task>/acc"``) and their mean (``"score"``)."""
         check_split(split)
         device = model_device(model)
-        prep = self._prepared(tokenizer, split, device)
+        prep = self._prepared(model, tokenizer, split, device)
         out: dict[str, float] = {}
         with eval_mode(model):
             for task in self.tasks:
@@ -220,25 +265,29 @@ class ExactMatchEvaluator:
         return out
 
     @staticmethod
-    def _teacher_forced(model, n, batches) -> float:
+    def _teacher_forced(model, n, batches, accepted) -> float:
         hits = 0
-        for ids, mask, tgt in batches:
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
-            ok = (logits.argmax(-1) == tgt) | (tgt == -100)
+        for ids, mask, tgt, end_pos in batches:
+            pred = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].argmax(-1)
+            ok = (pred == tgt) | (tgt == -100)
+            if accepted is not None:  # any stop id ends the answer
+                rows = torch.arange(len(end_pos), device=end_pos.device)
+                ok[rows, end_pos] = torch.isin(pred[rows, end_pos], accepted)
             hits += int(ok.all(dim=1).sum())
         return hits / n
 
     @staticmethod
-    def _generate(model, tokenizer, n, batches, max_new, stops) -> float:
-        eos = tokenizer.eos_token_id
+    def _generate(model, tokenizer, n, batches, max_new, stops, strings) -> float:
+        stop_set = set(stops.tolist())
         hits = 0
         for ids, mask, answers in batches:
             gen = greedy_generate(model, ids, mask, max_new, stops, pad_token_id(tokenizer))
             for row, answer in zip(gen.tolist(), answers):
-                if eos is not None and eos in row:
-                    row = row[: row.index(eos)]
-                text = tokenizer.decode(row, skip_special_tokens=True)
-                hits += text.split("\n", 1)[0] == answer
+                cut = next((i for i, t in enumerate(row) if t in stop_set), len(row))
+                text = tokenizer.decode(row[: cut + 1] if strings else row[:cut], skip_special_tokens=True)
+                for s in strings:
+                    text = text.split(s, 1)[0]
+                hits += text == answer
         return hits / n
 
     @staticmethod
@@ -280,22 +329,64 @@ def _check_round_trip(tokenizer, answers: list[str]) -> None:
     warnings.warn(f"{len(bad)} of {len(answers)} answers checked: {msg}", stacklevel=3)
 
 
-def stop_token_ids(tokenizer) -> torch.Tensor:
-    """Ids of the tokens whose text contains a newline, plus EOS: decoding may stop after one."""
-    cached = getattr(tokenizer, "_evomerge_stop_ids", None)
-    if cached is not None:
-        return cached
-    n = len(tokenizer)
-    texts = tokenizer.batch_decode([[i] for i in range(n)], skip_special_tokens=False)
-    ids = [i for i, t in enumerate(texts) if "\n" in t]
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    out = torch.tensor(sorted(set(ids)), dtype=torch.long)
-    try:
-        tokenizer._evomerge_stop_ids = out
-    except Exception:  # pragma: no cover - a tokenizer that refuses attributes
-        pass
-    return out
+def _stop_strings(stop) -> tuple[str, ...] | None:
+    if stop is None:
+        return None
+    items = [stop] if isinstance(stop, str) else list(stop)
+    if not items or not all(isinstance(s, str) and s for s in items):
+        raise EvaluationError(f"stop: give non-empty strings (lm-eval's until), or nothing for the model's EOS; "
+                              f"got {stop!r}")
+    return tuple(items)
+
+
+def _eos_ids(tokenizer) -> set[int]:
+    return set() if tokenizer.eos_token_id is None else {int(tokenizer.eos_token_id)}
+
+
+def _tokenizer_name(tokenizer) -> str:
+    return getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+
+
+def resolve_stop(model, tokenizer, stop: tuple[str, ...] | None) -> tuple[str, tuple]:
+    """``("strings", stop strings)``, each checked to encode as itself, or ``("ids", ids)``:
+    the model's end of generation (generation config, else the tokenizer's EOS)."""
+    name = _tokenizer_name(tokenizer)
+    if stop is not None:
+        unk = tokenizer.unk_token_id
+        for s in stop:
+            ids = tokenizer(s, add_special_tokens=False)["input_ids"]
+            back = tokenizer.decode(ids, skip_special_tokens=False)
+            if not ids or (unk is not None and unk in ids) or back != s:
+                raise EvaluationError(f"stop string {s!r}: tokenizer {name!r} cannot encode it as itself (it becomes "
+                                      f"{back!r}); a model with this tokenizer never writes it. Leave stop unset to "
+                                      "end answers with the model's EOS, or give a string its vocabulary has")
+        return "strings", tuple(stop)
+    gen = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [gen] if isinstance(gen, int) else list(gen or [])
+    if not ids and tokenizer.eos_token_id is not None:
+        ids = [tokenizer.eos_token_id]
+    if not ids:
+        raise EvaluationError(f"no end of answer: tokenizer {name!r} has no EOS token and the model's generation "
+                              "config none; give stop=[...] (the strings that end an answer)")
+    return "ids", tuple(int(i) for i in ids)
+
+
+def stop_token_ids(tokenizer, strings: Sequence[str]) -> torch.Tensor:
+    """Ids of the tokens whose text contains one of ``strings``, plus EOS: decoding may stop
+    after one (a stop string spread over several tokens is found in the decoded text)."""
+    cache = getattr(tokenizer, "_evomerge_stop_ids", None)
+    if cache is None:
+        cache = {}
+        try:
+            tokenizer._evomerge_stop_ids = cache
+        except Exception:  # pragma: no cover - a tokenizer that refuses attributes
+            pass
+    key = tuple(strings)
+    if key not in cache:
+        texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=False)
+        ids = {i for i, t in enumerate(texts) if any(s in t for s in strings)} | _eos_ids(tokenizer)
+        cache[key] = torch.tensor(sorted(ids), dtype=torch.long)
+    return cache[key]
 
 
 def greedy_generate(model, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, stop_ids: torch.Tensor,

@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from ._batch import encode_context
 from ._common import (
     EvaluationError, check_split, eval_mode, model_device, pad_token_id, read_jsonl, require_fields,
     resolve_sources, subsample,
@@ -31,10 +32,10 @@ __all__ = ["EntropyEvaluator", "prediction_entropy", "encode_prompts"]
 
 
 def encode_prompts(tokenizer, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded ``input_ids`` and ``attention_mask`` of prompts (no special tokens
-    added, as the native accuracy evaluators and the zoo's training)."""
+    """Right-padded ``input_ids`` and ``attention_mask`` of prompts, encoded as every
+    evaluator encodes them (with the tokenizer's default special tokens, e.g. its BOS)."""
     pad = pad_token_id(tokenizer)
-    enc = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    enc = encode_context(tokenizer, prompts)
     if any(len(e) == 0 for e in enc):
         raise EvaluationError("an empty prompt has no next-token distribution")
     width = max(len(e) for e in enc)

@@ -412,6 +412,8 @@ def write_jsonl_tasks(
     out_dir: str | os.PathLike,
     prefix: str = "zoo_",
     groups: bool = True,
+    stop: str | Sequence[str] | None = None,
+    fields: Mapping[str, str] | None = None,
 ) -> Path:
     """Write lm-eval task YAMLs over JSONL files of ``prompt``/``answer`` (and
     ``choices``/``label``) rows; returns ``out_dir``, the path to give ``--include_path``.
@@ -419,17 +421,24 @@ def write_jsonl_tasks(
     ``data`` is ``{task: {"validation": path, "test": path}}`` (the zoo's
     ``write_data`` output). For each task two YAMLs are written:
 
-    * ``<prefix><task>``: ``generate_until`` on ``prompt``, stopping at a newline (at most
-      the longest answer + 1 new tokens), ``exact_match`` against ``answer``;
+    * ``<prefix><task>``: ``generate_until`` on ``prompt``, stopping at one of ``stop`` (its
+      ``until``) or the tokenizer's EOS (``stop=None``: the EOS alone), with at most as many
+      new tokens as the longest answer has bytes + 1, ``exact_match`` against ``answer``;
     * ``<prefix><task>_mc``: ``multiple_choice`` over ``choices`` with the index ``label``,
       ``target_delimiter: ""``, ``acc`` (written when the rows have ``choices``).
 
+    ``fields`` names the rows' own fields (``{"prompt": "question", "answer": "target"}``).
     With ``groups``, also the groups ``<prefix without "_">`` and ``<...>_mc`` over them.
     Data paths are written absolute (lm-eval resolves relative ``data_files`` against the
     working directory). Files are written atomically (temporary file, then rename).
     """
     import yaml
 
+    from .accuracy import _stop_strings
+    from ._common import rename_fields
+
+    until = list(_stop_strings(stop) or [])
+    names = {k: rename_fields(fields).get(k, k) for k in ("prompt", "answer", "choices", "label")}
     out = Path(out_dir).resolve()
     gen_names, mc_names = [], []
     for task, splits in data.items():
@@ -443,28 +452,28 @@ def write_jsonl_tasks(
             files[split] = path
         rows = read_jsonl(files["validation"], task, "validation") + read_jsonl(files["test"], task, "test")
         for i, r in enumerate(rows):
-            if "prompt" not in r or "answer" not in r:
-                raise EvaluationError(f"task {task!r}: row {i} lacks 'prompt' or 'answer'")
-        max_gen = max(len(r["answer"]) for r in rows) + 1
+            if names["prompt"] not in r or names["answer"] not in r:
+                raise EvaluationError(f"task {task!r}: row {i} lacks {names['prompt']!r} or {names['answer']!r}")
+        max_gen = max(len(str(r[names["answer"]]).encode()) for r in rows) + 1
         common = {
             "dataset_path": "json",
             "dataset_kwargs": {"data_files": {k: str(v) for k, v in files.items()}},
             "validation_split": "validation",
             "test_split": "test",
-            "doc_to_text": "prompt",
+            "doc_to_text": names["prompt"],
             "num_fewshot": 0,
             "metadata": {"version": 1.0},
         }
         name = f"{prefix}{task}"
-        gen = {"task": name, **common, "output_type": "generate_until", "doc_to_target": "answer",
+        gen = {"task": name, **common, "output_type": "generate_until", "doc_to_target": names["answer"],
                "target_delimiter": "",
-               "generation_kwargs": {"until": ["\n"], "do_sample": False, "max_gen_toks": max_gen},
+               "generation_kwargs": {"until": until, "do_sample": False, "max_gen_toks": max_gen},
                "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}]}
         _atomic_write(out / f"{name}.yaml", yaml.safe_dump(gen, sort_keys=False))
         gen_names.append(name)
-        if all("choices" in r and "label" in r for r in rows):
-            mc = {"task": f"{name}_mc", **common, "output_type": "multiple_choice", "doc_to_choice": "choices",
-                  "doc_to_target": "label", "target_delimiter": "",
+        if all(names["choices"] in r and names["label"] in r for r in rows):
+            mc = {"task": f"{name}_mc", **common, "output_type": "multiple_choice",
+                  "doc_to_choice": names["choices"], "doc_to_target": names["label"], "target_delimiter": "",
                   "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]}
             _atomic_write(out / f"{name}_mc.yaml", yaml.safe_dump(mc, sort_keys=False))
             mc_names.append(f"{name}_mc")
