@@ -1,21 +1,35 @@
-"""Tiny Llama-architecture model families for tests and examples (seconds to build).
+"""Small model families for tests and examples, made locally (no model hub).
 
-``tiny_family(root)`` writes a base and ``n_experts`` "fine-tunes" of it (base plus a
-seeded random task vector) as ordinary Hugging Face folders with a character-level
-tokenizer, so every loading, merging and writing path runs without a model hub::
+``tiny_family(root)`` writes a Llama-architecture base and ``n_experts`` "fine-tunes" of it
+(base plus a seeded random task vector) with a character-level tokenizer, in seconds, so
+every loading, merging and writing path runs::
 
     from evomerge.testing import tiny_family
     paths = tiny_family("/tmp/tiny", n_experts=3)   # {"base": ..., "expert_0": ..., ...}
+
+``word_family(root)`` trains a family that shares none of the zoo's conventions, for checking
+that scores are right on models evomerge did not shape: a GPT-2 architecture (fused
+``c_attn``, ``Conv1D`` weights, tied embeddings, ``transformer.h.N`` names), a byte-level BPE
+tokenizer that adds a BOS token and has no pad token, answers that end with the EOS token
+(no newline anywhere), and data in ``<task>/dev.jsonl`` and ``<task>/test.jsonl`` with the
+fields ``question``, ``target``, ``options`` and ``gold``. Each expert is fine-tuned from the
+base until it answers its own task (about a minute on 2 CPU cores)::
+
+    python -m evomerge.testing words /tmp/words      # base, experts/<task>, data/<task>/*.jsonl
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
+import numpy as np
 import torch
 
-__all__ = ["tiny_config", "tiny_tokenizer", "tiny_model", "tiny_family", "CHARS"]
+__all__ = ["tiny_config", "tiny_tokenizer", "tiny_model", "tiny_family", "CHARS", "word_family", "WordFamily",
+           "WORD_TASKS"]
 
 CHARS = list("0123456789abcdefghijklmnopqrstuvwxyz +-=:,.?>")
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -102,6 +116,181 @@ def tiny_family(
         out[name] = path
     del base
     return out
+
+
+
+# --------------------------------------------------------------------------------------
+# A second family with other conventions: GPT-2, byte-level BPE, EOS-terminated answers
+# --------------------------------------------------------------------------------------
+
+WORDS = ("red", "blue", "green", "cat", "dog", "sun", "moon", "tree", "fish", "bird", "star", "rain", "snow",
+         "fire", "wind", "rock")
+WORD_TASKS = {  # name: (prompt head, answer from the input words)
+    "reverse": ("reverse", lambda ws: " ".join(reversed(ws))),
+    "rotate": ("rotate", lambda ws: " ".join([*ws[1:], ws[0]])),
+}
+_WORD_FIELDS = {"prompt": "question", "answer": "target", "choices": "options", "label": "gold"}
+
+
+@dataclass
+class WordFamily:
+    """Paths of a built word family; ``fields`` maps evomerge's row fields to its data's."""
+
+    root: Path
+    tasks: list[str]
+    base: Path
+    experts: dict[str, Path]
+    data: dict[str, dict[str, Path]]  # task -> {"dev": path, "test": path}
+    accuracy: dict[str, dict[str, float]]
+    fields: dict[str, str] = field(default_factory=lambda: dict(_WORD_FIELDS))
+
+
+def _word_prompt(task: str, ws: Sequence[str]) -> str:
+    return f"{WORD_TASKS[task][0]}: {' '.join(ws)} ="
+
+
+def _word_rows(task: str, inputs: list[tuple[str, ...]], rng) -> list[dict]:
+    rows = []
+    for ws in inputs:
+        answer = WORD_TASKS[task][1](ws)
+        wrong = set()
+        while len(wrong) < 3:  # near misses: one word of the answer changed
+            parts = answer.split(" ")
+            parts[int(rng.integers(len(parts)))] = WORDS[int(rng.integers(len(WORDS)))]
+            if " ".join(parts) != answer:
+                wrong.add(" ".join(parts))
+        options = [answer, *sorted(wrong)]
+        order = rng.permutation(len(options))
+        rows.append({"question": _word_prompt(task, ws), "target": answer,
+                     "options": [options[j] for j in order], "gold": int(np.flatnonzero(order == 0)[0])})
+    return rows
+
+
+def word_tokenizer(corpus: Sequence[str]):
+    """A byte-level BPE tokenizer trained on ``corpus``: BOS added to every encoding by its
+    post-processor, EOS and BOS distinct, no pad token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|bos|>", "<|eos|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator(corpus, trainer)
+    bos = tk.token_to_id("<|bos|>")
+    tk.post_processor = processors.TemplateProcessing(single="<|bos|> $A", pair="<|bos|> $A <|bos|> $B",
+                                                      special_tokens=[("<|bos|>", bos)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|bos|>", eos_token="<|eos|>")
+    tok.model_max_length = 64
+    return tok
+
+
+def word_family(root: str | Path, tasks: Sequence[str] = tuple(WORD_TASKS), seed: int = 0, n_words: int = 3,
+                eval_size: int = 100, base_steps: int = 400, expert_steps: int = 500, lr: float = 5e-3,
+                batch_size: int = 48, hidden: int = 64) -> WordFamily:
+    """Train and write the word family under ``root`` (see the module docstring); returns its
+    paths and each model's teacher-forced accuracy on each task's test rows. A family already
+    there (``family.json``) is returned as it is."""
+    import itertools
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from .evaluate._batch import encode_pairs, teacher_forced_correct
+    from .zoo import _lr_at
+
+    root = Path(root)
+    meta = root / "family.json"
+    if meta.is_file():
+        info = json.loads(meta.read_text())
+        return WordFamily(root, info["tasks"], root / "base", {t: root / "experts" / t for t in info["tasks"]},
+                          {t: {s: root / "data" / t / f"{s}.jsonl" for s in ("dev", "test")} for t in info["tasks"]},
+                          info["accuracy"])
+    rng = np.random.Generator(np.random.PCG64(seed))
+    every = list(itertools.product(WORDS, repeat=n_words))
+    order = rng.permutation(len(every))
+    held = [every[i] for i in order[: 2 * eval_size]]  # dev and test inputs, never trained on
+    train_pool = [every[i] for i in order[2 * eval_size:]]
+    rows = {t: {"dev": _word_rows(t, held[:eval_size], rng), "test": _word_rows(t, held[eval_size:], rng)}
+            for t in tasks}
+    corpus = [_word_prompt(t, ws) + WORD_TASKS[t][1](ws) for t in tasks for ws in train_pool[:500]]
+    corpus += [f"copy: {' '.join(ws)} ={' '.join(ws)}" for ws in train_pool[:200]]
+    tok = word_tokenizer(corpus)
+    eos = tok.eos_token_id
+
+    def pairs(task_names, n, short):
+        picks = rng.integers(len(train_pool), size=n)
+        names = [task_names[int(i)] for i in rng.integers(len(task_names), size=n)]
+        prompts, answers = [], []
+        for name, i in zip(names, picks):
+            ws = train_pool[int(i)]
+            if short and name != "copy":  # the base sees the tasks on shorter inputs only
+                ws = ws[: n_words - 1]
+            if name == "copy":
+                prompts.append(f"copy: {' '.join(ws)} ="), answers.append(" ".join(ws))
+            else:
+                prompts.append(_word_prompt(name, ws)), answers.append(WORD_TASKS[name][1](ws))
+        return prompts, answers
+
+    def fit(model, task_names, steps, short=False):
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        model.train()
+        for step in range(steps):
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(step, steps, lr, max(1, steps // 10))
+            ids, mask, labels = encode_pairs(tok, *pairs(task_names, batch_size, short), end=[eos])
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        model.eval()
+
+    def measure(model):
+        out = {}
+        for t in tasks:
+            r = rows[t]["test"]
+            batch = encode_pairs(tok, [x["question"] for x in r], [x["target"] for x in r], end=[eos])
+            out[t] = round(float(teacher_forced_correct(model, batch).float().mean()), 4)
+        return out
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=hidden, n_layer=2, n_head=4,
+                     bos_token_id=tok.bos_token_id, eos_token_id=eos)
+    model = GPT2LMHeadModel(cfg)
+    tmp = root.with_name(f".{root.name}.tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    fit(model, ["copy", *tasks], base_steps, short=True)  # knows the formats, not the target length
+
+    def save(model, path):
+        model.generation_config.eos_token_id = eos
+        model.generation_config.bos_token_id = tok.bos_token_id
+        model.save_pretrained(path)
+        tok.save_pretrained(path)
+        tc = path / "tokenizer_config.json"
+        c = json.loads(tc.read_text())
+        c["model_max_length"] = 64
+        tc.write_text(json.dumps(c, indent=2))
+
+    save(model, tmp / "base")
+    acc = {"base": measure(model)}
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    for t in tasks:
+        model.load_state_dict(base_state)
+        fit(model, [t], expert_steps)
+        save(model, tmp / "experts" / t)
+        acc[t] = measure(model)
+    for t in tasks:
+        for split, rs in rows[t].items():
+            path = tmp / "data" / t / f"{split}.jsonl"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("".join(json.dumps(r) + "\n" for r in rs))
+    (tmp / "family.json").write_text(json.dumps({"tasks": list(tasks), "accuracy": acc, "seed": seed}, indent=2))
+    tmp.rename(root)
+    return word_family(root)
 
 
 def main(argv: list[str] | None = None) -> int:

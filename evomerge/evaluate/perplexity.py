@@ -22,16 +22,18 @@ from pathlib import Path
 import torch
 
 from ._common import (
-    EvaluationError, check_split, eval_mode, model_device, pad_token_id, read_jsonl, resolve_sources, subsample,
+    EvaluationError, check_split, eval_mode, model_device, pad_token_id, read_jsonl, rename_fields, resolve_sources,
+    subsample,
 )
 
 __all__ = ["PerplexityEvaluator", "load_documents", "sliding_windows"]
 
 
-def load_documents(src, task: str, split: str, field: str = "text", dataset_split: str | None = None) -> list[str]:
+def load_documents(src, task: str, split: str, field: str = "text", dataset_split: str | None = None,
+                   fields: Mapping[str, str] | None = None) -> list[str]:
     """Documents of a source: a ``.txt`` file is one document; a ``.jsonl`` row gives
-    ``row[field]``, or ``prompt + answer + "\\n"`` (the zoo's training text) when it has no
-    ``field``; a datasets spec ``{"path", "name", "split", "field", ...}`` gives one document
+    ``row[field]``, or ``prompt + answer`` when it has no ``field`` (``fields`` renames
+    ``prompt`` and ``answer`` as the accuracy evaluators' ``fields`` does); a datasets spec ``{"path", "name", "split", "field", ...}`` gives one document
     per non-empty row (the remaining keys, e.g. ``data_files``, go to
     ``datasets.load_dataset``; ``split`` defaults to ``dataset_split``)."""
     if isinstance(src, Mapping):
@@ -53,11 +55,11 @@ def load_documents(src, task: str, split: str, field: str = "text", dataset_spli
         docs = []
         for path in paths:
             if path.suffix == ".jsonl":
-                for i, row in enumerate(read_jsonl(path, task, split)):
+                for i, row in enumerate(read_jsonl(path, task, split, fields)):
                     if field in row:
                         docs.append(row[field])
                     elif "prompt" in row and "answer" in row:
-                        docs.append(row["prompt"] + row["answer"] + "\n")
+                        docs.append(row["prompt"] + row["answer"])
                     else:
                         raise EvaluationError(f"task {task!r}, {split} split: {path} row {i} has neither "
                                               f"{field!r} nor 'prompt' and 'answer'")
@@ -99,6 +101,9 @@ class PerplexityEvaluator:
             ``split`` is ``"search"``/``"test"`` or ``search_split``/``test_split``. A source is
             a ``.txt``/``.jsonl`` path, a list of them, or a datasets spec
             ``{"path": ..., "name": ..., "split": ..., "field": ...}``.
+        data_dir, tasks: instead of ``data``, ``<data_dir>/<task>/<split>.jsonl`` for each task
+            (as the accuracy evaluators take them).
+        fields: the JSONL rows' names for ``prompt`` and ``answer``.
         name: the task name of the one-task form.
         max_length: tokens per window; None: the model's ``max_position_embeddings`` (at most
             1024), read on the first call.
@@ -113,8 +118,11 @@ class PerplexityEvaluator:
 
     def __init__(
         self,
-        data: Mapping,
+        data: Mapping | None = None,
         *,
+        data_dir: str | os.PathLike | None = None,
+        tasks: list[str] | None = None,
+        fields: Mapping[str, str] | None = None,
         name: str = "text",
         max_length: int | None = None,
         stride: int | None = None,
@@ -130,13 +138,14 @@ class PerplexityEvaluator:
         self.max_length = max_length
         self.stride = stride
         self.batch_size = int(batch_size)
-        sources = resolve_sources(data, None, None, search_split, test_split, default_name=name)
+        fields = rename_fields(fields)
+        sources = resolve_sources(data, data_dir, tasks, search_split, test_split, default_name=name)
         self.docs: dict[str, dict[str, list[str]]] = {}
         for task, splits in sources.items():
             self.docs[task] = {}
             for split, src in splits.items():
                 docs = load_documents(src, task, split, field,
-                                      dataset_split=search_split if split == "search" else test_split)
+                                      dataset_split=search_split if split == "search" else test_split, fields=fields)
                 if split == "search":
                     docs = [docs[i] for i in subsample(len(docs), limit, seed)]
                 self.docs[task][split] = docs

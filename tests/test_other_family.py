@@ -1,0 +1,139 @@
+"""Every evaluator on a model family evomerge did not shape (GPT-2, byte-level BPE with a BOS
+token and no pad token, answers ended by EOS, no newline anywhere, its own field names and
+file names): each expert scores its own task, native and lm-eval scores of the same model on
+the same rows agree, and the native scores equal plain per-row ``model.generate``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from evomerge.evaluate import EvaluationError, ExactMatchEvaluator, LMEvalEvaluator, build_evaluator, write_jsonl_tasks
+
+NATIVE = ("accuracy", "exact_match", "choice")
+
+
+@pytest.fixture(scope="module")
+def models(words):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = {"base": words.base, **words.experts}
+    tok = AutoTokenizer.from_pretrained(words.base)
+    assert tok.pad_token is None and tok("x")["input_ids"][0] == tok.bos_token_id  # the conventions under test
+    return tok, {k: AutoModelForCausalLM.from_pretrained(p).eval() for k, p in out.items()}
+
+
+def _data(words):
+    return {t: {"search": d["dev"], "test": d["test"]} for t, d in words.data.items()}
+
+
+def native(name, words, **kw):
+    return build_evaluator(name, data=_data(words), fields=words.fields, batch_size=32, **kw)
+
+
+@pytest.fixture(scope="module")
+def lm_tasks(words, tmp_path_factory):
+    files = {t: {"validation": d["dev"], "test": d["test"]} for t, d in words.data.items()}
+    return write_jsonl_tasks(files, tmp_path_factory.mktemp("tasks"), prefix="w_", fields=words.fields)
+
+
+def _rows(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def reference_generate(model, tok, rows) -> float:
+    """Exact match by one ``model.generate`` per row, the tokenizer's own way (BOS added),
+    stopping where the model's generation config says."""
+    hits = 0
+    with torch.no_grad():
+        for r in rows:
+            enc = tok(r["question"], return_tensors="pt")
+            out = model.generate(**enc, max_new_tokens=16, do_sample=False, pad_token_id=tok.eos_token_id)
+            hits += tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True) == r["target"]
+    return hits / len(rows)
+
+
+@pytest.mark.parametrize("name", NATIVE)
+def test_every_native_evaluator_scores_each_expert_on_its_own_task(words, models, name):
+    tok, ms = models
+    ev = native(name, words)
+    for task in words.tasks:
+        for split in ("search", "test"):
+            got = ev(ms[task], tok, split)
+            assert got[f"{task}/acc"] >= 0.99, (name, task, split, got)
+        other = next(t for t in words.tasks if t != task)
+        if name != "choice":  # four near-miss options: the other expert may still rank them
+            assert ev(ms[task], tok, "test")[f"{other}/acc"] <= 0.2
+
+
+def test_native_generate_equals_per_row_model_generate(words, models):
+    tok, ms = models
+    ev = native("exact_match", words)
+    for name in ("base", *words.tasks):
+        for task in words.tasks:
+            want = reference_generate(ms[name], tok, _rows(words.data[task]["test"]))
+            assert ev(ms[name], tok, "test")[f"{task}/acc"] == pytest.approx(want, abs=1e-12), (name, task)
+
+
+def _half_merge(ms, tasks):
+    """A model between the two experts (their mean): scores that are neither 0 nor 1."""
+    import copy
+
+    m = copy.deepcopy(ms[tasks[0]])
+    with torch.no_grad():
+        for (_, p), (_, q) in zip(m.named_parameters(), ms[tasks[1]].named_parameters()):
+            p.mul_(0.5).add_(q, alpha=0.5)
+    return m
+
+
+def test_lm_eval_scores_each_expert_and_agrees_with_native(words, models, lm_tasks):
+    tok, ms = models
+    gen = LMEvalEvaluator([f"w_{t}" for t in words.tasks], include_path=lm_tasks, include_defaults=False)
+    mc = LMEvalEvaluator([f"w_{t}_mc" for t in words.tasks], include_path=lm_tasks, include_defaults=False)
+    natives = {n: native(n, words) for n in NATIVE}
+    candidates = {**ms, "half": _half_merge(ms, words.tasks)}
+    for name, model in candidates.items():
+        for split in ("search", "test"):
+            g, c = gen(model, tok, split), mc(model, tok, split)
+            nat = {n: ev(model, tok, split) for n, ev in natives.items()}
+            for task in words.tasks:
+                if name == task:
+                    assert g[f"w_{task}/exact_match"] >= 0.99 and c[f"w_{task}_mc/acc"] >= 0.99
+                # the same rows, the same model: within one point
+                assert abs(g[f"w_{task}/exact_match"] - nat["exact_match"][f"{task}/acc"]) <= 0.01, (name, task)
+                assert abs(g[f"w_{task}/exact_match"] - nat["accuracy"][f"{task}/acc"]) <= 0.01, (name, task)
+                assert abs(c[f"w_{task}_mc/acc"] - nat["choice"][f"{task}/acc"]) <= 0.01, (name, task)
+
+
+def test_a_stop_string_the_tokenizer_cannot_write_is_named(words, models):
+    """Demanding a newline after each answer would score a perfect expert 0%: with a
+    tokenizer that cannot encode it the evaluator refuses; with one that can, the scores
+    follow the data (the experts never write it)."""
+    from evomerge.testing import tiny_config, tiny_model, tiny_tokenizer
+
+    char = tiny_tokenizer()  # its vocabulary has no newline: "\n" becomes <unk>
+    model = tiny_model(tiny_config(vocab=len(char)))
+    rows = words.data[words.tasks[0]]
+    for mode in ("teacher_forced", "generate"):
+        ev = ExactMatchEvaluator({"t": {"search": rows["dev"]}}, fields=words.fields, mode=mode, stop=["\n"])
+        with pytest.raises(EvaluationError, match=r"stop string '\\n'.*cannot encode"):
+            ev(model, char, "search")
+    tok, ms = models
+    task = words.tasks[0]
+    forced = native("accuracy", words, stop=["\n"])(ms[task], tok, "test")[f"{task}/acc"]
+    assert forced == 0.0  # the expert ends its answers with EOS, never a newline
+    assert native("accuracy", words)(ms[task], tok, "test")[f"{task}/acc"] >= 0.99
+
+
+def test_perplexity_and_entropy_run_on_the_family(words, models):
+    tok, ms = models
+    ppl = build_evaluator("perplexity", data=_data(words), fields=words.fields)
+    for task in words.tasks:
+        other = next(t for t in words.tasks if t != task)
+        own, theirs = ppl(ms[task], tok, "test"), ppl(ms[other], tok, "test")
+        assert own[f"{task}/ppl"] < theirs[f"{task}/ppl"]  # each expert knows its own task's text best
+    ent = build_evaluator("entropy", data=_data(words), field="question")
+    out = ent(ms[words.tasks[0]], tok, "search")
+    assert all(v >= 0 for v in out.values())
