@@ -31,6 +31,9 @@ def _models(cfg) -> tuple[str | None, list[str], Any]:
         from .zoo import build_zoo, load_zoo
 
         root = Path(cfg.models.zoo_dir)
+        if root.exists() and not (root / "zoo.json").is_file() and (not root.is_dir() or any(root.iterdir())):
+            raise ConfigError(f"models.zoo_dir: {str(root)!r} exists and is not a zoo; for your own models use "
+                              "models=custom models.base=... models.experts=[...], or point models.zoo_dir elsewhere")
         # a zoo already there is used as built (any seed or size); a missing one is built
         zoo = load_zoo(root) if (root / "zoo.json").is_file() else build_zoo(root, progress=cfg.progress)
     base = cfg.models.get("base") or (str(zoo.base) if zoo else None)
@@ -38,7 +41,7 @@ def _models(cfg) -> tuple[str | None, list[str], Any]:
     task = cfg.models.get("ingredients")
     if task:
         if zoo is None:
-            raise ValueError("models.ingredients needs the zoo (models.zoo_dir)")
+            raise ConfigError("models.ingredients needs the zoo (models.zoo_dir)")
         from .zoo import build_ingredients
 
         experts = [str(p) for p in build_ingredients(zoo, str(task), int(cfg.models.get("ingredient_count", 6)),
@@ -46,7 +49,8 @@ def _models(cfg) -> tuple[str | None, list[str], Any]:
         if cfg.merge.get("method") == "linear":
             base = None  # a soup averages the ingredients alone
     if not experts:
-        raise ValueError("models.experts: no models to merge (give a list, or models.zoo_dir)")
+        raise ConfigError("models.experts: no models to merge; give them as models.experts=[DIR_OR_HUB_ID,...] "
+                          "(with models=custom), or use the zoo (models=zoo)")
     return base, experts, zoo
 
 
@@ -95,36 +99,81 @@ def check_config(cfg) -> None:
     targets(OmegaConf.to_container(cfg, resolve=False), "")
 
 
+def build(node, **kwargs) -> Any:
+    """``hydra.utils.instantiate``, except that an error of the target's (e.g. an evaluator
+    naming a data file that does not exist) comes out as itself rather than wrapped in
+    Hydra's ``InstantiationException``, so the app reports it in one line."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as e:
+        if e.__cause__ is not None:
+            raise e.__cause__ from None
+        raise
+
+
+def _plain(node) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else (node or {})
+
+
+def build_space(cfg, base: str | None, experts: list[str]):
+    """The genome space a composed config describes (``merge`` and ``space`` groups)."""
+    from .space import Space
+
+    ranges = _plain(cfg.space.get("ranges"))
+    search = {p: ranges.get(p, {}) for p in (cfg.merge.search or [])}
+    return Space(cfg.merge.method, experts, base_model=base, search=search, fixed=_plain(cfg.merge.get("fixed")),
+                 granularity=cfg.space.granularity, layer_granularity=cfg.space.get("layer_granularity", 1),
+                 smoothing=cfg.space.get("smoothing"), dtype=cfg.merge.get("dtype", "float32"))
+
+
+_DATA_EVALS = ("accuracy", "exact_match", "choice", "perplexity", "entropy")
+
+
+def _eval_kwargs(cfg, zoo) -> dict[str, Any]:
+    """What the eval group leaves to the models: the zoo's tasks and lm-eval task folder; and
+    a clear error when data the evaluator needs was not given."""
+    name = cfg.eval.get("name")
+    kw: dict[str, Any] = {}
+    if zoo is not None:
+        ingredients = cfg.models.get("ingredients")
+        if cfg.eval.get("tasks") is None:
+            if name == "lm_eval":
+                kw["tasks"] = [f"zoo_{ingredients}"] if ingredients else ["zoo"]
+            else:  # a soup of one task's fine-tunes is scored on that task
+                kw["tasks"] = [str(ingredients)] if ingredients else zoo.tasks
+        if name == "lm_eval" and cfg.eval.get("include_path") in (None, str(zoo.root / "lm_eval_tasks")):
+            kw["include_path"] = str(zoo.lm_eval_tasks)  # written on first use
+    elif name in _DATA_EVALS and cfg.eval.get("data") is None:
+        if cfg.eval.get("data_dir") is None:
+            raise ConfigError(f"eval.data_dir: eval={name} needs data and there is no zoo; give "
+                              "eval.data_dir=DIR eval.tasks=[TASK,...] (DIR/TASK/<split>.jsonl files) or eval.data")
+        if not cfg.eval.get("tasks"):
+            raise ConfigError(f"eval.tasks: name the task folders of eval.data_dir={cfg.eval.data_dir}")
+    elif name == "lm_eval" and not cfg.eval.get("tasks"):
+        raise ConfigError("eval.tasks: name the lm-eval tasks or groups to score (e.g. eval.tasks=[arc_easy])")
+    return kw
+
+
 def run(cfg, run_dir: str | Path) -> dict:
     """Run (or resume) the search a composed config describes; returns the summary."""
     import torch
-    from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     from .execute import Worker, shared_inputs
     from .search import run_search
-    from .space import Space
 
     check_config(cfg)
     torch.set_num_threads(int(cfg.threads))
     run_dir = Path(run_dir)
     base, experts, zoo = _models(cfg)
-    def plain(node) -> Any:
-        return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else (node or {})
-
-    ranges = plain(cfg.space.get("ranges"))
-    search = {p: ranges.get(p, {}) for p in cfg.merge.search}
-    space = Space(cfg.merge.method, experts, base_model=base, search=search,
-                  fixed=plain(cfg.merge.get("fixed")),
-                  granularity=cfg.space.granularity, layer_granularity=cfg.space.get("layer_granularity", 1),
-                  smoothing=cfg.space.get("smoothing"), dtype=cfg.merge.get("dtype", "float32"))
-    eval_kw = {}
-    if cfg.eval.get("tasks") is None and zoo is not None:
-        eval_kw["tasks"] = zoo.tasks if cfg.eval.name != "lm_eval" else ["zoo"]
-        if cfg.models.get("ingredients"):  # a soup of one task's fine-tunes is scored on that task
-            eval_kw["tasks"] = [str(cfg.models.ingredients)] if cfg.eval.name != "lm_eval" \
-                else [f"zoo_{cfg.models.ingredients}"]
-    evaluator = instantiate(cfg.eval, **eval_kw)
+    space = build_space(cfg, base, experts)
+    eval_kw = _eval_kwargs(cfg, zoo)
+    evaluator = build(cfg.eval, **eval_kw)
     strat_kw: dict[str, Any] = {"seed": int(cfg.seed)}
     target = cfg.search.get("_target_", "")
     if target.endswith("OptunaSearch"):
@@ -137,9 +186,7 @@ def run(cfg, run_dir: str | Path) -> dict:
     engine_kw = {"store_dtype": cfg.get("store_dtype"), "compile": bool(cfg.get("compile", False))}
 
     def build_worker(shared=None) -> Worker:  # runs where the worker lives (in-process, or in a Ray actor)
-        from hydra.utils import instantiate
-
-        return Worker(space, instantiate(eval_cfg, **eval_kw), device=device, seed=seed, shared=shared,
+        return Worker(space, build(eval_cfg, **eval_kw), device=device, seed=seed, shared=shared,
                       **engine_kw)
 
     def inputs():  # the weights, read once here (on the CPU) and shared with every worker
@@ -147,13 +194,20 @@ def run(cfg, run_dir: str | Path) -> dict:
 
     if cfg.executor.get("_target_", "").endswith("RayExecutor"):
         worker = None
-        executor = instantiate(cfg.executor)(build_worker, inputs=inputs)
+        executor = build(cfg.executor)(build_worker, inputs=inputs)
     else:
         worker = Worker(space, evaluator, device=device, seed=seed, **engine_kw)
-        executor = instantiate(cfg.executor)(worker)
+        executor = build(cfg.executor)(worker)
     if target.endswith("AdaMerging"):
         return _adamerging(cfg, space, worker, executor, zoo, evaluator, run_dir)
-    strategy = instantiate(cfg.search)(space, **strat_kw)
+    if len(space) == 0:  # nothing to search (e.g. model_stock): the merge is scored as it is
+        from .search import GridSearch
+
+        print(f"evomerge: {space.method.name} has no searched parameters here; scoring its merge once",
+              file=sys.stderr)
+        strategy = GridSearch(space)
+    else:
+        strategy = build(cfg.search)(space, **strat_kw)
     try:
         outcome = run_search(space, strategy, executor, run_dir, budget=int(cfg.budget),
                              max_seconds=cfg.max_seconds, resume=bool(cfg.resume), progress=bool(cfg.progress),
@@ -163,7 +217,7 @@ def run(cfg, run_dir: str | Path) -> dict:
     if outcome.stopped:
         print(f"stopped after {outcome.evaluations} evaluations; resume with: evomerge resume=true "
               f"hydra.run.dir={run_dir}", file=sys.stderr)
-        return {}
+        raise KeyboardInterrupt
     if cfg.get("export_model") and outcome.best_x is not None:
         from .merge.engine import MergeEngine
 
@@ -195,7 +249,7 @@ def _adamerging(cfg, space, worker, executor, zoo, evaluator, run_dir: Path) -> 
     from .search import finish_run
 
     if zoo is None:
-        raise ValueError("search=adamerging* needs unlabeled prompts: the zoo's, for now")
+        raise ConfigError("search=adamerging* needs unlabeled prompts: the zoo's, for now")
     prompts = [json.loads(line)["prompt"] for t in evaluator.tasks
                for line in zoo.data(t, "validation").read_text().splitlines()]
     if (run_dir / "summary.json").is_file() and not cfg.resume:
@@ -204,9 +258,7 @@ def _adamerging(cfg, space, worker, executor, zoo, evaluator, run_dir: Path) -> 
     seed, resume, progress = int(cfg.seed), bool(cfg.resume), bool(cfg.progress)
 
     def train(w):  # runs where the worker is: in-process, or inside a Ray actor
-        from hydra.utils import instantiate
-
-        am = instantiate(search_cfg)(space, w, prompts, seed=seed)
+        am = build(search_cfg)(space, w, prompts, seed=seed)
         x, score = am.run(run_dir, resume=resume, progress=progress and w is worker)
         return am.name, x, score
 
@@ -257,15 +309,25 @@ def main() -> None:
 
     @hydra.main(version_base=None, config_path=conf, config_name="config")
     def _main(cfg) -> None:
+        from .cli import user_errors
+
         try:
             check_config(cfg)
         except ConfigError as e:
             print(f"evomerge: error in the configuration: {e}", file=sys.stderr)
             sys.exit(2)
-        run(cfg, HydraConfig.get().runtime.output_dir)
+        try:
+            run(cfg, HydraConfig.get().runtime.output_dir)
+        except user_errors() as e:
+            print(f"evomerge: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            sys.exit(130)
 
     _main()
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    from evomerge.app import main as _main  # the module's own classes (errors), not __main__'s copies
+
+    _main()

@@ -9,7 +9,23 @@ import argparse
 import sys
 import time
 
-__all__ = ["merge_main", "merge_command"]
+__all__ = ["merge_main", "merge_command", "user_errors"]
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The errors that are the input's fault, each with a message naming the model, tensor,
+    file or key: the commands print them in one line and exit with 2 (anything else is a bug,
+    and keeps its traceback)."""
+    from .app import ConfigError
+    from .checkpoint import CheckpointError
+    from .evaluate import EvaluationError
+    from .merge.engine import MergeError
+    from .recipe import RecipeError
+    from .trials import StateError
+    from .zoo import ZooError
+
+    return (ConfigError, CheckpointError, EvaluationError, MergeError, RecipeError, StateError, ZooError,
+            FileExistsError)
 
 
 def _merge_parser() -> argparse.ArgumentParser:
@@ -32,8 +48,8 @@ def _merge_parser() -> argparse.ArgumentParser:
 
 def merge_main(argv: list[str] | None = None) -> int:
     args = _merge_parser().parse_args(argv)
-    from .checkpoint import CheckpointError, parse_size
-    from .merge.engine import MergeEngine, MergeError
+    from .checkpoint import parse_size
+    from .merge.engine import MergeEngine
     from .recipe import DTYPES, RecipeError, load_recipe
 
     try:
@@ -55,7 +71,7 @@ def merge_main(argv: list[str] | None = None) -> int:
         text = Path(args.recipe).read_text()
         path = engine.write(out, shard_size=shard, overwrite=args.overwrite,
                             progress=not args.no_progress, recipe_text=text)
-    except (RecipeError, MergeError, CheckpointError, FileExistsError, ValueError) as e:
+    except (*user_errors(), ValueError) as e:
         print(f"evomerge-merge: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

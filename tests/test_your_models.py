@@ -1,0 +1,157 @@
+"""Your own models from the command line, on a family evomerge did not make (the second
+family of ``tests/conftest.py``): the README's "Your own models" commands run end to end,
+every merge option scores, and mistakes end in one line naming the key, with exit code 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
+
+
+def readme_commands(section: str) -> list[list[str]]:
+    text = (ROOT / "README.md").read_text()
+    body = text.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```bash\n(.*?)```", body, re.S).group(1)
+    return [shlex.split(c) for c in block.replace("\\\n", " ").splitlines() if c.strip()]
+
+
+def env():
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+def app(args, cwd, timeout=600):
+    return subprocess.run([sys.executable, "-m", "evomerge.app", *args], cwd=cwd, capture_output=True, text=True,
+                          env=env(), timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def lm_tasks(words, tmp_path_factory):
+    from evomerge.evaluate import write_jsonl_tasks
+
+    files = {t: {"validation": d["dev"], "test": d["test"]} for t, d in words.data.items()}
+    return write_jsonl_tasks(files, tmp_path_factory.mktemp("tasks"), prefix="w_", fields=words.fields)
+
+
+def _substitute(arg: str, words, lm_tasks, out: Path) -> str:
+    subs = {"/models/base": str(words.base), **{f"/models/{t}": str(p) for t, p in words.experts.items()},
+            "/data": str(words.root / "data"), "/tasks": str(lm_tasks), "results/": f"{out}/"}
+    for k in sorted(subs, key=len, reverse=True):
+        arg = re.sub(re.escape(k) + r"(?=[,\]/]|$)", subs[k], arg) if k != "results/" else arg.replace(k, subs[k])
+    return arg
+
+
+@pytest.mark.slow
+def test_the_readme_commands_run_on_the_second_family(words, lm_tasks, tmp_path):
+    cmds = readme_commands("Your own models")
+    assert len(cmds) == 2 and all(c[0] == "evomerge" for c in cmds)
+    work = tmp_path / "cwd"
+    work.mkdir()
+    for cmd in cmds:
+        args = [_substitute(a, words, lm_tasks, tmp_path) for a in cmd[1:]] + ["progress=false"]
+        p = app(args, cwd=work)
+        assert p.returncode == 0, p.stderr[-3000:]
+        run = Path(next(a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")))
+        s = json.loads((run / "summary.json").read_text())
+        assert s["evaluations"] >= 40
+        key = "acc" if "eval=exact_match" in args else "exact_match"
+        prefix = "" if key == "acc" else "w_"
+        for task in words.tasks:  # every expert scores its own task
+            for split in ("search", "test"):
+                assert s["results"][task][split][f"{prefix}{task}/{key}"] >= 0.99, (cmd, task, split)
+        assert s["results"]["best"]["test"]["score"] >= s["results"]["start"]["test"]["score"]
+        assert (run / "report.md").is_file() and (run / "best_recipe.yaml").is_file()
+    assert not any(work.iterdir())  # no zoo, nothing else written where it ran
+    assert not (ROOT / "zoo").exists() or (ROOT / "zoo" / "zoo.json").is_file()
+
+
+def _compose(overrides):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        return compose(config_name="config", overrides=overrides)
+
+
+MERGES = sorted(p.stem for p in (CONF / "merge").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("merge", MERGES)
+def test_every_merge_option_scores_on_the_second_family(words, merge):
+    """Each merge= option builds its space over the GPT-2 family (per layer and per layer
+    with attention apart from the MLP) and its starting genome is merged and scored."""
+    from hydra.utils import instantiate
+
+    from evomerge.app import _eval_kwargs, _models, build_space
+    from evomerge.execute import Worker
+    from evomerge.search.base import Candidate
+
+    experts = list(words.experts.values())
+    if merge in ("slerp", "wise_ft"):
+        experts = experts[:1]
+    for space in ("per_layer", "per_layer_filtered"):
+        cfg = _compose([f"merge={merge}", f"space={space}", "models=custom", f"models.base={words.base}",
+                        f"models.experts=[{','.join(map(str, experts))}]", f"eval.data_dir={words.root / 'data'}",
+                        f"eval.tasks=[{','.join(words.tasks)}]", "eval.search_split=dev", "eval.limit=20",
+                        "eval.fields={prompt:question,answer:target}"])
+        base, exps, zoo = _models(cfg)
+        assert zoo is None
+        sp = build_space(cfg, base, exps)
+        ev = instantiate(cfg.eval, **_eval_kwargs(cfg, zoo))
+        r = Worker(sp, ev).evaluate(Candidate(0, list(sp.x0)))
+        assert r.status == "ok", (merge, space, r.error)
+        assert 0.0 <= r.score <= 1.0
+        if merge == "model_stock":
+            assert len(sp) == 0
+        else:
+            assert len(sp) > 0 and any(n.startswith(("t", "alpha", "weight")) for n in sp.names)
+
+
+def test_model_stock_has_nothing_to_search_and_is_scored_once(words, tmp_path):
+    run = tmp_path / "run"
+    p = app(["models=custom", f"models.base={words.base}",
+             f"models.experts=[{','.join(str(e) for e in words.experts.values())}]", "merge=model_stock",
+             f"eval.data_dir={words.root / 'data'}", f"eval.tasks=[{','.join(words.tasks)}]", "eval.search_split=dev",
+             "eval.fields={prompt:question,answer:target}", "eval.limit=20", "executor=local", "progress=false",
+             f"hydra.run.dir={run}"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "scoring its merge once" in p.stderr
+    assert json.loads((run / "summary.json").read_text())["evaluations"] == 1
+
+
+def _fails(args, cwd, *words_in_message):
+    p = app([*args, "executor=local", "progress=false", f"hydra.run.dir={cwd / 'run'}"], cwd=cwd)
+    assert p.returncode == 2, (p.returncode, p.stderr[-2000:])
+    last = p.stderr.strip().splitlines()
+    assert "Traceback" not in p.stderr and len(last) == 1, p.stderr[-2000:]
+    for w in words_in_message:
+        assert w in last[0], (w, last[0])
+    return last[0]
+
+
+def test_mistakes_end_in_one_line_naming_the_value(words, tmp_path):
+    data = [f"eval.data_dir={words.root / 'data'}", f"eval.tasks=[{','.join(words.tasks)}]", "eval.search_split=dev",
+            "eval.fields={prompt:question,answer:target}"]
+    experts = f"models.experts=[{','.join(str(e) for e in words.experts.values())}]"
+    missing = tmp_path / "no-such-model"
+    _fails(["models=custom", f"models.base={missing}", experts, *data], tmp_path, str(missing))
+    _fails(["models=custom", f"models.base={words.base}", *data], tmp_path, "models.experts")
+    _fails(["models=custom", f"models.base={words.base}", experts], tmp_path, "eval.data_dir")
+    _fails(["models=custom", f"models.base={words.base}", experts, *data[:1], "eval.tasks=[nope]", *data[2:]],
+           tmp_path, "nope", "does not exist")
+    _fails(["models=custom", f"models.base={words.base}", experts, "eval=lm_eval", "eval.tasks=[w_nope]",
+            f"eval.include_path={tmp_path}"], tmp_path, "w_nope")
+    _fails(["models=custom", f"models.base={words.base}", experts, "eval=lm_eval"], tmp_path, "eval.tasks")
+    user_zoo = tmp_path / "zoo"
+    user_zoo.mkdir()
+    (user_zoo / "mine.txt").write_text("the user's own file")
+    _fails([f"models.zoo_dir={user_zoo}"], tmp_path, "models.zoo_dir", "is not a zoo", "models=custom")
+    assert (user_zoo / "mine.txt").read_text() == "the user's own file"
