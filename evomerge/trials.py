@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-from .search.base import Result
+if TYPE_CHECKING:  # the search package imports this module: Result is imported where it is used
+    from .search.base import Result
 
 __all__ = ["TrialLog", "atomic_write", "save_state", "load_state", "StateError"]
 
@@ -103,6 +104,8 @@ class TrialLog:
             os.fsync(f.fileno())
 
     def __iter__(self) -> Iterator[Result]:
+        from .search.base import Result
+
         if not self.path.is_file():
             return
         with open(self.path) as f:
