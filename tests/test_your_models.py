@@ -155,3 +155,37 @@ def test_mistakes_end_in_one_line_naming_the_value(words, tmp_path):
     (user_zoo / "mine.txt").write_text("the user's own file")
     _fails([f"models.zoo_dir={user_zoo}"], tmp_path, "models.zoo_dir", "is not a zoo", "models=custom")
     assert (user_zoo / "mine.txt").read_text() == "the user's own file"
+
+
+@pytest.mark.parametrize("merge", MERGES)
+def test_every_method_written_by_evomerge_merge_loads_and_equals_the_search_merge(words, merge, tmp_path):
+    """The best genome's recipe, written by ``evomerge-merge`` on the GPT-2 family (tied
+    embeddings, Conv1D weights), loads as a GPT-2 model whose weights are the ones the
+    search scored (the resident merge of the same genome)."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.app import _models, build_space
+    from evomerge.cli import merge_main
+    from evomerge.execute import Worker
+    from evomerge.search.base import Candidate
+
+    experts = list(words.experts.values())
+    if merge in ("slerp", "wise_ft"):
+        experts = experts[:1]
+    cfg = _compose([f"merge={merge}", "space=per_layer", "models=custom", f"models.base={words.base}",
+                    f"models.experts=[{','.join(map(str, experts))}]"])
+    sp = build_space(cfg, *_models(cfg)[:2])
+    x = sp.clip(np.random.default_rng(0).uniform(sp.lower, sp.upper)) if len(sp) else sp.x0
+    if merge.startswith("della"):  # its bounds allow density +- epsilon outside [0, 1]: stay near the start
+        x = sp.clip(sp.x0 + 0.1 * (x - sp.x0))
+    (tmp_path / "best_recipe.yaml").write_text(sp.recipe_yaml(x))
+    assert merge_main([str(tmp_path / "best_recipe.yaml"), str(tmp_path / "out"), "--no-progress"]) == 0
+    written = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(written).__name__ == "GPT2LMHeadModel"
+    w = Worker(sp, lambda model, tok, split="search": {"score": 0.0})
+    assert w.evaluate(Candidate(0, [float(v) for v in x])).status == "ok"
+    live = dict(w.model.named_parameters())
+    for name, p in written.named_parameters():
+        assert torch.equal(p, live[name]), name
