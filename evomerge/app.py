@@ -180,7 +180,10 @@ def run(cfg, run_dir: str | Path) -> dict:
         if cfg.search.get("storage") is None:
             strat_kw["storage"] = f"sqlite:///{(run_dir / 'optuna.db').resolve()}"
         if cfg.search.get("sampler") == "nsga2" and not cfg.search.get("objectives"):
-            metric = _METRIC.get(cfg.eval.get("name"), "acc")
+            if cfg.eval.get("name") not in _METRIC:
+                raise ConfigError(f"search.objectives: name one metric per task for eval={cfg.eval.get('name')} "
+                                  f"(e.g. [{evaluator.tasks[0]}/<metric>, ...]); NSGA-II optimises each of them")
+            metric = _METRIC[cfg.eval.get("name")]
             strat_kw["objectives"] = [f"{t}/{metric}" for t in evaluator.tasks]
     eval_cfg, device, seed = cfg.eval, cfg.device, int(cfg.seed)
     engine_kw = {"store_dtype": cfg.get("store_dtype"), "compile": bool(cfg.get("compile", False))}

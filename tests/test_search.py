@@ -416,6 +416,11 @@ def test_optuna_nsga2_keeps_a_pareto_front_over_tasks(tmp_path):
     assert xs[0] < 0.5 < xs[-1]  # the front trades task a against task b
     with pytest.raises(ValueError, match="objectives"):
         OptunaSearch(sp, "nsga2")
+    # an objective the evaluator does not report is an error, never replaced by the mean score
+    st = OptunaSearch(sp, "nsga2", seed=0, objectives=["a/acc", "c/acc"], batch=2)
+    xs = st.ask()
+    with pytest.raises(ValueError, match=r"\['c/acc'\].*a/acc, b/acc"):
+        st.tell(xs, [0.5, 0.5], metrics=[{**two_tasks(x), "score": 0.5} for x in xs])
 
 
 def test_optuna_nsga2_resumes_exactly_from_its_storage(tmp_path):

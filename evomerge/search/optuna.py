@@ -111,6 +111,10 @@ class OptunaSearch:
                 continue
             if self.objectives:
                 m = (metrics or [{}] * len(xs))[i]
+                missing = [o for o in self.objectives if o not in m and o != "score"]
+                if missing:  # never stand the mean in for a task's own objective
+                    raise ValueError(f"optuna {self.kind}: objective(s) {missing} are not among the evaluator's "
+                                     f"metrics ({', '.join(sorted(m)) or 'none'}); set search.objectives")
                 values = [float(m.get(o, s)) for o in self.objectives]
                 self.study.tell(number, values)
             else:
