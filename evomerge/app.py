@@ -28,14 +28,15 @@ _METRIC = {"accuracy": "acc", "exact_match": "acc", "choice": "acc", "perplexity
 def _models(cfg) -> tuple[str | None, list[str], Any]:
     zoo = None
     if cfg.models.get("zoo_dir"):
-        from .zoo import build_zoo, load_zoo
+        from .zoo import ZooError, build_zoo, load_zoo
 
         root = Path(cfg.models.zoo_dir)
-        if root.exists() and not (root / "zoo.json").is_file() and (not root.is_dir() or any(root.iterdir())):
-            raise ConfigError(f"models.zoo_dir: {str(root)!r} exists and is not a zoo; for your own models use "
-                              "models=custom models.base=... models.experts=[...], or point models.zoo_dir elsewhere")
         # a zoo already there is used as built (any seed or size); a missing one is built
-        zoo = load_zoo(root) if (root / "zoo.json").is_file() else build_zoo(root, progress=cfg.progress)
+        try:
+            zoo = load_zoo(root) if (root / "zoo.json").is_file() else build_zoo(root, progress=cfg.progress)
+        except ZooError as e:
+            raise ConfigError(f"models.zoo_dir: {e}. For your own models use models=custom models.base=... "
+                              "models.experts=[...]") from None
     base = cfg.models.get("base") or (str(zoo.base) if zoo else None)
     experts = list(cfg.models.get("experts") or ([str(p) for p in zoo.experts.values()] if zoo else []))
     task = cfg.models.get("ingredients")
@@ -185,6 +186,8 @@ def run(cfg, run_dir: str | Path) -> dict:
                                   f"(e.g. [{evaluator.tasks[0]}/<metric>, ...]); NSGA-II optimises each of them")
             metric = _METRIC[cfg.eval.get("name")]
             strat_kw["objectives"] = [f"{t}/{metric}" for t in evaluator.tasks]
+        if cfg.search.get("objectives") or "objectives" in strat_kw:  # the evaluator's metrics, as it orders them
+            strat_kw["objective_direction"] = evaluator.direction
     eval_cfg, device, seed = cfg.eval, cfg.device, int(cfg.seed)
     engine_kw = {"store_dtype": cfg.get("store_dtype"), "compile": bool(cfg.get("compile", False))}
 

@@ -196,8 +196,7 @@ def word_family(root: str | Path, tasks: Sequence[str] = tuple(WORD_TASKS), seed
 
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from .evaluate._batch import encode_pairs, teacher_forced_correct
-    from .zoo import _lr_at
+    from .zoo import accuracy, train
 
     root = Path(root)
     meta = root / "family.json"
@@ -218,41 +217,29 @@ def word_family(root: str | Path, tasks: Sequence[str] = tuple(WORD_TASKS), seed
     tok = word_tokenizer(corpus)
     eos = tok.eos_token_id
 
-    def pairs(task_names, n, short):
-        picks = rng.integers(len(train_pool), size=n)
-        names = [task_names[int(i)] for i in rng.integers(len(task_names), size=n)]
-        prompts, answers = [], []
-        for name, i in zip(names, picks):
-            ws = train_pool[int(i)]
-            if short and name != "copy":  # the base sees the tasks on shorter inputs only
-                ws = ws[: n_words - 1]
-            if name == "copy":
-                prompts.append(f"copy: {' '.join(ws)} ="), answers.append(" ".join(ws))
-            else:
-                prompts.append(_word_prompt(name, ws)), answers.append(WORD_TASKS[name][1](ws))
-        return prompts, answers
+    class Mix:  # training pairs for zoo.train: the tasks (the base sees them on shorter inputs) and copying
+        def __init__(self, names, short):
+            self.names, self.short = names, short
 
-    def fit(model, task_names, steps, short=False):
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-        model.train()
-        for step in range(steps):
-            for g in opt.param_groups:
-                g["lr"] = _lr_at(step, steps, lr, max(1, steps // 10))
-            ids, mask, labels = encode_pairs(tok, *pairs(task_names, batch_size, short), end=[eos])
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        model.eval()
+        def batch(self, n):
+            prompts, answers = [], []
+            for _ in range(n):
+                name = self.names[int(rng.integers(len(self.names)))]
+                ws = train_pool[int(rng.integers(len(train_pool)))]
+                if name == "copy":
+                    prompts.append(f"copy: {' '.join(ws)} ="), answers.append(" ".join(ws))
+                    continue
+                ws = ws[: n_words - 1] if self.short else ws
+                prompts.append(_word_prompt(name, ws)), answers.append(WORD_TASKS[name][1](ws))
+            return prompts, answers
+
+    def fit(model, names, steps, short=False):
+        train(model, tok, Mix(names, short), steps, lr, batch_size, weight_decay=0.0, warmup=max(1, steps // 10),
+              progress=False, end=[eos])
 
     def measure(model):
-        out = {}
-        for t in tasks:
-            r = rows[t]["test"]
-            batch = encode_pairs(tok, [x["question"] for x in r], [x["target"] for x in r], end=[eos])
-            out[t] = round(float(teacher_forced_correct(model, batch).float().mean()), 4)
-        return out
+        return {t: round(accuracy(model, tok, [{"prompt": r["question"], "answer": r["target"]}
+                                               for r in rows[t]["test"]], end=[eos]), 4) for t in tasks}
 
     torch.manual_seed(seed)
     cfg = GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=hidden, n_layer=2, n_head=4,

@@ -266,9 +266,10 @@ def _lr_at(step: int, steps: int, lr: float, warmup: int) -> float:
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
 
 
-def train(model, tokenizer, sampler: _Sampler, steps: int, lr: float, batch_size: int, weight_decay: float,
-          warmup: int, desc: str = "", progress: bool = True) -> list[float]:
-    """AdamW on answer tokens only; returns the loss per step."""
+def train(model, tokenizer, sampler, steps: int, lr: float, batch_size: int, weight_decay: float,
+          warmup: int, desc: str = "", progress: bool = True, end=()) -> list[float]:
+    """AdamW on answer tokens only (and ``end``, e.g. ``[eos_id]``, after each answer);
+    ``sampler.batch(n)`` gives ``(prompts, answers)``. Returns the loss per step."""
     import torch
     from tqdm.auto import tqdm
 
@@ -281,7 +282,7 @@ def train(model, tokenizer, sampler: _Sampler, steps: int, lr: float, batch_size
     for step in bar:
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, steps, lr, warmup)
-        ids, mask, labels = encode_pairs(tokenizer, *sampler.batch(batch_size))
+        ids, mask, labels = encode_pairs(tokenizer, *sampler.batch(batch_size), end=end)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -294,14 +295,15 @@ def train(model, tokenizer, sampler: _Sampler, steps: int, lr: float, batch_size
     return losses
 
 
-def accuracy(model, tokenizer, examples: list[dict], batch_size: int = 256) -> float:
-    """Exact-match accuracy (teacher-forced, equal to greedy decoding's) on examples."""
+def accuracy(model, tokenizer, examples: list[dict], batch_size: int = 256, end="\n") -> float:
+    """Exact-match accuracy (teacher-forced, equal to greedy decoding's) on examples whose
+    answers end with ``end`` (a string, or token ids such as ``[eos_id]``)."""
     from .evaluate._batch import encode_pairs, teacher_forced_correct
 
     hits = 0
     for i in range(0, len(examples), batch_size):
         chunk = examples[i: i + batch_size]
-        batch = encode_pairs(tokenizer, [e["prompt"] for e in chunk], [e["answer"] + "\n" for e in chunk])
+        batch = encode_pairs(tokenizer, [e["prompt"] for e in chunk], [e["answer"] for e in chunk], end)
         hits += int(teacher_forced_correct(model, batch).sum())
     return hits / max(1, len(examples))
 
@@ -473,7 +475,8 @@ def build_zoo(out: str | Path | None = None, cfg: ZooConfig | None = None, force
             raise ZooError(f"the zoo at {out} was built with another configuration "
                            f"(key {zoo.info.get('key')} != {cfg.key()}); pass --force to rebuild it")
     elif out.exists() and any(out.iterdir()) and not force:
-        raise ZooError(f"{out} exists and is not a zoo; choose another --out or pass --force")
+        raise ZooError(f"{out} exists and is not a zoo (its files are left alone); choose another folder "
+                       "(evomerge-zoo build: --out DIR, or --force to replace it)")
 
     t_start = time.perf_counter()
     with _atomic_dir(out, cfg.threads) as tmp:

@@ -137,3 +137,50 @@ def test_perplexity_and_entropy_run_on_the_family(words, models):
     ent = build_evaluator("entropy", data=_data(words), field="question")
     out = ent(ms[words.tasks[0]], tok, "search")
     assert all(v >= 0 for v in out.values())
+
+
+def test_continuations_are_encoded_as_lm_eval_encodes_them(words, models):
+    """Prompts ending in spaces (``"A: "`` + ``"Paris"``), BPE merges across the boundary and
+    the BOS token: the context and continuation ids are lm-eval's own ``_encode_pair``."""
+    from lm_eval.models.huggingface import HFLM
+
+    from evomerge.evaluate._batch import encode_continuations
+
+    tok, ms = models
+    lm = HFLM(pretrained=ms["base"], tokenizer=tok, batch_size=1)
+    pairs = [("reverse: red cat sun =", "sun cat red"), ("reverse: red cat sun = ", "sun cat red"),
+             ("Q: capital? A:  ", "Paris"), ("rotate: fish", " bird"), ("x\t", "y")]
+    ctx, cont = encode_continuations(tok, [p for p, _ in pairs], [a for _, a in pairs])
+    for (p, a), c, t in zip(pairs, ctx, cont):
+        assert (c, t) == tuple(lm._encode_pair(p, a)), (p, a)
+        assert t and tok.decode(c + t, skip_special_tokens=True) == p + a
+
+
+def test_the_models_generation_config_says_where_answers_end(words, models):
+    """Several end-of-generation ids are each accepted; when neither the model nor its
+    tokenizer names the token the expert ends with, its answers run on and are wrong."""
+    import copy
+
+    from transformers import AutoTokenizer
+
+    tok, ms = models
+    task = words.tasks[0]
+    m = copy.deepcopy(ms[task])
+    other = tok.convert_tokens_to_ids(":")  # a token no answer holds
+    colon_eos = AutoTokenizer.from_pretrained(words.base)
+    colon_eos.eos_token = ":"
+    for mode in ("accuracy", "exact_match"):
+        ev = native(mode, words)
+        m.generation_config.eos_token_id = [other, tok.eos_token_id]
+        assert ev(m, tok, "test")[f"{task}/acc"] >= 0.99
+        m.generation_config.eos_token_id = other
+        assert ev(m, tok, "test")[f"{task}/acc"] >= 0.99  # the tokenizer's EOS still ends an answer
+        assert ev(m, colon_eos, "test")[f"{task}/acc"] < 0.5  # ":" alone: the expert's <|eos|> is no stop
+
+
+def test_stop_strings_from_a_command_line_name_a_newline():
+    from evomerge.evaluate.accuracy import _stop_strings
+
+    assert _stop_strings(["\\n", "###", "a\\tb", "\\\\n"]) == ("\n", "###", "a\tb", "\\n")
+    with pytest.raises(EvaluationError, match="non-empty"):
+        _stop_strings([""])

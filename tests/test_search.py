@@ -112,9 +112,12 @@ def test_state_dict_round_trip_continues_exactly(name):
     np.random.seed(7)
     xb = b.ask()
     assert [x.tolist() for x in xa] == [x.tolist() for x in xb]
+    # the state, not the settings, decides: the same settings without it start over
+    assert [x.tolist() for x in STRATEGIES[name](sp, 1).ask()] != [x.tolist() for x in xa]
     a.tell(xa, [objective(x) for x in xa])
     b.tell(xb, [objective(x) for x in xb])
     assert a.best()[1] == b.best()[1]
+    assert [x.tolist() for x in a.ask()] == [x.tolist() for x in b.ask()]
 
 
 @pytest.mark.parametrize("name", ["cmaes", "optuna_tpe", "optuna_nsga2"])
@@ -424,29 +427,85 @@ def test_optuna_nsga2_keeps_a_pareto_front_over_tasks(tmp_path):
 
 
 def test_optuna_nsga2_resumes_exactly_from_its_storage(tmp_path):
-    """The app's NSGA-II search (SQLite storage in the run directory) killed midway and
-    resumed ends with the same trials as one that never stopped."""
+    """The app's NSGA-II search over two tasks (SQLite storage in the run directory) killed
+    midway and resumed ends with the same trials and Pareto front as one that never stopped."""
     sp = synthetic_space()
 
     def make(db):
-        return OptunaSearch(sp, "nsga2", seed=4, objectives=["score"], batch=6, storage=f"sqlite:///{db}")
+        return OptunaSearch(sp, "nsga2", seed=4, objectives=["a/acc", "b/acc"], batch=6, storage=f"sqlite:///{db}")
 
-    class Dies(FunctionExecutor):
+    class TwoTasks(FunctionExecutor):
+        def map(self, cands):
+            for c in cands:
+                self.calls.append((c.kind, c.id, c.split))
+                x = np.asarray(c.x)
+                m = {"a/acc": float(1 - (x[0] - 1) ** 2), "b/acc": float(1 - x[0] ** 2) - 0.1 * float(x[1])}
+                m["score"] = (m["a/acc"] + m["b/acc"]) / 2
+                yield Result(c.id, list(c.x), "ok", m["score"], m, split=c.split, kind=c.kind, generation=c.generation)
+
+    class Dies(TwoTasks):
         def map(self, cands):
             for r in super().map(cands):
                 if len(self.calls) > 14:
                     raise KeyboardInterrupt
                 yield r
 
-    full = run_search(sp, make(tmp_path / "full.db"), FunctionExecutor(), tmp_path / "full", budget=30,
-                      progress=False, sources=False)
+    full_st = make(tmp_path / "full.db")
+    full = run_search(sp, full_st, TwoTasks(), tmp_path / "full", budget=30, progress=False, sources=False,
+                      baselines={})
     assert run_search(sp, make(tmp_path / "cut.db"), Dies(), tmp_path / "cut", budget=30, progress=False,
-                      sources=False).stopped
-    res = run_search(sp, make(tmp_path / "cut.db"), FunctionExecutor(), tmp_path / "cut", budget=30,
-                     progress=False, sources=False, resume=True)
+                      sources=False, baselines={}).stopped
+    cut_st = make(tmp_path / "cut.db")
+    res = run_search(sp, cut_st, TwoTasks(), tmp_path / "cut", budget=30, progress=False, sources=False,
+                     resume=True, baselines={})
     xs = lambda run: [r.x for r in TrialLog(run / "trials.jsonl") if r.kind == "search"]  # noqa: E731
     assert sorted(map(tuple, xs(tmp_path / "cut"))) == sorted(map(tuple, xs(tmp_path / "full")))
     assert res.best_score == full.best_score
+    front = lambda st: sorted(tuple(f["values"]) for f in st.pareto_front())  # noqa: E731
+    assert front(cut_st) == front(full_st) and len(front(full_st)) >= 2
+
+
+def test_optuna_storage_survives_a_crash_on_either_side_of_the_checkpoint(tmp_path):
+    """Killed after asking but before the checkpoint (trials left running in the storage), or
+    after telling but before it (trials told twice on resume): the next batches are the same."""
+    sp = synthetic_space()
+
+    def make(db):
+        return OptunaSearch(sp, "tpe", seed=6, batch=4, storage=f"sqlite:///{tmp_path / db}")
+
+    ref = make("ref.db")
+    drive(ref, sp, 3)
+    want = [x.tolist() for x in ref.ask()]
+
+    a = make("ask.db")
+    drive(a, sp, 3)
+    saved = json.loads(json.dumps(a.state_dict()))
+    a.ask()  # ... and the process dies before the checkpoint
+    b = make("ask.db")
+    b.load_state_dict(saved)
+    assert [x.tolist() for x in b.ask()] == want
+
+    c = make("tell.db")
+    drive(c, sp, 2)
+    xs = c.ask()
+    saved = json.loads(json.dumps(c.state_dict()))  # the checkpoint with the batch in flight
+    c.tell(xs, [objective(x) for x in xs])  # ... told, and the process dies before the next checkpoint
+    d = make("tell.db")
+    d.load_state_dict(saved)
+    d.tell(xs, [objective(x) for x in xs])  # the resumed loop tells the batch again
+    assert [x.tolist() for x in d.ask()] == want
+
+
+def test_optuna_objectives_follow_the_evaluators_direction():
+    """Perplexity is minimised: NSGA-II over per-task perplexities keeps the low ones."""
+    sp = synthetic_space()
+    st = OptunaSearch(sp, "nsga2", seed=0, objectives=["a/ppl"], objective_direction="minimize", batch=8)
+    for _ in range(6):
+        xs = st.ask()
+        ppl = [1.0 + float(x[0]) for x in xs]
+        st.tell(xs, [-p for p in ppl], metrics=[{"a/ppl": p} for p in ppl])
+    best = min(t.values[0] for t in st.study.trials if t.values)
+    assert [f["values"][0] for f in st.pareto_front()] == [best]
 
 
 def test_optuna_gp_improves_over_the_start():

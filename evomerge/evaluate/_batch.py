@@ -4,8 +4,10 @@ Prompts are encoded as the tokenizer encodes text by default, so a model whose t
 adds a BOS token (its post-processor) sees one, as it did in training and as lm-eval's
 ``HFLM`` gives it. An answer is the continuation of its prompt, found as lm-eval finds it:
 ``tokens(prompt + answer)`` past the length of ``tokens(prompt)`` (a BPE vocabulary may merge
-across the boundary, and a continuation encoded alone could differ). The answer's end is a
-stop: token ids (the model's EOS) appended after it, or a stop string encoded with it.
+across the boundary, and a continuation encoded alone could differ), after moving a prompt's
+trailing whitespace into the answer (``"A: "`` + ``"Paris"`` is ``"A:"`` + ``" Paris"``, whose
+space a BPE vocabulary merges into the word). The answer's end is a stop: token ids (the
+model's EOS) appended after it, or a stop string encoded with it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+
+from ._common import pad_token_id
 
 __all__ = ["encode_context", "encode_continuations", "encode_pairs", "answer_logits", "teacher_forced_correct"]
 
@@ -29,7 +33,8 @@ def encode_continuations(tokenizer, prompts: Sequence[str], answers: Sequence[st
     if len(prompts) != len(answers):
         raise ValueError(f"{len(prompts)} prompts but {len(answers)} answers")
     text_end = end if isinstance(end, str) else ""
-    ctx = encode_context(tokenizer, prompts)
+    contexts = [p.rstrip() for p in prompts]
+    ctx = encode_context(tokenizer, contexts)
     whole = encode_context(tokenizer, [p + a + text_end for p, a in zip(prompts, answers)])
     tail = [] if isinstance(end, str) else [int(i) for i in end]
     cont = [w[len(c):] + tail for c, w in zip(ctx, whole)]
@@ -40,9 +45,7 @@ def encode_pairs(tokenizer, prompts: Sequence[str], answers: Sequence[str],
                  end: str | Sequence[int] = ()) -> tuple[torch.Tensor, ...]:
     """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 except on the
     continuation: the answer and its ``end``) for prompt + answer."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has neither a pad nor an EOS token")
+    pad = pad_token_id(tokenizer)
     p_ids, a_ids = encode_continuations(tokenizer, prompts, answers, end)
     width = max(len(p) + len(a) for p, a in zip(p_ids, a_ids))
     n = len(p_ids)

@@ -15,7 +15,7 @@ import numpy as np
 
 __all__ = [
     "EvaluationError", "SPLITS", "check_split", "resolve_sources", "read_jsonl", "subsample",
-    "eval_mode", "model_device", "pad_token_id", "text_hash", "rename_fields", "FIELDS",
+    "eval_mode", "model_device", "pad_token_id", "text_hash", "rename_fields", "FIELDS", "tokenizer_name",
 ]
 
 SPLITS = ("search", "test")
@@ -192,14 +192,19 @@ def check_disjoint(search_keys: Sequence[str], test_keys: Sequence[str], what: s
                               f"{shared[0]!r}; the search split must not overlap the test split")
 
 
+def tokenizer_name(tokenizer) -> str:
+    """How errors name a tokenizer: its path or hub id, else its class."""
+    return getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+
+
 def pad_token_id(tokenizer) -> int:
     """The id that fills padded positions (masked out, so any id serves): the tokenizer's pad
     token, else its EOS, else its unknown token, as lm-eval pads."""
     for pad in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id):
         if pad is not None:
             return int(pad)
-    raise EvaluationError(f"tokenizer {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__!r} "
-                          "has no pad, EOS or unknown token to pad batches with; set tokenizer.pad_token")
+    raise EvaluationError(f"tokenizer {tokenizer_name(tokenizer)!r} has no pad, EOS or unknown token to pad batches "
+                          "with; set tokenizer.pad_token")
 
 
 def model_device(model):

@@ -36,15 +36,16 @@ model's device) is computed on the first call and reused.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 
 import torch
 
-from ._batch import encode_context, encode_continuations
+from ._batch import encode_context, encode_continuations, encode_pairs
 from ._common import (
     EvaluationError, check_disjoint, check_split, eval_mode, model_device, pad_token_id, read_jsonl,
-    rename_fields, require_fields, resolve_sources, subsample,
+    rename_fields, require_fields, resolve_sources, subsample, tokenizer_name,
 )
 
 __all__ = ["ExactMatchEvaluator", "greedy_generate", "stop_token_ids", "resolve_stop", "MODES"]
@@ -160,25 +161,14 @@ class ExactMatchEvaluator:
         position of the stop's prediction and the ids accepted there."""
         kind, stops = stop
         end = stops[0] if kind == "strings" else [stops[0]]
-        accepted = torch.tensor(sorted(set(stops) | _eos_ids(tokenizer)) if kind == "ids" else [-1], device=device)
-        pad = pad_token_id(tokenizer)
-        ctx, cont = encode_continuations(tokenizer, [r["prompt"] for r in rows], [r["answer"] for r in rows], end)
-        items = list(zip(ctx, cont))
+        accepted = torch.tensor(sorted(set(stops) | _eos_ids(tokenizer)), device=device) if kind == "ids" else None
         batches = []
-        for chunk in self._chunks(items, [len(c) + len(a) for c, a in items]):
-            width = max(len(c) + len(a) for c, a in chunk)
-            ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            tgt = torch.full((len(chunk), width - 1), -100, dtype=torch.long)
-            end_pos = torch.zeros(len(chunk), dtype=torch.long)
-            for i, (c, a) in enumerate(chunk):
-                seq = c + a
-                ids[i, : len(seq)] = torch.tensor(seq)
-                mask[i, : len(seq)] = 1
-                tgt[i, len(c) - 1: len(seq) - 1] = torch.tensor(a)
-                end_pos[i] = len(seq) - 2  # the logits row that predicts the stop
+        for chunk in self._chunks(rows, [len(r["prompt"]) + len(r["answer"]) for r in rows]):
+            ids, mask, labels = encode_pairs(tokenizer, [r["prompt"] for r in chunk], [r["answer"] for r in chunk], end)
+            tgt = labels[:, 1:]
+            end_pos = mask.sum(1) - 2  # the logits row that predicts the last target: the stop
             batches.append((ids.to(device), mask.to(device), tgt.to(device), end_pos.to(device)))
-        return len(rows), batches, (accepted if kind == "ids" else None)
+        return len(rows), batches, accepted
 
     def _prep_generate(self, tokenizer, rows, device, stop):
         kind, stops = stop
@@ -217,9 +207,9 @@ class ExactMatchEvaluator:
                 raise EvaluationError(f"row {i}: label {r['label']} is not an index of its {len(r['choices'])} "
                                       "choices")
         k = max(len(r["choices"]) for r in rows)
-        p_ids = encode_context(tokenizer, [r["prompt"] for r in rows])
-        c_ids = [encode_continuations(tokenizer, [r["prompt"]] * len(r["choices"]), list(r["choices"]))[1]
-                 for r in rows]
+        pairs = [encode_continuations(tokenizer, [r["prompt"]] * len(r["choices"]), list(r["choices"])) for r in rows]
+        p_ids = [ctx[0] for ctx, _ in pairs]
+        c_ids = [cont for _, cont in pairs]
         for i, cs in enumerate(c_ids):
             if not p_ids[i] or any(len(c) == 0 for c in cs):
                 raise EvaluationError(f"row {i}: an empty prompt or choice cannot be scored")
@@ -321,7 +311,7 @@ def _check_round_trip(tokenizer, answers: list[str]) -> None:
         return
     multi = [a for a, ids in encoded if len(ids) > 1]
     example = tokenizer.decode(tokenizer(bad[0], add_special_tokens=False)["input_ids"], skip_special_tokens=True)
-    name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+    name = tokenizer_name(tokenizer)
     msg = (f"tokenizer {name!r} does not decode the answers it encodes ({bad[0]!r} -> {example!r}), so generated "
            "text cannot match them; give it a decoder (e.g. tokenizers.decoders.Fuse() for a character vocabulary)")
     if multi and set(multi) <= set(bad):
@@ -329,28 +319,29 @@ def _check_round_trip(tokenizer, answers: list[str]) -> None:
     warnings.warn(f"{len(bad)} of {len(answers)} answers checked: {msg}", stacklevel=3)
 
 
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
 def _stop_strings(stop) -> tuple[str, ...] | None:
+    """Stop strings checked, with the backslash escapes ``\\n``, ``\\t``, ``\\r`` and ``\\\\``
+    decoded (a command line passes ``'eval.stop=["\\n"]'`` as a backslash and an ``n``)."""
     if stop is None:
         return None
     items = [stop] if isinstance(stop, str) else list(stop)
     if not items or not all(isinstance(s, str) and s for s in items):
         raise EvaluationError(f"stop: give non-empty strings (lm-eval's until), or nothing for the model's EOS; "
                               f"got {stop!r}")
-    return tuple(items)
+    return tuple(re.sub(r"\\(.)", lambda m: _ESCAPES.get(m.group(1), m.group(0)), s) for s in items)
 
 
 def _eos_ids(tokenizer) -> set[int]:
     return set() if tokenizer.eos_token_id is None else {int(tokenizer.eos_token_id)}
 
 
-def _tokenizer_name(tokenizer) -> str:
-    return getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-
-
 def resolve_stop(model, tokenizer, stop: tuple[str, ...] | None) -> tuple[str, tuple]:
     """``("strings", stop strings)``, each checked to encode as itself, or ``("ids", ids)``:
     the model's end of generation (generation config, else the tokenizer's EOS)."""
-    name = _tokenizer_name(tokenizer)
+    name = tokenizer_name(tokenizer)
     if stop is not None:
         unk = tokenizer.unk_token_id
         for s in stop:

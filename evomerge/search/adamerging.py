@@ -26,7 +26,7 @@ import torch
 
 from ..evaluate.entropy import encode_prompts, prediction_entropy
 from ..space import Space
-from ..trials import TrialLog, load_state, save_state
+from ..trials import StateError, TrialLog, load_state, save_state
 from .base import Result
 
 __all__ = ["AdaMerging", "coefficient_map"]
@@ -155,6 +155,9 @@ class AdaMerging:
         run_dir.mkdir(parents=True, exist_ok=True)
         log = TrialLog(run_dir / "trials.jsonl")
         state_path = run_dir / "adamerging.json"
+        if resume and not state_path.is_file() and (run_dir / "adamerging.pkl").is_file():
+            raise StateError(f"{run_dir / 'adamerging.pkl'}: a pickled state (from an older evomerge); pickles can "
+                             "run code when read, so it is not resumed from. Start a new run directory")
         if resume and (state := load_state(state_path)) is not None:
             self.load_state_dict(state)
         done = {r.id for r in log if r.kind == "search"}

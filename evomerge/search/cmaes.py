@@ -70,6 +70,7 @@ class CMAES:
             np.random.set_state(state)
         self._asked: list[np.ndarray] = []
         self.history: list[dict[str, list]] = []  # per told generation: samples and fitness
+        self._stop, self._stop_checked = False, -1
         self.tracker = _BestTracker()
 
     def _call(self, fn):
@@ -87,6 +88,7 @@ class CMAES:
 
     def ask(self, n: int | None = None) -> list[np.ndarray]:
         """One generation (``popsize`` genomes; ``n`` is ignored: CMA-ES needs whole generations)."""
+        self.done()  # pycma's stop check updates its state: made once per generation, whoever asks
         self._asked = [np.asarray(u, dtype=float) for u in self._call(self.es.ask)]
         return [self.space.from_unit(np.clip(u, 0.0, 1.0)) for u in self._asked]
 
@@ -112,7 +114,11 @@ class CMAES:
         return self.tracker.best_x, self.tracker.best_score
 
     def done(self) -> bool:
-        return bool(self.es.stop())
+        """pycma's stop check, made once per generation (it counts flat generations as it
+        checks, so checking more often would change what a resumed search does)."""
+        if self._stop_checked != self.es.countiter:
+            self._stop, self._stop_checked = bool(self.es.stop()), self.es.countiter
+        return self._stop
 
     def state_dict(self) -> dict[str, Any]:
         return {"settings": dict(self.settings), "history": self.history,
@@ -135,6 +141,7 @@ class CMAES:
         self.tracker.load(state)
 
     def _replay_ask(self, recorded: list[list[float]], generation: int) -> None:
+        self.done()
         us = self._call(self.es.ask)
         if len(us) != len(recorded) or not np.allclose(np.asarray(us), np.asarray(recorded), rtol=1e-6, atol=1e-9):
             raise ValueError(f"cmaes: replaying the saved state, generation {generation} asks for other genomes "

@@ -6,10 +6,11 @@ NSGA-II optimises one objective per task (``objectives``: metric names such as
 ``"reverse/acc"``) and keeps a Pareto front; the other samplers optimise the score.
 
 The strategy's state is plain data. The storage is the record of every trial (with a
-storage URL it is already on disk; an in-memory study's trials go into the state), and the
-sampler is rebuilt for every ``ask`` with a seed drawn from the search's seed and the number
-of trials so far, so a resumed search samples exactly what an uninterrupted one would, and
-nothing of a library's internals is pickled.
+storage URL it is already on disk; an in-memory study is rebuilt by replaying the batches it
+was asked and told), and the sampler is rebuilt for every ``ask`` with a seed drawn from the
+search's seed and the number of genomes asked so far, so a resumed search samples exactly
+what an uninterrupted one would, and nothing of a library's internals is written by
+evomerge or read back from its state file.
 """
 
 from __future__ import annotations
@@ -59,10 +60,13 @@ class OptunaSearch:
         study_name: the study's name in the storage.
         objectives: metric names, one objective each (NSGA-II); ``None`` optimises ``score``.
         batch: candidates per ``ask``.
+        objective_direction: ``"maximize"`` or ``"minimize"`` for every objective (the
+            evaluator's direction: e.g. perplexity is minimised).
     """
 
     def __init__(self, space: Space, sampler: str = "tpe", seed: int = 0, storage: str | None = None,
-                 study_name: str = "evomerge", objectives: Sequence[str] | None = None, batch: int = 4):
+                 study_name: str = "evomerge", objectives: Sequence[str] | None = None, batch: int = 4,
+                 objective_direction: str = "maximize"):
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -74,53 +78,79 @@ class OptunaSearch:
         self.objectives = list(objectives) if objectives else None
         if sampler == "nsga2" and not self.objectives:
             raise ValueError("optuna nsga2 needs objectives (one metric name per task)")
+        if objective_direction not in ("maximize", "minimize"):
+            raise ValueError(f"optuna: objective_direction must be 'maximize' or 'minimize', not {objective_direction!r}")
         self.storage = storage
         self.study_name = study_name
-        directions = ["maximize"] * (len(self.objectives) if self.objectives else 1)
-        self.study = optuna.create_study(storage=storage, study_name=study_name, sampler=_sampler(sampler, seed),
-                                         directions=directions, load_if_exists=True)
+        # the score is "higher is better" already; the objectives are the evaluator's raw metrics
+        self.directions = [objective_direction] * len(self.objectives) if self.objectives else ["maximize"]
+        self.study = self._open()
         self.dists = {f"g{i}": optuna.distributions.FloatDistribution(float(lo), float(hi))
                       for i, (lo, hi) in enumerate(zip(space.lower, space.upper))}
         self._pending: list[int] = []
+        self._asked = 0  # genomes asked so far: seeds each batch's sampler
+        self._history: list[dict[str, list]] = []  # in memory only: each batch asked and its told values
         self.tracker = _BestTracker()
         self._enqueued_x0 = False
 
+    def _open(self, seed: int | None = None):
+        import optuna
+
+        return optuna.create_study(storage=self.storage, study_name=self.study_name,
+                                   sampler=_sampler(self.kind, self.seed if seed is None else seed),
+                                   directions=self.directions, load_if_exists=True)
+
     def ask(self, n: int | None = None) -> list[np.ndarray]:
         n = n or self.batch
-        if not self._enqueued_x0 and len(self.study.trials) == 0:
+        if not self._enqueued_x0 and self._asked == 0:
             self.study.enqueue_trial({f"g{i}": float(v) for i, v in enumerate(self.space.x0)})
             self._enqueued_x0 = True
-        # a sampler of its own for each batch, seeded by the trials so far: no hidden state
-        seed = int(np.random.SeedSequence([self.seed, len(self.study.trials)]).generate_state(1)[0])
+        # a sampler of its own for each batch, seeded by the genomes asked so far: no hidden state
+        seed = int(np.random.SeedSequence([self.seed, self._asked]).generate_state(1)[0])
         self.study.sampler = _sampler(self.kind, seed)
         out = []
         for _ in range(n):
             trial = self.study.ask(self.dists)
             self._pending.append(trial.number)
             out.append(np.array([trial.params[f"g{i}"] for i in range(len(self.space))]))
+        self._asked += n
+        if not self.storage:
+            self._history.append({"x": [x.tolist() for x in out], "values": []})
         return out
 
     def tell(self, xs, scores, metrics: Sequence[dict] | None = None) -> None:
-        import optuna
-
         if len(xs) != len(self._pending):
             raise ValueError(f"optuna: told {len(xs)} results for {len(self._pending)} asked")
-        for i, (number, s) in enumerate(zip(self._pending, scores)):
+        told: list[list[float] | None] = []
+        for i, s in enumerate(scores):
             if s is None or not np.isfinite(s):
-                self.study.tell(number, state=optuna.trial.TrialState.FAIL)
-                continue
-            if self.objectives:
+                told.append(None)
+            elif self.objectives:
                 m = (metrics or [{}] * len(xs))[i]
                 missing = [o for o in self.objectives if o not in m and o != "score"]
                 if missing:  # never stand the mean in for a task's own objective
                     raise ValueError(f"optuna {self.kind}: objective(s) {missing} are not among the evaluator's "
                                      f"metrics ({', '.join(sorted(m)) or 'none'}); set search.objectives")
-                values = [float(m.get(o, s)) for o in self.objectives]
-                self.study.tell(number, values)
+                told.append([float(m.get(o, s)) for o in self.objectives])
             else:
-                self.study.tell(number, float(s))
-        self._pending = []
+                told.append([float(s)])
+        self._tell_values(told)
         self.tracker.update(xs, scores)
+
+    def _tell_values(self, told: list[list[float] | None]) -> None:
+        import optuna
+
+        trials = self.study.get_trials(deepcopy=False)
+        for number, values in zip(self._pending, told):
+            if trials[number].state.is_finished():
+                continue  # told before a crash that came before the checkpoint
+            if values is None:
+                self.study.tell(number, state=optuna.trial.TrialState.FAIL)
+            else:
+                self.study.tell(number, values)
+        if not self.storage:
+            self._history[-1]["values"] = told
+        self._pending = []
 
     @property
     def wants_metrics(self) -> bool:
@@ -138,44 +168,41 @@ class OptunaSearch:
         return False
 
     def state_dict(self) -> dict[str, Any]:
-        state = {"sampler": self.kind, "seed": self.seed, "pending": list(self._pending),
+        state = {"sampler": self.kind, "seed": self.seed, "pending": list(self._pending), "asked": self._asked,
                  "enqueued": self._enqueued_x0, **self.tracker.state()}
-        if not self.storage:  # an in-memory study: its trials are the state
-            state["trials"] = [_trial_json(t) for t in self.study.get_trials(deepcopy=False)]
+        if not self.storage:  # an in-memory study: what it was asked and told, to replay
+            state["history"] = self._history
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a saved state. With a storage, its trials are the record (trials a
+        crash left unfinished outside ``pending`` are marked failed); in memory, the study is
+        rebuilt by asking and telling the recorded batches again, each ask checked against
+        the record. Nothing of a sampler's own (e.g. CMA-ES's pickled optimizer) is read
+        from the state."""
         import optuna
 
         if (state.get("sampler"), state.get("seed")) != (self.kind, self.seed):
             raise ValueError(f"optuna: the saved state is of sampler {state.get('sampler')!r} with seed "
                              f"{state.get('seed')!r}, not {self.kind!r} with seed {self.seed}")
         if self.storage:
-            self.study = optuna.load_study(storage=self.storage, study_name=self.study_name,
-                                           sampler=_sampler(self.kind, self.seed))
+            self.study = self._open()
+            pending = {int(i) for i in state["pending"]}
+            for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)):
+                self.study.ask()  # an enqueued trial nobody took: take it, then fail it below
+            for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+                if t.number not in pending:
+                    self.study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+            self._pending = sorted(pending)
+            self._asked, self._enqueued_x0 = int(state["asked"]), bool(state["enqueued"])
         else:
-            self.study = optuna.create_study(sampler=_sampler(self.kind, self.seed),
-                                             directions=self.study.directions)
-            for t in state.get("trials", []):
-                self.study.add_trial(_trial_from_json(t))
-        self._pending = [int(i) for i in state["pending"]]
-        self._enqueued_x0 = bool(state["enqueued"])
+            self.study = optuna.create_study(sampler=_sampler(self.kind, self.seed), directions=self.directions)
+            self._pending, self._asked, self._enqueued_x0, self._history = [], 0, False, []
+            for b, batch in enumerate(state["history"]):
+                xs = self.ask(len(batch["x"]))
+                if [x.tolist() for x in xs] != batch["x"]:
+                    raise ValueError(f"optuna: replaying the saved state, batch {b} asks for other genomes than were "
+                                     "asked (another optuna version or space?); it cannot be resumed exactly")
+                if batch["values"]:  # the last batch may be in flight: asked, not yet told
+                    self._tell_values(batch["values"])
         self.tracker.load(state)
-
-
-def _trial_json(t) -> dict[str, Any]:
-    from optuna.distributions import distribution_to_json
-
-    return {"number": t.number, "state": t.state.name, "values": t.values, "params": dict(t.params),
-            "distributions": {k: distribution_to_json(d) for k, d in t.distributions.items()},
-            "user_attrs": t.user_attrs, "system_attrs": t.system_attrs}
-
-
-def _trial_from_json(d: dict[str, Any]):
-    import optuna
-    from optuna.distributions import json_to_distribution
-
-    return optuna.trial.create_trial(
-        state=optuna.trial.TrialState[d["state"]], values=d["values"], params=d["params"],
-        distributions={k: json_to_distribution(v) for k, v in d["distributions"].items()},
-        user_attrs=d["user_attrs"], system_attrs=d["system_attrs"])
