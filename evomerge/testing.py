@@ -94,6 +94,8 @@ def tiny_family(
     max_shard_size: str | None = None,
 ) -> dict[str, Path]:
     """Write ``base`` and ``expert_i`` folders under ``root``; returns their paths."""
+    from .zoo import _save_tokenizer
+
     root = Path(root)
     cfg = tiny_config(hidden=hidden, layers=layers, tie=tie)
     tok = tiny_tokenizer()
@@ -108,11 +110,7 @@ def tiny_family(
         path = root / name
         kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
         m.save_pretrained(path, **kw)
-        tok.save_pretrained(path)
-        tc = path / "tokenizer_config.json"
-        c = json.loads(tc.read_text())
-        c["model_max_length"] = 512
-        tc.write_text(json.dumps(c, indent=2))
+        _save_tokenizer(tok, path)
         out[name] = path
     del base
     return out
@@ -196,7 +194,7 @@ def word_family(root: str | Path, tasks: Sequence[str] = tuple(WORD_TASKS), seed
 
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from .zoo import accuracy, train
+    from .zoo import _save_tokenizer, accuracy, train
 
     root = Path(root)
     meta = root / "family.json"
@@ -256,11 +254,7 @@ def word_family(root: str | Path, tasks: Sequence[str] = tuple(WORD_TASKS), seed
         model.generation_config.eos_token_id = eos
         model.generation_config.bos_token_id = tok.bos_token_id
         model.save_pretrained(path)
-        tok.save_pretrained(path)
-        tc = path / "tokenizer_config.json"
-        c = json.loads(tc.read_text())
-        c["model_max_length"] = 64
-        tc.write_text(json.dumps(c, indent=2))
+        _save_tokenizer(tok, path)
 
     save(model, tmp / "base")
     acc = {"base": measure(model)}

@@ -19,7 +19,6 @@ repeat makes sense) and the ratios to (a).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -56,7 +55,7 @@ def _random_checkpoint(folder: Path, hidden: int, layers: int):
     from tokenizers import decoders
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from evomerge.zoo import zoo_tokenizer
+    from evomerge.zoo import _save_tokenizer, zoo_tokenizer
 
     tok = zoo_tokenizer()
     tok.backend_tokenizer.decoder = decoders.Fuse()
@@ -66,11 +65,7 @@ def _random_checkpoint(folder: Path, hidden: int, layers: int):
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg).eval()
     model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    tc = folder / "tokenizer_config.json"
-    c = json.loads(tc.read_text())
-    c["model_max_length"] = 64
-    tc.write_text(json.dumps(c, indent=2))
+    _save_tokenizer(tok, folder)
     return model, tok
 
 
