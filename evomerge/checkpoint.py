@@ -111,7 +111,17 @@ def tensor_group(name: str) -> str:
 # --------------------------------------------------------------------------------------
 
 
+def model_folder(ref, allow_download: bool = True) -> Path:
+    """The local folder of a model: a folder as it is, a hub id (``org/name``, optionally
+    ``org/name@revision``) from the hub's cache or a download."""
+    return _resolve_folder(ref, allow_download)
+
+
 def _resolve_folder(ref, allow_download: bool = True) -> Path:
+    if isinstance(ref, (str, os.PathLike)) and not Path(ref).expanduser().is_dir():
+        from .recipe import ModelRef
+
+        ref = ModelRef.parse(ref, "model")  # "org/name@revision"
     path = Path(str(getattr(ref, "path", ref))).expanduser()
     revision = getattr(ref, "revision", None)
     if path.is_dir():

@@ -189,3 +189,36 @@ def test_every_method_written_by_evomerge_merge_loads_and_equals_the_search_merg
     live = dict(w.model.named_parameters())
     for name, p in written.named_parameters():
         assert torch.equal(p, live[name]), name
+
+
+def test_hub_ids_with_a_revision_come_from_the_hub_cache(words, tmp_path):
+    """``org/name@revision`` models, found offline in a hub cache laid out as the hub's client
+    lays it out (refs/<revision> naming a snapshot), are searched like local folders."""
+    import shutil
+
+    cache = tmp_path / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    ids = {}
+    for name, folder in {"base": words.base, **words.experts}.items():
+        repo = cache / f"models--words-org--{name}"
+        shutil.copytree(folder, repo / "snapshots" / commit)
+        (repo / "refs").mkdir()
+        (repo / "refs" / "v1").write_text(commit)
+        ids[name] = f"words-org/{name}@v1"
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "evomerge.app", "models=custom", f"models.base={ids['base']}",
+           f"models.experts=[{','.join(ids[t] for t in words.tasks)}]", f"eval.data_dir={words.root / 'data'}",
+           f"eval.tasks=[{','.join(words.tasks)}]", "eval.search_split=dev", "eval.fields={prompt:question,answer:target}",
+           "eval.limit=30", "budget=8", "executor=local", "progress=false", f"hydra.run.dir={run}"]
+    p = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                       env={**env(), "HF_HUB_CACHE": str(cache)})
+    assert p.returncode == 0, p.stderr[-2000:]
+    s = json.loads((run / "summary.json").read_text())
+    for task in words.tasks:
+        assert s["results"][f"{task}@v1"]["test"][f"{task}/acc"] >= 0.99
+    assert "words-org/base@v1" in (run / "best_recipe.yaml").read_text()
+    # a revision the cache does not hold is named, in one line
+    bad = subprocess.run(cmd[:4] + ["models.base=words-org/base@v2"] + cmd[5:-1] + [f"hydra.run.dir={run}-v2"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                         env={**env(), "HF_HUB_CACHE": str(cache)})
+    assert bad.returncode == 2 and "words-org/base@v2" in bad.stderr.strip().splitlines()[-1], bad.stderr[-1500:]

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from ..checkpoint import torch_dtype
+from ..checkpoint import model_folder, torch_dtype
 from ..merge.resident import ResidentEngine
 from ..search.base import Candidate, Result
 from ..space import Space
@@ -51,20 +51,21 @@ class Worker:
         self.engine = ResidentEngine(space.recipe(space.x0), device=device, seed=seed, store_dtype=store_dtype,
                                      compile=compile, shared=shared)
         path = model_path or space.base_model or space.models[0]
+        folder = model_folder(path)  # a hub id with its revision, as the merge engine reads it
         dtype = torch_dtype(space.dtype)
         self.model = None
         self.live_from = "checkpoint"  # or "resident inputs": where the live model's weights came from
         if shared is not None and str(path) in {str(m) for m in self.engine.models}:
-            self.model = self._bare_model(path, dtype, device)
+            self.model = self._bare_model(folder, str(path), dtype, device)
         if self.model is not None:
             self._load_source(str(path))
             self.live_from = "resident inputs"
         else:
-            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+            self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
         self.engine.bind(self.model)  # candidates are merged straight into its parameters
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
 
-    def _bare_model(self, path, dtype, device):
+    def _bare_model(self, folder, path, dtype, device):
         """The live model built from ``path``'s config alone (no weights read, none
         initialised), for the resident inputs to fill; None when those do not hold every
         one of its parameters."""
@@ -76,7 +77,7 @@ class Worker:
             from transformers.modeling_utils import no_init_weights
 
         with no_init_weights():
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=dtype)
         model.tie_weights()  # tied embeddings, as loading a checkpoint would leave them
         if set(dict(model.named_parameters())) - set(self.engine.source(str(path))):
             return None
