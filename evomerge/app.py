@@ -254,10 +254,14 @@ def _adamerging(cfg, space, worker, executor, zoo, evaluator, run_dir: Path) -> 
 
     from .search import finish_run
 
-    if zoo is None:
-        raise ConfigError("search=adamerging* needs unlabeled prompts: the zoo's, for now")
-    prompts = [json.loads(line)["prompt"] for t in evaluator.tasks
-               for line in zoo.data(t, "validation").read_text().splitlines()]
+    if zoo is not None:  # the zoo's whole validation split
+        prompts = [json.loads(line)["prompt"] for t in evaluator.tasks
+                   for line in zoo.data(t, "validation").read_text().splitlines()]
+    elif hasattr(evaluator, "inputs"):  # the search split's prompts, without their answers
+        prompts = evaluator.inputs("search")
+    else:
+        raise ConfigError(f"search=adamerging* needs unlabeled prompts, which eval={cfg.eval.get('name')} does not "
+                          "offer; use eval=accuracy, exact_match or choice on your data")
     if (run_dir / "summary.json").is_file() and not cfg.resume:
         raise FileExistsError(f"{run_dir} already holds a search; resume it or choose another run directory")
     search_cfg = OmegaConf.to_container(cfg.search, resolve=True)

@@ -222,3 +222,20 @@ def test_hub_ids_with_a_revision_come_from_the_hub_cache(words, tmp_path):
                          cwd=tmp_path, capture_output=True, text=True, timeout=600,
                          env={**env(), "HF_HUB_CACHE": str(cache)})
     assert bad.returncode == 2 and "words-org/base@v2" in bad.stderr.strip().splitlines()[-1], bad.stderr[-1500:]
+
+
+def test_adamerging_on_your_own_models_and_data(words, tmp_path):
+    """AdaMerging learns from the search split's prompts when there is no zoo: the entropy
+    falls over its steps, and the run finishes like any search."""
+    run = tmp_path / "run"
+    p = app(["models=custom", f"models.base={words.base}",
+             f"models.experts=[{','.join(str(e) for e in words.experts.values())}]", "search=adamerging_layerwise",
+             "search.steps=12", "search.lr=0.02", f"eval.data_dir={words.root / 'data'}",
+             f"eval.tasks=[{','.join(words.tasks)}]", "eval.search_split=dev",
+             "eval.fields={prompt:question,answer:target}", "eval.limit=40", "executor=local", "progress=false",
+             f"hydra.run.dir={run}"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    steps = [json.loads(x) for x in (run / "trials.jsonl").read_text().splitlines()]
+    entropy = [r["metrics"]["entropy"] for r in steps if r["kind"] == "search"]
+    assert len(entropy) == 12 and entropy[-1] < entropy[0]
+    assert json.loads((run / "summary.json").read_text())["strategy"] == "adamerging"

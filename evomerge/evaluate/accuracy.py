@@ -124,6 +124,11 @@ class ExactMatchEvaluator:
         self.tasks = list(self.rows)
         self._cache: dict[str, tuple] = {}
 
+    def inputs(self, split: str = "search") -> list[str]:
+        """The split's prompts without their answers: unlabeled inputs (AdaMerging's)."""
+        check_split(split)
+        return [r["prompt"] for task in self.tasks for r in self._rows_for(task, split)]
+
     # ------------------------------------------------------------------ preparation
 
     def _rows_for(self, task: str, split: str) -> list[dict]:

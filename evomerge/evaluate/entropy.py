@@ -110,6 +110,11 @@ class EntropyEvaluator:
         self.tasks = list(self.prompts)
         self._cache: dict[str, tuple] = {}
 
+    def inputs(self, split: str = "search") -> list[str]:
+        """The split's prompts (unlabeled inputs)."""
+        check_split(split)
+        return [p for task in self.tasks for p in self.prompts[task].get(split, [])]
+
     def _prepared(self, tokenizer, split: str, device):
         hit = self._cache.get(split)
         if hit is not None and hit[0] is tokenizer and hit[1] == device:
