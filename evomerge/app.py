@@ -160,6 +160,34 @@ def _eval_kwargs(cfg, zoo) -> dict[str, Any]:
     return kw
 
 
+# Keys a resumed search may change: how long it runs, where and how it reports. Every other
+# key (models, merge, space, search, eval, seed, store_dtype, compile) decides its results.
+_RESUME_FREE = ("budget", "max_seconds", "resume", "progress", "threads", "executor", "export_model", "device",
+                "name")
+
+
+def search_record(cfg) -> dict[str, Any]:
+    """What a search's results depend on: kept in the run directory, checked on resume."""
+    from omegaconf import OmegaConf
+
+    full = OmegaConf.to_container(cfg, resolve=True)
+    return {k: v for k, v in full.items() if k not in _RESUME_FREE}
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command that resumes this run: this process's own overrides, with resume=true."""
+    import shlex
+
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        given = list(HydraConfig.get().overrides.task)
+    except Exception:  # noqa: BLE001 - not running under Hydra (called as a library)
+        given = []
+    keep = [o for o in given if not o.split("=", 1)[0].lstrip("+~") in ("resume", "hydra.run.dir")]
+    return " ".join(["evomerge", *map(shlex.quote, keep), "resume=true", shlex.quote(f"hydra.run.dir={run_dir}")])
+
+
 def run(cfg, run_dir: str | Path) -> dict:
     """Run (or resume) the search a composed config describes; returns the summary."""
     import torch
@@ -217,12 +245,12 @@ def run(cfg, run_dir: str | Path) -> dict:
     try:
         outcome = run_search(space, strategy, executor, run_dir, budget=int(cfg.budget),
                              max_seconds=cfg.max_seconds, resume=bool(cfg.resume), progress=bool(cfg.progress),
-                             config=OmegaConf.to_container(cfg, resolve=True))
+                             config=OmegaConf.to_container(cfg, resolve=True), record=search_record(cfg))
     finally:
         executor.close()
     if outcome.stopped:
-        print(f"stopped after {outcome.evaluations} evaluations; resume with: evomerge resume=true "
-              f"hydra.run.dir={run_dir}", file=sys.stderr)
+        print(f"stopped after {outcome.evaluations} evaluations; resume with: {resume_command(run_dir)}",
+              file=sys.stderr)
         raise KeyboardInterrupt
     if cfg.get("export_model") and outcome.best_x is not None:
         from .merge.engine import MergeEngine
@@ -253,6 +281,7 @@ def _adamerging(cfg, space, worker, executor, zoo, evaluator, run_dir: Path) -> 
     from omegaconf import OmegaConf
 
     from .search import finish_run
+    from .trials import RunLock, StateError, check_record
 
     if zoo is not None:  # the zoo's whole validation split
         prompts = [json.loads(line)["prompt"] for t in evaluator.tasks
@@ -262,8 +291,10 @@ def _adamerging(cfg, space, worker, executor, zoo, evaluator, run_dir: Path) -> 
     else:
         raise ConfigError(f"search=adamerging* needs unlabeled prompts, which eval={cfg.eval.get('name')} does not "
                           "offer; use eval=accuracy, exact_match or choice on your data")
-    if (run_dir / "summary.json").is_file() and not cfg.resume:
+    if ((run_dir / "summary.json").is_file() or (run_dir / "trials.jsonl").is_file()) and not cfg.resume:
         raise FileExistsError(f"{run_dir} already holds a search; resume it or choose another run directory")
+    if cfg.resume and not (run_dir / "trials.jsonl").is_file():
+        raise StateError(f"{run_dir}: nothing to resume (no trials.jsonl); drop resume=true to start a search there")
     search_cfg = OmegaConf.to_container(cfg.search, resolve=True)
     seed, resume, progress = int(cfg.seed), bool(cfg.resume), bool(cfg.progress)
 
@@ -272,9 +303,11 @@ def _adamerging(cfg, space, worker, executor, zoo, evaluator, run_dir: Path) -> 
         x, score = am.run(run_dir, resume=resume, progress=progress and w is worker)
         return am.name, x, score
 
-    name, x, score = executor.run_on_worker(train)
-    summary = finish_run(space, name, x, score, executor, run_dir,
-                         config=OmegaConf.to_container(cfg, resolve=True))
+    with RunLock(run_dir):
+        check_record(run_dir, search_record(cfg), bool(cfg.resume))
+        name, x, score = executor.run_on_worker(train)
+        summary = finish_run(space, name, x, score, executor, run_dir,
+                             config=OmegaConf.to_container(cfg, resolve=True))
     _report(run_dir)
     print(format_summary(summary, run_dir))
     return summary

@@ -302,10 +302,49 @@ class Checkpoint:
         return str(arch[0])
 
 
+def _check_layout(header: dict, data_bytes: int) -> None:
+    """What the safetensors library checks before reading a tensor: every entry has a known
+    dtype, a shape of non-negative integers and ``[begin, end]`` offsets whose length is the
+    shape's size times the dtype's; the tensors tile the data section exactly (in offset
+    order, each begins where the last ended: no gap, no overlap, nothing past the end)."""
+    spans = []
+    for name, info in header.items():
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+            raise ValueError(f"tensor '{name}': its header entry needs dtype, shape and data_offsets")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if dtype not in _ST_NAMES:
+            raise ValueError(f"tensor '{name}': unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                  for d in shape):
+            raise ValueError(f"tensor '{name}': shape {shape!r} is not a list of non-negative integers")
+        if (not isinstance(offsets, list) or len(offsets) != 2
+                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+                or not 0 <= offsets[0] <= offsets[1]):
+            raise ValueError(f"tensor '{name}': data_offsets {offsets!r} are not [begin, end] with 0 <= begin <= end")
+        size = getattr(torch, _ST_NAMES[dtype]).itemsize
+        for d in shape:
+            size *= d
+        if offsets[1] - offsets[0] != size:
+            raise ValueError(f"tensor '{name}': data_offsets {offsets} hold {offsets[1] - offsets[0]} bytes, but shape "
+                             f"{shape} of {dtype} needs {size}")
+        spans.append((offsets[0], offsets[1], name))
+    at = 0
+    for begin, end, name in sorted(spans):
+        if begin != at:
+            what = "overlaps the tensor before it" if begin < at else f"leaves a gap of {begin - at} bytes before it"
+            raise ValueError(f"tensor '{name}': data_offsets [{begin}, {end}] {what}")
+        at = end
+    if at != data_bytes:
+        raise ValueError(f"the tensors' data_offsets end at byte {at} but the file holds {data_bytes} bytes of data "
+                         + ("(truncated?)" if at > data_bytes else "(trailing bytes)"))
+
+
 class _SafetensorsFile:
     """The header of a safetensors file, and positional reads of its tensors."""
 
     def __init__(self, path: Path):
+        self._fd: int | None = None  # first: __del__ runs even when the header is refused
+        self._mm = None
         self.path = path
         with open(path, "rb") as f:
             raw = f.read(8)
@@ -314,13 +353,17 @@ class _SafetensorsFile:
             size = int.from_bytes(raw, "little")
             if size > 100_000_000:
                 raise ValueError("not a safetensors file (header size)")
-            header = json.loads(f.read(size))
+            try:
+                header = json.loads(f.read(size))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"its header is not JSON ({e})") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"its header is a JSON {type(header).__name__}, not an object")
         header.pop("__metadata__", None)
         self.header: dict = header
         self.data_start = 8 + size
         self.file_size = path.stat().st_size
-        self._fd: int | None = None
-        self._mm = None
+        _check_layout(header, self.file_size - self.data_start)
         self._lock = threading.Lock()
 
     def keys(self):
@@ -851,6 +894,20 @@ class CheckpointWriter:
         self._close(complete=False)
         shutil.rmtree(self.tmp, ignore_errors=True)
         self._done = True
+
+
+def refuse_overlap(out_dir: str | Path, inputs: dict[str, Path]) -> None:
+    """Refuse an output folder that is, holds, or lies inside one of the ``inputs`` (model
+    folders, a recipe file), after resolving symbolic links: writing it, or replacing it with
+    ``--overwrite``, would change or delete what the user gave as input."""
+    out = Path(out_dir).expanduser().resolve()
+    for name, path in inputs.items():
+        src = Path(path).expanduser().resolve()
+        how = ("is" if out == src else "holds" if out in src.parents else
+               "lies inside" if src in out.parents else None)
+        if how:
+            raise CheckpointError(f"output '{out_dir}' {how} the input {name} ({src}); nothing was written, "
+                                  "choose an output folder apart from the inputs")
 
 
 def torch_dtype(name: str | None) -> torch.dtype | None:

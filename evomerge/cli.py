@@ -48,7 +48,7 @@ def _merge_parser() -> argparse.ArgumentParser:
 
 def merge_main(argv: list[str] | None = None) -> int:
     args = _merge_parser().parse_args(argv)
-    from .checkpoint import parse_size
+    from .checkpoint import parse_size, refuse_overlap
     from .merge.engine import MergeEngine
     from .recipe import DTYPES, RecipeError, load_recipe
 
@@ -60,6 +60,7 @@ def merge_main(argv: list[str] | None = None) -> int:
         from pathlib import Path
 
         out = Path(args.output_dir)
+        refuse_overlap(out, {f"recipe '{args.recipe}'": Path(args.recipe)})
         if out.exists() and not args.overwrite:
             raise FileExistsError(f"output '{out}' already exists (pass --overwrite to replace it)")
         t0 = time.perf_counter()

@@ -18,7 +18,10 @@ from typing import TYPE_CHECKING, Any, Iterator
 if TYPE_CHECKING:  # the search package imports this module: Result is imported where it is used
     from .search.base import Result
 
-__all__ = ["TrialLog", "atomic_write", "save_state", "load_state", "StateError"]
+__all__ = ["TrialLog", "atomic_write", "save_state", "load_state", "StateError", "RunLock", "check_record",
+           "RECORD_FILE"]
+
+RECORD_FILE = "run.json"  # the configuration a run directory was started with
 
 
 def atomic_write(path: str | Path, data: bytes | str) -> None:
@@ -104,14 +107,91 @@ class TrialLog:
             os.fsync(f.fileno())
 
     def __iter__(self) -> Iterator[Result]:
+        """The logged results in order. A line that is not a result (anywhere but a torn last
+        line, which ``_repair`` drops) is an error naming the file and line: guessing past it
+        could resume a search that is not the one logged."""
         from .search.base import Result
 
         if not self.path.is_file():
             return
-        with open(self.path) as f:
-            for line in f:
-                if line.strip():
-                    yield Result.from_json(json.loads(line))
+        with open(self.path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    d = json.loads(raw.decode("utf-8"))
+                    if not isinstance(d, dict) or not {"id", "x", "status"} <= set(d):
+                        raise ValueError("not a trial record")
+                    yield Result.from_json(d)
+                except (ValueError, TypeError, UnicodeDecodeError) as e:
+                    raise StateError(f"{self.path}:{lineno}: not a trial record ({e}); the log was changed by "
+                                     "something other than evomerge, and a search cannot be resumed from it") from None
 
     def results(self) -> list[Result]:
         return list(self)
+
+
+class RunLock:
+    """An exclusive lock on a run directory while a process works in it (``.lock``, an
+    advisory ``flock``, released by the system when the process ends, however it ends).
+    A second process is refused, with the holder's process id and host."""
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / ".lock"
+        self._fd: int | None = None
+
+    def __enter__(self) -> "RunLock":
+        import fcntl
+        import socket
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise StateError(f"{self.path.parent} is in use by {holder}; wait for it to finish or stop it") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing releases the lock; the file stays (removing it would race)
+            self._fd = None
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out or {prefix.rstrip("."): {}}
+    return {prefix.rstrip("."): d}
+
+
+def check_record(run_dir: str | Path, record: dict[str, Any], resume: bool) -> None:
+    """Keep ``record`` (what a search's results depend on: its models, method, space,
+    strategy, evaluator, seed, ...) in ``run_dir/run.json`` when a search starts; on resume,
+    refuse a record that differs, naming the keys, since the trial log and the strategy's
+    state would then mix two searches."""
+    path = Path(run_dir) / RECORD_FILE
+    if not resume or not path.is_file():
+        if resume and (Path(run_dir) / "trials.jsonl").is_file():
+            raise StateError(f"{path} is missing: the run directory does not say what search it holds, so it "
+                             "cannot be resumed safely")
+        atomic_write(path, json.dumps(_plain(record, ""), indent=2, sort_keys=True, allow_nan=True) + "\n")
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise StateError(f"{path}: not JSON ({e})") from None
+    old, new = _flat(saved), _flat(json.loads(json.dumps(_plain(record, ""), allow_nan=True)))
+    diff = sorted(k for k in set(old) | set(new) if old.get(k, "<unset>") != new.get(k, "<unset>"))
+    if diff:
+        shown = "; ".join(f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in diff[:6])
+        more = f" (and {len(diff) - 6} more)" if len(diff) > 6 else ""
+        raise StateError(f"{run_dir} holds a search with another configuration; resuming it with this one would mix "
+                         f"the two: {shown}{more}. Resume with the original settings, or start a new run directory")

@@ -466,3 +466,47 @@ def test_a_failed_background_write_fails_the_merge_and_leaves_nothing(tmp_path, 
                 w.add(e.name, buf)  # x's failure shows at the latest when committing
             w.commit()
     assert list(tmp_path.iterdir()) == []
+
+
+def _raw_safetensors(path, header, data: bytes) -> None:
+    blob = json.dumps(header).encode()
+    path.write_bytes(len(blob).to_bytes(8, "little") + blob + data)
+
+
+GOOD = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        "b": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}
+
+
+@pytest.mark.parametrize("case,header,data,needle", [
+    ("overlapping offsets", {"a": GOOD["a"], "b": {**GOOD["b"], "data_offsets": [4, 12]}}, bytes(16), "overlaps"),
+    ("reversed offsets", {"a": GOOD["a"], "b": {**GOOD["b"], "data_offsets": [16, 8]}}, bytes(16), "begin <= end"),
+    ("a gap", {"a": GOOD["a"], "b": {**GOOD["b"], "data_offsets": [12, 20]}}, bytes(20), "gap of 4 bytes"),
+    ("bytes against shape", {"a": {**GOOD["a"], "shape": [3]}, "b": GOOD["b"]}, bytes(16), "needs 12"),
+    ("past the end", GOOD, bytes(12), "truncated"),
+    ("trailing bytes", GOOD, bytes(20), "trailing"),
+    ("header a list", [1, 2], bytes(0), "JSON list, not an object"),
+    ("header not JSON", None, bytes(0), "not JSON"),
+    ("unknown dtype", {"a": {**GOOD["a"], "dtype": "F8_E9"}, "b": GOOD["b"]}, bytes(16), "unknown dtype"),
+    ("negative dimension", {"a": {**GOOD["a"], "shape": [-2]}, "b": GOOD["b"]}, bytes(16), "non-negative"),
+])
+def test_a_safetensors_header_that_lies_is_refused_naming_file_and_tensor(tmp_path, case, header, data, needle):
+    """Merging from a header whose offsets overlap would read another tensor's bytes (the
+    safetensors library refuses such files; so does every read here)."""
+    from safetensors import safe_open
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    f = folder / "model.safetensors"
+    if header is None:
+        f.write_bytes((5).to_bytes(8, "little") + b"{nope")
+    else:
+        _raw_safetensors(f, header, data)
+    with pytest.raises(CheckpointError, match=needle) as err:
+        Checkpoint(folder).read("a")
+    assert "model.safetensors" in str(err.value)
+    with pytest.raises(Exception):  # the reference library agrees that the file is bad
+        with safe_open(str(f), "pt") as g:
+            [g.get_tensor(k) for k in g.keys()]
+    _raw_safetensors(f, GOOD, torch.arange(4, dtype=torch.float32).numpy().tobytes())
+    assert Checkpoint(folder).get("b").tolist() == [2.0, 3.0]  # the well-formed file reads

@@ -340,3 +340,66 @@ def test_unknown_recipe_key_and_bad_yaml(tmp_path):
     p.write_text("merge_method: [linear\n")
     _fails(tmp_path, str(p), "not valid YAML")
     _fails(tmp_path, str(tmp_path / "absent.yaml"), "not found")
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("where", ["base", "expert", "parent of the models", "inside the base",
+                                   "a link to an expert", "the recipe's folder"])
+def test_an_output_over_the_inputs_is_refused_and_they_stay(fam, tmp_path, where):
+    """--overwrite of an input model, of the folder holding them, a folder inside one, a
+    symbolic link to one, or the folder holding the recipe: refused, every input unchanged."""
+    root = tmp_path / "models"
+    models = {k: _copy_model(v, root / k) for k, v in fam.items()}
+    rec = recipes(fam)["task_arithmetic"]
+    rec["base_model"] = str(models["base"])
+    for i, m in enumerate(rec["models"]):
+        m["model"] = str(models[f"expert_{i}"])
+    rdir = tmp_path / "recipes"
+    rdir.mkdir()
+    rfile = _write(rdir, "ta", rec)
+    (tmp_path / "link").symlink_to(models["expert_1"], target_is_directory=True)
+    out = {"base": models["base"], "expert": models["expert_0"], "parent of the models": root,
+           "inside the base": models["base"] / "merged", "a link to an expert": tmp_path / "link",
+           "the recipe's folder": rdir}[where]
+    before = {k: _snapshot(v) for k, v in models.items()}
+    recipe_before = Path(rfile).read_bytes()
+    r = subprocess.run([sys.executable, "-m", "evomerge.cli", rfile, str(out), "--no-progress", "--overwrite"],
+                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    last = r.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in r.stderr and "output" in last and "input" in last, r.stderr
+    assert {k: _snapshot(v) for k, v in models.items()} == before
+    assert Path(rfile).read_bytes() == recipe_before
+    assert not (models["base"] / "merged").exists()
+    assert not [p for p in tmp_path.rglob(".*tmp-*")]  # no temporary folder left behind
+
+
+def test_a_shard_with_overlapping_offsets_is_named_and_nothing_is_merged(fam, tmp_path):
+    """Before: merged from the wrong bytes, exit 0. Now: one line naming the model, file and
+    tensor, exit 2, no output, and no 'Exception ignored' from a half-made file reader."""
+    m = _copy_model(fam["expert_0"], tmp_path / "m")
+    f = m / "model.safetensors"
+    raw = f.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8: 8 + size])
+    names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+    a, b = header[names[0]]["data_offsets"], header[names[1]]["data_offsets"]
+    shift = min(4, a[1] - a[0])
+    header[names[1]]["data_offsets"] = [b[0] - shift, b[1] - shift]  # now it overlaps the one before
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    assert len(blob) <= size
+    blob = blob.ljust(size)  # the same header length: JSON allows trailing spaces
+    f.write_bytes(raw[:8] + blob + raw[8 + size:])
+    rec = recipes(fam)["linear"]
+    rec["models"][0]["model"] = str(m)
+    rfile = _write(tmp_path, "lin", rec)
+    r = subprocess.run([sys.executable, "-m", "evomerge.cli", rfile, str(tmp_path / "out"), "--no-progress"],
+                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2, r.stderr
+    assert "Exception ignored" not in r.stderr and "Traceback" not in r.stderr
+    line = r.stderr.strip().splitlines()[-1]
+    assert str(m) in line and "model.safetensors" in line and names[1] in line and "overlaps" in line
+    assert not (tmp_path / "out").exists()

@@ -260,6 +260,7 @@ def test_resume_after_interrupted_generation_reruns_nothing(tmp_path):
 
 RESUME_SCRIPT = textwrap.dedent("""
     import sys, time
+    from pathlib import Path
     import numpy as np
     sys.path.insert(0, {tests!r})
     from test_search import synthetic_space, FunctionExecutor, objective
@@ -270,8 +271,10 @@ RESUME_SCRIPT = textwrap.dedent("""
         return objective(x)
 
     sp = synthetic_space()
-    out = run_search(sp, CMAES(sp, seed=11), FunctionExecutor(slow), sys.argv[1], budget=60, progress=False,
-                     resume=True, sources=False)
+    run = Path(sys.argv[1])
+    started = (run / "trials.jsonl").is_file() or (run / "strategy.json").is_file()
+    out = run_search(sp, CMAES(sp, seed=11), FunctionExecutor(slow), run, budget=60, progress=False,
+                     resume=started, sources=False)
     print(repr(out.best_score), list(out.best_x))
 """)
 
@@ -580,3 +583,96 @@ def test_every_strategy_runs_on_the_zoo(small_zoo, tmp_path, name):
     if name == "greedy_soup":  # never worse than the best single ingredient
         singles = [r.score for r in recs if sum(v > 0.5 for v in r.x) == 1]
         assert out.best_score >= max(singles)
+
+
+# --------------------------------------------------------------------------------------
+# The run directory: its record, its lock, and resumes that cannot be right
+# --------------------------------------------------------------------------------------
+
+
+def _started(tmp_path, record=None, budget=16):
+    sp = synthetic_space()
+    run_search(sp, CMAES(sp, seed=0), FunctionExecutor(), tmp_path / "run", budget=budget, progress=False,
+               sources=False, record=record)
+    return sp, tmp_path / "run"
+
+
+def test_a_resume_with_another_configuration_is_refused_naming_the_keys(tmp_path):
+    record = {"merge": {"method": "ties", "search": ["weight"]}, "seed": 0, "eval": {"name": "accuracy"}}
+    sp, run = _started(tmp_path, record)
+    log_before = (run / "trials.jsonl").read_bytes()
+    other = {"merge": {"method": "dare_ties", "search": ["weight"]}, "seed": 0, "eval": {"name": "choice"}}
+    from evomerge.trials import StateError
+
+    with pytest.raises(StateError, match=r"eval.name: 'accuracy' -> 'choice'; merge.method: 'ties' -> 'dare_ties'"):
+        run_search(sp, CMAES(sp, seed=0), FunctionExecutor(), run, budget=24, progress=False, sources=False,
+                   resume=True, record=other)
+    assert (run / "trials.jsonl").read_bytes() == log_before  # nothing appended
+    res = run_search(sp, CMAES(sp, seed=0), FunctionExecutor(), run, budget=24, progress=False, sources=False,
+                     resume=True, record=record)  # the same record (a larger budget is not part of it)
+    assert res.evaluations >= 24
+
+
+def test_nothing_to_resume_and_a_truncated_or_corrupted_log_are_refused(tmp_path):
+    from evomerge.trials import StateError
+
+    sp = synthetic_space()
+    with pytest.raises(StateError, match="nothing to resume"):
+        run_search(sp, CMAES(sp, seed=0), FunctionExecutor(), tmp_path / "typo", budget=8, progress=False,
+                   sources=False, resume=True)
+    sp, run = _started(tmp_path, budget=24)
+    lines = (run / "trials.jsonl").read_text().splitlines(keepends=True)
+    (run / "trials.jsonl").write_text("".join(lines[:3] + ["{garbage\n"] + lines[3:]))
+    with pytest.raises(StateError, match=r"trials.jsonl:4: not a trial record"):
+        run_search(sp, CMAES(sp, seed=0), FunctionExecutor(), run, budget=30, progress=False, sources=False,
+                   resume=True)
+    (run / "trials.jsonl").write_text("".join(lines[:5]))  # truncated: the state counts more
+    with pytest.raises(StateError, match=r"lacks \d+ of the \d+ evaluations"):
+        run_search(sp, CMAES(sp, seed=0), FunctionExecutor(), run, budget=30, progress=False, sources=False,
+                   resume=True)
+    (run / "trials.jsonl").unlink()
+    with pytest.raises(StateError, match="lacks"):
+        run_search(sp, CMAES(sp, seed=0), FunctionExecutor(), run, budget=30, progress=False, sources=False,
+                   resume=True)
+
+
+LOCK_SCRIPT = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {tests!r})
+    from test_search import synthetic_space, FunctionExecutor, objective
+    from evomerge.search import CMAES, run_search
+
+    def slow(x):
+        time.sleep(0.05)
+        return objective(x)
+
+    sp = synthetic_space()
+    run_search(sp, CMAES(sp, seed=1), FunctionExecutor(slow), sys.argv[1], budget=400, progress=False,
+               sources=False, resume=sys.argv[2] == "resume")
+""")
+
+
+def test_a_second_process_on_the_same_run_directory_is_refused(tmp_path):
+    from evomerge.trials import StateError
+
+    script = tmp_path / "run.py"
+    script.write_text(LOCK_SCRIPT.format(tests=os.path.dirname(__file__)))
+    run = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, str(script), str(run), "new"], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not ((run / "trials.jsonl").is_file() and (run / "trials.jsonl").stat().st_size):
+            time.sleep(0.1)
+        assert first.poll() is None
+        sp = synthetic_space()
+        with pytest.raises(StateError, match=rf"in use by process {first.pid} on"):
+            run_search(sp, CMAES(sp, seed=1), FunctionExecutor(), run, budget=400, progress=False, sources=False,
+                       resume=True)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.communicate()
+    # the lock dies with its process: the run resumes
+    sp = synthetic_space()
+    out = run_search(sp, CMAES(sp, seed=1), FunctionExecutor(), run, budget=30, progress=False, sources=False,
+                     resume=True)
+    assert out.evaluations >= 30

@@ -239,3 +239,36 @@ def test_adamerging_on_your_own_models_and_data(words, tmp_path):
     entropy = [r["metrics"]["entropy"] for r in steps if r["kind"] == "search"]
     assert len(entropy) == 12 and entropy[-1] < entropy[0]
     assert json.loads((run / "summary.json").read_text())["strategy"] == "adamerging"
+
+
+def test_a_stopped_search_exits_130_and_its_resume_command_is_the_original(words, tmp_path):
+    """SIGINT: exit 130 and a resume hint that repeats the command's own overrides; that hint
+    resumes; a resume with another method is refused naming merge.method."""
+    import shlex
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    args = ["models=custom", f"models.base={words.base}",
+            f"models.experts=[{','.join(str(e) for e in words.experts.values())}]", "merge=ties",
+            f"eval.data_dir={words.root / 'data'}", f"eval.tasks=[{','.join(words.tasks)}]", "eval.search_split=dev",
+            "eval.fields={prompt:question,answer:target}", "eval.limit=20", "budget=400", "executor=local",
+            "progress=false", f"hydra.run.dir={run}"]
+    p = subprocess.Popen([sys.executable, "-m", "evomerge.app", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env())
+    log = run / "trials.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not log.is_file() or len(log.read_text().splitlines()) < 5):
+        time.sleep(0.2)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-2000:]
+    hint = err.split("resume with: ", 1)[1].strip().splitlines()[0]
+    cmd = shlex.split(hint)
+    assert cmd[0] == "evomerge" and "merge=ties" in cmd and "resume=true" in cmd and f"hydra.run.dir={run}" in cmd
+    other = [a if a != "merge=ties" else "merge=task_arithmetic" for a in cmd[1:]]
+    bad = app(other, cwd=tmp_path)
+    assert bad.returncode == 2 and "merge.method: 'ties' -> 'task_arithmetic'" in bad.stderr, bad.stderr[-2000:]
+    done = app([a if a != "budget=400" else "budget=24" for a in cmd[1:]], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((run / "summary.json").read_text())["evaluations"] >= 24

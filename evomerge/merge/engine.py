@@ -30,6 +30,7 @@ from ..checkpoint import (
     Checkpoint,
     CheckpointError,
     CheckpointWriter,
+    refuse_overlap,
     TensorEntry,
     split_layer,
     tensor_group,
@@ -442,6 +443,8 @@ class MergeEngine:
         """Stream the merge into a new model folder (atomic: nothing is left on failure).
         On the CPU every result is computed into a reused scratch buffer, then written at
         its offset in its shard; ``lanes`` tensors at a time (default: ``self.lanes()``)."""
+        self._tokenizer_source()  # opened now: its folder is an input too
+        refuse_overlap(out_dir, {f"model '{ref}'": ck.folder for ref, ck in self.models.items()})
         entries = [TensorEntry(t.name, self.shape(t), self.output_dtype(t)) for t in self.tasks]
         with CheckpointWriter(out_dir, entries, shard_size=shard_size, overwrite=overwrite) as w:
             lanes = self.lanes() if lanes is None else max(1, int(lanes))

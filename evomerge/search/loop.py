@@ -24,7 +24,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from ..space import Space
-from ..trials import StateError, TrialLog, atomic_write, load_state, save_state
+from ..trials import RunLock, StateError, TrialLog, atomic_write, check_record, load_state, save_state
 from .base import Candidate, Result
 
 __all__ = ["run_search", "SearchOutcome", "finish_run"]
@@ -62,6 +62,7 @@ def run_search(
     sources: bool = True,
     progress: bool = True,
     config: Mapping[str, Any] | None = None,
+    record: Mapping[str, Any] | None = None,
 ) -> SearchOutcome:
     """Run (or resume) a search until ``budget`` evaluations or ``max_seconds`` are spent or
     the strategy stops; then score the best, the baselines and the sources.
@@ -70,11 +71,31 @@ def run_search(
         baselines: named genomes to report beside the best (default: the space's start ``x0``).
         sources: also score the base and every expert as they are.
         config: recorded in ``summary.json`` (e.g. the experiment's configuration).
+        record: what the results depend on (models, method, space, strategy, evaluator,
+            seed): kept in ``run.json`` when the search starts; a resume with another record
+            is refused, naming the keys.
+
+    The run directory is locked while the search runs (a second process is refused). A
+    resume is refused when there is nothing to resume, when the trial log lacks evaluations
+    the strategy's state counts, or when a line of the log is not a trial record.
     """
     run_dir = Path(run_dir)
-    state_path = run_dir / STATE_FILE
-    if not resume and ((run_dir / LOG_FILE).is_file() or state_path.is_file()):
+    if resume and not (run_dir / LOG_FILE).is_file() and not (run_dir / STATE_FILE).is_file() \
+            and not (run_dir / LEGACY_STATE_FILE).is_file():
+        raise StateError(f"{run_dir}: nothing to resume (no {LOG_FILE} or {STATE_FILE}); drop resume=true to start "
+                         "a search there")
+    if not resume and ((run_dir / LOG_FILE).is_file() or (run_dir / STATE_FILE).is_file()):
         raise FileExistsError(f"{run_dir} already holds a search; resume it or choose another run directory")
+    with RunLock(run_dir):
+        if record is not None:
+            check_record(run_dir, dict(record), resume)
+        return _run_search(space, strategy, executor, run_dir, budget, max_seconds, resume, baselines, sources,
+                           progress, config)
+
+
+def _run_search(space, strategy, executor, run_dir: Path, budget, max_seconds, resume, baselines, sources, progress,
+                config) -> SearchOutcome:
+    state_path = run_dir / STATE_FILE
     if resume and not state_path.is_file() and (run_dir / LEGACY_STATE_FILE).is_file():
         raise StateError(f"{run_dir / LEGACY_STATE_FILE}: a pickled strategy state (from an older evomerge); "
                          "pickles can run code when read, so it is not resumed from. Start a new run directory")
@@ -86,6 +107,12 @@ def run_search(
         strategy.load_state_dict(state["strategy"])
         pending = [Candidate(**c) for c in state["pending"]]
         next_id, generation, elapsed = state["next_id"], state["generation"], state.get("elapsed", 0.0)
+        in_flight = {c.id for c in pending}
+        lost = [i for i in range(next_id) if i not in in_flight and ("search", i) not in done]
+        if lost:
+            raise StateError(f"{run_dir / LOG_FILE} lacks {len(lost)} of the {next_id} evaluations the strategy's "
+                             f"state counts (e.g. id {lost[0]}): it was truncated or replaced, and resuming would "
+                             "repeat or skip work")
     else:
         pending, next_id, generation, elapsed = [], 0, 0, 0.0
 
