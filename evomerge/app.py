@@ -62,6 +62,17 @@ class ConfigError(ValueError):
 _UNIT_PARAMS = ("density", "t", "epsilon", "gamma", "alpha")  # fractions: bounds within [0, 1]
 
 
+def buildable() -> dict[str, set[str]]:
+    """The classes each config group may build (its ``_target_``): the strategies, the
+    evaluators' factory and the executors, and nothing else (an arbitrary function of the
+    package, given as a target, would run with the config's arguments)."""
+    from .search import STRATEGIES, AdaMerging
+
+    return {"search": {f"evomerge.search.{c.__name__}" for c in (*STRATEGIES.values(), AdaMerging)},
+            "eval": {"evomerge.evaluate.build_evaluator"},
+            "executor": {"evomerge.execute.LocalExecutor", "evomerge.execute.ray.RayExecutor"}}
+
+
 def check_config(cfg) -> None:
     """Refuse values that cannot work, naming the key, before any model is loaded."""
     from omegaconf import OmegaConf
@@ -85,13 +96,16 @@ def check_config(cfg) -> None:
         if lo is not None and hi is not None and float(lo) >= float(hi):
             raise ConfigError(f"space.ranges.{param}: lo ({lo}) must be below hi ({hi})")
 
+    allowed = buildable()
+
     def targets(node, path):
         if isinstance(node, dict):
             for k, v in node.items():
                 key = f"{path}.{k}" if path else str(k)
-                if k == "_target_" and not str(v).startswith("evomerge."):
-                    raise ConfigError(f"{key}: {v!r} is not an evomerge class "
-                                      "(only evomerge.* targets are instantiated)")
+                if k == "_target_" and str(v) not in allowed.get(path, ()):
+                    where = f"one of {', '.join(sorted(allowed[path]))}" if path in allowed else \
+                        f"nothing (only {', '.join(sorted(allowed))} build objects)"
+                    raise ConfigError(f"{key}: {v!r} is not built here; {path or 'the top level'} builds {where}")
                 targets(v, key)
         elif isinstance(node, list):
             for i, v in enumerate(node):

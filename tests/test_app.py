@@ -166,6 +166,24 @@ def test_bad_config_values_fail_before_anything_loads(tmp_path, override, expect
     assert not zoo.exists() and not (run / "trials.jsonl").exists()
 
 
+@pytest.mark.parametrize("override", [
+    "+search.foo={_target_:evomerge.trials.atomic_write,path:PATH,data:hi}",
+    "search._target_=evomerge.trials.atomic_write",
+    "+executor.extra={_target_:evomerge.trials.atomic_write,path:PATH,data:hi}",
+    "+models.x={_target_:evomerge.evaluate.build_evaluator,name:accuracy}",
+])
+def test_a_target_outside_the_groups_own_classes_is_refused(tmp_path, override):
+    """Any function of the package given as a _target_ would run with the config's arguments
+    (this one writes a file): only the classes a group builds are accepted."""
+    victim = tmp_path / "written"
+    run = tmp_path / "run"
+    p = evomerge([f"models.zoo_dir={tmp_path / 'no_zoo'}", override.replace("PATH", str(victim))], run)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 2, err[-2000:]
+    assert "_target_" in err and "is not built here" in err
+    assert not victim.exists() and not (tmp_path / "no_zoo").exists()
+
+
 def test_a_multi_objective_search_reports_its_pareto_front(zoo_dir, tmp_path):
     run = tmp_path / "nsga2"
     p = evomerge([f"models.zoo_dir={zoo_dir}", "experiment=zoo_optuna_nsga2", "budget=8", "eval.limit=20"], run)
