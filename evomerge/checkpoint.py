@@ -160,9 +160,12 @@ class Checkpoint:
         if not cfg.is_file():
             raise CheckpointError(f"model '{self.name}': no config.json in {self.folder}")
         try:
-            self.config = json.loads(cfg.read_text())
-        except json.JSONDecodeError as e:
+            self.config = json.loads(cfg.read_bytes().decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"model '{self.name}': config.json is not valid JSON: {e}") from None
+        if not isinstance(self.config, dict):
+            raise CheckpointError(f"model '{self.name}': config.json is a JSON {type(self.config).__name__}, "
+                                  "not an object")
         self._handles: dict[str, object] = {}
         self._pickled: dict[str, dict[str, torch.Tensor]] = {}
         self._lock = threading.Lock()  # merges read tensors from several threads
@@ -203,10 +206,16 @@ class Checkpoint:
 
     def _read_index(self, p: Path) -> dict[str, str]:
         try:
-            wm = json.loads(p.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
+            wm = json.loads(p.read_bytes().decode("utf-8"))["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"model '{self.name}': {p.name} is not a valid index ({e})") from None
+        if not isinstance(wm, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in wm.items()):
+            raise CheckpointError(f"model '{self.name}': the weight_map of {p.name} is not an object of file names")
         for shard in set(wm.values()):
+            # a file of this folder, by its plain name: never a path out of it
+            if Path(shard).name != shard or shard in (".", ".."):
+                raise CheckpointError(f"model '{self.name}': {p.name} names the shard {shard!r}, which is not a file "
+                                      "of the model's folder")
             if not (self.folder / shard).is_file():
                 raise CheckpointError(f"model '{self.name}': shard {shard} listed in {p.name} is missing")
         return dict(wm)
@@ -448,17 +457,20 @@ class _SafetensorsFile:
 
 def parse_size(s: str | int) -> int:
     """``"5GB"``, ``"500MB"``, ``"2GiB"`` or a number of bytes."""
-    if isinstance(s, int):
-        return s
-    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?i?B?)?\s*", str(s), re.I)
-    if not m:
-        raise ValueError(f"not a size: {s!r} (e.g. 5GB, 500MB)")
-    n = float(m[1])
-    unit = (m[2] or "B").upper()
     mult = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
             "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
-            "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}[unit]
-    return int(n * mult)
+            "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    if isinstance(s, int) and not isinstance(s, bool):
+        n = s
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*", str(s))
+        unit = (m[2] or "B").upper() if m else ""
+        if not m or unit not in mult:
+            raise ValueError(f"not a size: {s!r} (e.g. 5GB, 500MB, 2GiB)")
+        n = int(float(m[1]) * mult[unit])
+    if n < 1:
+        raise ValueError(f"a size must be at least one byte, got {s!r}")
+    return n
 
 
 _ST_DTYPES = {
@@ -689,8 +701,12 @@ class CheckpointWriter:
             raise ValueError("a tensor name is declared twice")
         self._shards = self._layout()
         self.total_bytes = sum(e.nbytes for e in self.entries)
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent))
+        try:
+            self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent))
+        except OSError as e:
+            raise CheckpointError(f"output '{self.out_dir}': cannot create it in {self.out_dir.parent} "
+                                  f"({e.strerror or e})") from None
         self._done = False
         self.direct_io = direct_io  # None: as EVOMERGE_DIRECT_IO says, else for shards >= 16 MiB
         self._files: list[_ShardFile] = []  # one per shard, in order, as created
@@ -878,6 +894,9 @@ class CheckpointWriter:
             weight_map = {e.name: self.shard_file(i) for i, sh in enumerate(self._shards) for e in sh}
             index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
             self.write_text(SAFE_INDEX, json.dumps(index, indent=2))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o777 & ~umask)  # as a folder made with mkdir (mkdtemp's is private)
         if self.out_dir.exists():
             if not self.overwrite:
                 raise FileExistsError(f"output '{self.out_dir}' appeared while merging")

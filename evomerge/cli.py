@@ -46,6 +46,19 @@ def _merge_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_device(name: str) -> None:
+    import torch
+
+    from .recipe import RecipeError
+
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise RecipeError(f"--device: {name!r} is not a device (cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RecipeError(f"--device: {name!r} was asked for, but torch sees no CUDA device here")
+
+
 def merge_main(argv: list[str] | None = None) -> int:
     args = _merge_parser().parse_args(argv)
     from .checkpoint import parse_size, refuse_overlap
@@ -55,7 +68,11 @@ def merge_main(argv: list[str] | None = None) -> int:
     try:
         if args.dtype is not None and args.dtype.lower() not in DTYPES:
             raise RecipeError(f"--dtype: unknown dtype {args.dtype!r}; accepted: float32, float16, bfloat16")
-        shard = parse_size(args.shard_size)
+        try:
+            shard = parse_size(args.shard_size)
+        except ValueError as e:
+            raise RecipeError(f"--shard-size: {e}") from None
+        _check_device(args.device)
         recipe = load_recipe(args.recipe)
         from pathlib import Path
 

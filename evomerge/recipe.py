@@ -422,7 +422,41 @@ def load_recipe(path: str | Path) -> Recipe:
     if not p.is_file():
         raise RecipeError(f"recipe file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text())
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{p}: not UTF-8 text ({e})") from None
+    try:
+        data = yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader without aliases
     except yaml.YAMLError as e:
         raise RecipeError(f"{p}: not valid YAML: {e}") from None
     return parse_recipe(data, source=p.name)
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a document whose aliases (``*name``) expand it beyond
+    ``MAX_NODES`` values: a few nested aliases turn a small file into gigabytes (the "billion
+    laughs"). Aliases that merely share a value, as YAML dumpers write them, are accepted."""
+
+    MAX_NODES = 100_000
+
+    def compose_document(self):
+        node = super().compose_document()
+        sizes: dict[int, int] = {}
+
+        def expanded(n) -> int:
+            if id(n) in sizes:
+                return sizes[id(n)]
+            sizes[id(n)] = 1  # a cycle counts once
+            if isinstance(n, yaml.MappingNode):
+                total = 1 + sum(expanded(k) + expanded(v) for k, v in n.value)
+            elif isinstance(n, yaml.SequenceNode):
+                total = 1 + sum(expanded(v) for v in n.value)
+            else:
+                total = 1
+            sizes[id(n)] = total
+            return total
+
+        if node is not None and expanded(node) > self.MAX_NODES:
+            raise yaml.YAMLError(f"its aliases expand it to {expanded(node):,} values, more than the "
+                                 f"{self.MAX_NODES:,} a recipe may hold")
+        return node

@@ -403,3 +403,63 @@ def test_a_shard_with_overlapping_offsets_is_named_and_nothing_is_merged(fam, tm
     line = r.stderr.strip().splitlines()[-1]
     assert str(m) in line and "model.safetensors" in line and names[1] in line and "overlaps" in line
     assert not (tmp_path / "out").exists()
+
+
+def _sharded(fam, tmp_path, edit) -> Path:
+    """A copy of expert_0 saved in two shards, its index edited by ``edit(weight_map)``."""
+    from transformers import AutoModelForCausalLM
+
+    m = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(fam["expert_0"]).save_pretrained(m, max_shard_size="20KB")
+    idx = m / "model.safetensors.index.json"
+    d = json.loads(idx.read_text())
+    edit(d["weight_map"])
+    idx.write_text(json.dumps(d))
+    return m
+
+
+@pytest.mark.parametrize("shard", ["../base/model.safetensors", "/etc/hostname", "sub/../model.safetensors", ".."])
+def test_an_index_naming_a_file_outside_the_model_folder_is_refused(fam, tmp_path, shard):
+    def edit(wm):
+        wm[next(iter(wm))] = shard
+
+    m = _sharded(fam, tmp_path, edit)
+    rec = recipes(fam)["linear"]
+    rec["models"][0]["model"] = str(m)
+    _fails(tmp_path, rec, str(m), repr(shard), "not a file of the model's folder")
+
+
+def test_malformed_inputs_and_options_are_named(fam, tmp_path):
+    rec = recipes(fam)["linear"]
+    listed = _copy_model(fam["expert_1"], tmp_path / "listed")
+    (listed / "config.json").write_text("[1, 2]")
+    bad = {**rec, "models": [{**rec["models"][0], "model": str(listed)}, *rec["models"][1:]]}
+    _fails(tmp_path, bad, str(listed), "config.json is a JSON list")
+    aliased = tmp_path / "aliased.yaml"
+    laughs = "name: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n" + "".join(
+        f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]\n" for i in range(1, 7))  # 10**7 values in 600 bytes
+    aliased.write_text(open(_write(tmp_path, "ok", rec)).read() + laughs)
+    _fails(tmp_path, str(aliased), "aliased.yaml", "aliases expand it to", "more than the 100,000")
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes(b"name: caf\xe9\n" + open(_write(tmp_path, "ok", rec), "rb").read())
+    _fails(tmp_path, str(latin), "latin.yaml", "not UTF-8")
+    ok = _write(tmp_path, "ok", rec)
+    for size in ("5Ki", "0", "-3MB", "lots"):
+        _fails(tmp_path, ok, "--shard-size", extra=("--shard-size", size))
+    _fails(tmp_path, ok, "--device", "'foo'", extra=("--device", "foo"))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    r = subprocess.run([sys.executable, "-m", "evomerge.cli", ok, str(a_file / "out"), "--no-progress"],
+                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2 and "cannot create it" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert a_file.read_text() == "x"
+
+
+def test_the_output_folder_follows_the_umask(fam, tmp_path):
+    rfile = _write(tmp_path, "lin", recipes(fam)["linear"])
+    old = os.umask(0o022)
+    try:
+        assert merge_main([rfile, str(tmp_path / "out"), "--no-progress"]) == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
