@@ -666,6 +666,40 @@ class _Lane:
         self.current = None
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def _sweep_leftovers(out_dir: Path) -> None:
+    """What killed writers of ``out_dir`` left beside it: their temporary folders
+    (``.OUT.tmp-PID-*``) are removed, and an output moved aside by an ``--overwrite`` that was
+    killed before putting the new one in place (``.OUT.old-PID``) is put back. Only the
+    leftovers of processes that no longer run are touched."""
+    pattern = re.compile(rf"^\.{re.escape(out_dir.name)}\.(tmp|old)-(\d+)(?:-.*)?$")
+    for entry in sorted(out_dir.parent.iterdir()):
+        m = pattern.match(entry.name)
+        if not m or int(m[2]) == os.getpid() or _alive(int(m[2])):
+            continue
+        if m[1] == "old" and not os.path.lexists(out_dir):
+            os.replace(entry, out_dir)
+        else:
+            _remove(entry)
+
+
 class CheckpointWriter:
     """Writes a model folder atomically, with no shard buffer.
 
@@ -691,6 +725,8 @@ class CheckpointWriter:
         write_behind: bool = True,
     ):
         self.out_dir = Path(out_dir)
+        if self.out_dir.parent.is_dir():
+            _sweep_leftovers(self.out_dir)
         if self.out_dir.exists() and not overwrite:
             raise FileExistsError(f"output '{self.out_dir}' already exists (pass --overwrite to replace it)")
         self.overwrite = overwrite
@@ -703,7 +739,8 @@ class CheckpointWriter:
         self.total_bytes = sum(e.nbytes for e in self.entries)
         try:
             self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent))
+            self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-{os.getpid()}-",
+                                             dir=self.out_dir.parent))
         except OSError as e:
             raise CheckpointError(f"output '{self.out_dir}': cannot create it in {self.out_dir.parent} "
                                   f"({e.strerror or e})") from None
@@ -901,9 +938,9 @@ class CheckpointWriter:
             if not self.overwrite:
                 raise FileExistsError(f"output '{self.out_dir}' appeared while merging")
             old = self.out_dir.with_name(f".{self.out_dir.name}.old-{os.getpid()}")
-            os.replace(self.out_dir, old)
+            os.replace(self.out_dir, old)  # a kill from here to the next line: the next writer restores it
             os.replace(self.tmp, self.out_dir)
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
         else:
             os.replace(self.tmp, self.out_dir)
         self._done = True

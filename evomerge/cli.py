@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 
@@ -99,6 +100,10 @@ def merge_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _terminated(signum, frame):
+    raise KeyboardInterrupt
+
+
 def merge_command() -> int:
     """The ``evomerge-merge`` console script. Every full collection of the garbage
     collector walks all the objects importing torch made (0.1-0.4 s here each time: one
@@ -109,6 +114,7 @@ def merge_command() -> int:
     from .merge import engine  # noqa: F401  (torch and the merge core)
 
     gc.freeze()
+    signal.signal(signal.SIGTERM, _terminated)  # unwinds like an interrupt: the partial output goes
     rc = merge_main()
     gc.freeze()
     return rc

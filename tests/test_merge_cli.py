@@ -463,3 +463,73 @@ def test_the_output_folder_follows_the_umask(fam, tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+
+
+SLOW_MERGE = """
+import sys, time
+from evomerge import checkpoint
+from evomerge.cli import merge_command
+add = checkpoint.CheckpointWriter.add
+def slow_add(self, name, t):
+    time.sleep(0.2)
+    return add(self, name, t)
+checkpoint.CheckpointWriter.add = slow_add
+sys.argv = ["evomerge-merge", *sys.argv[1:]]
+sys.exit(merge_command())
+"""
+
+
+def _start_slow_merge(tmp_path, fam, out):
+    import time
+
+    script = tmp_path / "slow.py"
+    script.write_text(SLOW_MERGE)
+    rfile = _write(tmp_path, "slerp", recipes(fam)["slerp"])  # one lane: tensors go through add()
+    p = subprocess.Popen([sys.executable, str(script), rfile, str(out), "--no-progress", "--overwrite"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "EVOMERGE_NATIVE": "0"})
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(tmp_path.glob(f".{out.name}.tmp-*/*.safetensors")):
+        time.sleep(0.05)
+    assert p.poll() is None, p.communicate()
+    return p, rfile
+
+
+def test_sigterm_removes_the_partial_output_and_a_sigkilled_ones_is_swept_next_time(fam, tmp_path):
+    import signal
+
+    out = tmp_path / "out"
+    p, rfile = _start_slow_merge(tmp_path, fam, out)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and "nothing was written" in err, err
+    assert not list(tmp_path.glob(".out.*")) and not out.exists()
+
+    p, rfile = _start_slow_merge(tmp_path, fam, out)
+    p.send_signal(signal.SIGKILL)
+    p.communicate()
+    assert list(tmp_path.glob(".out.tmp-*"))  # a killed process cleans nothing up itself
+    assert merge_main([rfile, str(out), "--no-progress"]) == 0
+    assert not list(tmp_path.glob(".out.*")) and (out / "model.safetensors").is_file()
+
+
+def test_an_overwrite_killed_between_its_renames_is_put_back(fam, tmp_path):
+    """The old output moved aside by a killed --overwrite is restored by the next writer,
+    and an --overwrite of a regular file leaves nothing beside it."""
+    rfile = _write(tmp_path, "lin", recipes(fam)["linear"])
+    out = tmp_path / "out"
+    assert merge_main([rfile, str(out), "--no-progress"]) == 0
+    before = _snapshot(out)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    aside = tmp_path / f".out.old-{int(dead.stdout)}"  # as a process killed after its first rename leaves it
+    os.replace(out, aside)
+    r = subprocess.run([sys.executable, "-m", "evomerge.cli", rfile, str(tmp_path / "other"), "--no-progress"],
+                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0 and not out.exists()  # another output's writer leaves it alone
+    ta = _write(tmp_path, "ta", recipes(fam)["task_arithmetic"])
+    assert merge_main([ta, str(out), "--no-progress"]) == 2  # the output is back, so it is not replaced
+    assert not aside.exists() and _snapshot(out) == before
+    target = tmp_path / "plain_file"
+    target.write_text("x")
+    assert merge_main([rfile, str(target), "--no-progress", "--overwrite"]) == 0
+    assert target.is_dir() and not list(tmp_path.glob(".plain_file.*"))
