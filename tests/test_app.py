@@ -246,3 +246,18 @@ def test_conf_dir_is_found():
     from evomerge.app import conf_dir
 
     assert (conf_dir() / "config.yaml").is_file()
+
+
+def test_lm_eval_on_a_freshly_built_zoo(zoo_dir, tmp_path):
+    """The zoo's lm-eval task folder is written on first use: eval=lm_eval_zoo and eval=lm_eval
+    work on a zoo that has never had it."""
+    import shutil
+
+    shutil.rmtree(zoo_dir / "lm_eval_tasks", ignore_errors=True)
+    for opt in ("lm_eval_zoo", "lm_eval"):
+        run = tmp_path / opt
+        p = evomerge([f"models.zoo_dir={zoo_dir}", f"eval={opt}", "eval.limit=10", "budget=4", "search=random"], run)
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-2000:]
+        s = json.loads((run / "summary.json").read_text())
+        assert any(k.startswith("zoo_") and k.endswith("/exact_match") for k in s["results"]["best"]["test"])
