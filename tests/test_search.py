@@ -266,14 +266,17 @@ RESUME_SCRIPT = textwrap.dedent("""
     from test_search import synthetic_space, FunctionExecutor, objective
     from evomerge.search import CMAES, run_search
 
+    seed, pause, budget = (int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])) if len(sys.argv) > 2 \
+        else (11, 0.01, 60)
+
     def slow(x):
-        time.sleep(0.01)
+        time.sleep(pause)
         return objective(x)
 
     sp = synthetic_space()
     run = Path(sys.argv[1])
     started = (run / "trials.jsonl").is_file() or (run / "strategy.json").is_file()
-    out = run_search(sp, CMAES(sp, seed=11), FunctionExecutor(slow), run, budget=60, progress=False,
+    out = run_search(sp, CMAES(sp, seed=seed), FunctionExecutor(slow), run, budget=budget, progress=False,
                      resume=started, sources=False)
     print(repr(out.best_score), list(out.best_x))
 """)
@@ -636,29 +639,14 @@ def test_nothing_to_resume_and_a_truncated_or_corrupted_log_are_refused(tmp_path
                    resume=True)
 
 
-LOCK_SCRIPT = textwrap.dedent("""
-    import sys, time
-    sys.path.insert(0, {tests!r})
-    from test_search import synthetic_space, FunctionExecutor, objective
-    from evomerge.search import CMAES, run_search
-
-    def slow(x):
-        time.sleep(0.05)
-        return objective(x)
-
-    sp = synthetic_space()
-    run_search(sp, CMAES(sp, seed=1), FunctionExecutor(slow), sys.argv[1], budget=400, progress=False,
-               sources=False, resume=sys.argv[2] == "resume")
-""")
-
-
 def test_a_second_process_on_the_same_run_directory_is_refused(tmp_path):
     from evomerge.trials import StateError
 
     script = tmp_path / "run.py"
-    script.write_text(LOCK_SCRIPT.format(tests=os.path.dirname(__file__)))
+    script.write_text(RESUME_SCRIPT.format(tests=os.path.dirname(__file__)))
     run = tmp_path / "run"
-    first = subprocess.Popen([sys.executable, str(script), str(run), "new"], stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen([sys.executable, str(script), str(run), "1", "0.05", "400"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 60
         while time.time() < deadline and not ((run / "trials.jsonl").is_file() and (run / "trials.jsonl").stat().st_size):
