@@ -533,3 +533,15 @@ def test_an_overwrite_killed_between_its_renames_is_put_back(fam, tmp_path):
     target.write_text("x")
     assert merge_main([rfile, str(target), "--no-progress", "--overwrite"]) == 0
     assert target.is_dir() and not list(tmp_path.glob(".plain_file.*"))
+
+
+def test_a_missing_tokenizer_source_is_refused_before_anything_is_merged(fam, tmp_path, monkeypatch):
+    from evomerge.merge import engine
+
+    rec = {**recipes(fam)["linear"], "tokenizer_source": str(tmp_path / "no-tokenizer-here")}
+    _fails(tmp_path, rec, "tokenizer_source", "no-tokenizer-here")
+    merged = []
+    monkeypatch.setattr(engine.MergeEngine, "iter_merged", lambda self, **kw: merged.append(1) or iter(()))
+    monkeypatch.setattr(engine.MergeEngine, "_write_lanes", lambda self, *a: merged.append(1))
+    assert merge_main([_write(tmp_path, "tok", rec), str(tmp_path / "out2"), "--no-progress"]) == 2
+    assert not merged and not (tmp_path / "out2").exists()
