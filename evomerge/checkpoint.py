@@ -674,6 +674,20 @@ def _remove(path: Path) -> None:
             path.unlink()
 
 
+@contextlib.contextmanager
+def _locked(folder: Path):
+    """An exclusive ``flock`` on a folder itself (no lock file is left behind), released when
+    the block ends or the process dies."""
+    import fcntl
+
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -934,15 +948,16 @@ class CheckpointWriter:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(self.tmp, 0o777 & ~umask)  # as a folder made with mkdir (mkdtemp's is private)
-        if self.out_dir.exists():
-            if not self.overwrite:
-                raise FileExistsError(f"output '{self.out_dir}' appeared while merging")
-            old = self.out_dir.with_name(f".{self.out_dir.name}.old-{os.getpid()}")
-            os.replace(self.out_dir, old)  # a kill from here to the next line: the next writer restores it
-            os.replace(self.tmp, self.out_dir)
-            _remove(old)
-        else:
-            os.replace(self.tmp, self.out_dir)
+        with _locked(self.out_dir.parent):  # one commit at a time into this folder: two --overwrite never interleave
+            if self.out_dir.exists():
+                if not self.overwrite:
+                    raise FileExistsError(f"output '{self.out_dir}' appeared while merging")
+                old = self.out_dir.with_name(f".{self.out_dir.name}.old-{os.getpid()}")
+                os.replace(self.out_dir, old)  # a kill from here to the next line: the next writer restores it
+                os.replace(self.tmp, self.out_dir)
+                _remove(old)
+            else:
+                os.replace(self.tmp, self.out_dir)
         self._done = True
         return self.out_dir
 

@@ -545,3 +545,34 @@ def test_a_missing_tokenizer_source_is_refused_before_anything_is_merged(fam, tm
     monkeypatch.setattr(engine.MergeEngine, "_write_lanes", lambda self, *a: merged.append(1))
     assert merge_main([_write(tmp_path, "tok", rec), str(tmp_path / "out2"), "--no-progress"]) == 2
     assert not merged and not (tmp_path / "out2").exists()
+
+
+RACING_MERGE = """
+import os, sys, time
+from evomerge import checkpoint
+real = os.replace
+def slow_replace(a, b):
+    time.sleep(0.4)  # widen the window between the two renames of an --overwrite
+    return real(a, b)
+checkpoint.os.replace = slow_replace
+from evomerge.cli import merge_command
+sys.argv = ["evomerge-merge", *sys.argv[1:]]
+sys.exit(merge_command())
+"""
+
+
+def test_two_overwrites_of_one_output_at_once_both_succeed(fam, tmp_path):
+    """Two --overwrite merges into one folder, their commits overlapping: both succeed, one
+    whole output is left (the last to commit), and nothing beside it."""
+    script = tmp_path / "race.py"
+    script.write_text(RACING_MERGE)
+    out = tmp_path / "out"
+    ra, rb = _write(tmp_path, "lin", recipes(fam)["linear"]), _write(tmp_path, "ta", recipes(fam)["task_arithmetic"])
+    assert merge_main([ra, str(out), "--no-progress"]) == 0
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    procs = [subprocess.Popen([sys.executable, str(script), r, str(out), "--no-progress", "--overwrite"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for r in (ra, rb)]
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [e[-1500:] for _, e in results]
+    assert (out / "model.safetensors").is_file() and (out / "evomerge_recipe.yaml").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == []
