@@ -260,13 +260,20 @@ class Checkpoint:
         if m is None:
             file = self._file(name)
             if file.endswith(".safetensors"):
-                info = self._handle(file).header[name]
+                info = self._shard_header(file, name)
                 m = (tuple(info["shape"]), _ST_NAMES.get(info["dtype"], info["dtype"].lower()))
             else:
                 t = self._load_pickle(file)[name]
                 m = (tuple(t.shape), str(t.dtype).replace("torch.", ""))
             self._meta[name] = m
         return m
+
+    def _shard_header(self, file: str, name: str) -> dict:
+        header = self._handle(file).header
+        if name not in header:
+            raise CheckpointError(f"model '{self.name}': the index maps tensor '{name}' to {file}, which does not "
+                                  "hold it")
+        return header[name]
 
     def _file(self, name: str) -> str:
         try:
@@ -280,6 +287,7 @@ class Checkpoint:
         reads it; call ``release(name)`` when done so its pages leave this process."""
         file = self._file(name)
         if file.endswith(".safetensors"):
+            self._shard_header(file, name)
             try:
                 h = self._handle(file)
                 t = h.read(name) if copy or str(device) != "cpu" else h.view(name)

@@ -576,3 +576,14 @@ def test_two_overwrites_of_one_output_at_once_both_succeed(fam, tmp_path):
     assert [p.returncode for p in procs] == [0, 0], [e[-1500:] for _, e in results]
     assert (out / "model.safetensors").is_file() and (out / "evomerge_recipe.yaml").is_file()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == []
+
+
+def test_an_index_that_maps_a_tensor_to_a_shard_without_it_is_named(fam, tmp_path):
+    def edit(wm):
+        name = next(iter(wm))
+        wm[name] = next(f for f in sorted(set(wm.values())) if f != wm[name])
+
+    m = _sharded(fam, tmp_path, edit)
+    rec = recipes(fam)["linear"]
+    rec["models"][0]["model"] = str(m)
+    _fails(tmp_path, rec, str(m), "the index maps tensor", "which does not hold it")
