@@ -51,6 +51,20 @@ class FunctionExecutor:
                              generation=c.generation)
 
 
+class Dies:
+    """An executor that stops the search (as Ctrl-C would) once ``inner`` has been asked for
+    more than ``after`` evaluations."""
+
+    def __init__(self, inner, after: int):
+        self.inner, self.after = inner, after
+
+    def map(self, cands):
+        for r in self.inner.map(cands):
+            if len(self.inner.calls) > self.after:
+                raise KeyboardInterrupt
+            yield r
+
+
 STRATEGIES = {
     "cmaes": lambda sp, seed: CMAES(sp, seed=seed),
     "optuna_tpe": lambda sp, seed: OptunaSearch(sp, "tpe", seed=seed),
@@ -236,18 +250,8 @@ def test_resume_after_interrupted_generation_reruns_nothing(tmp_path):
     full = run_search(sp, CMAES(sp, seed=5), FunctionExecutor(), tmp_path / "full", budget=50, progress=False,
                       sources=False)
 
-    class Dies(FunctionExecutor):
-        def __init__(self, after):
-            super().__init__()
-            self.after = after
-
-        def map(self, cands):
-            for r in super().map(cands):
-                if len(self.calls) > self.after:
-                    raise KeyboardInterrupt
-                yield r
-
-    out = run_search(sp, CMAES(sp, seed=5), Dies(after=17), tmp_path / "cut", budget=50, progress=False,
+    out = run_search(sp, CMAES(sp, seed=5), Dies(FunctionExecutor(), after=17), tmp_path / "cut", budget=50,
+                     progress=False,
                      sources=False)
     assert out.stopped
     ex = FunctionExecutor()
@@ -385,14 +389,8 @@ def test_optuna_sqlite_storage_resumes_from_the_run_directory(tmp_path):
     full = run_search(sp, OptunaSearch(sp, "tpe", seed=2, storage=f"sqlite:///{tmp_path / 'full.db'}"),
                       FunctionExecutor(), tmp_path / "full", budget=24, progress=False, sources=False)
 
-    class Dies(FunctionExecutor):
-        def map(self, cands):
-            for r in super().map(cands):
-                if len(self.calls) > 10:
-                    raise KeyboardInterrupt
-                yield r
-
-    assert run_search(sp, OptunaSearch(sp, "tpe", seed=2, storage=url), Dies(), tmp_path / "cut", budget=24,
+    assert run_search(sp, OptunaSearch(sp, "tpe", seed=2, storage=url), Dies(FunctionExecutor(), 10), tmp_path / "cut",
+                      budget=24,
                       progress=False, sources=False).stopped
     res = run_search(sp, OptunaSearch(sp, "tpe", seed=2, storage=url), FunctionExecutor(), tmp_path / "cut",
                      budget=24, progress=False, sources=False, resume=True)
@@ -449,17 +447,11 @@ def test_optuna_nsga2_resumes_exactly_from_its_storage(tmp_path):
                 m["score"] = (m["a/acc"] + m["b/acc"]) / 2
                 yield Result(c.id, list(c.x), "ok", m["score"], m, split=c.split, kind=c.kind, generation=c.generation)
 
-    class Dies(TwoTasks):
-        def map(self, cands):
-            for r in super().map(cands):
-                if len(self.calls) > 14:
-                    raise KeyboardInterrupt
-                yield r
-
     full_st = make(tmp_path / "full.db")
     full = run_search(sp, full_st, TwoTasks(), tmp_path / "full", budget=30, progress=False, sources=False,
                       baselines={})
-    assert run_search(sp, make(tmp_path / "cut.db"), Dies(), tmp_path / "cut", budget=30, progress=False,
+    assert run_search(sp, make(tmp_path / "cut.db"), Dies(TwoTasks(), 14), tmp_path / "cut", budget=30,
+                      progress=False,
                       sources=False, baselines={}).stopped
     cut_st = make(tmp_path / "cut.db")
     res = run_search(sp, cut_st, TwoTasks(), tmp_path / "cut", budget=30, progress=False, sources=False,
@@ -649,7 +641,8 @@ def test_a_second_process_on_the_same_run_directory_is_refused(tmp_path):
                              stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 60
-        while time.time() < deadline and not ((run / "trials.jsonl").is_file() and (run / "trials.jsonl").stat().st_size):
+        log = run / "trials.jsonl"
+        while time.time() < deadline and not (log.is_file() and log.stat().st_size):
             time.sleep(0.1)
         assert first.poll() is None
         sp = synthetic_space()

@@ -138,10 +138,13 @@ class ExactMatchEvaluator:
             raise EvaluationError(f"task {task!r}: no {split} data was given") from None
 
     def _prepared(self, model, tokenizer, split: str, device) -> dict:
-        stop = None if self.mode == "choice" else resolve_stop(model, tokenizer, self.stop)
+        # what the stop depends on, compared per call; the stop itself is resolved on a miss only
+        eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+        key = (device, str(eos), tokenizer.eos_token_id)
         hit = self._cache.get(split)
-        if hit is not None and hit[0] is tokenizer and hit[1] == device and hit[2] == stop:
-            return hit[3]
+        if hit is not None and hit[0] is tokenizer and hit[1] == key:
+            return hit[2]
+        stop = None if self.mode == "choice" else resolve_stop(model, tokenizer, self.stop)
         pad_token_id(tokenizer)
         prep = {}
         for task in self.tasks:
@@ -152,7 +155,7 @@ class ExactMatchEvaluator:
                 prep[task] = self._prep_generate(tokenizer, rows, device, stop)
             else:
                 prep[task] = self._prep_choice(tokenizer, rows, device)
-        self._cache[split] = (tokenizer, device, stop, prep)
+        self._cache[split] = (tokenizer, key, prep)
         return prep
 
     def _chunks(self, items: list, lengths: list[int]) -> list[list]:
