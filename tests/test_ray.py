@@ -289,3 +289,124 @@ def test_a_bad_checkpoint_fails_in_the_driver_before_ray_starts(tmp_path):
     with pytest.raises(MergeError, match=f"expert_1.*'{name}' contains NaN"):
         RayExecutor(never, num_workers=1, num_cpus=1, inputs=lambda: shared_inputs(sp))
     assert not ray.is_initialized()
+
+
+def _listening(pids: set[int]) -> list[str]:
+    """The local addresses (``ip:port``) on which any of ``pids`` listens (TCP) or is bound
+    (UDP), read from /proc: each socket's inode is matched to the processes' open files."""
+    import ipaddress
+    import os
+
+    inodes: dict[str, int] = {}
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if link.startswith("socket:["):
+                    inodes[link[8:-1]] = pid
+        except OSError:
+            continue
+
+    def addr(hexaddr: str) -> str:
+        ip, port = hexaddr.split(":")
+        raw = bytes.fromhex(ip)
+        # /proc prints each 32-bit word of the address in host (little-endian) order
+        raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+        a = ipaddress.ip_address(raw)
+        if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped:
+            a = a.ipv4_mapped
+        return f"{a}:{int(port, 16)}"
+
+    out = []
+    for table, listen in (("tcp", "0A"), ("tcp6", "0A"), ("udp", None), ("udp6", None)):
+        with open(f"/proc/net/{table}") as f:
+            for line in f.readlines()[1:]:
+                cols = line.split()
+                if cols[9] in inodes and (listen is None or cols[3] == listen):
+                    out.append(addr(cols[1]))
+    return out
+
+
+def _fake_driver_script(tmp_path):
+    """A driver that starts a local Ray with two idle actors, prints ``ready`` and sleeps."""
+    script = tmp_path / "driver.py"
+    script.write_text(
+        "import time\n"
+        "import ray\n"
+        "from evomerge.execute.ray import RayExecutor\n"
+        "def build(shared=None):\n"
+        "    class W:\n"
+        "        name = 'w'\n"
+        "    return W()\n"
+        "ex = RayExecutor(build, num_workers=2, num_cpus=2, share_weights=False)\n"
+        "ray.get([a.call.remote(lambda w: 1) for a in ex.actors])\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(600)\n")
+    return script
+
+
+def test_a_local_ray_listens_on_the_loopback_interface_only():
+    """Every socket that the driver, the GCS, the raylet, its agents and the workers listen
+    on is on 127.0.0.1: a local Ray is not reachable from another machine."""
+    import ipaddress
+    import os
+
+    import ray
+
+    from evomerge.execute import _reaper
+    from evomerge.execute.ray import RayExecutor
+
+    ex = RayExecutor(_fake_worker("/nonexistent"), num_workers=2, num_cpus=2, inputs=lambda: {"w": np.zeros(1)})
+    try:
+        ray.get([a.call.remote(lambda w: 1) for a in ex.actors])  # both workers up
+        procs = {os.getpid(), *_reaper.descendants(os.getpid())}
+        names = {open(f"/proc/{p}/comm").read().strip() for p in procs if os.path.exists(f"/proc/{p}")}
+        assert {"gcs_server", "raylet"} <= names
+        addrs = _listening(procs)
+        assert len(addrs) >= 4, addrs  # the GCS, the raylet, its agents, the workers
+        exposed = [a for a in addrs if not ipaddress.ip_address(a.rsplit(":", 1)[0]).is_loopback]
+        assert not exposed, f"listening beyond the loopback interface: {exposed}"
+        assert ray.util.get_node_ip_address() == "127.0.0.1"
+    finally:
+        ex.close()
+    assert not ray.is_initialized()
+    # the Ray it started is gone, and the switch it used is not left in this process
+    assert "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in os.environ
+
+
+def test_a_driver_killed_with_sigkill_leaves_no_ray_process_behind(tmp_path):
+    """Ray's agents outlive a SIGKILLed driver by a minute on their own; the watcher ends
+    every process the local Ray started within seconds."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from evomerge.execute import _reaper
+
+    p = subprocess.Popen([sys.executable, str(_fake_driver_script(tmp_path))], stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, text=True)
+    procs = {}
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        procs = _reaper.descendants(p.pid)
+        names = {open(f"/proc/{q}/comm").read().strip() for q in procs if os.path.exists(f"/proc/{q}")}
+        assert {"gcs_server", "raylet"} <= names and len(procs) >= 6, names
+        t0 = time.monotonic()
+        p.kill()
+        p.wait()
+        while time.monotonic() - t0 < 20 and any(_reaper._start_time(q) == t for q, t in procs.items()):
+            time.sleep(0.2)
+        left = {q: open(f"/proc/{q}/comm").read().strip() for q, t in procs.items()
+                if _reaper._start_time(q) == t}
+        assert not left, f"still running {time.monotonic() - t0:.0f} s after the driver died: {left}"
+    finally:
+        if p.poll() is None:
+            p.kill()
+        for q, t in procs.items():  # what a failing test would leave
+            if _reaper._start_time(q) == t:
+                os.kill(q, signal.SIGKILL)

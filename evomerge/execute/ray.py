@@ -1,7 +1,9 @@
 """The Ray executor: one actor per worker slot, each holding its own ``Worker``.
 
-A local Ray is started when none is running (dashboard off, bound to 127.0.0.1); with
-``address`` (``auto``, ``ray://host:port``) an existing cluster is joined. Each actor builds
+A local Ray is started when none is running: dashboard off, every process of it listening
+on 127.0.0.1 only, and its processes ended by a watcher should the driver die without
+stopping it (a SIGKILL). With ``address`` (``auto``, ``ray://host:port``) an existing cluster
+is joined, and it listens where it was started to. Each actor builds
 its worker once from ``build_worker`` (a picklable callable returning a ``Worker``), pins
 torch to its CPU share, and then scores candidates as they come: ``map`` keeps every actor
 busy and yields results in completion order.
@@ -19,11 +21,49 @@ the error, and the search goes on. Every candidate given to ``map`` gets exactly
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
 from typing import Callable, Iterable, Iterator
 
 from ..search.base import Candidate, Result
+from . import _reaper
 
 __all__ = ["RayExecutor"]
+
+
+# Ray (2.x) binds a node to the address it resolves for it, and resolves 127.0.0.1 to the
+# machine's outward address unless clusters are off, as on Windows and macOS: this switch
+# is read by the driver (``ray_constants``) and, from the environment, by every process the
+# local Ray starts. tests/test_ray.py checks every listening socket of a local Ray.
+_CLUSTERS_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def _start_local_ray(num_cpus: int | None):
+    """A local Ray bound to 127.0.0.1 (its GCS, raylet, agents and workers listen on the
+    loopback interface only), with its dashboard off; returns the watcher that ends its
+    processes should this process die without stopping it (``_reaper``)."""
+    import ray
+    from ray._private import ray_constants
+
+    before = set(_reaper.descendants(os.getpid()))
+    saved = os.environ.get(_CLUSTERS_SWITCH), getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    os.environ[_CLUSTERS_SWITCH] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                 _node_ip_address="127.0.0.1")
+    finally:
+        if saved[0] is None:
+            os.environ.pop(_CLUSTERS_SWITCH, None)
+        else:
+            os.environ[_CLUSTERS_SWITCH] = saved[0]
+        if saved[1] is None:
+            vars(ray_constants).pop("ENABLE_RAY_CLUSTER", None)
+        else:
+            ray_constants.ENABLE_RAY_CLUSTER = saved[1]
+    started = {p: t for p, t in _reaper.descendants(os.getpid()).items() if p not in before}
+    return _reaper.watch(started)
 
 
 def _failed(cand: Candidate, error: str) -> Result:
@@ -69,12 +109,12 @@ class RayExecutor:
         # the weights first: a bad checkpoint fails here, before any Ray process is started
         payload = inputs() if share_weights and inputs is not None else None
 
+        self._reaper = None
         if not ray.is_initialized():
-            kw = {"include_dashboard": False, "log_to_driver": False}
             if address:
-                ray.init(address=address, **kw)
+                ray.init(address=address, include_dashboard=False, log_to_driver=False)
             else:
-                ray.init(num_cpus=num_cpus, **kw, dashboard_host="127.0.0.1")
+                self._reaper = _start_local_ray(num_cpus)
             self._owns_ray = True
         else:
             self._owns_ray = False
@@ -146,3 +186,9 @@ class RayExecutor:
         self.shared = None
         if self._owns_ray:
             ray.shutdown()
+            self._owns_ray = False
+        if self._reaper is not None:  # Ray has stopped: the watcher finds nothing left to end
+            self._reaper.stdin.close()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._reaper.wait(timeout=_reaper.GRACE + 5)
+            self._reaper = None
