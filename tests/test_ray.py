@@ -410,3 +410,116 @@ def test_a_driver_killed_with_sigkill_leaves_no_ray_process_behind(tmp_path):
         for q, t in procs.items():  # what a failing test would leave
             if _reaper._start_time(q) == t:
                 os.kill(q, signal.SIGKILL)
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def test_a_ray_search_killed_at_random_gives_the_trial_log_of_an_uninterrupted_one(zoo, tmp_path):
+    """Chaos: a CMA-ES search through a local Ray whose workers are SIGKILLed at random
+    moments (mid-evaluation, as they are always busy) and whose driver is SIGKILLed twice and
+    resumed, ends with the trial log of a search that nothing interrupted: the same
+    candidates, genomes, scores and final evaluations, each exactly once. And nothing of the
+    killed runs' Ray is left running."""
+    import json
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from evomerge.execute import _reaper
+
+    args = [f"models.zoo_dir={zoo.root}", "executor=ray", "executor.num_workers=2", "executor.num_cpus=2",
+            "executor.max_attempts=10", "eval.name=choice", "eval.limit=20", "space=per_model", "budget=40"]
+
+    def records(run) -> dict:
+        out = {}
+        for line in (run / "trials.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            key = (r["kind"], r["id"], r["split"])
+            assert key not in out, f"{key} recorded twice"
+            out[key] = {k: r[k] for k in ("x", "score", "status", "metrics", "generation", "error")}
+        return out
+
+    ref = tmp_path / "uninterrupted"
+    p = app(args, ref)
+    assert p.returncode == 0, p.stderr[-3000:]
+    expect = records(ref)
+    searched = sum(k[0] == "search" for k in expect)
+    assert searched >= 40
+
+    seed = random.randrange(2**32)
+    rng = random.Random(seed)
+    run = tmp_path / "chaos"
+    log = run / "trials.jsonl"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    everything: dict[int, str] = {}  # every Ray process any driver started, to check at the end
+    kills = {"worker": 0, "driver": 0}
+    killed: set[int] = set()
+
+    def count() -> int:
+        try:
+            return sum('"kind": "search"' in x for x in log.read_text().splitlines())
+        except FileNotFoundError:
+            return 0
+
+    # the search-record counts at which to kill a worker, and the driver (twice: then it finishes)
+    plan = sorted(rng.sample(range(2, searched - 4), 7))
+    driver_at = {plan[2], plan[4]}
+    for attempt in range(3):
+        cmd = [sys.executable, "-m", "evomerge.app", *args, "progress=false", f"hydra.run.dir={run}"]
+        if attempt:
+            cmd.append("resume=true")
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+        kills["worker"] = 0  # of this driver
+        try:
+            while p.poll() is None:
+                everything.update(_reaper.descendants(p.pid))
+                due = [n for n in plan if count() >= n]
+                if not due:
+                    time.sleep(0.01)
+                    continue
+                if due[0] in driver_at:
+                    plan.remove(due[0])
+                    p.kill()
+                    kills["driver"] += 1
+                    break
+                workers = [q for q in _reaper.descendants(p.pid)
+                           if _comm(q).startswith("ray::_Actor") and q not in killed]
+                if workers:  # (none while the Ray of a resumed search starts: wait for them)
+                    plan.remove(due[0])
+                    victim = rng.choice(workers)
+                    killed.add(victim)
+                    os.kill(victim, signal.SIGKILL)
+                    kills["worker"] += 1
+            err = p.communicate(timeout=300)[1]
+        finally:
+            if p.poll() is None:
+                p.kill()
+        if p.returncode == 0:
+            break
+        assert p.returncode == -signal.SIGKILL, err[-3000:]
+    assert p.returncode == 0, f"seed {seed}: the search did not finish after two resumes"
+    print(f"seed {seed}: {kills}")
+    # the last driver's workers were killed twice, and it said so
+    assert kills["driver"] == 2 and kills["worker"] == 2, (seed, kills)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["workers_replaced"] == 2 and err.count("was replaced; the candidate runs again") == 2, err
+    got = records(run)
+    assert set(got) == set(expect), f"seed {seed}: {set(got) ^ set(expect)}"
+    for key, r in expect.items():
+        assert got[key] == r, f"seed {seed}: {key} differs: {got[key]} != {r}"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(_reaper._start_time(q) == t for q, t in everything.items()):
+        time.sleep(0.2)
+    left = [q for q, t in everything.items() if _reaper._start_time(q) == t]
+    for q in left:
+        os.kill(q, signal.SIGKILL)
+    assert not left, f"Ray processes of the killed drivers still running: {left}"

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import sys
 from typing import Callable, Iterable, Iterator
 
 from ..search.base import Candidate, Result
@@ -158,7 +159,11 @@ class RayExecutor:
                     self.actors[slot] = self._new(slot)
                     self.replaced += 1
                     idle.append(slot)
-                    if attempts[id(cand)] < self.max_attempts:
+                    again = attempts[id(cand)] < self.max_attempts
+                    print(f"evomerge: worker ray-{slot} died while scoring candidate {cand.id} and was "
+                          f"replaced; the candidate " + ("runs again" if again else "is recorded as failed"),
+                          file=sys.stderr, flush=True)
+                    if again:
                         todo.append(cand)
                         continue
                     res = _failed(cand, f"its worker died {attempts[id(cand)]} times; last: "

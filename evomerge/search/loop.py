@@ -246,6 +246,8 @@ def _finish(space, strategy, executor, run_dir, log, done, baselines, sources, c
     summary = {
         "evaluations": n_search,
         "failed": sum(1 for r in searched if r.status != "ok"),
+        # workers that died and were started again since this run (or its last resume) began
+        "workers_replaced": int(getattr(executor, "replaced", 0)),
         "best_search_score": best_score,
         "space": space.describe(),
         "strategy": getattr(strategy, "name", type(strategy).__name__),
