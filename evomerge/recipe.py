@@ -380,6 +380,9 @@ def parse_recipe(data: Any, *, source: str = "recipe") -> Recipe:
     if tok is not None and tok not in ("base", "union"):
         tok = ModelRef.parse(tok, f"{source}.tokenizer_source")
 
+    for key in ("name", "chat_template"):
+        if d.get(key) is not None and not isinstance(d[key], str):
+            raise RecipeError(f"{source}.{key}: expected a string, got {type(d[key]).__name__}")
     recipe = Recipe(
         merge_method=mname, method=method, slices=slices, base_model=base, parameters=params,
         dtype=dtype, out_dtype=out_dtype, tokenizer_source=tok,
@@ -438,25 +441,32 @@ class _RecipeLoader(yaml.SafeLoader):
     laughs"). Aliases that merely share a value, as YAML dumpers write them, are accepted."""
 
     MAX_NODES = 100_000
+    MAX_CHARS = 10_000_000  # of text in its values, once expanded
 
     def compose_document(self):
         node = super().compose_document()
-        sizes: dict[int, int] = {}
+        sizes: dict[int, tuple[int, int]] = {}
 
-        def expanded(n) -> int:
+        def expanded(n) -> tuple[int, int]:
+            """(values, characters) of ``n`` with every alias expanded."""
             if id(n) in sizes:
                 return sizes[id(n)]
-            sizes[id(n)] = 1  # a cycle counts once
-            if isinstance(n, yaml.MappingNode):
-                total = 1 + sum(expanded(k) + expanded(v) for k, v in n.value)
-            elif isinstance(n, yaml.SequenceNode):
-                total = 1 + sum(expanded(v) for v in n.value)
+            sizes[id(n)] = (1, 0)  # a cycle counts once
+            if isinstance(n, (yaml.MappingNode, yaml.SequenceNode)):
+                kids = [x for kv in n.value for x in kv] if isinstance(n, yaml.MappingNode) else n.value
+                parts = [expanded(x) for x in kids]
+                total = (1 + sum(p[0] for p in parts), sum(p[1] for p in parts))
             else:
-                total = 1
+                total = (1, len(str(n.value)))
             sizes[id(n)] = total
             return total
 
-        if node is not None and expanded(node) > self.MAX_NODES:
-            raise yaml.YAMLError(f"its aliases expand it to {expanded(node):,} values, more than the "
-                                 f"{self.MAX_NODES:,} a recipe may hold")
+        if node is not None:
+            values, chars = expanded(node)
+            if values > self.MAX_NODES:
+                raise yaml.YAMLError(f"its aliases expand it to {values:,} values, more than the "
+                                     f"{self.MAX_NODES:,} a recipe may hold")
+            if chars > self.MAX_CHARS:
+                raise yaml.YAMLError(f"its aliases expand it to {chars:,} characters of values, more than "
+                                     f"the {self.MAX_CHARS:,} a recipe may hold")
         return node

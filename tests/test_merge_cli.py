@@ -440,6 +440,14 @@ def test_malformed_inputs_and_options_are_named(fam, tmp_path):
         f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]\n" for i in range(1, 7))  # 10**7 values in 600 bytes
     aliased.write_text(open(_write(tmp_path, "ok", rec)).read() + laughs)
     _fails(tmp_path, str(aliased), "aliased.yaml", "aliases expand it to", "more than the 100,000")
+    # few values, long ones: a 4 KB string 9,000 times from a 4 KB file (was a model card of as many)
+    long = tmp_path / "long.yaml"
+    long.write_text(open(_write(tmp_path, "ok", rec)).read() + "x: &a [" + "y" * 4000 + "]\n" + "".join(
+        f"x{i}: &{c} [{', '.join([f'*{p}'] * 30)}]\n" for i, (p, c) in enumerate(zip("ab", "bc")))
+        + f"name: [{', '.join(['*c'] * 10)}]\n")
+    _fails(tmp_path, str(long), "long.yaml", "aliases expand it to", "characters")
+    named = _write(tmp_path, "named", {**rec, "name": ["a", "list"]})
+    _fails(tmp_path, named, ".name: expected a string")
     latin = tmp_path / "latin.yaml"
     latin.write_bytes(b"name: caf\xe9\n" + open(_write(tmp_path, "ok", rec), "rb").read())
     _fails(tmp_path, str(latin), "latin.yaml", "not UTF-8")
