@@ -59,9 +59,6 @@ class ConfigError(ValueError):
     """A configuration value that cannot work, found before anything is loaded."""
 
 
-_UNIT_PARAMS = ("density", "t", "epsilon", "gamma", "alpha")  # fractions: bounds within [0, 1]
-
-
 def buildable() -> dict[str, set[str]]:
     """The classes each config group may build (its ``_target_``): the strategies, the
     evaluators' factory and the executors, and nothing else (an arbitrary function of the
@@ -85,16 +82,19 @@ def check_config(cfg) -> None:
     ms = cfg.get("max_seconds")
     if ms is not None and (not isinstance(ms, (int, float)) or ms <= 0):
         raise ConfigError(f"max_seconds: must be a positive number of seconds, got {ms!r}")
+    from .merge.methods import METHODS
+    from .recipe import RecipeError
+    from .space import search_range
+
     ranges = cfg.space.get("ranges") or {}
+    method = METHODS.get(str(cfg.merge.get("method")))
     for param, r in (OmegaConf.to_container(ranges, resolve=True) if OmegaConf.is_config(ranges) else ranges).items():
-        r = r or {}
-        lo, hi = r.get("lo"), r.get("hi")
-        for k in ("lo", "hi", "x0"):
-            v = r.get(k)
-            if v is not None and param in _UNIT_PARAMS and not 0.0 <= float(v) <= 1.0:
-                raise ConfigError(f"space.ranges.{param}.{k}: {param} is a fraction, {v} is outside [0, 1]")
-        if lo is not None and hi is not None and float(lo) >= float(hi):
-            raise ConfigError(f"space.ranges.{param}: lo ({lo}) must be below hi ({hi})")
+        # (ranges of parameters the method does not take are unused: a sweep over methods may set them)
+        if method is not None and param in {p.name for p in method.params if not p.ignored}:
+            try:
+                search_range(method.name, param, r, where="space.ranges")
+            except RecipeError as e:
+                raise ConfigError(str(e)) from None
 
     allowed = buildable()
 

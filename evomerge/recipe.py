@@ -50,6 +50,7 @@ __all__ = [
     "load_recipe",
     "parse_recipe",
     "evaluate_setting",
+    "locate_setting",
     "DTYPES",
 ]
 
@@ -260,16 +261,19 @@ def validate_value(spec: ParamSpec, v: Any, where: str) -> Any:
     return x
 
 
-def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
-    """Resolve one setting for a tensor at depth ``t`` in [0, 1]; ``None`` if no filter matches.
+def locate_setting(setting: Any, tensor_name: str, t: float) -> tuple | None:
+    """Where one setting's value for a tensor at depth ``t`` in [0, 1] comes from: ``None``
+    if no filter matches, ``(v,)`` for a plain value, or ``(a, b, frac)`` for the linear
+    interpolation ``(1 - frac) * a + frac * b`` of two neighbouring entries of a list.
 
     Numbers in a list interpolate linearly; lists of booleans or strings pick
-    ``values[int(t * (n - 1))]``.
+    ``values[int(t * (n - 1))]``. (``Space.compile`` locates settings whose numbers stand
+    for genes, so that a genome's values come out of the same rules as a recipe's.)
     """
     if isinstance(setting, dict):
         setting = [setting]
     if not isinstance(setting, list):
-        return setting
+        return (setting,)
     if not setting:
         return None
     nested, numeric = False, True  # one scan of the element types (this runs per tensor and candidate)
@@ -284,19 +288,30 @@ def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
             numeric = False
     if not nested:
         if not numeric:
-            return setting[int(t * (len(setting) - 1))]
+            return (setting[int(t * (len(setting) - 1))],)
         scaled = t * (len(setting) - 1)
         i0 = int(scaled)
         i1 = min(len(setting) - 1, i0 + 1)
-        frac = scaled - i0
-        return (1 - frac) * setting[i0] + frac * setting[i1]
+        return setting[i0], setting[i1], scaled - i0
     for cond in setting:
         if not isinstance(cond, dict):
             continue
         flt = cond.get("filter")
         if flt is None or flt == "*" or (tensor_name and str(flt) in tensor_name):
-            return evaluate_setting(cond.get("value"), tensor_name, t)
+            return locate_setting(cond.get("value"), tensor_name, t)
     return None
+
+
+def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
+    """Resolve one setting for a tensor at depth ``t`` in [0, 1]; ``None`` if no filter
+    matches (see ``locate_setting``)."""
+    loc = locate_setting(setting, tensor_name, t)
+    if loc is None:
+        return None
+    if len(loc) == 1:
+        return loc[0]
+    a, b, frac = loc
+    return (1 - frac) * a + frac * b
 
 
 def parse_recipe(data: Any, *, source: str = "recipe") -> Recipe:

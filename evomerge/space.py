@@ -13,9 +13,14 @@ A ``Space`` names which parameters of a merge method are searched (``weight``, `
 With ``smoothing=k`` the layer values are ``k`` control points interpolated linearly over
 depth (a recipe "gradient") instead of one value per block.
 
-A genome ``x`` (real units, within ``lower``/``upper``) maps to a recipe in mergekit's
-schema with :meth:`Space.recipe`; every search candidate is materialized from that recipe,
-and :meth:`Space.recipe_yaml` exports it, so ``evomerge-merge`` reproduces a genome exactly.
+A genome ``x`` (real units, within ``lower``/``upper``) stands for a recipe in mergekit's
+schema (:meth:`Space.recipe`, exported by :meth:`Space.recipe_yaml`), so ``evomerge-merge``
+reproduces a genome exactly. A search does not build that recipe per candidate:
+:meth:`Space.compile` turns the space and a merge plan into a ``CoefficientMap`` once, and
+``columns(x)`` gives every tensor's parameters from a genome by a gather and an
+interpolation over small arrays, with the values the recipe would resolve to, bit for bit.
+Search ranges and the values each parameter may take come from the method registry
+(``merge.methods.ParamSpec``).
 """
 
 from __future__ import annotations
@@ -29,20 +34,44 @@ import yaml
 from .merge.methods import METHODS
 from .recipe import Recipe, RecipeError, parse_recipe
 
-__all__ = ["Space", "Gene", "GRANULARITIES", "PARAM_RANGES"]
+__all__ = ["Space", "Gene", "GRANULARITIES", "CoefficientMap", "search_range"]
 
 GRANULARITIES = ("global", "per_model", "per_layer", "per_layer_filtered")
 
-# (low, high, start) for parameters searched without explicit bounds.
-PARAM_RANGES: dict[str, tuple[float, float, float]] = {
-    "weight": (0.0, 1.0, 0.5),
-    "density": (0.05, 1.0, 0.5),
-    "lambda": (0.0, 2.0, 1.0),
-    "t": (0.0, 1.0, 0.5),
-    "epsilon": (0.0, 0.2, 0.05),
-    "gamma": (0.0, 0.2, 0.01),
-    "alpha": (0.0, 1.0, 0.5),
-}
+
+def search_range(method: str, param: str, given: Mapping[str, Any] | None = None,
+                 where: str = "space.search") -> tuple[float, float, float]:
+    """``(lo, hi, x0)`` for searching ``param`` of ``method``: ``given`` (any of ``lo``,
+    ``hi``, ``x0``) over the registry's default range, checked against the parameter's
+    legal bounds (``methods.ParamSpec``), so that no candidate is out of range by
+    construction. Raises ``RecipeError`` naming ``where.param``."""
+    spec = METHODS[method]
+    specs = {p.name: p for p in spec.params if not p.ignored}
+    if param not in specs:
+        raise RecipeError(f"{where}: {method} has no parameter {param!r}; accepted: {', '.join(specs)}")
+    ps = specs[param]
+    if ps.search is None:
+        raise RecipeError(f"{where}.{param}: {method}'s {param!r} is not a number and cannot be searched")
+    given = dict(given or {})
+    unknown = set(given) - {"lo", "hi", "x0"}
+    if unknown:
+        raise RecipeError(f"{where}.{param}: unknown keys {sorted(unknown)}; accepted: lo, hi, x0")
+    try:
+        lo, hi, x0 = (float(given[k]) if given.get(k) is not None else d
+                      for k, d in zip(("lo", "hi", "x0"), ps.search))
+    except (TypeError, ValueError):
+        raise RecipeError(f"{where}.{param}: lo, hi and x0 must be numbers, got {given}") from None
+    if not lo < hi:
+        raise RecipeError(f"{where}.{param}: lo ({lo}) must be below hi ({hi})")
+    if not lo <= x0 <= hi:
+        raise RecipeError(f"{where}.{param}: x0 ({x0}) must lie within [lo, hi] = [{lo}, {hi}]")
+    legal = f"{'(' if ps.lo_open else '['}{ps.lo}, {ps.hi}]"
+    if ps.lo is not None and (lo < ps.lo or (lo == ps.lo and ps.lo_open)):
+        raise RecipeError(f"{where}.{param}.lo: {lo} is outside the values {param} may take, {legal}")
+    if ps.hi is not None and hi > ps.hi:
+        raise RecipeError(f"{where}.{param}.hi: {hi} is outside the values {param} may take, {legal}")
+    return lo, hi, x0
+
 
 _ATTN_KEYS = ("self_attn", "attention", "attn")
 
@@ -67,8 +96,8 @@ class Space:
         method: merge method name (``task_arithmetic``, ``ties``, ``dare_ties``, ...).
         models: the models merged (local folders or hub ids), in recipe order.
         base_model: the base (required by task-vector methods).
-        search: the searched parameters: a list of names (default ranges from
-            ``PARAM_RANGES``) or a mapping ``name -> {lo, hi, x0}``.
+        search: the searched parameters: a list of names (their ranges from the method
+            registry, ``ParamSpec.search``) or a mapping ``name -> {lo, hi, x0}``.
         fixed: parameters held constant (recipe-level ``parameters``).
         granularity: one of ``GRANULARITIES``.
         layer_granularity: layers per block for the per-layer granularities.
@@ -116,19 +145,8 @@ class Space:
             raise RecipeError("space.smoothing needs a per-layer granularity and at least 2 control points")
         self.dtype = dtype
         specs = {p.name: p for p in self.method.params if not p.ignored}
-        if isinstance(search, Mapping):
-            ranges = {}
-            for k, v in search.items():
-                d = PARAM_RANGES.get(k, (0.0, 1.0, 0.5))
-                v = dict(v or {})
-                ranges[k] = (float(v.get("lo", d[0])), float(v.get("hi", d[1])), float(v.get("x0", d[2])))
-        else:
-            ranges = {k: PARAM_RANGES.get(k, (0.0, 1.0, 0.5)) for k in search}
-        for k, (lo, hi, x0) in ranges.items():
-            if k not in specs:
-                raise RecipeError(f"space.search: {method} has no parameter {k!r}; accepted: {', '.join(specs)}")
-            if not lo <= x0 <= hi or lo >= hi:
-                raise RecipeError(f"space.search.{k}: need lo < hi and lo <= x0 <= hi, got {lo}, {hi}, {x0}")
+        given = search if isinstance(search, Mapping) else {k: None for k in search}
+        ranges = {k: search_range(method, k, v) for k, v in given.items()}
         both = set(ranges) & set(self.fixed)
         if both:
             raise RecipeError(f"space: {sorted(both)} both searched and fixed")
@@ -212,34 +230,48 @@ class Space:
             conds.append({"value": depth("")})
         return conds
 
-    def recipe_dict(self, x) -> dict:
-        """The recipe (mergekit schema, as a plain dict) that genome ``x`` stands for."""
-        x = np.asarray(x, dtype=float)
-        if x.shape != (len(self.genes),):
-            raise ValueError(f"genome of length {x.shape} for a space of {len(self.genes)} genes")
-        x = self.clip(x)
-        per: dict[tuple[str, int | None], dict[str, float]] = {}
-        for g, v in zip(self.genes, x):
-            per.setdefault((g.param, g.model), {})[g.unit] = float(v)
+    def _parameters(self, leaves: Sequence[Any]) -> tuple[dict, list[dict]]:
+        """The recipe's top-level ``parameters`` and each model's, with ``leaves[i]``
+        standing for gene i's value (a number, or the gene's ``_GeneRef`` when compiling)."""
+        per: dict[tuple[str, int | None], dict[str, Any]] = {}
+        for g, v in zip(self.genes, leaves):
+            per.setdefault((g.param, g.model), {})[g.unit] = v
         top = dict(self.fixed)
-        models = [{"model": m, "parameters": {}} for m in self.models]
+        models: list[dict] = [{} for _ in self.models]
         for (p, mi), values in per.items():
             setting = self._setting(values)
             if mi is None and self.specs[p].per_model:
                 for m in models:
-                    m["parameters"][p] = setting
+                    m[p] = setting
             elif mi is None:
                 top[p] = setting
             else:
-                models[mi]["parameters"][p] = setting
+                models[mi][p] = setting
+        return top, models
+
+    def _genome(self, x) -> np.ndarray:
+        x = np.asarray(x, dtype=float)
+        if x.shape != (len(self.genes),):
+            raise ValueError(f"genome of length {x.shape} for a space of {len(self.genes)} genes")
+        return self.clip(x)
+
+    def recipe_dict(self, x) -> dict:
+        """The recipe (mergekit schema, as a plain dict) that genome ``x`` stands for."""
+        top, params = self._parameters([float(v) for v in self._genome(x)])
         d: dict[str, Any] = {"merge_method": self.method.name}
         if self.base_model is not None:
             d["base_model"] = self.base_model
-        d["models"] = [m if m["parameters"] else {"model": m["model"]} for m in models]
+        d["models"] = [{"model": m, "parameters": p} if p else {"model": m} for m, p in zip(self.models, params)]
         if top:
             d["parameters"] = top
         d["dtype"] = self.dtype
         return d
+
+    def compile(self, tasks: Sequence[Any]) -> "CoefficientMap":
+        """The map from a genome to every tensor's merge parameters over a plan's ``tasks``
+        (``MergeEngine(space.recipe(x0)).tasks``): built once, it replaces writing, parsing
+        and resolving a recipe for each candidate (see ``CoefficientMap``)."""
+        return CoefficientMap(self, tasks)
 
     def recipe(self, x) -> Recipe:
         return parse_recipe(self.recipe_dict(x), source="genome")
@@ -253,6 +285,166 @@ class Space:
                 "layer_granularity": self.layer_granularity, "smoothing": self.smoothing,
                 "models": list(self.models), "base_model": self.base_model,
                 "gene_table": [[g.name, g.param, g.model, g.unit] for g in self.genes]}
+
+
+class _GeneRef(int):
+    """Gene i's index where a recipe holds its value: ``locate_setting`` takes it for a
+    number, so a compiled map follows the recipe's own rules (filters, interpolation)."""
+
+
+class CoefficientMap:
+    """A genome's merge parameters for every tensor of a plan, with no recipe in between.
+
+    Each numeric parameter of each tensor (and model) is, by the rules a recipe follows,
+    a constant, one gene's value, or the linear interpolation of two neighbouring genes
+    over depth: ``(1 - f) * x[a] + f * x[b]``. The map keeps the two indices and ``f`` of
+    every entry (constants are indices past the genome), so ``columns(x)`` is a gather and
+    an interpolation over small arrays, computed with the same floating-point operations
+    as a recipe's resolution (bit-identical values; tests/test_space.py checks every
+    method and granularity against ``parse(recipe_yaml(x))``). ``matrix()`` gives the same
+    map as ``A`` and ``c`` with ``values = A @ x + c``, for a gradient method.
+
+    Args:
+        space: the genome space.
+        tasks: the plan's tensors (``TensorTask``: name, depth, inputs, copy), as a
+            ``MergeEngine`` plans ``space.recipe(space.x0)``.
+    """
+
+    def __init__(self, space: Space, tasks: Sequence[Any]):
+        from .merge.engine import Columns
+        from .recipe import ModelRef, locate_setting, validate_value
+
+        self.space = space
+        self.method = space.method
+        self.names = [t.name for t in tasks]
+        self.copy = [bool(t.copy) for t in tasks]
+        self._copied = np.array(self.copy, dtype=bool)
+        self._Columns = Columns
+        top, model_params = space._parameters([_GeneRef(i) for i in range(len(space.genes))])
+        base = None if space.method.base_in_inputs else space.base_model
+        sources = [(m, p) for m, p in zip(space.models, model_params) if m != base]
+        want = [str(ModelRef.parse(m, "space.models")) for m, _ in sources]
+        n_genes = len(space.genes)
+        self.k = len(sources)
+        self._maps: dict[str, tuple] = {}  # p -> (ia, ib, f, lerp, consts, where-names)
+        self.numeric: dict[str, np.ndarray] = {}  # float parameters that no gene touches
+        self.other: dict[str, list] = {}
+        for t in tasks:
+            if not t.copy and [str(r) for r, _ in t.inputs] != want:
+                raise RecipeError(f"tensor '{t.name}': the plan's inputs {[str(r) for r, _ in t.inputs]} "
+                                  f"are not the space's models {want}")
+        for spec in self.method.params:
+            if spec.ignored:
+                continue
+            shape = (len(tasks), self.k) if spec.per_model else (len(tasks),)
+            ia = np.zeros(shape, dtype=np.int64)
+            ib = np.zeros(shape, dtype=np.int64)
+            f = np.zeros(shape)
+            lerp = np.zeros(shape, dtype=bool)
+            consts: list[float] = []
+            values: list = []  # per tensor: the resolved constant (or per-model list), for `other`
+            mapped = False
+            for i, t in enumerate(tasks):
+                if t.copy:
+                    consts.append(float("nan"))
+                    ia[i] = ib[i] = n_genes + len(consts) - 1
+                    values.append(None)
+                    continue
+                cells = list(enumerate(sources)) if spec.per_model else [(None, None)]
+                row = []
+                for j, src in cells:
+                    scopes = (src[1], top) if src is not None else (top,)
+                    loc = None
+                    for scope in scopes:
+                        if spec.name in scope:
+                            loc = locate_setting(scope[spec.name], t.name, t.t)
+                            if loc is not None and not (len(loc) == 1 and loc[0] is None):
+                                break
+                            loc = None
+                    cell = (i, j) if j is not None else i
+                    where = (f"model '{t.inputs[j][0]}', tensor '{t.inputs[j][1]}', parameter '{spec.name}'"
+                             if j is not None else f"tensor '{t.name}', parameter '{spec.name}'")
+                    if loc is not None and isinstance(loc[0], _GeneRef):
+                        mapped = True
+                        ia[cell], ib[cell] = loc[0], loc[1 if len(loc) == 3 else 0]
+                        if len(loc) == 3:
+                            f[cell], lerp[cell] = loc[2], True
+                        row.append(None)
+                        continue
+                    if loc is None:
+                        if spec.required:
+                            raise RecipeError(f"{where}: required but not given")
+                        v = spec.default
+                    else:
+                        v = loc[0] if len(loc) == 1 else (1 - loc[2]) * loc[0] + loc[2] * loc[1]
+                    v = validate_value(spec, v, where)
+                    consts.append(v if isinstance(v, float) else float("nan"))
+                    ia[cell] = ib[cell] = n_genes + len(consts) - 1
+                    row.append(v)
+                values.append(row if spec.per_model else row[0])
+            if mapped:
+                self._maps[spec.name] = (ia, ib, f, 1 - f, lerp, np.array(consts), spec)
+            elif spec.kind == "float" and all(isinstance(v, float) for i, r in enumerate(values) if not self.copy[i]
+                                              for v in (r if spec.per_model else [r])):
+                self.numeric[spec.name] = np.concatenate([np.zeros(n_genes), consts])[ia]
+            else:
+                self.other[spec.name] = values
+        from .checkpoint import torch_dtype
+
+        self.dtype = torch_dtype(space.dtype)
+
+    def columns(self, x) -> Any:
+        """Genome ``x`` (clipped to the space's bounds, as ``recipe(x)`` clips it) as every
+        tensor's parameters (``merge.engine.Columns``); a value outside its parameter's
+        legal range raises ``RecipeError`` naming the tensor, model and parameter."""
+        from .recipe import validate_value
+
+        x = self.space._genome(x)
+        numeric = dict(self.numeric)
+        for name, (ia, ib, f, g, lerp, consts, spec) in self._maps.items():
+            xe = np.concatenate([x, consts])
+            a = xe[ia]
+            v = np.where(lerp, g * a + f * xe[ib], a)
+            bad = ~np.isfinite(v)
+            bad[self._copied] = False
+            if spec.lo is not None:
+                bad |= (v <= spec.lo) if spec.lo_open else (v < spec.lo)
+            if spec.hi is not None:
+                bad |= v > spec.hi
+            if bad.any():  # the recipe's own check, for its message
+                cell = tuple(int(c) for c in np.argwhere(bad)[0])
+                validate_value(spec, float(v[cell]), self._where(spec, cell))
+            numeric[name] = v
+        return self._Columns(self.method, self.copy, numeric, self.other, self.dtype)
+
+    def _where(self, spec, cell) -> str:
+        i = cell[0]
+        if spec.per_model:
+            return f"model '{self.space_models()[cell[1]]}', tensor '{self.names[i]}', parameter '{spec.name}'"
+        return f"tensor '{self.names[i]}', parameter '{spec.name}'"
+
+    def space_models(self) -> list[str]:
+        base = None if self.method.base_in_inputs else self.space.base_model
+        return [m for m in self.space.models if m != base]
+
+    def matrix(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """Parameter ``name`` as ``(A, c)``: its values, flattened in tensor (then model)
+        order, are ``A @ x + c`` (NaN in ``c`` for copied tensors)."""
+        n = len(self.space.genes)
+        if name not in self._maps:
+            v = self.numeric[name].reshape(-1)
+            return np.zeros((v.size, n)), v.copy()
+        ia, ib, f, g, lerp, consts, _ = self._maps[name]
+        ia, ib, f, g, lerp = (a.reshape(-1) for a in (ia, ib, f, g, lerp))
+        A = np.zeros((ia.size, n))
+        c = np.zeros(ia.size)
+        rows = np.arange(ia.size)
+        wa = np.where(lerp, g, 1.0)
+        for idx, w in ((ia, wa), (ib, np.where(lerp, f, 0.0))):
+            gene = idx < n
+            np.add.at(A, (rows[gene], idx[gene]), w[gene])
+            c[~gene] += w[~gene] * consts[idx[~gene] - n]
+        return A, c
 
 
 def _structure(model: str) -> dict:

@@ -4,6 +4,8 @@
     python scripts/bench_search.py --hidden 512 --layers 8 # a larger synthetic family, to see the floor
 
 For one merge method and a per-layer genome space, prints:
+  * the fixed cost of a candidate's parameters: the compiled coefficient map against the
+    recipe round trip (write, parse, resolve) it replaced;
   * materialize time per candidate (the resident engine writing into the live model) against
     the memory-bandwidth floor: bytes of the resident inputs read plus the model's bytes
     written, over the copy bandwidth of a large torch ``clone`` measured in the same run;
@@ -105,7 +107,7 @@ def main() -> int:
         for x in genomes:
             sync(a.device)
             t0 = time.perf_counter()
-            worker.engine.materialize(sp.recipe(x), into=worker.model)
+            worker.engine.materialize(worker.coefficients.columns(x), into=worker.model)
             sync(a.device)
             t1 = time.perf_counter()
             with torch.no_grad():
@@ -115,6 +117,17 @@ def main() -> int:
             mat.append(t1 - t0)
             evs.append(t2 - t1)
         m, e = statistics.median(mat), statistics.median(evs)
+
+        # the fixed cost of turning a genome into every tensor's parameters: the compiled
+        # map (what a worker does) against writing, parsing and resolving a recipe
+        def per_call(fn) -> float:
+            t0 = time.perf_counter()
+            for x in genomes:
+                fn(x)
+            return (time.perf_counter() - t0) / len(genomes)
+
+        via_map = min(per_call(worker.coefficients.columns) for _ in range(5))
+        via_recipe = min(per_call(lambda x: worker.engine.columns(sp.recipe(x))) for _ in range(5))
 
         # the loop's own overhead: a real search, minus the worker's time
         t0 = time.perf_counter()
@@ -150,6 +163,8 @@ def main() -> int:
             ("resident inputs read + model written", f"{(worker.engine.nbytes + model_bytes) / 1e6:.1f} MB"),
             ("bandwidth floor per materialize", f"{floor * 1e3:.2f} ms"),
             ("materialize per candidate (median)", f"{m * 1e3:.2f} ms ({m / floor:.1f}x the floor)"),
+            ("genome -> parameters: compiled map vs recipe round trip",
+             f"{via_map * 1e3:.3f} ms vs {via_recipe * 1e3:.3f} ms ({via_recipe / via_map:.0f}x)"),
             ("evaluate per candidate (median)", f"{e * 1e3:.1f} ms"),
             ("search loop per candidate (run_search, median + loop overhead)", f"{per_candidate * 1e3:.1f} ms"),
             ("overhead outside the worker", f"{overhead * 1e3:.2f} ms ({100 * overhead / per_candidate:.1f}% "

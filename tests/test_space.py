@@ -49,8 +49,17 @@ def test_bad_spaces_are_refused(family):
     m = experts(family)
     with pytest.raises(RecipeError, match="no parameter 'epsilon'"):
         Space("ties", m, base_model=str(family["base"]), search=["epsilon"])
-    with pytest.raises(RecipeError, match="lo < hi"):
+    with pytest.raises(RecipeError, match=r"space.search.weight: lo \(1.0\) must be below hi"):
         Space("ties", m, base_model=str(family["base"]), search={"weight": {"lo": 1, "hi": 0}})
+    # ranges come from the method registry, and stay inside what the parameter may take
+    with pytest.raises(RecipeError, match=r"space.search.density.lo: 0.0 is outside .* \(0.0, 1.0\]"):
+        Space("ties", m, base_model=str(family["base"]), search={"density": {"lo": 0}})
+    with pytest.raises(RecipeError, match=r"space.search.epsilon.hi: 0.8 is outside .* \[0.0, 0.5\]"):
+        Space("della", m, base_model=str(family["base"]), search={"epsilon": {"hi": 0.8}})
+    with pytest.raises(RecipeError, match="'normalize' is not a number and cannot be searched"):
+        Space("ties", m, base_model=str(family["base"]), search=["normalize"])
+    with pytest.raises(RecipeError, match="x0"):
+        Space("ties", m, base_model=str(family["base"]), search={"weight": {"x0": 3}})
     with pytest.raises(RecipeError, match="smoothing"):
         Space("ties", m, base_model=str(family["base"]), granularity="global", smoothing=3)
     with pytest.raises(RecipeError, match="granularity"):
@@ -111,11 +120,12 @@ def test_resident_equals_one_shot_merge_of_the_exported_recipe(family, tmp_path,
         x = np.where(np.array([g.param == "epsilon" for g in sp.genes]), 0.05, x)
         x = np.where(np.array([g.param == "density" for g in sp.genes]), np.clip(x, 0.2, 0.9), x)
     engine = ResidentEngine(sp.recipe(sp.x0), seed=3)
+    coefficients = sp.compile(engine.template.tasks)  # as a search's worker does: no recipe per candidate
     model = live_model(family)
     ptrs = {k: p.data_ptr() for k, p in model.named_parameters()}
-    engine.materialize(sp.recipe(x), into=model)
-    engine.materialize(sp.recipe(sp.x0), into=model)
-    engine.materialize(sp.recipe(x), into=model)
+    engine.materialize(coefficients.columns(x), into=model)
+    engine.materialize(sp.recipe(sp.x0), into=model)  # a recipe takes the same path
+    engine.materialize(coefficients.columns(x), into=model)
     assert {k: p.data_ptr() for k, p in model.named_parameters()} == ptrs  # nothing reallocated
 
     recipe_file = tmp_path / "genome.yaml"
@@ -126,6 +136,67 @@ def test_resident_equals_one_shot_merge_of_the_exported_recipe(family, tmp_path,
     assert set(written) == set(live)
     for name, t in written.items():
         assert torch.equal(live[name].detach(), t), name
+
+
+def _methods_and_spaces():
+    from evomerge.merge.methods import METHODS
+
+    cases = []
+    for name, spec in METHODS.items():
+        searchable = [p.name for p in spec.params if not p.ignored and p.search is not None]
+        for gran, extra in (("global", {}), ("per_model", {}), ("per_layer", {"layer_granularity": 3}),
+                            ("per_layer_filtered", {}), ("per_layer", {"smoothing": 3})):
+            cases.append((name, searchable, gran, extra))
+    return cases
+
+
+@pytest.mark.parametrize("method,search,granularity,extra", _methods_and_spaces(),
+                         ids=[f"{m}-{g}-{'-'.join(e) or 'plain'}" for m, _, g, e in _methods_and_spaces()])
+def test_compiled_columns_equal_the_resolution_of_the_exported_recipe(family, method, search, granularity, extra):
+    """For every method and granularity, with fixed settings that filter and interpolate
+    over depth: the compiled map's parameters for a genome are exactly (==) those the
+    merge engine resolves from parse(recipe_yaml(x)), tensor by tensor and model by model,
+    and an out-of-range value is refused with the recipe's own message."""
+    import yaml
+
+    from evomerge.merge.methods import METHODS
+    from evomerge.recipe import parse_recipe
+
+    spec = METHODS[method]
+    one = spec.max_models == 1
+    models = experts(family, 1 if one else 3)
+    base = None if method == "passthrough" else str(family["base"])
+    fixed = {}
+    names = {p.name for p in spec.params if not p.ignored}
+    for p, setting in (("lambda", [0.5, 1.5]), ("gamma", [{"filter": "mlp", "value": [0.01, 0.05]}, {"value": 0.02}]),
+                       ("normalize", [{"filter": "self_attn", "value": True}, {"value": False}])):
+        if p in names and p not in search:
+            fixed[p] = setting
+    if method == "della":  # a joint constraint a box cannot hold: density +- epsilon within (0, 1]
+        search = ["weight", "density"]
+    sp = Space(method, models, base_model=base, search=search, fixed=fixed, granularity=granularity, **extra)
+    template = MergeEngine(sp.recipe(sp.x0))
+    cmap = sp.compile(template.tasks)
+    rng = np.random.default_rng(len(sp))
+    for x in [sp.x0, sp.lower, sp.upper, *(rng.uniform(sp.lower, sp.upper) for _ in range(3))]:
+        recipe = parse_recipe(yaml.safe_load(sp.recipe_yaml(x)), source="genome")
+        want = MergeEngine(recipe, checkpoints=template.models).tasks
+        cols = cmap.columns(x)
+        assert len(cols) == len(want)
+        for i, t in enumerate(want):
+            assert cols.params(i) == {k: v for k, v in t.params.items() if k != "seeds"}, t.name
+        for p in cols.numeric:  # the same map as a matrix: values = A @ x + c
+            A, c = cmap.matrix(p)
+            live = ~np.isnan(c + A.sum(1))
+            assert np.allclose((A @ np.asarray(x, float) + c)[live], np.ravel(cols.numeric[p])[live], rtol=0, atol=1e-12)
+    if len(sp):  # a value the recipe refuses (here: not finite) is refused too, naming where
+        x = np.array(sp.x0, dtype=float)
+        x[-1] = np.nan
+        with pytest.raises(RecipeError, match="must be finite"):
+            MergeEngine(parse_recipe(yaml.safe_load(sp.recipe_yaml(x)), source="genome"), checkpoints=template.models)
+        param = sp.genes[-1].param
+        with pytest.raises(RecipeError, match=f"tensor '.*', parameter '{param}': must be finite, got nan"):
+            cmap.columns(x)
 
 
 def test_store_dtype_bf16_halves_memory_and_stays_close(family):

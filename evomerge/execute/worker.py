@@ -63,6 +63,8 @@ class Worker:
         else:
             self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
         self.engine.bind(self.model)  # candidates are merged straight into its parameters
+        # a genome -> every tensor's parameters, compiled once over the engine's plan
+        self.coefficients = space.compile(self.engine.template.tasks)
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
 
     def _bare_model(self, folder, path, dtype, device):
@@ -98,7 +100,7 @@ class Worker:
             if cand.source is not None:
                 self._load_source(cand.source)
             else:
-                self.engine.materialize(self.space.recipe(cand.x), into=self.model)
+                self.engine.materialize(self.coefficients.columns(cand.x), into=self.model)
             res.materialize_s = time.perf_counter() - t0
             with torch.no_grad():
                 metrics = self.evaluator(self.model, self.tokenizer, split=cand.split)

@@ -40,7 +40,7 @@ from ..recipe import ModelRef, OutputSlice, Recipe, RecipeError, evaluate_settin
 from . import native
 from .methods import MethodSpec
 
-__all__ = ["MergeEngine", "MergeError", "TensorTask"]
+__all__ = ["Columns", "MergeEngine", "MergeError", "TensorTask"]
 
 
 class MergeError(RuntimeError):
@@ -75,6 +75,62 @@ class TensorTask:
     def sources(self) -> list[tuple[ModelRef, str]]:
         """Every input, the base first."""
         return ([self.base] if self.base else []) + self.inputs
+
+
+@dataclass
+class Columns:
+    """One candidate's merge parameters for every tensor of a plan, column by column.
+
+    ``numeric[p]`` holds a float parameter's values, shape ``(tensors,)`` for a shared one
+    or ``(tensors, models)`` for a per-model one (NaN for tensors that are copied);
+    ``other[p]`` holds, per tensor, the value of a parameter that is not a plain number
+    (a boolean, a norm's name, ``None``). ``Space.compile`` makes them from a genome without
+    writing or reading a recipe; ``from_tasks`` from a planned recipe. Seeds are the plan's,
+    not a candidate's, and are not here.
+    """
+
+    method: MethodSpec
+    copy: list[bool]
+    numeric: dict[str, Any]
+    other: dict[str, list]
+    dtype: torch.dtype | None = None  # the recipe's ``dtype``: the arithmetic's input precision
+
+    def __len__(self) -> int:
+        return len(self.copy)
+
+    def params(self, i: int) -> dict[str, Any]:
+        """Tensor ``i``'s parameters as a method takes them (``TensorTask.params``, seeds aside)."""
+        if self.copy[i]:
+            return {}
+        out: dict[str, Any] = {}
+        for p in self.method.params:
+            if p.name in self.numeric:
+                v = self.numeric[p.name][i]
+                out[p.name] = [float(x) for x in v] if p.per_model else float(v)
+            elif p.name in self.other:
+                out[p.name] = self.other[p.name][i]
+        return out
+
+    @classmethod
+    def from_tasks(cls, tasks: list["TensorTask"], method: MethodSpec, dtype: torch.dtype | None = None) -> "Columns":
+        """The parameters a recipe's plan resolved, as columns."""
+        import numpy as np
+
+        copy = [t.copy for t in tasks]
+        numeric, other = {}, {}
+        for p in method.params:
+            if p.ignored:
+                continue
+            vals = [t.params.get(p.name) for t in tasks if not t.copy]
+            flat = [x for v in vals for x in (v if p.per_model else [v])]
+            if p.kind == "float" and all(isinstance(x, float) for x in flat):
+                shape = (len(tasks), len(vals[0])) if p.per_model and vals else (len(tasks),)
+                arr = np.full(shape, np.nan)
+                arr[[i for i, c in enumerate(copy) if not c]] = vals
+                numeric[p.name] = arr
+            else:
+                other[p.name] = [None if t.copy else t.params.get(p.name) for t in tasks]
+        return cls(method, copy, numeric, other, dtype)
 
 
 def _seed(seed: int, tensor: str, model: ModelRef) -> int:

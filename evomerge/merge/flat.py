@@ -309,22 +309,23 @@ class FlatGroup:
     # ----------------------------------------------------------------------------------
     # A candidate
     # ----------------------------------------------------------------------------------
-    def merge(self, method: str, params: list[dict], out: Tensor, compute_dtype=None) -> Tensor:
+    def merge(self, method: str, table: dict, out: Tensor, compute_dtype=None) -> Tensor:
         """Merge every segment into the flat ``out`` (length n, any float dtype); returns
         the float32 sum of ``out`` (not finite if any merged value is not).
 
-        ``params[i]`` are the resolved method parameters of ``names[i]`` (as the
-        per-tensor path receives them)."""
+        ``table`` holds the segments' parameters, in ``names`` order: ``weight`` and (for
+        the sparsifying methods) ``density`` as ``(k, S)`` arrays, ``lambda`` as ``(S,)``
+        (absent: 1), ``seeds`` ``(k, S)`` for DARE, and one ``normalize`` and ``rescale``."""
         sparsify, consensus = FLAT_METHODS[method]
         k, S = self.k, len(self.names)
         cd = compute_dtype or self.B.dtype
         dt = _work_dtype(torch.empty(0, dtype=cd))
-        w = np.array([p["weight"] for p in params], dtype=np.float64).T  # (k, S)
-        lam = np.array([p.get("lambda", 1.0) for p in params], dtype=np.float64)
-        normalize = bool(params[0].get("normalize", False))
-        rescale = params[0].get("rescale", False)
-        dens = (np.array([p["density"] for p in params], dtype=np.float64).T
-                if sparsify is not None else np.ones((k, S)))
+        w = table["weight"]  # (k, S)
+        lam = table.get("lambda")
+        lam = np.ones(S) if lam is None else lam
+        normalize = bool(table.get("normalize", False))
+        rescale = table.get("rescale", False)
+        dens = table["density"] if sparsify is not None else np.ones((k, S))
         n = self.sizes[None, :]
         dev = self.device
 
@@ -344,13 +345,14 @@ class FlatGroup:
             thresh = np.where(dens >= 1, 65536, thresh)
             if rescale is True:
                 scale = np.where((dens < 1) & (thresh > 0), 1.0 / np.where(dens > 0, dens, 1.0), 1.0)
-            seeds = np.array([p["seeds"] for p in params], dtype=np.uint64).T
-            uniforms = self._uniforms(seeds)
+            uniforms = self._uniforms(table["seeds"])
             t16 = col(thresh - 32768, torch.int32)
         C = col(w * scale)
         WS = W = LAM = None
         if normalize and not consensus:
-            ws = np.array([sum(float(x) for x in p["weight"]) for p in params])
+            ws = w[0] + 0.0  # summed model by model, as the per-tensor path sums a list
+            for row in w[1:]:
+                ws = ws + row
             WS = col(np.where(np.abs(ws) >= 1e-8, ws, 1.0)[None, :])[0]
         if normalize and consensus:
             W = col(w)

@@ -1063,6 +1063,11 @@ class ParamSpec:
         default: value when the recipe gives none; ``None`` with ``required``.
         lo, hi, lo_open: allowed numeric range, checked on every resolved value.
         ignored: accepted in recipes (mergekit takes it) but has no effect here.
+        search: ``(lo, hi, x0)``, the range a search explores when it is given none (within
+            ``lo``/``hi``); ``None`` for what cannot be searched (booleans, norms).
+
+    This registry is the one table of parameters and their bounds: recipes are checked
+    against it, and ``Space`` and the app's config checks read their ranges from it.
     """
 
     name: str
@@ -1074,6 +1079,7 @@ class ParamSpec:
     hi: float | None = None
     lo_open: bool = False
     ignored: bool = False  # accepted for compatibility, never passed to the function
+    search: tuple[float, float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -1102,12 +1108,11 @@ class MethodSpec:
         raise KeyError(name)
 
 
-_W = ParamSpec("weight", per_model=True, required=True)
-_W1 = ParamSpec("weight", per_model=True, default=1.0)
-_LAMBDA = ParamSpec("lambda", default=1.0)
-_DENSITY = ParamSpec("density", per_model=True, default=1.0, lo=0.0, hi=1.0, lo_open=True)
-_GAMMA = ParamSpec("gamma", per_model=True, default=0.01, lo=0.0, hi=1.0)
-_EPS = ParamSpec("epsilon", per_model=True, default=0.15, lo=0.0, hi=0.5)
+_W = ParamSpec("weight", per_model=True, required=True, search=(0.0, 1.0, 0.5))
+_LAMBDA = ParamSpec("lambda", default=1.0, search=(0.0, 2.0, 1.0))
+_DENSITY = ParamSpec("density", per_model=True, default=1.0, lo=0.0, hi=1.0, lo_open=True, search=(0.05, 1.0, 0.5))
+_GAMMA = ParamSpec("gamma", per_model=True, default=0.01, lo=0.0, hi=1.0, search=(0.0, 0.2, 0.01))
+_EPS = ParamSpec("epsilon", per_model=True, default=0.15, lo=0.0, hi=0.5, search=(0.0, 0.2, 0.05))
 
 
 def _ta_params(normalize: bool, rescale, *extra: ParamSpec, sparse: bool = True) -> tuple[ParamSpec, ...]:
@@ -1163,7 +1168,7 @@ METHODS: dict[str, MethodSpec] = {
         reference="https://arxiv.org/abs/2406.11617",
     ),
     "slerp": MethodSpec(
-        "slerp", slerp, (ParamSpec("t", required=True, lo=0.0, hi=1.0),),
+        "slerp", slerp, (ParamSpec("t", required=True, lo=0.0, hi=1.0, search=(0.0, 1.0, 0.5)),),
         min_models=1, max_models=1, reference="https://arxiv.org/abs/2406.16768",
     ),
     "model_stock": MethodSpec(
@@ -1171,11 +1176,11 @@ METHODS: dict[str, MethodSpec] = {
         min_models=2, reference="https://arxiv.org/abs/2403.19522",
     ),
     "wise_ft": MethodSpec(
-        "wise_ft", wise_ft, (ParamSpec("alpha", default=0.5),),
+        "wise_ft", wise_ft, (ParamSpec("alpha", default=0.5, search=(0.0, 1.0, 0.5)),),
         min_models=1, max_models=1, reference="https://arxiv.org/abs/2109.01903",
     ),
     "passthrough": MethodSpec(
-        "passthrough", passthrough, (ParamSpec("scale", per_model=True, default=None),),
+        "passthrough", passthrough, (ParamSpec("scale", per_model=True, default=None, search=(0.0, 2.0, 1.0)),),
         needs_base=False, base_in_inputs=True, min_models=1, max_models=1,
         reference="https://arxiv.org/abs/2312.15166",
     ),

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ..checkpoint import torch_dtype
 from ..recipe import Recipe
-from .engine import MergeEngine, MergeError, TensorTask
+from .engine import Columns, MergeEngine, MergeError, TensorTask
 from .flat import FLAT_METHODS, FlatGroup
 from .methods import order_statistics
 
@@ -108,6 +108,11 @@ class ResidentEngine:
         if shared is not None and shared.groups and not flat:
             raise MergeError("the shared inputs are stored in flat groups: adopt them with flat=True")
         self._groups = self._flat_groups(shared.groups if shared is not None else None) if flat else []
+        # the plan's DARE/DELLA seeds per (tensor, model): fixed for the engine's life
+        seeds = [t.params.get("seeds") for t in self.template.tasks]
+        k = max((len(x) for x in seeds if x), default=0)
+        self._seeds = np.array([x if x else [0] * k for x in seeds], dtype=np.uint64).reshape(len(seeds), k)
+        self._live: tuple | None = None  # (weak reference to the last live model, its checked state)
 
     def _load(self) -> None:
         """Read every input once, onto the device, in the stored dtype."""
@@ -146,7 +151,7 @@ class ResidentEngine:
             arrays={k: _to_bytes(t) for k, t in self._inputs.items() if k not in in_groups},
             groups=[(g.names, _to_bytes(g.B), _to_bytes(g.T)) for _, g in self._groups])
 
-    def _flat_groups(self, shared: list | None = None) -> list[tuple[list[int], FlatGroup]]:
+    def _flat_groups(self, shared: list | None = None) -> list[tuple[np.ndarray, FlatGroup]]:
         """Tensors with a base and the same models, stored back to back (the resident
         inputs become views into the flat buffers, so nothing is held twice); with
         ``shared``, the groups' buffers as ``share()`` gave them."""
@@ -178,26 +183,38 @@ class ResidentEngine:
                 self._inputs[t.sources[0]] = g.B[seg].view(x[0].shape)
                 for m, src in enumerate(t.sources[1:]):
                     self._inputs[src] = g.T[m, seg].view(x[m + 1].shape)
-            groups.append((idx, g))
+            groups.append((np.array([idx[i] for i in g.order], dtype=np.int64), g))  # plan indices, stored order
         return groups
 
-    def _flat_ok(self, eng: MergeEngine, idx: list[int], dsts: list[Tensor]) -> bool:
-        """Whether a candidate's tensors can take the flat path: one value of ``normalize``
-        and ``rescale`` over them (DARE's rescale true or false, TIES's false), magnitude
-        order statistics kept, and live parameters of one dtype on the device."""
-        sparsify, _ = FLAT_METHODS[eng.method.name]
-        params = [eng.tasks[i].params for i in idx]
-        norm = {bool(p.get("normalize", False)) for p in params}
-        resc = {p.get("rescale", False) for p in params}
-        if len(norm) > 1 or len(resc) > 1:
-            return False
-        (rescale,) = resc
+    def _flat_table(self, cols: Columns, sel: np.ndarray, dsts: list[Tensor]) -> dict | None:
+        """A candidate's parameters for a flat group's tensors (``sel``: their plan indices,
+        in the group's order), or None where they cannot take the flat path: one value of
+        ``normalize`` and ``rescale`` over them (DARE's rescale true or false, TIES's false),
+        magnitude order statistics kept, and live parameters of one dtype on the device."""
+        sparsify, _ = FLAT_METHODS[cols.method.name]
+        flags = []
+        for name in ("normalize", "rescale"):
+            vals = cols.other.get(name)
+            vals = {False} if vals is None else {vals[i] for i in sel}
+            if len(vals) > 1:
+                return None
+            flags.append(vals.pop())
+        normalize, rescale = flags
         if sparsify == "magnitude" and (rescale is not False or not self.order_stats):
-            return False
+            return None
         if sparsify == "random" and rescale not in (True, False):
-            return False
-        return (len({d.dtype for d in dsts}) == 1 and all(d.device == self.device for d in dsts)
-                and dsts[0].is_floating_point())
+            return None
+        if not (len({d.dtype for d in dsts}) == 1 and all(d.device == self.device for d in dsts)
+                and dsts[0].is_floating_point()):
+            return None
+        table = {"weight": cols.numeric["weight"][sel].T, "normalize": bool(normalize), "rescale": rescale}
+        if "lambda" in cols.numeric:
+            table["lambda"] = cols.numeric["lambda"][sel]
+        if sparsify is not None:
+            table["density"] = cols.numeric["density"][sel].T
+        if sparsify == "random":
+            table["seeds"] = self._seeds[sel].T
+        return table
 
     @staticmethod
     def _signature(tasks: list[TensorTask]) -> list[tuple]:
@@ -207,6 +224,12 @@ class ResidentEngine:
     def nbytes(self) -> int:
         """Bytes of the resident inputs."""
         return sum(t.numel() * t.element_size() for t in self._inputs.values())
+
+    def columns(self, recipe: Recipe) -> Columns:
+        """A candidate recipe's parameters, planned against the open checkpoints (nothing
+        is read). A search compiles its space instead (``Space.compile``): no recipe."""
+        eng = self.plan(recipe)
+        return Columns.from_tasks(eng.tasks, eng.method, eng.compute_dtype)
 
     def plan(self, recipe: Recipe) -> MergeEngine:
         """Plan a candidate recipe against the open checkpoints (nothing is read)."""
@@ -227,22 +250,46 @@ class ResidentEngine:
             raise MergeError(f"model {model!r} is not one of the merged models")
         return out
 
-    def _inputs_for(self, eng: MergeEngine, task: TensorTask) -> tuple[Tensor | None, list[Tensor]]:
+    def _inputs_for(self, cols: Columns, task: TensorTask) -> tuple[Tensor | None, list[Tensor]]:
         ins = self.inputs(task)
-        if eng.compute_dtype is not None:
-            ins = [t.to(eng.compute_dtype) if t.is_floating_point() else t for t in ins]
+        if cols.dtype is not None:
+            ins = [t.to(cols.dtype) if t.is_floating_point() else t for t in ins]
         return (ins[0], ins[1:]) if task.base else (None, ins)
 
-    def merged(self, recipe: Recipe) -> dict[str, Tensor]:
-        """Every merged tensor of a candidate, as new tensors (for tests and export)."""
-        eng = self.plan(recipe)
-        return {t.name: self._compute(eng, t) for t in eng.tasks}
+    def _columns(self, what: Recipe | Columns) -> Columns:
+        cols = what if isinstance(what, Columns) else self.columns(what)
+        if len(cols) != len(self.template.tasks) or cols.method.name != self.template.method.name:
+            raise MergeError("the candidate's parameters were made for another plan (other tensors or method)")
+        return cols
 
-    def _compute(self, eng: MergeEngine, task: TensorTask, out: Tensor | None = None) -> Tensor:
+    def merged(self, what: Recipe | Columns) -> dict[str, Tensor]:
+        """Every merged tensor of a candidate (a recipe, or ``Columns``), as new tensors
+        (for tests and export)."""
+        cols = self._columns(what)
+        return {t.name: self._compute(cols, i) for i, t in enumerate(self.template.tasks)}
+
+    def _compute(self, cols: Columns, i: int, out: Tensor | None = None) -> Tensor:
+        plan = self.template.tasks[i]
+        task = TensorTask(plan.name, plan.group, plan.layer, plan.t, plan.base, plan.inputs, copy=plan.copy)
+        if not task.copy:
+            task.params = cols.params(i)
+            if "seeds" in plan.params:
+                task.params["seeds"] = plan.params["seeds"]
         if not self.order_stats:
-            return eng.compute(task, *self._inputs_for(eng, task), out=out)
+            return self.template.compute(task, *self._inputs_for(cols, task), out=out)
         with order_statistics(self._stats.setdefault(task.name, {})):
-            return eng.compute(task, *self._inputs_for(eng, task), out=out)
+            return self.template.compute(task, *self._inputs_for(cols, task), out=out)
+
+    def _live_state(self, model: torch.nn.Module) -> dict[str, Tensor]:
+        """``model``'s parameters by name, checked against the plan once per model (a
+        worker's live model is the same one candidate after candidate)."""
+        import weakref
+
+        if self._live is not None and self._live[0]() is model:
+            return self._live[1]
+        state = self.template.live_state(model)
+        self._live = (weakref.ref(model), state)
+        return state
 
     @torch.no_grad()
     def bind(self, model: torch.nn.Module) -> int:
@@ -273,32 +320,33 @@ class ResidentEngine:
         return bound
 
     @torch.no_grad()
-    def materialize(self, recipe: Recipe, into: torch.nn.Module) -> None:
-        """Write the candidate's merged weights into ``into``'s parameters, in place."""
-        eng = self.plan(recipe)
-        state = eng.live_state(into)
+    def materialize(self, what: Recipe | Columns, into: torch.nn.Module) -> None:
+        """Write a candidate's merged weights into ``into``'s parameters, in place. The
+        candidate is a recipe, or its ``Columns`` (a compiled space's ``columns(x)``)."""
+        cols = self._columns(what)
+        state = self._live_state(into)
         sums = []  # one finiteness check at the end: a check per tensor would stall a GPU each time
         done = set()
-        for idx, group in self._groups:
+        for sel, group in self._groups:
             names = group.names
-            if not self._flat_ok(eng, idx, [state[n] for n in names]):
+            table = self._flat_table(cols, sel, [state[n] for n in names])
+            if table is None:
                 continue
             # a model other than the bound one is merged into a spare buffer, then copied
             spare = group.bound_to is not None and group.bound_to() not in (None, into)
             out, views = group.output(state[names[0]].dtype, spare=spare)
-            total = group.merge(eng.method.name, [eng.tasks[idx[i]].params for i in group.order], out,
-                                eng.compute_dtype)
+            total = group.merge(cols.method.name, table, out, cols.dtype)
             dsts = [state[n].data for n in names]
             if any(d.data_ptr() != v.data_ptr() for d, v in zip(dsts, views)):  # not bound: copy
                 torch._foreach_copy_(dsts, views)  # one multi-tensor copy
             sums.append((group, total))
             done.update(names)
-        for task in eng.tasks:
+        for i, task in enumerate(self.template.tasks):
             if task.name in done:
                 continue
             dst = state[task.name]
             direct = dst.is_contiguous() and dst.device == self.device and dst.is_floating_point()
-            res = self._compute(eng, task, out=dst.data if direct else None)
+            res = self._compute(cols, i, out=dst.data if direct else None)
             if not direct:
                 dst.copy_(res)
             if res.is_floating_point():

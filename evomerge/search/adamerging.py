@@ -32,24 +32,16 @@ from .base import Result
 __all__ = ["AdaMerging", "coefficient_map"]
 
 
-def coefficient_map(space: Space, engine) -> dict[str, torch.Tensor]:
-    """For every merged tensor, the matrix ``A`` (models x genes) with weight_k = (A @ x)_k.
-
-    Recipe resolution is linear in the genes (values, filters and interpolation over
-    depth), so probing with the zero genome and each unit genome recovers it exactly.
-    """
-    n = len(space)
-
-    def weights(x) -> dict[str, list[float]]:
-        eng = engine.plan(space.recipe(x))
-        return {t.name: list(t.params.get("weight", [])) for t in eng.tasks if not t.copy}
-
-    zero = weights(np.zeros(n))
-    if any(any(v != 0 for v in w) for w in zero.values()):
-        raise ValueError("adamerging: the space's weights must be linear in the genome (lower bound 0)")
-    cols = [weights(np.eye(n)[g]) for g in range(n)]
-    return {name: torch.tensor([[cols[g][name][k] for g in range(n)] for k in range(len(w))], dtype=torch.float32)
-            for name, w in zero.items()}
+def coefficient_map(space: Space, tasks) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """For every merged tensor, ``(A, c)`` (models x genes, models) with the per-model
+    weights ``A @ x + c``: the space's compiled map (``Space.compile``) over the plan's
+    ``tasks``, the same map every candidate of a search is merged with."""
+    cmap = space.compile(tasks)
+    A, c = cmap.matrix("weight")
+    k = cmap.k
+    return {t.name: (torch.tensor(A[i * k:(i + 1) * k], dtype=torch.float32),
+                     torch.tensor(c[i * k:(i + 1) * k], dtype=torch.float32))
+            for i, t in enumerate(tasks) if not t.copy}
 
 
 class AdaMerging:
@@ -79,7 +71,7 @@ class AdaMerging:
         self.model = worker.model
         self.batches = encode_prompts(worker.tokenizer, list(prompts))
         eng = worker.engine
-        self.A = coefficient_map(space, eng)
+        self.A = coefficient_map(space, eng.template.tasks)
         self.base: dict[str, torch.Tensor] = {}
         self.taus: dict[str, torch.Tensor] = {}
         for task in eng.template.tasks:
@@ -99,7 +91,8 @@ class AdaMerging:
         """The merged tensors as differentiable functions of the coefficients."""
         out = {}
         for name, tau in self.taus.items():
-            w = self.A[name].to(self.x.device) @ self.x
+            A, c = self.A[name]
+            w = A.to(self.x.device) @ self.x + c.to(self.x.device)
             out[name] = self.base[name] + torch.tensordot(w, tau, dims=1)
         return out
 
