@@ -401,6 +401,51 @@ def test_optuna_sqlite_storage_resumes_from_the_run_directory(tmp_path):
     assert len([t for t in study.trials if t.state.name == "COMPLETE"]) == 24
 
 
+def test_a_crafted_cma_es_optimizer_in_the_study_file_is_refused_unread(tmp_path):
+    """Optuna's CMA-ES sampler pickles its optimizer into the study (the run directory's
+    optuna.db) and read it back with pickle.loads: a study file from elsewhere ran code on
+    resume. Only a CMA-ES optimizer's own classes are built now; anything else is refused,
+    naming the storage, and the payload never runs. A genuine study resumes exactly."""
+    import pickle
+    import sqlite3
+
+    sp = synthetic_space()
+    db = tmp_path / "optuna.db"
+    url = f"sqlite:///{db}"
+    full = run_search(sp, OptunaSearch(sp, "cmaes", seed=2, storage=f"sqlite:///{tmp_path / 'full.db'}"),
+                      FunctionExecutor(), tmp_path / "full", budget=40, progress=False, sources=False)
+    assert run_search(sp, OptunaSearch(sp, "cmaes", seed=2, storage=url), Dies(FunctionExecutor(), 30),
+                      tmp_path / "cut", budget=40, progress=False, sources=False).stopped
+    con = sqlite3.connect(db)
+    keys = con.execute("select trial_id, key from trial_system_attributes where key like 'cma:optimizer:%'").fetchall()
+    assert keys  # the sampler keeps its optimizer in the study
+    saved = con.execute("select trial_id, key, value_json from trial_system_attributes").fetchall()
+    marker = tmp_path / "PWNED"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = json.dumps(pickle.dumps(Payload()).hex())
+    con.execute("update trial_system_attributes set value_json = ? where key like 'cma:optimizer:%'", (evil,))
+    con.execute("delete from trial_system_attributes where key like 'cma:optimizer:%' and key != 'cma:optimizer:0'")
+    con.commit()
+    from evomerge.trials import StateError
+
+    with pytest.raises(StateError, match="optuna storage: .*posix.system.*refused unread"):
+        run_search(sp, OptunaSearch(sp, "cmaes", seed=2, storage=url), FunctionExecutor(), tmp_path / "cut",
+                   budget=40, progress=False, sources=False, resume=True)
+    assert not marker.exists()
+    # the genuine study resumes, exactly
+    con.execute("delete from trial_system_attributes")
+    con.executemany("insert into trial_system_attributes (trial_id, key, value_json) values (?, ?, ?)", saved)
+    con.commit()
+    con.close()
+    res = run_search(sp, OptunaSearch(sp, "cmaes", seed=2, storage=url), FunctionExecutor(), tmp_path / "cut",
+                     budget=40, progress=False, sources=False, resume=True)
+    assert res.best_score == full.best_score and not marker.exists()
+
+
 def test_optuna_nsga2_keeps_a_pareto_front_over_tasks(tmp_path):
     sp = synthetic_space()
 

@@ -42,12 +42,59 @@ def _new_sampler(kind: str, seed: int):
     if kind == "gp":
         return optuna.samplers.GPSampler(seed=seed, deterministic_objective=True)
     if kind == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=seed)
+        return _checked_cmaes_sampler()(seed=seed)
     if kind == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=seed)
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     raise ValueError(f"optuna sampler {kind!r}: choose one of {', '.join(SAMPLERS)}")
+
+
+# What Optuna's CMA-ES sampler pickles into the storage (its optimizer, from the ``cmaes``
+# package) is built from these alone; anything else in such a pickle is not its own.
+_CMAES_PICKLE = {("cmaes._cma", "CMA"), ("cmaes._sepcma", "SepCMA"), ("cmaes._cmawm", "CMAwM"),
+                 ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy._core.multiarray", "_reconstruct"),
+                 ("numpy._core.multiarray", "scalar"), ("numpy.core.multiarray", "_reconstruct"),
+                 ("numpy.core.multiarray", "scalar")}
+
+
+def _checked_cmaes_sampler():
+    """Optuna's CMA-ES sampler, reading its optimizer back from the storage (the run
+    directory's ``optuna.db``) through an unpickler that builds only ``_CMAES_PICKLE``'s
+    classes: a study file from elsewhere cannot run code on resume (with plain
+    ``pickle.loads``, as Optuna reads it, any callable could run)."""
+    import io
+    import pickle
+
+    import optuna
+
+    from ..trials import StateError
+
+    class _Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) not in _CMAES_PICKLE:
+                raise StateError(f"optuna storage: the CMA-ES sampler's saved optimizer holds {module}.{name}, "
+                                 "which is not part of a CMA-ES optimizer; refused unread (was the study "
+                                 "file altered?)")
+            return super().find_class(module, name)
+
+    class CheckedCmaEsSampler(optuna.samplers.CmaEsSampler):
+        def _restore_optimizer(self, completed_trials):
+            key = self._attr_key_optimizer
+            for trial in reversed(completed_trials):
+                attrs = {k: v for k, v in trial.system_attrs.items() if k.startswith(key)}
+                if attrs:
+                    try:
+                        raw = bytes.fromhex(self._concat_optimizer_attrs(attrs))
+                        return _Unpickler(io.BytesIO(raw)).load()
+                    except StateError:
+                        raise
+                    except Exception as e:  # noqa: BLE001 - a damaged record, named
+                        raise StateError(f"optuna storage: the CMA-ES sampler's saved optimizer of trial "
+                                         f"{trial.number} cannot be read ({type(e).__name__}: {e})") from None
+            return None
+
+    return CheckedCmaEsSampler
 
 
 class OptunaSearch:
