@@ -358,11 +358,37 @@ def conf_dir() -> Path:
     raise SystemExit("evomerge: cannot find the configuration folder conf/ (reinstall the package)")
 
 
+# Hydra's own config nodes that build objects or call functions before evomerge sees the
+# config: callbacks (each a ``_target_``) and the logging configs (``()`` factories).
+_HYDRA_CODE_NODES = ("callbacks", "job_logging", "hydra_logging")
+
+
+def check_overrides(args: list[str]) -> None:
+    """Refuse command-line overrides that would set Hydra callbacks or logging factories:
+    Hydra builds them before the app runs, so the ``_target_`` checks of ``check_config``
+    never see them. Choosing one of Hydra's packaged options (``hydra/job_logging=disabled``)
+    stays allowed."""
+    import re
+
+    pattern = re.compile(r"^[+~]{0,2}hydra[./](%s)(\.|=|$)" % "|".join(_HYDRA_CODE_NODES))
+    for a in args:
+        m = pattern.match(a)
+        if m and not (a.startswith("hydra/") and re.fullmatch(r"hydra/(job_logging|hydra_logging)=[\w-]+", a)):
+            raise ConfigError(f"{a.split('=')[0].lstrip('+~')}: evomerge does not take Hydra "
+                              f"{m.group(1).replace('_', ' ')} from the command line (Hydra would build "
+                              "them, and run what they name, before any check)")
+
+
 def main() -> None:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
     conf = str(conf_dir())
+    try:
+        check_overrides([a for a in sys.argv[1:] if not a.startswith("-")])
+    except ConfigError as e:
+        print(f"evomerge: error in the configuration: {e}", file=sys.stderr)
+        sys.exit(2)
 
     @hydra.main(version_base=None, config_path=conf, config_name="config")
     def _main(cfg) -> None:

@@ -184,6 +184,29 @@ def test_a_target_outside_the_groups_own_classes_is_refused(tmp_path, override):
     assert not victim.exists() and not (tmp_path / "no_zoo").exists()
 
 
+@pytest.mark.parametrize("override", [
+    "+hydra.callbacks.x={_target_:evomerge.trials.atomic_write,path:PATH,data:hi}",
+    "++hydra.job_logging.handlers.x={'()':evomerge.trials.atomic_write,path:PATH,data:hi}",
+    "hydra.hydra_logging.root.level=INFO",
+])
+def test_hydra_callbacks_and_logging_factories_are_refused_from_the_command_line(tmp_path, override):
+    """Hydra builds its callbacks (and logging's ``()`` factories) before the app sees the
+    config: given on the command line, they are refused before Hydra starts."""
+    victim = tmp_path / "written"
+    run = tmp_path / "run"
+    p = evomerge([f"models.zoo_dir={tmp_path / 'no_zoo'}", override.replace("PATH", str(victim))], run)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 2, err[-2000:]
+    assert "evomerge does not take Hydra" in err and "Traceback" not in err
+    assert not victim.exists() and not run.exists()
+
+
+def test_hydra_s_packaged_logging_options_stay_allowed():
+    from evomerge.app import check_overrides
+
+    check_overrides(["hydra/job_logging=disabled", "hydra/hydra_logging=none", "hydra.run.dir=x", "hydra.verbose=true"])
+
+
 def test_a_multi_objective_search_reports_its_pareto_front(zoo_dir, tmp_path):
     run = tmp_path / "nsga2"
     p = evomerge([f"models.zoo_dir={zoo_dir}", "experiment=zoo_optuna_nsga2", "budget=8", "eval.limit=20"], run)
