@@ -82,9 +82,24 @@ def check_config(cfg) -> None:
     ms = cfg.get("max_seconds")
     if ms is not None and (not isinstance(ms, (int, float)) or ms <= 0):
         raise ConfigError(f"max_seconds: must be a positive number of seconds, got {ms!r}")
+    from .cli import check_device
     from .merge.methods import METHODS
-    from .recipe import RecipeError
+    from .recipe import DTYPES, RecipeError
     from .space import search_range
+
+    seed = cfg.get("seed")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ConfigError(f"seed: must be a whole number, got {seed!r}")
+    threads = cfg.get("threads")
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise ConfigError(f"threads: must be a positive number of torch threads, got {threads!r}")
+    sd = cfg.get("store_dtype")
+    if sd is not None and str(sd).lower() not in DTYPES:
+        raise ConfigError(f"store_dtype: {sd!r} is not one of {', '.join(sorted(set(DTYPES)))}")
+    try:
+        check_device(cfg.get("device", "cpu"), where="device")
+    except RecipeError as e:
+        raise ConfigError(str(e)) from None
 
     ranges = cfg.space.get("ranges") or {}
     method = METHODS.get(str(cfg.merge.get("method")))

@@ -47,17 +47,25 @@ def _merge_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _check_device(name: str) -> None:
+def check_device(name, where: str = "--device") -> None:
+    """Refuse a device evomerge cannot merge on (``cpu``, ``cuda``, ``cuda:N``, ``mps``
+    where torch has it), naming the option or key ``where``."""
     import torch
 
     from .recipe import RecipeError
 
     try:
-        dev = torch.device(name)
+        dev = torch.device(str(name))
     except (RuntimeError, ValueError):
-        raise RecipeError(f"--device: {name!r} is not a device (cpu, cuda, cuda:N)") from None
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise RecipeError(f"{where}: {name!r} is not a device evomerge merges on (cpu, cuda, cuda:N, mps)")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RecipeError(f"--device: {name!r} was asked for, but torch sees no CUDA device here")
+        raise RecipeError(f"{where}: {name!r} was asked for, but torch sees no CUDA device here")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise RecipeError(f"{where}: {name!r} was asked for, but torch sees {torch.cuda.device_count()} CUDA devices")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise RecipeError(f"{where}: {name!r} was asked for, but torch has no MPS device here")
 
 
 def merge_main(argv: list[str] | None = None) -> int:
@@ -73,7 +81,7 @@ def merge_main(argv: list[str] | None = None) -> int:
             shard = parse_size(args.shard_size)
         except ValueError as e:
             raise RecipeError(f"--shard-size: {e}") from None
-        _check_device(args.device)
+        check_device(args.device)
         recipe = load_recipe(args.recipe)
         from pathlib import Path
 

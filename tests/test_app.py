@@ -155,6 +155,11 @@ def test_greedy_soup_over_ingredients_from_the_command_line(zoo_dir, tmp_path):
     ("+space.ranges.density.hi=1.5", "space.ranges.density.hi"),
     ("+space.ranges.weight={lo:2,hi:1}", "space.ranges.weight"),
     ("search._target_=os.system", "search._target_"),
+    ("device=foo", "device: 'foo' is not a device"),
+    ("device=meta", "device: 'meta' is not a device"),
+    ("store_dtype=foo", "store_dtype: 'foo'"),
+    ("threads=0", "threads: must be a positive"),
+    ("seed=abc", "seed: must be a whole number"),
 ])
 def test_bad_config_values_fail_before_anything_loads(tmp_path, override, expect):
     zoo = tmp_path / "no_zoo_here"  # were the check to pass, the zoo would be built: minutes, not seconds

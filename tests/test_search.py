@@ -676,6 +676,26 @@ def test_nothing_to_resume_and_a_truncated_or_corrupted_log_are_refused(tmp_path
                    resume=True)
 
 
+@pytest.mark.parametrize("edit", [
+    lambda d: {},
+    lambda d: {**d, "pending": 5},
+    lambda d: {**d, "strategy": []},
+    lambda d: {**d, "strategy": {**d["strategy"], "history": 5}},
+    lambda d: {**d, "next_id": "many"},
+], ids=["empty", "pending-a-number", "strategy-a-list", "history-a-number", "next-id-text"])
+def test_a_malformed_strategy_state_is_named_not_a_traceback(tmp_path, edit):
+    from evomerge.trials import StateError
+
+    sp, run = _started(tmp_path, budget=24)
+    state = run / "strategy.json"
+    state.write_text(json.dumps(edit(json.loads(state.read_text()))))
+    log = (run / "trials.jsonl").read_text()
+    with pytest.raises(StateError, match=r"strategy.json: not a state this search can resume from"):
+        run_search(sp, CMAES(sp, seed=0), FunctionExecutor(), run, budget=30, progress=False, sources=False,
+                   resume=True)
+    assert (run / "trials.jsonl").read_text() == log  # nothing appended
+
+
 def test_a_second_process_on_the_same_run_directory_is_refused(tmp_path):
     from evomerge.trials import StateError
 

@@ -104,9 +104,17 @@ def _run_search(space, strategy, executor, run_dir: Path, budget, max_seconds, r
     done: dict[tuple[str, int], Result] = {(r.kind, r.id): r for r in log}
     state = load_state(state_path) if resume else None
     if state is not None:
-        strategy.load_state_dict(state["strategy"])
-        pending = [Candidate(**c) for c in state["pending"]]
-        next_id, generation, elapsed = state["next_id"], state["generation"], state.get("elapsed", 0.0)
+        try:
+            strategy.load_state_dict(state["strategy"])
+            pending = [Candidate(**c) for c in state["pending"]]
+            next_id, generation = int(state["next_id"]), int(state["generation"])
+            elapsed = float(state.get("elapsed", 0.0))
+        except StateError:
+            raise
+        except Exception as e:  # noqa: BLE001 - whatever is malformed in it, the file is named
+            what = f"no {e}" if isinstance(e, KeyError) else str(e).splitlines()[0][:300]
+            raise StateError(f"{state_path}: not a state this search can resume from ({type(e).__name__}: "
+                             f"{what}); resume with the files the search wrote, or start a new run directory") from None
         in_flight = {c.id for c in pending}
         lost = [i for i in range(next_id) if i not in in_flight and ("search", i) not in done]
         if lost:
