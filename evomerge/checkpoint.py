@@ -722,6 +722,26 @@ def _sweep_leftovers(out_dir: Path) -> None:
             _remove(entry)
 
 
+def check_output_name(out: Path) -> None:
+    """Refuse, before any work, an output the final rename could not make: a symbolic link
+    (a rename replaces the link, not what it names, and fails on a dangling one), or a name
+    too long for the file system once the temporary folder's suffix is added."""
+    parent = out.parent
+    while not parent.is_dir() and parent != parent.parent:
+        parent = parent.parent
+    try:
+        limit = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    need = len(os.fsencode(out.name)) + len(f".tmp-{os.getpid()}-xxxxxxxx") + 1
+    if need > limit:
+        raise CheckpointError(f"output '{out.name[:40]}...': its name is {len(os.fsencode(out.name))} bytes; with "
+                              f"the temporary folder's suffix it passes the file system's {limit}-byte limit")
+    if out.is_symlink():
+        raise CheckpointError(f"output '{out}' is a symbolic link (to '{os.readlink(out)}'); name the folder "
+                              "itself")
+
+
 class CheckpointWriter:
     """Writes a model folder atomically, with no shard buffer.
 
@@ -747,6 +767,7 @@ class CheckpointWriter:
         write_behind: bool = True,
     ):
         self.out_dir = Path(out_dir)
+        check_output_name(self.out_dir)
         if self.out_dir.parent.is_dir():
             _sweep_leftovers(self.out_dir)
         if self.out_dir.exists() and not overwrite:

@@ -70,7 +70,7 @@ def check_device(name, where: str = "--device") -> None:
 
 def merge_main(argv: list[str] | None = None) -> int:
     args = _merge_parser().parse_args(argv)
-    from .checkpoint import parse_size, refuse_overlap
+    from .checkpoint import check_output_name, parse_size, refuse_overlap
     from .merge.engine import MergeEngine
     from .recipe import DTYPES, RecipeError, load_recipe
 
@@ -86,6 +86,7 @@ def merge_main(argv: list[str] | None = None) -> int:
         from pathlib import Path
 
         out = Path(args.output_dir)
+        check_output_name(out)
         refuse_overlap(out, {f"recipe '{args.recipe}'": Path(args.recipe)})
         if out.exists() and not args.overwrite:
             raise FileExistsError(f"output '{out}' already exists (pass --overwrite to replace it)")

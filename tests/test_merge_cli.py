@@ -464,6 +464,28 @@ def test_malformed_inputs_and_options_are_named(fam, tmp_path):
     assert a_file.read_text() == "x"
 
 
+def test_an_output_the_final_rename_could_not_make_is_refused_before_merging(fam, tmp_path):
+    """A symbolic link as the output (dangling, or to a folder, with --overwrite) failed after
+    the whole merge with a traceback; a name too long for the file system failed with one at
+    once. Both are named up front, and the link's target is left as it was."""
+    ok = _write(tmp_path, "ok", recipes(fam)["linear"])
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "keep").write_text("x")
+    for link, to in (("dangling", tmp_path / "nowhere" / "x"), ("linked", target)):
+        (tmp_path / link).symlink_to(to)
+        for extra in ((), ("--overwrite",)):
+            r = subprocess.run([sys.executable, "-m", "evomerge.cli", ok, str(tmp_path / link), "--no-progress",
+                                *extra], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            assert r.returncode == 2 and "is a symbolic link" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert (target / "keep").read_text() == "x" and (tmp_path / "linked").is_symlink()
+    long = tmp_path / ("a" * 250)
+    r = subprocess.run([sys.executable, "-m", "evomerge.cli", ok, str(long), "--no-progress"],
+                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2 and "byte limit" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 def test_the_output_folder_follows_the_umask(fam, tmp_path):
     rfile = _write(tmp_path, "lin", recipes(fam)["linear"])
     old = os.umask(0o022)
