@@ -399,11 +399,17 @@ def main() -> None:
     from hydra.core.hydra_config import HydraConfig
 
     conf = str(conf_dir())
+    overrides = [a for a in sys.argv[1:] if not a.startswith("-")]
     try:
-        check_overrides([a for a in sys.argv[1:] if not a.startswith("-")])
+        check_overrides(overrides)
     except ConfigError as e:
         print(f"evomerge: error in the configuration: {e}", file=sys.stderr)
         sys.exit(2)
+    if any(o.split("=", 1)[0].lstrip("+~") == "resume" and o.split("=", 1)[-1].lower() in ("true", "yes", "1")
+           for o in overrides):
+        # a resume leaves the run's .hydra/ record (its composed config and overrides) as the
+        # first run wrote it: the resumed config is checked against run.json, not recorded
+        sys.argv.append("hydra.output_subdir=null")
 
     @hydra.main(version_base=None, config_path=conf, config_name="config")
     def _main(cfg) -> None:

@@ -76,9 +76,14 @@ def test_search_from_the_command_line_then_kill_and_resume(zoo_dir, tmp_path):
     before = len(log.read_text().splitlines())
     assert 8 <= before < 30 and not (run / "summary.json").exists()
 
+    record = {f.name: f.read_text() for f in (run / ".hydra").iterdir()}
+    refused = evomerge(args + ["resume=true", "seed=7"], run)  # another seed: refused, and records nothing
+    assert refused.wait(timeout=120) == 2
     p = evomerge(args + ["resume=true", "export_model=true"], run)
     out, err = p.communicate(timeout=300)
     assert p.returncode == 0, err
+    # the run's .hydra/ record is the first run's: resumes (refused or not) leave it alone
+    assert {f.name: f.read_text() for f in (run / ".hydra").iterdir()} == record
     assert "best (searched)" in out
     recs = [json.loads(x) for x in log.read_text().splitlines()]
     ids = [r["id"] for r in recs if r["kind"] == "search"]
