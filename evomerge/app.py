@@ -272,7 +272,7 @@ def run(cfg, run_dir: str | Path) -> dict:
     else:
         strategy = build(cfg.search)(space, **strat_kw)
     try:
-        outcome = run_search(space, strategy, executor, run_dir, budget=int(cfg.budget),
+        outcome = run_search(space, strategy, executor, run_dir, budget=None if cfg.budget is None else int(cfg.budget),
                              max_seconds=cfg.max_seconds, resume=bool(cfg.resume), progress=bool(cfg.progress),
                              config=OmegaConf.to_container(cfg, resolve=True), record=search_record(cfg))
     finally:

@@ -676,6 +676,30 @@ def test_nothing_to_resume_and_a_truncated_or_corrupted_log_are_refused(tmp_path
                    resume=True)
 
 
+@pytest.mark.parametrize("name", ["random", "optuna_tpe", "optuna_nsga2", "cmaes"])
+def test_a_budget_is_not_overrun_except_by_a_generation_in_flight(tmp_path, name):
+    """Strategies that ask in batches stop at the budget (random and Optuna asked a whole
+    batch of 8 for a budget of 3); CMA-ES finishes its generation, as the README says."""
+    sp = synthetic_space()
+    st = STRATEGIES[name](sp, 0)
+    out = run_search(sp, st, FunctionExecutor(), tmp_path / "run", budget=11, progress=False, sources=False,
+                     baselines={})
+    if name == "cmaes":
+        assert 11 <= out.evaluations < 11 + st.popsize
+    else:
+        assert out.evaluations == 11
+
+
+def test_a_search_limited_by_time_alone(tmp_path):
+    sp = synthetic_space()
+    out = run_search(sp, RandomSearch(sp, seed=0), FunctionExecutor(), tmp_path / "run", budget=None,
+                     max_seconds=0.5, progress=False, sources=False, baselines={})
+    assert out.evaluations > 0
+    with pytest.raises(ValueError, match="give a budget"):
+        run_search(sp, RandomSearch(sp, seed=0), FunctionExecutor(), tmp_path / "other", budget=None,
+                   progress=False, sources=False)
+
+
 @pytest.mark.parametrize("edit", [
     lambda d: {},
     lambda d: {**d, "pending": 5},

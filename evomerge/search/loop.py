@@ -55,7 +55,7 @@ def run_search(
     strategy,
     executor,
     run_dir: str | Path,
-    budget: int = 100,
+    budget: int | None = 100,
     max_seconds: float | None = None,
     resume: bool = False,
     baselines: Mapping[str, Any] | None = None,
@@ -95,6 +95,9 @@ def run_search(
 
 def _run_search(space, strategy, executor, run_dir: Path, budget, max_seconds, resume, baselines, sources, progress,
                 config) -> SearchOutcome:
+    if budget is None and max_seconds is None:
+        raise ValueError("run_search: give a budget of evaluations, max_seconds, or both")
+    limit = budget if budget is not None else float("inf")  # evaluations; None: until max_seconds
     state_path = run_dir / STATE_FILE
     if resume and not state_path.is_file() and (run_dir / LEGACY_STATE_FILE).is_file():
         raise StateError(f"{run_dir / LEGACY_STATE_FILE}: a pickled strategy state (from an older evomerge); "
@@ -133,16 +136,19 @@ def _run_search(space, strategy, executor, run_dir: Path, budget, max_seconds, r
     n_search = sum(1 for k in done if k[0] == "search")
     t_start = time.perf_counter()
     n_start = n_search  # candidates per minute count this process's evaluations only
-    bar = _progress(budget, min(n_search, budget), progress)
+    bar = _progress(budget, min(n_search, limit), progress)
     best_seen = max((r.score for k, r in done.items() if k[0] == "search" and r.score is not None), default=None)
     stopped = False
     try:
         while True:
             if not pending:
                 spent = elapsed + time.perf_counter() - t_start
-                if n_search >= budget or strategy.done() or (max_seconds is not None and spent >= max_seconds):
+                if n_search >= limit or strategy.done() or (max_seconds is not None and spent >= max_seconds):
                     break
-                xs = strategy.ask()
+                # a strategy that asks in batches of any size asks no more than the budget
+                # leaves; one that needs whole generations (CMA-ES) ignores n and finishes its own
+                batch = getattr(strategy, "batch", None)
+                xs = strategy.ask(int(min(batch, limit - n_search)) if batch else None)
                 if not xs:
                     break
                 pending = [Candidate(next_id + i, [float(v) for v in x], generation) for i, x in enumerate(xs)]
