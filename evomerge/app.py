@@ -399,6 +399,12 @@ def main() -> None:
     from hydra.core.hydra_config import HydraConfig
 
     conf = str(conf_dir())
+    import signal
+
+    from .cli import _terminated
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # stop as Ctrl-C does: resumable, exit 130, the hint
+        signal.signal(sig, _terminated)
     overrides = [a for a in sys.argv[1:] if not a.startswith("-")]
     try:
         check_overrides(overrides)

@@ -545,7 +545,7 @@ class _ShardFile:
     def __init__(self, path: Path, size: int, direct: bool):
         self.path = path
         self.size = size
-        self.fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self.fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # less the umask
         self.dfd: int | None = None
         try:
             os.ftruncate(self.fd, size)

@@ -123,7 +123,8 @@ def merge_command() -> int:
     from .merge import engine  # noqa: F401  (torch and the merge core)
 
     gc.freeze()
-    signal.signal(signal.SIGTERM, _terminated)  # unwinds like an interrupt: the partial output goes
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # unwinds like an interrupt: the partial output goes
+        signal.signal(sig, _terminated)
     rc = merge_main()
     gc.freeze()
     return rc

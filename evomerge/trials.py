@@ -122,6 +122,10 @@ class TrialLog:
                     d = json.loads(raw.decode("utf-8"))
                     if not isinstance(d, dict) or not {"id", "x", "status"} <= set(d):
                         raise ValueError("not a trial record")
+                    x = d["x"]
+                    if not isinstance(d["id"], int) or isinstance(d["id"], bool) or not isinstance(x, list) \
+                            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in x):
+                        raise ValueError("its id must be a whole number and its x a list of numbers")
                     yield Result.from_json(d)
                 except (ValueError, TypeError, UnicodeDecodeError) as e:
                     raise StateError(f"{self.path}:{lineno}: not a trial record ({e}); the log was changed by "

@@ -488,12 +488,14 @@ def test_an_output_the_final_rename_could_not_make_is_refused_before_merging(fam
 
 def test_the_output_folder_follows_the_umask(fam, tmp_path):
     rfile = _write(tmp_path, "lin", recipes(fam)["linear"])
-    old = os.umask(0o022)
-    try:
-        assert merge_main([rfile, str(tmp_path / "out"), "--no-progress"]) == 0
-    finally:
-        os.umask(old)
-    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+    for mask, folder, file in ((0o022, 0o755, 0o644), (0o077, 0o700, 0o600), (0o002, 0o775, 0o664)):
+        old = os.umask(mask)
+        try:
+            assert merge_main([rfile, str(tmp_path / "out"), "--no-progress", "--overwrite"]) == 0
+        finally:
+            os.umask(old)
+        assert (tmp_path / "out").stat().st_mode & 0o777 == folder
+        assert (tmp_path / "out" / "model.safetensors").stat().st_mode & 0o777 == file  # shards too
 
 
 SLOW_MERGE = """
@@ -530,11 +532,12 @@ def test_sigterm_removes_the_partial_output_and_a_sigkilled_ones_is_swept_next_t
     import signal
 
     out = tmp_path / "out"
-    p, rfile = _start_slow_merge(tmp_path, fam, out)
-    p.send_signal(signal.SIGTERM)
-    _, err = p.communicate(timeout=60)
-    assert p.returncode == 130 and "nothing was written" in err, err
-    assert not list(tmp_path.glob(".out.*")) and not out.exists()
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # (a closed terminal: SIGHUP)
+        p, rfile = _start_slow_merge(tmp_path, fam, out)
+        p.send_signal(sig)
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 130 and "nothing was written" in err, err
+        assert not list(tmp_path.glob(".out.*")) and not out.exists()
 
     p, rfile = _start_slow_merge(tmp_path, fam, out)
     p.send_signal(signal.SIGKILL)

@@ -666,6 +666,12 @@ def test_nothing_to_resume_and_a_truncated_or_corrupted_log_are_refused(tmp_path
     with pytest.raises(StateError, match=r"trials.jsonl:4: not a trial record"):
         run_search(sp, CMAES(sp, seed=0), FunctionExecutor(), run, budget=30, progress=False, sources=False,
                    resume=True)
+    bad = json.loads(lines[2])
+    bad["x"] = "0.5, 0.5"  # a record, but its genome is text
+    (run / "trials.jsonl").write_text("".join(lines[:2] + [json.dumps(bad) + "\n"] + lines[3:]))
+    with pytest.raises(StateError, match=r"trials.jsonl:3: not a trial record \(its id must be"):
+        run_search(sp, CMAES(sp, seed=0), FunctionExecutor(), run, budget=30, progress=False, sources=False,
+                   resume=True)
     (run / "trials.jsonl").write_text("".join(lines[:5]))  # truncated: the state counts more
     with pytest.raises(StateError, match=r"lacks \d+ of the \d+ evaluations"):
         run_search(sp, CMAES(sp, seed=0), FunctionExecutor(), run, budget=30, progress=False, sources=False,

@@ -242,8 +242,9 @@ def test_adamerging_on_your_own_models_and_data(words, tmp_path):
 
 
 def test_a_stopped_search_exits_130_and_its_resume_command_is_the_original(words, tmp_path):
-    """SIGINT: exit 130 and a resume hint that repeats the command's own overrides; that hint
-    resumes; a resume with another method is refused naming merge.method."""
+    """SIGTERM (as a scheduler sends it; handled as Ctrl-C is): exit 130 and a resume hint that
+    repeats the command's own overrides; that hint resumes; a resume with another method is
+    refused naming merge.method."""
     import shlex
     import signal
     import time
@@ -260,7 +261,7 @@ def test_a_stopped_search_exits_130_and_its_resume_command_is_the_original(words
     deadline = time.time() + 120
     while time.time() < deadline and (not log.is_file() or len(log.read_text().splitlines()) < 5):
         time.sleep(0.2)
-    p.send_signal(signal.SIGINT)
+    p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 130, err[-2000:]
     hint = err.split("resume with: ", 1)[1].strip().splitlines()[0]
