@@ -378,6 +378,13 @@ def conf_dir() -> Path:
 _HYDRA_CODE_NODES = ("callbacks", "job_logging", "hydra_logging")
 
 
+def _first_error(run_dir: Path) -> str:
+    from .trials import TrialLog
+
+    return next((r.error for r in TrialLog(run_dir / "trials.jsonl") if r.kind == "search" and r.error),
+                "(no error recorded)")
+
+
 def check_overrides(args: list[str]) -> None:
     """Refuse command-line overrides that would set Hydra callbacks or logging factories:
     Hydra builds them before the app runs, so the ``_target_`` checks of ``check_config``
@@ -427,7 +434,11 @@ def main() -> None:
             print(f"evomerge: error in the configuration: {e}", file=sys.stderr)
             sys.exit(2)
         try:
-            run(cfg, HydraConfig.get().runtime.output_dir)
+            summary = run(cfg, HydraConfig.get().runtime.output_dir)
+            if summary.get("evaluations") and summary.get("failed") == summary["evaluations"]:
+                print(f"evomerge: every one of the {summary['evaluations']} candidates failed; the first: "
+                      f"{_first_error(Path(HydraConfig.get().runtime.output_dir))}", file=sys.stderr)
+                sys.exit(1)
         except user_errors() as e:
             print(f"evomerge: error: {e}", file=sys.stderr)
             sys.exit(2)

@@ -217,6 +217,20 @@ def test_hydra_s_packaged_logging_options_stay_allowed():
     check_overrides(["hydra/job_logging=disabled", "hydra/hydra_logging=none", "hydra.run.dir=x", "hydra.verbose=true"])
 
 
+def test_a_search_whose_every_candidate_failed_says_so_and_exits_non_zero(zoo_dir, tmp_path):
+    """DELLA with density - epsilon <= 0 everywhere: every candidate fails. The search used
+    to exit 0 with a summary holding no best; it says so, with the first error, and exits 1
+    (the trial log and summary stay for a look)."""
+    run = tmp_path / "run"
+    p = evomerge([f"models.zoo_dir={zoo_dir}", "eval.name=choice", "eval.limit=20", "space=global", "budget=4",
+                  "search=random", "merge=della", "+space.ranges.density={lo:0.05,hi:0.1,x0:0.1}",
+                  "+space.ranges.epsilon={lo:0.15,hi:0.2,x0:0.2}"], run)
+    _, err = p.communicate(timeout=300)
+    assert p.returncode == 1, err[-2000:]
+    assert "every one of the 4 candidates failed; the first: MergeError" in err and "della needs" in err
+    assert "Traceback" not in err and (run / "trials.jsonl").is_file()
+
+
 def test_a_multi_objective_search_reports_its_pareto_front(zoo_dir, tmp_path):
     run = tmp_path / "nsga2"
     p = evomerge([f"models.zoo_dir={zoo_dir}", "experiment=zoo_optuna_nsga2", "budget=8", "eval.limit=20"], run)
