@@ -84,6 +84,19 @@ def test_ties_filter_by_hand():
     assert torch.equal(out, torch.tensor([[0.5, 0.0, 0.0, -0.9], [0.0, 0.2, 0.0, 0.0]]))
 
 
+def test_ties_filter_follows_methods_ties_with_tied_magnitudes():
+    """Magnitudes tied at the cut (integer task vectors): the kept entries are the ones
+    methods.ties keeps (ties broken by position), so AdaMerging++ merges what a TIES recipe
+    would; torch.topk broke such ties its own way."""
+    from evomerge.merge.methods import ties
+
+    g = torch.Generator().manual_seed(0)
+    for density in (0.1, 0.3, 0.5, 0.77, 1.0):
+        tau = torch.randint(-3, 4, (3, 257), generator=g).float()
+        want = ties(torch.zeros(257), list(tau), weight=[1.0, 1.0, 1.0], density=[density] * 3, normalize=False)
+        assert torch.equal(_ties_filter(tau, density).sum(0), want), density
+
+
 def test_bad_spaces_are_refused(zoo):
     sp = Space("ties", [str(p) for p in zoo.experts.values()], base_model=str(zoo.base),
                search=["weight", "density"], granularity="per_model")

@@ -181,17 +181,16 @@ def _tensor_from_json(d: dict[str, Any], device) -> torch.Tensor:
 
 
 def _ties_filter(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """TIES trim and elect on stacked task vectors ``[k, ...]``: keep each one's top
-    ``density`` magnitudes, then drop the entries whose sign disagrees with the sign of the
-    sum (zero counts as positive)."""
+    """TIES trim and elect on stacked task vectors ``[k, ...]``, by ``methods.ties``'s rules:
+    keep each one's top ``max(1, int(density * n))`` magnitudes (``methods.magnitude_mask``:
+    ties broken by position), then drop the entries whose sign disagrees with the sign of
+    the sum (zero counts as positive). Summed over the models, the result is ``methods.ties``
+    with unit weights, no normalisation, over a zero base."""
+    from ..merge.methods import magnitude_mask
+
     k = tau.shape[0]
     flat = tau.reshape(k, -1)
-    n = flat.shape[1]
-    keep = max(1, int(density * n))
-    out = torch.zeros_like(flat)
-    for i in range(k):
-        idx = torch.topk(flat[i].abs(), keep).indices
-        out[i, idx] = flat[i, idx]
+    out = torch.stack([flat[i] * magnitude_mask(flat[i], density) for i in range(k)])
     elected = torch.where(out.sum(0) >= 0, 1.0, -1.0)
-    out = out * (torch.sign(out) == elected).float()
+    out = out * (torch.sign(out) == elected).to(out.dtype)
     return out.reshape(tau.shape)
