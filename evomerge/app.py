@@ -255,14 +255,10 @@ def run(cfg, run_dir: str | Path) -> dict:
     def inputs():  # the weights, read once here (on the CPU) and shared with every worker
         return shared_inputs(space, engine_kw["store_dtype"])
 
-    if cfg.executor.get("_target_", "").endswith("RayExecutor"):
-        worker = None
-        executor = build(cfg.executor)(build_worker, inputs=inputs)
-    else:
-        worker = Worker(space, evaluator, device=device, seed=seed, **engine_kw)
-        executor = build(cfg.executor)(worker)
+    # every executor is built alike: from where a worker comes, and the weights to share
+    executor = build(cfg.executor)(build_worker, inputs=inputs)
     if target.endswith("AdaMerging"):
-        return _adamerging(cfg, space, worker, executor, zoo, evaluator, run_dir)
+        return _adamerging(cfg, space, getattr(executor, "worker", None), executor, zoo, evaluator, run_dir)
     if len(space) == 0:  # nothing to search (e.g. model_stock): the merge is scored as it is
         from .search import GridSearch
 

@@ -13,10 +13,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any, Iterator
 
-if TYPE_CHECKING:  # the search package imports this module: Result is imported where it is used
-    from .search.base import Result
+from .types import Result
 
 __all__ = ["TrialLog", "atomic_write", "save_state", "load_state", "StateError", "RunLock", "check_record",
            "RECORD_FILE"]
@@ -110,8 +109,6 @@ class TrialLog:
         """The logged results in order. A line that is not a result (anywhere but a torn last
         line, which ``_repair`` drops) is an error naming the file and line: guessing past it
         could resume a search that is not the one logged."""
-        from .search.base import Result
-
         if not self.path.is_file():
             return
         with open(self.path, "rb") as f:

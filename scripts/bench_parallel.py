@@ -57,7 +57,7 @@ def main() -> int:
 
     from evomerge.execute import LocalExecutor
     from evomerge.execute.ray import RayExecutor
-    from evomerge.search.base import Candidate
+    from evomerge.types import Candidate
     from evomerge.zoo import build_zoo
 
     z = build_zoo(a.zoo)

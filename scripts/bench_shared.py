@@ -71,7 +71,7 @@ def main() -> int:
     import ray
 
     from evomerge.execute.ray import RayExecutor
-    from evomerge.search.base import Candidate
+    from evomerge.types import Candidate
     from evomerge.testing import tiny_family
     from evomerge.zoo import ZooConfig, write_data
 

@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from evomerge.evaluate import build_evaluator  # noqa: E402
 from evomerge.execute import LocalExecutor, Worker  # noqa: E402
 from evomerge.search import CMAES, AdaMerging, GreedySoup, run_search  # noqa: E402
-from evomerge.search.base import Candidate  # noqa: E402
+from evomerge.types import Candidate  # noqa: E402
 from evomerge.space import Space  # noqa: E402
 from evomerge.zoo import build_ingredients, build_zoo  # noqa: E402
 

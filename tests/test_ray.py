@@ -54,7 +54,7 @@ def _inputs(models, base):
 def test_ray_and_local_give_identical_results(zoo):
     from evomerge.execute import LocalExecutor
     from evomerge.execute.ray import RayExecutor
-    from evomerge.search.base import Candidate
+    from evomerge.types import Candidate
 
     z = zoo
     models, base = [str(p) for p in z.experts.values()], str(z.base)
@@ -117,7 +117,7 @@ def _fake_worker(marker_dir, slow=0.3):
         import time
         from pathlib import Path
 
-        from evomerge.search.base import Result
+        from evomerge.types import Result
 
         class Fake:
             name = "fake"
@@ -138,7 +138,7 @@ def test_dead_workers_are_replaced_and_every_candidate_gets_one_result(tmp_path)
     import ray
 
     from evomerge.execute.ray import RayExecutor
-    from evomerge.search.base import Candidate
+    from evomerge.types import Candidate
 
     made = []
 

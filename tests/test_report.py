@@ -9,7 +9,7 @@ import math
 import pytest
 
 from evomerge.report import compare_runs, main, pareto_front, write_report
-from evomerge.search.base import Result
+from evomerge.types import Result
 from evomerge.trials import TrialLog
 
 PNG = b"\x89PNG\r\n\x1a\n"

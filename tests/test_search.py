@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from evomerge.search import CMAES, GreedySoup, GridSearch, OptunaSearch, RandomSearch, Result, run_search
-from evomerge.search.base import Candidate
+from evomerge.types import Candidate
 from evomerge.space import Space
 from evomerge.trials import TrialLog
 

@@ -107,7 +107,7 @@ def test_a_worker_on_shared_inputs_reads_no_weights(fam, monkeypatch):
     for name, t in want.state_dict().items():  # parameters and buffers (rotary tables too)
         assert torch.equal(got[name], t), name
     x = np.random.default_rng(0).uniform(0.2, 0.8, len(sp))
-    from evomerge.search.base import Candidate
+    from evomerge.types import Candidate
 
     assert w.evaluate(Candidate(0, list(x))).status == "ok"
     monkeypatch.undo()

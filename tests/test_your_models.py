@@ -92,7 +92,7 @@ def test_every_merge_option_scores_on_the_second_family(words, merge):
 
     from evomerge.app import _eval_kwargs, _models, build_space
     from evomerge.execute import Worker
-    from evomerge.search.base import Candidate
+    from evomerge.types import Candidate
 
     experts = list(words.experts.values())
     if merge in ("slerp", "wise_ft"):
@@ -169,7 +169,7 @@ def test_every_method_written_by_evomerge_merge_loads_and_equals_the_search_merg
     from evomerge.app import _models, build_space
     from evomerge.cli import merge_main
     from evomerge.execute import Worker
-    from evomerge.search.base import Candidate
+    from evomerge.types import Candidate
 
     experts = list(words.experts.values())
     if merge in ("slerp", "wise_ft"):

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
-from ..search.base import Candidate, Result
+from ..types import Candidate, Result
 
 __all__ = ["LocalExecutor"]
 
 
 class LocalExecutor:
-    """Runs candidates on one in-process ``Worker`` (tests, debugging, single-device runs)."""
+    """Runs candidates on one in-process ``Worker`` (tests, debugging, single-device runs).
 
-    def __init__(self, worker):
-        self.worker = worker
+    Built as every executor is, from ``build_worker`` (called here, once) and an optional
+    ``inputs`` (unused: the one worker reads the checkpoints itself, with no copy to share);
+    a ``Worker`` already built is taken as it is.
+    """
+
+    def __init__(self, build_worker: Callable | object, inputs: Callable | None = None):
+        self.worker = build_worker if hasattr(build_worker, "evaluate") else build_worker()
 
     @property
     def num_workers(self) -> int:

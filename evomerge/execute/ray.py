@@ -27,7 +27,7 @@ import subprocess
 import sys
 from typing import Callable, Iterable, Iterator
 
-from ..search.base import Candidate, Result
+from ..types import Candidate, Result
 from . import _reaper
 
 __all__ = ["RayExecutor"]

@@ -13,7 +13,7 @@ import torch
 
 from ..checkpoint import model_folder, torch_dtype
 from ..merge.resident import ResidentEngine
-from ..search.base import Candidate, Result
+from ..types import Candidate, Result, signed_score
 from ..space import Space
 
 __all__ = ["Worker", "shared_inputs"]
@@ -106,7 +106,7 @@ class Worker:
                 metrics = self.evaluator(self.model, self.tokenizer, split=cand.split)
             res.metrics = {k: float(v) for k, v in metrics.items()}
             score = res.metrics["score"]
-            res.score = score if getattr(self.evaluator, "direction", "maximize") == "maximize" else -score
+            res.score = signed_score(score, getattr(self.evaluator, "direction", "maximize"))
         except Exception as e:  # a failed candidate is a result, not a crash
             res.status, res.error = "failed", f"{type(e).__name__}: {e}"
             res.metrics, res.score = {}, None

@@ -27,7 +27,7 @@ import torch
 from ..evaluate.entropy import encode_prompts, prediction_entropy
 from ..space import Space
 from ..trials import StateError, TrialLog, load_state, save_state
-from .base import Result
+from ..types import Result
 
 __all__ = ["AdaMerging", "coefficient_map"]
 

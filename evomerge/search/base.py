@@ -1,54 +1,15 @@
-"""The strategy protocol and the records that pass between a strategy and the loop."""
+"""The strategy protocol (the records that pass between a strategy and the loop live in
+``evomerge.types``)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from ..types import FAILED_PENALTY, Candidate, Result
+
 __all__ = ["Candidate", "Result", "Strategy", "FAILED_PENALTY"]
-
-# Told to a strategy in place of the score of a failed candidate: below any real score
-# (scores are "higher is better" inside the loop), so failures are never preferred.
-FAILED_PENALTY = -1e9
-
-
-@dataclass
-class Candidate:
-    """A genome to evaluate, with a stable id (its position in the search)."""
-
-    id: int
-    x: list[float]
-    generation: int = 0
-    kind: str = "search"  # "search", "best", "baseline:<name>" or "source:<name>"
-    split: str = "search"
-    source: str | None = None  # score this model's own weights instead of a genome
-
-
-@dataclass
-class Result:
-    """One finished evaluation: the record the trial log keeps."""
-
-    id: int
-    x: list[float]
-    status: str  # "ok" or "failed"
-    score: float | None = None  # the search objective, higher is better
-    metrics: dict[str, float] = field(default_factory=dict)
-    split: str = "search"
-    error: str | None = None
-    wall_s: float = 0.0
-    materialize_s: float = 0.0
-    worker: str = ""
-    generation: int = 0
-    kind: str = "search"
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "Result":
-        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
 @runtime_checkable

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..space import Space
 from ..trials import RunLock, StateError, TrialLog, atomic_write, check_record, load_state, save_state
-from .base import Candidate, Result
+from ..types import Candidate, Result
 
 __all__ = ["run_search", "SearchOutcome", "finish_run"]
 
