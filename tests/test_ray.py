@@ -61,7 +61,9 @@ def test_ray_and_local_give_identical_results(zoo):
     build = _build(str(z.root), models, base, z.tasks)
     rng = np.random.default_rng(0)
     cands = [Candidate(i, list(rng.uniform(0, 1, 4))) for i in range(6)]
-    local = {r.id: r for r in LocalExecutor(build()).map(cands)}
+    # both executors are built alike: from build_worker and the inputs to share
+    lex = LocalExecutor(build, inputs=_inputs(models, base))
+    local = {r.id: r for r in lex.map(cands)}
 
     def where_inputs_live(w):  # defined here so that Ray sends it by value
         """Inside a worker: what it read, where its live model came from, and the file that
@@ -79,6 +81,9 @@ def test_ray_and_local_give_identical_results(zoo):
 
     # the weights are read once, here, and reach both workers through the object store
     ex = RayExecutor(build, num_workers=2, cpus_per_worker=1, num_cpus=2, inputs=_inputs(models, base))
+    from evomerge.execute import Executor
+
+    assert isinstance(ex, Executor) and isinstance(lex, Executor)
     try:
         remote = {r.id: r for r in ex.map(cands)}
         import ray
