@@ -1,0 +1,279 @@
+"""Statistics from data, for the merges that need them: computed once per model and data,
+cached on disk.
+
+A data-aware merge (Fisher-weighted averaging, RegMean) reads, besides the weights, a
+statistic of each model on unlabeled inputs. A ``Statistic`` computes one from a live model
+and batches of ``(input_ids, attention_mask)`` (``batches(evaluator, tokenizer, split)``
+makes them from an evaluator's unlabeled inputs, encoded as every evaluator encodes
+prompts), as tensors keyed by the model's own tensor names:
+
+- ``gram``: for every linear layer (``nn.Linear``, and GPT-2's ``Conv1D``), the Gram
+  matrix ``X^T X`` of the inputs it sees over every real (unpadded) token, collected by
+  forward hooks in one pass (RegMean's statistic; Jin et al. 2023,
+  https://arxiv.org/abs/2212.09849);
+- ``fisher``: the diagonal of the empirical Fisher information, the mean over sequences of
+  the squared gradient of each sequence's log-likelihood of its own tokens (Matena &
+  Raffel 2022, https://arxiv.org/abs/2111.09832).
+
+``compute(statistic, model, batches, cache=..., model_key=...)`` returns a statistic, read
+from the cache when one was made for the same statistic (and settings), model and data:
+the key hashes the statistic's name and settings, ``model_key`` (``model_fingerprint`` of
+its folder: file names, sizes, modification times and safetensors headers, so a rewritten
+checkpoint is a new model) and every token id and mask bit. Entries are a safetensors file
+and a JSON record, written atomically; nothing is read back through pickle. A merge
+method names the statistics it needs in its registry entry (``MethodSpec.statistics``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["Statistic", "GramMatrix", "FisherDiagonal", "STATISTICS", "StatisticCache", "compute", "batches",
+           "model_fingerprint"]
+
+Batch = tuple[Tensor, Tensor]  # (input_ids, attention_mask), right-padded
+
+
+class Statistic(Protocol):
+    """Per-tensor data of one model on batches of inputs."""
+
+    name: str
+
+    def settings(self) -> dict: ...
+
+    def __call__(self, model: torch.nn.Module, batches: Iterable[Batch]) -> dict[str, Tensor]: ...
+
+
+def _linear_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """Linear layers by the name of their weight: ``nn.Linear`` (weight ``[out, in]``) and
+    transformers' ``Conv1D`` (GPT-2; weight ``[in, out]``)."""
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) or type(mod).__name__ == "Conv1D":
+            out[f"{name}.weight" if name else "weight"] = mod
+    return out
+
+
+class GramMatrix:
+    """``X^T X`` of each linear layer's inputs over the real tokens of every batch, in
+    float64 (``dtype``), with the number of tokens under ``<weight name>:tokens``.
+
+    A layer reached twice in one forward pass (a tied head, a shared block) adds both."""
+
+    name = "gram"
+
+    def __init__(self, dtype: torch.dtype = torch.float64):
+        self.dtype = dtype
+
+    def settings(self) -> dict:
+        return {"dtype": str(self.dtype).removeprefix("torch.")}
+
+    @torch.no_grad()
+    def __call__(self, model, batches):
+        layers = _linear_layers(model)
+        if not layers:
+            raise ValueError("the model has no linear layers to collect Gram matrices from")
+        grams: dict[str, Tensor] = {}
+        counts: dict[str, int] = {}
+        mask_now: list[Tensor] = []
+
+        def hook(name):
+            def fn(module, args):
+                x = args[0]
+                x = x.reshape(-1, x.shape[-1])
+                keep = mask_now[0].reshape(-1).bool()
+                if keep.numel() == x.shape[0]:  # one row per token: the padding's rows go
+                    x = x[keep]
+                x = x.to(self.dtype)
+                g = x.T @ x
+                grams[name] = g if name not in grams else grams[name] + g
+                counts[name] = counts.get(name, 0) + x.shape[0]
+            return fn
+
+        handles = [mod.register_forward_pre_hook(hook(n)) for n, mod in layers.items()]
+        try:
+            dev = next(model.parameters()).device
+            for ids, mask in batches:
+                mask_now[:] = [mask.to(dev)]
+                model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        out = dict(grams)
+        out.update({f"{n}:tokens": torch.tensor(c, dtype=torch.int64) for n, c in counts.items()})
+        return out
+
+
+class FisherDiagonal:
+    """The empirical Fisher's diagonal: for each floating-point parameter, the mean over
+    sequences of ``(d log p(sequence) / d theta)^2``, where ``log p`` sums the log
+    probabilities of each real token given its prefix. One backward pass per sequence
+    (padding stripped), so the value does not depend on how sequences were batched."""
+
+    name = "fisher"
+
+    def settings(self) -> dict:
+        return {}
+
+    def __call__(self, model, batches):
+        params = {n: p for n, p in model.named_parameters() if p.is_floating_point()}
+        acc = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in params.items()}
+        was_training = model.training
+        model.eval()
+        requires = {n: p.requires_grad for n, p in params.items()}
+        seen = 0
+        try:
+            for p in params.values():
+                p.requires_grad_(True)
+            dev = next(model.parameters()).device
+            for ids, mask in batches:
+                for row, m in zip(ids, mask):
+                    tokens = row[m.bool()].to(dev)
+                    if tokens.numel() < 2:
+                        continue  # no next token to predict
+                    model.zero_grad(set_to_none=True)
+                    out = model(input_ids=tokens[None], use_cache=False)
+                    logits = out.logits if hasattr(out, "logits") else out
+                    logp = torch.log_softmax(logits[0, :-1].float(), dim=-1)
+                    loglik = logp.gather(1, tokens[1:, None]).sum()
+                    loglik.backward()
+                    for n, p in params.items():
+                        if p.grad is not None:
+                            acc[n] += p.grad.detach().to(torch.float64) ** 2
+                    seen += 1
+        finally:
+            model.zero_grad(set_to_none=True)
+            for n, p in params.items():
+                p.requires_grad_(requires[n])
+            model.train(was_training)
+        if not seen:
+            raise ValueError("no sequence of two or more tokens to compute a Fisher information from")
+        out = {n: a / seen for n, a in acc.items()}
+        out["sequences"] = torch.tensor(seen, dtype=torch.int64)
+        return out
+
+
+STATISTICS = {"gram": GramMatrix, "fisher": FisherDiagonal}
+
+
+def batches(evaluator, tokenizer, split: str = "search", batch_size: int = 16) -> list[Batch]:
+    """An evaluator's unlabeled inputs of ``split`` (``evaluator.inputs``), encoded as every
+    evaluator encodes prompts, in right-padded batches."""
+    from ..evaluate.entropy import encode_prompts
+
+    if not hasattr(evaluator, "inputs"):
+        raise ValueError(f"{type(evaluator).__name__} offers no unlabeled inputs (evaluator.inputs)")
+    prompts = list(evaluator.inputs(split))
+    if not prompts:
+        raise ValueError(f"no unlabeled inputs in split {split!r}")
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        out.append(encode_prompts(tokenizer, prompts[i:i + batch_size]))
+    return out
+
+
+def model_fingerprint(folder: str | Path) -> str:
+    """A key for a model folder's weights: each weight file's name, size, modification time
+    and (for safetensors) header, and the config. A rewritten checkpoint gets a new key;
+    reading every weight byte to hash it is not needed for that."""
+    folder = Path(folder)
+    h = hashlib.sha256()
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".json") and p.is_file())
+    if not any(p.suffix in (".safetensors", ".bin") for p in files):
+        raise ValueError(f"model '{folder}': no weight files to fingerprint")
+    for p in files:
+        st = p.stat()
+        h.update(f"{p.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        if p.suffix == ".safetensors":
+            with open(p, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                h.update(f.read(min(n, 100_000_000)))
+        elif p.name == "config.json":
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def _data_key(data: Sequence[Batch]) -> str:
+    h = hashlib.sha256()
+    for ids, mask in data:
+        for t in (ids, mask):
+            t = t.detach().to("cpu", torch.int64).contiguous()
+            h.update(str(tuple(t.shape)).encode())
+            h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+class StatisticCache:
+    """Statistics on disk under ``root``: one folder per (statistic, settings, model, data)
+    key, holding ``values.safetensors`` and ``record.json``."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def key(self, stat: Statistic, model_key: str, data: Sequence[Batch]) -> str:
+        what = {"statistic": stat.name, "settings": stat.settings(), "model": model_key, "data": _data_key(data)}
+        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+    def _dir(self, stat: Statistic, key: str) -> Path:
+        return self.root / f"{stat.name}-{key[:24]}"
+
+    def get(self, stat: Statistic, key: str) -> dict[str, Tensor] | None:
+        """The cached values, or None (absent, or unreadable: then it is made again)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        d = self._dir(stat, key)
+        try:
+            record = json.loads((d / "record.json").read_text())
+            if record.get("key") != key:
+                return None
+            return load_file(d / "values.safetensors")
+        except (OSError, ValueError, SafetensorError):
+            return None
+
+    def put(self, stat: Statistic, key: str, values: dict[str, Tensor], record: dict) -> None:
+        """Write an entry atomically: a temporary folder, renamed into place."""
+        import shutil
+        import tempfile
+
+        from safetensors.torch import save_file
+
+        from ..trials import atomic_write
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        d = self._dir(stat, key)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}.tmp-{os.getpid()}-", dir=self.root))
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in values.items()}, tmp / "values.safetensors")
+            atomic_write(tmp / "record.json", json.dumps({**record, "key": key}, indent=2, sort_keys=True) + "\n")
+            if d.exists():
+                shutil.rmtree(d)
+            os.replace(tmp, d)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def compute(stat: Statistic, model: torch.nn.Module, data: Sequence[Batch], *, cache: StatisticCache | None = None,
+            model_key: str | None = None) -> dict[str, Tensor]:
+    """``stat`` of ``model`` on ``data``, from ``cache`` when it holds one for the same
+    statistic, settings, model (``model_key``, e.g. ``model_fingerprint(folder)``) and data;
+    computed, and cached, otherwise. Without a cache or a model key, it is computed."""
+    data = list(data)
+    if cache is None or model_key is None:
+        return stat(model, data)
+    key = cache.key(stat, model_key, data)
+    hit = cache.get(stat, key)
+    if hit is not None:
+        return hit
+    values = stat(model, data)
+    cache.put(stat, key, values, {"statistic": stat.name, "settings": stat.settings(), "model": model_key,
+                                  "batches": len(data), "tensors": len(values)})
+    return values

@@ -1,0 +1,170 @@
+"""Statistics from data (the seam data-aware merges read): each checked against a slow
+reference, on the Llama test family and on the GPT-2 word family; computed once and read
+back from a cache keyed by statistic, model and data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from evomerge.evaluate import build_evaluator
+from evomerge.evaluate.entropy import encode_prompts
+from evomerge.merge.statistics import (
+    FisherDiagonal,
+    GramMatrix,
+    StatisticCache,
+    _linear_layers,
+    batches,
+    compute,
+    model_fingerprint,
+)
+from evomerge.testing import tiny_family
+
+PROMPTS = ["rev:abc=", "srt:31=", "inc:5=", "rev:a=", "alt:abab=", "srt:9876=", "inc:42="]
+
+
+@pytest.fixture(scope="module")
+def fam(tmp_path_factory):
+    return tiny_family(tmp_path_factory.mktemp("stats"), n_experts=2, layers=2, hidden=32)
+
+
+def _load(folder):
+    return AutoModelForCausalLM.from_pretrained(folder).eval(), AutoTokenizer.from_pretrained(folder)
+
+
+def _padded(tok, prompts, size):
+    return [encode_prompts(tok, prompts[i:i + size]) for i in range(0, len(prompts), size)]
+
+
+def _gram_reference(model, tok, prompts):
+    """Each prompt alone (no padding), its layers' inputs recorded, X^T X summed in float64."""
+    layers = _linear_layers(model)
+    seen = {n: [] for n in layers}
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: seen[n].append(a[0].reshape(-1, a[0].shape[-1])))
+             for n, m in layers.items()]
+    try:
+        with torch.no_grad():
+            for p in prompts:
+                ids, _ = encode_prompts(tok, [p])
+                model(input_ids=ids, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: sum(x.double().T @ x.double() for x in xs) for n, xs in seen.items()}, \
+        {n: sum(x.shape[0] for x in xs) for n, xs in seen.items()}
+
+
+def _check_gram(model, tok, prompts):
+    got = GramMatrix()(model, _padded(tok, prompts, 3))
+    want, tokens = _gram_reference(model, tok, prompts)
+    assert set(want) and {k for k in got if not k.endswith(":tokens")} == set(want)
+    for n, g in want.items():
+        assert got[n].dtype == torch.float64 and got[n].shape == g.shape
+        # (a padded batch and a prompt alone differ in float32's last bits from the first layer on)
+        assert float((got[n] - g).abs().max()) <= 1e-5 * float(g.abs().max()), n
+        assert int(got[f"{n}:tokens"]) == tokens[n]
+    return got
+
+
+def test_gram_matrices_of_padded_batches_equal_each_prompt_alone(fam):
+    model, tok = _load(fam["expert_0"])
+    got = _check_gram(model, tok, PROMPTS)
+    real = sum(len(encode_prompts(tok, [p])[0][0]) for p in PROMPTS)
+    assert int(got["model.layers.0.mlp.down_proj.weight:tokens"]) == real  # padding never counted
+
+
+def test_gram_matrices_on_gpt2_conv1d_layers_from_an_evaluators_inputs(words):
+    """The word family (GPT-2: Conv1D layers, weight [in, out]; byte-level BPE with a BOS),
+    its inputs taken through the evaluator seam."""
+    model, tok = _load(words.base)
+    data = {t: {"search": d["dev"], "test": d["test"]} for t, d in words.data.items()}
+    ev = build_evaluator("exact_match", data=data, fields=words.fields, limit=4)
+    prompts = ev.inputs("search")
+    assert batches(ev, tok, "search", batch_size=5)[0][0].shape[0] == 5
+    got = _check_gram(model, tok, prompts)
+    n = model.config.n_embd
+    assert got["transformer.h.0.attn.c_attn.weight"].shape == (n, n)
+    assert got["transformer.h.0.mlp.c_proj.weight"].shape == (4 * n, 4 * n)
+
+
+def test_fisher_is_the_mean_squared_gradient_of_each_sequences_log_likelihood(fam):
+    model, tok = _load(fam["expert_1"])
+    fisher = FisherDiagonal()
+    got = fisher(model, _padded(tok, PROMPTS, 3))
+    assert torch.equal(got["model.norm.weight"], fisher(model, _padded(tok, PROMPTS, 7))["model.norm.weight"])
+    assert all(q.grad is None for q in model.parameters()) and not model.training  # nothing left behind
+    # the reference: Hugging Face's own loss (mean token NLL) over each prompt alone
+    want = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in model.named_parameters()}
+    for p in PROMPTS:
+        ids, _ = encode_prompts(tok, [p])
+        model.zero_grad()
+        out = model(input_ids=ids, labels=ids, use_cache=False)
+        (-out.loss * (ids.shape[1] - 1)).backward()
+        for n, q in model.named_parameters():
+            want[n] += q.grad.double() ** 2
+    assert int(got["sequences"]) == len(PROMPTS)
+    for n, w in want.items():
+        w = w / len(PROMPTS)
+        assert float((got[n] - w).abs().max()) <= 1e-4 * float(w.abs().max()), n
+
+
+def test_a_statistic_is_computed_once_and_then_read_from_its_cache(fam, tmp_path):
+    model, tok = _load(fam["expert_0"])
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    cache = StatisticCache(tmp_path / "cache")
+    key = model_fingerprint(fam["expert_0"])
+    data = _padded(tok, PROMPTS, 4)
+    first = compute(GramMatrix(), model, data, cache=cache, model_key=key)
+    n = len(calls)
+    assert n == 2  # two batches, one pass each
+    again = compute(GramMatrix(), model, data, cache=cache, model_key=key)
+    assert len(calls) == n and set(again) == set(first)
+    assert all(torch.equal(again[k], first[k]) for k in first)
+    # only safetensors and JSON on disk: nothing is read back through pickle
+    files = {p.suffix for p in (tmp_path / "cache").rglob("*") if p.is_file()}
+    assert files == {".safetensors", ".json"}
+    (entry,) = (tmp_path / "cache").iterdir()
+    assert json.loads((entry / "record.json").read_text())["statistic"] == "gram"
+    # other data, another model, other settings: computed anew
+    compute(GramMatrix(), model, _padded(tok, PROMPTS[:3], 4), cache=cache, model_key=key)
+    assert len(calls) == n + 1
+    compute(GramMatrix(), model, data, cache=cache, model_key=model_fingerprint(fam["expert_1"]))
+    assert len(calls) == n + 3
+    compute(GramMatrix(dtype=torch.float32), model, data, cache=cache, model_key=key)
+    assert len(calls) == n + 5
+    # a damaged entry is a miss: made again, and repaired
+    (entry / "values.safetensors").write_bytes(b"not a safetensors file")
+    repaired = compute(GramMatrix(), model, data, cache=cache, model_key=key)
+    assert len(calls) == n + 7 and all(torch.equal(repaired[k], first[k]) for k in first)
+    compute(GramMatrix(), model, data, cache=cache, model_key=key)
+    assert len(calls) == n + 7
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")]
+
+
+def test_a_rewritten_checkpoint_gets_a_new_fingerprint(fam, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    copy = tmp_path / "m"
+    shutil.copytree(fam["expert_0"], copy)
+    before = model_fingerprint(copy)
+    assert model_fingerprint(copy) == before
+    w = load_file(copy / "model.safetensors")
+    w["model.norm.weight"] = w["model.norm.weight"] + 1
+    save_file(w, copy / "model.safetensors", metadata={"format": "pt"})
+    assert model_fingerprint(copy) != before
+    with pytest.raises(ValueError, match="no weight files"):
+        model_fingerprint(tmp_path)
+
+
+def test_methods_name_the_statistics_they_read():
+    from evomerge.merge.methods import METHODS
+    from evomerge.merge.statistics import STATISTICS
+
+    for spec in METHODS.values():
+        assert set(spec.statistics) <= set(STATISTICS), spec.name
