@@ -1055,3 +1055,27 @@ def test_cached_order_statistics_give_the_same_cuts(method):
             cached = fn(base, tensors, **kw)
         assert torch.equal(plain, cached), density
     assert set(cache) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("name", [n for n, s in METHODS.items() if s.family is not None])
+def test_the_registry_family_is_what_the_method_computes(name):
+    """``MethodSpec.family`` (read by the engine's flat path) names the sparsification and
+    election each task-arithmetic method passes to the general task arithmetic."""
+    from evomerge.merge.methods import _general_task_arithmetic
+
+    spec = METHODS[name]
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(64, 48, generator=g)
+    ts = [base + 0.1 * torch.randn(64, 48, generator=g) for _ in range(3)]
+    kw = {"weight": [0.7, 0.4, 0.9]}
+    for p in spec.params:
+        if p.ignored or p.name == "weight":
+            continue
+        v = {"density": 0.6, "gamma": 0.05, "epsilon": 0.1}.get(p.name, p.default)
+        kw["lambda_" if p.name == "lambda" else p.name] = [v] * 3 if p.per_model else v
+    if spec.random:
+        kw["seeds"] = [11, 12, 13]
+    got = spec.fn(base, ts, **kw)
+    sparsify, consensus = spec.family
+    want = _general_task_arithmetic(base, ts, sparsify=sparsify, consensus=consensus, **kw)
+    assert torch.equal(got, want)

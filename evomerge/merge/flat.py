@@ -29,17 +29,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .methods import _chunk, _rowsum, _work_dtype
+from .methods import METHODS, _chunk, _rowsum, _work_dtype
 
 __all__ = ["FlatGroup", "FLAT_METHODS"]
 
-# method -> (sparsification, consensus)
-FLAT_METHODS = {
-    "task_arithmetic": (None, False),
-    "ties": ("magnitude", True),
-    "dare_linear": ("random", False),
-    "dare_ties": ("random", True),
-}
+# method -> (sparsification, consensus): the registry's task-arithmetic methods whose
+# sparsification the flat path implements
+FLAT_METHODS = {name: spec.family for name, spec in METHODS.items()
+                if spec.family is not None and spec.family[0] in (None, "magnitude", "random")}
 
 CPU_CHUNK = 1 << 16  # entries per model per operation on a CPU: a few such buffers stay in cache
 COMPILED_CHUNK = 1 << 24

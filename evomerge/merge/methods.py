@@ -1095,6 +1095,10 @@ class MethodSpec:
     base_in_inputs: bool = False  # linear: the base (if named) is one more weighted input
     random: bool = False  # takes per-model seeds
     kernels: bool = False  # merged on the CPU by the fused kernels (native.py) where they are built
+    statistics: tuple[str, ...] = ()  # what it reads from data besides the weights (``statistics.STATISTICS``)
+    # for the generalized task arithmetic: (sparsification, sign election) it passes to
+    # ``_general_task_arithmetic``, which the engine's flat path reads too
+    family: tuple[str | None, bool] | None = None
     reference: str = ""
     param_names: tuple[str, ...] = field(init=False)
 
@@ -1137,35 +1141,35 @@ METHODS: dict[str, MethodSpec] = {
         # mergekit, whose task arithmetic takes them, run unchanged.
         "task_arithmetic", task_arithmetic,
         _ta_params(False, False, ParamSpec("density", per_model=True, default=1.0, ignored=True), sparse=False),
-        kernels=True, reference="https://arxiv.org/abs/2212.04089",
+        kernels=True, family=(None, False), reference="https://arxiv.org/abs/2212.04089",
     ),
     "ties": MethodSpec(
         "ties", ties, _ta_params(True, False, _DENSITY),
-        kernels=True, reference="https://arxiv.org/abs/2306.01708",
+        kernels=True, family=("magnitude", True), reference="https://arxiv.org/abs/2306.01708",
     ),
     "dare_linear": MethodSpec(
         "dare_linear", dare_linear, _ta_params(False, True, _DENSITY), random=True,
-        kernels=True, reference="https://arxiv.org/abs/2311.03099",
+        kernels=True, family=("random", False), reference="https://arxiv.org/abs/2311.03099",
     ),
     "dare_ties": MethodSpec(
         "dare_ties", dare_ties, _ta_params(False, True, _DENSITY), random=True,
-        kernels=True, reference="https://arxiv.org/abs/2311.03099",
+        kernels=True, family=("random", True), reference="https://arxiv.org/abs/2311.03099",
     ),
     "breadcrumbs": MethodSpec(
         "breadcrumbs", breadcrumbs, _ta_params(False, False, _DENSITY, _GAMMA),
-        kernels=True, reference="https://arxiv.org/abs/2312.06795",
+        kernels=True, family=("outliers", False), reference="https://arxiv.org/abs/2312.06795",
     ),
     "breadcrumbs_ties": MethodSpec(
         "breadcrumbs_ties", breadcrumbs_ties, _ta_params(False, False, _DENSITY, _GAMMA),
-        kernels=True, reference="https://arxiv.org/abs/2312.06795",
+        kernels=True, family=("outliers", True), reference="https://arxiv.org/abs/2312.06795",
     ),
     "della": MethodSpec(
         "della", della, _ta_params(True, True, _DENSITY, _EPS), random=True,
-        reference="https://arxiv.org/abs/2406.11617",
+        family=("della", True), reference="https://arxiv.org/abs/2406.11617",
     ),
     "della_linear": MethodSpec(
         "della_linear", della_linear, _ta_params(False, True, _DENSITY, _EPS), random=True,
-        reference="https://arxiv.org/abs/2406.11617",
+        family=("della", False), reference="https://arxiv.org/abs/2406.11617",
     ),
     "slerp": MethodSpec(
         "slerp", slerp, (ParamSpec("t", required=True, lo=0.0, hi=1.0, search=(0.0, 1.0, 0.5)),),
