@@ -238,6 +238,7 @@ class FlatGroup:
         self._out: tuple[Tensor, list[Tensor]] | None = None
         self._spare: tuple[Tensor, list[Tensor]] | None = None
         self._consts: dict = {}  # small constant tensors the candidates share (made once)
+        self._piece_views: dict = {}  # block views of kept tensors, per piece (``_views``)
         self.bound_to = None  # a weak reference to the model whose parameters live in the output
 
     def output(self, dtype: torch.dtype, spare: bool = False) -> tuple[Tensor, list[Tensor]]:
@@ -263,6 +264,19 @@ class FlatGroup:
         """The flat range of tensor ``names_in_plan_order[name_index]``."""
         seg = self.order.index(name_index)
         return slice(int(self.offsets[seg]), int(self.offsets[seg + 1]))
+
+    def _views(self, x: Tensor, role: str) -> list[Tensor]:
+        """``x`` (a flat ``(..., n)`` tensor: the inputs ``B``/``T``, DARE's uniforms ``U``,
+        an output) as one block view per piece, made once: a candidate then slices nothing.
+        One tensor is kept per role (a new one replaces it), and a few outputs."""
+        key = (x.data_ptr(), x.dtype, tuple(x.shape))
+        slot = role if role != "out" else key
+        hit = self._piece_views.get(slot)
+        if hit is None or hit[0] != key:
+            if role == "out" and len([k for k in self._piece_views if isinstance(k, tuple)]) >= 4:
+                del self._piece_views[next(k for k in self._piece_views if isinstance(k, tuple))]
+            hit = self._piece_views[slot] = (key, [self._block(x, *piece) for piece in self.pieces])
+        return hit[1]
 
     def _block(self, x: Tensor, a: int, b: int, c: int, d: int) -> Tensor:
         """Segments a..b (of one size) of a flat (..., n) tensor as (..., b - a, width)."""
@@ -364,8 +378,10 @@ class FlatGroup:
             fn = _compiled_combine((sparsify, consensus, W is not None, k, cd, dt, dev.type))
         o = out.view(-1)
         sums = []
+        Bv, Tv, Ov = self._views(self.B, "B"), self._views(self.T, "T"), self._views(o, "out")
+        Uv = self._views(uniforms, "U") if sparsify == "random" else None
         with _compile_scope() if self.compile else contextlib.nullcontext():
-            for a, b, c, d in self.pieces:
+            for p, (a, b, c, d) in enumerate(self.pieces):
                 if sparsify == "magnitude":
                     local, tie = None, cuts[2][:, a:b]
                     if ties or self.compile:  # positions within the piece, and the tie cut shifted to match
@@ -373,16 +389,16 @@ class FlatGroup:
                         tie = tie - c
                     mask_in = (cuts[0][:, a:b], cuts[1][:, a:b], tie, local)
                 elif sparsify == "random":
-                    mask_in = (self._block(uniforms, a, b, c, d), t16[:, a:b])
+                    mask_in = (Uv[p], t16[:, a:b])
                 else:
                     mask_in = ()
-                args = (self._block(self.B, a, b, c, d), self._block(self.T, a, b, c, d), C[:, a:b],
+                args = (Bv[p], Tv[p], C[:, a:b],
                         None if WS is None else WS[a:b], None if W is None else W[:, a:b],
                         None if LAM is None else LAM[a:b], mask_in, sparsify, consensus, cd, dt)
                 if self.compile:
-                    sums.append(fn(self._block(o, a, b, c, d), *args))
+                    sums.append(fn(Ov[p], *args))
                 else:
-                    self._block(o, a, b, c, d).copy_(_combine(*args))
+                    Ov[p].copy_(_combine(*args))
         return torch.stack(sums).sum() if sums else out.sum(dtype=torch.float32)
 
     def _thresholds(self, rank: np.ndarray, dt) -> tuple[Tensor, Tensor, Tensor]:
