@@ -165,6 +165,7 @@ class Space:
         self.head_names = list(head_names or [])
         self.attn_key = attn_key or "self_attn"
         self.genes = self._genes()
+        self._limits = self._joint_limits()
         self.names = [g.name for g in self.genes]
         self.lower = np.array([g.lo for g in self.genes])
         self.upper = np.array([g.hi for g in self.genes])
@@ -250,10 +251,37 @@ class Space:
         return top, models
 
     def _genome(self, x) -> np.ndarray:
+        """``x`` clipped to the bounds, then to the method's joint limits (``MethodSpec.limits``:
+        DELLA's epsilon to what each density allows), as a recipe and a compiled map read it."""
         x = np.asarray(x, dtype=float)
         if x.shape != (len(self.genes),):
             raise ValueError(f"genome of length {x.shape} for a space of {len(self.genes)} genes")
-        return self.clip(x)
+        x = self.clip(x)
+        for gene, limit in self._limits:
+            x[gene] = min(x[gene], limit(x))
+        return x
+
+    def _joint_limits(self) -> list[tuple[int, Any]]:
+        """(gene, limit(x)) for every gene a joint limit bounds: paired with the other
+        parameter's gene of the same model and unit where that is searched, else with its
+        fixed (or default) value where that is one number. A pairing that cannot be made
+        (the other fixed per layer, say) is left alone: such candidates fail as recipes do."""
+        out = []
+        index = {(g.param, g.model, g.unit): i for i, g in enumerate(self.genes)}
+        for param, other, fn in self.method.limits:
+            for i, g in enumerate(self.genes):
+                if g.param != param:
+                    continue
+                j = index.get((other, g.model, g.unit))
+                if j is not None:
+                    out.append((i, lambda x, j=j, fn=fn: fn(float(x[j]))))
+                    continue
+                if other in self.ranges:
+                    continue
+                v = self.fixed.get(other, self.specs[other].default)
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    out.append((i, lambda x, v=float(v), fn=fn: fn(v)))
+        return out
 
     def recipe_dict(self, x) -> dict:
         """The recipe (mergekit schema, as a plain dict) that genome ``x`` stands for."""
@@ -429,7 +457,8 @@ class CoefficientMap:
 
     def matrix(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """Parameter ``name`` as ``(A, c)``: its values, flattened in tensor (then model)
-        order, are ``A @ x + c`` (NaN in ``c`` for copied tensors)."""
+        order, are ``A @ g + c`` (NaN in ``c`` for copied tensors), ``g`` being the genome
+        clipped to the bounds and joint limits (the genome itself within them)."""
         n = len(self.space.genes)
         if name not in self._maps:
             v = self.numeric[name].reshape(-1)

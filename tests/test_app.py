@@ -218,16 +218,15 @@ def test_hydra_s_packaged_logging_options_stay_allowed():
 
 
 def test_a_search_whose_every_candidate_failed_says_so_and_exits_non_zero(zoo_dir, tmp_path):
-    """DELLA with density - epsilon <= 0 everywhere: every candidate fails. The search used
-    to exit 0 with a summary holding no best; it says so, with the first error, and exits 1
-    (the trial log and summary stay for a look)."""
+    """Weights near 1e40 overflow float32 in every tensor: every candidate fails. The search
+    used to exit 0 with a summary holding no best; it says so, with the first error, and
+    exits 1 (the trial log and summary stay for a look)."""
     run = tmp_path / "run"
     p = evomerge([f"models.zoo_dir={zoo_dir}", "eval.name=choice", "eval.limit=20", "space=global", "budget=4",
-                  "search=random", "merge=della", "+space.ranges.density={lo:0.05,hi:0.1,x0:0.1}",
-                  "+space.ranges.epsilon={lo:0.15,hi:0.2,x0:0.2}"], run)
+                  "search=random", "+space.ranges.weight={lo:1e40,hi:2e40,x0:1e40}"], run)
     _, err = p.communicate(timeout=300)
     assert p.returncode == 1, err[-2000:]
-    assert "every one of the 4 candidates failed; the first: MergeError" in err and "della needs" in err
+    assert "every one of the 4 candidates failed; the first: MergeError" in err and "not finite" in err
     assert "Traceback" not in err and (run / "trials.jsonl").is_file()
 
 

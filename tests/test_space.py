@@ -172,8 +172,6 @@ def test_compiled_columns_equal_the_resolution_of_the_exported_recipe(family, me
                        ("normalize", [{"filter": "self_attn", "value": True}, {"value": False}])):
         if p in names and p not in search:
             fixed[p] = setting
-    if method == "della":  # a joint constraint a box cannot hold: density +- epsilon within (0, 1]
-        search = ["weight", "density"]
     sp = Space(method, models, base_model=base, search=search, fixed=fixed, granularity=granularity, **extra)
     template = MergeEngine(sp.recipe(sp.x0))
     cmap = sp.compile(template.tasks)
@@ -188,7 +186,8 @@ def test_compiled_columns_equal_the_resolution_of_the_exported_recipe(family, me
         for p in cols.numeric:  # the same map as a matrix: values = A @ x + c
             A, c = cmap.matrix(p)
             live = ~np.isnan(c + A.sum(1))
-            assert np.allclose((A @ np.asarray(x, float) + c)[live], np.ravel(cols.numeric[p])[live], rtol=0, atol=1e-12)
+            g = sp._genome(x)  # clipped to the bounds and the method's joint limits
+            assert np.allclose((A @ g + c)[live], np.ravel(cols.numeric[p])[live], rtol=0, atol=1e-12)
     if len(sp):  # a value the recipe refuses (here: not finite) is refused too, naming where
         x = np.array(sp.x0, dtype=float)
         x[-1] = np.nan
@@ -197,6 +196,36 @@ def test_compiled_columns_equal_the_resolution_of_the_exported_recipe(family, me
         param = sp.genes[-1].param
         with pytest.raises(RecipeError, match=f"tensor '.*', parameter '{param}': must be finite, got nan"):
             cmap.columns(x)
+
+
+@pytest.mark.parametrize("granularity,extra", [("per_layer", {}), ("per_model", {}), ("per_layer", {"smoothing": 2})])
+def test_della_epsilon_is_clipped_to_what_each_density_allows(family, granularity, extra):
+    """DELLA needs density - epsilon > 0 and density + epsilon <= 1, a joint limit no box of
+    ranges holds: the genome's epsilon is clipped to it per model and unit (the registry's
+    ``MethodSpec.limits``), so no candidate of the default ranges fails; interpolation over
+    depth keeps valid pairs valid."""
+    from evomerge.merge.methods import della_epsilon_limit
+
+    sp = Space("della", experts(family), base_model=str(family["base"]), search=["weight", "density", "epsilon"],
+               granularity=granularity, **extra)
+    template = MergeEngine(sp.recipe(sp.x0))
+    cmap = sp.compile(template.tasks)
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        x = rng.uniform(sp.lower, sp.upper)
+        cols = cmap.columns(x)
+        d, e = cols.numeric["density"], cols.numeric["epsilon"]
+        live = ~np.isnan(d)
+        assert ((d - e > 0) & (d + e <= 1))[live].all()
+    x = np.where([g.param == "density" for g in sp.genes], 0.9, np.where([g.param == "epsilon" for g in sp.genes],
+                                                                         0.2, sp.x0))
+    assert np.allclose(cmap.columns(x).numeric["epsilon"][~np.isnan(d)], della_epsilon_limit(0.9))
+    ResidentEngine(sp.recipe(sp.x0)).merged(cmap.columns(x))  # merges: no error
+    # with density fixed, epsilon is clipped to what that one value allows
+    fixed = Space("della", experts(family), base_model=str(family["base"]), search=["epsilon"],
+                  fixed={"density": 0.1}, granularity="per_model")
+    assert fixed.recipe_dict(np.full(len(fixed), 0.2))["models"][0]["parameters"]["epsilon"] == pytest.approx(
+        della_epsilon_limit(0.1))
 
 
 def test_store_dtype_bf16_halves_memory_and_stays_close(family):

@@ -871,6 +871,12 @@ def breadcrumbs_ties(base, tensors, weight, density, gamma, lambda_=1.0, normali
     )
 
 
+def della_epsilon_limit(density: float) -> float:
+    """The largest ``epsilon`` DELLA takes with ``density``: keep probabilities in
+    ``[density - epsilon, density + epsilon]`` must stay within (0, 1]."""
+    return max(0.0, min(density, 1.0 - density)) * (1 - 1e-6)
+
+
 def della(base, tensors, weight, density, epsilon, seeds, lambda_=1.0, normalize=True, rescale=True,
           out_dtype=None, out=None):
     """DELLA-Merging: MagPrune (rank-dependent drop probabilities in
@@ -1099,6 +1105,9 @@ class MethodSpec:
     # for the generalized task arithmetic: (sparsification, sign election) it passes to
     # ``_general_task_arithmetic``, which the engine's flat path reads too
     family: tuple[str | None, bool] | None = None
+    # joint limits a box of search ranges cannot hold: (param, other, fn) keeps
+    # param <= fn(other) wherever both are set (``Space`` clips a genome to them)
+    limits: tuple[tuple[str, str, Callable[[float], float]], ...] = ()
     reference: str = ""
     param_names: tuple[str, ...] = field(init=False)
 
@@ -1165,11 +1174,11 @@ METHODS: dict[str, MethodSpec] = {
     ),
     "della": MethodSpec(
         "della", della, _ta_params(True, True, _DENSITY, _EPS), random=True,
-        family=("della", True), reference="https://arxiv.org/abs/2406.11617",
+        family=("della", True), limits=(("epsilon", "density", della_epsilon_limit),), reference="https://arxiv.org/abs/2406.11617",
     ),
     "della_linear": MethodSpec(
         "della_linear", della_linear, _ta_params(False, True, _DENSITY, _EPS), random=True,
-        family=("della", False), reference="https://arxiv.org/abs/2406.11617",
+        family=("della", False), limits=(("epsilon", "density", della_epsilon_limit),), reference="https://arxiv.org/abs/2406.11617",
     ),
     "slerp": MethodSpec(
         "slerp", slerp, (ParamSpec("t", required=True, lo=0.0, hi=1.0, search=(0.0, 1.0, 0.5)),),
