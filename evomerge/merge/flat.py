@@ -43,10 +43,11 @@ COMPILED_CHUNK = 1 << 24
 
 
 def _combine(B: Tensor, T: Tensor, C: Tensor, WS, W, LAM, mask_in: tuple, sparsify, consensus: bool,
-             cd: torch.dtype, dt: torch.dtype) -> Tensor:
+             cd: torch.dtype, dt: torch.dtype, out: Tensor | None = None) -> Tensor:
     """A piece of a block (``B``: (m, n), ``T``: (k, m, n)) with parameters as columns
     (``C``, ``W``: (k, m, 1); ``WS``, ``LAM``: (m, 1)): the operations of
-    ``methods._general_task_arithmetic``, in the same order (so the same roundings)."""
+    ``methods._general_task_arithmetic``, in the same order (so the same roundings). With
+    ``out`` of the working dtype, the result is computed in it (no copy)."""
     b = B.to(cd).to(dt)
     D = T.to(cd).to(dt) - b
     if sparsify == "magnitude":
@@ -61,7 +62,7 @@ def _combine(B: Tensor, T: Tensor, C: Tensor, WS, W, LAM, mask_in: tuple, sparsi
         D.mul_(M.mul_(C))
     else:
         D.mul_(C)
-    mixed = torch.empty_like(b)
+    mixed = out if out is not None and out.dtype == b.dtype else torch.empty_like(b)
     if consensus:
         S = _rowsum(D, torch.empty_like(mixed))
         el = S.neg_().sign_().clamp_(min=0).mul_(-2).add_(1)
@@ -398,7 +399,9 @@ class FlatGroup:
                 if self.compile:
                     sums.append(fn(Ov[p], *args))
                 else:
-                    Ov[p].copy_(_combine(*args))
+                    res = _combine(*args, out=Ov[p])
+                    if res is not Ov[p]:  # another dtype than the working one: rounded here
+                        Ov[p].copy_(res)
         return torch.stack(sums).sum() if sums else out.sum(dtype=torch.float32)
 
     def _thresholds(self, rank: np.ndarray, dt) -> tuple[Tensor, Tensor, Tensor]:
