@@ -258,23 +258,30 @@ class Space:
             raise ValueError(f"genome of length {x.shape} for a space of {len(self.genes)} genes")
         x = self.clip(x)
         for gene, limit in self._limits:
-            x[gene] = min(x[gene], limit(x))
+            lo, hi = limit(x)
+            x[gene] = min(max(x[gene], lo), hi)
         return x
 
     def _joint_limits(self) -> list[tuple[int, Any]]:
-        """(gene, limit(x)) for every gene a joint limit bounds: paired with the other
-        parameter's gene of the same model and unit where that is searched, else with its
-        fixed (or default) value where that is one number. A pairing that cannot be made
-        (the other fixed per layer, say) is left alone: such candidates fail as recipes do."""
+        """(gene, limit(x) -> (lo, hi)) for every gene a joint limit bounds: paired with the
+        other parameter's gene of the same model and unit where that is searched, else with
+        its fixed (or default) value where that is one number. A pairing that cannot be made
+        (the other fixed per layer, say) is left alone: such candidates fail as recipes do.
+        Where both are searched, the first limit listed clips (DELLA: epsilon to density),
+        and the second then finds its parameter within range."""
         out = []
         index = {(g.param, g.model, g.unit): i for i, g in enumerate(self.genes)}
+        paired: set[frozenset] = set()  # parameter pairs already limited gene by gene
         for param, other, fn in self.method.limits:
+            if frozenset((param, other)) in paired:
+                continue
             for i, g in enumerate(self.genes):
                 if g.param != param:
                     continue
                 j = index.get((other, g.model, g.unit))
                 if j is not None:
                     out.append((i, lambda x, j=j, fn=fn: fn(float(x[j]))))
+                    paired.add(frozenset((param, other)))
                     continue
                 if other in self.ranges:
                     continue
@@ -347,6 +354,8 @@ class CoefficientMap:
         self.names = [t.name for t in tasks]
         self.copy = [bool(t.copy) for t in tasks]
         self._copied = np.array(self.copy, dtype=bool)
+        self._inputs = [list(t.inputs) for t in tasks]
+        self.plan = Columns.signature(tasks)  # the plan these columns fit (checked by the engine)
         self._Columns = Columns
         top, model_params = space._parameters([_GeneRef(i) for i in range(len(space.genes))])
         base = None if space.method.base_in_inputs else space.base_model
@@ -382,10 +391,13 @@ class CoefficientMap:
                 row = []
                 for j, src in cells:
                     scopes = (src[1], top) if src is not None else (top,)
+                    # per-model values are filtered by the model's own tensor name, as the
+                    # engine does (a tied head reads the embedding), shared ones by the output's
+                    tname = t.inputs[j][1] if j is not None else t.name
                     loc = None
                     for scope in scopes:
                         if spec.name in scope:
-                            loc = locate_setting(scope[spec.name], t.name, t.t)
+                            loc = locate_setting(scope[spec.name], tname, t.t)
                             if loc is not None and not (len(loc) == 1 and loc[0] is None):
                                 break
                             loc = None
@@ -443,17 +455,14 @@ class CoefficientMap:
                 cell = tuple(int(c) for c in np.argwhere(bad)[0])
                 validate_value(spec, float(v[cell]), self._where(spec, cell))
             numeric[name] = v
-        return self._Columns(self.method, self.copy, numeric, self.other, self.dtype)
+        return self._Columns(self.method, self.copy, numeric, self.other, self.dtype, self.plan)
 
     def _where(self, spec, cell) -> str:
         i = cell[0]
-        if spec.per_model:
-            return f"model '{self.space_models()[cell[1]]}', tensor '{self.names[i]}', parameter '{spec.name}'"
+        if spec.per_model:  # as the engine names it: the model and its own tensor
+            ref, name = self._inputs[i][cell[1]]
+            return f"model '{ref}', tensor '{name}', parameter '{spec.name}'"
         return f"tensor '{self.names[i]}', parameter '{spec.name}'"
-
-    def space_models(self) -> list[str]:
-        base = None if self.method.base_in_inputs else self.space.base_model
-        return [m for m in self.space.models if m != base]
 
     def matrix(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """Parameter ``name`` as ``(A, c)``: its values, flattened in tensor (then model)

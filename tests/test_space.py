@@ -221,11 +221,69 @@ def test_della_epsilon_is_clipped_to_what_each_density_allows(family, granularit
                                                                          0.2, sp.x0))
     assert np.allclose(cmap.columns(x).numeric["epsilon"][~np.isnan(d)], della_epsilon_limit(0.9))
     ResidentEngine(sp.recipe(sp.x0)).merged(cmap.columns(x))  # merges: no error
+    # density searched with epsilon at its default (0.15): density is kept where that fits
+    dens = Space("della", experts(family), base_model=str(family["base"]), search=["weight", "density"],
+                 granularity=granularity, **extra)
+    dmap = dens.compile(MergeEngine(dens.recipe(dens.x0)).tasks)
+    for x in (dens.lower, dens.upper, *(rng.uniform(dens.lower, dens.upper) for _ in range(20))):
+        cols = dmap.columns(x)
+        d, e = cols.numeric["density"], cols.numeric["epsilon"]
+        live = ~np.isnan(d)
+        assert ((d - e > 0) & (d + e <= 1))[live].all()
     # with density fixed, epsilon is clipped to what that one value allows
     fixed = Space("della", experts(family), base_model=str(family["base"]), search=["epsilon"],
                   fixed={"density": 0.1}, granularity="per_model")
     assert fixed.recipe_dict(np.full(len(fixed), 0.2))["models"][0]["parameters"]["epsilon"] == pytest.approx(
         della_epsilon_limit(0.1))
+
+
+def test_per_model_values_follow_each_models_own_tensor_a_tied_head_reads(tmp_path):
+    """An untied base with tied experts: each expert's lm_head is its embedding. The engine
+    filters an expert's per-model values by that tensor's name (the embedding's), and so
+    does the compiled map (it used the output's, lm_head's: other values than the recipe)."""
+    base = tiny_family(tmp_path / "untied", n_experts=1, layers=2, hidden=32, tie=False)["base"]
+    tied = tiny_family(tmp_path / "tied", n_experts=2, layers=2, hidden=32, tie=True)
+    sp = Space("task_arithmetic", [str(tied["expert_0"]), str(tied["expert_1"])], base_model=str(base),
+               search=["weight"], granularity="per_layer")
+    template = MergeEngine(sp.recipe(sp.x0))
+    head = next(i for i, t in enumerate(template.tasks) if t.name == "lm_head.weight")
+    assert template.tasks[head].inputs[0][1] == "model.embed_tokens.weight"  # the case at hand
+    cmap = sp.compile(template.tasks)
+    x = np.random.default_rng(0).uniform(sp.lower, sp.upper, len(sp))
+    want = MergeEngine(sp.recipe(x), checkpoints=template.models).tasks
+    for i, t in enumerate(want):
+        assert cmap.columns(x).params(i) == t.params, t.name
+
+
+def test_a_live_model_whose_parameters_were_replaced_gets_the_next_candidate(family):
+    """The live model's parameters are looked up for every candidate: after
+    load_state_dict(..., assign=True) swaps them, a candidate lands in the new ones."""
+    sp = Space("ties", experts(family), base_model=str(family["base"]), search=["weight", "density"],
+               granularity="per_model")
+    engine = ResidentEngine(sp.recipe(sp.x0))
+    cmap = sp.compile(engine.template.tasks)
+    model = live_model(family)
+    engine.materialize(cmap.columns(sp.x0), into=model)
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    x = np.full(len(sp), 0.9)
+    engine.materialize(cmap.columns(x), into=model)
+    want = engine.merged(cmap.columns(x))
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), want[name]), name
+
+
+def test_columns_of_another_plan_are_refused(family):
+    """Columns compiled for the same models in another order (or other tensors) would pair
+    weights with the wrong models: the engine refuses them."""
+    sp = Space("task_arithmetic", experts(family), base_model=str(family["base"]), search=["weight"],
+               granularity="per_model")
+    other = Space("task_arithmetic", experts(family)[::-1], base_model=str(family["base"]), search=["weight"],
+                  granularity="per_model")
+    engine = ResidentEngine(sp.recipe(sp.x0))
+    foreign = other.compile(MergeEngine(other.recipe(other.x0)).tasks).columns(other.x0)
+    with pytest.raises(Exception, match="another plan"):
+        engine.merged(foreign)
+    engine.merged(sp.compile(engine.template.tasks).columns(sp.x0))  # its own are taken
 
 
 def test_store_dtype_bf16_halves_memory_and_stays_close(family):

@@ -136,6 +136,12 @@ def test_a_statistic_is_computed_once_and_then_read_from_its_cache(fam, tmp_path
     assert len(calls) == n + 3
     compute(GramMatrix(dtype=torch.float32), model, data, cache=cache, model_key=key)
     assert len(calls) == n + 5
+    # the same checkpoint run in another precision gives other values: another entry
+    half = AutoModelForCausalLM.from_pretrained(fam["expert_0"], dtype=torch.bfloat16).eval()
+    half_calls = []
+    half.register_forward_hook(lambda *a: half_calls.append(1))
+    compute(GramMatrix(), half, data, cache=cache, model_key=key)
+    assert len(half_calls) == 2
     # a damaged entry is a miss: made again, and repaired
     (entry / "values.safetensors").write_bytes(b"not a safetensors file")
     repaired = compute(GramMatrix(), model, data, cache=cache, model_key=key)
@@ -160,11 +166,3 @@ def test_a_rewritten_checkpoint_gets_a_new_fingerprint(fam, tmp_path):
     assert model_fingerprint(copy) != before
     with pytest.raises(ValueError, match="no weight files"):
         model_fingerprint(tmp_path)
-
-
-def test_methods_name_the_statistics_they_read():
-    from evomerge.merge.methods import METHODS
-    from evomerge.merge.statistics import STATISTICS
-
-    for spec in METHODS.values():
-        assert set(spec.statistics) <= set(STATISTICS), spec.name

@@ -18,7 +18,8 @@ class LocalExecutor:
     """
 
     def __init__(self, build_worker: Callable | object, inputs: Callable | None = None):
-        self.worker = build_worker if hasattr(build_worker, "evaluate") else build_worker()
+        built = hasattr(type(build_worker), "evaluate")  # a Worker (not its class, nor a function)
+        self.worker = build_worker if built else build_worker()
 
     @property
     def num_workers(self) -> int:

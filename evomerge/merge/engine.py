@@ -94,9 +94,16 @@ class Columns:
     numeric: dict[str, Any]
     other: dict[str, list]
     dtype: torch.dtype | None = None  # the recipe's ``dtype``: the arithmetic's input precision
+    plan: tuple = ()  # ``signature`` of the plan they were made for
 
     def __len__(self) -> int:
         return len(self.copy)
+
+    @staticmethod
+    def signature(tasks: list["TensorTask"]) -> tuple:
+        """What columns must match to be merged over a plan: every tensor's name and the
+        models (in order) and tensors it is made from."""
+        return tuple((t.name, tuple((str(m), n) for m, n in t.sources)) for t in tasks)
 
     def params(self, i: int) -> dict[str, Any]:
         """Tensor ``i``'s parameters as a method takes them (``TensorTask.params``, seeds aside)."""
@@ -130,7 +137,7 @@ class Columns:
                 numeric[p.name] = arr
             else:
                 other[p.name] = [None if t.copy else t.params.get(p.name) for t in tasks]
-        return cls(method, copy, numeric, other, dtype)
+        return cls(method, copy, numeric, other, dtype, cls.signature(tasks))
 
 
 def _seed(seed: int, tensor: str, model: ModelRef) -> int:

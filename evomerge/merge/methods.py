@@ -871,10 +871,28 @@ def breadcrumbs_ties(base, tensors, weight, density, gamma, lambda_=1.0, normali
     )
 
 
+_DELLA_MARGIN = 1 - 1e-6
+
+
 def della_epsilon_limit(density: float) -> float:
     """The largest ``epsilon`` DELLA takes with ``density``: keep probabilities in
     ``[density - epsilon, density + epsilon]`` must stay within (0, 1]."""
-    return max(0.0, min(density, 1.0 - density)) * (1 - 1e-6)
+    return max(0.0, min(density, 1.0 - density)) * _DELLA_MARGIN
+
+
+def _della_epsilon_range(density: float) -> tuple[float, float]:
+    return 0.0, della_epsilon_limit(density)
+
+
+def _della_density_range(epsilon: float) -> tuple[float, float]:
+    """The densities with which ``epsilon`` fits (empty, lo > hi, when none does)."""
+    e = epsilon / _DELLA_MARGIN
+    return e + 1e-9, 1.0 - e
+
+
+# epsilon within what density allows; where density alone is searched, density within what
+# the fixed epsilon allows
+_DELLA_LIMITS = (("epsilon", "density", _della_epsilon_range), ("density", "epsilon", _della_density_range))
 
 
 def della(base, tensors, weight, density, epsilon, seeds, lambda_=1.0, normalize=True, rescale=True,
@@ -1105,9 +1123,9 @@ class MethodSpec:
     # for the generalized task arithmetic: (sparsification, sign election) it passes to
     # ``_general_task_arithmetic``, which the engine's flat path reads too
     family: tuple[str | None, bool] | None = None
-    # joint limits a box of search ranges cannot hold: (param, other, fn) keeps
-    # param <= fn(other) wherever both are set (``Space`` clips a genome to them)
-    limits: tuple[tuple[str, str, Callable[[float], float]], ...] = ()
+    # joint limits a box of search ranges cannot hold: (param, other, fn) keeps param
+    # within fn(other) = (lo, hi) wherever both are set (``Space`` clips a genome to them)
+    limits: tuple[tuple[str, str, Callable[[float], tuple[float, float]]], ...] = ()
     reference: str = ""
     param_names: tuple[str, ...] = field(init=False)
 
@@ -1174,11 +1192,11 @@ METHODS: dict[str, MethodSpec] = {
     ),
     "della": MethodSpec(
         "della", della, _ta_params(True, True, _DENSITY, _EPS), random=True,
-        family=("della", True), limits=(("epsilon", "density", della_epsilon_limit),), reference="https://arxiv.org/abs/2406.11617",
+        family=("della", True), limits=_DELLA_LIMITS, reference="https://arxiv.org/abs/2406.11617",
     ),
     "della_linear": MethodSpec(
         "della_linear", della_linear, _ta_params(False, True, _DENSITY, _EPS), random=True,
-        family=("della", False), limits=(("epsilon", "density", della_epsilon_limit),), reference="https://arxiv.org/abs/2406.11617",
+        family=("della", False), limits=_DELLA_LIMITS, reference="https://arxiv.org/abs/2406.11617",
     ),
     "slerp": MethodSpec(
         "slerp", slerp, (ParamSpec("t", required=True, lo=0.0, hi=1.0, search=(0.0, 1.0, 0.5)),),

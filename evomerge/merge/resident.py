@@ -112,7 +112,8 @@ class ResidentEngine:
         seeds = [t.params.get("seeds") for t in self.template.tasks]
         k = max((len(x) for x in seeds if x), default=0)
         self._seeds = np.array([x if x else [0] * k for x in seeds], dtype=np.uint64).reshape(len(seeds), k)
-        self._live: tuple | None = None  # (weak reference to the last live model, its checked state)
+        self._plan = Columns.signature(self.template.tasks)
+        self._plan_seen: tuple | None = None  # the last columns' plan found equal to it
 
     def _load(self) -> None:
         """Read every input once, onto the device, in the stored dtype."""
@@ -229,6 +230,9 @@ class ResidentEngine:
         """A candidate recipe's parameters, planned against the open checkpoints (nothing
         is read). A search compiles its space instead (``Space.compile``): no recipe."""
         eng = self.plan(recipe)
+        if eng.out_dtype != self.template.out_dtype:
+            raise MergeError(f"the candidate recipe's output dtype ({eng.out_dtype}) is not the resident "
+                             f"engine's ({self.template.out_dtype})")
         return Columns.from_tasks(eng.tasks, eng.method, eng.compute_dtype)
 
     def plan(self, recipe: Recipe) -> MergeEngine:
@@ -258,8 +262,11 @@ class ResidentEngine:
 
     def _columns(self, what: Recipe | Columns) -> Columns:
         cols = what if isinstance(what, Columns) else self.columns(what)
-        if len(cols) != len(self.template.tasks) or cols.method.name != self.template.method.name:
-            raise MergeError("the candidate's parameters were made for another plan (other tensors or method)")
+        if cols.plan is not self._plan_seen:  # (a compiled map's columns share one signature object)
+            if cols.method.name != self.template.method.name or cols.plan != self._plan:
+                raise MergeError("the candidate's parameters were made for another plan (other tensors, models, "
+                                 "model order or method)")
+            self._plan_seen = cols.plan
         return cols
 
     def merged(self, what: Recipe | Columns) -> dict[str, Tensor]:
@@ -279,17 +286,6 @@ class ResidentEngine:
             return self.template.compute(task, *self._inputs_for(cols, task), out=out)
         with order_statistics(self._stats.setdefault(task.name, {})):
             return self.template.compute(task, *self._inputs_for(cols, task), out=out)
-
-    def _live_state(self, model: torch.nn.Module) -> dict[str, Tensor]:
-        """``model``'s parameters by name, checked against the plan once per model (a
-        worker's live model is the same one candidate after candidate)."""
-        import weakref
-
-        if self._live is not None and self._live[0]() is model:
-            return self._live[1]
-        state = self.template.live_state(model)
-        self._live = (weakref.ref(model), state)
-        return state
 
     @torch.no_grad()
     def bind(self, model: torch.nn.Module) -> int:
@@ -324,7 +320,7 @@ class ResidentEngine:
         """Write a candidate's merged weights into ``into``'s parameters, in place. The
         candidate is a recipe, or its ``Columns`` (a compiled space's ``columns(x)``)."""
         cols = self._columns(what)
-        state = self._live_state(into)
+        state = self.template.live_state(into)
         sums = []  # one finiteness check at the end: a check per tensor would stall a GPU each time
         done = set()
         for sel, group in self._groups:

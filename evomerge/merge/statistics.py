@@ -253,9 +253,11 @@ class StatisticCache:
         try:
             save_file({k: v.detach().contiguous().cpu() for k, v in values.items()}, tmp / "values.safetensors")
             atomic_write(tmp / "record.json", json.dumps({**record, "key": key}, indent=2, sort_keys=True) + "\n")
-            if d.exists():
-                shutil.rmtree(d)
-            os.replace(tmp, d)
+            shutil.rmtree(d, ignore_errors=True)  # a damaged entry of the same key
+            try:
+                os.replace(tmp, d)
+            except OSError:  # another process wrote the same entry meanwhile: theirs stays
+                shutil.rmtree(tmp, ignore_errors=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -263,17 +265,20 @@ class StatisticCache:
 
 def compute(stat: Statistic, model: torch.nn.Module, data: Sequence[Batch], *, cache: StatisticCache | None = None,
             model_key: str | None = None) -> dict[str, Tensor]:
-    """``stat`` of ``model`` on ``data``, from ``cache`` when it holds one for the same
-    statistic, settings, model (``model_key``, e.g. ``model_fingerprint(folder)``) and data;
-    computed, and cached, otherwise. Without a cache or a model key, it is computed."""
+    """``stat`` of ``model`` on ``data`` (on the CPU), from ``cache`` when it holds one for
+    the same statistic, settings, model (``model_key``, e.g. ``model_fingerprint(folder)``,
+    and the dtypes it runs in) and data; computed, and cached, otherwise. Without a cache
+    or a model key, it is computed."""
     data = list(data)
     if cache is None or model_key is None:
-        return stat(model, data)
-    key = cache.key(stat, model_key, data)
+        return {k: v.cpu() for k, v in stat(model, data).items()}
+    # the precision the model runs in changes the values: part of the model's key
+    dtypes = sorted({str(p.dtype) for p in model.parameters() if p.is_floating_point()})
+    key = cache.key(stat, f"{model_key}:{','.join(dtypes)}", data)
     hit = cache.get(stat, key)
     if hit is not None:
         return hit
-    values = stat(model, data)
+    values = {k: v.cpu() for k, v in stat(model, data).items()}
     cache.put(stat, key, values, {"statistic": stat.name, "settings": stat.settings(), "model": model_key,
                                   "batches": len(data), "tensors": len(values)})
     return values
