@@ -80,7 +80,7 @@ def check_config(cfg) -> None:
     if budget is not None and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 1):
         raise ConfigError(f"budget: must be a positive number of evaluations, got {budget!r}")
     ms = cfg.get("max_seconds")
-    if ms is not None and (not isinstance(ms, (int, float)) or ms <= 0):
+    if ms is not None and (not isinstance(ms, (int, float)) or isinstance(ms, bool) or not 0 < ms < float("inf")):
         raise ConfigError(f"max_seconds: must be a positive number of seconds, got {ms!r}")
     from .cli import check_device
     from .merge.methods import METHODS
@@ -88,8 +88,8 @@ def check_config(cfg) -> None:
     from .space import search_range
 
     seed = cfg.get("seed")
-    if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ConfigError(f"seed: must be a whole number, got {seed!r}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+        raise ConfigError(f"seed: must be a whole number from 0 to 2**32 - 1, got {seed!r}")
     threads = cfg.get("threads")
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
         raise ConfigError(f"threads: must be a positive number of torch threads, got {threads!r}")
@@ -369,11 +369,6 @@ def conf_dir() -> Path:
     raise SystemExit("evomerge: cannot find the configuration folder conf/ (reinstall the package)")
 
 
-# Hydra's own config nodes that build objects or call functions before evomerge sees the
-# config: callbacks (each a ``_target_``) and the logging configs (``()`` factories).
-_HYDRA_CODE_NODES = ("callbacks", "job_logging", "hydra_logging")
-
-
 def _first_error(run_dir: Path) -> str:
     from .trials import TrialLog
 
@@ -381,20 +376,41 @@ def _first_error(run_dir: Path) -> str:
                 "(no error recorded)")
 
 
+# Hydra's own settings that may be given on the command line: where runs go, and the
+# choice of Hydra's packaged logging configs. Anything else under hydra (callbacks and
+# logging factories it builds, environment variables it sets, search paths it reads
+# configs from) would run or load code before any check of evomerge's.
+_HYDRA_KEYS = ("hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir", "hydra.job.chdir", "hydra.verbose",
+               "hydra.job.name")
+_HYDRA_CHOICES = ("hydra/job_logging", "hydra/hydra_logging")
+
+
 def check_overrides(args: list[str]) -> None:
-    """Refuse command-line overrides that would set Hydra callbacks or logging factories:
-    Hydra builds them before the app runs, so the ``_target_`` checks of ``check_config``
-    never see them. Choosing one of Hydra's packaged options (``hydra/job_logging=disabled``)
-    stays allowed."""
+    """Refuse command-line overrides that reach Hydra's own settings beyond ``_HYDRA_KEYS``
+    (and the packaged logging choices), and values of ``resume`` other than true or false;
+    Hydra acts on these before the app runs, so ``check_config`` would come too late."""
     import re
 
-    pattern = re.compile(r"^[+~]{0,2}hydra[./](%s)(\.|=|$)" % "|".join(_HYDRA_CODE_NODES))
     for a in args:
-        m = pattern.match(a)
-        if m and not (a.startswith("hydra/") and re.fullmatch(r"hydra/(job_logging|hydra_logging)=[\w-]+", a)):
-            raise ConfigError(f"{a.split('=')[0].lstrip('+~')}: evomerge does not take Hydra "
-                              f"{m.group(1).replace('_', ' ')} from the command line (Hydra would build "
-                              "them, and run what they name, before any check)")
+        key, _, value = a.partition("=")
+        key = key.strip().lstrip("+~").strip()
+        path, _, package = key.partition("@")
+        touches = any(re.match(r"^hydra($|[./])", x.strip()) for x in (path, package) if x)
+        if touches:
+            choice = path in _HYDRA_CHOICES and re.fullmatch(r"[\w-]+", value.strip() or "-")
+            if not (package == "" and (path in _HYDRA_KEYS or choice)):
+                raise ConfigError(f"{key}: evomerge takes only {', '.join(_HYDRA_KEYS)} and Hydra's packaged "
+                                  f"{' / '.join(_HYDRA_CHOICES)} of Hydra's own settings from the command line "
+                                  "(Hydra would build, load or set what the others name before any check)")
+        if path == "resume" and value.strip().lower() not in ("true", "false"):
+            raise ConfigError(f"resume: must be true or false, got {value!r}")
+        if path in ("hydra.run.dir", "hydra.sweep.dir") and value.strip():
+            from .checkpoint import CheckpointError, check_path_length
+
+            try:
+                check_path_length(value.strip(), path)
+            except CheckpointError as e:
+                raise ConfigError(str(e)) from None
 
 
 def main() -> None:
@@ -414,8 +430,8 @@ def main() -> None:
     except ConfigError as e:
         print(f"evomerge: error in the configuration: {e}", file=sys.stderr)
         sys.exit(2)
-    if any(o.split("=", 1)[0].lstrip("+~") == "resume" and o.split("=", 1)[-1].lower() in ("true", "yes", "1")
-           for o in overrides):
+    if any(o.partition("=")[0].strip().lstrip("+~").strip() == "resume" and o.partition("=")[2].strip().lower()
+           == "true" for o in overrides):
         # a resume leaves the run's .hydra/ record (its composed config and overrides) as the
         # first run wrote it: the resumed config is checked against run.json, not recorded
         sys.argv.append("hydra.output_subdir=null")

@@ -23,6 +23,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -706,12 +707,33 @@ def _alive(pid: int) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def _signals_held():
+    """Stop signals (Ctrl-C, SIGTERM, SIGHUP) wait while the block runs, in the main thread;
+    one that came meanwhile is dropped: the block finished what the signal would have cut
+    in half (putting a complete output in place), and the command then ends as done."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    # (masking would not do: a signal sent to the process may land on another thread, and
+    # Python then runs the handler in the main thread all the same)
+    came: list[int] = []
+    old = {s: signal.signal(s, lambda signum, frame: came.append(signum))
+           for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 def _sweep_leftovers(out_dir: Path) -> None:
     """What killed writers of ``out_dir`` left beside it: their temporary folders
-    (``.OUT.tmp-PID-*``) are removed, and an output moved aside by an ``--overwrite`` that was
-    killed before putting the new one in place (``.OUT.old-PID``) is put back. Only the
+    (``.OUT.tmp-PID-*``) and what an ``--overwrite`` had replaced (``.OUT.trash-PID``) are
+    removed, and an output moved aside by an ``--overwrite`` that was killed before putting
+    the new one in place (``.OUT.old-PID``) is put back. Only the
     leftovers of processes that no longer run are touched."""
-    pattern = re.compile(rf"^\.{re.escape(out_dir.name)}\.(tmp|old)-(\d+)(?:-.*)?$")
+    pattern = re.compile(rf"^\.{re.escape(out_dir.name)}\.(tmp|old|trash)-(\d+)(?:-.*)?$")
     for entry in sorted(out_dir.parent.iterdir()):
         m = pattern.match(entry.name)
         if not m or int(m[2]) == os.getpid() or _alive(int(m[2])):
@@ -722,10 +744,22 @@ def _sweep_leftovers(out_dir: Path) -> None:
             _remove(entry)
 
 
+def check_path_length(path: str | Path, what: str) -> None:
+    """Refuse a path that no file system takes: a component over 255 bytes, or the whole
+    over 4,000 (a traceback from deep inside otherwise, sometimes after the work)."""
+    full = os.fsencode(os.path.abspath(path))
+    long = next((c for c in Path(os.fsdecode(full)).parts if len(os.fsencode(c)) > 255), None)
+    if long is not None or len(full) > 4000:
+        raise CheckpointError(f"{what} '{str(path)[:60]}...': " + (
+            f"its folder name '{long[:40]}...' is longer than the 255 bytes a file system takes" if long is not None
+            else f"its path is {len(full)} bytes, more than a file system takes"))
+
+
 def check_output_name(out: Path) -> None:
     """Refuse, before any work, an output the final rename could not make: a symbolic link
     (a rename replaces the link, not what it names, and fails on a dangling one), or a name
     too long for the file system once the temporary folder's suffix is added."""
+    check_path_length(out, "output")
     parent = out.parent
     while not parent.is_dir() and parent != parent.parent:
         parent = parent.parent
@@ -977,17 +1011,22 @@ class CheckpointWriter:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(self.tmp, 0o777 & ~umask)  # as a folder made with mkdir (mkdtemp's is private)
-        with _locked(self.out_dir.parent):  # one commit at a time into this folder: two --overwrite never interleave
+        trash = None
+        with _locked(self.out_dir.parent), _signals_held():  # one commit at a time; no stop signal midway
             if self.out_dir.exists():
                 if not self.overwrite:
                     raise FileExistsError(f"output '{self.out_dir}' appeared while merging")
                 old = self.out_dir.with_name(f".{self.out_dir.name}.old-{os.getpid()}")
-                os.replace(self.out_dir, old)  # a kill from here to the next line: the next writer restores it
+                os.replace(self.out_dir, old)  # a SIGKILL from here to the next line: the next writer restores it
                 os.replace(self.tmp, self.out_dir)
-                _remove(old)
+                # what was replaced goes where no later writer would restore it from
+                trash = self.out_dir.with_name(f".{self.out_dir.name}.trash-{os.getpid()}")
+                os.replace(old, trash)
             else:
                 os.replace(self.tmp, self.out_dir)
-        self._done = True
+            self._done = True
+        if trash is not None:
+            _remove(trash)  # (interrupted, the next writer into this place removes the rest)
         return self.out_dir
 
     def abort(self) -> None:

@@ -447,6 +447,8 @@ def load_recipe(path: str | Path) -> Recipe:
         data = yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader without aliases
     except yaml.YAMLError as e:
         raise RecipeError(f"{p}: not valid YAML: {e}") from None
+    except RecursionError:
+        raise RecipeError(f"{p}: its YAML is nested too deeply to be a recipe") from None
     return parse_recipe(data, source=p.name)
 
 

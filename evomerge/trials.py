@@ -73,8 +73,9 @@ def load_state(path: str | Path) -> dict[str, Any] | None:
     data = path.read_bytes()
     try:
         state = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise StateError(f"{path}: not a JSON state file ({e}); it cannot be resumed from") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # (ValueError: also a number of 5,000 digits)
+        raise StateError(f"{path}: not a JSON state file ({type(e).__name__}: {str(e)[:200]}); it cannot be "
+                         "resumed from") from None
     if not isinstance(state, dict):
         raise StateError(f"{path}: the state is a JSON {type(state).__name__}, not an object")
     return state

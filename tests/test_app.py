@@ -165,6 +165,10 @@ def test_greedy_soup_over_ingredients_from_the_command_line(zoo_dir, tmp_path):
     ("store_dtype=foo", "store_dtype: 'foo'"),
     ("threads=0", "threads: must be a positive"),
     ("seed=abc", "seed: must be a whole number"),
+    ("seed=-1", "seed: must be a whole number"),
+    ("max_seconds=nan", "max_seconds: must be a positive"),
+    ("max_seconds=true", "max_seconds: must be a positive"),
+    ("hydra.run.dir=/tmp/" + "x" * 300, "longer than the 255 bytes"),
 ])
 def test_bad_config_values_fail_before_anything_loads(tmp_path, override, expect):
     zoo = tmp_path / "no_zoo_here"  # were the check to pass, the zoo would be built: minutes, not seconds
@@ -198,23 +202,31 @@ def test_a_target_outside_the_groups_own_classes_is_refused(tmp_path, override):
     "+hydra.callbacks.x={_target_:evomerge.trials.atomic_write,path:PATH,data:hi}",
     "++hydra.job_logging.handlers.x={'()':evomerge.trials.atomic_write,path:PATH,data:hi}",
     "hydra.hydra_logging.root.level=INFO",
+    "++hydra={callbacks:{x:{_target_:logging.FileHandler,filename:PATH,mode:w}}}",  # the whole node
+    "+evil@hydra.callbacks.x=fh",  # a config placed into hydra's package
+    "+hydra.job.env_set.PYTHONPATH=PATH",  # code every Ray worker would import
+    "hydra.searchpath=[file://PATH]",  # configs (with hydra settings) read from elsewhere
+    "resume=on",  # neither true nor false: Hydra would record it before any check
 ])
-def test_hydra_callbacks_and_logging_factories_are_refused_from_the_command_line(tmp_path, override):
-    """Hydra builds its callbacks (and logging's ``()`` factories) before the app sees the
-    config: given on the command line, they are refused before Hydra starts."""
+def test_hydra_settings_that_build_load_or_set_things_are_refused_from_the_command_line(tmp_path, override):
+    """Hydra builds its callbacks (and logging's ``()`` factories), sets its environment and
+    reads its search path before the app sees the config: only the run folders and the
+    packaged logging choices are taken, and they are refused before Hydra starts."""
     victim = tmp_path / "written"
+    victim.write_text("precious")
     run = tmp_path / "run"
     p = evomerge([f"models.zoo_dir={tmp_path / 'no_zoo'}", override.replace("PATH", str(victim))], run)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 2, err[-2000:]
-    assert "evomerge does not take Hydra" in err and "Traceback" not in err
-    assert not victim.exists() and not run.exists()
+    assert "evomerge: error in the configuration:" in err and "Traceback" not in err
+    assert victim.read_text() == "precious" and not run.exists()
 
 
 def test_hydra_s_packaged_logging_options_stay_allowed():
     from evomerge.app import check_overrides
 
-    check_overrides(["hydra/job_logging=disabled", "hydra/hydra_logging=none", "hydra.run.dir=x", "hydra.verbose=true"])
+    check_overrides(["hydra/job_logging=disabled", "hydra/hydra_logging=none", "hydra.run.dir=x", "hydra.verbose=true",
+                     "resume=true", "resume=False", "hydra.sweep.dir=y"])
 
 
 def test_a_search_whose_every_candidate_failed_says_so_and_exits_non_zero(zoo_dir, tmp_path):

@@ -446,6 +446,9 @@ def test_malformed_inputs_and_options_are_named(fam, tmp_path):
         f"x{i}: &{c} [{', '.join([f'*{p}'] * 30)}]\n" for i, (p, c) in enumerate(zip("ab", "bc")))
         + f"name: [{', '.join(['*c'] * 10)}]\n")
     _fails(tmp_path, str(long), "long.yaml", "aliases expand it to", "characters")
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("name: " + "[" * 20000 + "]" * 20000 + "\n")
+    _fails(tmp_path, str(deep), "deep.yaml", "nested too deeply")
     named = _write(tmp_path, "named", {**rec, "name": ["a", "list"]})
     _fails(tmp_path, named, ".name: expected a string")
     latin = tmp_path / "latin.yaml"
@@ -479,10 +482,11 @@ def test_an_output_the_final_rename_could_not_make_is_refused_before_merging(fam
                                 *extra], capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
             assert r.returncode == 2 and "is a symbolic link" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert (target / "keep").read_text() == "x" and (tmp_path / "linked").is_symlink()
-    long = tmp_path / ("a" * 250)
-    r = subprocess.run([sys.executable, "-m", "evomerge.cli", ok, str(long), "--no-progress"],
-                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert r.returncode == 2 and "byte limit" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    for long, says in ((tmp_path / ("a" * 250), "byte limit"), (tmp_path / ("b" * 300) / "sub", "longer than the 255"),
+                       (tmp_path.joinpath(*["c" * 200] * 25), "more than a file system takes")):
+        r = subprocess.run([sys.executable, "-m", "evomerge.cli", ok, str(long), "--no-progress"],
+                           capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
@@ -567,6 +571,48 @@ def test_an_overwrite_killed_between_its_renames_is_put_back(fam, tmp_path):
     target.write_text("x")
     assert merge_main([rfile, str(target), "--no-progress", "--overwrite"]) == 0
     assert target.is_dir() and not list(tmp_path.glob(".plain_file.*"))
+
+
+SIGNAL_IN_COMMIT = """
+import os, signal, sys
+from evomerge import checkpoint
+from evomerge.cli import merge_command
+replace, calls = os.replace, []
+def replace_and_stop(a, b):
+    calls.append(1)
+    if len(calls) == 2:  # the new output going into place, the old one aside: a SIGHUP now
+        os.kill(os.getpid(), signal.SIGHUP)
+    return replace(a, b)
+checkpoint.os.replace = replace_and_stop
+sys.argv = ["evomerge-merge", *sys.argv[1:]]
+sys.exit(merge_command())
+"""
+
+
+def test_a_stop_signal_during_an_overwrites_swap_leaves_a_complete_output_and_nothing_beside(fam, tmp_path):
+    """A SIGHUP between the renames of an --overwrite used to end the merge there, saying
+    nothing was written while the output had been replaced, and leave the old one half
+    removed, which the next writer then put back as the output. Stop signals now wait for
+    the swap: the merge completes, and what it replaced goes where no writer restores it."""
+    rfile = _write(tmp_path, "lin", recipes(fam)["linear"])
+    ta = _write(tmp_path, "ta", recipes(fam)["task_arithmetic"])
+    out = tmp_path / "out"
+    assert merge_main([rfile, str(out), "--no-progress"]) == 0
+    script = tmp_path / "stop.py"
+    script.write_text(SIGNAL_IN_COMMIT)
+    r = subprocess.run([sys.executable, str(script), ta, str(out), "--overwrite", "--no-progress"],
+                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 0, r.stderr
+    assert not list(tmp_path.glob(".out.*"))
+    assert merge_main([ta, str(tmp_path / "again"), "--no-progress"]) == 0
+    assert _snapshot(out) == _snapshot(tmp_path / "again")  # the new merge, whole
+    # a replaced output a killed writer was removing is removed by the next one, never restored
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    trash = tmp_path / f".fresh.trash-{int(dead.stdout)}"
+    trash.mkdir()
+    (trash / "generation_config.json").write_text("{}")
+    assert merge_main([rfile, str(tmp_path / "fresh"), "--no-progress"]) == 0
+    assert not trash.exists() and (tmp_path / "fresh" / "model.safetensors").is_file()
 
 
 def test_a_missing_tokenizer_source_is_refused_before_anything_is_merged(fam, tmp_path, monkeypatch):

@@ -425,6 +425,44 @@ def _comm(pid: int) -> str:
         return ""
 
 
+def test_a_driver_killed_while_its_ray_starts_leaves_no_ray_process_behind(tmp_path):
+    """The watcher starts before ray.init and records the driver's new processes as they
+    appear: a SIGKILL while Ray is still starting (its GCS up, its agents starting) leaves
+    nothing running either."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from evomerge.execute import _reaper
+
+    p = subprocess.Popen([sys.executable, str(_fake_driver_script(tmp_path))], stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, text=True)
+    seen: dict[int, str] = {}
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and "gcs_server" not in {_comm(q) for q in seen}:
+            seen.update(_reaper.descendants(p.pid))
+            time.sleep(0.05)
+        assert "gcs_server" in {_comm(q) for q in seen}
+        time.sleep(1.0)  # the raylet and its agents come up now
+        seen.update(_reaper.descendants(p.pid))
+        t0 = time.monotonic()
+        p.kill()
+        p.wait()
+        while time.monotonic() - t0 < 20 and any(_reaper._start_time(q) == t for q, t in seen.items()):
+            time.sleep(0.2)
+        left = {q: _comm(q) for q, t in seen.items() if _reaper._start_time(q) == t}
+        assert not left, f"still running {time.monotonic() - t0:.0f} s after the driver died: {left}"
+    finally:
+        if p.poll() is None:
+            p.kill()
+        for q, t in seen.items():
+            if _reaper._start_time(q) == t:
+                os.kill(q, signal.SIGKILL)
+
+
 def test_a_ray_search_killed_at_random_gives_the_trial_log_of_an_uninterrupted_one(zoo, tmp_path):
     """Chaos: a CMA-ES search through a local Ray whose workers are SIGKILLed at random
     moments (mid-evaluation, as they are always busy) and whose driver is SIGKILLed twice and

@@ -712,7 +712,10 @@ def test_a_search_limited_by_time_alone(tmp_path):
     lambda d: {**d, "strategy": []},
     lambda d: {**d, "strategy": {**d["strategy"], "history": 5}},
     lambda d: {**d, "next_id": "many"},
-], ids=["empty", "pending-a-number", "strategy-a-list", "history-a-number", "next-id-text"])
+    lambda d: {**d, "next_id": 1e300},  # was a list of 1e300 ids: out of memory
+    lambda d: {**d, "next_id": 10**30},
+], ids=["empty", "pending-a-number", "strategy-a-list", "history-a-number", "next-id-text", "next-id-1e300",
+        "next-id-huge"])
 def test_a_malformed_strategy_state_is_named_not_a_traceback(tmp_path, edit):
     from evomerge.trials import StateError
 
@@ -724,6 +727,25 @@ def test_a_malformed_strategy_state_is_named_not_a_traceback(tmp_path, edit):
         run_search(sp, CMAES(sp, seed=0), FunctionExecutor(), run, budget=30, progress=False, sources=False,
                    resume=True)
     assert (run / "trials.jsonl").read_text() == log  # nothing appended
+
+
+def test_a_state_file_that_is_not_json_data_is_named(tmp_path):
+    from evomerge.trials import StateError
+
+    sp, run = _started(tmp_path, budget=24)
+    state = run / "strategy.json"
+    good = json.loads(state.read_text())
+    for text in ("[" * 100000 + "]" * 100000, '{"next_id": ' + "9" * 5000 + "}"):
+        state.write_text(text)
+        with pytest.raises(StateError, match=r"strategy.json: not a JSON state file"):
+            run_search(sp, CMAES(sp, seed=0), FunctionExecutor(), run, budget=30, progress=False, sources=False,
+                       resume=True)
+    state.write_text(json.dumps({**good, "next_id": 10**9}))  # a count the log cannot hold: counted, not listed
+    t0 = time.time()
+    with pytest.raises(StateError, match=r"lacks \d+ of the 1000000000 evaluations"):
+        run_search(sp, CMAES(sp, seed=0), FunctionExecutor(), run, budget=30, progress=False, sources=False,
+                   resume=True)
+    assert time.time() - t0 < 10
 
 
 def test_a_second_process_on_the_same_run_directory_is_refused(tmp_path):

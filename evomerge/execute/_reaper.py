@@ -3,12 +3,12 @@
 A local Ray's GCS and raylet share the fate of the process that started them, but its
 agents (the dashboard and runtime-env agents) outlive a SIGKILLed starter by about a minute
 (they report the raylet's death to the GCS, which is already gone, and wait out that call's
-timeout). ``watch`` starts this module as a small child process given the processes that
-``ray.init`` created, each as (pid, start time); it waits until the starter is gone (its
-end of a pipe closes: a clean exit, a crash or a SIGKILL alike) and then, after a grace
-period for Ray's own shutdown, kills those of them that are still alive. A pid is killed
-only when its start time is still the one recorded, so a reused pid is never touched.
-Linux only (it reads /proc); elsewhere nothing is watched.
+timeout). ``watch`` starts this module as a small child process, before ``ray.init``: while
+the starter lives it records the starter's new descendants (pid and start time) every
+``POLL`` seconds; once the starter is gone (its end of a pipe closes: a clean exit, a crash
+or a SIGKILL alike), after a grace period for Ray's own shutdown, it kills those still
+alive. A pid is killed only when its start time is still the one recorded, so a reused pid
+is never touched. Linux only (it reads /proc); elsewhere nothing is watched.
 """
 
 from __future__ import annotations
@@ -55,24 +55,40 @@ def descendants(pid: int) -> dict[int, str]:
     return out
 
 
-def watch(procs: dict[int, str]):
-    """Start the watcher for ``procs`` (pid -> start time); returns it (a ``Popen``) or None
-    where /proc is missing. It ends by itself once this process is gone and so are they."""
-    if not procs or not os.path.isdir("/proc/self"):
+def watch(exclude: set[int] | None = None):
+    """Start the watcher of this process's descendants; returns it (a ``Popen``), or None
+    where /proc is missing. Until this process is gone it records, every ``POLL`` seconds,
+    every descendant that is not in ``exclude`` (those that were there before: start it
+    before ``ray.init``, so that a kill during the start is covered too); then it ends
+    them. It ends by itself once this process is gone and so are they."""
+    if not os.path.isdir("/proc/self"):
         return None
     # run as a file, not as a module of the package: it needs the standard library only
     return subprocess.Popen([sys.executable, "-I", os.path.abspath(__file__)], stdin=subprocess.PIPE,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True,
-                            env={**os.environ, "EVOMERGE_REAP": json.dumps(procs)})
+                            env={**os.environ, "EVOMERGE_REAP": json.dumps({"parent": os.getpid(),
+                                                                            "exclude": sorted(exclude or ())})})
+
+
+POLL = 0.2
 
 
 def _main() -> None:
+    import select
+
     # a Ctrl-C or a SIGTERM for the whole process group is the starter's to handle
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    procs = {int(p): t for p, t in json.loads(os.environ["EVOMERGE_REAP"]).items()}
-    while sys.stdin.buffer.read(65536):  # until the starter is gone
-        pass
+    spec = json.loads(os.environ["EVOMERGE_REAP"])
+    parent, exclude = int(spec["parent"]), set(spec["exclude"]) | {os.getpid()}
+    procs: dict[int, str] = {}
+    while True:  # until the starter is gone (its end of the pipe closes)
+        for p, t in descendants(parent).items():
+            if p not in exclude:
+                procs[p] = t
+        ready, _, _ = select.select([sys.stdin.buffer], [], [], POLL)
+        if ready and not os.read(sys.stdin.buffer.fileno(), 65536):
+            break
     deadline = time.monotonic() + GRACE
     while time.monotonic() < deadline:
         procs = {p: t for p, t in procs.items() if _start_time(p) == t}

@@ -47,7 +47,7 @@ def _start_local_ray(num_cpus: int | None):
     import ray
     from ray._private import ray_constants
 
-    before = set(_reaper.descendants(os.getpid()))
+    watcher = _reaper.watch(exclude=set(_reaper.descendants(os.getpid())))  # before: a kill mid-start is covered
     saved = os.environ.get(_CLUSTERS_SWITCH), getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
     os.environ[_CLUSTERS_SWITCH] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
@@ -63,8 +63,7 @@ def _start_local_ray(num_cpus: int | None):
             vars(ray_constants).pop("ENABLE_RAY_CLUSTER", None)
         else:
             ray_constants.ENABLE_RAY_CLUSTER = saved[1]
-    started = {p: t for p, t in _reaper.descendants(os.getpid()).items() if p not in before}
-    return _reaper.watch(started)
+    return watcher
 
 
 def _failed(cand: Candidate, error: str) -> Result:

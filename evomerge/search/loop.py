@@ -110,20 +110,24 @@ def _run_search(space, strategy, executor, run_dir: Path, budget, max_seconds, r
         try:
             strategy.load_state_dict(state["strategy"])
             pending = [Candidate(**c) for c in state["pending"]]
-            next_id, generation = int(state["next_id"]), int(state["generation"])
+            next_id, generation = state["next_id"], state["generation"]
             elapsed = float(state.get("elapsed", 0.0))
+            for k, v in (("next_id", next_id), ("generation", generation)):
+                if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 2**40:
+                    raise ValueError(f"{k} is {v!r}, not a count")
         except StateError:
             raise
         except Exception as e:  # noqa: BLE001 - whatever is malformed in it, the file is named
             what = f"no {e}" if isinstance(e, KeyError) else str(e).splitlines()[0][:300]
             raise StateError(f"{state_path}: not a state this search can resume from ({type(e).__name__}: "
                              f"{what}); resume with the files the search wrote, or start a new run directory") from None
-        in_flight = {c.id for c in pending}
-        lost = [i for i in range(next_id) if i not in in_flight and ("search", i) not in done]
-        if lost:
-            raise StateError(f"{run_dir / LOG_FILE} lacks {len(lost)} of the {next_id} evaluations the strategy's "
-                             f"state counts (e.g. id {lost[0]}): it was truncated or replaced, and resuming would "
-                             "repeat or skip work")
+        have = {c.id for c in pending} | {i for k, i in done if k == "search"}
+        have = {i for i in have if 0 <= i < next_id}
+        if len(have) < next_id:  # (counted, not listed: the count comes from a file)
+            first = next(i for i in range(len(have) + 1) if i not in have)
+            raise StateError(f"{run_dir / LOG_FILE} lacks {next_id - len(have)} of the {next_id} evaluations the "
+                             f"strategy's state counts (e.g. id {first}): it was truncated or replaced, and resuming "
+                             "would repeat or skip work")
     else:
         pending, next_id, generation, elapsed = [], 0, 0, 0.0
 
