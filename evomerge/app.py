@@ -372,8 +372,9 @@ def conf_dir() -> Path:
 def _first_error(run_dir: Path) -> str:
     from .trials import TrialLog
 
-    return next((r.error for r in TrialLog(run_dir / "trials.jsonl") if r.kind == "search" and r.error),
-                "(no error recorded)")
+    error = next((r.error for r in TrialLog(run_dir / "trials.jsonl") if r.kind == "search" and r.error),
+                 "(no error recorded)")
+    return error.strip().splitlines()[0] if error.strip() else error  # one line; the log has it whole
 
 
 # Hydra's own settings that may be given on the command line: where runs go, and the

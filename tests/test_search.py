@@ -436,6 +436,18 @@ def test_a_crafted_cma_es_optimizer_in_the_study_file_is_refused_unread(tmp_path
         run_search(sp, OptunaSearch(sp, "cmaes", seed=2, storage=url), FunctionExecutor(), tmp_path / "cut",
                    budget=40, progress=False, sources=False, resume=True)
     assert not marker.exists()
+    # built from allowed classes, but not an optimizer the sampler makes: named, not a traceback or a hang
+    import cmaes
+
+    stuck = cmaes.CMA(mean=np.zeros(len(sp)), sigma=0.3)
+    stuck._n_max_resampling = 10**9
+    for thing, says in ((np.zeros(3), "not a CMA-ES optimizer"), (stuck, "malformed")):
+        con.execute("update trial_system_attributes set value_json = ? where key = 'cma:optimizer:0'",
+                    (json.dumps(pickle.dumps(thing).hex()),))
+        con.commit()
+        with pytest.raises(StateError, match=says):
+            run_search(sp, OptunaSearch(sp, "cmaes", seed=2, storage=url), FunctionExecutor(), tmp_path / "cut",
+                       budget=40, progress=False, sources=False, resume=True)
     # the genuine study resumes, exactly
     con.execute("delete from trial_system_attributes")
     con.executemany("insert into trial_system_attributes (trial_id, key, value_json) values (?, ?, ?)", saved)

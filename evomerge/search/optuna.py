@@ -86,15 +86,39 @@ def _checked_cmaes_sampler():
                 if attrs:
                     try:
                         raw = bytes.fromhex(self._concat_optimizer_attrs(attrs))
-                        return _Unpickler(io.BytesIO(raw)).load()
+                        opt = _Unpickler(io.BytesIO(raw)).load()
                     except StateError:
                         raise
                     except Exception as e:  # noqa: BLE001 - a damaged record, named
                         raise StateError(f"optuna storage: the CMA-ES sampler's saved optimizer of trial "
                                          f"{trial.number} cannot be read ({type(e).__name__}: {e})") from None
+                    _check_optimizer(opt, trial.number)
+                    return opt
             return None
 
     return CheckedCmaEsSampler
+
+
+def _check_optimizer(opt, trial: int) -> None:
+    """A restored optimizer is one of the ``cmaes`` package's, whole, and sized as an
+    optimizer the sampler makes (an altered study can hold one that fails later with a
+    traceback, or resamples forever)."""
+    import cmaes
+
+    from ..trials import StateError
+
+    where = f"optuna storage: the CMA-ES sampler's saved optimizer of trial {trial}"
+    if not isinstance(opt, (cmaes.CMA, cmaes.SepCMA, cmaes.CMAwM)):
+        raise StateError(f"{where} is a {type(opt).__name__}, not a CMA-ES optimizer")
+    try:
+        dim, pop = int(opt.dim), int(opt.population_size)
+        resampling = int(getattr(opt, "_n_max_resampling", 100))
+        mean = getattr(opt, "_mean", None)
+    except Exception as e:  # noqa: BLE001 - missing or malformed parts
+        raise StateError(f"{where} is incomplete ({type(e).__name__}: {e})") from None
+    if not (0 < dim < 10**6 and 0 < pop < 10**6 and 0 <= resampling <= 10**4) or \
+            mean is None or getattr(mean, "shape", None) != (dim,):
+        raise StateError(f"{where} is malformed (dimension {dim}, population {pop}, resampling {resampling})")
 
 
 class OptunaSearch:
