@@ -42,11 +42,17 @@ def descendants(pid: int) -> dict[int, str]:
     todo = [pid]
     while todo:
         p = todo.pop()
+        kids = []
         try:
-            with open(f"/proc/{p}/task/{p}/children") as f:
-                kids = [int(c) for c in f.read().split()]
+            tasks = os.listdir(f"/proc/{p}/task")  # every thread's children, not only the main one's
         except OSError:
             continue
+        for tid in tasks:
+            try:
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    kids += [int(c) for c in f.read().split()]
+            except OSError:
+                continue
         for c in kids:
             t = _start_time(c)
             if t is not None:
