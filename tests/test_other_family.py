@@ -184,3 +184,27 @@ def test_stop_strings_from_a_command_line_name_a_newline():
     assert _stop_strings(["\\n", "###", "a\\tb", "\\\\n"]) == ("\n", "###", "a\tb", "\\n")
     with pytest.raises(EvaluationError, match="non-empty"):
         _stop_strings([""])
+
+
+@pytest.mark.parametrize("method,search,granularity", [("ties", ["weight", "density"], "per_layer_filtered"),
+                                                        ("dare_ties", ["weight", "density"], "per_layer"),
+                                                        ("slerp", ["t"], "per_layer")])
+def test_the_compiled_map_equals_the_recipe_on_gpt2(words, method, search, granularity):
+    """The compiled coefficient map on GPT-2's tensors (transformer.h.N..., Conv1D, attn
+    named ``attn``): a genome's parameters equal those resolved from its exported recipe."""
+    import numpy as np
+    import yaml
+
+    from evomerge.merge.engine import MergeEngine
+    from evomerge.recipe import parse_recipe
+    from evomerge.space import Space
+
+    experts = [str(p) for p in words.experts.values()][: 1 if method == "slerp" else 3]
+    sp = Space(method, experts, base_model=str(words.base), search=search, granularity=granularity)
+    template = MergeEngine(sp.recipe(sp.x0))
+    cmap = sp.compile(template.tasks)
+    for x in (sp.lower, np.random.default_rng(0).uniform(sp.lower, sp.upper)):
+        want = MergeEngine(parse_recipe(yaml.safe_load(sp.recipe_yaml(x))), checkpoints=template.models).tasks
+        cols = cmap.columns(x)
+        assert [cols.params(i) for i in range(len(want))] == \
+            [{k: v for k, v in t.params.items() if k != "seeds"} for t in want]
