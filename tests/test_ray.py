@@ -401,6 +401,11 @@ def test_a_driver_killed_with_sigkill_leaves_no_ray_process_behind(tmp_path):
         procs = _reaper.descendants(p.pid)
         names = {open(f"/proc/{q}/comm").read().strip() for q in procs if os.path.exists(f"/proc/{q}")}
         assert {"gcs_server", "raylet"} <= names and len(procs) >= 6, names
+        # all but the watcher hold files open in the session folder named for the driver's pid,
+        # by which the watcher finds the orphans of a process that died before its next poll
+        marked = {q for q in procs if _reaper.sessions(q, p.pid)}
+        assert set(procs) - marked == {watcher_pid(procs)}, {_comm(q) for q in set(procs) - marked}
+        assert len({f for q in procs for f in _reaper.sessions(q, p.pid)}) == 1
         t0 = time.monotonic()
         p.kill()
         p.wait()
@@ -415,6 +420,13 @@ def test_a_driver_killed_with_sigkill_leaves_no_ray_process_behind(tmp_path):
         for q, t in procs.items():  # what a failing test would leave
             if _reaper._start_time(q) == t:
                 os.kill(q, signal.SIGKILL)
+
+
+def watcher_pid(procs) -> int:
+    """The one process among a driver's descendants that runs the watcher."""
+    found = [q for q in procs if b"_reaper.py" in open(f"/proc/{q}/cmdline", "rb").read()]
+    assert len(found) == 1, found
+    return found[0]
 
 
 def _comm(pid: int) -> str:
@@ -460,6 +472,68 @@ def test_a_driver_killed_while_its_ray_starts_leaves_no_ray_process_behind(tmp_p
             p.kill()
         for q, t in seen.items():
             if _reaper._start_time(q) == t:
+                os.kill(q, signal.SIGKILL)
+
+
+def test_the_watcher_ends_processes_started_after_the_starter_died_and_orphans_in_its_session(tmp_path):
+    """A process Ray starts after the driver died (the raylet starting an agent late), or
+    whose parent exited before the watcher's next poll, was never recorded as a descendant and
+    outlived the driver (2 agents were still running 20 s after a kill during Ray's start).
+    The watcher now also follows what the recorded processes start after the driver is gone,
+    and ends every process holding files open in their session folder."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from evomerge.execute import _reaper
+
+    late, orphan = tmp_path / "late.pid", tmp_path / "orphan.pid"
+    # as Ray's processes do, each child holds a file open in a session folder named for the
+    # starter's pid; each waits for the starter to be gone, then starts a sleeper holding one
+    # too: one child stays its parent (a late descendant), one exits at once (an orphan)
+    child = ("import os, subprocess, sys, time\n"
+             "starter, out, stay = int(sys.argv[1]), sys.argv[2], sys.argv[3] == 'stay'\n"
+             "folder = os.path.join(os.path.dirname(out), f'session_2026_{starter}')\n"
+             "os.makedirs(folder, exist_ok=True)\n"
+             "log = open(os.path.join(folder, os.path.basename(out) + '.log'), 'w')\n"
+             "while os.getppid() == starter: time.sleep(0.01)\n"
+             "q = subprocess.Popen(['sleep', '600'], stdout=log)\n"
+             "open(out, 'w').write(str(q.pid))\n"
+             "if stay: time.sleep(600)\n")
+    starter = tmp_path / "starter.py"
+    starter.write_text(
+        "import os, subprocess, sys, time\n"
+        "from evomerge.execute import _reaper\n"
+        "w = _reaper.watch(exclude=set(_reaper.descendants(os.getpid())))\n"
+        f"for out, stay in (({str(late)!r}, 'stay'), ({str(orphan)!r}, 'go')):\n"
+        f"    subprocess.Popen([sys.executable, '-c', {child!r}, str(os.getpid()), out, stay])\n"
+        "time.sleep(0.6)\n"  # the watcher records both children, not their sleepers
+        "print('ready', flush=True)\n"
+        "time.sleep(600)\n")
+    p = subprocess.Popen([sys.executable, str(starter)], stdout=subprocess.PIPE, text=True)
+    pids: dict[int, str] = {}
+    try:
+        assert p.stdout.readline().strip() == "ready"
+        p.kill()
+        p.wait()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not (late.exists() and orphan.exists()):
+            time.sleep(0.05)
+        time.sleep(0.1)
+        pids = {int(f.read_text()): _reaper._start_time(int(f.read_text())) for f in (late, orphan)}
+        assert all(pids.values()), "the sleepers were started"
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < _reaper.GRACE + 10 and any(_reaper._start_time(q) == t for q, t in pids.items()):
+            time.sleep(0.2)
+        left = [q for q, t in pids.items() if _reaper._start_time(q) == t]
+        assert not left, f"still running {time.monotonic() - t0:.0f} s after the starter died: {left}"
+    finally:
+        if p.poll() is None:
+            p.kill()
+        for q, t in pids.items():
+            if t and _reaper._start_time(q) == t:
                 os.kill(q, signal.SIGKILL)
 
 
