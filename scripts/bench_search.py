@@ -117,6 +117,37 @@ def main() -> int:
             mat.append(t1 - t0)
             evs.append(t2 - t1)
         m, e = statistics.median(mat), statistics.median(evs)
+        # the same candidates with the fused CPU kernels off: the torch path
+        from evomerge.merge import native
+
+        # the fixed cost of a candidate outside the arithmetic: the same materialize with the
+        # kernels' work replaced by a call that returns at once (the parameters, the masks'
+        # tables, the live model's tensors, the threads' dispatch and the checks remain)
+        from evomerge.merge import flat
+
+        fixed = []
+        if a.device == "cpu" and not a.compile and native.available() and a.method != "task_arithmetic":
+            class _NoWork:
+                @staticmethod
+                def em_task_arithmetic_many(*args):
+                    return 0
+
+            real = flat.FlatGroup._merge_native
+            flat.FlatGroup._merge_native = lambda self, lib, *r, **k: real(self, _NoWork, *r, **k)
+            try:
+                for x in genomes:
+                    t0 = time.perf_counter()
+                    worker.engine.materialize(worker.coefficients.columns(x), into=worker.model)
+                    fixed.append(time.perf_counter() - t0)
+            finally:
+                flat.FlatGroup._merge_native = real
+        eager = []
+        if a.device == "cpu" and not a.compile and native.available():
+            with native.disabled():
+                for x in genomes[: max(3, a.candidates // 2)]:
+                    t0 = time.perf_counter()
+                    worker.engine.materialize(worker.coefficients.columns(x), into=worker.model)
+                    eager.append(time.perf_counter() - t0)
 
         # the fixed cost of turning a genome into every tensor's parameters: the compiled
         # map (what a worker does) against writing, parsing and resolving a recipe
@@ -163,6 +194,11 @@ def main() -> int:
             ("resident inputs read + model written", f"{(worker.engine.nbytes + model_bytes) / 1e6:.1f} MB"),
             ("bandwidth floor per materialize", f"{floor * 1e3:.2f} ms"),
             ("materialize per candidate (median)", f"{m * 1e3:.2f} ms ({m / floor:.1f}x the floor)"),
+            *([("materialize, torch path (kernels off), median",
+                f"{statistics.median(eager) * 1e3:.2f} ms ({statistics.median(eager) / floor:.1f}x the floor, "
+                f"{statistics.median(eager) / m:.1f}x the kernels)")] if eager else []),
+            *([("fixed cost per candidate outside the arithmetic (columns + materialize, median)",
+                f"{statistics.median(fixed) * 1e3:.3f} ms")] if fixed else []),
             ("genome -> parameters: compiled map vs recipe round trip",
              f"{via_map * 1e3:.3f} ms vs {via_recipe * 1e3:.3f} ms ({via_recipe / via_map:.0f}x)"),
             ("evaluate per candidate (median)", f"{e * 1e3:.1f} ms"),

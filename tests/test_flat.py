@@ -3,6 +3,8 @@ bit for bit the weights of the one-shot, per-tensor merge, whatever the paramete
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -70,28 +72,97 @@ densities = st.lists(st.sampled_from([1e-5, 1e-4, 0.1, 0.37, 0.5, 0.9, 0.99999, 
 @given(method=st.sampled_from(["task_arithmetic", "ties", "dare_ties", "dare_linear"]),
        dtype=st.sampled_from(["float32", "bfloat16"]), w=weights, d=densities,
        lam=st.sampled_from([1.0, 0.7]), normalize=st.booleans(), rescale=st.booleans(),
-       per_layer=st.booleans(), seed=st.integers(0, 3), device=st.sampled_from(DEVICES))
-def test_flat_equals_one_shot(families, method, dtype, w, d, lam, normalize, rescale, per_layer, seed, device):
+       per_layer=st.booleans(), seed=st.integers(0, 3), device=st.sampled_from(DEVICES), kernels=st.booleans(),
+       threads=st.sampled_from([1, 2, 3]))
+def test_flat_equals_one_shot(families, method, dtype, w, d, lam, normalize, rescale, per_layer, seed, device,
+                              kernels, threads):
+    """On the CPU the flat path runs in the fused kernels (a tensor per call, shared out over
+    the threads) or, with them off, in torch: both give the one-shot merge's bits."""
+    from evomerge.merge import native
+
     fam = families[dtype]
     recipe = recipe_for(fam, method, w, d, lam, normalize, rescale, per_layer)
     tdt = getattr(torch, dtype)
     engine = ResidentEngine(recipe, seed=seed, device=device)
     assert engine._groups, "the flat path is built for this method"
     model = live(fam["base"], tdt, device)
-    calls = []
-    orig = FlatGroup.merge
+    calls = {"merge": 0, "kernels": 0}
+    orig, orig_native = FlatGroup.merge, FlatGroup._merge_native
 
     def spy(self, *a, **k):
-        calls.append(1)
+        calls["merge"] += 1
         return orig(self, *a, **k)
 
-    FlatGroup.merge = spy
+    def spy_native(self, *a, **k):
+        calls["kernels"] += 1
+        return orig_native(self, *a, **k)
+
+    FlatGroup.merge, FlatGroup._merge_native = spy, spy_native
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
+        with contextlib.nullcontext() if kernels else native.disabled():
+            engine.materialize(recipe, into=model)
+    finally:
+        FlatGroup.merge, FlatGroup._merge_native = orig, orig_native
+        torch.set_num_threads(before)
+    assert calls["merge"], "the candidate took the flat path"
+    takes = kernels and device == "cpu" and native.available() and method != "task_arithmetic"
+    assert bool(calls["kernels"]) == takes, calls
+    assert_weights(model, one_shot(recipe, seed, device))
+
+
+def test_the_flat_kernels_share_a_group_out_over_threads_by_size():
+    import numpy as np
+
+    from evomerge.merge.flat import MAX_LANES, PIECE_ALIGN, _native_pieces
+
+    sizes = np.array([10, 10, 1 << 17, 1 << 17, 1 << 17, 1 << 17, 1 << 20])
+    for threads in (1, 2, 3, 8):
+        seg, start, length, bounds = _native_pieces(sizes, threads)
+        # the pieces cover every tensor, in order, cut only at aligned positions
+        for i, n in enumerate(sizes):
+            mine = seg == i
+            assert list(start[mine]) == sorted(start[mine]) and start[mine][0] == 0
+            assert all(a % PIECE_ALIGN == 0 for a in start[mine])
+            assert int(length[mine].sum()) == n
+            assert all(a + m == b for a, m, b in zip(start[mine], length[mine], list(start[mine][1:]) + [n]))
+        # each thread a run of consecutive pieces, about an equal share of the entries
+        assert bounds[0][0] == 0 and bounds[-1][1] == len(seg)
+        assert all(b == c for (_, b), (c, _) in zip(bounds, bounds[1:]))
+        assert len(bounds) == min(threads, MAX_LANES)
+        shares = [int(length[a:b].sum()) for a, b in bounds]
+        assert max(shares) <= 1.5 * sizes.sum() / len(bounds), shares
+    seg, _, _, bounds = _native_pieces(np.array([100, 200]), 4)  # too little work to share
+    assert bounds == [(0, 2)] and list(seg) == [0, 1]
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "dare_linear"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_flat_kernels_cutting_tensors_between_threads_give_the_one_shot_bits(families, method, dtype, monkeypatch):
+    """A tensor cut between threads: each piece's magnitude cut counts positions from the
+    piece's start, and DARE's stream goes on from where the piece starts."""
+    from evomerge.merge import flat, native
+
+    if not native.available():
+        pytest.skip("no C compiler here: the kernels are not built")
+    monkeypatch.setattr(flat, "LANE_WORK", 16)
+    monkeypatch.setattr(flat, "PIECE_ALIGN", 4)
+    monkeypatch.setattr(flat, "PIECES_PER_LANE", 64)
+    fam = families[dtype]
+    recipe = recipe_for(fam, method, [0.5, 1.0, -0.4], [0.37, 0.9, 0.1], 0.7, False, True, True)
+    engine = ResidentEngine(recipe, seed=2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        (_, g), = engine._groups
+        seg, start, _, bounds = g._work(3)
+        assert (start > 0).sum() > 10 and len(bounds) == 3, "tensors are cut in pieces"
+        model = live(fam["base"], getattr(torch, dtype))
         engine.materialize(recipe, into=model)
     finally:
-        FlatGroup.merge = orig
-    assert calls, "the candidate took the flat path"
-    assert_weights(model, one_shot(recipe, seed, device))
+        torch.set_num_threads(before)
+    assert_weights(model, one_shot(recipe, 2))
 
 
 def test_flat_buffers_hold_the_inputs_once(families):

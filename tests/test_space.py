@@ -272,6 +272,41 @@ def test_a_live_model_whose_parameters_were_replaced_gets_the_next_candidate(fam
         assert torch.equal(p.detach(), want[name]), name
 
 
+def test_a_replaced_submodule_gets_the_next_candidate_and_a_misshapen_parameter_is_named(family):
+    """The fast lookup of the live model's tensors walks each one's module path again: a
+    submodule swapped in after a candidate receives the next one, and a parameter replaced
+    by one of another shape is named, not written past; a dropped model is not kept alive."""
+    import copy
+    import gc
+    import weakref
+
+    from evomerge.merge.engine import MergeError
+
+    sp = Space("ties", experts(family), base_model=str(family["base"]), search=["weight", "density"],
+               granularity="per_model")
+    engine = ResidentEngine(sp.recipe(sp.x0))
+    cmap = sp.compile(engine.template.tasks)
+    model = live_model(family)
+    engine.materialize(cmap.columns(sp.x0), into=model)
+    layer = model.model.layers[0]
+    layer.mlp = copy.deepcopy(layer.mlp)  # new parameters, under the same names
+    x = np.full(len(sp), 0.8)
+    engine.materialize(cmap.columns(x), into=model)
+    want = engine.merged(cmap.columns(x))
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), want[name]), name
+    proj = layer.mlp.down_proj
+    proj.weight = torch.nn.Parameter(torch.zeros(proj.weight.shape[0], proj.weight.shape[1] + 1))
+    with pytest.raises(MergeError, match=r"tensor 'model\.layers\.0\.mlp\.down_proj\.weight': merged shape"):
+        engine.materialize(cmap.columns(x), into=model)
+    gone = weakref.ref(model)
+    other = live_model(family)
+    del model, layer, proj
+    gc.collect()
+    assert gone() is None, "the engine keeps no strong reference to a model it merged into"
+    engine.materialize(cmap.columns(x), into=other)  # and takes the next one
+
+
 def test_columns_of_another_plan_are_refused(family):
     """Columns compiled for the same models in another order (or other tensors) would pair
     weights with the wrong models: the engine refuses them."""

@@ -473,6 +473,27 @@ int em_task_arithmetic(const void *base, int32_t bdt, int64_t n, int32_t k, em_m
     return bad;
 }
 
+/* Many tensors in one call (a flat group's segments, a block of tensors): tensor g has
+ * len[g] entries, its base at address base[g] and its result at out[g] (dtypes bdt, odt),
+ * models[g * k .. g * k + k - 1] as em_task_arithmetic takes them (ptr: the model's entries
+ * of that tensor), and its own division (div_sum[g], wdiv[g]) and lambda. Each is merged
+ * exactly as em_task_arithmetic merges it. Returns 0, 1 if a result is not finite, or
+ * -ENOMEM. */
+int em_task_arithmetic_many(int64_t nseg, const uint64_t *base, int32_t bdt, const int64_t *len, int32_t k,
+                            em_model *models, int32_t consensus, int32_t normalize, const int32_t *div_sum,
+                            const float *wdiv, const int32_t *scale_lambda, const float *lambda,
+                            const uint64_t *out, int32_t odt) {
+    int bad = 0;
+    for (int64_t g = 0; g < nseg; g++) {
+        int rc = em_task_arithmetic((const void *)(uintptr_t)base[g], bdt, len[g], k, models + g * k, consensus,
+                                    normalize, div_sum[g], wdiv[g], scale_lambda[g], lambda[g],
+                                    (void *)(uintptr_t)out[g], odt);
+        if (rc < 0) return rc;
+        bad |= rc;
+    }
+    return bad;
+}
+
 /* acc = x * w (first) or acc += x * w, each product rounded before the sum */
 static void weighted(float *restrict acc, const float *restrict x, int64_t L, float w, int first) {
     for (int64_t j = 0; j < L; j++) acc[j] = first ? x[j] * w : acc[j] + x[j] * w;

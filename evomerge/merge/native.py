@@ -120,6 +120,8 @@ def _signatures(lib: ctypes.CDLL) -> None:
     lib.em_task_arithmetic.restype = ctypes.c_int
     lib.em_task_arithmetic.argtypes = [vp, i32, i64, i32, ctypes.POINTER(Model), i32, i32, i32, f32,
                                        i32, f32, vp, i32]
+    lib.em_task_arithmetic_many.restype = ctypes.c_int
+    lib.em_task_arithmetic_many.argtypes = [i64, vp, i32, vp, i32, vp, i32, i32, vp, vp, vp, vp, vp, i32]
     lib.em_linear.restype = ctypes.c_int
     lib.em_linear.argtypes = [i64, i32, ctypes.POINTER(vp), ctypes.POINTER(i32), ctypes.POINTER(f32),
                               i32, f32, vp, i32]
