@@ -12,8 +12,13 @@ whole block merges in one sequence of operations, with no per-entry parameter te
 The arithmetic is, entry by entry, the operations of ``methods._general_task_arithmetic``
 in the same order, so the weights are bit-identical to the one-shot merge.
 
-With ``compile=True`` each block runs through ``torch.compile`` as one fused kernel (the
-first candidate pays the compilation).
+Three backends give the same bits. In torch, a block merges in a dozen operations over
+cache-sized pieces (``_combine``). With ``compile=True`` each piece runs through
+``torch.compile`` as one fused kernel (``_combine_by_model``, whose combination step,
+``merge_deltas``, AdaMerging differentiates through; the first candidate pays the
+compilation). On the CPU the sparsifying methods (TIES, DARE) run in the fused C kernels of
+the one-shot merge (``_kernels.c``), one pass per tensor with that tensor's parameters and
+masks, the tensors shared out over the threads (``_native_pieces``).
 
 Covered: ``task_arithmetic``, ``ties`` and ``dare_linear`` / ``dare_ties`` (with ``rescale``
 true or false); anything else (and a candidate whose tensors disagree on ``normalize`` or
@@ -33,7 +38,7 @@ from torch import Tensor
 from . import native
 from .methods import METHODS, _chunk, _rowsum, _work_dtype
 
-__all__ = ["FlatGroup", "FLAT_METHODS"]
+__all__ = ["FlatGroup", "FLAT_METHODS", "agree", "elect", "merge_deltas"]
 
 # method -> (sparsification, consensus): the registry's task-arithmetic methods whose
 # sparsification the flat path implements
@@ -105,14 +110,36 @@ def _combine_by_model(B: Tensor, T: Tensor, C: Tensor, WS, W, LAM, mask_in: tupl
         else:
             D = D * C[j]
         Ds.append(D)
+    return merge_deltas(Ds, b, WS=WS, W=W, LAM=LAM, consensus=consensus)
+
+
+def elect(Ds: list[Tensor]) -> Tensor:
+    """TIES's elected sign of each entry: +1 where the sum of the (weighted, masked) task
+    vectors ``Ds`` is >= 0 (zero counts as positive), else -1."""
+    S = Ds[0]
+    for D in Ds[1:]:
+        S = S + D
+    return (-S).sign().clamp(min=0) * -2 + 1
+
+
+def agree(D: Tensor, el: Tensor) -> Tensor:
+    """1 where ``D``'s sign is the elected one, else 0 (a zero never agrees)."""
+    return (torch.sign(D) * el).clamp(min=0)
+
+
+def merge_deltas(Ds: list[Tensor], b: Tensor, *, WS=None, W=None, LAM=None, consensus: bool = False) -> Tensor:
+    """theta0 + LAM * combine_k(D_k), out of place and model by model: the task-arithmetic
+    family's combination of weighted, masked task vectors ``Ds`` (``methods.
+    _general_task_arithmetic``'s, operation for operation). ``combine`` is the sum, divided
+    by ``WS`` where given, or with ``consensus`` TIES's disjoint merge (the agreeing entries
+    summed, divided by their summed weights ``W`` where given). Differentiable in every
+    input: the compiled flat path fuses it, and AdaMerging learns its coefficients
+    through it."""
     if consensus:
-        S = Ds[0]
-        for D in Ds[1:]:
-            S = S + D
-        el = (-S).sign().clamp(min=0) * -2 + 1
+        el = elect(Ds)
         mixed = div = None
         for j, D in enumerate(Ds):
-            A = (torch.sign(D) * el).clamp(min=0)
+            A = agree(D, el)
             mixed = D * A if mixed is None else mixed + D * A
             if W is not None:
                 div = A * W[j] if div is None else div + A * W[j]

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..evaluate.entropy import encode_prompts, prediction_entropy
+from ..merge.flat import agree, elect, merge_deltas
 from ..space import Space
 from ..trials import StateError, TrialLog, load_state, save_state
 from ..types import Result
@@ -88,12 +89,13 @@ class AdaMerging:
         self.step = 0
 
     def merged_params(self) -> dict[str, torch.Tensor]:
-        """The merged tensors as differentiable functions of the coefficients."""
+        """The merged tensors as differentiable functions of the coefficients: the flat
+        path's model-by-model merge (``flat.merge_deltas``) of the weighted task vectors."""
         out = {}
         for name, tau in self.taus.items():
             A, c = self.A[name]
             w = A.to(self.x.device) @ self.x + c.to(self.x.device)
-            out[name] = self.base[name] + torch.tensordot(w, tau, dims=1)
+            out[name] = merge_deltas([tau[j] * w[j] for j in range(tau.shape[0])], self.base[name])
         return out
 
     def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,7 +192,6 @@ def _ties_filter(tau: torch.Tensor, density: float) -> torch.Tensor:
 
     k = tau.shape[0]
     flat = tau.reshape(k, -1)
-    out = torch.stack([flat[i] * magnitude_mask(flat[i], density) for i in range(k)])
-    elected = torch.where(out.sum(0) >= 0, 1.0, -1.0)
-    out = out * (torch.sign(out) == elected).to(out.dtype)
-    return out.reshape(tau.shape)
+    kept = [flat[i] * magnitude_mask(flat[i], density) for i in range(k)]
+    el = elect(kept)
+    return torch.stack([d * agree(d, el) for d in kept]).reshape(tau.shape)
