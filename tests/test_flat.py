@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -57,15 +58,22 @@ def one_shot(recipe, seed, device="cpu"):
     return {t.name: eng.merge_tensor(t) for t in eng.tasks}
 
 
+def same_bits(a, b) -> bool:
+    """Equal bit for bit (torch.equal takes -0.0 for 0.0)."""
+    ints = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16,
+            torch.float64: torch.int64}
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.view(ints[a.dtype]), b.view(ints[b.dtype]))
+
+
 def assert_weights(model, want):
-    """The live model holds exactly the one-shot merge's weights."""
+    """The live model holds exactly the one-shot merge's weights, bit for bit."""
     got = dict(model.named_parameters())
     for name, t in want.items():
-        assert torch.equal(got[name].detach(), t.to(got[name].dtype)), name
+        assert same_bits(got[name].detach(), t.to(got[name].dtype)), name
 
 
 weights = st.lists(st.sampled_from([0.0, 0.3, 0.5, 1.0, -0.4, 1.7]), min_size=3, max_size=3)
-densities = st.lists(st.sampled_from([1e-5, 1e-4, 0.1, 0.37, 0.5, 0.9, 0.99999, 1.0]), min_size=3, max_size=3)
+densities = st.lists(st.sampled_from([1e-6, 1e-5, 1e-4, 0.1, 0.37, 0.5, 0.9, 0.99999, 1.0]), min_size=3, max_size=3)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -163,6 +171,78 @@ def test_flat_kernels_cutting_tensors_between_threads_give_the_one_shot_bits(fam
     finally:
         torch.set_num_threads(before)
     assert_weights(model, one_shot(recipe, 2))
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "ties"])
+@pytest.mark.parametrize("kernels", [False, True])
+def test_a_model_keeping_nothing_leaves_zeros_signed_as_the_one_shot_merge(method, kernels):
+    """A model whose mask keeps nothing (DARE's density rounds to 0 of 65536; TIES with a
+    negative weight elsewhere) is multiplied by +0, as the per-tensor masks do: the torch
+    flat path multiplied by 0 times its negative weight, -0, and where the base held -0.0 the
+    merged entry came out -0.0 instead of 0.0."""
+    from evomerge.merge import methods, native
+
+    if kernels and not native.available():
+        pytest.skip("no C compiler here: the kernels are not built")
+    g = torch.Generator().manual_seed(0)
+    n = 4096
+    base = torch.randn(n, generator=g)
+    base[::3] = -0.0
+    ts = [base + torch.randn(n, generator=g) for _ in range(2)]
+    if method == "dare_linear":
+        w, dens = [-0.5, 0.0], [1e-6, 1.0]  # model 0 keeps nothing; model 1 adds zeros
+        want = methods.dare_linear(base, ts, weight=w, density=dens, seeds=[7, 8])
+    else:
+        w, dens = [-0.5, 0.5], [0.5, 0.5]
+        want = methods.ties(base, ts, weight=w, density=dens, normalize=False)
+    grp = FlatGroup(["t"], [base], [ts], "cpu", torch.float32)
+    table = {"weight": np.array(w)[:, None], "density": np.array(dens)[:, None], "normalize": False,
+             "rescale": method == "dare_linear", "seeds": np.array([[7], [8]], dtype=np.uint64)}
+    out = torch.empty(n)
+    with contextlib.nullcontext() if kernels else native.disabled():
+        grp.merge(method, table, out)
+    assert (want.view(torch.int32) == 0).any() or method == "ties", "the case at hand: +0.0 results"
+    assert same_bits(out, want)
+
+
+def test_the_flat_kernels_work_in_a_forked_child():
+    """A forked child has none of its parent's threads: a pool kept from the parent would
+    wait for ever for them (the merge hung)."""
+    import os
+    import signal
+
+    from evomerge.merge import flat, native
+
+    if not native.available():
+        pytest.skip("no C compiler here: the kernels are not built")
+    g = torch.Generator().manual_seed(0)
+    n = 1 << 18
+    base = torch.randn(n, generator=g)
+    ts = [base + torch.randn(n, generator=g) for _ in range(2)]
+    grp = FlatGroup(["a", "b"], [base[: n // 2], base[n // 2:]], [[t[: n // 2] for t in ts], [t[n // 2:] for t in ts]],
+                    "cpu", torch.float32)
+    table = {"weight": np.full((2, 2), 0.5), "density": np.full((2, 2), 0.3), "normalize": False, "rescale": False}
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = torch.empty(n)
+        grp.merge("ties", table, out)
+        assert flat._POOLS, "the parent merged on a pool of threads"
+        want = out.clone()
+        pid = os.fork()
+        if pid == 0:  # the child: merge again, report by exit status
+            signal.alarm(20)
+            try:
+                out2 = torch.empty(n)
+                grp.merge("ties", table, out2)
+                # compared in NumPy: torch's own parallel operations are not fork-safe
+                os._exit(0 if out2.numpy().tobytes() == want.numpy().tobytes() else 3)
+            except BaseException:
+                os._exit(4)
+        _, status = os.waitpid(pid, 0)
+    finally:
+        torch.set_num_threads(before)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
 
 
 def test_flat_buffers_hold_the_inputs_once(families):

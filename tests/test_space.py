@@ -296,8 +296,15 @@ def test_a_replaced_submodule_gets_the_next_candidate_and_a_misshapen_parameter_
     for name, p in model.named_parameters():
         assert torch.equal(p.detach(), want[name]), name
     proj = layer.mlp.down_proj
-    proj.weight = torch.nn.Parameter(torch.zeros(proj.weight.shape[0], proj.weight.shape[1] + 1))
+    shape = tuple(proj.weight.shape)
+    proj.weight = torch.nn.Parameter(torch.zeros(shape[0], shape[1] + 1))
     with pytest.raises(MergeError, match=r"tensor 'model\.layers\.0\.mlp\.down_proj\.weight': merged shape"):
+        engine.materialize(cmap.columns(x), into=model)
+    # the same Parameter given other data (a broadcasting copy would have taken a row)
+    proj.weight = torch.nn.Parameter(torch.zeros(shape))
+    engine.materialize(cmap.columns(x), into=model)
+    proj.weight.data = torch.zeros(1, shape[1])
+    with pytest.raises(MergeError, match=r"down_proj\.weight': merged shape"):
         engine.materialize(cmap.columns(x), into=model)
     gone = weakref.ref(model)
     other = live_model(family)

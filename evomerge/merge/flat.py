@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 import types
 
 import numpy as np
@@ -166,14 +167,18 @@ def _combine_into(out: Tensor, *args) -> Tensor:
 _MODEL = np.dtype(native.Model)  # the kernels' per-model input, as a NumPy record
 MAX_LANES = 4  # threads a CPU merge shares its tensors out over: memory bandwidth is shared
 _POOLS: dict[int, object] = {}
+_POOLS_LOCK = threading.Lock()
+# a forked child has none of the pools' threads (an executor there would wait for ever)
+os.register_at_fork(after_in_child=_POOLS.clear)
 
 
 def _pool(lanes: int):
     from concurrent.futures import ThreadPoolExecutor
 
-    p = _POOLS.get(lanes)
-    if p is None:
-        p = _POOLS[lanes] = ThreadPoolExecutor(lanes, thread_name_prefix="evomerge-flat")
+    with _POOLS_LOCK:
+        p = _POOLS.get(lanes)
+        if p is None:
+            p = _POOLS[lanes] = ThreadPoolExecutor(lanes, thread_name_prefix="evomerge-flat")
     return p
 
 
@@ -421,20 +426,25 @@ class FlatGroup:
 
         scale = np.ones((k, S))
         cuts = ties = uniforms = t16 = None
+        nothing = np.zeros((k, S), dtype=bool)  # (model, tensor) pairs that keep no entry
         if sparsify == "magnitude":
             keep = np.where((dens > 0) & (n > 0), np.maximum(1, (dens * n).astype(np.int64)), 0)
             rank = np.where(dens >= 1, 0, n - keep)
+            nothing = rank >= n
             v, below, tie = self._thresholds(rank, dt)
             cuts = (v.unsqueeze(-1), below.unsqueeze(-1), tie.unsqueeze(-1))
             ties = bool((tie > 0).any())  # one synchronisation: is any cut inside a run of equal values
         elif sparsify == "random":
             thresh = np.clip(np.rint(dens * 65536), 0, 65536).astype(np.int64)
             thresh = np.where(dens >= 1, 65536, thresh)
+            nothing = thresh == 0
             if rescale is True:
                 scale = np.where((dens < 1) & (thresh > 0), 1.0 / np.where(dens > 0, dens, 1.0), 1.0)
             uniforms = self._uniforms(table["seeds"])
             t16 = col(thresh - 32768, torch.int32)
-        C = col(w * scale)
+        # a model that keeps nothing is multiplied by +0, as the per-tensor masks do: its
+        # weight is not applied (0 times a negative weight is -0, which flips zeros' signs)
+        C = col(np.where(nothing, 1.0, w * scale))
         WS = W = LAM = None
         if normalize and not consensus:
             ws = w[0] + 0.0  # summed model by model, as the per-tensor path sums a list
@@ -512,9 +522,10 @@ class FlatGroup:
                 for j in range(self.k):
                     g = np.random.SFC64(int(seeds[j, i]) & 0xFFFF_FFFF_FFFF_FFFF)
                     if a:
-                        g.random_raw(int(a) // 4)
+                        g.random_raw(int(a) // 4, output=False)  # advanced, nothing kept
                     st[q, j] = [int(v) for v in g.state["state"]["state"]]
             self._rng = (seeds.copy(), key, st)
+            return st
         return self._rng[2]
 
     def _merge_native(self, lib, sparsify, consensus: bool, table: dict, o: Tensor) -> Tensor:

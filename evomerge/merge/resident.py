@@ -114,7 +114,7 @@ class ResidentEngine:
         self._seeds = np.array([x if x else [0] * k for x in seeds], dtype=np.uint64).reshape(len(seeds), k)
         self._plan = Columns.signature(self.template.tasks)
         self._task_shapes = {t.name: tuple(self.template.shape(t)) for t in self.template.tasks}
-        self._live: tuple | None = None  # (model, module paths, tensors) of the last materialize
+        self._live: tuple | None = None  # (model, its tensors' module paths) of the last materialize
         self._plan_seen: tuple | None = None  # the last columns' plan found equal to it
 
     def _load(self) -> None:
@@ -292,30 +292,26 @@ class ResidentEngine:
     def _live_state(self, into: torch.nn.Module) -> dict[str, Tensor]:
         """``template.live_state(into)``, fast for the model of the last call: each tensor
         is fetched again along its module path (a replaced parameter or module is found,
-        never a stale one written into), and its shape checked again only when it is
-        another tensor than last time. Walking the whole module tree for every candidate
-        cost more than the rest of a small model's fixed cost."""
+        never a stale one written into) and its shape checked again. Walking the whole
+        module tree for every candidate cost more than the rest of a small model's fixed
+        cost."""
         import weakref
 
         last = self._live
         if last is None or last[0]() is not into:
             state = self.template.live_state(into)
-            paths = {name: name.split(".") for name in state if name in self._task_shapes}
-            self._live = (weakref.ref(into), paths, {n: weakref.ref(state[n]) for n in paths})
+            self._live = (weakref.ref(into), {name: name.split(".") for name in state if name in self._task_shapes})
             return state
-        _, paths, prev = last  # weak references: a dropped model's tensors are not kept alive
         state = {}
-        for name, path in paths.items():
+        for name, path in last[1].items():
             mod = into
             for part in path[:-1]:
                 mod = mod._modules.get(part) if mod is not None else None
             t = None if mod is None else (mod._parameters.get(path[-1]) if path[-1] in mod._parameters
                                           else mod._buffers.get(path[-1]))
-            if t is None or (t is not prev[name]() and tuple(t.shape) != self._task_shapes[name]):
+            if t is None or tuple(t.shape) != self._task_shapes[name]:  # (``p.data = ...`` keeps the object)
                 self._live = None
                 return self._live_state(into)  # the full check names what is missing or misshapen
-            if t is not prev[name]():
-                prev[name] = weakref.ref(t)
             state[name] = t
         return state
 
