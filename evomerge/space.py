@@ -346,7 +346,7 @@ class CoefficientMap:
     """
 
     def __init__(self, space: Space, tasks: Sequence[Any]):
-        from .merge.engine import Columns
+        from .merge.plan import Columns
         from .recipe import ModelRef, locate_setting, validate_value
 
         self.space = space
@@ -435,7 +435,7 @@ class CoefficientMap:
 
     def columns(self, x) -> Any:
         """Genome ``x`` (clipped to the space's bounds, as ``recipe(x)`` clips it) as every
-        tensor's parameters (``merge.engine.Columns``); a value outside its parameter's
+        tensor's parameters (``merge.plan.Columns``); a value outside its parameter's
         legal range raises ``RecipeError`` naming the tensor, model and parameter."""
         from .recipe import validate_value
 

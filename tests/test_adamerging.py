@@ -13,7 +13,6 @@ from evomerge.evaluate import prediction_entropy
 from evomerge.evaluate.entropy import encode_prompts
 from evomerge.execute import Worker
 from evomerge.search.adamerging import AdaMerging, _ties_filter
-from evomerge.types import Result
 from evomerge.space import Space
 from evomerge.trials import TrialLog
 

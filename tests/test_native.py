@@ -255,7 +255,7 @@ def test_a_stale_finite_report_does_not_vouch_for_the_next_result(tmp_path):
     tensors[0].view(-1)[0] = float("nan")
     out = torch.empty(eng.shape(task), dtype=eng.output_dtype(task))
     native.checked(out, 0)  # a kernel said this memory held finite values
-    res = eng.compute(task, base, tensors, out=out)
+    res = eng.compute(task, eng.params(task), base, tensors, out=out)
     with pytest.raises(MergeError, match="overflow|NaN"):
         eng._check_finite(task, res, [raw[0], tensors[0]])
 

@@ -204,7 +204,8 @@ def test_the_compiled_map_equals_the_recipe_on_gpt2(words, method, search, granu
     template = MergeEngine(sp.recipe(sp.x0))
     cmap = sp.compile(template.tasks)
     for x in (sp.lower, np.random.default_rng(0).uniform(sp.lower, sp.upper)):
-        want = MergeEngine(parse_recipe(yaml.safe_load(sp.recipe_yaml(x))), checkpoints=template.models).tasks
+        recipe = parse_recipe(yaml.safe_load(sp.recipe_yaml(x)))
+        plan = MergeEngine(recipe, checkpoints=template.models).plan
         cols = cmap.columns(x)
-        assert [cols.params(i) for i in range(len(want))] == \
-            [{k: v for k, v in t.params.items() if k != "seeds"} for t in want]
+        assert [cols.params(i) for i in range(len(plan.tasks))] == \
+            [{} if t.copy else plan.resolve(recipe, t) for t in plan.tasks]

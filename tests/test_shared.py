@@ -116,3 +116,44 @@ def test_a_worker_on_shared_inputs_reads_no_weights(fam, monkeypatch):
     ref.evaluate(Candidate(0, list(x)))
     for (name, a), b in zip(ref.model.state_dict().items(), w.model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_candidate_recipes_over_one_plan_and_the_ones_that_do_not_fit_it(fam):
+    """A resident engine takes a candidate recipe that differs from its template in
+    parameter values only (the models form, or slices), resolved over its one plan with the
+    one-shot merge's values; a recipe with the models in another order, another model,
+    other slices or another output dtype is refused, naming why."""
+    from evomerge.merge.engine import MergeEngine
+
+    def slices(t0, t1, ranges=((0, 2), (1, 3))):
+        return parse_recipe({"merge_method": "slerp", "base_model": str(fam["base"]), "slices": [
+            {"sources": [{"model": str(fam["base"]), "layer_range": list(r)},
+                         {"model": str(fam["expert_0"]), "layer_range": list(r)}], "parameters": {"t": t}}
+            for r, t in zip(ranges, (t0, t1))]})
+
+    for template, candidate in ((recipe(fam, "ties"), None), (slices(0.3, 0.6), slices([0.1, 0.9], 0.2))):
+        if candidate is None:  # the same models, other weights and densities
+            candidate = parse_recipe({**yaml_of(template), "parameters": {"lambda": 0.4}})
+        engine = ResidentEngine(template)
+        want = {t.name: MergeEngine(candidate).merge_tensor(t) for t in MergeEngine(candidate).tasks}
+        got = engine.merged(candidate)
+        assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+    engine = ResidentEngine(recipe(fam, "ties"))
+    swapped = yaml_of(recipe(fam, "ties"))
+    swapped["models"] = swapped["models"][::-1]
+    fewer = yaml_of(recipe(fam, "ties", experts=2))
+    for bad in (swapped, fewer):
+        with pytest.raises(MergeError, match="other models or tensors than the resident engine holds"):
+            engine.merged(parse_recipe(bad))
+    with pytest.raises(MergeError, match="output dtype"):
+        engine.merged(parse_recipe({**yaml_of(recipe(fam, "ties")), "out_dtype": "bfloat16"}))
+    with pytest.raises(MergeError, match="other models or tensors"):
+        ResidentEngine(slices(0.3, 0.6)).merged(slices(0.3, 0.6, ranges=((0, 2), (0, 2))))
+
+
+def yaml_of(r):
+    """A parsed recipe's source dict (what ``parse_recipe`` was given)."""
+    import yaml
+
+    return yaml.safe_load(r.to_yaml())

@@ -1,9 +1,9 @@
-"""MergeEngine: the one merge core behind ``evomerge-merge``, the search workers and the
-export of a found recipe.
+"""MergeEngine: the one-shot merge behind ``evomerge-merge``, the export of a found recipe,
+and the per-tensor arithmetic the search's resident engine shares.
 
-``MergeEngine(recipe)`` opens every referenced model lazily, checks that they fit together
-(architecture, tensor names, shapes) and plans one ``TensorTask`` per output tensor with its
-inputs and fully resolved parameters (gradients interpolated over depth, filters applied).
+``MergeEngine(recipe)`` opens every referenced model lazily, builds the merge ``Plan``
+(``plan.py``: one ``TensorTask`` per output tensor, its inputs and checks) and resolves the
+recipe's parameters into ``Columns`` (gradients interpolated over depth, filters applied).
 Then:
 
 - ``engine.write(out_dir)`` streams the merge to disk: inputs are memory-mapped and released
@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -32,116 +30,13 @@ from ..checkpoint import (
     CheckpointWriter,
     refuse_overlap,
     TensorEntry,
-    split_layer,
-    tensor_group,
-    torch_dtype,
 )
-from ..recipe import ModelRef, OutputSlice, Recipe, RecipeError, evaluate_setting, validate_value
+from ..recipe import ModelRef, Recipe
 from . import native
 from .methods import MethodSpec
+from .plan import Columns, MergeError, Plan, TensorTask
 
 __all__ = ["Columns", "MergeEngine", "MergeError", "TensorTask"]
-
-
-class MergeError(RuntimeError):
-    """Inputs that cannot be merged; the message names the model and tensor at fault."""
-
-
-@dataclass
-class TensorTask:
-    """How one output tensor is made.
-
-    Attributes:
-        name: output tensor name.
-        group: ``embed``, ``layers`` or ``head``.
-        layer: output layer index (``None`` outside the layers).
-        t: depth in [0, 1] used to interpolate gradients.
-        base: (model, tensor name) of the base input, or ``None``.
-        inputs: (model, tensor name) of the other inputs, in recipe order.
-        params: resolved parameters: scalars, or per-input lists for per-model ones.
-        copy: the tensor is not floating point and is copied from the first input.
-    """
-
-    name: str
-    group: str
-    layer: int | None
-    t: float
-    base: tuple[ModelRef, str] | None
-    inputs: list[tuple[ModelRef, str]]
-    params: dict[str, Any] = field(default_factory=dict)
-    copy: bool = False
-
-    @property
-    def sources(self) -> list[tuple[ModelRef, str]]:
-        """Every input, the base first."""
-        return ([self.base] if self.base else []) + self.inputs
-
-
-@dataclass
-class Columns:
-    """One candidate's merge parameters for every tensor of a plan, column by column.
-
-    ``numeric[p]`` holds a float parameter's values, shape ``(tensors,)`` for a shared one
-    or ``(tensors, models)`` for a per-model one (NaN for tensors that are copied);
-    ``other[p]`` holds, per tensor, the value of a parameter that is not a plain number
-    (a boolean, a norm's name, ``None``). ``Space.compile`` makes them from a genome without
-    writing or reading a recipe; ``from_tasks`` from a planned recipe. Seeds are the plan's,
-    not a candidate's, and are not here.
-    """
-
-    method: MethodSpec
-    copy: list[bool]
-    numeric: dict[str, Any]
-    other: dict[str, list]
-    dtype: torch.dtype | None = None  # the recipe's ``dtype``: the arithmetic's input precision
-    plan: tuple = ()  # ``signature`` of the plan they were made for
-
-    def __len__(self) -> int:
-        return len(self.copy)
-
-    @staticmethod
-    def signature(tasks: list["TensorTask"]) -> tuple:
-        """What columns must match to be merged over a plan: every tensor's name and the
-        models (in order) and tensors it is made from."""
-        return tuple((t.name, tuple((str(m), n) for m, n in t.sources)) for t in tasks)
-
-    def params(self, i: int) -> dict[str, Any]:
-        """Tensor ``i``'s parameters as a method takes them (``TensorTask.params``, seeds aside)."""
-        if self.copy[i]:
-            return {}
-        out: dict[str, Any] = {}
-        for p in self.method.params:
-            if p.name in self.numeric:
-                v = self.numeric[p.name][i]
-                out[p.name] = [float(x) for x in v] if p.per_model else float(v)
-            elif p.name in self.other:
-                out[p.name] = self.other[p.name][i]
-        return out
-
-    @classmethod
-    def from_tasks(cls, tasks: list["TensorTask"], method: MethodSpec, dtype: torch.dtype | None = None) -> "Columns":
-        """The parameters a recipe's plan resolved, as columns."""
-        import numpy as np
-
-        copy = [t.copy for t in tasks]
-        numeric, other = {}, {}
-        for p in method.params:
-            if p.ignored:
-                continue
-            vals = [t.params.get(p.name) for t in tasks if not t.copy]
-            flat = [x for v in vals for x in (v if p.per_model else [v])]
-            if p.kind == "float" and all(isinstance(x, float) for x in flat):
-                shape = (len(tasks), len(vals[0])) if p.per_model and vals else (len(tasks),)
-                arr = np.full(shape, np.nan)
-                arr[[i for i, c in enumerate(copy) if not c]] = vals
-                numeric[p.name] = arr
-            else:
-                other[p.name] = [None if t.copy else t.params.get(p.name) for t in tasks]
-        return cls(method, copy, numeric, other, dtype, cls.signature(tasks))
-
-
-def _seed(seed: int, tensor: str, model: ModelRef) -> int:
-    return zlib.crc32(f"{seed}\0{tensor}\0{model}".encode())
 
 
 class MergeEngine:
@@ -156,8 +51,6 @@ class MergeEngine:
         allow_pickle: accept pickled ``.bin`` checkpoints (loaded with ``weights_only``).
         check_finite: refuse NaN or inf in input weights.
         checkpoints: already opened models, by reference (used by tests and workers).
-        like: an engine planned for a recipe of the same models, method and base (its
-            checkpoints passed here too): reuse its plan and resolve only the parameters.
     """
 
     def __init__(
@@ -170,7 +63,6 @@ class MergeEngine:
         allow_pickle: bool = False,
         check_finite: bool = True,
         checkpoints: dict[ModelRef, Checkpoint] | None = None,
-        like: MergeEngine | None = None,
     ):
         self.recipe = recipe
         self.method: MethodSpec = recipe.method
@@ -180,8 +72,6 @@ class MergeEngine:
         if self.device.type == "cuda" and self.device.index is None:  # compare equal to tensors' devices
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.seed = int(seed)
-        self.compute_dtype = torch_dtype(recipe.dtype)
-        self.out_dtype = torch_dtype(out_dtype or recipe.out_dtype or recipe.dtype)
         self.check_finite = check_finite
         self.models: dict[ModelRef, Checkpoint] = dict(checkpoints or {})
         for ref in recipe.referenced_models():
@@ -190,192 +80,39 @@ class MergeEngine:
                     self.models[ref] = Checkpoint.open(ref, allow_pickle=allow_pickle)
                 except CheckpointError as e:
                     raise MergeError(str(e)) from None
-        self.reference = self.models[self._reference_ref()]
-        if like is not None and self._same_structure(like):
-            # the same models, method and tensors as an engine already planned: only the
-            # parameters are resolved again (a search plans thousands of candidates)
-            s = recipe.slices[0]
-            self.tasks = []
-            for task in like.tasks:
-                t = TensorTask(task.name, task.group, task.layer, task.t, task.base, task.inputs, copy=task.copy)
-                if not t.copy:
-                    base_ref = self._slice_base(s)
-                    t.params = self._resolve(t, s, [x for x in s.sources if x.model != base_ref])
-                self.tasks.append(t)
-            return
-        self._check_architectures()
-        self.tasks: list[TensorTask] = self._plan()
+        self.plan = Plan(recipe, self.models, out_dtype=out_dtype)
+        self.columns = self.plan.columns()
+        self.seeds = self.plan.seeds(self.seed)
+        self._index = {t.name: i for i, t in enumerate(self.plan.tasks)}
 
-    def _same_structure(self, other: MergeEngine) -> bool:
-        a, b = self.recipe, other.recipe
-        return (a.uses_models_form and b.uses_models_form and a.method.name == b.method.name
-                and a.base_model == b.base_model and a.dtype == b.dtype
-                and [x.model for x in a.slices[0].sources] == [x.model for x in b.slices[0].sources]
-                and all(self.models[r] is other.models.get(r) for r in a.referenced_models()))
+    @property
+    def tasks(self) -> list[TensorTask]:
+        return self.plan.tasks
 
-    # ----------------------------------------------------------------------------------
-    # Planning
-    # ----------------------------------------------------------------------------------
-    def _reference_ref(self) -> ModelRef:
-        if self.recipe.base_model is not None:
-            return self.recipe.base_model
-        return self.recipe.slices[0].sources[0].model
+    @property
+    def reference(self) -> Checkpoint:
+        return self.plan.reference
 
-    def _check_architectures(self) -> None:
-        ref = self.reference
-        for r, ck in self.models.items():
-            if ck.architecture() != ref.architecture():
-                raise MergeError(
-                    f"models have different architectures: '{ref.name}' is {ref.architecture()}, "
-                    f"'{r}' is {ck.architecture()}"
-                )
+    @property
+    def compute_dtype(self) -> torch.dtype | None:
+        return self.plan.compute_dtype
 
-    def _slice_base(self, s: OutputSlice) -> ModelRef | None:
-        if self.method.base_in_inputs:
-            return None
-        return s.base_model or self.recipe.base_model
+    @property
+    def out_dtype(self) -> torch.dtype | None:
+        return self.plan.out_dtype
 
-    def _plan(self) -> list[TensorTask]:
-        r = self.recipe
-        tasks: list[TensorTask] = []
-        ref_names = self.reference.names()
-        stacks = self.reference.num_layers()
-        if not r.uses_models_form and len(stacks) > 1:
-            raise RecipeError(
-                f"slices need a model with one stack of layers; '{self.reference.name}' has "
-                f"{', '.join(stacks)}"
-            )
-        pre = [n for n in ref_names if tensor_group(n) == "embed"]
-        post = [n for n in ref_names if tensor_group(n) == "head"]
+    @property
+    def out_layers(self) -> int | None:
+        return self.plan.out_layers
 
-        first, last = r.slices[0], r.slices[-1]
-        for n in pre:
-            tasks.append(self._task(n, "embed", None, 0.0, first, {s.model: n for s in first.sources}))
-
-        if r.uses_models_form:
-            s = first
-            per_stack: dict[str, dict[int, list[str]]] = {}
-            for n in ref_names:
-                ln = split_layer(n)
-                if ln is not None:
-                    per_stack.setdefault(ln.stack, {}).setdefault(ln.index, []).append(n)
-            for stack, layers in per_stack.items():
-                count = stacks[stack]
-                for idx in sorted(layers):
-                    t = idx / (count - 1) if count > 1 else 1.0
-                    for n in layers[idx]:
-                        tasks.append(self._task(n, "layers", idx, t, s, {x.model: n for x in s.sources}))
-        else:
-            stack = next(iter(stacks)) if stacks else None
-            by_layer: dict[int, list] = {}
-            for n in ref_names:
-                ln = split_layer(n)
-                if ln is not None:
-                    by_layer.setdefault(ln.index, []).append(ln)
-            out_idx = 0
-            for si, s in enumerate(r.slices):
-                length = s.sources[0].layer_range[1] - s.sources[0].layer_range[0]
-                base = self._slice_base(s)
-                if base is not None and all(x.model != base for x in s.sources):
-                    raise RecipeError(f"slices[{si}]: the base model '{base}' must be one of the slice's sources")
-                lead = next((x for x in s.sources if x.model == base), s.sources[0])
-                for src in s.sources:
-                    have = self.models[src.model].num_layers().get(stack, 0)
-                    if src.layer_range[1] > have:
-                        raise RecipeError(
-                            f"slices[{si}]: layer_range {list(src.layer_range)} of '{src.model}' "
-                            f"exceeds its {have} layers"
-                        )
-                for off in range(length):
-                    t = off / (length - 1) if length > 1 else 1.0
-                    lead_layer = [
-                        ln for ln in self._layer_names(lead.model, stack, lead.layer_range[0] + off)
-                    ]
-                    for ln in lead_layer:
-                        names = {x.model: ln.with_index(x.layer_range[0] + off) for x in s.sources}
-                        tasks.append(self._task(ln.with_index(out_idx), "layers", out_idx, t, s, names))
-                    out_idx += 1
-            self.out_layers = out_idx
-
-        for n in post:
-            tasks.append(self._task(n, "head", None, 0.0, last, {s.model: n for s in last.sources}))
-        return tasks
-
-    def _layer_names(self, model: ModelRef, stack, idx: int):
-        out = []
-        for n in self.models[model].names():
-            ln = split_layer(n)
-            if ln is not None and ln.stack == stack and ln.index == idx:
-                out.append(ln)
+    def params(self, task: TensorTask | int) -> dict[str, Any]:
+        """A tensor's parameters as its method takes them (with its seeds, for the random
+        methods): the recipe's, resolved for this tensor."""
+        i = task if isinstance(task, int) else self._index[task.name]
+        out = self.columns.params(i)
+        if self.seeds[i] is not None:
+            out["seeds"] = self.seeds[i]
         return out
-
-    def _input_name(self, model: ModelRef, name: str, out_name: str) -> str:
-        ck = self.models[model]
-        if name in ck:
-            return name
-        # A tied output head: the model stores only the input embedding.
-        if tensor_group(name) == "head" and ck.config.get("tie_word_embeddings", True):
-            shape = self.reference.meta(out_name)[0] if out_name in self.reference else None
-            for cand in ck.names():
-                if tensor_group(cand) == "embed" and (shape is None or ck.meta(cand)[0] == shape):
-                    return cand
-        raise MergeError(f"model '{model}': tensor '{name}' is missing")
-
-    def _task(self, out_name, group, layer, t, s: OutputSlice, names: dict[ModelRef, str]) -> TensorTask:
-        base_ref = self._slice_base(s)
-        base = None
-        if base_ref is not None:
-            base = (base_ref, self._input_name(base_ref, names[base_ref], out_name))
-        sources = [x for x in s.sources if x.model != base_ref]
-        inputs = [(x.model, self._input_name(x.model, names[x.model], out_name)) for x in sources]
-        shape, dt = self.models[(base or inputs[0])[0]].meta((base or inputs[0])[1])
-        for m, n in ([base] if base else []) + inputs:
-            sh = self.models[m].meta(n)[0]
-            if sh != shape:
-                raise MergeError(
-                    f"shape mismatch for tensor '{out_name}': '{m}' has {list(sh)}, "
-                    f"'{(base or inputs[0])[0]}' has {list(shape)}"
-                )
-        task = TensorTask(out_name, group, layer, t, base, inputs)
-        if not dt.startswith(("float", "bfloat")):
-            task.copy = True
-            return task
-        task.params = self._resolve(task, s, sources)
-        return task
-
-    def _resolve(self, task: TensorTask, s: OutputSlice, sources) -> dict[str, Any]:
-        r = self.recipe
-        out: dict[str, Any] = {}
-        for p in self.method.params:
-            if p.ignored:
-                continue
-            if p.per_model:
-                vals = []
-                for src, (m, n) in zip(sources, task.inputs):
-                    v = self._lookup(p.name, n, task.t, (src.parameters, s.parameters, r.parameters))
-                    where = f"model '{m}', tensor '{n}', parameter '{p.name}'"
-                    if v is None and p.required:
-                        raise RecipeError(f"{where}: required but not given")
-                    vals.append(validate_value(p, p.default if v is None else v, where))
-                out[p.name] = vals
-            else:
-                v = self._lookup(p.name, task.name, task.t, (s.parameters, r.parameters))
-                where = f"tensor '{task.name}', parameter '{p.name}'"
-                if v is None and p.required:
-                    raise RecipeError(f"{where}: required but not given")
-                out[p.name] = validate_value(p, p.default if v is None else v, where)
-        if self.method.random:
-            out["seeds"] = [_seed(self.seed, task.name, m) for m, _ in task.inputs]
-        return out
-
-    @staticmethod
-    def _lookup(key, tensor_name, t, scopes):
-        for scope in scopes:
-            if scope and key in scope:
-                v = evaluate_setting(scope[key], tensor_name, t)
-                if v is not None:
-                    return v
-        return None
 
     # ----------------------------------------------------------------------------------
     # Execution
@@ -414,24 +151,20 @@ class MergeEngine:
         raise MergeError(f"tensor '{task.name}': the merged values overflow {out.dtype}")
 
     def shape(self, task: TensorTask) -> tuple[int, ...]:
-        m, n = task.base or task.inputs[0]
-        return self.models[m].meta(n)[0]
+        return self.plan.shape(task)
 
     def output_dtype(self, task: TensorTask) -> torch.dtype:
-        if self.out_dtype is not None and not task.copy:
-            return self.out_dtype
-        m, n = task.base or task.inputs[0]
-        t = self.models[m].meta(n)[1]
-        return torch_dtype(t) if t in ("float32", "float16", "bfloat16", "float64") else getattr(torch, t)
+        return self.plan.output_dtype(task)
 
-    def compute(self, task: TensorTask, base: Tensor | None, tensors: list[Tensor],
+    def compute(self, task: TensorTask, params: dict[str, Any], base: Tensor | None, tensors: list[Tensor],
                 out: Tensor | None = None) -> Tensor:
-        """Apply the method to loaded inputs; the result is in the output dtype, or written
-        into ``out`` (any float dtype) when given."""
+        """Apply the method, with a tensor's ``params`` (``self.params(task)`` for the
+        recipe's), to loaded inputs; the result is in the output dtype, or written into
+        ``out`` (any float dtype) when given."""
         if task.copy:
             src = base if base is not None else tensors[0]
             return src.clone() if out is None else out.copy_(src)
-        kwargs = {("lambda_" if k == "lambda" else k): v for k, v in task.params.items()}
+        kwargs = {("lambda_" if k == "lambda" else k): v for k, v in params.items()}
         native.forget_finite()  # only a kernel run for this result may vouch for it
         try:
             res = self.method.fn(base, tensors, **kwargs, out_dtype=self.output_dtype(task), out=out)
@@ -442,7 +175,7 @@ class MergeEngine:
     def merge_tensor(self, task: TensorTask, out: Tensor | None = None) -> Tensor:
         """Merge one tensor (into ``out`` when given)."""
         raw = self._read(task)
-        res = self.compute(task, *self._prepare(task, raw), out=out)
+        res = self.compute(task, self.params(task), *self._prepare(task, raw), out=out)
         self._check_finite(task, res, raw)
         del raw
         self._release(task)

@@ -21,7 +21,8 @@ from torch import Tensor
 
 from ..checkpoint import torch_dtype
 from ..recipe import Recipe
-from .engine import Columns, MergeEngine, MergeError, TensorTask
+from .engine import MergeEngine
+from .plan import Columns, MergeError, TensorTask
 from .flat import FLAT_METHODS, FlatGroup
 from .methods import order_statistics
 
@@ -109,7 +110,7 @@ class ResidentEngine:
             raise MergeError("the shared inputs are stored in flat groups: adopt them with flat=True")
         self._groups = self._flat_groups(shared.groups if shared is not None else None) if flat else []
         # the plan's DARE/DELLA seeds per (tensor, model): fixed for the engine's life
-        seeds = [t.params.get("seeds") for t in self.template.tasks]
+        seeds = self.template.seeds
         k = max((len(x) for x in seeds if x), default=0)
         self._seeds = np.array([x if x else [0] * k for x in seeds], dtype=np.uint64).reshape(len(seeds), k)
         self._plan = Columns.signature(self.template.tasks)
@@ -229,20 +230,17 @@ class ResidentEngine:
         return sum(t.numel() * t.element_size() for t in self._inputs.values())
 
     def columns(self, recipe: Recipe) -> Columns:
-        """A candidate recipe's parameters, planned against the open checkpoints (nothing
-        is read). A search compiles its space instead (``Space.compile``): no recipe."""
-        eng = self.plan(recipe)
-        if eng.out_dtype != self.template.out_dtype:
-            raise MergeError(f"the candidate recipe's output dtype ({eng.out_dtype}) is not the resident "
+        """A candidate recipe's parameters over the resident plan (nothing is read). A search
+        compiles its space instead (``Space.compile``): no recipe."""
+        out = torch_dtype(recipe.out_dtype or recipe.dtype)
+        if out != self.template.out_dtype:
+            raise MergeError(f"the candidate recipe's output dtype ({out}) is not the resident "
                              f"engine's ({self.template.out_dtype})")
-        return Columns.from_tasks(eng.tasks, eng.method, eng.compute_dtype)
-
-    def plan(self, recipe: Recipe) -> MergeEngine:
-        """Plan a candidate recipe against the open checkpoints (nothing is read)."""
-        eng = MergeEngine(recipe, device=self.device, seed=self.seed, checkpoints=self.models, like=self.template)
-        if self._signature(eng.tasks) != self._structure:
-            raise MergeError("the candidate recipe merges other models or tensors than the resident engine holds")
-        return eng
+        try:
+            return self.template.plan.columns(recipe)
+        except MergeError:
+            raise MergeError("the candidate recipe merges other models or tensors than the resident engine holds") \
+                from None
 
     def inputs(self, task: TensorTask) -> list[Tensor]:
         """A tensor task's resident inputs, the base first (as stored: do not modify)."""
@@ -278,16 +276,14 @@ class ResidentEngine:
         return {t.name: self._compute(cols, i) for i, t in enumerate(self.template.tasks)}
 
     def _compute(self, cols: Columns, i: int, out: Tensor | None = None) -> Tensor:
-        plan = self.template.tasks[i]
-        task = TensorTask(plan.name, plan.group, plan.layer, plan.t, plan.base, plan.inputs, copy=plan.copy)
-        if not task.copy:
-            task.params = cols.params(i)
-            if "seeds" in plan.params:
-                task.params["seeds"] = plan.params["seeds"]
+        task = self.template.tasks[i]
+        params = cols.params(i)
+        if self.template.seeds[i] is not None:
+            params["seeds"] = self.template.seeds[i]
         if not self.order_stats:
-            return self.template.compute(task, *self._inputs_for(cols, task), out=out)
+            return self.template.compute(task, params, *self._inputs_for(cols, task), out=out)
         with order_statistics(self._stats.setdefault(task.name, {})):
-            return self.template.compute(task, *self._inputs_for(cols, task), out=out)
+            return self.template.compute(task, params, *self._inputs_for(cols, task), out=out)
 
     def _live_state(self, into: torch.nn.Module) -> dict[str, Tensor]:
         """``template.live_state(into)``, fast for the model of the last call: each tensor

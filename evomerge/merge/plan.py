@@ -1,0 +1,353 @@
+"""The merge plan: which tensors a merge makes and what each is made from, built once.
+
+``Plan(recipe, models)`` checks that the models fit together (architecture, tensor names,
+shapes) and lists one ``TensorTask`` per output tensor: its inputs (the base first), its
+place in the model (group, layer, depth), and whether it is merged or copied. It holds no
+coefficient values: a candidate's parameters for every tensor are ``Columns``, made either
+from a recipe (``plan.columns(recipe)``: the per-layer settings resolved tensor by tensor,
+as ``evomerge-merge`` does) or from a genome by a compiled search space
+(``Space.compile(plan.tasks)``), with the same values. Engines execute a plan with columns:
+``MergeEngine`` streams it to disk or into a live model, ``ResidentEngine`` keeps its inputs
+and merges candidate after candidate.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..checkpoint import Checkpoint, split_layer, tensor_group, torch_dtype
+from ..recipe import ModelRef, OutputSlice, Recipe, RecipeError, evaluate_setting, validate_value
+from .methods import MethodSpec
+
+__all__ = ["Columns", "MergeError", "Plan", "TensorTask"]
+
+
+class MergeError(RuntimeError):
+    """Inputs that cannot be merged; the message names the model and tensor at fault."""
+
+
+@dataclass
+class TensorTask:
+    """How one output tensor is made (no parameter values: see ``Columns``).
+
+    Attributes:
+        name: output tensor name.
+        group: ``embed``, ``layers`` or ``head``.
+        layer: output layer index (``None`` outside the layers).
+        t: depth in [0, 1] used to interpolate gradients.
+        base: (model, tensor name) of the base input, or ``None``.
+        inputs: (model, tensor name) of the other inputs, in recipe order.
+        copy: the tensor is not floating point and is copied from the first input.
+        slice: the index of the recipe's output slice the tensor comes from (its scope of
+            settings; 0 in the ``models`` form).
+    """
+
+    name: str
+    group: str
+    layer: int | None
+    t: float
+    base: tuple[ModelRef, str] | None
+    inputs: list[tuple[ModelRef, str]]
+    copy: bool = False
+    slice: int = 0
+
+    @property
+    def sources(self) -> list[tuple[ModelRef, str]]:
+        """Every input, the base first."""
+        return ([self.base] if self.base else []) + self.inputs
+
+
+@dataclass
+class Columns:
+    """One candidate's merge parameters for every tensor of a plan, column by column.
+
+    ``numeric[p]`` holds a float parameter's values, shape ``(tensors,)`` for a shared one
+    or ``(tensors, models)`` for a per-model one (NaN for tensors that are copied);
+    ``other[p]`` holds, per tensor, the value of a parameter that is not a plain number
+    (a boolean, a norm's name, ``None``). ``Space.compile`` makes them from a genome without
+    writing or reading a recipe; ``Plan.columns`` from a recipe. Seeds are the plan's
+    (``Plan.seeds``), not a candidate's, and are not here.
+    """
+
+    method: MethodSpec
+    copy: list[bool]
+    numeric: dict[str, Any]
+    other: dict[str, list]
+    dtype: torch.dtype | None = None  # the recipe's ``dtype``: the arithmetic's input precision
+    plan: tuple = ()  # ``signature`` of the plan they were made for
+
+    def __len__(self) -> int:
+        return len(self.copy)
+
+    @staticmethod
+    def signature(tasks: list[TensorTask]) -> tuple:
+        """What columns must match to be merged over a plan: every tensor's name and the
+        models (in order) and tensors it is made from."""
+        return tuple((t.name, tuple((str(m), n) for m, n in t.sources)) for t in tasks)
+
+    def params(self, i: int) -> dict[str, Any]:
+        """Tensor ``i``'s parameters as a method takes them (seeds aside)."""
+        if self.copy[i]:
+            return {}
+        out: dict[str, Any] = {}
+        for p in self.method.params:
+            if p.name in self.numeric:
+                v = self.numeric[p.name][i]
+                out[p.name] = [float(x) for x in v] if p.per_model else float(v)
+            elif p.name in self.other:
+                out[p.name] = self.other[p.name][i]
+        return out
+
+    @classmethod
+    def from_params(cls, tasks: list[TensorTask], params: list[dict[str, Any] | None], method: MethodSpec,
+                    dtype: torch.dtype | None = None) -> Columns:
+        """Columns from every tensor's parameters (``None`` for a copied tensor)."""
+        copy = [t.copy for t in tasks]
+        numeric, other = {}, {}
+        for p in method.params:
+            if p.ignored:
+                continue
+            vals = [x.get(p.name) for x in params if x is not None]
+            flat = [v for val in vals for v in (val if p.per_model else [val])]
+            if p.kind == "float" and all(isinstance(v, float) for v in flat):
+                shape = (len(tasks), len(vals[0])) if p.per_model and vals else (len(tasks),)
+                arr = np.full(shape, np.nan)
+                arr[[i for i, c in enumerate(copy) if not c]] = vals
+                numeric[p.name] = arr
+            else:
+                other[p.name] = [None if x is None else x.get(p.name) for x in params]
+        return cls(method, copy, numeric, other, dtype, cls.signature(tasks))
+
+
+def _seed(seed: int, tensor: str, model: ModelRef) -> int:
+    return zlib.crc32(f"{seed}\0{tensor}\0{model}".encode())
+
+
+class Plan:
+    """The tensors a recipe's merge makes, checked against the opened models.
+
+    Args:
+        recipe: a parsed ``Recipe`` (its models, method, base, slices and ``dtype`` make the
+            plan; its parameter values do not).
+        models: every model the recipe references, opened.
+        out_dtype: overrides the recipe's ``out_dtype``.
+    """
+
+    def __init__(self, recipe: Recipe, models: dict[ModelRef, Checkpoint], out_dtype: str | None = None):
+        self.recipe = recipe
+        self.method: MethodSpec = recipe.method
+        self.models = models
+        self.compute_dtype = torch_dtype(recipe.dtype)
+        self.out_dtype = torch_dtype(out_dtype or recipe.out_dtype or recipe.dtype)
+        self.reference = self.models[self._reference_ref()]
+        self._check_architectures()
+        self.out_layers: int | None = None
+        self.tasks: list[TensorTask] = self._plan()
+        self.signature = Columns.signature(self.tasks)
+
+    # ----------------------------------------------------------------------------------
+    # The tensors
+    # ----------------------------------------------------------------------------------
+    def _reference_ref(self) -> ModelRef:
+        if self.recipe.base_model is not None:
+            return self.recipe.base_model
+        return self.recipe.slices[0].sources[0].model
+
+    def _check_architectures(self) -> None:
+        ref = self.reference
+        for r, ck in self.models.items():
+            if ck.architecture() != ref.architecture():
+                raise MergeError(
+                    f"models have different architectures: '{ref.name}' is {ref.architecture()}, "
+                    f"'{r}' is {ck.architecture()}"
+                )
+
+    def _slice_base(self, s: OutputSlice) -> ModelRef | None:
+        if self.method.base_in_inputs:
+            return None
+        return s.base_model or self.recipe.base_model
+
+    def _plan(self) -> list[TensorTask]:
+        r = self.recipe
+        tasks: list[TensorTask] = []
+        ref_names = self.reference.names()
+        stacks = self.reference.num_layers()
+        if not r.uses_models_form and len(stacks) > 1:
+            raise RecipeError(
+                f"slices need a model with one stack of layers; '{self.reference.name}' has "
+                f"{', '.join(stacks)}"
+            )
+        pre = [n for n in ref_names if tensor_group(n) == "embed"]
+        post = [n for n in ref_names if tensor_group(n) == "head"]
+
+        first, last = r.slices[0], r.slices[-1]
+        for n in pre:
+            tasks.append(self._task(n, "embed", None, 0.0, 0, {s.model: n for s in first.sources}))
+
+        if r.uses_models_form:
+            s = first
+            per_stack: dict[str, dict[int, list[str]]] = {}
+            for n in ref_names:
+                ln = split_layer(n)
+                if ln is not None:
+                    per_stack.setdefault(ln.stack, {}).setdefault(ln.index, []).append(n)
+            for stack, layers in per_stack.items():
+                count = stacks[stack]
+                for idx in sorted(layers):
+                    t = idx / (count - 1) if count > 1 else 1.0
+                    for n in layers[idx]:
+                        tasks.append(self._task(n, "layers", idx, t, 0, {x.model: n for x in s.sources}))
+        else:
+            stack = next(iter(stacks)) if stacks else None
+            out_idx = 0
+            for si, s in enumerate(r.slices):
+                length = s.sources[0].layer_range[1] - s.sources[0].layer_range[0]
+                base = self._slice_base(s)
+                if base is not None and all(x.model != base for x in s.sources):
+                    raise RecipeError(f"slices[{si}]: the base model '{base}' must be one of the slice's sources")
+                lead = next((x for x in s.sources if x.model == base), s.sources[0])
+                for src in s.sources:
+                    have = self.models[src.model].num_layers().get(stack, 0)
+                    if src.layer_range[1] > have:
+                        raise RecipeError(
+                            f"slices[{si}]: layer_range {list(src.layer_range)} of '{src.model}' "
+                            f"exceeds its {have} layers"
+                        )
+                for off in range(length):
+                    t = off / (length - 1) if length > 1 else 1.0
+                    for ln in self._layer_names(lead.model, stack, lead.layer_range[0] + off):
+                        names = {x.model: ln.with_index(x.layer_range[0] + off) for x in s.sources}
+                        tasks.append(self._task(ln.with_index(out_idx), "layers", out_idx, t, si, names))
+                    out_idx += 1
+            self.out_layers = out_idx
+
+        for n in post:
+            tasks.append(self._task(n, "head", None, 0.0, len(r.slices) - 1, {s.model: n for s in last.sources}))
+        return tasks
+
+    def _layer_names(self, model: ModelRef, stack, idx: int):
+        out = []
+        for n in self.models[model].names():
+            ln = split_layer(n)
+            if ln is not None and ln.stack == stack and ln.index == idx:
+                out.append(ln)
+        return out
+
+    def _input_name(self, model: ModelRef, name: str, out_name: str) -> str:
+        ck = self.models[model]
+        if name in ck:
+            return name
+        # A tied output head: the model stores only the input embedding.
+        if tensor_group(name) == "head" and ck.config.get("tie_word_embeddings", True):
+            shape = self.reference.meta(out_name)[0] if out_name in self.reference else None
+            for cand in ck.names():
+                if tensor_group(cand) == "embed" and (shape is None or ck.meta(cand)[0] == shape):
+                    return cand
+        raise MergeError(f"model '{model}': tensor '{name}' is missing")
+
+    def _task(self, out_name, group, layer, t, si: int, names: dict[ModelRef, str]) -> TensorTask:
+        s = self.recipe.slices[si]
+        base_ref = self._slice_base(s)
+        base = None
+        if base_ref is not None:
+            base = (base_ref, self._input_name(base_ref, names[base_ref], out_name))
+        inputs = [(x.model, self._input_name(x.model, names[x.model], out_name))
+                  for x in s.sources if x.model != base_ref]
+        shape, dt = self.models[(base or inputs[0])[0]].meta((base or inputs[0])[1])
+        for m, n in ([base] if base else []) + inputs:
+            sh = self.models[m].meta(n)[0]
+            if sh != shape:
+                raise MergeError(
+                    f"shape mismatch for tensor '{out_name}': '{m}' has {list(sh)}, "
+                    f"'{(base or inputs[0])[0]}' has {list(shape)}"
+                )
+        return TensorTask(out_name, group, layer, t, base, inputs, copy=not dt.startswith(("float", "bfloat")),
+                          slice=si)
+
+    def shape(self, task: TensorTask) -> tuple[int, ...]:
+        m, n = task.base or task.inputs[0]
+        return self.models[m].meta(n)[0]
+
+    def output_dtype(self, task: TensorTask) -> torch.dtype:
+        if self.out_dtype is not None and not task.copy:
+            return self.out_dtype
+        m, n = task.base or task.inputs[0]
+        t = self.models[m].meta(n)[1]
+        return torch_dtype(t) if t in ("float32", "float16", "bfloat16", "float64") else getattr(torch, t)
+
+    # ----------------------------------------------------------------------------------
+    # Parameters: a recipe's, resolved tensor by tensor; the random methods' seeds
+    # ----------------------------------------------------------------------------------
+    def fits(self, recipe: Recipe) -> bool:
+        """Whether ``recipe`` merges by this plan: the same models (in order), method, base,
+        slices and input precision, so that only its parameter values differ."""
+        a, b = self.recipe, recipe
+        if a.method.name != b.method.name or a.base_model != b.base_model or a.dtype != b.dtype:
+            return False
+        if a.uses_models_form != b.uses_models_form or len(a.slices) != len(b.slices):
+            return False
+        for x, y in zip(a.slices, b.slices):
+            if x.base_model != y.base_model or [(s.model, s.layer_range) for s in x.sources] != \
+                    [(s.model, s.layer_range) for s in y.sources]:
+                return False
+        return True
+
+    def columns(self, recipe: Recipe | None = None) -> Columns:
+        """A recipe's parameters for every tensor of this plan (by default the plan's own
+        recipe's): each setting resolved for the tensor's name and depth, in the scopes a
+        recipe gives (model, slice, recipe), checked against the method's bounds. The
+        recipe must fit the plan (``fits``)."""
+        recipe = self.recipe if recipe is None else recipe
+        if recipe is not self.recipe and not self.fits(recipe):
+            raise MergeError("the recipe merges other models, slices or another method than the plan holds")
+        params = [None if t.copy else self.resolve(recipe, t) for t in self.tasks]
+        return Columns.from_params(self.tasks, params, self.method, self.compute_dtype)
+
+    def resolve(self, r: Recipe, task: TensorTask) -> dict[str, Any]:
+        """One tensor's parameters in recipe ``r`` (which fits the plan), as its method takes
+        them (seeds aside)."""
+        s = r.slices[task.slice]
+        base_ref = self._slice_base(s)
+        sources = [x for x in s.sources if x.model != base_ref]
+        out: dict[str, Any] = {}
+        for p in self.method.params:
+            if p.ignored:
+                continue
+            if p.per_model:
+                vals = []
+                for src, (m, n) in zip(sources, task.inputs):
+                    v = self._lookup(p.name, n, task.t, (src.parameters, s.parameters, r.parameters))
+                    where = f"model '{m}', tensor '{n}', parameter '{p.name}'"
+                    if v is None and p.required:
+                        raise RecipeError(f"{where}: required but not given")
+                    vals.append(validate_value(p, p.default if v is None else v, where))
+                out[p.name] = vals
+            else:
+                v = self._lookup(p.name, task.name, task.t, (s.parameters, r.parameters))
+                where = f"tensor '{task.name}', parameter '{p.name}'"
+                if v is None and p.required:
+                    raise RecipeError(f"{where}: required but not given")
+                out[p.name] = validate_value(p, p.default if v is None else v, where)
+        return out
+
+    @staticmethod
+    def _lookup(key, tensor_name, t, scopes):
+        for scope in scopes:
+            if scope and key in scope:
+                v = evaluate_setting(scope[key], tensor_name, t)
+                if v is not None:
+                    return v
+        return None
+
+    def seeds(self, seed: int) -> list[list[int] | None]:
+        """Per tensor, the random methods' seed of each input besides the base (``None``
+        where the method draws nothing or the tensor is copied): a function of the seed,
+        the tensor and the model only, never of the order of work."""
+        if not self.method.random:
+            return [None] * len(self.tasks)
+        return [None if t.copy else [_seed(seed, t.name, m) for m, _ in t.inputs] for t in self.tasks]
