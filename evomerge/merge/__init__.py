@@ -1,4 +1,25 @@
-"""The merge core: methods (pure tensor maths) and the engine that applies a recipe."""
+"""The merge core.
+
+- ``methods``: the specification. One reference function per method (pure tensor maths,
+  citing its paper) and the registry (``METHODS``: each method's parameters with their
+  bounds and search ranges, its inputs, its task-arithmetic family, its joint limits and the
+  statistics it reads). Recipes, search spaces and config checks read their bounds here.
+- ``plan``: ``Plan(recipe, models)``, built once: the output tensors, what each is made
+  from, the checks; ``Columns``, a candidate's parameters for every tensor (from a recipe,
+  or from a genome through ``Space.compile``).
+- ``engine``: ``MergeEngine``, a plan with its recipe's columns streamed to disk (atomic,
+  sharded, direct I/O into the output) or into a live model.
+- ``resident`` and ``flat``: the search's engine. Inputs are held once; each candidate's
+  columns are merged into a live model, the task-arithmetic family over blocks of
+  equal-sized tensors (in torch, compiled, or in the fused CPU kernels).
+- ``native`` (``_kernels.c``): the fused CPU kernels, the same bits as the torch code.
+- ``statistics``: data statistics (Gram matrices, Fisher diagonals) computed once per
+  model and data and cached, for methods that read data.
+
+To add a method: its function in ``methods`` with a ``MethodSpec``; a backend: behind the
+reference function (as ``native``), tested bit for bit against it; a statistic: a class in
+``statistics.STATISTICS`` tested against a slow reference.
+"""
 
 from .methods import METHODS
 
