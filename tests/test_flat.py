@@ -270,6 +270,41 @@ def test_mixed_normalize_falls_back_to_the_per_tensor_path(families):
     assert_weights(model, one_shot(recipe, 0))
 
 
+@pytest.mark.parametrize("kernels", [False, True])
+def test_the_per_tensor_path_reads_the_flat_groups_sorted_magnitudes(families, kernels):
+    """A candidate the flat path takes, then one it cannot (normalize differs between
+    tensors): the per-tensor TIES cuts read the group's sorted magnitudes (sorted once for
+    the group, nothing sorted again) and give the one-shot merge's bits."""
+    from evomerge.merge import native
+
+    fam = families["bfloat16"]  # cuts inside runs of equal magnitudes
+    models = [{"model": str(fam[f"expert_{i}"]), "parameters": {"weight": [0.4, 0.7][i % 2], "density": 0.37}}
+              for i in range(3)]
+    flat_one = parse_recipe({"merge_method": "ties", "base_model": str(fam["base"]), "models": models})
+    mixed = parse_recipe({"merge_method": "ties", "base_model": str(fam["base"]), "models": models,
+                          "parameters": {"normalize": [{"filter": "mlp", "value": False}, {"value": True}]}})
+    engine = ResidentEngine(flat_one)
+    model = live(fam["base"], torch.bfloat16)
+    with contextlib.nullcontext() if kernels else native.disabled():
+        engine.materialize(flat_one, into=model)
+        assert_weights(model, one_shot(flat_one, 0))
+        (_, g), = engine._groups
+        sorted_once = g._sorted
+        assert sorted_once is not None
+        sorts = []
+        real = torch.sort
+        torch.sort = lambda *a, **k: sorts.append(1) or real(*a, **k)
+        try:
+            engine.materialize(mixed, into=model)
+        finally:
+            torch.sort = real
+    assert not sorts and g._sorted is sorted_once, "the per-tensor path sorted again"
+    assert_weights(model, one_shot(mixed, 0))
+    storage = sorted_once[0].untyped_storage().data_ptr()
+    caches = list(engine._stats.values())  # the per-tensor path's, one per tensor it merged
+    assert caches and all(c[0][0].untyped_storage().data_ptr() == storage for c in caches)
+
+
 @pytest.mark.parametrize("normalize", [True, False])
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_linear", "dare_ties"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -62,6 +62,27 @@ class SharedInputs:
         return sum(a.nbytes for a in self.arrays.values()) + sum(b.nbytes + t.nbytes for _, b, t in self.groups)
 
 
+class _GroupSorted(dict):
+    """One tensor's magnitude order statistics (``methods.order_statistics``'s cache: per
+    model, its sorted |tau| and their positions) read from its flat group's, which sorts
+    every tensor of the group once: the sorted magnitudes exist once, whichever path a
+    candidate takes."""
+
+    def __init__(self, group: FlatGroup, seg: int):
+        super().__init__()
+        self.group, self.seg = group, seg
+
+    def __contains__(self, model) -> bool:
+        return isinstance(model, int) and 0 <= model < self.group.k
+
+    def __getitem__(self, model: int):
+        from .methods import _work_dtype
+
+        vals, pos = self.group._sorted_magnitudes(_work_dtype(self.group.B))
+        s, e = int(self.group.offsets[self.seg]), int(self.group.offsets[self.seg + 1])
+        return vals[model, s:e], pos[model, s:e]
+
+
 class ResidentEngine:
     """Keeps a recipe's inputs in memory and materializes candidate recipes in place.
 
@@ -109,6 +130,9 @@ class ResidentEngine:
         if shared is not None and shared.groups and not flat:
             raise MergeError("the shared inputs are stored in flat groups: adopt them with flat=True")
         self._groups = self._flat_groups(shared.groups if shared is not None else None) if flat else []
+        # plan index -> (its flat group, its segment there): a candidate that takes the
+        # per-tensor path reads the group's sorted magnitudes instead of sorting again
+        self._segment = {int(i): (g, seg) for sel, g in self._groups for seg, i in enumerate(sel)}
         # the plan's DARE/DELLA seeds per (tensor, model): fixed for the engine's life
         seeds = self.template.seeds
         k = max((len(x) for x in seeds if x), default=0)
@@ -282,7 +306,10 @@ class ResidentEngine:
             params["seeds"] = self.template.seeds[i]
         if not self.order_stats:
             return self.template.compute(task, params, *self._inputs_for(cols, task), out=out)
-        with order_statistics(self._stats.setdefault(task.name, {})):
+        cache = self._stats.get(task.name)
+        if cache is None:
+            cache = self._stats[task.name] = _GroupSorted(*self._segment[i]) if i in self._segment else {}
+        with order_statistics(cache):
             return self.template.compute(task, params, *self._inputs_for(cols, task), out=out)
 
     def _live_state(self, into: torch.nn.Module) -> dict[str, Tensor]:
