@@ -9,6 +9,9 @@ For one merge method and a per-layer genome space, prints:
   * materialize time per candidate (the resident engine writing into the live model) against
     the memory-bandwidth floor: bytes of the resident inputs read plus the model's bytes
     written, over the copy bandwidth of a large torch ``clone`` measured in the same run;
+    within the search loop (evaluations in between) and alone, candidate after candidate,
+    where on the CPU it is also timed with the fused kernels off (the torch path), and the
+    fixed cost outside the arithmetic (the kernels' work replaced by a call that returns);
   * evaluate time per candidate, and the loop's overhead outside evaluation (trial log, strategy,
     planning) as a share of a candidate's time, from a real ``run_search``;
   * the time per candidate of the path a mergekit-evolve user takes: write the merge to disk,
@@ -141,13 +144,22 @@ def main() -> int:
                     fixed.append(time.perf_counter() - t0)
             finally:
                 flat.FlatGroup._merge_native = real
-        eager = []
+        def tight(n: int) -> float:  # materialize alone, candidate after candidate (warm caches)
+            out = []
+            for x in genomes[:n]:
+                sync(a.device)
+                t0 = time.perf_counter()
+                worker.engine.materialize(worker.coefficients.columns(x), into=worker.model)
+                sync(a.device)
+                out.append(time.perf_counter() - t0)
+            return statistics.median(out)
+
+        n_tight = max(3, a.candidates // 2)
+        alone = tight(n_tight)
+        eager = None
         if a.device == "cpu" and not a.compile and native.available():
             with native.disabled():
-                for x in genomes[: max(3, a.candidates // 2)]:
-                    t0 = time.perf_counter()
-                    worker.engine.materialize(worker.coefficients.columns(x), into=worker.model)
-                    eager.append(time.perf_counter() - t0)
+                eager = tight(n_tight)
 
         # the fixed cost of turning a genome into every tensor's parameters: the compiled
         # map (what a worker does) against writing, parsing and resolving a recipe
@@ -194,9 +206,11 @@ def main() -> int:
             ("resident inputs read + model written", f"{(worker.engine.nbytes + model_bytes) / 1e6:.1f} MB"),
             ("bandwidth floor per materialize", f"{floor * 1e3:.2f} ms"),
             ("materialize per candidate (median)", f"{m * 1e3:.2f} ms ({m / floor:.1f}x the floor)"),
-            *([("materialize, torch path (kernels off), median",
-                f"{statistics.median(eager) * 1e3:.2f} ms ({statistics.median(eager) / floor:.1f}x the floor, "
-                f"{statistics.median(eager) / m:.1f}x the kernels)")] if eager else []),
+            ("materialize alone, candidate after candidate (median)", f"{alone * 1e3:.2f} ms ({alone / floor:.1f}x "
+                                                                       "the floor)"),
+            *([("the same with the fused CPU kernels off (torch path)",
+                f"{eager * 1e3:.2f} ms ({eager / floor:.1f}x the floor, {eager / alone:.1f}x the time)")]
+              if eager is not None else []),
             *([("fixed cost per candidate outside the arithmetic (columns + materialize, median)",
                 f"{statistics.median(fixed) * 1e3:.3f} ms")] if fixed else []),
             ("genome -> parameters: compiled map vs recipe round trip",
