@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from . import native
-from .methods import METHODS, _chunk, _rowsum, _work_dtype
+from .methods import METHODS, _chunk, _combine_masked, _work_dtype
 
 __all__ = ["FlatGroup", "FLAT_METHODS", "agree", "elect", "merge_deltas"]
 
@@ -71,22 +71,7 @@ def _combine(B: Tensor, T: Tensor, C: Tensor, WS, W, LAM, mask_in: tuple, sparsi
     else:
         D.mul_(C)
     mixed = out if out is not None and out.dtype == b.dtype else torch.empty_like(b)
-    if consensus:
-        S = _rowsum(D, torch.empty_like(mixed))
-        el = S.neg_().sign_().clamp_(min=0).mul_(-2).add_(1)
-        A = torch.sign(D).mul_(el).clamp_(min=0)
-        _rowsum(D.mul_(A), mixed)
-        if W is not None:
-            div = _rowsum(A.mul_(W), S)
-            zero = torch.sign(div).abs_().neg_().add_(1)
-            mixed.div_(div.add_(zero))
-    else:
-        _rowsum(D, mixed)
-        if WS is not None:
-            mixed.div_(WS)
-    if LAM is not None:
-        mixed.mul_(LAM)
-    return mixed.add_(b)
+    return _combine_masked(D, b, mixed, consensus=consensus, W=W, WS=WS, LAM=LAM)
 
 
 def _combine_by_model(B: Tensor, T: Tensor, C: Tensor, WS, W, LAM, mask_in: tuple, sparsify, consensus: bool,

@@ -561,6 +561,36 @@ def _rowsum(D: Tensor, out: Tensor) -> Tensor:
     return out
 
 
+def _combine_masked(D: Tensor, b: Tensor, mixed: Tensor, *, consensus: bool, W=None, WS=None, LAM=None,
+                    S: Tensor | None = None, el: Tensor | None = None, A: Tensor | None = None) -> Tensor:
+    """theta0 + LAM * combine_k(D_k) into ``mixed``, in place, from the weighted and masked
+    task vectors ``D`` (``(k, ...)``, overwritten): the task-arithmetic family's combination,
+    written once for the chunked reference loop and the flat path's blocks.
+
+    ``combine`` is the row-order sum, divided by ``WS`` where given, or with ``consensus``
+    TIES's disjoint merge: the sign of the sum is elected per entry (zero counts as
+    positive), the agreeing entries are summed and, where ``W`` (per-model weights,
+    broadcastable to ``D``) is given, divided by the summed weights of the agreeing entries.
+    ``S``, ``el`` (like ``mixed``) and ``A`` (like ``D``) are scratch, made when not given."""
+    if consensus:
+        S = _rowsum(D, torch.empty_like(mixed) if S is None else S)
+        el = torch.neg(S, out=torch.empty_like(mixed) if el is None else el).sign_().clamp_(min=0).mul_(-2).add_(1)
+        # agree[k] = 1 where sign(D[k]) == e (zeros never agree)
+        A = torch.sign(D, out=torch.empty_like(D) if A is None else A).mul_(el).clamp_(min=0)
+        _rowsum(D.mul_(A), mixed)  # the masked sum, term by term as (D * A).sum(0)
+        if W is not None:  # divide by the summed weights of the agreeing entries
+            div = _rowsum(A.mul_(W), S)
+            zero = torch.sign(div, out=el).abs_().neg_().add_(1)  # 1 where div == 0
+            mixed.div_(div.add_(zero))
+    else:
+        _rowsum(D, mixed)
+        if WS is not None:
+            mixed.div_(WS)
+    if LAM is not None:
+        mixed.mul_(LAM)
+    return mixed.add_(b)
+
+
 def _make_masks(base, tensors, kind, density, rescale, seeds, gamma, epsilon, dt, work) -> list[_Mask]:
     n = base.numel()
     masks: list[_Mask | None] = [None] * len(tensors)
@@ -697,52 +727,25 @@ def _general_task_arithmetic(
     wsum = sum(w)
     if _native_task_arithmetic(bf, flats, masks, coef, w, lambda_, normalize, consensus, wsum, result):
         return result.reshape(shape)
+    # the combination's divisors and lambda as tensors of the working dtype (a GPU multiplies
+    # by the reciprocal of a Python scalar, which rounds differently from a division)
+    W = torch.tensor(w, dtype=dt, device=base.device).unsqueeze(-1) if consensus and normalize else None
+    WS = (torch.tensor(wsum, dtype=dt, device=base.device)
+          if not consensus and normalize and abs(wsum) >= 1e-8 else None)
+    LAM = torch.tensor(float(lambda_), dtype=dt, device=base.device) if lambda_ != 1 else None
     for s, e in _spans(n, base.device):
         L = e - s
         b = work.base(bf, s, e)
-        mixed = work.f[0][:L]
-        if consensus:
-            D = work.D[:, :L]
-            for i, (t, m) in enumerate(zip(flats, masks)):
-                d = torch.sub(t[s:e], b, out=D[i])
-                mask = m.chunk(s, e, d, work, coef[i])
-                if mask is not None:
-                    d.mul_(mask)
-                elif coef[i] != 1:
-                    d.mul_(coef[i])
-            # elect: e = +1 where the sum of the weighted deltas is >= 0, else -1
-            S, el = work.f[1][:L], work.f[2][:L]
-            _rowsum(D, S)
-            torch.neg(S, out=el).sign_().clamp_(min=0).mul_(-2).add_(1)
-            # agree[k] = 1 where sign(D[k]) == e (zeros never agree)
-            A = torch.sign(D, out=work.C[:, :L]).mul_(el).clamp_(min=0)
-            _rowsum(D.mul_(A), mixed)  # the masked sum, term by term as (D * A).sum(0)
-            if normalize:  # divide by the summed weights of the agreeing entries
-                for i in range(k):
-                    A[i].mul_(w[i])
-                div = _rowsum(A, S)
-                zero = torch.sign(div, out=el).abs_().neg_().add_(1)  # 1 where div == 0
-                mixed.div_(div.add_(zero))
-        else:
-            d = work.f[1][:L]
-            for i, (t, m) in enumerate(zip(flats, masks)):
-                torch.sub(t[s:e], b, out=d)
-                mask = m.chunk(s, e, d, work, coef[i])
-                if mask is not None:
-                    d.mul_(mask)
-                elif coef[i] != 1:
-                    d.mul_(coef[i])
-                if i == 0:
-                    mixed.copy_(d)
-                else:
-                    mixed.add_(d)
-            if normalize and abs(wsum) >= 1e-8:
-                # a tensor divisor: a GPU multiplies by the reciprocal of a Python scalar,
-                # which rounds differently from the division the flat path does
-                mixed.div_(torch.tensor(wsum, dtype=dt, device=mixed.device))
-        if lambda_ != 1:
-            mixed *= lambda_
-        result[s:e] = mixed.add_(b)
+        D = work.D[:, :L]
+        for i, (t, m) in enumerate(zip(flats, masks)):
+            d = torch.sub(t[s:e], b, out=D[i])
+            mask = m.chunk(s, e, d, work, coef[i])
+            if mask is not None:
+                d.mul_(mask)
+            elif coef[i] != 1:
+                d.mul_(coef[i])
+        result[s:e] = _combine_masked(D, b, work.f[0][:L], consensus=consensus, W=W, WS=WS, LAM=LAM,
+                                      S=work.f[1][:L], el=work.f[2][:L], A=work.C[:, :L] if consensus else None)
     return result.reshape(shape)
 
 
