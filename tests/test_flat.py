@@ -361,3 +361,22 @@ def test_a_bound_model_is_merged_into_in_place_and_other_models_are_not_disturbe
     ref = live(fam["base"], torch.float32)
     engine.materialize(a, into=ref)
     assert torch.equal(bound(ids).logits, ref(ids).logits)
+
+
+def test_a_replaced_output_buffer_is_not_kept_alive_by_its_block_views():
+    """Merging into an output of another dtype replaces the group's buffer: the block
+    views made for the old one go too (they held its memory)."""
+    import weakref
+
+    g = torch.Generator().manual_seed(0)
+    base = [torch.randn(64, 32, generator=g) for _ in range(3)]
+    grp = FlatGroup(["a", "b", "c"], base, [[b + 0.1, b - 0.2] for b in base], "cpu", torch.float32)
+    table = {"weight": np.full((2, 3), 0.5), "normalize": False, "rescale": False}
+    out, _ = grp.output(torch.float32)
+    grp.merge("task_arithmetic", table, out)
+    gone = weakref.ref(out.untyped_storage())
+    del out
+    new, _ = grp.output(torch.bfloat16)
+    grp.merge("task_arithmetic", table, new)
+    assert gone() is None or gone().data_ptr() not in {v[0][0] for v in grp._piece_views.values()}
+    assert sum(isinstance(k, tuple) for k in grp._piece_views) == 1

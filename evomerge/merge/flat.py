@@ -311,6 +311,10 @@ class FlatGroup:
         slot = "_spare" if spare else "_out"
         cur = getattr(self, slot)
         if cur is None or cur[0].dtype != dtype:
+            if cur is not None:  # the replaced buffer's block views go with it (they would pin it)
+                old = cur[0].data_ptr()
+                for key in [k for k, v in self._piece_views.items() if isinstance(k, tuple) and v[0][0] == old]:
+                    del self._piece_views[key]
             buf = torch.empty(self.n, dtype=dtype, device=self.device)
             views = [buf[self.offsets[j]:self.offsets[j + 1]].view(shape) for j, shape in enumerate(self.shapes)]
             cur = (buf, views)

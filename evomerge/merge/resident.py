@@ -62,6 +62,9 @@ class SharedInputs:
         return sum(a.nbytes for a in self.arrays.values()) + sum(b.nbytes + t.nbytes for _, b, t in self.groups)
 
 
+_MIXED = object()  # a flag whose value differs between a group's tensors
+
+
 class _GroupSorted(dict):
     """One tensor's magnitude order statistics (``methods.order_statistics``'s cache: per
     model, its sorted |tau| and their positions) read from its flat group's, which sorts
@@ -139,6 +142,7 @@ class ResidentEngine:
         self._seeds = np.array([x if x else [0] * k for x in seeds], dtype=np.uint64).reshape(len(seeds), k)
         self._plan = Columns.signature(self.template.tasks)
         self._task_shapes = {t.name: tuple(self.template.shape(t)) for t in self.template.tasks}
+        self._flags: dict[tuple, tuple] = {}  # a candidate's normalize/rescale over a group, by list
         self._live: tuple | None = None  # (model, its tensors' module paths) of the last materialize
         self._plan_seen: tuple | None = None  # the last columns' plan found equal to it
 
@@ -223,10 +227,16 @@ class ResidentEngine:
         flags = []
         for name in ("normalize", "rescale"):
             vals = cols.other.get(name)
-            vals = {False} if vals is None else {vals[i] for i in sel}
-            if len(vals) > 1:
+            # a compiled map hands every candidate the same list: its values over the group
+            # are read once
+            key = (name, sel.ctypes.data)
+            hit = self._flags.get(key)
+            if hit is None or hit[0] is not vals:
+                seen = {False} if vals is None else {vals[i] for i in sel}
+                hit = self._flags[key] = (vals, seen.pop() if len(seen) == 1 else _MIXED)
+            if hit[1] is _MIXED:
                 return None
-            flags.append(vals.pop())
+            flags.append(hit[1])
         normalize, rescale = flags
         if sparsify == "magnitude" and (rescale is not False or not self.order_stats):
             return None
