@@ -144,12 +144,52 @@ def test_candidate_recipes_over_one_plan_and_the_ones_that_do_not_fit_it(fam):
     swapped["models"] = swapped["models"][::-1]
     fewer = yaml_of(recipe(fam, "ties", experts=2))
     for bad in (swapped, fewer):
-        with pytest.raises(MergeError, match="other models or tensors than the resident engine holds"):
+        with pytest.raises(MergeError, match="does not fit the resident engine's plan: it merges other models"):
             engine.merged(parse_recipe(bad))
     with pytest.raises(MergeError, match="output dtype"):
         engine.merged(parse_recipe({**yaml_of(recipe(fam, "ties")), "out_dtype": "bfloat16"}))
-    with pytest.raises(MergeError, match="other models or tensors"):
+    with pytest.raises(MergeError, match=r"its dtype \(bfloat16\) is not the plan's \(None\)"):
+        engine.merged(parse_recipe({**yaml_of(recipe(fam, "ties")), "dtype": "bfloat16", "out_dtype": None}))
+    with pytest.raises(MergeError, match="other models or layers"):
         ResidentEngine(slices(0.3, 0.6)).merged(slices(0.3, 0.6, ranges=((0, 2), (0, 2))))
+    # the base listed among the models or not: the same plan (the base is no weighted input)
+    listed = yaml_of(recipe(fam, "ties"))
+    listed["models"] = [{"model": str(fam["base"])}, *listed["models"]]
+    got, want = engine.merged(parse_recipe(listed)), engine.merged(recipe(fam, "ties"))
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_slices_of_different_numbers_of_models_merge_one_shot_and_resident(fam):
+    """Slices merging two models, then three: a per-model parameter has another width in
+    each, so it is kept per tensor rather than as one table; both engines merge it."""
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.merge.engine import MergeEngine
+    from evomerge.merge.methods import linear
+
+    def src(i, r, w):
+        return {"model": str(fam[f"expert_{i}"]), "layer_range": list(r), "parameters": {"weight": w}}
+
+    r = parse_recipe({"merge_method": "linear", "dtype": "float32", "slices": [
+        {"sources": [src(0, (0, 2), 0.3), src(1, (0, 2), 0.7)]},
+        {"sources": [src(0, (2, 3), 0.2), src(1, (2, 3), 0.3), src(2, (2, 3), 0.5)]}]})
+    eng = MergeEngine(r)
+    one_shot = {t.name: eng.merge_tensor(t) for t in eng.tasks}
+    name = "model.layers.2.mlp.down_proj.weight"
+    t = next(t for t in eng.tasks if t.name == name)
+    assert len(t.inputs) == 3 and eng.params(t)["weight"] == [0.2, 0.3, 0.5]
+    from safetensors.torch import load_file
+
+    def weight(i):
+        return next(v for f in sorted(fam[f"expert_{i}"].glob("*.safetensors"))
+                    for k, v in load_file(f).items() if k == name)
+
+    assert torch.equal(one_shot[name], linear(None, [weight(0), weight(1), weight(2)], weight=[0.2, 0.3, 0.5]))
+    res = ResidentEngine(r)
+    model = AutoModelForCausalLM.from_pretrained(fam["base"]).eval()
+    res.materialize(r, into=model)
+    got = dict(model.named_parameters())
+    assert all(torch.equal(got[k].detach(), v) for k, v in one_shot.items() if k in got)
 
 
 def yaml_of(r):

@@ -105,8 +105,10 @@ class Columns:
 
     @classmethod
     def from_params(cls, tasks: list[TensorTask], params: list[dict[str, Any] | None], method: MethodSpec,
-                    dtype: torch.dtype | None = None) -> Columns:
-        """Columns from every tensor's parameters (``None`` for a copied tensor)."""
+                    dtype: torch.dtype | None = None, signature: tuple | None = None) -> Columns:
+        """Columns from every tensor's parameters (``None`` for a copied tensor). A
+        per-model parameter over tensors with different numbers of inputs (slices of
+        different models) is kept as a list per tensor (``other``)."""
         copy = [t.copy for t in tasks]
         numeric, other = {}, {}
         for p in method.params:
@@ -114,14 +116,15 @@ class Columns:
                 continue
             vals = [x.get(p.name) for x in params if x is not None]
             flat = [v for val in vals for v in (val if p.per_model else [val])]
-            if p.kind == "float" and all(isinstance(v, float) for v in flat):
+            even = not p.per_model or len({len(v) for v in vals}) <= 1
+            if p.kind == "float" and even and all(isinstance(v, float) for v in flat):
                 shape = (len(tasks), len(vals[0])) if p.per_model and vals else (len(tasks),)
                 arr = np.full(shape, np.nan)
                 arr[[i for i, c in enumerate(copy) if not c]] = vals
                 numeric[p.name] = arr
             else:
                 other[p.name] = [None if x is None else x.get(p.name) for x in params]
-        return cls(method, copy, numeric, other, dtype, cls.signature(tasks))
+        return cls(method, copy, numeric, other, dtype, cls.signature(tasks) if signature is None else signature)
 
 
 def _seed(seed: int, tensor: str, model: ModelRef) -> int:
@@ -283,19 +286,33 @@ class Plan:
     # ----------------------------------------------------------------------------------
     # Parameters: a recipe's, resolved tensor by tensor; the random methods' seeds
     # ----------------------------------------------------------------------------------
-    def fits(self, recipe: Recipe) -> bool:
-        """Whether ``recipe`` merges by this plan: the same models (in order), method, base,
-        slices and input precision, so that only its parameter values differ."""
+    def misfit(self, recipe: Recipe) -> str | None:
+        """Why ``recipe`` does not merge by this plan, or None when it does: the same method,
+        base, slices, input models (in order; where the base is not an input, whether the
+        recipe lists it among them or not) and input precision, so that only its parameter
+        values differ."""
         a, b = self.recipe, recipe
-        if a.method.name != b.method.name or a.base_model != b.base_model or a.dtype != b.dtype:
-            return False
+        if a.method.name != b.method.name:
+            return f"its method ({b.method.name}) is not the plan's ({a.method.name})"
+        if a.dtype != b.dtype:
+            return f"its dtype ({b.dtype}) is not the plan's ({a.dtype}): the inputs are held in the plan's"
+        if a.base_model != b.base_model:
+            return f"its base model ({b.base_model}) is not the plan's ({a.base_model})"
         if a.uses_models_form != b.uses_models_form or len(a.slices) != len(b.slices):
-            return False
+            return "it has other slices than the plan"
+
+        def inputs(s: OutputSlice) -> list:
+            base = self._slice_base(s)
+            return [base, *[(x.model, x.layer_range) for x in s.sources if x.model != base]]
+
         for x, y in zip(a.slices, b.slices):
-            if x.base_model != y.base_model or [(s.model, s.layer_range) for s in x.sources] != \
-                    [(s.model, s.layer_range) for s in y.sources]:
-                return False
-        return True
+            if inputs(x) != inputs(y):
+                return "it merges other models or layers (or the same in another order) than the plan"
+        return None
+
+    def fits(self, recipe: Recipe) -> bool:
+        """Whether ``recipe`` merges by this plan (``misfit``): only its values differ."""
+        return self.misfit(recipe) is None
 
     def columns(self, recipe: Recipe | None = None) -> Columns:
         """A recipe's parameters for every tensor of this plan (by default the plan's own
@@ -303,10 +320,11 @@ class Plan:
         recipe gives (model, slice, recipe), checked against the method's bounds. The
         recipe must fit the plan (``fits``)."""
         recipe = self.recipe if recipe is None else recipe
-        if recipe is not self.recipe and not self.fits(recipe):
-            raise MergeError("the recipe merges other models, slices or another method than the plan holds")
+        why = None if recipe is self.recipe else self.misfit(recipe)
+        if why is not None:
+            raise MergeError(f"the recipe does not fit the merge plan: {why}")
         params = [None if t.copy else self.resolve(recipe, t) for t in self.tasks]
-        return Columns.from_params(self.tasks, params, self.method, self.compute_dtype)
+        return Columns.from_params(self.tasks, params, self.method, self.compute_dtype, signature=self.signature)
 
     def resolve(self, r: Recipe, task: TensorTask) -> dict[str, Any]:
         """One tensor's parameters in recipe ``r`` (which fits the plan), as its method takes

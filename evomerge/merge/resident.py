@@ -1,12 +1,13 @@
 """The resident merge engine: inputs loaded once, each candidate merged into a live model.
 
 A search merges the same models thousands of times with different parameters. The
-``ResidentEngine`` reads every input tensor once (onto the device, in the recipe's
-``dtype`` or a lower ``store_dtype``), and ``materialize(recipe, into=model)`` plans the
-candidate's recipe against the already-open checkpoints and writes every merged tensor
-straight into the model's own parameter storage: no second model, no disk, no reload.
-Parameters are resolved by the same code as the one-shot ``evomerge-merge``, so a recipe
-gives bit-identical weights through both paths.
+``ResidentEngine`` plans the template recipe once and reads every input tensor once (onto
+the device, in the recipe's ``dtype`` or a lower ``store_dtype``); ``materialize(columns,
+into=model)`` writes a candidate's merged tensors straight into the model's own parameter
+storage: no second model, no disk, no reload. A candidate is its ``Columns`` (from a
+compiled search space, ``Space.compile``) or a recipe that fits the plan (its parameters
+resolved by the same code as the one-shot ``evomerge-merge``), and gives the one-shot
+merge's weights bit for bit.
 """
 
 from __future__ import annotations
@@ -224,6 +225,8 @@ class ResidentEngine:
         ``normalize`` and ``rescale`` over them (DARE's rescale true or false, TIES's false),
         magnitude order statistics kept, and live parameters of one dtype on the device."""
         sparsify, _ = FLAT_METHODS[cols.method.name]
+        if any(p not in cols.numeric for p in ("weight", "density") if p == "weight" or sparsify is not None):
+            return None  # values that are no table of numbers (slices of different models): per tensor
         flags = []
         for name in ("normalize", "rescale"):
             vals = cols.other.get(name)
@@ -266,15 +269,14 @@ class ResidentEngine:
     def columns(self, recipe: Recipe) -> Columns:
         """A candidate recipe's parameters over the resident plan (nothing is read). A search
         compiles its space instead (``Space.compile``): no recipe."""
+        why = self.template.plan.misfit(recipe)
+        if why is not None:
+            raise MergeError(f"the candidate recipe does not fit the resident engine's plan: {why}")
         out = torch_dtype(recipe.out_dtype or recipe.dtype)
         if out != self.template.out_dtype:
             raise MergeError(f"the candidate recipe's output dtype ({out}) is not the resident "
                              f"engine's ({self.template.out_dtype})")
-        try:
-            return self.template.plan.columns(recipe)
-        except MergeError:
-            raise MergeError("the candidate recipe merges other models or tensors than the resident engine holds") \
-                from None
+        return self.template.plan.columns(recipe)
 
     def inputs(self, task: TensorTask) -> list[Tensor]:
         """A tensor task's resident inputs, the base first (as stored: do not modify)."""
