@@ -424,7 +424,9 @@ def _check_inputs(r: Recipe, source: str) -> None:
         where = f"{source}.slices[{i}]" if not r.uses_models_form else f"{source}.models"
         if m.needs_base and base is None:
             raise RecipeError(f"{source}.base_model: merge_method '{m.name}' needs a base_model")
-        others = [x for x in s.sources if x.model != base] if not m.base_in_inputs else s.sources
+        # the base is the first source of the base model; a model listed again is an input
+        at = next((j for j, x in enumerate(s.sources) if x.model == base), None) if base is not None else None
+        others = [x for j, x in enumerate(s.sources) if j != at] if not m.base_in_inputs else s.sources
         n = len(others)
         if n < m.min_models:
             raise RecipeError(f"{where}: merge_method '{m.name}' needs at least {m.min_models} model(s)"

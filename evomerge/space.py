@@ -359,7 +359,8 @@ class CoefficientMap:
         self._Columns = Columns
         top, model_params = space._parameters([_GeneRef(i) for i in range(len(space.genes))])
         base = None if space.method.base_in_inputs else space.base_model
-        sources = [(m, p) for m, p in zip(space.models, model_params) if m != base]
+        at = space.models.index(base) if base in space.models else None  # as the plan: its first listing
+        sources = [(m, p) for j, (m, p) in enumerate(zip(space.models, model_params)) if j != at]
         want = [str(ModelRef.parse(m, "space.models")) for m, _ in sources]
         n_genes = len(space.genes)
         self.k = len(sources)

@@ -197,3 +197,37 @@ def yaml_of(r):
     import yaml
 
     return yaml.safe_load(r.to_yaml())
+
+
+def test_a_model_merged_with_other_layers_of_itself_reads_each_range(fam):
+    """A self-merge: one model listed twice in a slice with other layer ranges. Each
+    source reads its own layers (the second listing replaced the first, so both inputs were
+    the same layer), and a DARE mask is drawn per listing."""
+    from safetensors.torch import load_file
+
+    from evomerge.merge.engine import MergeEngine
+    from evomerge.merge.methods import linear, slerp
+
+    e0 = str(fam["expert_0"])
+    tensors = {k: v for f in sorted(fam["expert_0"].glob("*.safetensors")) for k, v in load_file(f).items()}
+    lin = parse_recipe({"merge_method": "linear", "dtype": "float32", "slices": [{"sources": [
+        {"model": e0, "layer_range": [0, 2], "parameters": {"weight": 0.5}},
+        {"model": e0, "layer_range": [1, 3], "parameters": {"weight": 0.5}}]}]})
+        # slerp: the base is the first listing of the base model, the second is the other input
+    sl = parse_recipe({"merge_method": "slerp", "base_model": e0, "dtype": "float32", "parameters": {"t": 0.3},
+                       "slices": [{"sources": [{"model": e0, "layer_range": [0, 2]},
+                                               {"model": e0, "layer_range": [1, 3]}]}]})
+    for r, fn in ((lin, lambda a, b: linear(None, [a, b], weight=[0.5, 0.5])),
+                  (sl, lambda a, b: slerp(a, [b], t=0.3))):
+        eng = MergeEngine(r)
+        for i in (0, 1):
+            name = f"model.layers.{i}.mlp.up_proj.weight"
+            task = next(t for t in eng.tasks if t.name == name)
+            assert [n for _, n in task.sources] == [name, f"model.layers.{i + 1}.mlp.up_proj.weight"]
+            want = fn(tensors[name], tensors[f"model.layers.{i + 1}.mlp.up_proj.weight"])
+            assert torch.equal(eng.merge_tensor(task), want), (r.merge_method, name)
+    dare = MergeEngine(parse_recipe({"merge_method": "dare_linear", "base_model": str(fam["base"]), "models": [
+        {"model": e0, "parameters": {"weight": 0.5, "density": 0.5}},
+        {"model": e0, "parameters": {"weight": 0.5, "density": 0.5}}]}))
+    seeds = [s for s in dare.seeds if s is not None]
+    assert seeds and all(a != b for a, b in seeds)

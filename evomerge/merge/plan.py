@@ -170,6 +170,14 @@ class Plan:
                     f"'{r}' is {ck.architecture()}"
                 )
 
+    def _roles(self, s: OutputSlice) -> tuple[int | None, list[int]]:
+        """Which of a slice's sources is the base (the first one of the base model), and
+        which are the inputs (every other one, in order: one model may be listed again, with
+        other layers, as a self-merge does)."""
+        base = self._slice_base(s)
+        at = next((i for i, x in enumerate(s.sources) if x.model == base), None) if base is not None else None
+        return at, [i for i in range(len(s.sources)) if i != at]
+
     def _slice_base(self, s: OutputSlice) -> ModelRef | None:
         if self.method.base_in_inputs:
             return None
@@ -190,7 +198,7 @@ class Plan:
 
         first, last = r.slices[0], r.slices[-1]
         for n in pre:
-            tasks.append(self._task(n, "embed", None, 0.0, 0, {s.model: n for s in first.sources}))
+            tasks.append(self._task(n, "embed", None, 0.0, 0, [n] * len(first.sources)))
 
         if r.uses_models_form:
             s = first
@@ -204,7 +212,7 @@ class Plan:
                 for idx in sorted(layers):
                     t = idx / (count - 1) if count > 1 else 1.0
                     for n in layers[idx]:
-                        tasks.append(self._task(n, "layers", idx, t, 0, {x.model: n for x in s.sources}))
+                        tasks.append(self._task(n, "layers", idx, t, 0, [n] * len(s.sources)))
         else:
             stack = next(iter(stacks)) if stacks else None
             out_idx = 0
@@ -224,13 +232,13 @@ class Plan:
                 for off in range(length):
                     t = off / (length - 1) if length > 1 else 1.0
                     for ln in self._layer_names(lead.model, stack, lead.layer_range[0] + off):
-                        names = {x.model: ln.with_index(x.layer_range[0] + off) for x in s.sources}
+                        names = [ln.with_index(x.layer_range[0] + off) for x in s.sources]
                         tasks.append(self._task(ln.with_index(out_idx), "layers", out_idx, t, si, names))
                     out_idx += 1
             self.out_layers = out_idx
 
         for n in post:
-            tasks.append(self._task(n, "head", None, 0.0, len(r.slices) - 1, {s.model: n for s in last.sources}))
+            tasks.append(self._task(n, "head", None, 0.0, len(r.slices) - 1, [n] * len(last.sources)))
         return tasks
 
     def _layer_names(self, model: ModelRef, stack, idx: int):
@@ -253,14 +261,14 @@ class Plan:
                     return cand
         raise MergeError(f"model '{model}': tensor '{name}' is missing")
 
-    def _task(self, out_name, group, layer, t, si: int, names: dict[ModelRef, str]) -> TensorTask:
+    def _task(self, out_name, group, layer, t, si: int, names: list[str]) -> TensorTask:
+        """Tensor ``out_name`` from slice ``si``, whose sources give tensors ``names``."""
         s = self.recipe.slices[si]
-        base_ref = self._slice_base(s)
+        at, rest = self._roles(s)
         base = None
-        if base_ref is not None:
-            base = (base_ref, self._input_name(base_ref, names[base_ref], out_name))
-        inputs = [(x.model, self._input_name(x.model, names[x.model], out_name))
-                  for x in s.sources if x.model != base_ref]
+        if at is not None:
+            base = (s.sources[at].model, self._input_name(s.sources[at].model, names[at], out_name))
+        inputs = [(s.sources[i].model, self._input_name(s.sources[i].model, names[i], out_name)) for i in rest]
         shape, dt = self.models[(base or inputs[0])[0]].meta((base or inputs[0])[1])
         for m, n in ([base] if base else []) + inputs:
             sh = self.models[m].meta(n)[0]
@@ -302,8 +310,8 @@ class Plan:
             return "it has other slices than the plan"
 
         def inputs(s: OutputSlice) -> list:
-            base = self._slice_base(s)
-            return [base, *[(x.model, x.layer_range) for x in s.sources if x.model != base]]
+            at, rest = self._roles(s)
+            return [self._slice_base(s), *[(s.sources[i].model, s.sources[i].layer_range) for i in rest]]
 
         for x, y in zip(a.slices, b.slices):
             if inputs(x) != inputs(y):
@@ -330,8 +338,7 @@ class Plan:
         """One tensor's parameters in recipe ``r`` (which fits the plan), as its method takes
         them (seeds aside)."""
         s = r.slices[task.slice]
-        base_ref = self._slice_base(s)
-        sources = [x for x in s.sources if x.model != base_ref]
+        sources = [s.sources[i] for i in self._roles(s)[1]]
         out: dict[str, Any] = {}
         for p in self.method.params:
             if p.ignored:
@@ -368,4 +375,13 @@ class Plan:
         the tensor and the model only, never of the order of work."""
         if not self.method.random:
             return [None] * len(self.tasks)
-        return [None if t.copy else [_seed(seed, t.name, m) for m, _ in t.inputs] for t in self.tasks]
+
+        def keys(t: TensorTask) -> list[str]:  # a model listed again draws its own mask
+            seen: dict[str, int] = {}
+            out = []
+            for m, _ in t.inputs:
+                k = seen[str(m)] = seen.get(str(m), -1) + 1
+                out.append(str(m) if k == 0 else f"{m}#{k}")
+            return out
+
+        return [None if t.copy else [_seed(seed, t.name, m) for m in keys(t)] for t in self.tasks]
