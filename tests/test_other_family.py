@@ -209,3 +209,42 @@ def test_the_compiled_map_equals_the_recipe_on_gpt2(words, method, search, granu
         cols = cmap.columns(x)
         assert [cols.params(i) for i in range(len(plan.tasks))] == \
             [{} if t.copy else plan.resolve(recipe, t) for t in plan.tasks]
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "task_arithmetic"])
+def test_resident_candidates_on_gpt2_are_the_one_shot_merge(words, method, kernels):
+    """A search's candidates on GPT-2 (Conv1D tensors, a tied head read from the
+    embedding): the resident engine's flat path, in the fused kernels and in torch,
+    materializes the one-shot merge's weights bit for bit, threads sharing the tensors."""
+    import contextlib
+
+    import numpy as np
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.merge import native
+    from evomerge.merge.engine import MergeEngine
+    from evomerge.merge.resident import ResidentEngine
+    from evomerge.space import Space
+
+    experts = [str(p) for p in words.experts.values()][:3]
+    search = ["weight"] if method == "task_arithmetic" else ["weight", "density"]
+    sp = Space(method, experts, base_model=str(words.base), search=search, granularity="per_layer")
+    engine = ResidentEngine(sp.recipe(sp.x0), seed=3)
+    assert engine._groups, "the flat path holds the family's tensors"
+    cmap = sp.compile(engine.template.tasks)
+    model = AutoModelForCausalLM.from_pretrained(words.base).eval()
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for x in np.random.default_rng(1).uniform(sp.lower, sp.upper, (1, len(sp))):
+            with contextlib.nullcontext() if kernels else native.disabled():
+                engine.materialize(cmap.columns(x), into=model)
+            one = MergeEngine(sp.recipe(x), seed=3)
+            got = dict(model.named_parameters())
+            for t in one.tasks:
+                if t.name in got:
+                    want = one.merge_tensor(t).to(got[t.name].dtype)
+                    assert torch.equal(got[t.name].detach().view(torch.int32), want.view(torch.int32)), t.name
+    finally:
+        torch.set_num_threads(before)
