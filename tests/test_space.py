@@ -256,15 +256,22 @@ def test_per_model_values_follow_each_models_own_tensor_a_tied_head_reads(tmp_pa
         assert cmap.columns(x).params(i) == eng.params(t), t.name
 
 
-def test_a_live_model_whose_parameters_were_replaced_gets_the_next_candidate(family):
-    """The live model's parameters are looked up for every candidate: after
-    load_state_dict(..., assign=True) swaps them, a candidate lands in the new ones."""
+def merged_into_live_model(family):
+    """A TIES space, its resident engine and compiled map, and a live model that received
+    the space's first candidate."""
     sp = Space("ties", experts(family), base_model=str(family["base"]), search=["weight", "density"],
                granularity="per_model")
     engine = ResidentEngine(sp.recipe(sp.x0))
     cmap = sp.compile(engine.template.tasks)
     model = live_model(family)
     engine.materialize(cmap.columns(sp.x0), into=model)
+    return sp, engine, cmap, model
+
+
+def test_a_live_model_whose_parameters_were_replaced_gets_the_next_candidate(family):
+    """The live model's parameters are looked up for every candidate: after
+    load_state_dict(..., assign=True) swaps them, a candidate lands in the new ones."""
+    sp, engine, cmap, model = merged_into_live_model(family)
     model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
     x = np.full(len(sp), 0.9)
     engine.materialize(cmap.columns(x), into=model)
@@ -283,12 +290,7 @@ def test_a_replaced_submodule_gets_the_next_candidate_and_a_misshapen_parameter_
 
     from evomerge.merge.engine import MergeError
 
-    sp = Space("ties", experts(family), base_model=str(family["base"]), search=["weight", "density"],
-               granularity="per_model")
-    engine = ResidentEngine(sp.recipe(sp.x0))
-    cmap = sp.compile(engine.template.tasks)
-    model = live_model(family)
-    engine.materialize(cmap.columns(sp.x0), into=model)
+    sp, engine, cmap, model = merged_into_live_model(family)
     layer = model.model.layers[0]
     layer.mlp = copy.deepcopy(layer.mlp)  # new parameters, under the same names
     x = np.full(len(sp), 0.8)
