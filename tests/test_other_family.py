@@ -248,3 +248,28 @@ def test_resident_candidates_on_gpt2_are_the_one_shot_merge(words, method, kerne
                     assert torch.equal(got[t.name].detach().view(torch.int32), want.view(torch.int32)), t.name
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_worker_on_shared_weights_scores_as_one_that_read_the_checkpoints(words):
+    """Ray's workers build their live model from the shared weights and the config alone:
+    it took the config's generation defaults instead of the model's generation config, so
+    no answer ended at the family's stop token and every source and candidate scored 0,
+    silently. Each source and a merge now score as with a model loaded the usual way."""
+    import numpy as np
+
+    from evomerge.execute import Worker, shared_inputs
+    from evomerge.space import Space
+    from evomerge.types import Candidate
+
+    sp = Space("task_arithmetic", [str(p) for p in words.experts.values()], base_model=str(words.base),
+               search=["weight"], granularity="per_layer")
+    ev = native("exact_match", words, limit=16)
+    own, shared = Worker(sp, ev), Worker(sp, ev, shared=shared_inputs(sp))
+    assert shared.live_from == "resident inputs" and own.live_from == "checkpoint"
+    assert shared.model.generation_config.to_diff_dict() == own.model.generation_config.to_diff_dict()
+    x = list(np.full(len(sp), 0.6))
+    for i, src in enumerate([*map(str, words.experts.values()), None]):
+        a, b = (w.evaluate(Candidate(i, x, split="search", source=src)) for w in (own, shared))
+        assert a.status == b.status == "ok" and a.metrics == b.metrics, (src, a.metrics, b.metrics)
+        if src is not None:
+            assert a.metrics["score"] > 0, "each expert answers its own task"

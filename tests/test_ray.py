@@ -640,3 +640,30 @@ def test_a_ray_search_killed_at_random_gives_the_trial_log_of_an_uninterrupted_o
     for q in left:
         os.kill(q, signal.SIGKILL)
     assert not left, f"Ray processes of the killed drivers still running: {left}"
+
+
+def test_a_worker_on_shared_weights_scores_the_zoo_as_one_that_read_the_checkpoints(zoo):
+    """The default quickstart (a local Ray, shared weights) scored every source and every
+    candidate 0, silently: the workers' live model, built from the config and the shared
+    weights, took the config's generation defaults (stop token 2) instead of the zoo's
+    generation config (stop token 47), so no answer ended where the evaluator reads it."""
+    import numpy as np
+
+    from evomerge.evaluate import build_evaluator
+    from evomerge.execute import Worker, shared_inputs
+    from evomerge.space import Space
+    from evomerge.types import Candidate
+
+    sp = Space("ties", [str(p) for p in zoo.experts.values()], base_model=str(zoo.base),
+               search=["weight", "density"], granularity="per_layer")
+    ev = build_evaluator("accuracy", data_dir=zoo.root, tasks=zoo.tasks, limit=20)
+    own, shared = Worker(sp, ev), Worker(sp, ev, shared=shared_inputs(sp))
+    assert shared.live_from == "resident inputs"
+    # where answers end: the zoo's stop token, as loading the model gives it
+    assert shared.model.generation_config.eos_token_id == own.model.generation_config.eos_token_id != \
+        shared.model.config.eos_token_id
+    assert shared.model.generation_config.to_diff_dict() == own.model.generation_config.to_diff_dict()
+    x = list(np.full(len(sp), 0.6))
+    for i, src in enumerate([*map(str, zoo.experts.values()), None]):
+        a, b = (w.evaluate(Candidate(i, x, split="search", source=src)) for w in (own, shared))
+        assert a.status == b.status == "ok" and a.metrics == b.metrics, (src, a.metrics, b.metrics)

@@ -78,9 +78,17 @@ class Worker:
         except ImportError:  # transformers < 5
             from transformers.modeling_utils import no_init_weights
 
+        from transformers import GenerationConfig
+
         with no_init_weights():
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=dtype)
         model.tie_weights()  # tied embeddings, as loading a checkpoint would leave them
+        # and its generation config, as loading it would: where answers end (its stop token)
+        # is read from there, and a config's defaults stopped none of the zoo's answers
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(folder)
+        except OSError:  # the folder has none: the config's defaults, as from_pretrained keeps
+            pass
         if set(dict(model.named_parameters())) - set(self.engine.source(str(path))):
             return None
         return model.to(device).eval()
