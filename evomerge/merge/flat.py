@@ -154,7 +154,8 @@ MAX_LANES = 4  # threads a CPU merge shares its tensors out over: memory bandwid
 _POOLS: dict[int, object] = {}
 _POOLS_LOCK = threading.Lock()
 # a forked child has none of the pools' threads (an executor there would wait for ever)
-os.register_at_fork(after_in_child=_POOLS.clear)
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_POOLS.clear)
 
 
 def _pool(lanes: int):
