@@ -285,7 +285,7 @@ def run(cfg, run_dir: str | Path) -> dict:
             recipe_text=space.recipe_yaml(outcome.best_x))
         print(f"best merge written to {path}")
     _report(run_dir)
-    print(format_summary(outcome.summary, run_dir))
+    _print_summary(outcome.summary, run_dir)
     return outcome.summary
 
 
@@ -334,8 +334,15 @@ def _adamerging(cfg, space, worker, executor, zoo, evaluator, run_dir: Path) -> 
         summary = finish_run(space, name, x, score, executor, run_dir,
                              config=OmegaConf.to_container(cfg, resolve=True))
     _report(run_dir)
-    print(format_summary(summary, run_dir))
+    _print_summary(summary, run_dir)
     return summary
+
+
+def _print_summary(summary: dict, run_dir: Path) -> None:
+    """The results table, then (on stderr) what the scores say is wrong with the run."""
+    print(format_summary(summary, run_dir))
+    for w in summary.get("warnings", ()):
+        print(f"evomerge: warning: {w}", file=sys.stderr)
 
 
 def format_summary(summary: dict, run_dir: Path) -> str:

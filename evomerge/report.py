@@ -233,6 +233,7 @@ def write_report(run_dir: str | Path) -> Path:
     spc = summary.get("seconds_per_candidate")
     lines.append(f"{summary.get('evaluations', 0)} evaluations, {summary.get('failed', 0)} failed"
                  + (f", {spc:.3f} s per candidate" if spc else "") + ".")
+    lines += [f"\n**Warning:** {w}." for w in summary.get("warnings", ())]
     lines += ["", "| | kind | search | test |", "|---|---|---|---|"]
     results = summary.get("results", {})
     for name in _ordered(list(results), results):

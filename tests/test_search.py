@@ -786,3 +786,26 @@ def test_a_second_process_on_the_same_run_directory_is_refused(tmp_path):
     out = run_search(sp, CMAES(sp, seed=1), FunctionExecutor(), run, budget=30, progress=False, sources=False,
                      resume=True)
     assert out.evaluations >= 30
+
+
+def test_experts_that_all_score_the_same_are_flagged_as_an_evaluation_that_tells_nothing(tmp_path):
+    """The default quickstart once scored every source and candidate 0 without a word (the
+    workers stopped no answer where the evaluator reads it). Experts are fine-tunes for
+    different tasks: when all of them get the very same metrics on a split, summary.json
+    says the evaluation does not tell models apart; experts that differ raise nothing."""
+    sp = synthetic_space()
+    out = run_search(sp, RandomSearch(sp, seed=0), FunctionExecutor(), tmp_path / "same", budget=4,
+                     progress=False)  # FunctionExecutor scores every source 0.0
+    warnings = json.loads((tmp_path / "same" / "summary.json").read_text())["warnings"]
+    assert out.summary["warnings"] == warnings and len(warnings) == 2
+    assert all("every expert (m0, m1, m2, m3, m4, m5) got the same metrics" in w for w in warnings)
+
+    class Differs(FunctionExecutor):
+        def map(self, cands):
+            for r in super().map(cands):
+                if r.kind.startswith("source:"):
+                    r.metrics = {"score": 0.25, f"{r.kind[7:]}/acc": 1.0}
+                yield r
+
+    out = run_search(sp, RandomSearch(sp, seed=0), Differs(), tmp_path / "differs", budget=4, progress=False)
+    assert out.summary["warnings"] == []

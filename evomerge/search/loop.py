@@ -215,6 +215,22 @@ def finish_run(space: Space, name: str, best_x, best_score, executor, run_dir: s
                    config, n_search)
 
 
+def _warnings(space, named: dict, rows: dict) -> list[str]:
+    """What the scores themselves say is wrong with the evaluation. Experts are fine-tunes
+    for different tasks: when every one of them gets the very same metrics on a split (all
+    0, say), the evaluation does not tell models apart (a stop token, the data or a prompt
+    format is wrong), and no score of the run means anything."""
+    experts = [n for n, info in named.items() if info["kind"] == "source" and info["source"] != space.base_model]
+    out = []
+    for split in ("search", "test"):
+        ms = [rows[n].get(split) for n in experts]
+        if len(ms) >= 2 and all(m and "error" not in m for m in ms) and all(m == ms[0] for m in ms[1:]):
+            out.append(f"every expert ({', '.join(experts)}) got the same metrics on the {split} split "
+                       f"(score {ms[0].get('score')}): the evaluation does not tell the models apart (check the "
+                       "evaluator's data, prompt format and where answers end), so no score of this run means anything")
+    return out
+
+
 def _finish(space, strategy, executor, run_dir, log, done, baselines, sources, config, n_search) -> dict:
     best_x, best_score = strategy.best()
     searched = [r for k, r in done.items() if k[0] == "search"]
@@ -262,6 +278,7 @@ def _finish(space, strategy, executor, run_dir, log, done, baselines, sources, c
         rows[name] = row
     ok = [r for r in searched if r.status == "ok"]
     summary = {
+        "warnings": _warnings(space, named, rows),
         "evaluations": n_search,
         "failed": sum(1 for r in searched if r.status != "ok"),
         # workers that died and were started again since this run (or its last resume) began
