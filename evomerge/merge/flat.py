@@ -388,6 +388,34 @@ class FlatGroup:
     # ----------------------------------------------------------------------------------
     # A candidate
     # ----------------------------------------------------------------------------------
+    def _masks(self, sparsify, table: dict) -> dict:
+        """A candidate's per-(model, tensor) mask parameters, ``(k, S)`` arrays, as the
+        per-tensor masks of ``methods`` derive them, for both backends: ``rank`` (magnitude:
+        entries of ascending rank >= it are kept; 0 keeps all), ``thresh`` (DARE: uniforms
+        below it, of 65536, are kept), ``scale`` (DARE's rescale) and ``nothing`` (the pairs
+        that keep no entry); ``ws`` is the weights' sum per tensor, summed model by model as
+        the per-tensor path sums a list."""
+        w = table["weight"]
+        k, S = w.shape
+        dens = table["density"] if sparsify is not None else np.ones((k, S))
+        n = self.sizes[None, :]
+        out = {"scale": np.ones((k, S)), "nothing": np.zeros((k, S), dtype=bool)}
+        if sparsify == "magnitude":
+            keep = np.where((dens > 0) & (n > 0), np.maximum(1, (dens * n).astype(np.int64)), 0)
+            out["rank"] = rank = np.where(dens >= 1, 0, n - keep)
+            out["nothing"] = rank >= n
+        elif sparsify == "random":
+            thresh = np.clip(np.rint(dens * 65536), 0, 65536).astype(np.int64)
+            out["thresh"] = thresh = np.where(dens >= 1, 65536, thresh)
+            out["nothing"] = thresh == 0
+            if table.get("rescale", False) is True:
+                out["scale"] = np.where((dens < 1) & (thresh > 0), 1.0 / np.where(dens > 0, dens, 1.0), 1.0)
+        ws = w[0] + 0.0
+        for row in w[1:]:
+            ws = ws + row
+        out["ws"] = ws
+        return out
+
     def merge(self, method: str, table: dict, out: Tensor, compute_dtype=None) -> Tensor:
         """Merge every segment into the flat ``out`` (length n, any float dtype); returns
         the float32 sum of ``out`` (not finite if any merged value is not).
@@ -406,40 +434,26 @@ class FlatGroup:
         lam = table.get("lambda")
         lam = np.ones(S) if lam is None else lam
         normalize = bool(table.get("normalize", False))
-        rescale = table.get("rescale", False)
-        dens = table["density"] if sparsify is not None else np.ones((k, S))
-        n = self.sizes[None, :]
         dev = self.device
+        mk = self._masks(sparsify, table)
 
         def col(x, dtype=dt):  # a per-(model, segment) table as (k, S, 1) on the device
             return torch.as_tensor(np.ascontiguousarray(x), dtype=dtype).to(dev).unsqueeze(-1)
 
-        scale = np.ones((k, S))
         cuts = ties = uniforms = t16 = None
-        nothing = np.zeros((k, S), dtype=bool)  # (model, tensor) pairs that keep no entry
         if sparsify == "magnitude":
-            keep = np.where((dens > 0) & (n > 0), np.maximum(1, (dens * n).astype(np.int64)), 0)
-            rank = np.where(dens >= 1, 0, n - keep)
-            nothing = rank >= n
-            v, below, tie = self._thresholds(rank, dt)
+            v, below, tie = self._thresholds(mk["rank"], dt)
             cuts = (v.unsqueeze(-1), below.unsqueeze(-1), tie.unsqueeze(-1))
             ties = bool((tie > 0).any())  # one synchronisation: is any cut inside a run of equal values
         elif sparsify == "random":
-            thresh = np.clip(np.rint(dens * 65536), 0, 65536).astype(np.int64)
-            thresh = np.where(dens >= 1, 65536, thresh)
-            nothing = thresh == 0
-            if rescale is True:
-                scale = np.where((dens < 1) & (thresh > 0), 1.0 / np.where(dens > 0, dens, 1.0), 1.0)
             uniforms = self._uniforms(table["seeds"])
-            t16 = col(thresh - 32768, torch.int32)
+            t16 = col(mk["thresh"] - 32768, torch.int32)
         # a model that keeps nothing is multiplied by +0, as the per-tensor masks do: its
         # weight is not applied (0 times a negative weight is -0, which flips zeros' signs)
-        C = col(np.where(nothing, 1.0, w * scale))
+        C = col(np.where(mk["nothing"], 1.0, w * mk["scale"]))
         WS = W = LAM = None
         if normalize and not consensus:
-            ws = w[0] + 0.0  # summed model by model, as the per-tensor path sums a list
-            for row in w[1:]:
-                ws = ws + row
+            ws = mk["ws"]
             WS = col(np.where(np.abs(ws) >= 1e-8, ws, 1.0)[None, :])[0]
         if normalize and consensus:
             W = col(w)
@@ -534,7 +548,7 @@ class FlatGroup:
         lam = table.get("lambda")
         lam = np.ones(S) if lam is None else np.asarray(lam, dtype=np.float64)
         normalize = bool(table.get("normalize", False))
-        dens = np.asarray(table["density"], dtype=np.float64) if sparsify is not None else np.ones((k, S))
+        mk = self._masks(sparsify, {**table, "weight": w})
         n = self.sizes[None, :]
         models = np.zeros((len(seg), k), dtype=_MODEL)
         first = self.offsets[:-1][seg] + start  # each piece's first entry in the flat buffers
@@ -542,10 +556,8 @@ class FlatGroup:
         models["dtype"] = native.DTYPE_CODES[self.T.dtype]
         models["weight"] = w.T[seg]
         kind = np.full((k, S), native.MASK_ALL, dtype=np.int32)
-        scale = np.ones((k, S))
         if sparsify == "magnitude":
-            keep = np.where((dens > 0) & (n > 0), np.maximum(1, (dens * n).astype(np.int64)), 0)
-            rank = np.where(dens >= 1, 0, n - keep)
+            rank = mk["rank"]
             cut = (rank > 0) & (rank < n)
             kind = np.where(cut, native.MASK_CUT, np.where(rank >= n, native.MASK_NONE, native.MASK_ALL))
             if cut.any():
@@ -555,19 +567,14 @@ class FlatGroup:
                 # equal magnitudes are kept from position tie on, counted from the piece's start
                 models["start_pos"] = tie.numpy().T[seg] - start[:, None]
         elif sparsify == "random":
-            thresh = np.clip(np.rint(dens * 65536), 0, 65536).astype(np.int64)
-            thresh = np.where(dens >= 1, 65536, thresh)
-            if table.get("rescale") is True:
-                scale = np.where((dens < 1) & (thresh > 0), 1.0 / np.where(dens > 0, dens, 1.0), 1.0)
+            thresh = mk["thresh"]
             kind = np.where(thresh >= 65536, native.MASK_ALL, np.where(thresh == 0, native.MASK_NONE,
                                                                         native.MASK_RANDOM))
             models["thresh"] = np.minimum(thresh, 65535).T[seg]
             models["rng"] = self._rng_states(table["seeds"], seg, start)
         models["kind"] = kind.T[seg]
-        models["coef"] = (w * scale).T[seg]
-        ws = w[0] + 0.0  # summed model by model, as the per-tensor path sums a list
-        for row in w[1:]:
-            ws = ws + row
+        models["coef"] = (w * mk["scale"]).T[seg]
+        ws = mk["ws"]
         div_sum = np.ascontiguousarray(((not consensus) & normalize & (np.abs(ws) >= 1e-8))[seg], dtype=np.int32)
         wdiv = np.ascontiguousarray(ws[seg], dtype=np.float32)
         scale_lambda = np.ascontiguousarray((lam != 1)[seg], dtype=np.int32)
