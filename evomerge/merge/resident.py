@@ -123,7 +123,7 @@ class ResidentEngine:
         self._inputs: dict[tuple[Any, str], Tensor] = {}
         self.order_stats = order_stats
         self._stats: dict[str, dict] = {}
-        self._structure = self._signature(self.template.tasks)
+        self._structure = self.template.plan.signature  # what shared inputs must have been made for
         self.bytes_read = 0  # of checkpoint data (none when the inputs are adopted)
         if shared is not None:
             self._adopt(shared)
@@ -141,7 +141,6 @@ class ResidentEngine:
         seeds = self.template.seeds
         k = max((len(x) for x in seeds if x), default=0)
         self._seeds = np.array([x if x else [0] * k for x in seeds], dtype=np.uint64).reshape(len(seeds), k)
-        self._plan = Columns.signature(self.template.tasks)
         self._task_shapes = {t.name: tuple(self.template.shape(t)) for t in self.template.tasks}
         self._flags: dict[tuple, tuple] = {}  # a candidate's normalize/rescale over a group, by list
         self._live: tuple | None = None  # (model, its tensors' module paths) of the last materialize
@@ -257,10 +256,6 @@ class ResidentEngine:
             table["seeds"] = self._seeds[sel].T
         return table
 
-    @staticmethod
-    def _signature(tasks: list[TensorTask]) -> list[tuple]:
-        return [(t.name, t.base, tuple(t.inputs), t.copy) for t in tasks]
-
     @property
     def nbytes(self) -> int:
         """Bytes of the resident inputs."""
@@ -299,7 +294,7 @@ class ResidentEngine:
     def _columns(self, what: Recipe | Columns) -> Columns:
         cols = what if isinstance(what, Columns) else self.columns(what)
         if cols.plan is not self._plan_seen:  # (a compiled map's columns share one signature object)
-            if cols.method.name != self.template.method.name or cols.plan != self._plan:
+            if cols.method.name != self.template.method.name or cols.plan != self._structure:
                 raise MergeError("the candidate's parameters were made for another plan (other tensors, models, "
                                  "model order or method)")
             self._plan_seen = cols.plan
