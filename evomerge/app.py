@@ -278,9 +278,9 @@ def run(cfg, run_dir: str | Path) -> dict:
               file=sys.stderr)
         raise KeyboardInterrupt
     if cfg.get("export_model") and outcome.best_x is not None:
-        from .merge.engine import MergeEngine
+        from .merge.engine import Merger
 
-        path = MergeEngine(space.recipe(outcome.best_x), device=cfg.device, seed=int(cfg.seed)).write(
+        path = Merger(space.recipe(outcome.best_x), device=cfg.device, seed=int(cfg.seed)).write(
             run_dir / "best_model", overwrite=True, progress=bool(cfg.progress),
             recipe_text=space.recipe_yaml(outcome.best_x))
         print(f"best merge written to {path}")

@@ -71,7 +71,7 @@ def check_device(name, where: str = "--device") -> None:
 def merge_main(argv: list[str] | None = None) -> int:
     args = _merge_parser().parse_args(argv)
     from .checkpoint import check_output_name, parse_size, refuse_overlap
-    from .merge.engine import MergeEngine
+    from .merge.engine import Merger
     from .recipe import DTYPES, RecipeError, load_recipe
 
     try:
@@ -91,7 +91,7 @@ def merge_main(argv: list[str] | None = None) -> int:
         if out.exists() and not args.overwrite:
             raise FileExistsError(f"output '{out}' already exists (pass --overwrite to replace it)")
         t0 = time.perf_counter()
-        engine = MergeEngine(
+        engine = Merger(
             recipe, device=args.device, seed=args.seed,
             out_dtype=DTYPES[args.dtype.lower()] if args.dtype else None,
             allow_pickle=args.allow_pickle,

@@ -304,7 +304,7 @@ class Space:
 
     def compile(self, tasks: Sequence[Any]) -> "CoefficientMap":
         """The map from a genome to every tensor's merge parameters over a plan's ``tasks``
-        (``MergeEngine(space.recipe(x0)).tasks``): built once, it replaces writing, parsing
+        (``Merger(space.recipe(x0)).tasks``): built once, it replaces writing, parsing
         and resolving a recipe for each candidate (see ``CoefficientMap``)."""
         return CoefficientMap(self, tasks)
 
@@ -342,7 +342,7 @@ class CoefficientMap:
     Args:
         space: the genome space.
         tasks: the plan's tensors (``TensorTask``: name, depth, inputs, copy), as a
-            ``MergeEngine`` plans ``space.recipe(space.x0)``.
+            ``Merger`` plans ``space.recipe(space.x0)``.
     """
 
     def __init__(self, space: Space, tasks: Sequence[Any]):

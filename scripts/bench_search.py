@@ -70,7 +70,7 @@ def main() -> int:
 
     from evomerge.evaluate import build_evaluator
     from evomerge.execute import LocalExecutor, Worker
-    from evomerge.merge.engine import MergeEngine
+    from evomerge.merge.engine import Merger
     from evomerge.search import RandomSearch, run_search
     from evomerge.space import Space
 
@@ -192,7 +192,7 @@ def main() -> int:
         for x in genomes[: max(3, a.candidates // 4)]:
             t0 = time.perf_counter()
             out_dir = work / "merged"
-            MergeEngine(sp.recipe(x), device=a.device).write(out_dir, overwrite=True, progress=False)
+            Merger(sp.recipe(x), device=a.device).write(out_dir, overwrite=True, progress=False)
             model = AutoModelForCausalLM.from_pretrained(out_dir).to(a.device).eval()
             with torch.no_grad():
                 ev(model, worker.tokenizer, split="search")

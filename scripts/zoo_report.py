@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from evomerge.merge.engine import MergeEngine  # noqa: E402
+from evomerge.merge.engine import Merger  # noqa: E402
 from evomerge.recipe import parse_recipe  # noqa: E402
 from evomerge.evaluate import build_evaluator  # noqa: E402
 from evomerge.zoo import ZooConfig, build_zoo  # noqa: E402
@@ -77,13 +77,13 @@ def main() -> int:
         scores[f"expert:{t}"] = measure(AutoModelForCausalLM.from_pretrained(zoo.experts[t]).eval())
     curve = {}
     for lam in LAMBDAS:
-        MergeEngine(task_arithmetic(zoo, lam, tasks)).materialize(model)
+        Merger(task_arithmetic(zoo, lam, tasks)).materialize(into=model)
         curve[lam] = measure(model)
         print(f"lambda {lam:.1f}: validation {mean(curve[lam]['validation']):.3f} "
               f"test {mean(curve[lam]['test']):.3f}", flush=True)
     best = max(LAMBDAS, key=lambda lam: (mean(curve[lam]["validation"]), -lam))
 
-    MergeEngine(task_arithmetic(zoo, best, tasks)).materialize(model)
+    Merger(task_arithmetic(zoo, best, tasks)).materialize(into=model)
     gen = build_evaluator("exact_match", data_dir=zoo.root, tasks=tasks)(model, tok, split="test")
     tf_best = mean(curve[best]["test"])
 

@@ -53,7 +53,7 @@ def test_training_lowers_the_entropy_and_stays_in_bounds(zoo, tmp_path):
     batch = encode_prompts(w.tokenizer, prompts)
 
     def full_entropy(x):
-        w.engine.materialize(sp.recipe(x), w.model)
+        w.engine.materialize(sp.recipe(x), into=w.model)
         return float(prediction_entropy(w.model, batch).mean())
 
     before = full_entropy(am.genome())

@@ -11,9 +11,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from evomerge.merge.engine import MergeEngine
+from evomerge.merge.engine import Merger
 from evomerge.merge.flat import FlatGroup
-from evomerge.merge.resident import ResidentEngine
+from evomerge.merge.resident import ResidentMerger
 from evomerge.recipe import parse_recipe
 from evomerge.testing import tiny_family
 
@@ -54,7 +54,7 @@ def recipe_for(fam, method, weights, densities, lam, normalize, rescale, per_lay
 
 
 def one_shot(recipe, seed, device="cpu"):
-    eng = MergeEngine(recipe, seed=seed, device=device)
+    eng = Merger(recipe, seed=seed, device=device)
     return {t.name: eng.merge_tensor(t) for t in eng.tasks}
 
 
@@ -91,7 +91,7 @@ def test_flat_equals_one_shot(families, method, dtype, w, d, lam, normalize, res
     fam = families[dtype]
     recipe = recipe_for(fam, method, w, d, lam, normalize, rescale, per_layer)
     tdt = getattr(torch, dtype)
-    engine = ResidentEngine(recipe, seed=seed, device=device)
+    engine = ResidentMerger(recipe, seed=seed, device=device)
     assert engine._groups, "the flat path is built for this method"
     model = live(fam["base"], tdt, device)
     calls = {"merge": 0, "kernels": 0}
@@ -158,7 +158,7 @@ def test_flat_kernels_cutting_tensors_between_threads_give_the_one_shot_bits(fam
     monkeypatch.setattr(flat, "PIECES_PER_LANE", 64)
     fam = families[dtype]
     recipe = recipe_for(fam, method, [0.5, 1.0, -0.4], [0.37, 0.9, 0.1], 0.7, False, True, True)
-    engine = ResidentEngine(recipe, seed=2)
+    engine = ResidentMerger(recipe, seed=2)
     before = torch.get_num_threads()
     torch.set_num_threads(3)
     try:
@@ -245,12 +245,12 @@ def test_the_flat_kernels_work_in_a_forked_child():
 def test_flat_buffers_hold_the_inputs_once(families):
     fam = families["float32"]
     recipe = recipe_for(fam, "ties", [0.5] * 3, [0.5] * 3, 1.0, True, False, False)
-    flat = ResidentEngine(recipe)
-    per_tensor = ResidentEngine(recipe, flat=False)
+    flat = ResidentMerger(recipe)
+    per_tensor = ResidentMerger(recipe, flat=False)
     assert flat.nbytes == per_tensor.nbytes
     (idx, g), = flat._groups
     for i in idx:  # the resident inputs are views into the flat buffers
-        task = flat.template.tasks[i]
+        task = flat.tasks[i]
         ins = flat.inputs(task)
         assert ins[0].untyped_storage().data_ptr() == g.B.untyped_storage().data_ptr()
         assert all(t.untyped_storage().data_ptr() == g.T.untyped_storage().data_ptr() for t in ins[1:])
@@ -261,7 +261,7 @@ def test_mixed_normalize_falls_back_to_the_per_tensor_path(families):
     models = [{"model": str(fam[f"expert_{i}"]), "parameters": {"weight": 0.4, "density": 0.5}} for i in range(3)]
     recipe = parse_recipe({"merge_method": "ties", "base_model": str(fam["base"]), "models": models,
                            "parameters": {"normalize": [{"filter": "mlp", "value": False}, {"value": True}]}})
-    engine = ResidentEngine(recipe)
+    engine = ResidentMerger(recipe)
     model = live(fam["base"], torch.float32)
     engine.materialize(recipe, into=model)
     assert_weights(model, one_shot(recipe, 0))
@@ -280,7 +280,7 @@ def test_the_per_tensor_path_reads_the_flat_groups_sorted_magnitudes(families, k
     flat_one = parse_recipe({"merge_method": "ties", "base_model": str(fam["base"]), "models": models})
     mixed = parse_recipe({"merge_method": "ties", "base_model": str(fam["base"]), "models": models,
                           "parameters": {"normalize": [{"filter": "mlp", "value": False}, {"value": True}]}})
-    engine = ResidentEngine(flat_one)
+    engine = ResidentMerger(flat_one)
     model = live(fam["base"], torch.bfloat16)
     with contextlib.nullcontext() if kernels else native.disabled():
         engine.materialize(flat_one, into=model)
@@ -310,7 +310,7 @@ def test_compiled_flat_path_equals_one_shot(families, method, dtype, normalize):
     the one-shot merge; bf16 puts TIES cuts inside runs of equal magnitudes."""
     fam = families[dtype]
     recipe = recipe_for(fam, method, [0.5, 1.0, -0.4], [0.37, 0.9, 0.1], 0.7, normalize, True, True)
-    engine = ResidentEngine(recipe, seed=1, compile=True)
+    engine = ResidentMerger(recipe, seed=1, compile=True)
     model = live(fam["base"], getattr(torch, dtype))
     engine.materialize(recipe, into=model)
     assert_weights(model, one_shot(recipe, 1))
@@ -321,7 +321,7 @@ def test_a_non_finite_candidate_is_named_on_the_flat_path(families, compile):
     fam = families["float32"]
     ok = recipe_for(fam, "task_arithmetic", [0.5] * 3, [1.0] * 3, 1.0, False, False, False)
     huge = recipe_for(fam, "task_arithmetic", [1e39] * 3, [1.0] * 3, 1.0, False, False, False)  # inf in float32
-    engine = ResidentEngine(ok, compile=compile)
+    engine = ResidentMerger(ok, compile=compile)
     model = live(fam["base"], torch.float32)
     engine.materialize(ok, into=model)
     with pytest.raises(Exception, match="tensor '.*': the merged values are not finite"):
@@ -335,7 +335,7 @@ def test_a_bound_model_is_merged_into_in_place_and_other_models_are_not_disturbe
     fam = families["float32"]
     a = recipe_for(fam, "ties", [0.5, 1.0, -0.4], [0.37, 0.9, 0.1], 0.7, True, False, True)
     b = recipe_for(fam, "ties", [1.0, 0.3, 0.5], [0.5, 0.5, 0.99999], 1.0, False, False, False)
-    engine = ResidentEngine(a, compile=compile)
+    engine = ResidentMerger(a, compile=compile)
     bound, other = live(fam["base"], torch.float32), live(fam["base"], torch.float32)
     before = {n: p.detach().clone() for n, p in bound.named_parameters()}
     n = engine.bind(bound)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from evomerge.checkpoint import Checkpoint
 from evomerge.cli import merge_main
-from evomerge.merge.engine import MergeEngine
+from evomerge.merge.engine import Merger
 from evomerge.recipe import parse_recipe
 from evomerge.testing import tiny_family
 
@@ -107,7 +107,7 @@ def test_cli_as_a_subprocess_matches_in_process_engine(fam, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "merging (ties)" in r.stderr  # the progress bar
     written = load_file(str(out / "model.safetensors"))
-    engine = MergeEngine(parse_recipe(rec))
+    engine = Merger(parse_recipe(rec))
     for name, t in engine.iter_merged():
         assert torch.equal(written[name], t), name
 
@@ -170,10 +170,10 @@ def test_materialize_writes_into_live_model_in_place(fam):
     from transformers import AutoModelForCausalLM
 
     rec = parse_recipe(recipes(fam)["ties"])
-    engine = MergeEngine(rec)
+    engine = Merger(rec)
     model = AutoModelForCausalLM.from_pretrained(fam["base"])
     ptrs = {n: p.data_ptr() for n, p in model.named_parameters()}
-    engine.materialize(model)
+    engine.materialize(into=model)
     assert {n: p.data_ptr() for n, p in model.named_parameters()} == ptrs
     sd = model.state_dict()
     for name, t in engine.iter_merged():
@@ -621,8 +621,8 @@ def test_a_missing_tokenizer_source_is_refused_before_anything_is_merged(fam, tm
     rec = {**recipes(fam)["linear"], "tokenizer_source": str(tmp_path / "no-tokenizer-here")}
     _fails(tmp_path, rec, "tokenizer_source", "no-tokenizer-here")
     merged = []
-    monkeypatch.setattr(engine.MergeEngine, "iter_merged", lambda self, **kw: merged.append(1) or iter(()))
-    monkeypatch.setattr(engine.MergeEngine, "_write_lanes", lambda self, *a: merged.append(1))
+    monkeypatch.setattr(engine.Merger, "iter_merged", lambda self, **kw: merged.append(1) or iter(()))
+    monkeypatch.setattr(engine.Merger, "_write_lanes", lambda self, *a: merged.append(1))
     assert merge_main([_write(tmp_path, "tok", rec), str(tmp_path / "out2"), "--no-progress"]) == 2
     assert not merged and not (tmp_path / "out2").exists()
 

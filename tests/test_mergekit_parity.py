@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from evomerge.merge.engine import MergeEngine
+from evomerge.merge.engine import Merger
 from evomerge.recipe import parse_recipe
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mergekit_parity.json.gz"
@@ -83,7 +83,7 @@ def test_fixture_is_complete():
 def test_matches_mergekit(name, model_paths, tmp_path):
     case = DATA["recipes"][name]
     recipe = parse_recipe(_substitute(case["recipe"], model_paths), source=name)
-    out = MergeEngine(recipe).write(tmp_path / "out")
+    out = Merger(recipe).write(tmp_path / "out")
     got = _read_output(Path(out))
     want = {k: _tensor(v) for k, v in case["tensors"].items()}
 

@@ -148,7 +148,7 @@ def test_dare_stream_is_numpys_sfc64():
 def test_a_non_finite_input_still_names_the_culprit(tmp_path, method):
     from safetensors.torch import load_file, save_file
 
-    from evomerge.merge.engine import MergeEngine, MergeError
+    from evomerge.merge.engine import Merger, MergeError
     from evomerge.recipe import parse_recipe
     from evomerge.testing import tiny_family
 
@@ -163,7 +163,7 @@ def test_a_non_finite_input_still_names_the_culprit(tmp_path, method):
         rec["base_model"] = str(fam["base"])
     rec = parse_recipe(rec)
     with pytest.raises(MergeError, match="expert_1.*model.layers.1.mlp.up_proj.weight"):
-        MergeEngine(rec).write(tmp_path / "out", progress=False)
+        Merger(rec).write(tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
 
 
@@ -184,7 +184,7 @@ def test_lanes_write_the_same_files(tmp_path, method, monkeypatch):
     """Merging two tensors at a time on threads writes byte for byte the folder that one
     at a time does, sharded or not, with direct I/O or through the page cache; the torch
     path writes it too."""
-    from evomerge.merge.engine import MergeEngine
+    from evomerge.merge.engine import Merger
     from evomerge.recipe import parse_recipe
     from evomerge.testing import tiny_family
 
@@ -197,10 +197,10 @@ def test_lanes_write_the_same_files(tmp_path, method, monkeypatch):
     outs = {}
     for lanes in (1, 2):
         monkeypatch.setenv("EVOMERGE_DIRECT_IO", "1" if lanes == 2 else "0")
-        eng = MergeEngine(rec, seed=5)
+        eng = Merger(rec, seed=5)
         outs[lanes] = eng.write(tmp_path / f"out{lanes}", shard_size="40KB", lanes=lanes, progress=False)
     with native.disabled():
-        outs["torch"] = MergeEngine(rec, seed=5).write(tmp_path / "outt", shard_size="40KB", progress=False)
+        outs["torch"] = Merger(rec, seed=5).write(tmp_path / "outt", shard_size="40KB", progress=False)
     shards = sorted(p.name for p in outs[1].glob("*.safetensors"))
     assert len(shards) > 1
     for other in (2, "torch"):
@@ -216,7 +216,7 @@ def test_an_overflowing_result_is_refused(tmp_path, torch_path):
 
     from safetensors.torch import load_file, save_file
 
-    from evomerge.merge.engine import MergeEngine, MergeError
+    from evomerge.merge.engine import Merger, MergeError
     from evomerge.recipe import parse_recipe
     from evomerge.testing import tiny_family
 
@@ -232,14 +232,14 @@ def test_an_overflowing_result_is_refused(tmp_path, torch_path):
                                    for i in range(2)]})
     with native.disabled() if torch_path else contextlib.nullcontext():
         with pytest.raises(MergeError, match=f"{name}.*overflow"):
-            MergeEngine(rec).write(tmp_path / "out", progress=False, lanes=1)
+            Merger(rec).write(tmp_path / "out", progress=False, lanes=1)
     assert not (tmp_path / "out").exists()
 
 
 def test_a_stale_finite_report_does_not_vouch_for_the_next_result(tmp_path):
     """A kernel's 'all finite' is remembered for the tensor it wrote; a later result
     written into the same memory by the torch path (DELLA) must still be checked."""
-    from evomerge.merge.engine import MergeEngine, MergeError
+    from evomerge.merge.engine import Merger, MergeError
     from evomerge.recipe import parse_recipe
     from evomerge.testing import tiny_family
 
@@ -247,7 +247,7 @@ def test_a_stale_finite_report_does_not_vouch_for_the_next_result(tmp_path):
     rec = parse_recipe({"merge_method": "della", "base_model": str(fam["base"]),
                         "models": [{"model": str(fam["expert_0"]),
                                     "parameters": {"weight": 1.0, "density": 0.5, "epsilon": 0.1}}]})
-    eng = MergeEngine(rec)
+    eng = Merger(rec)
     task = next(t for t in eng.tasks if not t.copy and len(eng.shape(t)) == 2)
     raw = eng._read(task)
     base, tensors = eng._prepare(task, raw)
@@ -263,7 +263,7 @@ def test_a_stale_finite_report_does_not_vouch_for_the_next_result(tmp_path):
 def test_lanes_only_where_the_kernels_merge(tmp_path, monkeypatch):
     """Several lanes for the methods the kernels serve (one per torch thread, at most
     MAX_LANES); one for the torch-path methods, and one without the kernels."""
-    from evomerge.merge.engine import MergeEngine
+    from evomerge.merge.engine import Merger
     from evomerge.recipe import parse_recipe
     from evomerge.testing import tiny_family
 
@@ -273,7 +273,7 @@ def test_lanes_only_where_the_kernels_merge(tmp_path, monkeypatch):
     sl = parse_recipe({"merge_method": "slerp", "base_model": str(fam["base"]),
                        "models": [{"model": str(fam["expert_0"])}], "parameters": {"t": 0.3}})
     monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
-    assert MergeEngine(ta).lanes() == MergeEngine.MAX_LANES
-    assert MergeEngine(sl).lanes() == 1
+    assert Merger(ta).lanes() == Merger.MAX_LANES
+    assert Merger(sl).lanes() == 1
     with native.disabled():
-        assert MergeEngine(ta).lanes() == 1
+        assert Merger(ta).lanes() == 1

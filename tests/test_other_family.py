@@ -195,17 +195,17 @@ def test_the_compiled_map_equals_the_recipe_on_gpt2(words, method, search, granu
     import numpy as np
     import yaml
 
-    from evomerge.merge.engine import MergeEngine
+    from evomerge.merge.engine import Merger
     from evomerge.recipe import parse_recipe
     from evomerge.space import Space
 
     experts = [str(p) for p in words.experts.values()][: 1 if method == "slerp" else 3]
     sp = Space(method, experts, base_model=str(words.base), search=search, granularity=granularity)
-    template = MergeEngine(sp.recipe(sp.x0))
+    template = Merger(sp.recipe(sp.x0))
     cmap = sp.compile(template.tasks)
     for x in (sp.lower, np.random.default_rng(0).uniform(sp.lower, sp.upper)):
         recipe = parse_recipe(yaml.safe_load(sp.recipe_yaml(x)))
-        plan = MergeEngine(recipe, checkpoints=template.models).plan
+        plan = Merger(recipe, checkpoints=template.models).plan
         cols = cmap.columns(x)
         assert [cols.params(i) for i in range(len(plan.tasks))] == \
             [{} if t.copy else plan.resolve(recipe, t) for t in plan.tasks]
@@ -223,16 +223,16 @@ def test_resident_candidates_on_gpt2_are_the_one_shot_merge(words, method, kerne
     from transformers import AutoModelForCausalLM
 
     from evomerge.merge import native
-    from evomerge.merge.engine import MergeEngine
-    from evomerge.merge.resident import ResidentEngine
+    from evomerge.merge.engine import Merger
+    from evomerge.merge.resident import ResidentMerger
     from evomerge.space import Space
 
     experts = [str(p) for p in words.experts.values()][:3]
     search = ["weight"] if method == "task_arithmetic" else ["weight", "density"]
     sp = Space(method, experts, base_model=str(words.base), search=search, granularity="per_layer")
-    engine = ResidentEngine(sp.recipe(sp.x0), seed=3)
+    engine = ResidentMerger(sp.recipe(sp.x0), seed=3)
     assert engine._groups, "the flat path holds the family's tensors"
-    cmap = sp.compile(engine.template.tasks)
+    cmap = sp.compile(engine.tasks)
     model = AutoModelForCausalLM.from_pretrained(words.base).eval()
     before = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -240,7 +240,7 @@ def test_resident_candidates_on_gpt2_are_the_one_shot_merge(words, method, kerne
         for x in np.random.default_rng(1).uniform(sp.lower, sp.upper, (1, len(sp))):
             with contextlib.nullcontext() if kernels else native.disabled():
                 engine.materialize(cmap.columns(x), into=model)
-            one = MergeEngine(sp.recipe(x), seed=3)
+            one = Merger(sp.recipe(x), seed=3)
             got = dict(model.named_parameters())
             for t in one.tasks:
                 if t.name in got:

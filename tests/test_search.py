@@ -353,11 +353,11 @@ def test_per_layer_cmaes_on_the_zoo_reports_best_baselines_and_sources(small_zoo
     direct = ev(m, AutoTokenizer.from_pretrained(z.experts[task]), split="test")
     assert s["results"][task]["test"] == direct
     # and the best genome's exported recipe reproduces its search score
-    from evomerge.merge.engine import MergeEngine
+    from evomerge.merge.engine import Merger
     from evomerge.recipe import load_recipe
 
     model = worker.model
-    MergeEngine(load_recipe(tmp_path / "run" / "best_recipe.yaml")).materialize(model)
+    Merger(load_recipe(tmp_path / "run" / "best_recipe.yaml")).materialize(into=model)
     assert ev(model, worker.tokenizer, split="search")["score"] == pytest.approx(out.best_score)
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from evomerge.merge.engine import MergeError
-from evomerge.merge.resident import ResidentEngine
+from evomerge.merge.resident import ResidentMerger
 from evomerge.recipe import parse_recipe
 from evomerge.testing import tiny_family
 
@@ -56,11 +56,11 @@ def live(fam):
 @pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "breadcrumbs", "slerp"])
 def test_adopted_inputs_merge_the_same_weights_without_reading_or_copying(fam, method, store_dtype):
     r = recipe(fam, method)
-    reader = ResidentEngine(r, store_dtype=store_dtype, seed=3)
+    reader = ResidentMerger(r, store_dtype=store_dtype, seed=3)
     assert reader.bytes_read > 0
     shared, arrays = through_store(reader.share())
     assert shared.nbytes == reader.nbytes
-    adopter = ResidentEngine(r, shared=shared, seed=3)
+    adopter = ResidentMerger(r, shared=shared, seed=3)
     assert adopter.bytes_read == 0
 
     # every input the adopter holds lies inside the store's arrays: nothing was copied
@@ -70,16 +70,16 @@ def test_adopted_inputs_merge_the_same_weights_without_reading_or_copying(fam, m
         assert any(lo <= p and p + t.numel() * t.element_size() <= hi for lo, hi in spans), key
 
     a, b = live(fam), live(fam)
-    reader.materialize(r, a)
-    adopter.materialize(r, b)
+    reader.materialize(r, into=a)
+    adopter.materialize(r, into=b)
     for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), name
 
 
 def test_inputs_made_for_other_models_are_refused(fam):
-    shared = ResidentEngine(recipe(fam, "ties", experts=2)).share()
+    shared = ResidentMerger(recipe(fam, "ties", experts=2)).share()
     with pytest.raises(MergeError, match="another recipe"):
-        ResidentEngine(recipe(fam, "ties", experts=3), shared=shared)
+        ResidentMerger(recipe(fam, "ties", experts=3), shared=shared)
 
 
 def test_a_worker_on_shared_inputs_reads_no_weights(fam, monkeypatch):
@@ -123,7 +123,7 @@ def test_candidate_recipes_over_one_plan_and_the_ones_that_do_not_fit_it(fam):
     parameter values only (the models form, or slices), resolved over its one plan with the
     one-shot merge's values; a recipe with the models in another order, another model,
     other slices or another output dtype is refused, naming why."""
-    from evomerge.merge.engine import MergeEngine
+    from evomerge.merge.engine import Merger
 
     def slices(t0, t1, ranges=((0, 2), (1, 3))):
         return parse_recipe({"merge_method": "slerp", "base_model": str(fam["base"]), "slices": [
@@ -134,24 +134,24 @@ def test_candidate_recipes_over_one_plan_and_the_ones_that_do_not_fit_it(fam):
     for template, candidate in ((recipe(fam, "ties"), None), (slices(0.3, 0.6), slices([0.1, 0.9], 0.2))):
         if candidate is None:  # the same models, other weights and densities
             candidate = parse_recipe({**yaml_of(template), "parameters": {"lambda": 0.4}})
-        engine = ResidentEngine(template)
-        want = {t.name: MergeEngine(candidate).merge_tensor(t) for t in MergeEngine(candidate).tasks}
+        engine = ResidentMerger(template)
+        want = {t.name: Merger(candidate).merge_tensor(t) for t in Merger(candidate).tasks}
         got = engine.merged(candidate)
         assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
 
-    engine = ResidentEngine(recipe(fam, "ties"))
+    engine = ResidentMerger(recipe(fam, "ties"))
     swapped = yaml_of(recipe(fam, "ties"))
     swapped["models"] = swapped["models"][::-1]
     fewer = yaml_of(recipe(fam, "ties", experts=2))
     for bad in (swapped, fewer):
-        with pytest.raises(MergeError, match="does not fit the resident engine's plan: it merges other models"):
+        with pytest.raises(MergeError, match="does not fit the merge plan: it merges other models"):
             engine.merged(parse_recipe(bad))
     with pytest.raises(MergeError, match="output dtype"):
         engine.merged(parse_recipe({**yaml_of(recipe(fam, "ties")), "out_dtype": "bfloat16"}))
     with pytest.raises(MergeError, match=r"its dtype \(bfloat16\) is not the plan's \(None\)"):
         engine.merged(parse_recipe({**yaml_of(recipe(fam, "ties")), "dtype": "bfloat16", "out_dtype": None}))
     with pytest.raises(MergeError, match="other models or layers"):
-        ResidentEngine(slices(0.3, 0.6)).merged(slices(0.3, 0.6, ranges=((0, 2), (0, 2))))
+        ResidentMerger(slices(0.3, 0.6)).merged(slices(0.3, 0.6, ranges=((0, 2), (0, 2))))
     # the base listed among the models or not: the same plan (the base is no weighted input)
     listed = yaml_of(recipe(fam, "ties"))
     listed["models"] = [{"model": str(fam["base"])}, *listed["models"]]
@@ -164,7 +164,7 @@ def test_slices_of_different_numbers_of_models_merge_one_shot_and_resident(fam):
     each, so it is kept per tensor rather than as one table; both engines merge it."""
     from transformers import AutoModelForCausalLM
 
-    from evomerge.merge.engine import MergeEngine
+    from evomerge.merge.engine import Merger
     from evomerge.merge.methods import linear
 
     def src(i, r, w):
@@ -173,7 +173,7 @@ def test_slices_of_different_numbers_of_models_merge_one_shot_and_resident(fam):
     r = parse_recipe({"merge_method": "linear", "dtype": "float32", "slices": [
         {"sources": [src(0, (0, 2), 0.3), src(1, (0, 2), 0.7)]},
         {"sources": [src(0, (2, 3), 0.2), src(1, (2, 3), 0.3), src(2, (2, 3), 0.5)]}]})
-    eng = MergeEngine(r)
+    eng = Merger(r)
     one_shot = {t.name: eng.merge_tensor(t) for t in eng.tasks}
     name = "model.layers.2.mlp.down_proj.weight"
     t = next(t for t in eng.tasks if t.name == name)
@@ -185,7 +185,7 @@ def test_slices_of_different_numbers_of_models_merge_one_shot_and_resident(fam):
                     for k, v in load_file(f).items() if k == name)
 
     assert torch.equal(one_shot[name], linear(None, [weight(0), weight(1), weight(2)], weight=[0.2, 0.3, 0.5]))
-    res = ResidentEngine(r)
+    res = ResidentMerger(r)
     model = AutoModelForCausalLM.from_pretrained(fam["base"]).eval()
     res.materialize(r, into=model)
     got = dict(model.named_parameters())
@@ -205,7 +205,7 @@ def test_a_model_merged_with_other_layers_of_itself_reads_each_range(fam):
     the same layer), and a DARE mask is drawn per listing."""
     from safetensors.torch import load_file
 
-    from evomerge.merge.engine import MergeEngine
+    from evomerge.merge.engine import Merger
     from evomerge.merge.methods import linear, slerp
 
     e0 = str(fam["expert_0"])
@@ -219,15 +219,64 @@ def test_a_model_merged_with_other_layers_of_itself_reads_each_range(fam):
                                                {"model": e0, "layer_range": [1, 3]}]}]})
     for r, fn in ((lin, lambda a, b: linear(None, [a, b], weight=[0.5, 0.5])),
                   (sl, lambda a, b: slerp(a, [b], t=0.3))):
-        eng = MergeEngine(r)
+        eng = Merger(r)
         for i in (0, 1):
             name = f"model.layers.{i}.mlp.up_proj.weight"
             task = next(t for t in eng.tasks if t.name == name)
             assert [n for _, n in task.sources] == [name, f"model.layers.{i + 1}.mlp.up_proj.weight"]
             want = fn(tensors[name], tensors[f"model.layers.{i + 1}.mlp.up_proj.weight"])
             assert torch.equal(eng.merge_tensor(task), want), (r.merge_method, name)
-    dare = MergeEngine(parse_recipe({"merge_method": "dare_linear", "base_model": str(fam["base"]), "models": [
+    dare = Merger(parse_recipe({"merge_method": "dare_linear", "base_model": str(fam["base"]), "models": [
         {"model": e0, "parameters": {"weight": 0.5, "density": 0.5}},
         {"model": e0, "parameters": {"weight": 0.5, "density": 0.5}}]}))
     seeds = [s for s in dare.seeds if s is not None]
     assert seeds and all(a != b for a, b in seeds)
+
+
+@pytest.mark.parametrize("family", ["zoo", "gpt2"])
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "slerp"])
+def test_one_merger_writes_and_materializes_any_candidate_resident_or_streamed(fam, words, tmp_path, family, method):
+    """A candidate (``Columns`` of a compiled space) is written to a model folder by the
+    resident merger, from its held inputs, and by a streaming one, and materialized into a
+    live model by both: the same weights as the one-shot merge of the candidate's recipe,
+    with that recipe in the folder. Columns without their recipe text are refused (the
+    folder would describe another merge), and nothing is left behind."""
+    import yaml
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.merge.engine import Merger
+    from evomerge.space import Space
+
+    if family == "zoo":
+        base, experts = str(fam["base"]), [str(fam[f"expert_{i}"]) for i in range(3)]
+    else:
+        base, experts = str(words.base), [str(p) for p in words.experts.values()][:3]
+    experts = experts[:1] if method == "slerp" else experts
+    search = ["t"] if method == "slerp" else ["weight", "density"]
+    sp = Space(method, experts, base_model=base, search=search, granularity="per_layer")
+    x = np.random.default_rng(4).uniform(sp.lower, sp.upper)
+    text = sp.recipe_yaml(x)
+    one_shot = Merger(parse_recipe(yaml.safe_load(text)), seed=2)
+    want = {t.name: one_shot.merge_tensor(t) for t in one_shot.tasks}
+
+    resident = ResidentMerger(sp.recipe(sp.x0), seed=2)
+    streamed = Merger(sp.recipe(sp.x0), seed=2)
+    for name, merger in (("resident", resident), ("streamed", streamed)):
+        cols = sp.compile(merger.tasks).columns(x)
+        with pytest.raises(MergeError, match="recipe_text"):
+            merger.write(tmp_path / f"{name}-bare", cols)
+        assert not (tmp_path / f"{name}-bare").exists()
+        out = merger.write(tmp_path / name, cols, recipe_text=text)
+        got = {}
+        for f in sorted(out.glob("*.safetensors")):
+            got.update(load_file(str(f)))
+        assert set(got) == set(want), name
+        for k in want:
+            assert torch.equal(got[k], want[k].to(got[k].dtype)), (name, k)
+        assert (out / "evomerge_recipe.yaml").read_text() == text
+        model = AutoModelForCausalLM.from_pretrained(base).eval()
+        merger.materialize(cols, into=model)
+        state = model.state_dict()
+        for k in want:
+            assert torch.equal(state[k], want[k].to(state[k].dtype)), (name, k)

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from evomerge.cli import merge_main
-from evomerge.merge.engine import MergeEngine
-from evomerge.merge.resident import ResidentEngine
+from evomerge.merge.engine import Merger
+from evomerge.merge.resident import ResidentMerger
 from evomerge.recipe import RecipeError, load_recipe
 from evomerge.space import Space
 from evomerge.testing import tiny_family
@@ -70,7 +70,7 @@ def test_bad_spaces_are_refused(family):
 
 def resolved(space, x, name):
     """The parameters the engine resolves for one tensor of genome x."""
-    eng = MergeEngine(space.recipe(x))
+    eng = Merger(space.recipe(x))
     return next(eng.params(t) for t in eng.tasks if t.name == name)
 
 
@@ -119,8 +119,8 @@ def test_resident_equals_one_shot_merge_of_the_exported_recipe(family, tmp_path,
     if method == "della":  # keep density + epsilon within (0, 1]
         x = np.where(np.array([g.param == "epsilon" for g in sp.genes]), 0.05, x)
         x = np.where(np.array([g.param == "density" for g in sp.genes]), np.clip(x, 0.2, 0.9), x)
-    engine = ResidentEngine(sp.recipe(sp.x0), seed=3)
-    coefficients = sp.compile(engine.template.tasks)  # as a search's worker does: no recipe per candidate
+    engine = ResidentMerger(sp.recipe(sp.x0), seed=3)
+    coefficients = sp.compile(engine.tasks)  # as a search's worker does: no recipe per candidate
     model = live_model(family)
     ptrs = {k: p.data_ptr() for k, p in model.named_parameters()}
     engine.materialize(coefficients.columns(x), into=model)
@@ -173,12 +173,12 @@ def test_compiled_columns_equal_the_resolution_of_the_exported_recipe(family, me
         if p in names and p not in search:
             fixed[p] = setting
     sp = Space(method, models, base_model=base, search=search, fixed=fixed, granularity=granularity, **extra)
-    template = MergeEngine(sp.recipe(sp.x0))
+    template = Merger(sp.recipe(sp.x0))
     cmap = sp.compile(template.tasks)
     rng = np.random.default_rng(len(sp))
     for x in [sp.x0, sp.lower, sp.upper, *(rng.uniform(sp.lower, sp.upper) for _ in range(3))]:
         recipe = parse_recipe(yaml.safe_load(sp.recipe_yaml(x)), source="genome")
-        plan = MergeEngine(recipe, checkpoints=template.models).plan
+        plan = Merger(recipe, checkpoints=template.models).plan
         want = plan.tasks
         cols = cmap.columns(x)
         assert len(cols) == len(want)
@@ -193,7 +193,7 @@ def test_compiled_columns_equal_the_resolution_of_the_exported_recipe(family, me
         x = np.array(sp.x0, dtype=float)
         x[-1] = np.nan
         with pytest.raises(RecipeError, match="must be finite"):
-            MergeEngine(parse_recipe(yaml.safe_load(sp.recipe_yaml(x)), source="genome"), checkpoints=template.models)
+            Merger(parse_recipe(yaml.safe_load(sp.recipe_yaml(x)), source="genome"), checkpoints=template.models)
         param = sp.genes[-1].param
         with pytest.raises(RecipeError, match=f"tensor '.*', parameter '{param}': must be finite, got nan"):
             cmap.columns(x)
@@ -209,7 +209,7 @@ def test_della_epsilon_is_clipped_to_what_each_density_allows(family, granularit
 
     sp = Space("della", experts(family), base_model=str(family["base"]), search=["weight", "density", "epsilon"],
                granularity=granularity, **extra)
-    template = MergeEngine(sp.recipe(sp.x0))
+    template = Merger(sp.recipe(sp.x0))
     cmap = sp.compile(template.tasks)
     rng = np.random.default_rng(1)
     for _ in range(50):
@@ -221,11 +221,11 @@ def test_della_epsilon_is_clipped_to_what_each_density_allows(family, granularit
     x = np.where([g.param == "density" for g in sp.genes], 0.9, np.where([g.param == "epsilon" for g in sp.genes],
                                                                          0.2, sp.x0))
     assert np.allclose(cmap.columns(x).numeric["epsilon"][~np.isnan(d)], della_epsilon_limit(0.9))
-    ResidentEngine(sp.recipe(sp.x0)).merged(cmap.columns(x))  # merges: no error
+    ResidentMerger(sp.recipe(sp.x0)).merged(cmap.columns(x))  # merges: no error
     # density searched with epsilon at its default (0.15): density is kept where that fits
     dens = Space("della", experts(family), base_model=str(family["base"]), search=["weight", "density"],
                  granularity=granularity, **extra)
-    dmap = dens.compile(MergeEngine(dens.recipe(dens.x0)).tasks)
+    dmap = dens.compile(Merger(dens.recipe(dens.x0)).tasks)
     for x in (dens.lower, dens.upper, *(rng.uniform(dens.lower, dens.upper) for _ in range(20))):
         cols = dmap.columns(x)
         d, e = cols.numeric["density"], cols.numeric["epsilon"]
@@ -246,12 +246,12 @@ def test_per_model_values_follow_each_models_own_tensor_a_tied_head_reads(tmp_pa
     tied = tiny_family(tmp_path / "tied", n_experts=2, layers=2, hidden=32, tie=True)
     sp = Space("task_arithmetic", [str(tied["expert_0"]), str(tied["expert_1"])], base_model=str(base),
                search=["weight"], granularity="per_layer")
-    template = MergeEngine(sp.recipe(sp.x0))
+    template = Merger(sp.recipe(sp.x0))
     head = next(i for i, t in enumerate(template.tasks) if t.name == "lm_head.weight")
     assert template.tasks[head].inputs[0][1] == "model.embed_tokens.weight"  # the case at hand
     cmap = sp.compile(template.tasks)
     x = np.random.default_rng(0).uniform(sp.lower, sp.upper, len(sp))
-    eng = MergeEngine(sp.recipe(x), checkpoints=template.models)
+    eng = Merger(sp.recipe(x), checkpoints=template.models)
     for i, t in enumerate(eng.tasks):
         assert cmap.columns(x).params(i) == eng.params(t), t.name
 
@@ -261,8 +261,8 @@ def merged_into_live_model(family):
     the space's first candidate."""
     sp = Space("ties", experts(family), base_model=str(family["base"]), search=["weight", "density"],
                granularity="per_model")
-    engine = ResidentEngine(sp.recipe(sp.x0))
-    cmap = sp.compile(engine.template.tasks)
+    engine = ResidentMerger(sp.recipe(sp.x0))
+    cmap = sp.compile(engine.tasks)
     model = live_model(family)
     engine.materialize(cmap.columns(sp.x0), into=model)
     return sp, engine, cmap, model
@@ -324,18 +324,18 @@ def test_columns_of_another_plan_are_refused(family):
                granularity="per_model")
     other = Space("task_arithmetic", experts(family)[::-1], base_model=str(family["base"]), search=["weight"],
                   granularity="per_model")
-    engine = ResidentEngine(sp.recipe(sp.x0))
-    foreign = other.compile(MergeEngine(other.recipe(other.x0)).tasks).columns(other.x0)
+    engine = ResidentMerger(sp.recipe(sp.x0))
+    foreign = other.compile(Merger(other.recipe(other.x0)).tasks).columns(other.x0)
     with pytest.raises(Exception, match="another plan"):
         engine.merged(foreign)
-    engine.merged(sp.compile(engine.template.tasks).columns(sp.x0))  # its own are taken
+    engine.merged(sp.compile(engine.tasks).columns(sp.x0))  # its own are taken
 
 
 def test_store_dtype_bf16_halves_memory_and_stays_close(family):
     sp = Space("task_arithmetic", experts(family), base_model=str(family["base"]), search=["weight"],
                granularity="per_model")
-    full = ResidentEngine(sp.recipe(sp.x0))
-    half = ResidentEngine(sp.recipe(sp.x0), store_dtype="bfloat16")
+    full = ResidentMerger(sp.recipe(sp.x0))
+    half = ResidentMerger(sp.recipe(sp.x0), store_dtype="bfloat16")
     assert half.nbytes * 2 == full.nbytes
     x = np.full(len(sp), 0.4)
     a, b = full.merged(sp.recipe(x)), half.merged(sp.recipe(x))
@@ -345,7 +345,7 @@ def test_store_dtype_bf16_halves_memory_and_stays_close(family):
 
 def test_a_recipe_over_other_models_is_refused(family):
     sp = Space("task_arithmetic", experts(family), base_model=str(family["base"]), search=["weight"])
-    engine = ResidentEngine(sp.recipe(sp.x0))
+    engine = ResidentMerger(sp.recipe(sp.x0))
     other = Space("task_arithmetic", experts(family, 2), base_model=str(family["base"]), search=["weight"])
     with pytest.raises(Exception, match="other models"):
         engine.materialize(other.recipe(other.x0), into=live_model(family))
@@ -367,7 +367,7 @@ def test_a_candidate_with_non_finite_weights_is_named(family):
         return parse_recipe({"merge_method": "linear", "parameters": {"normalize": False},
                              "models": [{"model": m, "parameters": {"weight": w}} for m in experts(family, 2)]})
 
-    engine = ResidentEngine(recipe(0.5))
+    engine = ResidentMerger(recipe(0.5))
     model = live_model(family)
     engine.materialize(recipe(1e38), into=model)  # huge but finite: accepted
     with pytest.raises(Exception, match="tensor '.*norm.*': the merged values are not finite"):

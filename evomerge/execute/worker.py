@@ -12,7 +12,7 @@ import time
 import torch
 
 from ..checkpoint import model_folder, torch_dtype
-from ..merge.resident import ResidentEngine
+from ..merge.resident import ResidentMerger
 from ..types import Candidate, Result, signed_score
 from ..space import Space
 
@@ -22,7 +22,7 @@ __all__ = ["Worker", "shared_inputs"]
 def shared_inputs(space: Space, store_dtype: str | None = None):
     """The weights every ``Worker`` of ``space`` is built from, read once (on the CPU) as
     ``SharedInputs`` for ``Worker(..., shared=...)`` (the Ray executor's ``inputs``)."""
-    return ResidentEngine(space.recipe(space.x0), store_dtype=store_dtype).share()
+    return ResidentMerger(space.recipe(space.x0), store_dtype=store_dtype).share()
 
 
 class Worker:
@@ -34,7 +34,7 @@ class Worker:
         store_dtype: keep the resident inputs in a lower precision (e.g. ``bfloat16``).
         seed: seeds DARE/DELLA masks.
         compile: merge through ``torch.compile`` (task arithmetic, TIES, DARE; see
-            ``ResidentEngine``).
+            ``ResidentMerger``).
         shared: ``SharedInputs`` made by another engine for the same space: the worker
             adopts them and reads no weights itself (its live model starts from the held
             weights of the model it is made from).
@@ -48,7 +48,7 @@ class Worker:
         self.space = space
         self.evaluator = evaluator
         self.name = name
-        self.engine = ResidentEngine(space.recipe(space.x0), device=device, seed=seed, store_dtype=store_dtype,
+        self.engine = ResidentMerger(space.recipe(space.x0), device=device, seed=seed, store_dtype=store_dtype,
                                      compile=compile, shared=shared)
         path = model_path or space.base_model or space.models[0]
         folder = model_folder(path)  # a hub id with its revision, as the merge engine reads it
@@ -64,7 +64,7 @@ class Worker:
             self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
         self.engine.bind(self.model)  # candidates are merged straight into its parameters
         # a genome -> every tensor's parameters, compiled once over the engine's plan
-        self.coefficients = space.compile(self.engine.template.tasks)
+        self.coefficients = space.compile(self.engine.tasks)
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
 
     def _bare_model(self, folder, path, dtype, device):
@@ -95,7 +95,7 @@ class Worker:
 
     def _load_source(self, source: str) -> None:
         """Copy one model's own weights (held by the resident engine) into the live model."""
-        state = self.engine.template.live_state(self.model)
+        state = self.engine.live_state(self.model)
         with torch.no_grad():
             for name, t in self.engine.source(source).items():
                 state[name].copy_(t)

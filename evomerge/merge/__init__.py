@@ -7,11 +7,13 @@
 - ``plan``: ``Plan(recipe, models)``, built once: the output tensors, what each is made
   from, the checks; ``Columns``, a candidate's parameters for every tensor (from a recipe,
   or from a genome through ``Space.compile``).
-- ``engine``: ``MergeEngine``, a plan with its recipe's columns streamed to disk (atomic,
-  sharded, direct I/O into the output) or into a live model.
-- ``resident`` and ``flat``: the search's engine. Inputs are held once; each candidate's
-  columns are merged into a live model, the task-arithmetic family over blocks of
-  equal-sized tensors (in torch, compiled, or in the fused CPU kernels).
+- ``engine``: ``Merger``, a plan and its inputs: any candidate's columns (the recipe's by
+  default) written to disk with ``write(out_dir, what)`` (streamed: atomic, sharded, direct
+  I/O into the output) or into a live model with ``materialize(what, into=model)``.
+- ``resident`` and ``flat``: the search's ``ResidentMerger``, a ``Merger`` whose inputs are
+  held once; each candidate's columns are merged into a live model (or written), the
+  task-arithmetic family over blocks of equal-sized tensors (in torch, compiled, or in the
+  fused CPU kernels).
 - ``native`` (``_kernels.c``): the fused CPU kernels, the same bits as the torch code.
 - ``statistics``: data statistics (Gram matrices, Fisher diagonals) computed once per
   model and data and cached, for methods that read data.

@@ -1,17 +1,20 @@
-"""MergeEngine: the one-shot merge behind ``evomerge-merge``, the export of a found recipe,
-and the per-tensor arithmetic the search's resident engine shares.
+"""The ``Merger``: a plan and its inputs, and a candidate's ``Columns`` merged to disk or
+into a live model. It is the one-shot merge behind ``evomerge-merge`` and the export of a
+found recipe; the search's ``ResidentMerger`` (``resident.py``) is a ``Merger`` whose inputs
+stay in memory.
 
-``MergeEngine(recipe)`` opens every referenced model lazily, builds the merge ``Plan``
+``Merger(recipe)`` opens every referenced model lazily, builds the merge ``Plan``
 (``plan.py``: one ``TensorTask`` per output tensor, its inputs and checks) and resolves the
 recipe's parameters into ``Columns`` (gradients interpolated over depth, filters applied).
-Then:
+A candidate (``what``) is those columns by default, another recipe that fits the plan, or
+``Columns`` from a compiled search space. Then:
 
-- ``engine.write(out_dir)`` streams the merge to disk: inputs are memory-mapped and released
-  tensor by tensor, each result is written at its offset in its shard, and the folder
-  appears atomically (temporary folder, renamed);
-- ``engine.materialize(model)`` writes every merged tensor into a live model's own
-  parameters, with no second model and no disk;
-- ``engine.merge_tensor(task)`` merges a single tensor.
+- ``merger.write(out_dir, what)`` streams the merge to disk: inputs are memory-mapped and
+  released tensor by tensor, each result is written at its offset in its shard, and the
+  folder appears atomically (temporary folder, renamed);
+- ``merger.materialize(what, into=model)`` writes every merged tensor into a live model's
+  own parameters, with no second model and no disk;
+- ``merger.merge_tensor(task, what)`` merges a single tensor.
 """
 
 from __future__ import annotations
@@ -30,17 +33,18 @@ from ..checkpoint import (
     CheckpointWriter,
     refuse_overlap,
     TensorEntry,
+    torch_dtype,
 )
 from ..recipe import ModelRef, Recipe
 from . import native
 from .methods import MethodSpec
 from .plan import Columns, MergeError, Plan, TensorTask
 
-__all__ = ["Columns", "MergeEngine", "MergeError", "TensorTask"]
+__all__ = ["Columns", "Merger", "MergeError", "TensorTask"]
 
 
-class MergeEngine:
-    """Plans and executes a recipe.
+class Merger:
+    """Plans a recipe and merges it, or candidates that fit its plan.
 
     Args:
         recipe: a parsed ``Recipe``.
@@ -81,9 +85,10 @@ class MergeEngine:
                 except CheckpointError as e:
                     raise MergeError(str(e)) from None
         self.plan = Plan(recipe, self.models, out_dtype=out_dtype)
-        self.columns = self.plan.columns()
+        self.recipe_columns = self.plan.columns()
         self.seeds = self.plan.seeds(self.seed)
         self._index = {t.name: i for i, t in enumerate(self.plan.tasks)}
+        self._plan_seen: tuple | None = None  # the last candidate columns' plan found equal to this one
 
     @property
     def tasks(self) -> list[TensorTask]:
@@ -105,11 +110,38 @@ class MergeEngine:
     def out_layers(self) -> int | None:
         return self.plan.out_layers
 
-    def params(self, task: TensorTask | int) -> dict[str, Any]:
+    def columns(self, recipe: Recipe) -> Columns:
+        """A candidate recipe's parameters over this plan (nothing is read). It must fit the
+        plan (``Plan.misfit``: only parameter values differ) and keep its output dtype. A
+        search compiles its space instead (``Space.compile``): no recipe."""
+        if recipe is self.recipe:
+            return self.recipe_columns
+        why = self.plan.misfit(recipe)
+        if why is not None:
+            raise MergeError(f"the candidate recipe does not fit the merge plan: {why}")
+        out = torch_dtype(recipe.out_dtype or recipe.dtype)
+        if out != self.out_dtype:
+            raise MergeError(f"the candidate recipe's output dtype ({out}) is not the plan's ({self.out_dtype})")
+        return self.plan.columns(recipe)
+
+    def candidate(self, what: Recipe | Columns | None) -> Columns:
+        """A candidate's columns: the recipe's own (None), another recipe's, or ``Columns``
+        made for this plan (a compiled space's)."""
+        if what is None:
+            return self.recipe_columns
+        cols = what if isinstance(what, Columns) else self.columns(what)
+        if cols.plan is not self._plan_seen:  # (a compiled map's columns share one signature object)
+            if cols.method.name != self.method.name or cols.plan != self.plan.signature:
+                raise MergeError("the candidate's parameters were made for another plan (other tensors, models, "
+                                 "model order or method)")
+            self._plan_seen = cols.plan
+        return cols
+
+    def params(self, task: TensorTask | int, what: Recipe | Columns | None = None) -> dict[str, Any]:
         """A tensor's parameters as its method takes them (with its seeds, for the random
-        methods): the recipe's, resolved for this tensor."""
+        methods): a candidate's (by default the recipe's), resolved for this tensor."""
         i = task if isinstance(task, int) else self._index[task.name]
-        out = self.columns.params(i)
+        out = self.candidate(what).params(i)
         if self.seeds[i] is not None:
             out["seeds"] = self.seeds[i]
         return out
@@ -172,24 +204,39 @@ class MergeEngine:
             raise MergeError(f"tensor '{task.name}': {self.method.name} failed: {e}") from None
         return res if out is not None else res.to(self.output_dtype(task))
 
-    def merge_tensor(self, task: TensorTask, out: Tensor | None = None) -> Tensor:
-        """Merge one tensor (into ``out`` when given)."""
+    def _merge(self, cols: Columns, i: int, out: Tensor | None = None, check: bool = True) -> Tensor:
+        """Tensor ``i`` of the plan with a candidate's columns: its inputs read, merged (into
+        ``out`` when given), checked finite unless ``check`` is false, released."""
+        task = self.plan.tasks[i]
         raw = self._read(task)
-        res = self.compute(task, self.params(task), *self._prepare(task, raw), out=out)
-        self._check_finite(task, res, raw)
-        del raw
-        self._release(task)
+        try:
+            params = cols.params(i)
+            if self.seeds[i] is not None:
+                params["seeds"] = self.seeds[i]
+            res = self.compute(task, params, *self._prepare(task, raw), out=out)
+            if check:
+                self._check_finite(task, res, raw)
+        finally:
+            del raw
+            self._release(task)
         return res
 
+    def merge_tensor(self, task: TensorTask, what: Recipe | Columns | None = None,
+                     out: Tensor | None = None) -> Tensor:
+        """Merge one tensor of a candidate (by default the recipe's), into ``out`` when given."""
+        return self._merge(self.candidate(what), self._index[task.name], out)
+
     def iter_merged(
-        self, progress: bool = False, out: Callable[[TensorTask], Tensor | None] | None = None,
+        self, what: Recipe | Columns | None = None, progress: bool = False,
+        out: Callable[[TensorTask], Tensor | None] | None = None,
     ) -> Iterator[tuple[str, Tensor]]:
-        """Merged tensors in plan order. ``out(task)`` may give the memory each result is
-        written into (the writer's scratch buffer, a live parameter)."""
+        """A candidate's merged tensors in plan order. ``out(task)`` may give the memory each
+        result is written into (the writer's scratch buffer, a live parameter)."""
+        cols = self.candidate(what)
         bar = self._progress_bar() if progress else None
         try:
-            for task in self.tasks:
-                yield task.name, self.merge_tensor(task, out(task) if out is not None else None)
+            for i, task in enumerate(self.tasks):
+                yield task.name, self._merge(cols, i, out(task) if out is not None else None)
                 if bar is not None:
                     bar.update(1)
         finally:
@@ -201,17 +248,19 @@ class MergeEngine:
 
         return tqdm(total=len(self.tasks), desc=f"merging ({self.method.name})", unit="tensor")
 
-    def materialize(self, into: torch.nn.Module) -> None:
-        """Write every merged tensor into ``into``'s own parameters and buffers, in place:
-        the arithmetic writes straight into their storage (no second copy of the model)."""
+    @torch.no_grad()
+    def materialize(self, what: Recipe | Columns | None = None, *, into: torch.nn.Module) -> None:
+        """Write a candidate's merged tensors (by default the recipe's) into ``into``'s own
+        parameters and buffers, in place: the arithmetic writes straight into their storage
+        (no second copy of the model)."""
+        cols = self.candidate(what)
         state = self.live_state(into)
-        with torch.no_grad():
-            for task in self.tasks:
-                dst = state[task.name]
-                direct = dst.is_contiguous() and dst.device == self.device and dst.is_floating_point()
-                res = self.merge_tensor(task, out=dst.data if direct else None)
-                if not direct:
-                    dst.copy_(res)
+        for i, task in enumerate(self.tasks):
+            dst = state[task.name]
+            direct = dst.is_contiguous() and dst.device == self.device and dst.is_floating_point()
+            res = self._merge(cols, i, out=dst.data if direct else None)
+            if not direct:
+                dst.copy_(res)
 
     def live_state(self, into: torch.nn.Module) -> dict[str, Tensor]:
         """``into``'s parameters and buffers by name, checked to receive every merged tensor."""
@@ -229,6 +278,7 @@ class MergeEngine:
     def write(
         self,
         out_dir: str | Path,
+        what: Recipe | Columns | None = None,
         *,
         shard_size: int | str = "5GB",
         overwrite: bool = False,
@@ -236,21 +286,30 @@ class MergeEngine:
         recipe_text: str | None = None,
         lanes: int | None = None,
     ) -> Path:
-        """Stream the merge into a new model folder (atomic: nothing is left on failure).
-        On the CPU every result is computed into a reused scratch buffer, then written at
-        its offset in its shard; ``lanes`` tensors at a time (default: ``self.lanes()``)."""
+        """Stream a candidate's merge (by default the recipe's) into a new model folder
+        (atomic: nothing is left on failure), with the candidate's recipe as
+        ``evomerge_recipe.yaml``: ``recipe_text``, or the recipe given; ``Columns`` need
+        their ``recipe_text`` (``Space.recipe_yaml(x)``). On the CPU every result is
+        computed into a reused scratch buffer, then written at its offset in its shard;
+        ``lanes`` tensors at a time (default: ``self.lanes()``)."""
+        cols = self.candidate(what)
+        if recipe_text is None:
+            if isinstance(what, Columns):
+                raise MergeError("writing a candidate given as Columns needs its recipe_text "
+                                 "(Space.recipe_yaml(x)) for the folder's evomerge_recipe.yaml")
+            recipe_text = (what if what is not None else self.recipe).to_yaml()
         self._tokenizer_source()  # opened now: its folder is an input too
         refuse_overlap(out_dir, {f"model '{ref}'": ck.folder for ref, ck in self.models.items()})
         entries = [TensorEntry(t.name, self.shape(t), self.output_dtype(t)) for t in self.tasks]
         with CheckpointWriter(out_dir, entries, shard_size=shard_size, overwrite=overwrite) as w:
             lanes = self.lanes() if lanes is None else max(1, int(lanes))
             if lanes > 1:
-                self._write_lanes(w, lanes, progress)
+                self._write_lanes(w, cols, lanes, progress)
             else:
                 direct = (lambda t: w.buffer(t.name)) if self.device.type == "cpu" else None
-                for name, t in self.iter_merged(progress=progress, out=direct):
+                for name, t in self.iter_merged(cols, progress=progress, out=direct):
                     w.add(name, t)
-            self._write_metadata(w, recipe_text or self.recipe.to_yaml())
+            self._write_metadata(w, recipe_text)
             return w.commit()
 
     MAX_LANES = 4  # each lane holds a scratch buffer of the largest tensor; memory bandwidth is shared
@@ -267,21 +326,22 @@ class MergeEngine:
             return 1
         return max(1, min(torch.get_num_threads(), self.MAX_LANES, len(self.tasks)))
 
-    def _write_lanes(self, w: CheckpointWriter, lanes: int, progress: bool) -> None:
+    def _write_lanes(self, w: CheckpointWriter, cols: Columns, lanes: int, progress: bool) -> None:
         """Merge and write ``lanes`` tensors at a time, the largest first; each thread
         computes into its own scratch buffer and writes at the tensor's offset."""
         import contextvars
         from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 
-        def one(task: TensorTask) -> None:
-            w.add(task.name, self.merge_tensor(task, w.buffer(task.name)))
+        def one(i: int) -> None:
+            name = self.tasks[i].name
+            w.add(name, self._merge(cols, i, w.buffer(name)))
 
-        order = sorted(self.tasks, key=lambda t: -math.prod(self.shape(t)))
+        order = sorted(range(len(self.tasks)), key=lambda i: -math.prod(self.shape(self.tasks[i])))
         bar = self._progress_bar() if progress else None
         pool = ThreadPoolExecutor(lanes, thread_name_prefix="evomerge-merge")
         try:
             # each task runs in a copy of this context (a test's torch-only switch, say)
-            pending = {pool.submit(contextvars.copy_context().run, one, t) for t in order}
+            pending = {pool.submit(contextvars.copy_context().run, one, i) for i in order}
             while pending:
                 done, pending = wait(pending, return_when=FIRST_EXCEPTION)
                 for f in done:

@@ -7,7 +7,7 @@ coefficient values: a candidate's parameters for every tensor are ``Columns``, m
 from a recipe (``plan.columns(recipe)``: the per-layer settings resolved tensor by tensor,
 as ``evomerge-merge`` does) or from a genome by a compiled search space
 (``Space.compile(plan.tasks)``), with the same values. Engines execute a plan with columns:
-``MergeEngine`` streams it to disk or into a live model, ``ResidentEngine`` keeps its inputs
+``Merger`` streams it to disk or into a live model, ``ResidentMerger`` keeps its inputs
 and merges candidate after candidate.
 """
 

@@ -1,13 +1,14 @@
-"""The resident merge engine: inputs loaded once, each candidate merged into a live model.
+"""The resident merger: inputs loaded once, each candidate merged into a live model.
 
 A search merges the same models thousands of times with different parameters. The
-``ResidentEngine`` plans the template recipe once and reads every input tensor once (onto
-the device, in the recipe's ``dtype`` or a lower ``store_dtype``); ``materialize(columns,
-into=model)`` writes a candidate's merged tensors straight into the model's own parameter
-storage: no second model, no disk, no reload. A candidate is its ``Columns`` (from a
-compiled search space, ``Space.compile``) or a recipe that fits the plan (its parameters
-resolved by the same code as the one-shot ``evomerge-merge``), and gives the one-shot
-merge's weights bit for bit.
+``ResidentMerger`` is a ``Merger`` (``engine.py``) that plans the template recipe once and
+reads every input tensor once (onto the device, in the recipe's ``dtype`` or a lower
+``store_dtype``); ``materialize(columns, into=model)`` writes a candidate's merged tensors
+straight into the model's own parameter storage: no second model, no disk, no reload, and
+``write(out_dir, columns, recipe_text=...)`` writes one without reading a checkpoint again.
+A candidate is its ``Columns`` (from a compiled search space, ``Space.compile``) or a recipe
+that fits the plan (its parameters resolved by the same code as the one-shot
+``evomerge-merge``), and gives the one-shot merge's weights bit for bit.
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ from torch import Tensor
 
 from ..checkpoint import torch_dtype
 from ..recipe import Recipe
-from .engine import MergeEngine
+from .engine import Merger
 from .plan import Columns, MergeError, TensorTask
 from .flat import FLAT_METHODS, FlatGroup
 from .methods import order_statistics
 
-__all__ = ["ResidentEngine", "SharedInputs"]
+__all__ = ["ResidentMerger", "SharedInputs"]
 
 
 def _to_bytes(t: Tensor) -> np.ndarray:
@@ -43,7 +44,7 @@ def _from_bytes(a: np.ndarray, dtype: torch.dtype, shape) -> Tensor:
 @dataclass
 class SharedInputs:
     """A resident engine's inputs as plain byte arrays, for other processes to adopt
-    (``ResidentEngine(recipe, shared=...)``) instead of reading every checkpoint again.
+    (``ResidentMerger(recipe, shared=...)``) instead of reading every checkpoint again.
     Ray's object store keeps numpy arrays in shared memory, so workers on one node map
     them without a copy, and a worker on a GPU copies them to its device once.
 
@@ -87,8 +88,8 @@ class _GroupSorted(dict):
         return vals[model, s:e], pos[model, s:e]
 
 
-class ResidentEngine:
-    """Keeps a recipe's inputs in memory and materializes candidate recipes in place.
+class ResidentMerger(Merger):
+    """A ``Merger`` that keeps its inputs in memory and materializes candidates in place.
 
     Args:
         recipe: a template recipe: the models, method and slices every candidate shares
@@ -113,24 +114,21 @@ class ResidentEngine:
                  store_dtype: str | torch.dtype | None = None, allow_pickle: bool = False,
                  order_stats: bool = True, flat: bool = True, compile: bool = False,
                  shared: SharedInputs | None = None):
-        self.template = MergeEngine(recipe, device=device, seed=seed, allow_pickle=allow_pickle)
-        self.device = self.template.device
-        self.seed = seed
-        self.models = self.template.models
+        super().__init__(recipe, device=device, seed=seed, allow_pickle=allow_pickle)
         if isinstance(store_dtype, str):
             store_dtype = torch_dtype(store_dtype)
         self.store_dtype = store_dtype
         self._inputs: dict[tuple[Any, str], Tensor] = {}
         self.order_stats = order_stats
         self._stats: dict[str, dict] = {}
-        self._structure = self.template.plan.signature  # what shared inputs must have been made for
+        self._structure = self.plan.signature  # what shared inputs must have been made for
         self.bytes_read = 0  # of checkpoint data (none when the inputs are adopted)
         if shared is not None:
             self._adopt(shared)
         else:
             self._load()
         self.compile = compile
-        flat = flat and self.template.method.name in FLAT_METHODS
+        flat = flat and self.method.name in FLAT_METHODS
         if shared is not None and shared.groups and not flat:
             raise MergeError("the shared inputs are stored in flat groups: adopt them with flat=True")
         self._groups = self._flat_groups(shared.groups if shared is not None else None) if flat else []
@@ -138,19 +136,18 @@ class ResidentEngine:
         # per-tensor path reads the group's sorted magnitudes instead of sorting again
         self._segment = {int(i): (g, seg) for sel, g in self._groups for seg, i in enumerate(sel)}
         # the plan's DARE/DELLA seeds per (tensor, model): fixed for the engine's life
-        seeds = self.template.seeds
+        seeds = self.seeds
         k = max((len(x) for x in seeds if x), default=0)
         self._seeds = np.array([x if x else [0] * k for x in seeds], dtype=np.uint64).reshape(len(seeds), k)
-        self._task_shapes = {t.name: tuple(self.template.shape(t)) for t in self.template.tasks}
+        self._task_shapes = {t.name: tuple(self.shape(t)) for t in self.tasks}
         self._flags: dict[tuple, tuple] = {}  # a candidate's normalize/rescale over a group, by list
         self._live: tuple | None = None  # (model, its tensors' module paths) of the last materialize
-        self._plan_seen: tuple | None = None  # the last columns' plan found equal to it
 
     def _load(self) -> None:
         """Read every input once, onto the device, in the stored dtype."""
-        for task in self.template.tasks:
-            raw = self.template._read(task)
-            base, tensors = self.template._prepare(task, raw)
+        for task in self.tasks:
+            raw = Merger._read(self, task)
+            base, tensors = self._prepare(task, raw)
             prepared = ([base] if task.base else []) + tensors
             for (ref, name), t in zip(task.sources, prepared):
                 if (ref, name) in self._inputs:
@@ -161,7 +158,7 @@ class ResidentEngine:
                 dt = self.store_dtype if self.store_dtype is not None and t.is_floating_point() else t.dtype
                 self._inputs[(ref, name)] = t.to(device=self.device, dtype=dt, copy=True)
             del raw, base, tensors, prepared
-            self.template._release(task)
+            Merger._release(self, task)
 
     def _adopt(self, shared: SharedInputs) -> None:
         """Take the inputs of another engine's ``share()`` (checked when it loaded them)."""
@@ -176,7 +173,7 @@ class ResidentEngine:
 
     def share(self) -> SharedInputs:
         """Every resident input as byte arrays (see ``SharedInputs``)."""
-        in_groups = {src for idx, _ in self._groups for i in idx for src in self.template.tasks[i].sources}
+        in_groups = {src for idx, _ in self._groups for i in idx for src in self.tasks[i].sources}
         return SharedInputs(
             structure=self._structure, store_dtype=self.store_dtype,
             meta={k: (tuple(t.shape), t.dtype) for k, t in self._inputs.items()},
@@ -188,18 +185,18 @@ class ResidentEngine:
         inputs become views into the flat buffers, so nothing is held twice); with
         ``shared``, the groups' buffers as ``share()`` gave them."""
         by_key: dict[tuple, list[int]] = {}
-        for i, task in enumerate(self.template.tasks):
+        for i, task in enumerate(self.tasks):
             if task.copy or task.base is None:
                 continue
             ins = self.inputs(task)
             key = (tuple(ref for ref, _ in task.sources), ins[0].dtype,
-                   self.template.output_dtype(task))
+                   self.output_dtype(task))
             by_key.setdefault(key, []).append(i)
         groups = []
         if shared is not None and len(shared) != len(by_key):
             raise MergeError(f"the shared inputs hold {len(shared)} flat groups, this plan makes {len(by_key)}")
         for gi, (key, idx) in enumerate(by_key.items()):
-            tasks = [self.template.tasks[i] for i in idx]
+            tasks = [self.tasks[i] for i in idx]
             ins = [self.inputs(t) for t in tasks]
             buffers = None
             if shared is not None:
@@ -261,18 +258,6 @@ class ResidentEngine:
         """Bytes of the resident inputs."""
         return sum(t.numel() * t.element_size() for t in self._inputs.values())
 
-    def columns(self, recipe: Recipe) -> Columns:
-        """A candidate recipe's parameters over the resident plan (nothing is read). A search
-        compiles its space instead (``Space.compile``): no recipe."""
-        why = self.template.plan.misfit(recipe)
-        if why is not None:
-            raise MergeError(f"the candidate recipe does not fit the resident engine's plan: {why}")
-        out = torch_dtype(recipe.out_dtype or recipe.dtype)
-        if out != self.template.out_dtype:
-            raise MergeError(f"the candidate recipe's output dtype ({out}) is not the resident "
-                             f"engine's ({self.template.out_dtype})")
-        return self.template.plan.columns(recipe)
-
     def inputs(self, task: TensorTask) -> list[Tensor]:
         """A tensor task's resident inputs, the base first (as stored: do not modify)."""
         return [self._inputs[k] for k in task.sources]
@@ -280,47 +265,37 @@ class ResidentEngine:
     def source(self, model: str) -> dict[str, Tensor]:
         """One merged model's own resident weights, by output tensor name."""
         out = {task.name: self._inputs[(ref, name)]
-               for task in self.template.tasks for ref, name in task.sources if str(ref) == model}
+               for task in self.tasks for ref, name in task.sources if str(ref) == model}
         if not out:
             raise MergeError(f"model {model!r} is not one of the merged models")
         return out
 
-    def _inputs_for(self, cols: Columns, task: TensorTask) -> tuple[Tensor | None, list[Tensor]]:
-        ins = self.inputs(task)
-        if cols.dtype is not None:
-            ins = [t.to(cols.dtype) if t.is_floating_point() else t for t in ins]
-        return (ins[0], ins[1:]) if task.base else (None, ins)
+    def _read(self, task: TensorTask) -> list[Tensor]:
+        return self.inputs(task)
 
-    def _columns(self, what: Recipe | Columns) -> Columns:
-        cols = what if isinstance(what, Columns) else self.columns(what)
-        if cols.plan is not self._plan_seen:  # (a compiled map's columns share one signature object)
-            if cols.method.name != self.template.method.name or cols.plan != self._structure:
-                raise MergeError("the candidate's parameters were made for another plan (other tensors, models, "
-                                 "model order or method)")
-            self._plan_seen = cols.plan
-        return cols
+    def _release(self, task: TensorTask) -> None:
+        pass  # held for the merger's life
 
-    def merged(self, what: Recipe | Columns) -> dict[str, Tensor]:
-        """Every merged tensor of a candidate (a recipe, or ``Columns``), as new tensors
-        (for tests and export)."""
-        cols = self._columns(what)
-        return {t.name: self._compute(cols, i) for i, t in enumerate(self.template.tasks)}
-
-    def _compute(self, cols: Columns, i: int, out: Tensor | None = None) -> Tensor:
-        task = self.template.tasks[i]
-        params = cols.params(i)
-        if self.template.seeds[i] is not None:
-            params["seeds"] = self.template.seeds[i]
+    def _merge(self, cols: Columns, i: int, out: Tensor | None = None, check: bool = True) -> Tensor:
+        """``Merger._merge`` on the resident inputs, with magnitude trims reading the
+        tensor's cached order statistics (its flat group's sorted magnitudes, if it has one)."""
         if not self.order_stats:
-            return self.template.compute(task, params, *self._inputs_for(cols, task), out=out)
+            return super()._merge(cols, i, out, check)
+        task = self.tasks[i]
         cache = self._stats.get(task.name)
         if cache is None:
             cache = self._stats[task.name] = _GroupSorted(*self._segment[i]) if i in self._segment else {}
         with order_statistics(cache):
-            return self.template.compute(task, params, *self._inputs_for(cols, task), out=out)
+            return super()._merge(cols, i, out, check)
+
+    def merged(self, what: Recipe | Columns | None = None) -> dict[str, Tensor]:
+        """Every merged tensor of a candidate (a recipe, or ``Columns``), as new tensors
+        (for tests and export)."""
+        cols = self.candidate(what)
+        return {t.name: self._merge(cols, i) for i, t in enumerate(self.tasks)}
 
     def _live_state(self, into: torch.nn.Module) -> dict[str, Tensor]:
-        """``template.live_state(into)``, fast for the model of the last call: each tensor
+        """``live_state(into)``, fast for the model of the last call: each tensor
         is fetched again along its module path (a replaced parameter or module is found,
         never a stale one written into) and its shape checked again. Walking the whole
         module tree for every candidate cost more than the rest of a small model's fixed
@@ -329,7 +304,7 @@ class ResidentEngine:
 
         last = self._live
         if last is None or last[0]() is not into:
-            state = self.template.live_state(into)
+            state = self.live_state(into)
             self._live = (weakref.ref(into), {name: name.split(".") for name in state if name in self._task_shapes})
             return state
         state = {}
@@ -355,7 +330,7 @@ class ResidentEngine:
         of parameters bound."""
         import weakref
 
-        state = self.template.live_state(model)
+        state = self.live_state(model)
         bound = 0
         for _, g in self._groups:
             if g.bound_to is not None and g.bound_to() not in (None, model):
@@ -374,10 +349,10 @@ class ResidentEngine:
         return bound
 
     @torch.no_grad()
-    def materialize(self, what: Recipe | Columns, into: torch.nn.Module) -> None:
+    def materialize(self, what: Recipe | Columns | None = None, *, into: torch.nn.Module) -> None:
         """Write a candidate's merged weights into ``into``'s parameters, in place. The
         candidate is a recipe, or its ``Columns`` (a compiled space's ``columns(x)``)."""
-        cols = self._columns(what)
+        cols = self.candidate(what)
         state = self._live_state(into)
         sums = []  # one finiteness check at the end: a check per tensor would stall a GPU each time
         done = set()
@@ -395,12 +370,12 @@ class ResidentEngine:
                 torch._foreach_copy_(dsts, views)  # one multi-tensor copy
             sums.append((group, total))
             done.update(names)
-        for i, task in enumerate(self.template.tasks):
+        for i, task in enumerate(self.tasks):
             if task.name in done:
                 continue
             dst = state[task.name]
             direct = dst.is_contiguous() and dst.device == self.device and dst.is_floating_point()
-            res = self._compute(cols, i, out=dst.data if direct else None)
+            res = self._merge(cols, i, out=dst.data if direct else None, check=False)
             if not direct:
                 dst.copy_(res)
             if res.is_floating_point():

@@ -72,10 +72,10 @@ class AdaMerging:
         self.model = worker.model
         self.batches = encode_prompts(worker.tokenizer, list(prompts))
         eng = worker.engine
-        self.A = coefficient_map(space, eng.template.tasks)
+        self.A = coefficient_map(space, eng.tasks)
         self.base: dict[str, torch.Tensor] = {}
         self.taus: dict[str, torch.Tensor] = {}
-        for task in eng.template.tasks:
+        for task in eng.tasks:
             if task.copy or task.name not in self.A:
                 continue
             b, *experts = (t.float() for t in eng.inputs(task))
