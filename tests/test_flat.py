@@ -377,3 +377,24 @@ def test_a_replaced_output_buffer_is_not_kept_alive_by_its_block_views():
     grp.merge("task_arithmetic", table, new)
     assert gone() is None or gone().data_ptr() not in {v[0][0] for v in grp._piece_views.values()}
     assert sum(isinstance(k, tuple) for k in grp._piece_views) == 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 4), min_size=2, max_size=40), st.data())
+def test_a_cut_read_from_sorted_magnitudes_keeps_exactly_the_ranks_at_or_above_it(values, data):
+    """``methods.sorted_cuts``, the one lookup behind the per-tensor cache and the flat
+    path's thresholds, in NumPy and in torch: with many equal magnitudes, the cut at rank r
+    (v, tie) keeps the entries above v and those equal to v at positions >= tie, which are
+    exactly the entries of stable ascending rank >= r."""
+    from evomerge.merge.methods import sorted_cuts
+
+    a = np.array(values, dtype=np.float32)
+    order = np.argsort(a, kind="stable")
+    rank = np.empty(len(a), dtype=np.int64)
+    rank[order] = np.arange(len(a))
+    r = data.draw(st.integers(1, len(a) - 1))
+    vals, pos = a[order], order.astype(np.int32)
+    for v, tie in (sorted_cuts(vals, pos, r),
+                   tuple(x.numpy() for x in sorted_cuts(torch.from_numpy(vals), torch.from_numpy(pos), r))):
+        kept = (a > v) | ((a == v) & (np.arange(len(a)) >= tie))
+        assert np.array_equal(kept, rank >= r), (v, tie)

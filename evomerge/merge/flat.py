@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from . import native
-from .methods import METHODS, _chunk, _combine_masked, _work_dtype
+from .methods import METHODS, _chunk, _combine_masked, _work_dtype, dare_draw, dare_state, dare_stream, sorted_cuts
 
 __all__ = ["FlatGroup", "FLAT_METHODS", "agree", "elect", "merge_deltas"]
 
@@ -378,8 +378,7 @@ class FlatGroup:
             for i in range(len(self.names)):
                 s, e = int(self.offsets[i]), int(self.offsets[i + 1])
                 for j in range(self.k):
-                    g = np.random.SFC64(int(seeds[j, i]) & 0xFFFF_FFFF_FFFF_FFFF)
-                    raw = g.random_raw((e - s + 3) // 4).view(np.uint16)[: e - s]
+                    raw = dare_draw(dare_stream(seeds[j, i]), e - s)
                     u[j, s:e] = (raw.astype(np.int32) - 32768).astype(np.int16)
             self._uniform = torch.from_numpy(u).to(self.device)
             self._uniform_seeds = seeds.copy()
@@ -524,10 +523,7 @@ class FlatGroup:
             st = np.empty((len(seg), self.k, 4), dtype=np.uint64)
             for q, (i, a) in enumerate(zip(seg, start)):
                 for j in range(self.k):
-                    g = np.random.SFC64(int(seeds[j, i]) & 0xFFFF_FFFF_FFFF_FFFF)
-                    if a:
-                        g.random_raw(int(a) // 4, output=False)  # advanced, nothing kept
-                    st[q, j] = [int(v) for v in g.state["state"]["state"]]
+                    st[q, j] = dare_state(dare_stream(seeds[j, i], int(a)))
             self._rng = (seeds.copy(), key, st)
             return st
         return self._rng[2]
@@ -607,21 +603,15 @@ class FlatGroup:
         n = self.sizes[None, :]
         valid = (rank > 0) & (rank < n)
         g = np.minimum(np.where(valid, self.offsets[None, :-1] + np.clip(rank, 1, None), 1), self.n - 1)
+        fl = np.arange(k)[:, None] * self.n + g
         if self.device.type == "cpu":  # a few hundred lookups: NumPy, without torch's per-operation cost
-            fl = np.arange(k)[:, None] * self.n + g
-            vv, pp = vals.numpy().reshape(-1), pos.numpy().reshape(-1)
-            v, prev, p = vv[fl], vv[fl - 1], pp[fl].astype(np.int64)
+            v, tie = sorted_cuts(vals.numpy().reshape(-1), pos.numpy().reshape(-1), fl)
             inf = np.full_like(v, np.inf)
             below = np.where(valid, np.nextafter(v, -inf), np.where(rank >= n, inf, -inf))
-            tie = np.where(valid & (prev == v), p, 0)
-            return torch.from_numpy(v), torch.from_numpy(below), torch.from_numpy(tie)
-        flat = torch.as_tensor((np.arange(k)[:, None] * self.n + g).reshape(-1), device=self.device)
-        v = vals.reshape(-1)[flat].reshape(k, S)
-        prev = vals.reshape(-1)[flat - 1].reshape(k, S)
-        p = pos.reshape(-1)[flat].reshape(k, S).long()
+            return torch.from_numpy(v), torch.from_numpy(below), torch.from_numpy(np.where(valid, tie, 0))
+        v, tie = sorted_cuts(vals.reshape(-1), pos.reshape(-1), torch.as_tensor(fl, device=self.device))
         validt = torch.as_tensor(valid, device=self.device)
         inf = torch.full_like(v, float("inf"))
         none = torch.as_tensor(rank >= n, device=self.device)
         below = torch.where(validt, torch.nextafter(v, -inf), torch.where(none, inf, -inf))
-        tie = torch.where(validt & (prev == v), p, torch.zeros_like(p))
-        return v, below, tie
+        return v, below, torch.where(validt, tie, torch.zeros_like(tie))

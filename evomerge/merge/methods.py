@@ -338,11 +338,23 @@ def order_statistics(cache: dict):
         _ORDER_STATS.reset(token)
 
 
+def sorted_cuts(values, order, index):
+    """Cuts read from ascending magnitudes sorted stably (``values``, with their positions
+    ``order``; NumPy arrays or tensors) at sorted positions ``index`` (each >= 1): per cut
+    the value ``v`` there and ``tie``, the position from which entries equal to ``v`` are
+    kept (an index inside a run of equal values keeps only the later ones; 0 keeps all).
+    The one lookup of the per-tensor cache and of the flat path's thresholds."""
+    v, prev, p = values[index], values[index - 1], order[index]
+    if isinstance(v, Tensor):
+        return v, torch.where(prev == v, p.long(), torch.zeros_like(p, dtype=torch.long))
+    import numpy as np
+
+    return v, np.where(prev == v, p.astype(np.int64), 0)
+
+
 def _cut_from_sorted(stats: tuple[Tensor, Tensor], r: int) -> _Cut:
-    values, order = stats
-    v = values[r]
-    first = int(torch.searchsorted(values, v, right=False))
-    return _Cut(float(v), 0 if r == first else int(order[r]))
+    v, tie = sorted_cuts(*stats, r)
+    return _Cut(float(v), int(tie))
 
 
 def _find_cuts(base: Tensor, tensors: Sequence[Tensor], ranks: list[list[int]], dt, work: _Work) -> list[list]:
@@ -506,15 +518,44 @@ class _RankMask(_Mask):
         return m if coef == 1 else m.mul_(coef)
 
 
+def dare_stream(seed: int, start: int = 0):
+    """DARE's random stream for one (seed, tensor, model), at entry ``start`` (a multiple
+    of 4): NumPy's SFC64, each 64-bit draw giving four entries' 16-bit uniforms
+    (``dare_draw``). Every path (the chunked masks, the flat path, the kernels, which go on
+    from its ``dare_state``) draws this one stream, so a mask never depends on how the work
+    is cut."""
+    import numpy as np
+
+    if start % 4:
+        raise ValueError(f"a DARE stream starts at a multiple of 4 entries, not {start}")
+    g = np.random.SFC64(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
+    if start:
+        g.random_raw(start // 4, output=False)  # advanced, nothing kept
+    return g
+
+
+def dare_draw(stream, n: int):
+    """The next ``n`` entries' 16-bit uniforms (a uint16 array) of a ``dare_stream``."""
+    import numpy as np
+
+    return stream.random_raw((n + 3) // 4).view(np.uint16)[:n]
+
+
+def dare_state(stream) -> list[int]:
+    """A ``dare_stream``'s four 64-bit state words, for the kernels to go on from."""
+    return [int(v) for v in stream.state["state"]["state"]]
+
+
 class _RandomMask(_Mask):
     """DARE's drop mask: one 16-bit uniform per entry from a stream seeded per (seed,
-    tensor, model), so the mask is the same whatever the chunking or the device; an entry
-    is kept when its uniform is below ``density`` (rounded to a multiple of 1/65536)."""
+    tensor, model) (``dare_stream``), so the mask is the same whatever the chunking or the
+    device; an entry is kept when its uniform is below ``density`` (rounded to a multiple
+    of 1/65536)."""
 
     def __init__(self, seed: int, density: float):
         import numpy as np
 
-        self.bitgen = np.random.SFC64(int(seed) & 0xFFFF_FFFF_FFFF_FFFF)
+        self.bitgen = dare_stream(seed)
         self.thresh = min(65536, max(0, int(round(density * 65536))))
         self._t16 = np.uint16(min(self.thresh, 65535))
         self.pos = 0
@@ -528,8 +569,7 @@ class _RandomMask(_Mask):
         self.pos = e
         if self.thresh >= 65536:
             return None
-        raw = self.bitgen.random_raw((n + 3) // 4)
-        u = raw.view(np.uint16)[:n]
+        u = dare_draw(self.bitgen, n)
         if d.device.type == "cpu":  # a float 0/1 mask straight from NumPy: no boolean torch ops
             keep = torch.from_numpy(np.less(u, self._t16, out=work.fm[:n].numpy(), casting="unsafe"))
         else:
@@ -771,7 +811,7 @@ def _native_models(flats: list[Tensor], masks: list[_Mask], coef: list[float], w
                 x.kind = native.MASK_ALL
             else:
                 x.kind, x.thresh = native.MASK_RANDOM, m.thresh
-                x.rng[:] = [int(v) for v in m.bitgen.state["state"]["state"]]
+                x.rng[:] = dare_state(m.bitgen)
         else:
             return None
     return arr
