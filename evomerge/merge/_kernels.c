@@ -236,60 +236,72 @@ static void delta_dropped(float *restrict d, const float *restrict x, const floa
     for (int64_t j = 0; j < L; j++) d[j] = (x[j] - b[j]) * ((u[j] < th ? 1.0f : 0.0f) * c);
 }
 
-/* The same, reading a bf16 input directly and adding into the running sum (sum = d when
- * first): one pass instead of four. */
-static void delta_scaled_bf16(float *restrict d, float *restrict sum, const uint16_t *restrict x,
-                              const float *restrict b, int64_t L, float c, int first) {
-    for (int64_t j = 0; j < L; j++) {
-        float v = (bf16_to_f32(x[j]) - b[j]) * c;
-        d[j] = v;
-        sum[j] = first ? v : sum[j] + v;
+/* The same steps fused with the conversion of an input (bf16, or float32 read in place)
+ * and the running sum (sum = d when first): one pass over the block instead of four.
+ * FUSED(SUF, T, CONV) makes the three for inputs of type T, converted by CONV. */
+#define FUSED(SUF, T, CONV)                                                                               \
+    static void delta_scaled_##SUF(float *restrict d, float *restrict sum, const T *restrict x,          \
+                                   const float *restrict b, int64_t L, float c, int first) {             \
+        for (int64_t j = 0; j < L; j++) {                                                                \
+            float v = (CONV(x[j]) - b[j]) * c;                                                           \
+            d[j] = v;                                                                                    \
+            sum[j] = first ? v : sum[j] + v;                                                             \
+        }                                                                                                \
+    }                                                                                                    \
+                                                                                                         \
+    /* a dropped entry's multiplier is 0 * coef, signed as in torch */                                   \
+    static void delta_dropped_##SUF(float *restrict d, float *restrict sum, const T *restrict x,         \
+                                    const float *restrict b, const uint16_t *restrict u, int64_t L,      \
+                                    uint32_t th, float c, int first) {                                   \
+        const float c0 = 0.0f * c;                                                                       \
+        for (int64_t j = 0; j < L; j++) {                                                                \
+            float v = (CONV(x[j]) - b[j]) * (u[j] < th ? c : c0);                                        \
+            d[j] = v;                                                                                    \
+            sum[j] = first ? v : sum[j] + v;                                                             \
+        }                                                                                                \
+    }                                                                                                    \
+                                                                                                         \
+    /* a TIES / breadcrumbs trim: keep = [|d| > t1] - [|d| > t2] with the thresholds of this            \
+     * stretch of positions (|d| >= v is |d| > the float below v), then d * (keep * c) */                 \
+    static void delta_cut_range_##SUF(float *restrict d, float *restrict sum, const T *restrict x,       \
+                                      const float *restrict b, int64_t j0, int64_t j1, float t1,         \
+                                      float t2, float c, int first) {                                    \
+        for (int64_t j = j0; j < j1; j++) {                                                              \
+            float v = CONV(x[j]) - b[j];                                                                 \
+            float a = fabsf(v);                                                                          \
+            float keep = (a > t1 ? 1.0f : 0.0f) - (a > t2 ? 1.0f : 0.0f);                                \
+            v *= keep * c;                                                                               \
+            d[j] = v;                                                                                    \
+            sum[j] = first ? v : sum[j] + v;                                                             \
+        }                                                                                                \
     }
-}
 
-static void delta_dropped_bf16(float *restrict d, float *restrict sum, const uint16_t *restrict x,
-                               const float *restrict b, const uint16_t *restrict u, int64_t L, uint32_t th,
-                               float c, int first) {
-    const float c0 = 0.0f * c; /* a dropped entry's multiplier: 0 * coef, signed as in torch */
-    for (int64_t j = 0; j < L; j++) {
-        float v = (bf16_to_f32(x[j]) - b[j]) * (u[j] < th ? c : c0);
-        d[j] = v;
-        sum[j] = first ? v : sum[j] + v;
-    }
-}
+#define AS_F32(v) (v)
+FUSED(bf16, uint16_t, bf16_to_f32)
+FUSED(f32, float, AS_F32)
 
-/* A TIES / breadcrumbs trim fused with the conversion of bf16 x and the running sum:
- * keep = [|d| > t1] - [|d| > t2] with the thresholds of this stretch of positions
- * (|d| >= v is |d| > the float below v), then d * (keep * c). */
-static void delta_cut_range(float *restrict d, float *restrict sum, const uint16_t *restrict x,
-                            const float *restrict b, int64_t j0, int64_t j1, float t1, float t2, float c,
-                            int first) {
-    for (int64_t j = j0; j < j1; j++) {
-        float v = bf16_to_f32(x[j]) - b[j];
-        float a = fabsf(v);
-        float keep = (a > t1 ? 1.0f : 0.0f) - (a > t2 ? 1.0f : 0.0f);
-        v *= keep * c;
-        d[j] = v;
-        sum[j] = first ? v : sum[j] + v;
+/* A cut's stretches of positions: where each of its cuts switches from |d| > v to
+ * |d| >= v; calls delta_cut_range_SUF on each. */
+#define DELTA_CUT(SUF, T)                                                                                \
+    static void delta_cut_##SUF(float *restrict d, float *restrict sum, const T *restrict x,             \
+                                const float *restrict b, int64_t s, int64_t L, const em_model *m,        \
+                                int first) {                                                             \
+        int64_t p1 = m->has_start ? m->start_pos - s : 0, p2 = m->has_stop ? m->stop_pos - s : 0;       \
+        p1 = p1 < 0 ? 0 : (p1 > L ? L : p1);                                                             \
+        p2 = p2 < 0 ? 0 : (p2 > L ? L : p2);                                                             \
+        int64_t cuts[4] = {0, p1 < p2 ? p1 : p2, p1 < p2 ? p2 : p1, L};                                  \
+        for (int k = 0; k < 3; k++) {                                                                    \
+            int64_t j0 = cuts[k], j1 = cuts[k + 1];                                                      \
+            if (j0 >= j1) continue;                                                                      \
+            float t1 = -INFINITY, t2 = INFINITY;                                                         \
+            if (m->has_start) t1 = j0 >= p1 ? nextafterf(m->start_v, -INFINITY) : m->start_v;            \
+            if (m->has_stop) t2 = j0 >= p2 ? nextafterf(m->stop_v, -INFINITY) : m->stop_v;               \
+            delta_cut_range_##SUF(d, sum, x, b, j0, j1, t1, t2, m->coef, first);                         \
+        }                                                                                                \
     }
-}
 
-static void delta_cut_bf16(float *restrict d, float *restrict sum, const uint16_t *restrict x,
-                           const float *restrict b, int64_t s, int64_t L, const em_model *m, int first) {
-    /* where each cut switches from |d| > v to |d| >= v */
-    int64_t p1 = m->has_start ? m->start_pos - s : 0, p2 = m->has_stop ? m->stop_pos - s : 0;
-    p1 = p1 < 0 ? 0 : (p1 > L ? L : p1);
-    p2 = p2 < 0 ? 0 : (p2 > L ? L : p2);
-    int64_t cuts[4] = {0, p1 < p2 ? p1 : p2, p1 < p2 ? p2 : p1, L};
-    for (int k = 0; k < 3; k++) {
-        int64_t j0 = cuts[k], j1 = cuts[k + 1];
-        if (j0 >= j1) continue;
-        float t1 = -INFINITY, t2 = INFINITY;
-        if (m->has_start) t1 = j0 >= p1 ? nextafterf(m->start_v, -INFINITY) : m->start_v;
-        if (m->has_stop) t2 = j0 >= p2 ? nextafterf(m->stop_v, -INFINITY) : m->stop_v;
-        delta_cut_range(d, sum, x, b, j0, j1, t1, t2, m->coef, first);
-    }
-}
+DELTA_CUT(bf16, uint16_t)
+DELTA_CUT(f32, float)
 
 static void scale_by(float *restrict d, const float *restrict keep, int64_t L, float c) {
     for (int64_t j = 0; j < L; j++) d[j] *= keep[j] * c;
@@ -411,33 +423,49 @@ int em_task_arithmetic(const void *base, int32_t bdt, int64_t n, int32_t k, em_m
     int bad = 0;
     for (int64_t s = 0; s < n; s += BLK) {
         int64_t L = n - s < BLK ? n - s : BLK;
-        load(base, bdt, s, L, b);
+        /* the base: read in place when it is float32 (and not also the output) */
+        const float *bp = b;
+        if (bdt == DT_F32 && base != out)
+            bp = (const float *)base + s;
+        else
+            load(base, bdt, s, L, b);
         if (nstreams) uniforms_many(streams, nstreams, L, u, ST);
         /* d_k = (x_k - b) * mask_k * coef_k; summed into S (consensus) or mixed */
         float *sum = consensus ? S : mixed;
         for (int32_t i = 0; i < k; i++) {
             em_model *m = &models[i];
             float *d = consensus ? D + (size_t)i * ST : t;
-            if (m->dtype == DT_BF16) { /* the common case, fused */
+            const float c = m->kind == MASK_NONE ? 0.0f : m->coef;
+            if (m->dtype == DT_BF16) { /* the common cases, fused */
                 const uint16_t *xb = (const uint16_t *)m->ptr + s;
                 if (m->kind == MASK_CUT)
-                    delta_cut_bf16(d, sum, xb, b, s, L, m, i == 0);
+                    delta_cut_bf16(d, sum, xb, bp, s, L, m, i == 0);
                 else if (m->kind == MASK_RANDOM)
-                    delta_dropped_bf16(d, sum, xb, b, u + (size_t)slot[i] * ST, L, m->thresh, m->coef, i == 0);
+                    delta_dropped_bf16(d, sum, xb, bp, u + (size_t)slot[i] * ST, L, m->thresh, m->coef, i == 0);
                 else
-                    delta_scaled_bf16(d, sum, xb, b, L, m->kind == MASK_NONE ? 0.0f : m->coef, i == 0);
+                    delta_scaled_bf16(d, sum, xb, bp, L, c, i == 0);
+                continue;
+            }
+            if (m->dtype == DT_F32) {
+                const float *xf = (const float *)m->ptr + s;
+                if (m->kind == MASK_CUT)
+                    delta_cut_f32(d, sum, xf, bp, s, L, m, i == 0);
+                else if (m->kind == MASK_RANDOM)
+                    delta_dropped_f32(d, sum, xf, bp, u + (size_t)slot[i] * ST, L, m->thresh, m->coef, i == 0);
+                else
+                    delta_scaled_f32(d, sum, xf, bp, L, c, i == 0);
                 continue;
             }
             load(m->ptr, m->dtype, s, L, x);
             switch (m->kind) {
             case MASK_ALL:
-                delta_scaled(d, x, b, L, m->coef);
+                delta_scaled(d, x, bp, L, m->coef);
                 break;
             case MASK_NONE:
-                delta_scaled(d, x, b, L, 0.0f);
+                delta_scaled(d, x, bp, L, 0.0f);
                 break;
             case MASK_CUT:
-                delta(d, x, b, L);
+                delta(d, x, bp, L);
                 if (m->has_start) {
                     memset(keep, 0, (size_t)L * 4);
                     cut_block(d, s, L, m->start_v, m->start_pos, keep, 0);
@@ -448,7 +476,7 @@ int em_task_arithmetic(const void *base, int32_t bdt, int64_t n, int32_t k, em_m
                 scale_by(d, keep, L, m->coef);
                 break;
             case MASK_RANDOM:
-                delta_dropped(d, x, b, u + (size_t)slot[i] * ST, L, m->thresh, m->coef);
+                delta_dropped(d, x, bp, u + (size_t)slot[i] * ST, L, m->thresh, m->coef);
                 break;
             }
             if (i == 0)
@@ -464,7 +492,7 @@ int em_task_arithmetic(const void *base, int32_t bdt, int64_t n, int32_t k, em_m
                 agree(mixed, normalize ? dv : NULL, D + (size_t)i * ST, S, L, models[i].weight, i == 0);
             if (normalize) divide_by_weights(mixed, dv, L);
         }
-        bad |= finish(out, odt, s, L, mixed, b, wd, lam);
+        bad |= finish(out, odt, s, L, mixed, bp, wd, lam);
     }
     free(mem);
     free(u);
