@@ -112,7 +112,7 @@ def test_large_tensors_match_the_torch_path(method, dtype):
 @given(
     method=st.sampled_from(SERVED),
     n=st.sampled_from([1, 7, 2047, 2049, 5000, EXACT_SELECT_MAX + 3]),
-    k=st.integers(1, 3),
+    k=st.integers(1, 6),  # the kernels draw up to four DARE streams at once, then three, two, one
     dtype=st.sampled_from([torch.bfloat16, torch.float32]),
     density=st.sampled_from([1e-6, 0.1, 0.5, 0.97, 1.0]),
     lam=st.sampled_from([1.0, 0.6, -1.3]),
@@ -123,7 +123,7 @@ def test_large_tensors_match_the_torch_path(method, dtype):
 )
 def test_any_parameters_match_the_torch_path(method, n, k, dtype, density, lam, normalize, rescale, w0, seed):
     base, tensors = family(n, k, dtype, seed=seed % 1000, scale=0.05, zeros=0.05)
-    weight = [w0, 0.5, -0.25][:k]
+    weight = [w0, 0.5, -0.25, 0.8, 0.1, -0.6][:k]
     if method == "linear" and normalize and abs(w0 + 1.0 + sum(weight[1:])) < 1e-6:
         normalize = False  # linear refuses weights summing to zero
     params = dict(weight=weight if method != "linear" else [1.0, *weight], lambda_=lam, normalize=normalize,
@@ -142,6 +142,21 @@ def test_dare_stream_is_numpys_sfc64():
         got = METHODS["dare_linear"].fn(base, [t], weight=[1.0], density=[0.5], seeds=[1234], rescale=False)
     raw = np.random.SFC64(1234).random_raw((n + 3) // 4).view(np.uint16)[:n]
     assert torch.equal(got, torch.from_numpy((raw < 32768).astype(np.float32)))
+
+
+@pytest.mark.parametrize("k", [4, 5, 7, 8])
+def test_many_dare_streams_drawn_together_are_each_numpys(k):
+    """The kernel draws four models' streams at once (one per vector lane), then the rest
+    three, two or one at a time: each model's mask is still its own NumPy stream's."""
+    n = 3_001
+    base = torch.zeros(n)
+    seeds = [99 + 7 * i for i in range(k)]
+    with kernels_run():
+        got = METHODS["dare_linear"].fn(base, [torch.full((n,), float(2**i)) for i in range(k)], weight=[1.0] * k,
+                                        density=[0.5] * k, seeds=seeds, rescale=False)
+    want = sum((np.random.SFC64(s).random_raw((n + 3) // 4).view(np.uint16)[:n] < 32768) * float(2**i)
+               for i, s in enumerate(seeds))
+    assert torch.equal(got, torch.from_numpy(want.astype(np.float32)))
 
 
 @pytest.mark.parametrize("method", ["linear", "ties", "dare_ties"])
