@@ -129,7 +129,7 @@ def main() -> int:
         from evomerge.merge import flat
 
         fixed = []
-        if a.device == "cpu" and not a.compile and native.available() and a.method != "task_arithmetic":
+        if a.device == "cpu" and not a.compile and native.available():
             class _NoWork:
                 @staticmethod
                 def em_task_arithmetic_many(*args):

@@ -297,6 +297,7 @@ class FlatGroup:
         self._sorted: tuple[Tensor, Tensor] | None = None
         self._rng: tuple | None = None  # DARE's streams where the kernels' pieces start
         self._native_work: dict[int, tuple] = {}  # the kernels' pieces, per thread count
+        self._native_ptrs: tuple | None = None  # (threads, output), and the kernels' pointers for them
         self._uniform: Tensor | None = None
         self._uniform_seeds = None
         self._out: tuple[Tensor, list[Tensor]] | None = None
@@ -537,19 +538,36 @@ class FlatGroup:
         with np.errstate(over="ignore"):  # a weight beyond float32 becomes inf, as on the torch path
             return self._run_native(lib, sparsify, consensus, table, o)
 
+    def _pointers(self, threads: int, o: Tensor) -> tuple:
+        """What a candidate's kernel calls share with the last one's into the same output:
+        the pieces for this thread count, the models' records with their pointers and
+        dtypes, and the base's and output's pointers per piece (made once per output)."""
+        key = (threads, o.data_ptr(), o.dtype)
+        hit = self._native_ptrs
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        seg, start, length, bounds = self._work(threads)
+        k = self.k
+        models = np.zeros((len(seg), k), dtype=_MODEL)
+        first = self.offsets[:-1][seg] + start  # each piece's first entry in the flat buffers
+        models["ptr"] = self.T.data_ptr() + (np.arange(k)[None, :] * self.n + first[:, None]) * self.T.element_size()
+        models["dtype"] = native.DTYPE_CODES[self.T.dtype]
+        base = (self.B.data_ptr() + first * self.B.element_size()).astype(np.uint64)
+        outp = (o.data_ptr() + first * o.element_size()).astype(np.uint64)
+        made = (seg, start, length, bounds, models, base, outp)
+        self._native_ptrs = (key, made)
+        return made
+
     def _run_native(self, lib, sparsify, consensus: bool, table: dict, o: Tensor) -> Tensor:
         k, S = self.k, len(self.names)
-        seg, start, length, bounds = self._work(torch.get_num_threads())
+        seg, start, length, bounds, template, base, outp = self._pointers(torch.get_num_threads(), o)
         w = np.asarray(table["weight"], dtype=np.float64)  # (k, S)
         lam = table.get("lambda")
         lam = np.ones(S) if lam is None else np.asarray(lam, dtype=np.float64)
         normalize = bool(table.get("normalize", False))
         mk = self._masks(sparsify, {**table, "weight": w})
         n = self.sizes[None, :]
-        models = np.zeros((len(seg), k), dtype=_MODEL)
-        first = self.offsets[:-1][seg] + start  # each piece's first entry in the flat buffers
-        models["ptr"] = self.T.data_ptr() + (np.arange(k)[None, :] * self.n + first[:, None]) * self.T.element_size()
-        models["dtype"] = native.DTYPE_CODES[self.T.dtype]
+        models = template.copy()  # every field but the pointers and dtypes is set below
         models["weight"] = w.T[seg]
         kind = np.full((k, S), native.MASK_ALL, dtype=np.int32)
         if sparsify == "magnitude":
@@ -575,8 +593,6 @@ class FlatGroup:
         wdiv = np.ascontiguousarray(ws[seg], dtype=np.float32)
         scale_lambda = np.ascontiguousarray((lam != 1)[seg], dtype=np.int32)
         lam32 = np.ascontiguousarray(lam[seg], dtype=np.float32)
-        base = (self.B.data_ptr() + first * self.B.element_size()).astype(np.uint64)
-        outp = (o.data_ptr() + first * o.element_size()).astype(np.uint64)
         bdt, odt = native.DTYPE_CODES[self.B.dtype], native.DTYPE_CODES[o.dtype]
 
         def run(bound: tuple[int, int]) -> int:
