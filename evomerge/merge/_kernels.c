@@ -8,7 +8,8 @@
  * a fused multiply-add would round differently.
  *
  * Loaded by native.py with ctypes. em_select finds the magnitude cuts of a trim exactly
- * (a radix select, no sort); em_task_arithmetic applies per-model masks (cuts, DARE's
+ * (a radix select, no sort); em_task_arithmetic_many merges a block of tensors (the one-shot
+ * merge's single tensor is a block of one), each with per-model masks (cuts, DARE's
  * random streams) and combines; em_linear is the weighted average.
  */
 #include <math.h>
@@ -425,7 +426,7 @@ static int finish(void *out, int odt, int64_t s, int64_t L, float *restrict mixe
  * skips (lambda = 1, no division) are applied as such.
  *
  * Returns 0, 1 if a result is not finite, or -ENOMEM. */
-int em_task_arithmetic(const void *base, int32_t bdt, int64_t n, int32_t k, em_model *models,
+static int ta_tensor(const void *base, int32_t bdt, int64_t n, int32_t k, em_model *models,
                        int32_t consensus, int32_t normalize, int32_t div_sum, float wdiv,
                        int32_t scale_lambda, float lambda, void *out, int32_t odt) {
     float *mem = (float *)malloc(sizeof(float) * ST * (size_t)(k + 7));
@@ -466,27 +467,21 @@ int em_task_arithmetic(const void *base, int32_t bdt, int64_t n, int32_t k, em_m
         for (int32_t i = 0; i < k; i++) {
             em_model *m = &models[i];
             float *d = consensus ? D + (size_t)i * ST : t;
-            const float c = m->kind == MASK_NONE ? 0.0f : m->coef;
-            if (m->dtype == DT_BF16) { /* the common cases, fused */
-                const uint16_t *xb = (const uint16_t *)m->ptr + s;
-                if (m->kind == MASK_CUT)
-                    delta_cut_bf16(d, sum, xb, bp, s, L, m, i == 0);
-                else if (m->kind == MASK_RANDOM)
-                    delta_dropped_bf16(d, sum, xb, bp, u + (size_t)slot[i] * ST, L, m->thresh, m->coef, i == 0);
-                else
-                    delta_scaled_bf16(d, sum, xb, bp, L, c, i == 0);
-                continue;
-            }
-            if (m->dtype == DT_F32) {
-                const float *xf = (const float *)m->ptr + s;
-                if (m->kind == MASK_CUT)
-                    delta_cut_f32(d, sum, xf, bp, s, L, m, i == 0);
-                else if (m->kind == MASK_RANDOM)
-                    delta_dropped_f32(d, sum, xf, bp, u + (size_t)slot[i] * ST, L, m->thresh, m->coef, i == 0);
-                else
-                    delta_scaled_f32(d, sum, xf, bp, L, c, i == 0);
-                continue;
-            }
+            /* the common cases, fused: bf16 and float32 inputs */
+#define FUSED_STEP(SUF, T)                                                                              \
+    {                                                                                                   \
+        const T *xs = (const T *)m->ptr + s;                                                            \
+        if (m->kind == MASK_CUT)                                                                        \
+            delta_cut_##SUF(d, sum, xs, bp, s, L, m, i == 0);                                           \
+        else if (m->kind == MASK_RANDOM)                                                                \
+            delta_dropped_##SUF(d, sum, xs, bp, u + (size_t)slot[i] * ST, L, m->thresh, m->coef, i == 0); \
+        else                                                                                            \
+            delta_scaled_##SUF(d, sum, xs, bp, L, m->kind == MASK_NONE ? 0.0f : m->coef, i == 0);       \
+        continue;                                                                                       \
+    }
+            if (m->dtype == DT_BF16) FUSED_STEP(bf16, uint16_t)
+            if (m->dtype == DT_F32) FUSED_STEP(f32, float)
+#undef FUSED_STEP
             load(m->ptr, m->dtype, s, L, x);
             switch (m->kind) {
             case MASK_ALL:
@@ -534,9 +529,9 @@ int em_task_arithmetic(const void *base, int32_t bdt, int64_t n, int32_t k, em_m
 
 /* Many tensors in one call (a flat group's segments, a block of tensors): tensor g has
  * len[g] entries, its base at address base[g] and its result at out[g] (dtypes bdt, odt),
- * models[g * k .. g * k + k - 1] as em_task_arithmetic takes them (ptr: the model's entries
+ * models[g * k .. g * k + k - 1] as ta_tensor takes them (ptr: the model's entries
  * of that tensor), and its own division (div_sum[g], wdiv[g]) and lambda. Each is merged
- * exactly as em_task_arithmetic merges it. Returns 0, 1 if a result is not finite, or
+ * exactly as ta_tensor merges it. Returns 0, 1 if a result is not finite, or
  * -ENOMEM. */
 int em_task_arithmetic_many(int64_t nseg, const uint64_t *base, int32_t bdt, const int64_t *len, int32_t k,
                             em_model *models, int32_t consensus, int32_t normalize, const int32_t *div_sum,
@@ -544,7 +539,7 @@ int em_task_arithmetic_many(int64_t nseg, const uint64_t *base, int32_t bdt, con
                             const uint64_t *out, int32_t odt) {
     int bad = 0;
     for (int64_t g = 0; g < nseg; g++) {
-        int rc = em_task_arithmetic((const void *)(uintptr_t)base[g], bdt, len[g], k, models + g * k, consensus,
+        int rc = ta_tensor((const void *)(uintptr_t)base[g], bdt, len[g], k, models + g * k, consensus,
                                     normalize, div_sum[g], wdiv[g], scale_lambda[g], lambda[g],
                                     (void *)(uintptr_t)out[g], odt);
         if (rc < 0) return rc;
@@ -566,7 +561,7 @@ static void weighted_bf16(float *restrict acc, const uint16_t *restrict x, int64
 }
 
 /* Linear merge: sum_k w_k theta_k (row order, each term rounded), divided by wdiv when
- * div_sum. Output and return value as em_task_arithmetic. */
+ * div_sum. Output and return value as ta_tensor. */
 int em_linear(int64_t n, int32_t k, const void **ptrs, const int32_t *dts, const float *w,
               int32_t div_sum, float wdiv, void *out, int32_t odt) {
     float *acc = (float *)malloc(sizeof(float) * ST * 2);

@@ -588,19 +588,14 @@ class FlatGroup:
             models["rng"] = self._rng_states(table["seeds"], seg, start)
         models["kind"] = kind.T[seg]
         models["coef"] = (w * mk["scale"]).T[seg]
-        ws = mk["ws"]
-        div_sum = np.ascontiguousarray(((not consensus) & normalize & (np.abs(ws) >= 1e-8))[seg], dtype=np.int32)
-        wdiv = np.ascontiguousarray(ws[seg], dtype=np.float32)
-        scale_lambda = np.ascontiguousarray((lam != 1)[seg], dtype=np.int32)
-        lam32 = np.ascontiguousarray(lam[seg], dtype=np.float32)
-        bdt, odt = native.DTYPE_CODES[self.B.dtype], native.DTYPE_CODES[o.dtype]
+        block = native.Block(
+            base=base, bdt=native.DTYPE_CODES[self.B.dtype], length=length, k=k, models=models,
+            consensus=consensus, normalize=normalize,
+            div_sum=((not consensus) & normalize & (np.abs(mk["ws"]) >= 1e-8))[seg], wdiv=mk["ws"][seg],
+            scale_lambda=(lam != 1)[seg], lam=lam[seg], out=outp, odt=native.DTYPE_CODES[o.dtype])
 
         def run(bound: tuple[int, int]) -> int:
-            a, b = bound
-            p = lambda x: x[a:].ctypes.data  # noqa: E731
-            return lib.em_task_arithmetic_many(b - a, p(base), bdt, p(length), k, p(models), int(consensus),
-                                               int(normalize), p(div_sum), p(wdiv), p(scale_lambda), p(lam32),
-                                               p(outp), odt)
+            return native.merge_block(lib, block, *bound)
 
         rcs = [run(bounds[0])] if len(bounds) == 1 else list(_pool(len(bounds)).map(run, bounds))
         if any(rc < 0 for rc in rcs):

@@ -826,13 +826,15 @@ def _native_task_arithmetic(bf, flats, masks, coef, w, lambda_, normalize, conse
     models = _native_models(flats, masks, coef, w)
     if models is None:
         return False
+    import numpy as np
+
     div_sum = (not consensus) and normalize and abs(wsum) >= 1e-8
-    rc = lib.em_task_arithmetic(
-        bf.data_ptr(), native.DTYPE_CODES[bf.dtype], bf.numel(), len(flats), models, int(consensus),
-        int(bool(normalize)), int(div_sum), float(wsum), int(lambda_ != 1), float(lambda_),
-        result.data_ptr(), native.DTYPE_CODES[result.dtype],
-    )
-    native.checked(result, rc)
+    block = native.Block(  # a block of one tensor
+        base=[bf.data_ptr()], bdt=native.DTYPE_CODES[bf.dtype], length=[bf.numel()], k=len(flats),
+        models=np.frombuffer(models, dtype=np.dtype(native.Model)).reshape(1, -1), consensus=consensus, normalize=normalize,
+        div_sum=[div_sum], wdiv=[wsum], scale_lambda=[lambda_ != 1], lam=[lambda_],
+        out=[result.data_ptr()], odt=native.DTYPE_CODES[result.dtype])
+    native.checked(result, native.merge_block(lib, block))
     return True
 
 

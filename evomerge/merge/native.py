@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "library", "active", "disabled", "cache_dir", "DTYPE_CODES", "Model"]
+__all__ = ["available", "library", "active", "disabled", "cache_dir", "DTYPE_CODES", "Model", "Block",
+           "merge_block"]
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 class Model(ctypes.Structure):
-    """One model's input to ``em_task_arithmetic`` (mirrors ``em_model``)."""
+    """One model's input to a tensor of a block (mirrors ``em_model``)."""
 
     _fields_ = [
         ("ptr", ctypes.c_void_p),
@@ -115,11 +116,47 @@ def _build(cc: str, out: Path) -> None:
             os.unlink(tmp)
 
 
+class Block:
+    """The task-arithmetic family's one kernel signature: a block of tensors merged by one
+    method, the one-shot merge's single tensor being a block of one. Per tensor ``g``: its
+    base at address ``base[g]`` (dtype code ``bdt``), ``length[g]`` entries, ``models[g]``
+    (``k`` ``Model`` records, as a NumPy array of ``np.dtype(Model)`` of shape ``(nseg, k)``),
+    the division of a plain sum (``div_sum[g]``, by ``wdiv[g]``), ``lambda[g]`` (applied
+    where ``scale_lambda[g]``) and its result at ``out[g]`` (dtype code ``odt``). ``consensus``
+    (the TIES election) and ``normalize`` hold for the whole block. Every array is
+    contiguous, of the dtypes ``merge_block`` reads."""
+
+    __slots__ = ("base", "bdt", "length", "k", "models", "consensus", "normalize", "div_sum", "wdiv",
+                 "scale_lambda", "lam", "out", "odt")
+
+    def __init__(self, *, base, bdt, length, k, models, consensus, normalize, div_sum, wdiv, scale_lambda, lam,
+                 out, odt):
+        import numpy as np
+
+        self.base, self.bdt = np.ascontiguousarray(base, dtype=np.uint64), int(bdt)
+        self.length, self.k = np.ascontiguousarray(length, dtype=np.int64), int(k)
+        self.models = models
+        self.consensus, self.normalize = int(bool(consensus)), int(bool(normalize))
+        self.div_sum = np.ascontiguousarray(div_sum, dtype=np.int32)
+        self.wdiv = np.ascontiguousarray(wdiv, dtype=np.float32)
+        self.scale_lambda = np.ascontiguousarray(scale_lambda, dtype=np.int32)
+        self.lam = np.ascontiguousarray(lam, dtype=np.float32)
+        self.out, self.odt = np.ascontiguousarray(out, dtype=np.uint64), int(odt)
+
+
+def merge_block(lib: ctypes.CDLL, b: Block, start: int = 0, stop: int | None = None) -> int:
+    """Merge tensors ``start:stop`` of a block in one kernel call (without the GIL, so
+    threads can merge other tensors meanwhile). Returns 0, 1 if a stored value is not
+    finite, or a negative errno."""
+    stop = len(b.length) if stop is None else stop
+    p = lambda x: x[start:].ctypes.data  # noqa: E731
+    return lib.em_task_arithmetic_many(stop - start, p(b.base), b.bdt, p(b.length), b.k, p(b.models), b.consensus,
+                                       b.normalize, p(b.div_sum), p(b.wdiv), p(b.scale_lambda), p(b.lam),
+                                       p(b.out), b.odt)
+
+
 def _signatures(lib: ctypes.CDLL) -> None:
     i32, i64, f32, vp = ctypes.c_int32, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
-    lib.em_task_arithmetic.restype = ctypes.c_int
-    lib.em_task_arithmetic.argtypes = [vp, i32, i64, i32, ctypes.POINTER(Model), i32, i32, i32, f32,
-                                       i32, f32, vp, i32]
     lib.em_task_arithmetic_many.restype = ctypes.c_int
     lib.em_task_arithmetic_many.argtypes = [i64, vp, i32, vp, i32, vp, i32, i32, vp, vp, vp, vp, vp, i32]
     lib.em_linear.restype = ctypes.c_int
