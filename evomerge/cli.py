@@ -44,6 +44,8 @@ def _merge_parser() -> argparse.ArgumentParser:
                    help="accept pickled pytorch_model*.bin weights (loaded with weights_only=True)")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--compile", action="store_true",
+                   help="merge task arithmetic, TIES and DARE through torch.compile (for GPUs; same weights)")
     return p
 
 
@@ -94,7 +96,7 @@ def merge_main(argv: list[str] | None = None) -> int:
         engine = Merger(
             recipe, device=args.device, seed=args.seed,
             out_dtype=DTYPES[args.dtype.lower()] if args.dtype else None,
-            allow_pickle=args.allow_pickle,
+            allow_pickle=args.allow_pickle, compile=args.compile,
         )
         text = Path(args.recipe).read_text()
         path = engine.write(out, shard_size=shard, overwrite=args.overwrite,

@@ -316,6 +316,45 @@ def test_compiled_flat_path_equals_one_shot(families, method, dtype, normalize):
     assert_weights(model, one_shot(recipe, 1))
 
 
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties"])
+@pytest.mark.parametrize("family", ["float32", "bfloat16", "gpt2"])
+def test_a_compiled_one_shot_merge_writes_the_reference_weights(families, words, tmp_path, method, family):
+    """``Merger(compile=True)`` (``evomerge-merge --compile``) merges the task-arithmetic
+    family through ``torch.compile``, each tensor a flat block of one: it writes the
+    reference merge's weights bit for bit (bf16 puts TIES cuts inside runs of equal
+    magnitudes; GPT-2 has Conv1D tensors and a tied head), and every merged tensor did
+    take the compiled path."""
+    from safetensors.torch import load_file
+
+    if family == "gpt2":
+        experts = list(words.experts.values())  # two
+        fam = {"base": words.base, **{f"expert_{i}": p for i, p in enumerate(experts)}}
+    else:
+        fam = families[family]
+    n = len(fam) - 1
+    recipe = recipe_for(fam, method, [0.5, 1.0, -0.4][:n], [0.37, 0.9, 0.1][:n], 0.7, True, True, True)
+    compiled = []
+    orig = FlatGroup.merge
+
+    def spy(self, *a, **k):
+        assert self.compile
+        compiled.append(self.names[0])
+        return orig(self, *a, **k)
+
+    FlatGroup.merge = spy
+    try:
+        merger = Merger(recipe, seed=4, compile=True)
+        got_dir = merger.write(tmp_path / "compiled", progress=False)
+    finally:
+        FlatGroup.merge = orig
+    want_dir = Merger(recipe, seed=4).write(tmp_path / "reference", progress=False)
+    got, want = load_file(str(got_dir / "model.safetensors")), load_file(str(want_dir / "model.safetensors"))
+    assert set(got) == set(want)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    assert sorted(compiled) == sorted(t.name for t in merger.tasks if not t.copy and t.base is not None)
+
+
 @pytest.mark.parametrize("compile", [False, True])
 def test_a_non_finite_candidate_is_named_on_the_flat_path(families, compile):
     fam = families["float32"]

@@ -667,3 +667,15 @@ def test_an_index_that_maps_a_tensor_to_a_shard_without_it_is_named(fam, tmp_pat
     rec = recipes(fam)["linear"]
     rec["models"][0]["model"] = str(m)
     _fails(tmp_path, rec, str(m), "the index maps tensor", "which does not hold it")
+
+
+@pytest.mark.parametrize("method", ["ties", "slerp"])
+def test_compile_writes_the_same_weights(fam, tmp_path, method):
+    """``--compile`` merges the task-arithmetic family through torch.compile and leaves the
+    other methods on their reference path: the same weights either way."""
+    rfile = _write(tmp_path, method, recipes(fam)[method])
+    assert merge_main([rfile, str(tmp_path / "plain"), "--no-progress", "--seed", "3"]) == 0
+    assert merge_main([rfile, str(tmp_path / "compiled"), "--no-progress", "--seed", "3", "--compile"]) == 0
+    want = load_file(str(tmp_path / "plain" / "model.safetensors"))
+    got = load_file(str(tmp_path / "compiled" / "model.safetensors"))
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)

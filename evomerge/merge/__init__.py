@@ -9,7 +9,9 @@
   or from a genome through ``Space.compile``).
 - ``engine``: ``Merger``, a plan and its inputs: any candidate's columns (the recipe's by
   default) written to disk with ``write(out_dir, what)`` (streamed: atomic, sharded, direct
-  I/O into the output) or into a live model with ``materialize(what, into=model)``.
+  I/O into the output) or into a live model with ``materialize(what, into=model)``;
+  with ``compile=True`` each tensor of the task-arithmetic family is merged as a flat block
+  of one through ``torch.compile`` (the same bits).
 - ``resident`` and ``flat``: the search's ``ResidentMerger``, a ``Merger`` whose inputs are
   held once; each candidate's columns are merged into a live model (or written), the
   task-arithmetic family over blocks of equal-sized tensors (in torch, compiled, or in the
