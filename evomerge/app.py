@@ -22,9 +22,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 __all__ = ["main", "run"]
 
-_METRIC = {"accuracy": "acc", "exact_match": "acc", "choice": "acc", "perplexity": "ppl", "entropy": "entropy"}
-
-
 def _models(cfg) -> tuple[str | None, list[str], Any]:
     zoo = None
     if cfg.models.get("zoo_dir"):
@@ -67,6 +64,7 @@ def buildable() -> dict[str, set[str]]:
 
     return {"search": {f"evomerge.search.{c.__name__}" for c in (*STRATEGIES.values(), AdaMerging)},
             "eval": {"evomerge.evaluate.build_evaluator"},
+            "objective": {"evomerge.objective.Objective"},
             "executor": {"evomerge.execute.LocalExecutor", "evomerge.execute.ray.RayExecutor"}}
 
 
@@ -127,6 +125,19 @@ def check_config(cfg) -> None:
                 targets(v, f"{path}[{i}]")
 
     targets(OmegaConf.to_container(cfg, resolve=False), "")
+
+
+def _scoring(cfg, evaluator):
+    """The objective (``objective`` group; the mean when a config has none) bound to the
+    evaluator's tasks and direction."""
+    from .objective import Objective, ObjectiveError, Scoring
+
+    node = cfg.get("objective")
+    try:
+        objective = Objective() if node is None else build(node)
+        return Scoring.of(objective, evaluator)
+    except ObjectiveError as e:
+        raise ConfigError(str(e)) from None
 
 
 def build(node, **kwargs) -> Any:
@@ -232,17 +243,15 @@ def run(cfg, run_dir: str | Path) -> dict:
     space = build_space(cfg, base, experts)
     eval_kw = _eval_kwargs(cfg, zoo)
     evaluator = build(cfg.eval, **eval_kw)
+    scoring = _scoring(cfg, evaluator)
     strat_kw: dict[str, Any] = {"seed": int(cfg.seed)}
     target = cfg.search.get("_target_", "")
     if target.endswith("OptunaSearch"):
         if cfg.search.get("storage") is None:
             strat_kw["storage"] = f"sqlite:///{(run_dir / 'optuna.db').resolve()}"
         if cfg.search.get("sampler") == "nsga2" and not cfg.search.get("objectives"):
-            if cfg.eval.get("name") not in _METRIC:
-                raise ConfigError(f"search.objectives: name one metric per task for eval={cfg.eval.get('name')} "
-                                  f"(e.g. [{evaluator.tasks[0]}/<metric>, ...]); NSGA-II optimises each of them")
-            metric = _METRIC[cfg.eval.get("name")]
-            strat_kw["objectives"] = [f"{t}/{metric}" for t in evaluator.tasks]
+            # each task's own metric, as the evaluator names it
+            strat_kw["objectives"] = [f"{t}/{evaluator.primary(t)}" for t in evaluator.tasks]
         if cfg.search.get("objectives") or "objectives" in strat_kw:  # the evaluator's metrics, as it orders them
             strat_kw["objective_direction"] = evaluator.direction
     eval_cfg, device, seed = cfg.eval, cfg.device, int(cfg.seed)
@@ -258,7 +267,7 @@ def run(cfg, run_dir: str | Path) -> dict:
     # every executor is built alike: from where a worker comes, and the weights to share
     executor = build(cfg.executor)(build_worker, inputs=inputs)
     if target.endswith("AdaMerging"):
-        return _adamerging(cfg, space, getattr(executor, "worker", None), executor, zoo, evaluator, run_dir)
+        return _adamerging(cfg, space, getattr(executor, "worker", None), executor, zoo, evaluator, run_dir, scoring)
     if len(space) == 0:  # nothing to search (e.g. model_stock): the merge is scored as it is
         from .search import GridSearch
 
@@ -270,7 +279,8 @@ def run(cfg, run_dir: str | Path) -> dict:
     try:
         outcome = run_search(space, strategy, executor, run_dir, budget=None if cfg.budget is None else int(cfg.budget),
                              max_seconds=cfg.max_seconds, resume=bool(cfg.resume), progress=bool(cfg.progress),
-                             config=OmegaConf.to_container(cfg, resolve=True), record=search_record(cfg))
+                             config=OmegaConf.to_container(cfg, resolve=True), record=search_record(cfg),
+                             scoring=scoring)
     finally:
         executor.close()
     if outcome.stopped:
@@ -300,7 +310,7 @@ def _report(run_dir: Path) -> None:
               f"retry with: evomerge-report {run_dir}", file=sys.stderr)
 
 
-def _adamerging(cfg, space, worker, executor, zoo, evaluator, run_dir: Path) -> dict:
+def _adamerging(cfg, space, worker, executor, zoo, evaluator, run_dir: Path, scoring=None) -> dict:
     """AdaMerging runs inside one worker (its gradient steps need the models), under the
     run's executor, then the usual finish."""
     from omegaconf import OmegaConf
@@ -332,7 +342,7 @@ def _adamerging(cfg, space, worker, executor, zoo, evaluator, run_dir: Path) -> 
         check_record(run_dir, search_record(cfg), bool(cfg.resume))
         name, x, score = executor.run_on_worker(train)
         summary = finish_run(space, name, x, score, executor, run_dir,
-                             config=OmegaConf.to_container(cfg, resolve=True))
+                             config=OmegaConf.to_container(cfg, resolve=True), scoring=scoring)
     _report(run_dir)
     _print_summary(summary, run_dir)
     return summary
@@ -346,7 +356,13 @@ def _print_summary(summary: dict, run_dir: Path) -> None:
 
 
 def format_summary(summary: dict, run_dir: Path) -> str:
-    rows = [("", "search", "test")]
+    """The results table: per row the mean over tasks on each split and, where the run had
+    an objective, its value and the worst task on the test split."""
+    obj = summary.get("objective") or None
+    aggregate = obj is not None and obj.get("name") != "mean"
+    head = ["", "search", "test"] + ([f"{obj['name']} (search)", f"{obj['name']} (test)"] if aggregate else []) \
+        + (["worst task (test)"] if obj is not None else [])
+    rows = [tuple(head)]
     for name, row in summary["results"].items():
         label = {"best": "best (searched)", "start": "start (baseline)"}.get(name, name)
         if row["kind"] == "source":
@@ -355,12 +371,23 @@ def format_summary(summary: dict, run_dir: Path) -> str:
         for split in ("search", "test"):
             m = row.get(split, {})
             cells.append(f"{m['score']:.4f}" if "score" in m else "failed")
+        o = row.get("objective", {})
+        if aggregate:
+            cells += [f"{o[sp]['objective']:.4f}" if sp in o else "-" for sp in ("search", "test")]
+        if obj is not None:
+            t = o.get("test")
+            cells.append(f"{t['worst_task']} {t['worst']:.4f}" + (" (below the floor)" if t["below_floor"] else "")
+                         if t else "-")
         rows.append((label, *cells))
-    w = [max(len(r[i]) for r in rows) for i in range(3)]
+    w = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = [f"{summary['strategy']} over {summary['space']['genes']} genes "
              f"({summary['space']['method']}, {summary['space']['granularity']}): "
              f"{summary['evaluations']} evaluations, {summary['failed']} failed"]
-    lines += ["  ".join(c.ljust(w[i]) for i, c in enumerate(r)) for r in rows]
+    if obj is not None:
+        extra = ", ".join(f"{k} {v}" for k, v in obj.items() if k not in ("name", "direction", "tasks"))
+        lines.append(f"objective: {obj['name']}" + (f" ({extra})" if extra else "")
+                     + "; the search and test columns are the mean over tasks")
+    lines += ["  ".join(c.ljust(w[i]) for i, c in enumerate(r)).rstrip() for r in rows]
     files = "report.md, summary.json, best_recipe.yaml, trials.jsonl" if (run_dir / "report.md").is_file() \
         else "summary.json, best_recipe.yaml, trials.jsonl"
     lines.append(f"run directory: {run_dir} ({files})")

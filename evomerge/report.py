@@ -234,12 +234,22 @@ def write_report(run_dir: str | Path) -> Path:
     lines.append(f"{summary.get('evaluations', 0)} evaluations, {summary.get('failed', 0)} failed"
                  + (f", {spc:.3f} s per candidate" if spc else "") + ".")
     lines += [f"\n**Warning:** {w}." for w in summary.get("warnings", ())]
-    lines += ["", "| | kind | search | test |", "|---|---|---|---|"]
+    obj = summary.get("objective")
+    if obj:
+        extra = ", ".join(f"{k} {v}" for k, v in obj.items() if k not in ("name", "direction", "tasks"))
+        lines += ["", f"Objective: **{obj['name']}**" + (f" ({extra})" if extra else "")
+                  + "; the search and test columns are the mean over tasks."]
+    lines += ["", "| | kind | search | test |" + (" objective (test) | worst task (test) |" if obj else ""),
+              "|---|---|---|---|" + ("---|---|" if obj else "")]
     results = summary.get("results", {})
     for name in _ordered(list(results), results):
         row = results[name]
-        lines.append(f"| {name} | {row.get('kind', '')} | {_fmt(_score(row, 'search'))} | "
-                     f"{_fmt(_score(row, 'test'))} |")
+        line = f"| {name} | {row.get('kind', '')} | {_fmt(_score(row, 'search'))} | {_fmt(_score(row, 'test'))} |"
+        if obj:
+            t = (row.get("objective") or {}).get("test")
+            line += (f" {_fmt(t['objective'])} | {t['worst_task']} {_fmt(t['worst'])}"
+                     f"{' (below the floor)' if t['below_floor'] else ''} |" if t else " | |")
+        lines.append(line)
     lines.append("")
     if (run_dir / "best_recipe.yaml").is_file():
         lines += ["The best genome as a recipe: `best_recipe.yaml` (runs with `evomerge-merge`).", ""]

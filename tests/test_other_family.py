@@ -273,3 +273,35 @@ def test_a_worker_on_shared_weights_scores_as_one_that_read_the_checkpoints(word
         assert a.status == b.status == "ok" and a.metrics == b.metrics, (src, a.metrics, b.metrics)
         if src is not None:
             assert a.metrics["score"] > 0, "each expert answers its own task"
+
+
+def test_objectives_read_each_evaluators_task_metric_on_the_family(words, models, lm_tasks):
+    """Every evaluator names the metric that stands for each task (``primary``), and an
+    objective bound to it reads those values: each expert is best on its own task and,
+    under ``worst``, scored by the task it is worst at; perplexity's worst task is its
+    highest; lm-eval's generative tasks stand by exact match, its multiple-choice ones by
+    accuracy (the first metric of each task's metric_list)."""
+    from evomerge.objective import Objective, Scoring
+
+    tok, ms = models
+    evs = {n: native(n, words) for n in NATIVE}
+    evs["perplexity"] = build_evaluator("perplexity", data=_data(words), fields=words.fields)
+    evs["entropy"] = build_evaluator("entropy", data=_data(words), field="question")
+    evs["lm_eval"] = LMEvalEvaluator([f"w_{t}" for t in words.tasks], include_path=lm_tasks, include_defaults=False)
+    evs["lm_eval_mc"] = LMEvalEvaluator([f"w_{t}_mc" for t in words.tasks], include_path=lm_tasks,
+                                        include_defaults=False)
+    assert [evs["lm_eval"].primary(t) for t in evs["lm_eval"].tasks] == ["exact_match"] * len(words.tasks)
+    assert [evs["lm_eval_mc"].primary(t) for t in evs["lm_eval_mc"].tasks] == ["acc"] * len(words.tasks)
+    for name, ev in evs.items():
+        worst, mean = Scoring.of(Objective("worst"), ev), Scoring.of(Objective("mean"), ev)
+        for task in words.tasks:
+            m = ev(ms[task], tok, "test")
+            vals = worst.values(m)
+            assert set(vals) == set(ev.tasks)
+            assert mean(m) == pytest.approx(m["score"] if ev.direction == "maximize" else -m["score"]), name
+            pick = min if ev.direction == "maximize" else max
+            assert worst.summary(m)["worst"] == pick(vals.values()), name
+            assert worst(m) == (1 if ev.direction == "maximize" else -1) * pick(vals.values()), name
+            if name in ("accuracy", "exact_match", "choice", "lm_eval", "lm_eval_mc"):
+                own = next(t for t in ev.tasks if t in (task, f"w_{task}", f"w_{task}_mc"))
+                assert vals[own] >= 0.99 and worst.summary(m)["worst_task"] != own, (name, task)

@@ -273,3 +273,36 @@ def test_a_stopped_search_exits_130_and_its_resume_command_is_the_original(words
     done = app([a if a != "budget=400" else "budget=24" for a in cmd[1:]], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads((run / "summary.json").read_text())["evaluations"] >= 24
+
+
+def test_an_objective_from_the_command_line_scores_the_search_and_a_resume_keeps_it(words, tmp_path):
+    """``objective=worst objective.floor=0.5`` on the second family: every search result's
+    score is its worst task's accuracy less the floor's penalty, summary.json names the
+    objective and gives each row's mean and worst task, and resuming the run under another
+    objective is refused, naming it."""
+    run = tmp_path / "run"
+    args = ["models=custom", f"models.base={words.base}",
+            f"models.experts=[{','.join(str(e) for e in words.experts.values())}]", "merge=task_arithmetic",
+            "search=random", "budget=3", f"eval.data_dir={words.root / 'data'}", f"eval.tasks=[{','.join(words.tasks)}]",
+            "eval.search_split=dev", "eval.fields={prompt:question,answer:target}", "eval.limit=20",
+            "executor=local", "progress=false", f"hydra.run.dir={run}"]
+    p = app([*args, "objective=worst", "objective.floor=0.5"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    trials = [json.loads(x) for x in (run / "trials.jsonl").read_text().splitlines()]
+    search = [t for t in trials if t["kind"] == "search" and t["status"] == "ok"]
+    assert len(search) == 3
+    for t in trials:
+        if t["status"] == "ok":
+            accs = [t["metrics"][f"{task}/acc"] for task in words.tasks]
+            assert t["score"] == pytest.approx(min(accs) - 10.0 * sum(max(0.0, 0.5 - a) for a in accs))
+    assert "objective: worst (floor 0.5, penalty 10.0)" in p.stdout and "worst task (test)" in p.stdout, p.stdout
+    s = json.loads((run / "summary.json").read_text())
+    assert s["objective"]["name"] == "worst" and s["objective"]["floor"] == 0.5
+    for name in words.tasks:  # each expert: its worst task is the other one
+        row = s["results"][name]["objective"]["test"]
+        assert row["worst_task"] != name and row["worst"] == min(s["results"][name]["test"][f"{t}/acc"]
+                                                                 for t in words.tasks)
+    report = (run / "report.md").read_text()
+    assert "Objective: **worst** (floor 0.5, penalty 10.0)" in report and "worst task (test)" in report
+    again = app([*args, "objective=mean", "resume=true"], cwd=tmp_path)
+    assert again.returncode != 0 and "objective" in again.stderr, again.stderr[-2000:]

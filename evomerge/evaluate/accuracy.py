@@ -82,6 +82,11 @@ class ExactMatchEvaluator:
 
     direction = "maximize"
 
+    @staticmethod
+    def primary(task: str) -> str:
+        """The metric that stands for a task (what objectives read): ``"<task>/acc"``."""
+        return "acc"
+
     def __init__(
         self,
         data: Mapping | None = None,

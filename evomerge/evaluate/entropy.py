@@ -80,6 +80,11 @@ class EntropyEvaluator:
 
     direction = "minimize"
 
+    @staticmethod
+    def primary(task: str) -> str:
+        """The metric that stands for a task (what objectives read): ``"<task>/entropy"``."""
+        return "entropy"
+
     def __init__(
         self,
         data: Mapping | None = None,

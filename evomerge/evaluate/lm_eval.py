@@ -200,11 +200,19 @@ class LMEvalEvaluator:
         for name, task in self._tasks.items():
             self._configure(task)
             self._docs[name] = self._choose_docs(name, task)
+        self._primary = {name: _primary_key(task) for name, task in self._tasks.items()}
 
         self._prepared: dict[str, list[_Prepared]] = {}
         self._lm = None
         self._lm_model = None
         self._lm_tokenizer = None
+
+    def primary(self, task: str) -> str:
+        """The metric that stands for a task (what objectives read and ``"score"``
+        averages): the first of its ``metric_list`` under its first filter (lm-eval's own
+        first metric where the list is empty), ``"<metric>,<filter>"`` unless the filter is
+        ``"none"``."""
+        return self._primary[task]
 
     # ------------------------------------------------------------------ loading
 
@@ -327,22 +335,20 @@ class LMEvalEvaluator:
         out: dict[str, float] = {}
         primaries = []
         for name, p in zip(self._tasks, prepared):
-            metrics, primary = self._metrics(p)
+            metrics, primary = self._metrics(p, self._primary[name])
             out.update({f"{name}/{k}": v for k, v in metrics.items()})
             primaries.append(primary)
         out["score"] = float(sum(primaries) / len(primaries))
         return out
 
     @staticmethod
-    def _metrics(p: _Prepared) -> tuple[dict[str, float], float]:
+    def _metrics(p: _Prepared, key: str | None) -> tuple[dict[str, float], float]:
         task = p.task
         task._instances = p.instances
         task.apply_filters()
         aggregation = task.aggregation()
         values: dict[str, float] = {}
-        first_filter = None
         for filter_key in p.instances[0].filtered_resps:
-            first_filter = first_filter or filter_key
             raw: dict[str, list] = defaultdict(list)
             for (_, doc), group in zip(p.docs, p.groups):
                 res = task.process_results(doc, [inst.filtered_resps[filter_key] for inst in group])
@@ -358,13 +364,6 @@ class LMEvalEvaluator:
                 except (TypeError, ValueError):
                     continue
                 values[metric if filter_key == "none" else f"{metric},{filter_key}"] = v
-        metric_list = getattr(task.config, "metric_list", None) or []
-        first_metric = metric_list[0]["metric"] if metric_list and isinstance(metric_list[0], dict) else None
-        key = None
-        if first_metric is not None and callable(first_metric):
-            first_metric = getattr(first_metric, "__name__", None)
-        if first_metric is not None:
-            key = first_metric if first_filter in (None, "none") else f"{first_metric},{first_filter}"
         if key not in values:
             if not values:
                 raise EvaluationError(f"lm-eval task {task.config['task']!r} produced no numeric metric")
@@ -373,6 +372,22 @@ class LMEvalEvaluator:
         if math.isnan(primary):
             raise EvaluationError(f"lm-eval task {task.config['task']!r}: its primary metric {key!r} is NaN")
         return values, primary
+
+
+def _primary_key(task) -> str | None:
+    """A task's primary metric as ``_metrics`` names it: the first of its ``metric_list``
+    (lm-eval's first default metric where the list is empty) under its first filter."""
+    metric_list = getattr(task.config, "metric_list", None) or []
+    first = metric_list[0]["metric"] if metric_list and isinstance(metric_list[0], dict) else None
+    if first is not None and callable(first):
+        first = getattr(first, "__name__", None)
+    if first is None:
+        first = next(iter(getattr(task, "_metric_fn_list", None) or {}), None)
+    if first is None:
+        return None
+    filters = getattr(task.config, "filter_list", None) or []
+    name = filters[0].get("name") if filters and isinstance(filters[0], dict) else None
+    return first if name in (None, "none") else f"{first},{name}"
 
 
 def _group_members(loaded: Mapping) -> dict[str, list[str]]:

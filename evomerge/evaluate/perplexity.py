@@ -116,6 +116,11 @@ class PerplexityEvaluator:
 
     direction = "minimize"
 
+    @staticmethod
+    def primary(task: str) -> str:
+        """The metric that stands for a task (what objectives read): ``"<task>/ppl"``."""
+        return "ppl"
+
     def __init__(
         self,
         data: Mapping | None = None,

@@ -63,6 +63,7 @@ def run_search(
     progress: bool = True,
     config: Mapping[str, Any] | None = None,
     record: Mapping[str, Any] | None = None,
+    scoring=None,
 ) -> SearchOutcome:
     """Run (or resume) a search until ``budget`` evaluations or ``max_seconds`` are spent or
     the strategy stops; then score the best, the baselines and the sources.
@@ -74,6 +75,9 @@ def run_search(
         record: what the results depend on (models, method, space, strategy, evaluator,
             seed): kept in ``run.json`` when the search starts; a resume with another record
             is refused, naming the keys.
+        scoring: an ``objective.Scoring`` (the objective bound to the evaluator): every
+            result's score is its objective, computed here from its per-task metrics; None
+            keeps the workers' scores (the evaluator's mean).
 
     The run directory is locked while the search runs (a second process is refused). A
     resume is refused when there is nothing to resume, when the trial log lacks evaluations
@@ -90,11 +94,25 @@ def run_search(
         if record is not None:
             check_record(run_dir, dict(record), resume)
         return _run_search(space, strategy, executor, run_dir, budget, max_seconds, resume, baselines, sources,
-                           progress, config)
+                           progress, config, scoring)
+
+
+def _rescore(res: Result, scoring) -> Result:
+    """A result's score as the objective says (a result whose metrics lack a task's value
+    fails, naming it)."""
+    if scoring is None or res.status != "ok":
+        return res
+    from ..objective import ObjectiveError
+
+    try:
+        res.score = float(scoring(res.metrics))
+    except ObjectiveError as e:
+        res.status, res.error, res.score = "failed", f"ObjectiveError: {e}", None
+    return res
 
 
 def _run_search(space, strategy, executor, run_dir: Path, budget, max_seconds, resume, baselines, sources, progress,
-                config) -> SearchOutcome:
+                config, scoring) -> SearchOutcome:
     if budget is None and max_seconds is None:
         raise ValueError("run_search: give a budget of evaluations, max_seconds, or both")
     limit = budget if budget is not None else float("inf")  # evaluations; None: until max_seconds
@@ -160,7 +178,7 @@ def _run_search(space, strategy, executor, run_dir: Path, budget, max_seconds, r
                 checkpoint()
             todo = [c for c in pending if ("search", c.id) not in done]
             for res in executor.map(todo):
-                log.append(res)
+                log.append(_rescore(res, scoring))
                 done[("search", res.id)] = res
                 n_search += 1
                 bar.update(1)
@@ -187,7 +205,7 @@ def _run_search(space, strategy, executor, run_dir: Path, budget, max_seconds, r
     if stopped:
         return SearchOutcome(run_dir, *strategy.best(), n_search, {}, stopped=True)
 
-    summary = _finish(space, strategy, executor, run_dir, log, done, baselines, sources, config, n_search)
+    summary = _finish(space, strategy, executor, run_dir, log, done, baselines, sources, config, n_search, scoring)
     best_x, best_score = strategy.best()
     return SearchOutcome(run_dir, best_x, best_score, n_search, summary)
 
@@ -204,7 +222,7 @@ class _Given:
 
 def finish_run(space: Space, name: str, best_x, best_score, executor, run_dir: str | Path,
                baselines: Mapping[str, Any] | None = None, sources: bool = True,
-               config: Mapping[str, Any] | None = None) -> dict:
+               config: Mapping[str, Any] | None = None, scoring=None) -> dict:
     """Score a given best genome, the baselines and the sources on both splits, and write
     ``best_recipe.yaml`` and ``summary.json`` (what ``run_search`` does at its end)."""
     run_dir = Path(run_dir)
@@ -212,7 +230,7 @@ def finish_run(space: Space, name: str, best_x, best_score, executor, run_dir: s
     done = {(r.kind, r.id): r for r in log}
     n_search = sum(1 for k in done if k[0] == "search")
     return _finish(space, _Given(name, best_x, best_score), executor, run_dir, log, done, baselines, sources,
-                   config, n_search)
+                   config, n_search, scoring)
 
 
 def _warnings(space, named: dict, rows: dict) -> list[str]:
@@ -231,7 +249,7 @@ def _warnings(space, named: dict, rows: dict) -> list[str]:
     return out
 
 
-def _finish(space, strategy, executor, run_dir, log, done, baselines, sources, config, n_search) -> dict:
+def _finish(space, strategy, executor, run_dir, log, done, baselines, sources, config, n_search, scoring=None) -> dict:
     best_x, best_score = strategy.best()
     searched = [r for k, r in done.items() if k[0] == "search"]
     if best_x is None:
@@ -263,7 +281,7 @@ def _finish(space, strategy, executor, run_dir, log, done, baselines, sources, c
             add(Path(m).name or m, "source", None, source=m)
     todo = [c for c in wanted if (c.kind, c.id) not in done]
     for res in executor.map(todo):
-        log.append(res)
+        log.append(_rescore(res, scoring))
         done[(res.kind, res.id)] = res
     rows = {}
     for name, info in named.items():
@@ -271,6 +289,8 @@ def _finish(space, strategy, executor, run_dir, log, done, baselines, sources, c
         for split, i in info["ids"].items():
             r = done[(f"{info['kind']}:{name}", i)]
             row[split] = r.metrics if r.status == "ok" else {"error": r.error}
+            if scoring is not None and r.status == "ok":  # the objective, the mean and the worst task
+                row.setdefault("objective", {})[split] = scoring.summary(r.metrics)
         if info["x"] is not None:
             row["genome"] = dict(zip(space.names, info["x"]))
         if info["source"] is not None:
@@ -287,6 +307,7 @@ def _finish(space, strategy, executor, run_dir, log, done, baselines, sources, c
         "space": space.describe(),
         "strategy": getattr(strategy, "name", type(strategy).__name__),
         "objectives": getattr(strategy, "objectives", None),
+        "objective": None if scoring is None else scoring.describe(),
         "results": rows,
         "seconds_per_candidate": float(np.mean([r.wall_s for r in ok])) if ok else None,
         "materialize_seconds_per_candidate": float(np.mean([r.materialize_s for r in ok])) if ok else None,

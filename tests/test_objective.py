@@ -1,0 +1,112 @@
+"""Objectives: per-task metrics into the one score a search optimizes (hand-worked values,
+properties of the aggregates, their directions, floors, and bad settings named)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from evomerge.objective import OBJECTIVES, Objective, ObjectiveError, Scoring, task_values
+
+ACC = {"a": 0.9, "b": 0.5, "c": 0.1}
+
+
+def test_hand_worked_accuracies():
+    """The module docstring's example, worked by hand."""
+    assert Objective("mean").aggregate(ACC, "maximize") == pytest.approx(0.5)
+    assert Objective("worst").aggregate(ACC, "maximize") == 0.1
+    assert Objective("quantile", alpha=0.5).aggregate(ACC, "maximize") == pytest.approx(0.3)  # the worst two
+    assert Objective("quantile", alpha=0.2).aggregate(ACC, "maximize") == 0.1  # at least one task
+    assert Objective("weighted", weights={"a": 2}).aggregate(ACC, "maximize") == pytest.approx(2.4 / 4)
+    # softmin at T = 0.1: -0.1 log((e^-9 + e^-5 + e^-1) / 3)
+    want = -0.1 * math.log((math.exp(-9) + math.exp(-5) + math.exp(-1)) / 3)
+    assert Objective("softmin", temperature=0.1).aggregate(ACC, "maximize") == pytest.approx(want)
+    # a floor of 0.2 takes 10 x 0.1 off the score; 0.05 takes nothing
+    assert Objective("mean", floor=0.2).score(ACC, "maximize") == pytest.approx(0.5 - 1.0)
+    assert Objective("mean", floor=0.05).score(ACC, "maximize") == pytest.approx(0.5)
+    assert Objective("worst", floor=0.2, penalty=2).shortfall(ACC, "maximize") == {"c": pytest.approx(0.1)}
+
+
+def test_a_metric_to_minimize_has_its_worst_task_highest_and_a_floor_as_a_ceiling():
+    """Perplexities: the worst task is the highest, the score (higher is better) is the
+    negated aggregate, and the floor caps every task."""
+    ppl = {"a": 2.0, "b": 8.0}
+    assert Objective("worst").aggregate(ppl, "minimize") == 8.0
+    assert Objective("worst").score(ppl, "minimize") == -8.0
+    assert Objective("mean").score(ppl, "minimize") == -5.0
+    assert Objective("quantile", alpha=0.5).aggregate(ppl, "minimize") == 8.0
+    assert Objective("worst", floor=4.0).score(ppl, "minimize") == pytest.approx(-8.0 - 10 * 4.0)
+    assert Objective("mean", floor=9.0).score(ppl, "minimize") == -5.0
+    sm = Objective("softmin", temperature=0.5).aggregate(ppl, "minimize")
+    assert 5.0 < sm < 8.0
+
+
+values = st.dictionaries(st.sampled_from("abcdefg"), st.floats(0, 1, allow_nan=False), min_size=1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(values, st.sampled_from(["maximize", "minimize"]), st.floats(0.001, 10), st.floats(0.01, 1))
+def test_the_aggregates_lie_between_the_worst_task_and_the_mean(v, direction, temperature, alpha):
+    s = 1 if direction == "maximize" else -1
+    worst = Objective("worst").score(v, direction)
+    mean = Objective("mean").score(v, direction)
+    assert worst <= mean + 1e-12
+    for o in (Objective("softmin", temperature=temperature), Objective("quantile", alpha=alpha)):
+        got = o.score(v, direction)
+        assert worst - 1e-9 <= got <= mean + 1e-9, o
+        assert got == pytest.approx(s * o.aggregate(v, direction))
+    # the limits: softmin at a tiny temperature is the worst task, at a huge one the mean;
+    # quantile at alpha = 1 and equal weights are the mean
+    assert Objective("softmin", temperature=1e-6).score(v, direction) == pytest.approx(worst, abs=1e-4)
+    assert Objective("softmin", temperature=1e6).score(v, direction) == pytest.approx(mean, abs=1e-4)
+    assert Objective("quantile", alpha=1.0).score(v, direction) == pytest.approx(mean)
+    assert Objective("weighted", weights={t: 3.0 for t in v}).score(v, direction) == pytest.approx(mean)
+    # the order of the tasks does not matter
+    for name in OBJECTIVES:
+        o = Objective(name)
+        assert o.score(dict(reversed(list(v.items()))), direction) == pytest.approx(o.score(v, direction))
+
+
+@settings(max_examples=100, deadline=None)
+@given(values, st.floats(0, 1), st.floats(0.1, 100))
+def test_a_candidate_above_the_floor_pays_nothing_and_one_below_pays_per_unit(v, floor, penalty):
+    o = Objective("mean", floor=floor, penalty=penalty)
+    short = sum(max(0.0, floor - x) for x in v.values())
+    assert o.score(v, "maximize") == pytest.approx(Objective("mean").score(v, "maximize") - penalty * short)
+
+
+@pytest.mark.parametrize("kw, key", [
+    ({"name": "median"}, "objective.name"),
+    ({"name": "softmin", "temperature": 0}, "objective.temperature"),
+    ({"name": "quantile", "alpha": 1.5}, "objective.alpha"),
+    ({"name": "weighted", "weights": {"a": -1}}, "objective.weights.a"),
+    ({"floor": float("nan")}, "objective.floor"),
+    ({"penalty": 0}, "objective.penalty"),
+])
+def test_bad_settings_are_named(kw, key):
+    with pytest.raises(ObjectiveError, match=key.replace(".", r"\.")):
+        Objective(**kw)
+
+
+class _Ev:
+    direction = "maximize"
+    tasks = ["a", "b"]
+
+    @staticmethod
+    def primary(task):
+        return "acc"
+
+
+def test_scoring_reads_each_tasks_metric_and_names_what_is_missing():
+    sc = Scoring.of(Objective("worst"), _Ev())
+    m = {"a/acc": 0.25, "b/acc": 0.75, "score": 0.5, "a/other": 9.0}
+    assert sc(m) == 0.25
+    assert sc.summary(m) == {"objective": 0.25, "mean": 0.5, "worst_task": "a", "worst": 0.25, "below_floor": []}
+    with pytest.raises(ObjectiveError, match=r"'b/acc'.*task 'b'"):
+        sc({"a/acc": 0.1})
+    with pytest.raises(ObjectiveError, match=r"objective.weights: 'z' is not a task"):
+        Scoring.of(Objective("weighted", weights={"z": 2}), _Ev())
+    assert task_values(m, ["b"], lambda t: "acc") == {"b": 0.75}
