@@ -15,12 +15,21 @@ better). The objective, stated once per search (``objective=NAME`` on the comman
                 (``T -> inf``); ``temperature`` in the metric's units
 ``quantile``    the conditional value at risk: the mean of the worst ``alpha`` fraction of
                 the tasks (at least one), from ``worst`` (small alpha) to ``mean`` (1)
+``normalized``  the mean of normalized values (below)
 =============== =======================================================================
 
+``normalize: true`` (any aggregate; implied by ``normalized``) first divides each task's
+value by a reference, the merging literature's "normalized accuracy": the best score any
+source model (the base or an expert, as it is) reaches on that task on the search split,
+which for experts fine-tuned per task is the task's own expert (for a metric to minimize,
+the reference over the value). The sources are then scored on the search split before the
+search starts.
+
 A ``floor`` (any objective) is a constraint: every task at least ``floor`` (at most, for a
-metric to minimize); a candidate below it is scored ``aggregate - penalty * shortfall``, the
-shortfall summed over tasks, so a search first climbs back above the floor and the
-constrained optimum is unchanged wherever the floor can be met.
+metric to minimize), a number in the metric's units, or ``base``: at least the base model's
+own score on each task (search split). A candidate below it is scored ``aggregate - penalty
+* shortfall``, the shortfall summed over tasks, so a search first climbs back above the
+floor and the constrained optimum is unchanged wherever the floor can be met.
 
 Worked example, accuracies ``{a: 0.9, b: 0.5, c: 0.1}``: ``mean`` 0.5, ``worst`` 0.1,
 ``quantile`` with ``alpha=0.5`` 0.3 (the worst two: 0.5 and 0.1), ``weighted`` with
@@ -37,7 +46,7 @@ from .types import Direction
 
 __all__ = ["Objective", "OBJECTIVES", "ObjectiveError", "task_values"]
 
-OBJECTIVES = ("mean", "weighted", "worst", "softmin", "quantile")
+OBJECTIVES = ("mean", "weighted", "worst", "softmin", "quantile", "normalized")
 
 
 class ObjectiveError(ValueError):
@@ -64,16 +73,19 @@ class Objective:
         weights: ``weighted``: task -> weight (> 0; tasks not named weigh 1).
         temperature: ``softmin``: in the metric's units (> 0).
         alpha: ``quantile``: the fraction of the tasks averaged, the worst first (0 < alpha <= 1).
-        floor: every task at least this value (at most, when the metric is minimized); None: no floor.
+        floor: every task at least this value (at most, when the metric is minimized), or
+            ``"base"``: at least the base model's own score on each task; None: no floor.
         penalty: the score taken off per unit of a task's shortfall below the floor (> 0).
+        normalize: divide each task's value by its reference (``normalized`` implies it).
     """
 
     name: str = "mean"
     weights: Mapping[str, float] = field(default_factory=dict)
     temperature: float = 0.05
     alpha: float = 0.25
-    floor: float | None = None
+    floor: float | str | None = None
     penalty: float = 10.0
+    normalize: bool = False
 
     def __post_init__(self) -> None:
         if self.name not in OBJECTIVES:
@@ -86,8 +98,12 @@ class Objective:
             raise ObjectiveError(f"objective.temperature: must be a positive number, got {self.temperature!r}")
         if not _finite(self.alpha) or not 0 < self.alpha <= 1:
             raise ObjectiveError(f"objective.alpha: must be in (0, 1], got {self.alpha!r}")
-        if self.floor is not None and not _finite(self.floor):
-            raise ObjectiveError(f"objective.floor: must be a number or null, got {self.floor!r}")
+        if self.floor is not None and self.floor != "base" and not _finite(self.floor):
+            raise ObjectiveError(f"objective.floor: must be a number, 'base' or null, got {self.floor!r}")
+        if not isinstance(self.normalize, bool):
+            raise ObjectiveError(f"objective.normalize: must be true or false, got {self.normalize!r}")
+        if self.name == "normalized":
+            object.__setattr__(self, "normalize", True)
         if not _finite(self.penalty) or self.penalty <= 0:
             raise ObjectiveError(f"objective.penalty: must be a positive number, got {self.penalty!r}")
 
@@ -110,6 +126,8 @@ class Objective:
         elif self.name == "weighted":
             w = [float(self.weights.get(t, 1.0)) for t in values]
             out = sum(wi * vi for wi, vi in zip(w, v)) / sum(w)
+        elif self.name == "normalized":
+            out = sum(v) / len(v)
         elif self.name == "worst":
             out = min(v)
         elif self.name == "softmin":
@@ -123,18 +141,53 @@ class Objective:
             out = sum(sorted(v)[:m]) / m
         return s * out
 
-    def shortfall(self, values: Mapping[str, float], direction: Direction) -> dict[str, float]:
-        """Per task below the floor (above it, for a metric to minimize), by how much."""
+    @property
+    def references(self) -> bool:
+        """Whether it needs the sources' scores (normalized values, a floor at the base's)."""
+        return self.normalize or self.floor == "base"
+
+    def shortfall(self, values: Mapping[str, float], direction: Direction,
+                  floors: Mapping[str, float] | None = None) -> dict[str, float]:
+        """Per task below the floor (above it, for a metric to minimize), by how much, in the
+        metric's units; ``floors`` gives each task's floor where it is ``base``."""
         if self.floor is None:
             return {}
+        if self.floor == "base" and floors is None:
+            raise ObjectiveError("objective.floor 'base' needs the base model's scores (a run with a base model)")
         s = 1.0 if direction == "maximize" else -1.0
-        return {t: s * (self.floor - x) for t, x in values.items() if s * (self.floor - x) > 0}
+        out = {}
+        for t, x in values.items():
+            f = floors[t] if self.floor == "base" else self.floor
+            if s * (f - x) > 0:
+                out[t] = s * (f - x)
+        return out
 
-    def score(self, values: Mapping[str, float], direction: Direction) -> float:
-        """The score the search optimizes, higher is better: the aggregate (negated for a
-        metric to minimize) less the floor's penalty."""
+    def normalized(self, values: Mapping[str, float], direction: Direction,
+                   references: Mapping[str, float]) -> dict[str, float]:
+        """Each task's value over its reference (the reference over the value, for a metric
+        to minimize): 1 where a task does as well as the reference."""
+        out = {}
+        for t, x in values.items():
+            ref = references[t]
+            num, den = (x, ref) if direction == "maximize" else (ref, x)
+            if den == 0:
+                why = "every source scores 0 on it" if direction == "maximize" else "its value is 0"
+                raise ObjectiveError(f"task {t!r}: cannot normalize, {why}")
+            out[t] = num / den
+        return out
+
+    def score(self, values: Mapping[str, float], direction: Direction,
+              references: Mapping[str, float] | None = None, floors: Mapping[str, float] | None = None) -> float:
+        """The score the search optimizes, higher is better: the aggregate (of normalized
+        values where ``normalize``; negated for a metric to minimize) less the floor's
+        penalty (on the raw values)."""
+        penalty = self.penalty * sum(self.shortfall(values, direction, floors).values())
+        if self.normalize:
+            if references is None:
+                raise ObjectiveError("a normalized objective needs references (the sources' scores)")
+            return self.aggregate(self.normalized(values, direction, references), "maximize") - penalty
         s = 1.0 if direction == "maximize" else -1.0
-        return s * self.aggregate(values, direction) - self.penalty * sum(self.shortfall(values, direction).values())
+        return s * self.aggregate(values, direction) - penalty
 
     def describe(self) -> dict[str, Any]:
         """Its settings, as plain data (summary.json)."""
@@ -145,6 +198,8 @@ class Objective:
             out["temperature"] = self.temperature
         if self.name == "quantile":
             out["alpha"] = self.alpha
+        if self.normalize and self.name != "normalized":
+            out["normalize"] = True
         if self.floor is not None:
             out.update(floor=self.floor, penalty=self.penalty)
         return out
@@ -163,6 +218,8 @@ class Scoring:
     tasks: tuple[str, ...]
     keys: tuple[str, ...]  # each task's metric name ("acc", "ppl", ...)
     direction: Direction
+    references: tuple[float, ...] | None = None  # per task: the best source's value (normalize)
+    floors: tuple[float, ...] | None = None  # per task: the base's value (floor: base)
 
     @classmethod
     def of(cls, objective: Objective, evaluator) -> "Scoring":
@@ -174,20 +231,62 @@ class Scoring:
         keys = dict(zip(self.tasks, self.keys))
         return task_values(metrics, self.tasks, keys.__getitem__)
 
+    @property
+    def needs_sources(self) -> bool:
+        """Whether the sources' search-split scores must be known first (``with_sources``)."""
+        return self.objective.references and (self.references is None or
+                                               (self.objective.floor == "base" and self.floors is None))
+
+    def with_sources(self, sources: Mapping[str, Mapping[str, float]], base: str | None) -> "Scoring":
+        """Bound to the sources' metrics on the search split (``name -> metrics``; ``base``
+        names the base among them): each task's reference is the best value any source
+        reaches on it, its floor the base's value."""
+        from dataclasses import replace
+
+        if not sources:
+            raise ObjectiveError("a normalized objective or a floor at the base needs the sources' scores")
+        vals = {n: self.values(m) for n, m in sources.items()}
+        pick = max if self.direction == "maximize" else min
+        refs = tuple(pick(v[t] for v in vals.values()) for t in self.tasks)
+        floors = None
+        if self.objective.floor == "base":
+            if base is None or base not in vals:
+                raise ObjectiveError("objective.floor 'base': the run has no base model to take the floor from")
+            floors = tuple(vals[base][t] for t in self.tasks)
+        return replace(self, references=refs, floors=floors)
+
+    def _kw(self) -> dict[str, Any]:
+        return {"references": None if self.references is None else dict(zip(self.tasks, self.references)),
+                "floors": None if self.floors is None else dict(zip(self.tasks, self.floors))}
+
     def __call__(self, metrics: Mapping[str, float]) -> float:
         """The score a strategy is told (higher is better)."""
-        return self.objective.score(self.values(metrics), self.direction)
+        return self.objective.score(self.values(metrics), self.direction, **self._kw())
 
     def summary(self, metrics: Mapping[str, float]) -> dict[str, Any]:
-        """What a report shows of one evaluation: the objective (in the metric's units), the
-        mean, the worst task and its value, the tasks below the floor."""
+        """What a report shows of one evaluation: the objective (in the metric's units, or
+        normalized), the mean, the worst task and its value, the normalized mean where
+        references are known, and the tasks below the floor."""
         v = self.values(metrics)
         s = 1.0 if self.direction == "maximize" else -1.0
         worst = min(v, key=lambda t: s * v[t])
-        return {"objective": self.objective.aggregate(v, self.direction),
-                "mean": sum(v.values()) / len(v), "worst_task": worst, "worst": v[worst],
-                "below_floor": sorted(self.objective.shortfall(v, self.direction))}
+        kw = self._kw()
+        out = {"mean": sum(v.values()) / len(v), "worst_task": worst, "worst": v[worst],
+               "below_floor": sorted(self.objective.shortfall(v, self.direction, kw["floors"]))}
+        if kw["references"] is not None:
+            nv = self.objective.normalized(v, self.direction, kw["references"])
+            out["normalized_mean"] = sum(nv.values()) / len(nv)
+            out["objective"] = self.objective.aggregate(nv, "maximize") if self.objective.normalize else \
+                self.objective.aggregate(v, self.direction)
+        else:
+            out["objective"] = self.objective.aggregate(v, self.direction)
+        return out
 
     def describe(self) -> dict[str, Any]:
-        return {**self.objective.describe(), "direction": self.direction,
-                "tasks": {t: k for t, k in zip(self.tasks, self.keys)}}
+        out = {**self.objective.describe(), "direction": self.direction,
+               "tasks": {t: k for t, k in zip(self.tasks, self.keys)}}
+        if self.references is not None:
+            out["references"] = dict(zip(self.tasks, self.references))
+        if self.floors is not None:
+            out["floors"] = dict(zip(self.tasks, self.floors))
+        return out

@@ -65,9 +65,12 @@ def test_the_aggregates_lie_between_the_worst_task_and_the_mean(v, direction, te
     assert Objective("quantile", alpha=1.0).score(v, direction) == pytest.approx(mean)
     assert Objective("weighted", weights={t: 3.0 for t in v}).score(v, direction) == pytest.approx(mean)
     # the order of the tasks does not matter
+    refs = {t: 1.0 for t in v}
     for name in OBJECTIVES:
+        if name == "normalized" and direction == "minimize" and 0.0 in v.values():
+            continue  # the reference over a value of 0 (tested below)
         o = Objective(name)
-        assert o.score(dict(reversed(list(v.items()))), direction) == pytest.approx(o.score(v, direction))
+        assert o.score(dict(reversed(list(v.items()))), direction, refs) == pytest.approx(o.score(v, direction, refs))
 
 
 @settings(max_examples=100, deadline=None)
@@ -110,3 +113,37 @@ def test_scoring_reads_each_tasks_metric_and_names_what_is_missing():
     with pytest.raises(ObjectiveError, match=r"objective.weights: 'z' is not a task"):
         Scoring.of(Objective("weighted", weights={"z": 2}), _Ev())
     assert task_values(m, ["b"], lambda t: "acc") == {"b": 0.75}
+
+
+def test_normalized_values_and_a_floor_at_the_base_use_the_sources_scores():
+    """Normalized accuracy: each task over the best source's score on it (its own expert);
+    a floor at the base: each task at least the base's score. Hand-worked."""
+    ev = _Ev()
+    sources = {"base": {"a/acc": 0.2, "b/acc": 0.1}, "ex_a": {"a/acc": 0.8, "b/acc": 0.0},
+               "ex_b": {"a/acc": 0.1, "b/acc": 0.5}}
+    sc = Scoring.of(Objective("normalized"), ev)
+    assert sc.needs_sources
+    with pytest.raises(ObjectiveError, match="references"):
+        sc({"a/acc": 0.4, "b/acc": 0.25})
+    sc = sc.with_sources(sources, "base")
+    assert not sc.needs_sources and sc.references == (0.8, 0.5)
+    m = {"a/acc": 0.4, "b/acc": 0.25}
+    assert sc(m) == pytest.approx((0.5 + 0.5) / 2)
+    assert sc.summary(m)["normalized_mean"] == pytest.approx(0.5)
+    worst = Scoring.of(Objective("worst", normalize=True), ev).with_sources(sources, "base")
+    assert worst({"a/acc": 0.4, "b/acc": 0.5}) == pytest.approx(0.5)  # a: 0.4 / 0.8, b: 0.5 / 0.5
+    floor = Scoring.of(Objective("mean", floor="base"), ev).with_sources(sources, "base")
+    assert floor.floors == (0.2, 0.1)
+    assert floor({"a/acc": 0.15, "b/acc": 0.3}) == pytest.approx(0.225 - 10 * 0.05)
+    assert floor.summary({"a/acc": 0.15, "b/acc": 0.3})["below_floor"] == ["a"]
+    # perplexity: the reference (the lowest) over the value
+    ppl = Objective("normalized")
+    assert ppl.score({"a": 4.0}, "minimize", references={"a": 2.0}) == pytest.approx(0.5)
+    with pytest.raises(ObjectiveError, match="no base model"):
+        Scoring.of(Objective("mean", floor="base"), ev).with_sources(sources, None)
+    with pytest.raises(ObjectiveError, match="objective.floor"):
+        Objective(floor="top")
+    with pytest.raises(ObjectiveError, match="task 'a': cannot normalize, its value is 0"):
+        ppl.score({"a": 0.0}, "minimize", references={"a": 2.0})
+    with pytest.raises(ObjectiveError, match="every source scores 0"):
+        ppl.score({"a": 0.5}, "maximize", references={"a": 0.0})

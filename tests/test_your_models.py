@@ -306,3 +306,36 @@ def test_an_objective_from_the_command_line_scores_the_search_and_a_resume_keeps
     assert "Objective: **worst** (floor 0.5, penalty 10.0)" in report and "worst task (test)" in report
     again = app([*args, "objective=mean", "resume=true"], cwd=tmp_path)
     assert again.returncode != 0 and "objective" in again.stderr, again.stderr[-2000:]
+
+
+def test_a_normalized_objective_with_a_floor_at_the_base_scores_the_sources_first_and_once(words, tmp_path):
+    """``objective=normalized objective.floor=base`` on the second family: the sources are
+    scored on the search split before the first candidate (and not again at the end), each
+    task's reference is the best source's accuracy on it, and every candidate's score is its
+    mean normalized accuracy less the penalty below the base's own accuracies."""
+    run = tmp_path / "run"
+    p = app(["models=custom", f"models.base={words.base}",
+             f"models.experts=[{','.join(str(e) for e in words.experts.values())}]", "merge=task_arithmetic",
+             "search=random", "budget=3", f"eval.data_dir={words.root / 'data'}",
+             f"eval.tasks=[{','.join(words.tasks)}]", "eval.search_split=dev",
+             "eval.fields={prompt:question,answer:target}", "eval.limit=20", "executor=local", "progress=false",
+             "objective=normalized", "objective.floor=base", f"hydra.run.dir={run}"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    trials = [json.loads(x) for x in (run / "trials.jsonl").read_text().splitlines()]
+    first_search = next(i for i, t in enumerate(trials) if t["kind"] == "search")
+    sources = [(t["kind"], t["split"]) for t in trials if t["kind"].startswith("source:")]
+    assert len(sources) == len(set(sources)) == 2 * (1 + len(words.experts))  # each split once
+    early = {t["kind"]: t["metrics"] for t in trials[:first_search] if t["kind"].startswith("source:")}
+    assert len(early) == 1 + len(words.experts) and all(t["split"] == "search" for t in trials[:first_search])
+    refs = {task: max(m[f"{task}/acc"] for m in early.values()) for task in words.tasks}
+    floors = {task: early["source:base"][f"{task}/acc"] for task in words.tasks}
+    s = json.loads((run / "summary.json").read_text())
+    assert s["objective"]["references"] == pytest.approx(refs) and s["objective"]["floors"] == pytest.approx(floors)
+    for t in trials:
+        if t["kind"] == "search" and t["status"] == "ok":
+            acc = {task: t["metrics"][f"{task}/acc"] for task in words.tasks}
+            want = sum(acc[k] / refs[k] for k in acc) / len(acc) - 10.0 * sum(
+                max(0.0, floors[k] - acc[k]) for k in acc)
+            assert t["score"] == pytest.approx(want)
+    for name in words.tasks:  # an expert is at its own reference on its own task
+        assert s["results"][name]["objective"]["search"]["normalized_mean"] <= 1.0 + 1e-9

@@ -111,6 +111,31 @@ def _rescore(res: Result, scoring) -> Result:
     return res
 
 
+def _sources(space) -> list[tuple[str, str]]:
+    """The sources a run scores as they are, by the name its summary gives them."""
+    out = [("base", space.base_model)] if space.base_model is not None else []
+    return out + [(Path(m).name or m, m) for m in space.models]
+
+
+def _score_sources(space, executor, log, done: dict, scoring):
+    """``scoring`` bound to the sources' search-split metrics (a normalized objective, a
+    floor at the base), scored first (once: a resumed run reads them back from the log)."""
+    have = {(r.kind, r.split): r for r in done.values() if r.kind.startswith("source:")}
+    todo = [Candidate(-(10**6) - i, [], -1, kind=f"source:{name}", split="search", source=m)
+            for i, (name, m) in enumerate(_sources(space)) if (f"source:{name}", "search") not in have]
+    for res in executor.map(todo):
+        log.append(res)
+        done[(res.kind, res.id)] = res
+        have[(res.kind, res.split)] = res
+    got = {name: have[(f"source:{name}", "search")] for name, _ in _sources(space)}
+    bad = {n: r.error for n, r in got.items() if r.status != "ok"}
+    if bad:
+        n, err = next(iter(bad.items()))
+        raise RuntimeError(f"the objective needs every source's scores, and source {n!r} failed: {err}")
+    return scoring.with_sources({n: r.metrics for n, r in got.items()},
+                                "base" if space.base_model is not None else None)
+
+
 def _run_search(space, strategy, executor, run_dir: Path, budget, max_seconds, resume, baselines, sources, progress,
                 config, scoring) -> SearchOutcome:
     if budget is None and max_seconds is None:
@@ -155,6 +180,8 @@ def _run_search(space, strategy, executor, run_dir: Path, budget, max_seconds, r
             "next_id": next_id, "generation": generation, "elapsed": elapsed + (time.perf_counter() - t_start),
         })
 
+    if scoring is not None and scoring.needs_sources:
+        scoring = _score_sources(space, executor, log, done, scoring)
     n_search = sum(1 for k in done if k[0] == "search")
     t_start = time.perf_counter()
     n_start = n_search  # candidates per minute count this process's evaluations only
@@ -257,28 +284,32 @@ def _finish(space, strategy, executor, run_dir, log, done, baselines, sources, c
         if ok:
             top = max(ok, key=lambda r: r.score)
             best_x, best_score = np.asarray(top.x), top.score
+    if scoring is not None and scoring.needs_sources:
+        scoring = _score_sources(space, executor, log, done, scoring)
     wanted: list[Candidate] = []
     named: dict[str, dict[str, Any]] = {}
     fid = -1
+    # a source's weights never change: its results (scored first, for the objective) are reused
+    scored = {(r.kind, r.split): r.id for r in done.values() if r.kind.startswith("source:")}
 
     def add(name: str, kind: str, x, source=None, splits=("search", "test")):
         nonlocal fid
         named[name] = {"kind": kind, "x": None if x is None else [float(v) for v in x], "source": source}
         for split in splits:
-            wanted.append(Candidate(fid, [] if x is None else [float(v) for v in x], -1, kind=f"{kind}:{name}",
+            i = scored.get((f"{kind}:{name}", split)) if source is not None else None
+            if i is None:
+                i, fid = fid, fid - 1
+            wanted.append(Candidate(i, [] if x is None else [float(v) for v in x], -1, kind=f"{kind}:{name}",
                                     split=split, source=source))
-            named[name].setdefault("ids", {})[split] = fid
-            fid -= 1
+            named[name].setdefault("ids", {})[split] = i
 
     if best_x is not None:
         add("best", "best", best_x)
     for name, x in (baselines if baselines is not None else {"start": space.x0}).items():
         add(name, "baseline", space.clip(x))
     if sources:
-        if space.base_model is not None:
-            add("base", "source", None, source=space.base_model)
-        for m in space.models:
-            add(Path(m).name or m, "source", None, source=m)
+        for name, m in _sources(space):
+            add(name, "source", None, source=m)
     todo = [c for c in wanted if (c.kind, c.id) not in done]
     for res in executor.map(todo):
         log.append(_rescore(res, scoring))
