@@ -146,13 +146,22 @@ def _tasks(summary: dict, path: Path) -> bool:
     if not names:
         return False
     metrics = list(OrderedDict.fromkeys(k for n in names for k in _task_metrics(rows[n], "test")))
+    floors, sign = _floors(summary)
     plt = _plt()
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(metrics) + 2), 4))
     width = 0.8 / len(names)
     for i, n in enumerate(names):
         vals = _task_metrics(rows[n], "test")
-        ax.bar([j + i * width for j in range(len(metrics))], [vals.get(k, 0.0) for k in metrics], width,
-               label=n)
+        bars = ax.bar([j + i * width for j in range(len(metrics))], [vals.get(k, 0.0) for k in metrics], width,
+                      label=n)
+        for bar, k in zip(bars, metrics):  # a task below the objective's floor is hatched
+            if k in floors and k in vals and sign * (floors[k] - vals[k]) > 0:
+                bar.set_hatch("//")
+    for j, k in enumerate(metrics):
+        if k in floors:
+            ax.hlines(floors[k], j - width / 2, j + 0.8 - width / 2, colors="black", linestyles="--",
+                      label="floor (hatched: below it)" if j == min(i for i, m in enumerate(metrics) if m in floors)
+                      else None)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(metrics))])
     ax.set_xticklabels(metrics, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("test split")
@@ -161,6 +170,19 @@ def _tasks(summary: dict, path: Path) -> bool:
     _save(fig, path)
     plt.close(fig)
     return True
+
+
+def _floors(summary: dict) -> tuple[dict[str, float], float]:
+    """The objective's floor per task metric (``"<task>/<metric>"``), and +1 where a task
+    must reach it from below (accuracy), -1 from above (perplexity)."""
+    obj = summary.get("objective") or {}
+    sign = -1.0 if obj.get("direction") == "minimize" else 1.0
+    out = {}
+    for t, key in (obj.get("tasks") or {}).items():
+        f = (obj.get("floors") or {}).get(t) if obj.get("floor") == "base" else obj.get("floor")
+        if isinstance(f, (int, float)) and not isinstance(f, bool):
+            out[f"{t}/{key}"] = float(f)
+    return out, sign
 
 
 def pareto_front(points: list[tuple[float, ...]]) -> list[int]:
@@ -286,7 +308,9 @@ def _mean_std(vals: list[float]) -> str:
 
 def compare_runs(runs: list[Path]) -> list[dict[str, Any]]:
     """One row per configuration (the runs' overrides without ``seed``), with the mean and
-    std over its runs of the best's search and test scores and of each baseline's test score."""
+    std over its runs of the best's search and test scores (the mean over tasks), of its
+    worst task's test score (and which tasks were worst) and normalized mean where the runs
+    had an objective, and of each baseline's test score."""
     groups: dict[str, list[dict]] = OrderedDict()
     for r in runs:
         summary = json.loads((r / "summary.json").read_text())
@@ -298,6 +322,14 @@ def compare_runs(runs: list[Path]) -> list[dict[str, Any]]:
         for split in SPLITS:
             vals = [_score(s["results"]["best"], split) for s in sums if "best" in s.get("results", {})]
             row[f"best {split}"] = [v for v in vals if v is not None]
+        # the objective's view of the best on test: its worst task (and which), its normalized mean
+        objs = [s["results"]["best"].get("objective", {}).get("test") for s in sums if "best" in s.get("results", {})]
+        objs = [o for o in objs if o]
+        if objs:
+            row["best worst task test"] = [o["worst"] for o in objs]
+            row["worst tasks"] = ", ".join(sorted({o["worst_task"] for o in objs}))
+            if all("normalized_mean" in o for o in objs):
+                row["best normalized test"] = [o["normalized_mean"] for o in objs]
         names = OrderedDict.fromkeys(n for s in sums for n, x in s.get("results", {}).items()
                                      if x.get("kind") == "baseline")
         for n in names:

@@ -95,3 +95,44 @@ def test_report_of_a_folder_without_runs_fails(tmp_path, capsys):
     assert "no finished run" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError, match="summary.json"):
         write_report(tmp_path)
+
+
+def test_a_sweep_over_objectives_compares_their_worst_tasks(tmp_path):
+    """``evomerge-report`` over a sweep: per configuration the best's worst task on test (its
+    mean and spread over seeds, and which tasks were worst) and its normalized mean."""
+    from evomerge.report import compare_runs
+
+    sweep = tmp_path / "sweep"
+    runs = []
+    for seed, (name, worst) in enumerate([("mean", 0.1), ("mean", 0.3), ("worst", 0.4), ("worst", 0.5)]):
+        r = fake_run(sweep / f"{seed}", seed, overrides=[f"objective={name}", f"seed={seed}"])
+        s = json.loads((r / "summary.json").read_text())
+        s["objective"] = {"name": name, "direction": "maximize"}
+        s["results"]["best"]["objective"] = {"test": {"objective": worst, "mean": 0.6, "worst_task": "ab"[seed % 2],
+                                                      "worst": worst, "below_floor": [], "normalized_mean": 0.9}}
+        (r / "summary.json").write_text(json.dumps(s))
+        runs.append(r)
+    table = {row["config"]: row for row in compare_runs(runs)}
+    assert table["objective=mean"]["best worst task test"] == [0.1, 0.3]
+    assert table["objective=worst"]["best worst task test"] == [0.4, 0.5]
+    assert table["objective=worst"]["worst tasks"] == "a, b"
+    assert table["objective=mean"]["best normalized test"] == [0.9, 0.9]
+
+
+def test_the_per_task_plot_knows_each_tasks_floor(tmp_path):
+    """A run with a floor (a number, or the base's scores): each task metric's floor for the
+    per-task plot, reached from below for accuracy and from above for perplexity."""
+    from evomerge.report import _floors
+
+    run = fake_run(tmp_path / "run", 0)
+    s = json.loads((run / "summary.json").read_text())
+    s["objective"] = {"name": "worst", "floor": 0.6, "penalty": 10.0, "direction": "maximize",
+                      "tasks": {"a": "acc", "b": "acc"}}
+    (run / "summary.json").write_text(json.dumps(s))
+    assert _floors(s) == ({"a/acc": 0.6, "b/acc": 0.6}, 1.0)
+    write_report(run)
+    assert (run / "tasks.png").read_bytes()[:8] == PNG
+    assert "Objective: **worst** (floor 0.6, penalty 10.0)" in (run / "report.md").read_text()
+    base = {"name": "mean", "floor": "base", "direction": "minimize", "tasks": {"a": "ppl"},
+            "floors": {"a": 3.5}}
+    assert _floors({"objective": base}) == ({"a/ppl": 3.5}, -1.0)
