@@ -53,6 +53,7 @@ class Result:
     worker: str = ""
     generation: int = 0
     kind: str = "search"
+    reused: int | None = None  # the id of the evaluation whose result this copies (an identical genome)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

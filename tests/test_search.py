@@ -809,3 +809,56 @@ def test_experts_that_all_score_the_same_are_flagged_as_an_evaluation_that_tells
 
     out = run_search(sp, RandomSearch(sp, seed=0), Differs(), tmp_path / "differs", budget=4, progress=False)
     assert out.summary["warnings"] == []
+
+
+class _Repeats:
+    """A strategy that proposes the same genomes again (as a grid, or points clipped onto a
+    bound, do): batches [a, b, a], then [b, c (outside the bounds: clipped onto b's)]."""
+
+    name = "repeats"
+    batch = 3
+
+    def __init__(self, space):
+        self.space, self.told, self.round = space, [], 0
+        a, b = np.full(len(space), 0.25), np.full(len(space), 1.0)
+        self.batches = [[a, b, a.copy()], [b.copy(), np.full(len(space), 7.0)]]
+
+    def ask(self, n=None):
+        out = self.batches[self.round] if self.round < len(self.batches) else []
+        self.round += 1
+        return out
+
+    def tell(self, xs, scores):
+        self.told.append(list(scores))
+
+    def done(self):
+        return self.round >= len(self.batches)
+
+    def best(self):
+        flat = [s for b in self.told for s in b]
+        return None, max(flat) if flat else None
+
+    def state_dict(self):
+        return {"round": self.round, "told": self.told}
+
+    def load_state_dict(self, d):
+        self.round, self.told = d["round"], d["told"]
+
+
+def test_identical_genomes_are_scored_once_and_their_result_reused(tmp_path):
+    """Genomes equal after clipping, in one batch or across batches, are evaluated once:
+    the others get the same metrics and score, logged under their own ids with the id they
+    reuse, and count as evaluations of the budget (a strategy repeating itself still ends)."""
+    sp = synthetic_space()
+    ex = FunctionExecutor()
+    strat = _Repeats(sp)
+    run_search(sp, strat, ex, tmp_path / "run", budget=10, progress=False, sources=False)
+    assert [c[1] for c in ex.calls if c[0] == "search"] == [0, 1]  # a and b, nothing else
+    recs = {r.id: r for r in TrialLog(tmp_path / "run" / "trials.jsonl") if r.kind == "search"}
+    assert sorted(recs) == [0, 1, 2, 3, 4]
+    assert (recs[2].reused, recs[3].reused, recs[4].reused) == (0, 1, 1)
+    assert recs[2].score == recs[0].score and recs[3].metrics == recs[1].metrics == recs[4].metrics
+    assert recs[2].x == recs[0].x and recs[4].x == [7.0] * len(sp)  # each keeps the genome it was asked for
+    assert strat.told == [[recs[0].score, recs[1].score, recs[0].score], [recs[1].score, recs[1].score]]
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["evaluations"] == 5 and s["reused"] == 3

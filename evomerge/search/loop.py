@@ -136,6 +136,37 @@ def _score_sources(space, executor, log, done: dict, scoring):
                                 "base" if space.base_model is not None else None)
 
 
+def _map_once(space, executor, todo: list[Candidate], done: dict):
+    """``executor.map(todo)``, except that a genome equal (after clipping) to one already
+    scored well, or to another of this batch, is not evaluated again: it yields a copy of
+    that result under its own id and genome, with ``reused`` naming the id it copies."""
+    def key(x) -> tuple:
+        return tuple(float(v) for v in space.clip(np.asarray(x, dtype=float)))
+
+    def copy(r: Result, c: Candidate) -> Result:
+        return Result(**{**r.to_json(), "id": c.id, "x": list(c.x), "generation": c.generation, "wall_s": 0.0,
+                         "materialize_s": 0.0, "worker": "", "reused": r.id if r.reused is None else r.reused})
+
+    seen = {key(r.x): r for k, r in done.items() if k[0] == "search" and r.status == "ok"}
+    first: dict[tuple, Candidate] = {}
+    later: list[tuple[Candidate, tuple]] = []
+    for c in todo:
+        k = key(c.x)
+        if k in seen:
+            yield copy(seen[k], c)
+        elif k in first:
+            later.append((c, k))
+        else:
+            first[k] = c
+    got = {}
+    for res in executor.map(list(first.values())):
+        got[key(res.x)] = res
+        yield res
+    for c, k in later:
+        if k in got:  # (an executor stopped early yields no result for it: it is asked again)
+            yield copy(got[k], c)
+
+
 def _run_search(space, strategy, executor, run_dir: Path, budget, max_seconds, resume, baselines, sources, progress,
                 config, scoring) -> SearchOutcome:
     if budget is None and max_seconds is None:
@@ -204,7 +235,7 @@ def _run_search(space, strategy, executor, run_dir: Path, budget, max_seconds, r
                 next_id += len(xs)
                 checkpoint()
             todo = [c for c in pending if ("search", c.id) not in done]
-            for res in executor.map(todo):
+            for res in _map_once(space, executor, todo, done):
                 log.append(_rescore(res, scoring))
                 done[("search", res.id)] = res
                 n_search += 1
@@ -327,11 +358,12 @@ def _finish(space, strategy, executor, run_dir, log, done, baselines, sources, c
         if info["source"] is not None:
             row["model"] = info["source"]
         rows[name] = row
-    ok = [r for r in searched if r.status == "ok"]
+    ok = [r for r in searched if r.status == "ok" and r.reused is None]  # evaluations run (timings)
     summary = {
         "warnings": _warnings(space, named, rows),
         "evaluations": n_search,
         "failed": sum(1 for r in searched if r.status != "ok"),
+        "reused": sum(1 for r in searched if r.reused is not None),  # identical genomes: scored once
         # workers that died and were started again since this run (or its last resume) began
         "workers_replaced": int(getattr(executor, "replaced", 0)),
         "best_search_score": best_score,
