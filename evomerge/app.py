@@ -254,6 +254,10 @@ def run(cfg, run_dir: str | Path) -> dict:
             strat_kw["objectives"] = [f"{t}/{evaluator.primary(t)}" for t in evaluator.tasks]
         if cfg.search.get("objectives") or "objectives" in strat_kw:  # the evaluator's metrics, as it orders them
             strat_kw["objective_direction"] = evaluator.direction
+        from .search.optuna import CONSTRAINED
+
+        if scoring.objective.floor is not None and cfg.search.get("sampler") in CONSTRAINED:
+            strat_kw["constraints"] = True  # the floor, one constraint per task, for samplers that model them
     eval_cfg, device, seed = cfg.eval, cfg.device, int(cfg.seed)
     engine_kw = {"store_dtype": cfg.get("store_dtype"), "compile": bool(cfg.get("compile", False))}
 

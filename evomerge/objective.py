@@ -263,6 +263,18 @@ class Scoring:
         """The score a strategy is told (higher is better)."""
         return self.objective.score(self.values(metrics), self.direction, **self._kw())
 
+    def violations(self, metrics: Mapping[str, float]) -> tuple[float, ...]:
+        """The floor as constraints, one per task: how far the task is below it (above, for a
+        metric to minimize), <= 0 where it is met (what Optuna's constrained samplers read)."""
+        if self.objective.floor is None:
+            raise ObjectiveError("the objective has no floor: there are no constraints")
+        v = self.values(metrics)
+        s = 1.0 if self.direction == "maximize" else -1.0
+        floors = dict(zip(self.tasks, self.floors)) if self.objective.floor == "base" else None
+        if self.objective.floor == "base" and floors is None:
+            raise ObjectiveError("objective.floor 'base' needs the base model's scores")
+        return tuple(s * ((floors[t] if floors else self.objective.floor) - v[t]) for t in self.tasks)
+
     def summary(self, metrics: Mapping[str, float]) -> dict[str, Any]:
         """What a report shows of one evaluation: the objective (in the metric's units, or
         normalized), the mean, the worst task and its value, the normalized mean where

@@ -862,3 +862,52 @@ def test_identical_genomes_are_scored_once_and_their_result_reused(tmp_path):
     assert strat.told == [[recs[0].score, recs[1].score, recs[0].score], [recs[1].score, recs[1].score]]
     s = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert s["evaluations"] == 5 and s["reused"] == 3
+
+
+class _TaskExecutor:
+    """Two tasks whose accuracies are the first two genes."""
+
+    def map(self, cands):
+        for c in cands:
+            m = {"a/acc": float(c.x[0]) if c.x else 0.0, "b/acc": float(c.x[1]) if c.x else 0.0}
+            m["score"] = (m["a/acc"] + m["b/acc"]) / 2
+            yield Result(c.id, list(c.x), "ok", m["score"], m, split=c.split, kind=c.kind, generation=c.generation)
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "nsga2"])
+def test_a_floor_reaches_optunas_constrained_samplers_as_one_constraint_per_task(tmp_path, sampler):
+    """With a floor, Optuna's samplers that model constraints are told one per task (how far
+    the task is below the floor), which the sampler itself records for every trial; an
+    in-memory study replayed from the saved state gets them again; a sampler without
+    constraints refuses them."""
+    from evomerge.objective import Objective, Scoring
+
+    class Ev:
+        direction, tasks = "maximize", ["a", "b"]
+
+        @staticmethod
+        def primary(task):
+            return "acc"
+
+    sp = synthetic_space()
+    sc = Scoring.of(Objective("mean", floor=0.5), Ev())
+    kw = {"objectives": ["a/acc", "b/acc"]} if sampler == "nsga2" else {}
+    strat = OptunaSearch(sp, sampler, seed=0, constraints=True, batch=4, **kw)
+    run_search(sp, strat, _TaskExecutor(), tmp_path / "run", budget=12, progress=False, sources=False, scoring=sc)
+    done = [t for t in strat.study.get_trials() if t.state.name == "COMPLETE"]
+    assert len(done) == 12
+    for t in done:
+        a, b = t.params["g0"], t.params["g1"]
+        assert t.user_attrs["evomerge_constraints"] == pytest.approx([0.5 - a, 0.5 - b])
+        assert list(t.system_attrs["constraints"]) == pytest.approx([0.5 - a, 0.5 - b])  # the sampler's own record
+    again = OptunaSearch(sp, sampler, seed=0, constraints=True, batch=4, **kw)
+    again.load_state_dict(json.loads(json.dumps(strat.state_dict())))
+    replayed = [t for t in again.study.get_trials() if t.state.name == "COMPLETE"]
+    assert [t.user_attrs["evomerge_constraints"] for t in replayed] == [t.user_attrs["evomerge_constraints"]
+                                                                        for t in done]
+    with pytest.raises(ValueError, match="takes no constraints"):
+        OptunaSearch(sp, "random", constraints=True)
+    with pytest.raises(ValueError, match="told without|tell them"):
+        fresh = OptunaSearch(sp, sampler, seed=0, constraints=True, **kw)
+        xs = fresh.ask(2)
+        fresh.tell(xs, [0.1, 0.2], metrics=[{"a/acc": 0.1, "b/acc": 0.2}] * 2)

@@ -339,3 +339,27 @@ def test_a_normalized_objective_with_a_floor_at_the_base_scores_the_sources_firs
             assert t["score"] == pytest.approx(want)
     for name in words.tasks:  # an expert is at its own reference on its own task
         assert s["results"][name]["objective"]["search"]["normalized_mean"] <= 1.0 + 1e-9
+
+
+def test_a_floor_from_the_command_line_constrains_optunas_tpe(words, tmp_path):
+    """``search=optuna_tpe objective.floor=0.5``: the TPE sampler of the run's study is told
+    the floor as one constraint per task (recorded with each trial in optuna.db)."""
+    import optuna
+
+    run = tmp_path / "run"
+    p = app(["models=custom", f"models.base={words.base}",
+             f"models.experts=[{','.join(str(e) for e in words.experts.values())}]", "merge=task_arithmetic",
+             "search=optuna_tpe", "search.batch=2", "budget=4", f"eval.data_dir={words.root / 'data'}",
+             f"eval.tasks=[{','.join(words.tasks)}]", "eval.search_split=dev",
+             "eval.fields={prompt:question,answer:target}", "eval.limit=20", "executor=local", "progress=false",
+             "objective.floor=0.5", f"hydra.run.dir={run}"],
+            cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    study = optuna.load_study(study_name="evomerge", storage=f"sqlite:///{run / 'optuna.db'}")
+    trials = {t.number: t for t in study.get_trials() if t.state.name == "COMPLETE"}
+    logged = [json.loads(x) for x in (run / "trials.jsonl").read_text().splitlines()]
+    logged = {t["id"]: t for t in logged if t["kind"] == "search"}
+    assert len(trials) == 4 and sorted(trials) == sorted(logged)
+    for i, t in trials.items():
+        want = [0.5 - logged[i]["metrics"][f"{task}/acc"] for task in words.tasks]
+        assert t.user_attrs["evomerge_constraints"] == pytest.approx(want)

@@ -249,10 +249,14 @@ def _run_search(space, strategy, executor, run_dir: Path, budget, max_seconds, r
                                     per_min=f"{per_min:.0f}", refresh=False)
             results = [done[("search", c.id)] for c in pending]
             xs_told, scores_told = [np.asarray(c.x) for c in pending], [r.score for r in results]
+            kw: dict[str, Any] = {}
             if getattr(strategy, "wants_metrics", False):
-                strategy.tell(xs_told, scores_told, metrics=[r.metrics for r in results])
-            else:
-                strategy.tell(xs_told, scores_told)
+                kw["metrics"] = [r.metrics for r in results]
+            if getattr(strategy, "wants_constraints", False):  # the objective's floor, one constraint per task
+                if scoring is None or scoring.objective.floor is None:
+                    raise ValueError("the strategy takes constraints, and the objective has no floor to give it")
+                kw["constraints"] = [scoring.violations(r.metrics) if r.status == "ok" else None for r in results]
+            strategy.tell(xs_told, scores_told, **kw)
             pending = []
             generation += 1
             checkpoint()

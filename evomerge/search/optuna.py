@@ -28,23 +28,35 @@ __all__ = ["OptunaSearch", "SAMPLERS"]
 SAMPLERS = ("tpe", "gp", "cmaes", "nsga2", "random")
 
 
-def _sampler(kind: str, seed: int):
+# the samplers that model constraints (``constraints_func``): a floor on every task is
+# given to them as one constraint per task, besides the penalty in the score
+CONSTRAINED = ("tpe", "gp", "nsga2")
+_CONSTRAINTS_ATTR = "evomerge_constraints"
+
+
+def _constraints(trial) -> tuple[float, ...]:
+    """A told trial's constraint values (each <= 0 where satisfied), as ``tell`` stored them."""
+    return tuple(trial.user_attrs[_CONSTRAINTS_ATTR])
+
+
+def _sampler(kind: str, seed: int, constrained: bool = False):
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # multivariate TPE is marked experimental
-        return _new_sampler(kind, seed)
+        warnings.simplefilter("ignore")  # multivariate TPE and samplers' constraints are marked experimental
+        return _new_sampler(kind, seed, constrained)
 
 
-def _new_sampler(kind: str, seed: int):
+def _new_sampler(kind: str, seed: int, constrained: bool = False):
     import optuna
 
+    kw = {"constraints_func": _constraints} if constrained else {}
     if kind == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True)
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, **kw)
     if kind == "gp":
-        return optuna.samplers.GPSampler(seed=seed, deterministic_objective=True)
+        return optuna.samplers.GPSampler(seed=seed, deterministic_objective=True, **kw)
     if kind == "cmaes":
         return _checked_cmaes_sampler()(seed=seed)
     if kind == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed)
+        return optuna.samplers.NSGAIISampler(seed=seed, **kw)
     if kind == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     raise ValueError(f"optuna sampler {kind!r}: choose one of {', '.join(SAMPLERS)}")
@@ -133,11 +145,15 @@ class OptunaSearch:
         batch: candidates per ``ask``.
         objective_direction: ``"maximize"`` or ``"minimize"`` for every objective (the
             evaluator's direction: e.g. perplexity is minimised).
+        constraints: the sampler models constraints (``tpe``, ``gp``, ``nsga2``): each told
+            result comes with one value per constraint (<= 0 where met; the search loop gives
+            the objective's floor on every task), which the sampler uses to prefer feasible
+            regions (Optuna's ``constraints_func``).
     """
 
     def __init__(self, space: Space, sampler: str = "tpe", seed: int = 0, storage: str | None = None,
                  study_name: str = "evomerge", objectives: Sequence[str] | None = None, batch: int = 4,
-                 objective_direction: str = "maximize"):
+                 objective_direction: str = "maximize", constraints: bool = False):
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -151,6 +167,9 @@ class OptunaSearch:
             raise ValueError("optuna nsga2 needs objectives (one metric name per task)")
         if objective_direction not in ("maximize", "minimize"):
             raise ValueError(f"optuna: objective_direction must be 'maximize' or 'minimize', not {objective_direction!r}")
+        if constraints and sampler not in CONSTRAINED:
+            raise ValueError(f"optuna {sampler} takes no constraints (only {', '.join(CONSTRAINED)} do)")
+        self.constrained = bool(constraints)
         self.storage = storage
         self.study_name = study_name
         # the score is "higher is better" already; the objectives are the evaluator's raw metrics
@@ -168,7 +187,7 @@ class OptunaSearch:
         import optuna
 
         return optuna.create_study(storage=self.storage, study_name=self.study_name,
-                                   sampler=_sampler(self.kind, self.seed if seed is None else seed),
+                                   sampler=_sampler(self.kind, self.seed if seed is None else seed, self.constrained),
                                    directions=self.directions, load_if_exists=True)
 
     def ask(self, n: int | None = None) -> list[np.ndarray]:
@@ -178,7 +197,7 @@ class OptunaSearch:
             self._enqueued_x0 = True
         # a sampler of its own for each batch, seeded by the genomes asked so far: no hidden state
         seed = int(np.random.SeedSequence([self.seed, self._asked]).generate_state(1)[0])
-        self.study.sampler = _sampler(self.kind, seed)
+        self.study.sampler = _sampler(self.kind, seed, self.constrained)
         out = []
         for _ in range(n):
             trial = self.study.ask(self.dists)
@@ -189,7 +208,10 @@ class OptunaSearch:
             self._history.append({"x": [x.tolist() for x in out], "values": []})
         return out
 
-    def tell(self, xs, scores, metrics: Sequence[dict] | None = None) -> None:
+    def tell(self, xs, scores, metrics: Sequence[dict] | None = None,
+             constraints: Sequence[Sequence[float] | None] | None = None) -> None:
+        if self.constrained and constraints is None:
+            raise ValueError(f"optuna {self.kind} was built with constraints: tell them with every result")
         if len(xs) != len(self._pending):
             raise ValueError(f"optuna: told {len(xs)} results for {len(self._pending)} asked")
         told: list[list[float] | None] = []
@@ -205,23 +227,36 @@ class OptunaSearch:
                 told.append([float(m.get(o, s)) for o in self.objectives])
             else:
                 told.append([float(s)])
-        self._tell_values(told)
+        self._tell_values(told, constraints if self.constrained else None)
         self.tracker.update(xs, scores)
 
-    def _tell_values(self, told: list[list[float] | None]) -> None:
+    def _tell_values(self, told: list[list[float] | None], constraints=None) -> None:
         import optuna
 
         trials = self.study.get_trials(deepcopy=False)
-        for number, values in zip(self._pending, told):
+        constraints = [None] * len(told) if constraints is None else [None if c is None else [float(v) for v in c]
+                                                                       for c in constraints]
+        for number, values, c in zip(self._pending, told, constraints):
             if trials[number].state.is_finished():
                 continue  # told before a crash that came before the checkpoint
             if values is None:
                 self.study.tell(number, state=optuna.trial.TrialState.FAIL)
-            else:
-                self.study.tell(number, values)
+                continue
+            if self.constrained:
+                if c is None:
+                    raise ValueError(f"optuna {self.kind}: trial {number} was told without its constraints")
+                # a trial's user attributes are set through a Trial of it (what study.ask hands out)
+                optuna.trial.Trial(self.study, trials[number]._trial_id).set_user_attr(_CONSTRAINTS_ATTR, c)
+            self.study.tell(number, values)
         if not self.storage:
             self._history[-1]["values"] = told
+            if self.constrained:
+                self._history[-1]["constraints"] = constraints
         self._pending = []
+
+    @property
+    def wants_constraints(self) -> bool:
+        return self.constrained
 
     @property
     def wants_metrics(self) -> bool:
@@ -267,7 +302,8 @@ class OptunaSearch:
             self._pending = sorted(pending)
             self._asked, self._enqueued_x0 = int(state["asked"]), bool(state["enqueued"])
         else:
-            self.study = optuna.create_study(sampler=_sampler(self.kind, self.seed), directions=self.directions)
+            self.study = optuna.create_study(sampler=_sampler(self.kind, self.seed, self.constrained),
+                                             directions=self.directions)
             self._pending, self._asked, self._enqueued_x0, self._history = [], 0, False, []
             for b, batch in enumerate(state["history"]):
                 xs = self.ask(len(batch["x"]))
@@ -275,5 +311,5 @@ class OptunaSearch:
                     raise ValueError(f"optuna: replaying the saved state, batch {b} asks for other genomes than were "
                                      "asked (another optuna version or space?); it cannot be resumed exactly")
                 if batch["values"]:  # the last batch may be in flight: asked, not yet told
-                    self._tell_values(batch["values"])
+                    self._tell_values(batch["values"], batch.get("constraints"))
         self.tracker.load(state)
