@@ -67,6 +67,7 @@ class Dies:
 
 STRATEGIES = {
     "cmaes": lambda sp, seed: CMAES(sp, seed=seed),
+    "cmaes_restarts": lambda sp, seed: CMAES(sp, seed=seed, max_generations=2, restarts=2),
     "optuna_tpe": lambda sp, seed: OptunaSearch(sp, "tpe", seed=seed),
     "optuna_cmaes": lambda sp, seed: OptunaSearch(sp, "cmaes", seed=seed),
     "optuna_random": lambda sp, seed: OptunaSearch(sp, "random", seed=seed),
@@ -911,3 +912,39 @@ def test_a_floor_reaches_optunas_constrained_samplers_as_one_constraint_per_task
         fresh = OptunaSearch(sp, sampler, seed=0, constraints=True, **kw)
         xs = fresh.ask(2)
         fresh.tell(xs, [0.1, 0.2], metrics=[{"a/acc": 0.1, "b/acc": 0.2}] * 2)
+
+
+def test_cmaes_restarts_with_a_larger_population_within_the_budget(tmp_path):
+    """IPOP: when a run stops (here: its max_generations), the next starts with the
+    population doubled and a seed of its own, until the restarts are spent; the best is
+    kept over all runs, and a search killed inside a restart resumes exactly."""
+    sp = synthetic_space()
+    st = CMAES(sp, seed=0, max_generations=2, restarts=2)
+    p = st.popsize
+    sizes = []
+    while not st.done():
+        xs = st.ask()
+        sizes.append(len(xs))
+        st.tell(xs, [objective(x) for x in xs])
+    assert sizes == [p, p, 2 * p, 2 * p, 4 * p, 4 * p] and st.restart == 2
+    flat = CMAES(sp, seed=0, max_generations=2)
+    drive(flat, sp, 10)
+    assert flat.done() and len(flat.history) == 2
+    assert st.best()[1] >= flat.best()[1]  # the first run is the same; later ones only add
+    with pytest.raises(ValueError, match="restarts"):
+        CMAES(sp, restarts=-1)
+    # through the loop, killed inside the second run, then resumed: the same trials
+    whole = tmp_path / "whole"
+    run_search(sp, CMAES(sp, seed=0, max_generations=2, restarts=2), FunctionExecutor(), whole, budget=200,
+               progress=False, sources=False)
+    cut = tmp_path / "cut"
+    with pytest.raises(KeyboardInterrupt):
+        out = run_search(sp, CMAES(sp, seed=0, max_generations=2, restarts=2), Dies(FunctionExecutor(), 3 * p),
+                         cut, budget=200, progress=False, sources=False)
+        if out.stopped:
+            raise KeyboardInterrupt
+    run_search(sp, CMAES(sp, seed=0, max_generations=2, restarts=2), FunctionExecutor(), cut, budget=200,
+               progress=False, sources=False, resume=True)
+    a = {r.id: r.x for r in TrialLog(whole / "trials.jsonl") if r.kind == "search"}
+    b = {r.id: r.x for r in TrialLog(cut / "trials.jsonl") if r.kind == "search"}
+    assert len(a) == 14 * p and a == b

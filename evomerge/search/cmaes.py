@@ -10,6 +10,12 @@ the map from samples to genomes: pycma's own boundary handler finds its samples 
 through Python's per-process salted hashes, which a resumed search in a new process could
 not reproduce.)
 
+Restarts (``restarts=N``; IPOP, Auger & Hansen 2005, https://doi.org/10.1109/CEC.2005.1554902):
+when pycma stops (the distribution has converged or stagnated, or ``max_generations`` of a
+run are spent) and restarts remain, a new run starts from the same point with the
+population multiplied by ``incpopsize`` and a seed of its own, within the search's budget;
+the best genome is kept over all runs.
+
 The strategy's state is plain data: its settings and every generation it asked and was told
 (the unit-cube samples and the fitness values). ``load_state_dict`` rebuilds pycma from the
 seed and replays that history, checking that each replayed generation asks what was asked
@@ -35,28 +41,45 @@ class CMAES:
     name = "cmaes"
 
     def __init__(self, space: Space, seed: int = 0, sigma0: float = 1 / 6, x0: float | None = None,
-                 popsize: int | None = None, max_generations: int | None = None):
+                 popsize: int | None = None, max_generations: int | None = None, restarts: int = 0,
+                 incpopsize: float = 2.0):
         self.space = space
         n = len(space)
         self.popsize = int(popsize) if popsize else 4 + int(3 * math.log(n))
+        if not isinstance(restarts, int) or isinstance(restarts, bool) or restarts < 0:
+            raise ValueError(f"cmaes: restarts must be a whole number >= 0, got {restarts!r}")
+        if not isinstance(incpopsize, (int, float)) or isinstance(incpopsize, bool) or not incpopsize >= 1:
+            raise ValueError(f"cmaes: incpopsize must be a number >= 1, got {incpopsize!r}")
         self.settings = {"genes": n, "seed": int(seed), "sigma0": float(sigma0),
                          "x0": None if x0 is None else float(x0), "popsize": self.popsize,
                          "max_generations": None if not max_generations else int(max_generations)}
+        if restarts:  # (absent otherwise: states saved before restarts existed still resume)
+            self.settings.update(restarts=int(restarts), incpopsize=float(incpopsize))
         self.penalty = 1.0
         self._start()
 
     def _start(self) -> None:
-        """A fresh pycma strategy from the settings (the same every time)."""
+        """A fresh strategy from the settings (the same every time): the first run."""
+        self.history: list[dict[str, list]] = []  # per told generation: samples and fitness
+        self.tracker = _BestTracker()
+        self.restart = 0  # runs started after the first (derived again on replay)
+        self._run(0)
+
+    def _run(self, restart: int) -> None:
+        """A pycma run: the first, or restart number ``restart`` (a larger population, a seed
+        of its own)."""
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # pycma warns when matplotlib (for its plots) is missing
             import cma
 
         st = self.settings
         start = np.full(st["genes"], st["x0"]) if st["x0"] is not None else self.space.to_unit(self.space.x0)
+        seed = st["seed"] + 1 + 1000 * restart
+        popsize = int(round(self.popsize * st.get("incpopsize", 2.0) ** restart))
         # pycma samples with opts["randn"]; give it a generator of its own (NumPy's global
         # one belongs to whoever else uses it)
-        self._randn_source = np.random.RandomState(st["seed"] + 1)
-        opts = {"randn": self._randn_source.randn, "popsize": self.popsize, "seed": st["seed"] + 1, "verbose": -9,
+        self._randn_source = np.random.RandomState(seed)
+        opts = {"randn": self._randn_source.randn, "popsize": popsize, "seed": seed, "verbose": -9,
                 "verb_log": 0, "verb_disp": 0, "tolx": 1e-6, "tolfun": 0.0}
         if st["max_generations"]:
             opts["maxiter"] = st["max_generations"]
@@ -69,9 +92,7 @@ class CMAES:
         finally:
             np.random.set_state(state)
         self._asked: list[np.ndarray] = []
-        self.history: list[dict[str, list]] = []  # per told generation: samples and fitness
-        self._stop, self._stop_checked = False, -1
-        self.tracker = _BestTracker()
+        self._stop, self._stop_checked = False, None
 
     def _call(self, fn):
         """Run ``fn`` with pycma's own NumPy generator state in place of the global one."""
@@ -115,9 +136,15 @@ class CMAES:
 
     def done(self) -> bool:
         """pycma's stop check, made once per generation (it counts flat generations as it
-        checks, so checking more often would change what a resumed search does)."""
-        if self._stop_checked != self.es.countiter:
-            self._stop, self._stop_checked = bool(self.es.stop()), self.es.countiter
+        checks, so checking more often would change what a resumed search does); where the
+        run stops and restarts remain, the next run starts instead."""
+        if self._stop_checked != (self.restart, self.es.countiter):
+            stop = bool(self.es.stop())
+            if stop and self.restart < self.settings.get("restarts", 0):
+                self.restart += 1
+                self._run(self.restart)
+                stop = False
+            self._stop, self._stop_checked = stop, (self.restart, self.es.countiter)
         return self._stop
 
     def state_dict(self) -> dict[str, Any]:
