@@ -590,7 +590,7 @@ def _table(zoo: Zoo, split: str = "test") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``evomerge-zoo build [--out DIR] [--seed N] [--test-mode] [--force]``, ``evomerge-zoo info`` and
+    """``evomerge-zoo build [--out DIR] [--seed N] [--tasks T,T,...] [--test-mode] [--force]``, ``evomerge-zoo info`` and
     ``evomerge-zoo ingredients --task T [--count N]``."""
     ap = argparse.ArgumentParser(prog="evomerge-zoo", description="Build or inspect the local model zoo.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -599,6 +599,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--threads", type=int, default=ZooConfig.threads,
                    help="torch threads for training (part of the zoo's identity: results depend on it)")
+    b.add_argument("--tasks", default=None,
+                   help=f"comma-separated tasks, one expert each (default {','.join(ZooConfig.tasks)}; "
+                        f"known: {','.join(TASKS)})")
     b.add_argument("--test-mode", action="store_true", help="a reduced zoo that builds in seconds (for tests)")
     b.add_argument("--force", action="store_true", help="rebuild even if the folder holds another zoo")
     b.add_argument("--no-progress", action="store_true")
@@ -623,6 +626,13 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if a.cmd == "build":
             kw = {"seed": a.seed, "threads": a.threads}
+            if a.tasks is not None:
+                tasks = tuple(t.strip() for t in a.tasks.split(",") if t.strip())
+                unknown = [t for t in tasks if t not in TASKS]
+                if unknown or len(tasks) < 2 or len(set(tasks)) != len(tasks):
+                    raise ZooError(f"--tasks {a.tasks!r}: give two or more distinct tasks of {', '.join(TASKS)}"
+                                   + (f" ({', '.join(unknown)} unknown)" if unknown else ""))
+                kw["tasks"] = tasks
             cfg = ZooConfig.test_mode(**kw) if a.test_mode else ZooConfig(**kw)
             zoo = build_zoo(a.out, cfg, force=a.force, progress=not a.no_progress)
         else:

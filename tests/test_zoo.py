@@ -167,3 +167,19 @@ def test_cli_build_and_info(tmp_path, capsys):
     assert "base" in table and "increment" in table
     assert Z.main(["info", "--out", str(tmp_path / "nothing")]) == 2
     assert "no zoo" in capsys.readouterr().err
+
+
+def test_cli_builds_a_zoo_of_the_tasks_asked_for(tmp_path, capsys):
+    """``--tasks``: one expert per task named (five, with ``add``, for stronger interference);
+    unknown, repeated or single tasks are refused, naming the known ones."""
+    out = tmp_path / "z5"
+    assert Z.main(["build", "--out", str(out), "--test-mode", "--no-progress",
+                   "--tasks", "reverse,sort,increment,alternate,add"]) == 0
+    zoo = Z.load_zoo(out)
+    assert list(zoo.tasks) == ["reverse", "sort", "increment", "alternate", "add"]
+    assert sorted(zoo.experts) == sorted(zoo.tasks)
+    capsys.readouterr()
+    for bad in ("reverse,parity", "reverse", "sort,sort"):
+        assert Z.main(["build", "--out", str(tmp_path / "bad"), "--test-mode", "--tasks", bad]) == 2
+        assert "of add, reverse, sort, increment, alternate" in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists()
