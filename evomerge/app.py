@@ -206,12 +206,28 @@ _RESUME_FREE = ("budget", "max_seconds", "resume", "progress", "threads", "execu
                 "name")
 
 
+# Settings added after searches were already being recorded, left out of the record while
+# they keep the behaviour of before (so such runs still resume), recorded once they change it.
+_NEUTRAL = {
+    ("objective",): {"_target_": "evomerge.objective.Objective", "name": "mean", "floor": None, "penalty": 10.0},
+    ("search", "restarts"): 0,
+    ("search", "incpopsize"): 2,
+}
+
+
 def search_record(cfg) -> dict[str, Any]:
     """What a search's results depend on: kept in the run directory, checked on resume."""
     from omegaconf import OmegaConf
 
     full = OmegaConf.to_container(cfg, resolve=True)
-    return {k: v for k, v in full.items() if k not in _RESUME_FREE}
+    out = {k: v for k, v in full.items() if k not in _RESUME_FREE}
+    for path, neutral in _NEUTRAL.items():
+        node = out
+        for key in path[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and path[-1] in node and node[path[-1]] == neutral:
+            del node[path[-1]]
+    return out
 
 
 def resume_command(run_dir: Path) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
-GROUPS = ["models", "merge", "space", "search", "eval", "executor"]
+GROUPS = ["models", "merge", "space", "search", "eval", "objective", "executor"]
 
 
 def options(group):
@@ -319,3 +319,29 @@ def test_lm_eval_on_a_freshly_built_zoo(zoo_dir, tmp_path):
         assert p.returncode == 0, err[-2000:]
         s = json.loads((run / "summary.json").read_text())
         assert any(k.startswith("zoo_") and k.endswith("/exact_match") for k in s["results"]["best"]["test"])
+
+
+def test_settings_added_later_keep_older_runs_resumable_until_they_change_the_search(tmp_path):
+    """The record a run keeps (run.json) leaves out the objective and CMA-ES's restarts while
+    they are the defaults that search as before: a run recorded before they existed resumes
+    under the defaults, and one with another objective or with restarts is refused."""
+    from hydra import compose, initialize_config_dir
+
+    from evomerge.app import search_record
+    from evomerge.trials import StateError, check_record
+
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        plain = search_record(compose(config_name="config"))
+        worst = search_record(compose(config_name="config", overrides=["objective=worst"]))
+        floor = search_record(compose(config_name="config", overrides=["objective.floor=0.2"]))
+        restarts = search_record(compose(config_name="config", overrides=["search.restarts=2"]))
+    assert "objective" not in plain and "restarts" not in plain["search"]
+    assert worst["objective"]["name"] == "worst" and floor["objective"]["floor"] == 0.2
+    assert restarts["search"]["restarts"] == 2
+    old = json.loads(json.dumps(plain))  # what a run recorded before these settings existed
+    check_record(tmp_path, old, resume=False)
+    (tmp_path / "trials.jsonl").write_text("")
+    check_record(tmp_path, plain, resume=True)
+    for changed, key in ((worst, "objective"), (floor, "objective.floor"), (restarts, "search.restarts")):
+        with pytest.raises(StateError, match=key.replace(".", r"\.")):
+            check_record(tmp_path, changed, resume=True)
