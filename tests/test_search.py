@@ -948,3 +948,20 @@ def test_cmaes_restarts_with_a_larger_population_within_the_budget(tmp_path):
     a = {r.id: r.x for r in TrialLog(whole / "trials.jsonl") if r.kind == "search"}
     b = {r.id: r.x for r in TrialLog(cut / "trials.jsonl") if r.kind == "search"}
     assert len(a) == 14 * p and a == b
+
+
+def test_a_finished_search_resumed_with_a_larger_budget_scores_its_new_best(tmp_path):
+    """The budget may grow on resume: a finished run continued further finds a better
+    genome, and the final scoring scores that one (the first finish's best, logged under
+    the same name, is not taken for it)."""
+    sp = synthetic_space()
+    first = run_search(sp, CMAES(sp, seed=2), FunctionExecutor(), tmp_path / "run", budget=20, progress=False,
+                       sources=False)
+    ex = FunctionExecutor()
+    more = run_search(sp, CMAES(sp, seed=2), ex, tmp_path / "run", budget=120, progress=False, resume=True,
+                      sources=False)
+    assert more.best_score > first.best_score
+    s = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert s["results"]["best"]["search"]["score"] == pytest.approx(objective(more.best_x))
+    assert s["results"]["best"]["genome"] == dict(zip(sp.names, more.best_x.tolist()))
+    assert [c for c in ex.calls if c[0] == "best:best"], "the new best was scored"

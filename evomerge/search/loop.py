@@ -345,7 +345,9 @@ def _finish(space, strategy, executor, run_dir, log, done, baselines, sources, c
     if sources:
         for name, m in _sources(space):
             add(name, "source", None, source=m)
-    todo = [c for c in wanted if (c.kind, c.id) not in done]
+    # scored already, unless under the same name another genome was (the best of a finished
+    # run resumed with a larger budget): the later record is the one read back
+    todo = [c for c in wanted if (c.kind, c.id) not in done or done[(c.kind, c.id)].x != c.x]
     for res in executor.map(todo):
         log.append(_rescore(res, scoring))
         done[(res.kind, res.id)] = res
