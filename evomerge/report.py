@@ -306,6 +306,10 @@ def _mean_std(vals: list[float]) -> str:
     return f"{m:.4f} ± {sd:.4f}"
 
 
+# overrides that name no configuration of a sweep (a seed, where and how a run reports)
+_NOT_CONFIG = ("seed", "name", "progress", "threads", "resume", "hydra.run.dir", "hydra.sweep.dir")
+
+
 def compare_runs(runs: list[Path]) -> list[dict[str, Any]]:
     """One row per configuration (the runs' overrides without ``seed``), with the mean and
     std over its runs of the best's search and test scores (the mean over tasks), of its
@@ -314,7 +318,8 @@ def compare_runs(runs: list[Path]) -> list[dict[str, Any]]:
     groups: dict[str, list[dict]] = OrderedDict()
     for r in runs:
         summary = json.loads((r / "summary.json").read_text())
-        key = " ".join(o for o in _overrides(r) if not o.startswith("seed=")) or "(defaults)"
+        key = " ".join(o for o in _overrides(r) if o.split("=", 1)[0].lstrip("+~") not in _NOT_CONFIG) \
+            or "(defaults)"
         groups.setdefault(key, []).append(summary)
     table = []
     for key, sums in groups.items():

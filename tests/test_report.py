@@ -105,7 +105,8 @@ def test_a_sweep_over_objectives_compares_their_worst_tasks(tmp_path):
     sweep = tmp_path / "sweep"
     runs = []
     for seed, (name, worst) in enumerate([("mean", 0.1), ("mean", 0.3), ("worst", 0.4), ("worst", 0.5)]):
-        r = fake_run(sweep / f"{seed}", seed, overrides=[f"objective={name}", f"seed={seed}"])
+        r = fake_run(sweep / f"{seed}", seed, overrides=[f"objective={name}", f"seed={seed}", "name=objectives",
+                                                         "progress=false"])
         s = json.loads((r / "summary.json").read_text())
         s["objective"] = {"name": name, "direction": "maximize"}
         s["results"]["best"]["objective"] = {"test": {"objective": worst, "mean": 0.6, "worst_task": "ab"[seed % 2],
