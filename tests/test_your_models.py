@@ -224,16 +224,21 @@ def test_hub_ids_with_a_revision_come_from_the_hub_cache(words, tmp_path):
     assert bad.returncode == 2 and "words-org/base@v2" in bad.stderr.strip().splitlines()[-1], bad.stderr[-1500:]
 
 
+def on_words(words, run, *overrides, limit=20):
+    """The command line of a run on the GPT-2 word family, its data as a folder of tasks."""
+    return ["models=custom", f"models.base={words.base}",
+            f"models.experts=[{','.join(str(e) for e in words.experts.values())}]",
+            f"eval.data_dir={words.root / 'data'}", f"eval.tasks=[{','.join(words.tasks)}]",
+            "eval.search_split=dev", "eval.fields={prompt:question,answer:target}", f"eval.limit={limit}",
+            "executor=local", "progress=false", *overrides, f"hydra.run.dir={run}"]
+
+
 def test_adamerging_on_your_own_models_and_data(words, tmp_path):
     """AdaMerging learns from the search split's prompts when there is no zoo: the entropy
     falls over its steps, and the run finishes like any search."""
     run = tmp_path / "run"
-    p = app(["models=custom", f"models.base={words.base}",
-             f"models.experts=[{','.join(str(e) for e in words.experts.values())}]", "search=adamerging_layerwise",
-             "search.steps=12", "search.lr=0.02", f"eval.data_dir={words.root / 'data'}",
-             f"eval.tasks=[{','.join(words.tasks)}]", "eval.search_split=dev",
-             "eval.fields={prompt:question,answer:target}", "eval.limit=40", "executor=local", "progress=false",
-             f"hydra.run.dir={run}"], cwd=tmp_path)
+    p = app(on_words(words, run, "search=adamerging_layerwise", "search.steps=12", "search.lr=0.02", limit=40),
+            cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     steps = [json.loads(x) for x in (run / "trials.jsonl").read_text().splitlines()]
     entropy = [r["metrics"]["entropy"] for r in steps if r["kind"] == "search"]
@@ -281,11 +286,7 @@ def test_an_objective_from_the_command_line_scores_the_search_and_a_resume_keeps
     objective and gives each row's mean and worst task, and resuming the run under another
     objective is refused, naming it."""
     run = tmp_path / "run"
-    args = ["models=custom", f"models.base={words.base}",
-            f"models.experts=[{','.join(str(e) for e in words.experts.values())}]", "merge=task_arithmetic",
-            "search=random", "budget=3", f"eval.data_dir={words.root / 'data'}", f"eval.tasks=[{','.join(words.tasks)}]",
-            "eval.search_split=dev", "eval.fields={prompt:question,answer:target}", "eval.limit=20",
-            "executor=local", "progress=false", f"hydra.run.dir={run}"]
+    args = on_words(words, run, "merge=task_arithmetic", "search=random", "budget=3")
     p = app([*args, "objective=worst", "objective.floor=0.5"], cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     trials = [json.loads(x) for x in (run / "trials.jsonl").read_text().splitlines()]
@@ -314,12 +315,8 @@ def test_a_normalized_objective_with_a_floor_at_the_base_scores_the_sources_firs
     task's reference is the best source's accuracy on it, and every candidate's score is its
     mean normalized accuracy less the penalty below the base's own accuracies."""
     run = tmp_path / "run"
-    p = app(["models=custom", f"models.base={words.base}",
-             f"models.experts=[{','.join(str(e) for e in words.experts.values())}]", "merge=task_arithmetic",
-             "search=random", "budget=3", f"eval.data_dir={words.root / 'data'}",
-             f"eval.tasks=[{','.join(words.tasks)}]", "eval.search_split=dev",
-             "eval.fields={prompt:question,answer:target}", "eval.limit=20", "executor=local", "progress=false",
-             "objective=normalized", "objective.floor=base", f"hydra.run.dir={run}"], cwd=tmp_path)
+    p = app(on_words(words, run, "merge=task_arithmetic", "search=random", "budget=3", "objective=normalized",
+                     "objective.floor=base"), cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     trials = [json.loads(x) for x in (run / "trials.jsonl").read_text().splitlines()]
     first_search = next(i for i, t in enumerate(trials) if t["kind"] == "search")
@@ -347,13 +344,8 @@ def test_a_floor_from_the_command_line_constrains_optunas_tpe(words, tmp_path):
     import optuna
 
     run = tmp_path / "run"
-    p = app(["models=custom", f"models.base={words.base}",
-             f"models.experts=[{','.join(str(e) for e in words.experts.values())}]", "merge=task_arithmetic",
-             "search=optuna_tpe", "search.batch=2", "budget=4", f"eval.data_dir={words.root / 'data'}",
-             f"eval.tasks=[{','.join(words.tasks)}]", "eval.search_split=dev",
-             "eval.fields={prompt:question,answer:target}", "eval.limit=20", "executor=local", "progress=false",
-             "objective.floor=0.5", f"hydra.run.dir={run}"],
-            cwd=tmp_path)
+    p = app(on_words(words, run, "merge=task_arithmetic", "search=optuna_tpe", "search.batch=2", "budget=4",
+                     "objective.floor=0.5"), cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     study = optuna.load_study(study_name="evomerge", storage=f"sqlite:///{run / 'optuna.db'}")
     trials = {t.number: t for t in study.get_trials() if t.state.name == "COMPLETE"}
