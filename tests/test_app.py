@@ -345,3 +345,26 @@ def test_settings_added_later_keep_older_runs_resumable_until_they_change_the_se
     for changed, key in ((worst, "objective"), (floor, "objective.floor"), (restarts, "search.restarts")):
         with pytest.raises(StateError, match=key.replace(".", r"\.")):
             check_record(tmp_path, changed, resume=True)
+
+
+def test_weights_of_a_weighted_objective_are_given_on_the_command_line():
+    """``objective=weighted objective.weights={TASK:W}`` composes and builds (the README's
+    form); a task the evaluator does not score is named."""
+    from hydra import compose, initialize_config_dir
+
+    from evomerge.app import ConfigError, _scoring, build
+
+    class Ev:
+        direction, tasks = "maximize", ["reverse", "sort"]
+
+        @staticmethod
+        def primary(task):
+            return "acc"
+
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose(config_name="config", overrides=["objective=weighted", "objective.weights={reverse:3}"])
+        bad = compose(config_name="config", overrides=["objective=weighted", "objective.weights={zzz:2}"])
+    assert build(cfg.objective).weights == {"reverse": 3}
+    assert _scoring(cfg, Ev())({"reverse/acc": 1.0, "sort/acc": 0.0}) == 0.75
+    with pytest.raises(ConfigError, match="'zzz' is not a task"):
+        _scoring(bad, Ev())
