@@ -404,7 +404,7 @@ def format_summary(summary: dict, run_dir: Path) -> str:
              f"({summary['space']['method']}, {summary['space']['granularity']}): "
              f"{summary['evaluations']} evaluations, {summary['failed']} failed"]
     if obj is not None:
-        extra = ", ".join(f"{k} {v}" for k, v in obj.items() if k not in ("name", "direction", "tasks"))
+        extra = ", ".join(f"{k} {v}" for k, v in obj.items() if k not in ("name", "direction", "tasks", "references", "floors"))
         lines.append(f"objective: {obj['name']}" + (f" ({extra})" if extra else "")
                      + "; the search and test columns are the mean over tasks")
     lines += ["  ".join(c.ljust(w[i]) for i, c in enumerate(r)).rstrip() for r in rows]

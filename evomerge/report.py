@@ -258,7 +258,7 @@ def write_report(run_dir: str | Path) -> Path:
     lines += [f"\n**Warning:** {w}." for w in summary.get("warnings", ())]
     obj = summary.get("objective")
     if obj:
-        extra = ", ".join(f"{k} {v}" for k, v in obj.items() if k not in ("name", "direction", "tasks"))
+        extra = ", ".join(f"{k} {v}" for k, v in obj.items() if k not in ("name", "direction", "tasks", "references", "floors"))
         lines += ["", f"Objective: **{obj['name']}**" + (f" ({extra})" if extra else "")
                   + "; the search and test columns are the mean over tasks."]
     lines += ["", "| | kind | search | test |" + (" objective (test) | worst task (test) |" if obj else ""),
