@@ -127,7 +127,7 @@ def check_config(cfg) -> None:
     targets(OmegaConf.to_container(cfg, resolve=False), "")
 
 
-def _scoring(cfg, evaluator):
+def _scoring(cfg, evaluator, has_base: bool = True):
     """The objective (``objective`` group; the mean when a config has none) bound to the
     evaluator's tasks and direction."""
     from .objective import Objective, ObjectiveError, Scoring
@@ -135,6 +135,9 @@ def _scoring(cfg, evaluator):
     node = cfg.get("objective")
     try:
         objective = Objective() if node is None else build(node)
+        if objective.floor == "base" and not has_base:
+            raise ObjectiveError("objective.floor: 'base' needs a base model, and this merge has none; give the "
+                                 "floor as a number")
         return Scoring.of(objective, evaluator)
     except ObjectiveError as e:
         raise ConfigError(str(e)) from None
@@ -259,7 +262,7 @@ def run(cfg, run_dir: str | Path) -> dict:
     space = build_space(cfg, base, experts)
     eval_kw = _eval_kwargs(cfg, zoo)
     evaluator = build(cfg.eval, **eval_kw)
-    scoring = _scoring(cfg, evaluator)
+    scoring = _scoring(cfg, evaluator, has_base=space.base_model is not None)
     strat_kw: dict[str, Any] = {"seed": int(cfg.seed)}
     target = cfg.search.get("_target_", "")
     if target.endswith("OptunaSearch"):

@@ -28,8 +28,8 @@ search starts.
 A ``floor`` (any objective) is a constraint: every task at least ``floor`` (at most, for a
 metric to minimize), a number in the metric's units, or ``base``: at least the base model's
 own score on each task (search split). A candidate below it is scored ``aggregate - penalty
-* shortfall``, the shortfall summed over tasks, so a search first climbs back above the
-floor and the constrained optimum is unchanged wherever the floor can be met.
+* shortfall``, the shortfall summed over tasks (over each task's reference, for a normalized
+objective), so a search first climbs back above the floor.
 
 Worked example, accuracies ``{a: 0.9, b: 0.5, c: 0.1}``: ``mean`` 0.5, ``worst`` 0.1,
 ``quantile`` with ``alpha=0.5`` 0.3 (the worst two: 0.5 and 0.1), ``weighted`` with
@@ -62,6 +62,8 @@ def task_values(metrics: Mapping[str, float], tasks, primary) -> dict[str, float
         if v is None:
             have = ", ".join(sorted(k for k in metrics if k.startswith(f"{t}/"))) or "none"
             raise ObjectiveError(f"the metrics have no {key!r}, the value of task {t!r} (its metrics: {have})")
+        if not math.isfinite(float(v)):  # NaN would order arbitrarily: no objective can rank it
+            raise ObjectiveError(f"task {t!r}: its value {key!r} is {v}, not a finite number")
         out[t] = float(v)
     return out
 
@@ -181,11 +183,15 @@ class Objective:
         """The score the search optimizes, higher is better: the aggregate (of normalized
         values where ``normalize``; negated for a metric to minimize) less the floor's
         penalty (on the raw values)."""
-        penalty = self.penalty * sum(self.shortfall(values, direction, floors).values())
+        short = self.shortfall(values, direction, floors)
         if self.normalize:
             if references is None:
                 raise ObjectiveError("a normalized objective needs references (the sources' scores)")
+            # the shortfall in the aggregate's units (a task's value over its reference), so the
+            # penalty outweighs what a task below its floor gains elsewhere
+            penalty = self.penalty * sum(d / abs(references[t]) for t, d in short.items())
             return self.aggregate(self.normalized(values, direction, references), "maximize") - penalty
+        penalty = self.penalty * sum(short.values())
         s = 1.0 if direction == "maximize" else -1.0
         return s * self.aggregate(values, direction) - penalty
 
@@ -248,6 +254,10 @@ class Scoring:
         vals = {n: self.values(m) for n, m in sources.items()}
         pick = max if self.direction == "maximize" else min
         refs = tuple(pick(v[t] for v in vals.values()) for t in self.tasks)
+        zero = [t for t, r in zip(self.tasks, refs) if r == 0]
+        if self.objective.normalize and zero:
+            raise ObjectiveError(f"objective {self.objective.name}: no source scores above 0 on task {zero[0]!r} "
+                                 "(search split), so its values cannot be normalized; use another objective")
         floors = None
         if self.objective.floor == "base":
             if base is None or base not in vals:
@@ -268,11 +278,11 @@ class Scoring:
         metric to minimize), <= 0 where it is met (what Optuna's constrained samplers read)."""
         if self.objective.floor is None:
             raise ObjectiveError("the objective has no floor: there are no constraints")
+        if self.objective.floor == "base" and self.floors is None:
+            raise ObjectiveError("objective.floor 'base' needs the base model's scores")
         v = self.values(metrics)
         s = 1.0 if self.direction == "maximize" else -1.0
         floors = dict(zip(self.tasks, self.floors)) if self.objective.floor == "base" else None
-        if self.objective.floor == "base" and floors is None:
-            raise ObjectiveError("objective.floor 'base' needs the base model's scores")
         return tuple(s * ((floors[t] if floors else self.objective.floor) - v[t]) for t in self.tasks)
 
     def summary(self, metrics: Mapping[str, float]) -> dict[str, Any]:
@@ -285,7 +295,8 @@ class Scoring:
         kw = self._kw()
         out = {"mean": sum(v.values()) / len(v), "worst_task": worst, "worst": v[worst],
                "below_floor": sorted(self.objective.shortfall(v, self.direction, kw["floors"]))}
-        if kw["references"] is not None:
+        if kw["references"] is not None and all(x != 0 for x in kw["references"].values()) and \
+                (self.direction == "maximize" or all(x != 0 for x in v.values())):
             nv = self.objective.normalized(v, self.direction, kw["references"])
             out["normalized_mean"] = sum(nv.values()) / len(nv)
             out["objective"] = self.objective.aggregate(nv, "maximize") if self.objective.normalize else \

@@ -147,3 +147,24 @@ def test_normalized_values_and_a_floor_at_the_base_use_the_sources_scores():
         ppl.score({"a": 0.0}, "minimize", references={"a": 2.0})
     with pytest.raises(ObjectiveError, match="every source scores 0"):
         ppl.score({"a": 0.5}, "maximize", references={"a": 0.0})
+
+
+def test_what_cannot_be_normalized_or_ranked_is_named():
+    """A task no source scores on cannot be normalized (named when the references are
+    made); under a floor at the base the references are only reported, and a row whose
+    reference is 0 is summarized without a normalized mean; a NaN task value is refused (it
+    would order arbitrarily); the floor's penalty of a normalized objective is charged over
+    each task's reference."""
+    ev = _Ev()
+    sources = {"base": {"a/acc": 0.0, "b/acc": 0.1}, "ex": {"a/acc": 0.0, "b/acc": 0.5}}
+    with pytest.raises(ObjectiveError, match="no source scores above 0 on task 'a'"):
+        Scoring.of(Objective("normalized"), ev).with_sources(sources, "base")
+    floor = Scoring.of(Objective("mean", floor="base"), ev).with_sources(sources, "base")
+    s = floor.summary({"a/acc": 0.2, "b/acc": 0.05})
+    assert "normalized_mean" not in s and s["below_floor"] == ["b"]
+    with pytest.raises(ObjectiveError, match=r"task 'b'.*not a finite number"):
+        Scoring.of(Objective("worst"), ev)({"a/acc": 0.5, "b/acc": float("nan")})
+    o = Objective("normalized", floor=0.5, penalty=10.0)
+    refs = {"a": 0.9, "b": 0.05}
+    got = o.score({"a": 0.49, "b": 0.05}, "maximize", references=refs)
+    assert got == pytest.approx((0.49 / 0.9 + 1.0) / 2 - 10 * (0.01 / 0.9 + 0.45 / 0.05))

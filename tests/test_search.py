@@ -836,7 +836,7 @@ class _Repeats:
         return self.round >= len(self.batches)
 
     def best(self):
-        flat = [s for b in self.told for s in b]
+        flat = [s for b in self.told for s in b if s is not None]
         return None, max(flat) if flat else None
 
     def state_dict(self):
@@ -965,3 +965,57 @@ def test_a_finished_search_resumed_with_a_larger_budget_scores_its_new_best(tmp_
     assert s["results"]["best"]["search"]["score"] == pytest.approx(objective(more.best_x))
     assert s["results"]["best"]["genome"] == dict(zip(sp.names, more.best_x.tolist()))
     assert [c for c in ex.calls if c[0] == "best:best"], "the new best was scored"
+
+
+class _FlakyOnce(FunctionExecutor):
+    """Fails each genome (or source) the first time it is asked, then scores it."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = set()
+
+    def map(self, cands):
+        for c in cands:
+            key = (c.kind, c.split, tuple(c.x)) if c.source is not None else tuple(c.x)
+            if key not in self.seen:
+                self.seen.add(key)
+                self.calls.append((c.kind, c.id, c.split))
+                yield Result(c.id, list(c.x), "failed", None, split=c.split, error="oom", kind=c.kind,
+                             generation=c.generation)
+            else:
+                yield from super().map([c])
+
+
+def test_failures_are_asked_again_not_copied(tmp_path):
+    """A duplicate in a batch whose genome's one evaluation failed is evaluated itself (as
+    in a later batch), never logged as a copy of the failure; a source that failed while
+    scored for the objective is scored again on resume instead of refusing the run."""
+    from evomerge.objective import Objective, Scoring
+
+    sp = synthetic_space()
+    ex = _FlakyOnce()
+    strat = _Repeats(sp)
+    run_search(sp, strat, ex, tmp_path / "run", budget=10, progress=False, sources=False)
+    recs = {r.id: r for r in TrialLog(tmp_path / "run" / "trials.jsonl") if r.kind == "search"}
+    assert recs[0].status == "failed" and recs[2].status == "ok" and recs[2].reused is None
+
+    class Ev:
+        direction, tasks = "maximize", ["a"]
+
+        @staticmethod
+        def primary(task):
+            return "acc"
+
+    class Sources(_FlakyOnce):
+        def map(self, cands):
+            for r in super().map(cands):
+                r.metrics = {**r.metrics, "a/acc": 0.5} if r.status == "ok" else r.metrics
+                yield r
+
+    sc = Scoring.of(Objective("mean", floor="base"), Ev())
+    ex = Sources()
+    with pytest.raises(RuntimeError, match="source 'base' failed"):
+        run_search(sp, RandomSearch(sp, seed=0), ex, tmp_path / "src", budget=4, progress=False, scoring=sc)
+    out = run_search(sp, RandomSearch(sp, seed=0), ex, tmp_path / "src", budget=4, progress=False, scoring=sc,
+                     resume=True)
+    assert out.evaluations == 4

@@ -59,6 +59,11 @@ class Evaluator(Protocol):
         """``"<task>/<metric>"`` for every task and ``"score"``, as Python floats."""
         ...
 
+    def primary(self, task: str) -> str:
+        """The metric that stands for ``task`` (``"<task>/<metric>"`` of a result), which
+        objectives read (``evomerge.objective``)."""
+        ...
+
 
 EVALUATORS: dict[str, Callable[..., Evaluator]] = {
     "accuracy": partial(ExactMatchEvaluator, mode="teacher_forced"),

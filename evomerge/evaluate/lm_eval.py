@@ -364,10 +364,12 @@ class LMEvalEvaluator:
                 except (TypeError, ValueError):
                     continue
                 values[metric if filter_key == "none" else f"{metric},{filter_key}"] = v
-        if key not in values:
-            if not values:
-                raise EvaluationError(f"lm-eval task {task.config['task']!r} produced no numeric metric")
-            key = next(iter(values))
+        if not values:
+            raise EvaluationError(f"lm-eval task {task.config['task']!r} produced no numeric metric")
+        if key not in values:  # never another metric in its place: the objective reads this one
+            raise EvaluationError(f"lm-eval task {task.config['task']!r}: its primary metric {key!r} (the first "
+                                  f"of its metric_list, first filter) was not computed; it gave "
+                                  f"{', '.join(sorted(values))}")
         primary = values[key]
         if math.isnan(primary):
             raise EvaluationError(f"lm-eval task {task.config['task']!r}: its primary metric {key!r} is NaN")

@@ -125,9 +125,9 @@ class Merger:
         why = self.plan.misfit(recipe)
         if why is not None:
             raise MergeError(f"the candidate recipe does not fit the merge plan: {why}")
-        out = torch_dtype(recipe.out_dtype or recipe.dtype)
-        if out != self.out_dtype:
-            raise MergeError(f"the candidate recipe's output dtype ({out}) is not the plan's ({self.out_dtype})")
+        out, own = torch_dtype(recipe.out_dtype or recipe.dtype), torch_dtype(self.recipe.out_dtype or self.recipe.dtype)
+        if out != own:  # (an out_dtype given to the Merger overrides every candidate's alike)
+            raise MergeError(f"the candidate recipe's output dtype ({out}) is not the plan's ({own})")
         return self.plan.columns(recipe)
 
     def candidate(self, what: Recipe | Columns | None) -> Columns:

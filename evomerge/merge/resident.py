@@ -273,6 +273,9 @@ class ResidentMerger(Merger):
     def _read(self, task: TensorTask) -> list[Tensor]:
         return self.inputs(task)
 
+    def _compiled(self, task, params, base, tensors, out):
+        return None  # compile applies to the flat groups; a tensor merged alone takes the method itself
+
     def _release(self, task: TensorTask) -> None:
         pass  # held for the merger's life
 

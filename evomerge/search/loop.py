@@ -100,8 +100,8 @@ def run_search(
 def _rescore(res: Result, scoring) -> Result:
     """A result's score as the objective says (a result whose metrics lack a task's value
     fails, naming it)."""
-    if scoring is None or res.status != "ok":
-        return res
+    if scoring is None or res.status != "ok" or res.kind.startswith("source:"):
+        return res  # (a source's row shows its metrics; its score is never compared)
     from ..objective import ObjectiveError
 
     try:
@@ -120,7 +120,8 @@ def _sources(space) -> list[tuple[str, str]]:
 def _score_sources(space, executor, log, done: dict, scoring):
     """``scoring`` bound to the sources' search-split metrics (a normalized objective, a
     floor at the base), scored first (once: a resumed run reads them back from the log)."""
-    have = {(r.kind, r.split): r for r in done.values() if r.kind.startswith("source:")}
+    # a source's earlier result is reused if it succeeded; a failure (out of memory, say) is asked again
+    have = {(r.kind, r.split): r for r in done.values() if r.kind.startswith("source:") and r.status == "ok"}
     todo = [Candidate(-(10**6) - i, [], -1, kind=f"source:{name}", split="search", source=m)
             for i, (name, m) in enumerate(_sources(space)) if (f"source:{name}", "search") not in have]
     for res in executor.map(todo):
@@ -162,9 +163,13 @@ def _map_once(space, executor, todo: list[Candidate], done: dict):
     for res in executor.map(list(first.values())):
         got[key(res.x)] = res
         yield res
+    # copies of the successes; a genome whose evaluation failed (a worker died, say) is asked
+    # again for each of its repeats, as it would be in a later batch
+    again = [c for c, k in later if k in got and got[k].status != "ok"]
     for c, k in later:
-        if k in got:  # (an executor stopped early yields no result for it: it is asked again)
+        if k in got and got[k].status == "ok":  # (an executor stopped early yields none: asked again)
             yield copy(got[k], c)
+    yield from executor.map(again)
 
 
 def _run_search(space, strategy, executor, run_dir: Path, budget, max_seconds, resume, baselines, sources, progress,
@@ -325,7 +330,7 @@ def _finish(space, strategy, executor, run_dir, log, done, baselines, sources, c
     named: dict[str, dict[str, Any]] = {}
     fid = -1
     # a source's weights never change: its results (scored first, for the objective) are reused
-    scored = {(r.kind, r.split): r.id for r in done.values() if r.kind.startswith("source:")}
+    scored = {(r.kind, r.split): r.id for r in done.values() if r.kind.startswith("source:") and r.status == "ok"}
 
     def add(name: str, kind: str, x, source=None, splits=("search", "test")):
         nonlocal fid
