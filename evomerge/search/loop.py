@@ -137,18 +137,22 @@ def _score_sources(space, executor, log, done: dict, scoring):
                                 "base" if space.base_model is not None else None)
 
 
-def _map_once(space, executor, todo: list[Candidate], done: dict):
+def _genome_key(space, x) -> tuple:
+    return tuple(float(v) for v in space.clip(np.asarray(x, dtype=float)))
+
+
+def _map_once(space, executor, todo: list[Candidate], seen: dict):
     """``executor.map(todo)``, except that a genome equal (after clipping) to one already
-    scored well, or to another of this batch, is not evaluated again: it yields a copy of
-    that result under its own id and genome, with ``reused`` naming the id it copies."""
+    scored well (``seen``: clipped genome -> its result, kept up to date here), or to another
+    of this batch, is not evaluated again: it yields a copy of that result under its own id
+    and genome, with ``reused`` naming the id it copies."""
     def key(x) -> tuple:
-        return tuple(float(v) for v in space.clip(np.asarray(x, dtype=float)))
+        return _genome_key(space, x)
 
     def copy(r: Result, c: Candidate) -> Result:
         return Result(**{**r.to_json(), "id": c.id, "x": list(c.x), "generation": c.generation, "wall_s": 0.0,
                          "materialize_s": 0.0, "worker": "", "reused": r.id if r.reused is None else r.reused})
 
-    seen = {key(r.x): r for k, r in done.items() if k[0] == "search" and r.status == "ok"}
     first: dict[tuple, Candidate] = {}
     later: list[tuple[Candidate, tuple]] = []
     for c in todo:
@@ -162,6 +166,8 @@ def _map_once(space, executor, todo: list[Candidate], done: dict):
     got = {}
     for res in executor.map(list(first.values())):
         got[key(res.x)] = res
+        if res.status == "ok":
+            seen.setdefault(key(res.x), res)
         yield res
     # copies of the successes; a genome whose evaluation failed (a worker died, say) is asked
     # again for each of its repeats, as it would be in a later batch
@@ -219,6 +225,8 @@ def _run_search(space, strategy, executor, run_dir: Path, budget, max_seconds, r
     if scoring is not None and scoring.needs_sources:
         scoring = _score_sources(space, executor, log, done, scoring)
     n_search = sum(1 for k in done if k[0] == "search")
+    # every successfully scored genome (clipped), built once and kept up to date: a repeat is reused
+    seen = {_genome_key(space, r.x): r for k, r in done.items() if k[0] == "search" and r.status == "ok"}
     t_start = time.perf_counter()
     n_start = n_search  # candidates per minute count this process's evaluations only
     bar = _progress(budget, min(n_search, limit), progress)
@@ -240,7 +248,7 @@ def _run_search(space, strategy, executor, run_dir: Path, budget, max_seconds, r
                 next_id += len(xs)
                 checkpoint()
             todo = [c for c in pending if ("search", c.id) not in done]
-            for res in _map_once(space, executor, todo, done):
+            for res in _map_once(space, executor, todo, seen):
                 log.append(_rescore(res, scoring))
                 done[("search", res.id)] = res
                 n_search += 1
