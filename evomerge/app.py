@@ -109,6 +109,19 @@ def check_config(cfg) -> None:
             except RecipeError as e:
                 raise ConfigError(str(e)) from None
 
+    mode = (cfg.get("executor") or {}).get("mode")
+    if mode not in (None, "generational", "async"):
+        raise ConfigError(f"executor.mode: {mode!r} is not 'generational' or 'async'")
+    if mode == "async":
+        from .search import STRATEGIES, AdaMerging
+
+        target = str((cfg.get("search") or {}).get("_target_", ""))
+        cls = {f"evomerge.search.{c.__name__}": c for c in (*STRATEGIES.values(), AdaMerging)}.get(target)
+        if cls is not None and not getattr(cls, "asynchronous", False):
+            raise ConfigError(f"executor.mode: async needs a strategy that takes results one at a time (random, "
+                              f"grid, the optuna samplers); {cls.__name__} ({target}) does not: use "
+                              "executor.mode=generational")
+
     allowed = buildable()
 
     def targets(node, path):
@@ -288,7 +301,9 @@ def run(cfg, run_dir: str | Path) -> dict:
         return shared_inputs(space, engine_kw["store_dtype"])
 
     # every executor is built alike: from where a worker comes, and the weights to share
-    executor = build(cfg.executor)(build_worker, inputs=inputs)
+    mode = str(cfg.executor.get("mode") or "generational")  # how the loop feeds it (not the executor's own)
+    executor = build(OmegaConf.masked_copy(cfg.executor, [k for k in cfg.executor if k != "mode"]))(
+        build_worker, inputs=inputs)
     if target.endswith("AdaMerging"):
         return _adamerging(cfg, space, getattr(executor, "worker", None), executor, zoo, evaluator, run_dir, scoring)
     if len(space) == 0:  # nothing to search (e.g. model_stock): the merge is scored as it is
@@ -303,7 +318,7 @@ def run(cfg, run_dir: str | Path) -> dict:
         outcome = run_search(space, strategy, executor, run_dir, budget=None if cfg.budget is None else int(cfg.budget),
                              max_seconds=cfg.max_seconds, resume=bool(cfg.resume), progress=bool(cfg.progress),
                              config=OmegaConf.to_container(cfg, resolve=True), record=search_record(cfg),
-                             scoring=scoring)
+                             scoring=scoring, mode=mode)
     finally:
         executor.close()
     if outcome.stopped:
@@ -406,6 +421,9 @@ def format_summary(summary: dict, run_dir: Path) -> str:
     lines = [f"{summary['strategy']} over {summary['space']['genes']} genes "
              f"({summary['space']['method']}, {summary['space']['granularity']}): "
              f"{summary['evaluations']} evaluations, {summary['failed']} failed"]
+    fed = summary.get("search") or {}
+    if fed.get("utilization") is not None:
+        lines[0] += f"; workers busy {fed['utilization']:.0%} of the search ({fed['mode']} mode)"
     if obj is not None:
         extra = ", ".join(f"{k} {v}" for k, v in obj.items() if k not in ("name", "direction", "tasks", "references", "floors"))
         lines.append(f"objective: {obj['name']}" + (f" ({extra})" if extra else "")

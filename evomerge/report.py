@@ -255,6 +255,9 @@ def write_report(run_dir: str | Path) -> Path:
     spc = summary.get("seconds_per_candidate")
     lines.append(f"{summary.get('evaluations', 0)} evaluations, {summary.get('failed', 0)} failed"
                  + (f", {spc:.3f} s per candidate" if spc else "") + ".")
+    fed = summary.get("search") or {}
+    if fed.get("utilization") is not None:
+        lines[-1] += f" Workers busy {fed['utilization']:.0%} of the search ({fed['mode']} mode)."
     lines += [f"\n**Warning:** {w}." for w in summary.get("warnings", ())]
     obj = summary.get("objective")
     if obj:

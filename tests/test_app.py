@@ -168,12 +168,15 @@ def test_greedy_soup_over_ingredients_from_the_command_line(zoo_dir, tmp_path):
     ("seed=-1", "seed: must be a whole number"),
     ("max_seconds=nan", "max_seconds: must be a positive"),
     ("max_seconds=true", "max_seconds: must be a positive"),
+    ("executor.mode=steady", "executor.mode: 'steady' is not"),
+    ("executor.mode=async", "executor.mode: async needs a strategy"),  # the default search, CMA-ES
+    ("executor.mode=async search=greedy_soup", "GreedySoup"),
     ("hydra.run.dir=/tmp/" + "x" * 300, "longer than the 255 bytes"),
 ])
 def test_bad_config_values_fail_before_anything_loads(tmp_path, override, expect):
     zoo = tmp_path / "no_zoo_here"  # were the check to pass, the zoo would be built: minutes, not seconds
     run = tmp_path / "run"
-    p = evomerge([f"models.zoo_dir={zoo}", "merge=ties", override], run)
+    p = evomerge([f"models.zoo_dir={zoo}", "merge=ties", *override.split()], run)
     out, err = p.communicate(timeout=120)
     assert p.returncode != 0
     assert expect in err, err[-2000:]

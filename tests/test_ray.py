@@ -100,16 +100,26 @@ def test_ray_and_local_give_identical_results(zoo):
     assert {r.worker for r in remote.values()} <= {"ray-0", "ray-1"}
 
 
-def test_a_search_through_executor_ray_from_the_command_line(zoo, tmp_path):
+@pytest.mark.parametrize("mode", ["generational", "async"])
+def test_a_search_through_executor_ray_from_the_command_line(zoo, tmp_path, mode):
+    """Both ways of feeding the workers (async: a free worker asks for the next candidate),
+    each with its workers' utilization in the summary."""
     import json
 
     run = tmp_path / "run"
     p = app([f"models.zoo_dir={zoo.root}", "executor=ray", "executor.num_workers=2", "executor.num_cpus=2",
-             "eval.name=choice", "eval.limit=20", "space=per_model", "budget=8"], run)
+             "eval.name=choice", "eval.limit=20", "space=per_model", "budget=8", f"executor.mode={mode}",
+             *(["search=optuna_tpe"] if mode == "async" else [])], run)
     assert p.returncode == 0, p.stderr[-2000:]
     recs = [json.loads(x) for x in (run / "trials.jsonl").read_text().splitlines()]
-    assert {r["worker"] for r in recs if r["kind"] == "search"} == {"ray-0", "ray-1"}
-    assert json.loads((run / "summary.json").read_text())["results"]["best"]["test"]["score"] >= 0
+    search = [r for r in recs if r["kind"] == "search"]
+    assert {r["worker"] for r in search} == {"ray-0", "ray-1"}
+    assert sorted(r["id"] for r in search) == list(range(8))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["results"]["best"]["test"]["score"] >= 0
+    assert summary["search"]["mode"] == mode and 0 < summary["search"]["utilization"] <= 1
+    if mode == "async":  # each result told before the next candidate was asked, but for the first two
+        assert sorted(r["generation"] for r in search) == [0, 0, 1, 2, 3, 4, 5, 6]
 
 
 def _fake_worker(marker_dir, slow=0.3):
@@ -155,9 +165,15 @@ def test_dead_workers_are_replaced_and_every_candidate_gets_one_result(tmp_path)
     ex = RayExecutor(_fake_worker(str(tmp_path)), num_workers=2, cpus_per_worker=1, num_cpus=2, max_attempts=3,
                      inputs=inputs)
     try:
-        cands = [Candidate(i, [0.0]) for i in range(10)]
+        drawn = []
+
+        def cands():  # drawn from only when a worker is free: never more in flight than workers
+            for i in range(10):
+                assert len(drawn) - len(results) < 2
+                drawn.append(i)
+                yield Candidate(i, [0.0])
         results = []
-        for r in ex.map(cands):
+        for r in ex.map(cands()):
             results.append(r)
             if len(results) == 1:  # and one killed from outside, mid-evaluation
                 ray.kill(ex.actors[0], no_restart=True)

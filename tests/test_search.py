@@ -1019,3 +1019,193 @@ def test_failures_are_asked_again_not_copied(tmp_path):
     out = run_search(sp, RandomSearch(sp, seed=0), ex, tmp_path / "src", budget=4, progress=False, scoring=sc,
                      resume=True)
     assert out.evaluations == 4
+
+
+# --------------------------------------------------------------------------------------
+# The asynchronous mode: a worker that finishes asks for the next candidate
+# --------------------------------------------------------------------------------------
+
+ASYNC = [n for n in STRATEGIES if getattr(STRATEGIES[n](synthetic_space(), 0), "asynchronous", False)]
+
+
+def test_the_asynchronous_strategies_are_the_ones_that_can_be():
+    assert set(ASYNC) == {"optuna_tpe", "optuna_cmaes", "optuna_random", "optuna_nsga2", "optuna_gp", "random",
+                          "grid"}
+
+
+def _scrambled(strategy, rounds: int, seed: int, pending=None):
+    """Asks one genome at a time and tells results out of order, with up to 3 in flight."""
+    rng = np.random.default_rng(seed)
+    pending = [] if pending is None else pending
+    for _ in range(rounds):
+        while len(pending) < 3 and not strategy.done():
+            xs = strategy.ask(1)
+            if not xs:
+                break
+            pending.append(xs[0])
+        if not pending:
+            break
+        x = pending.pop(int(rng.integers(len(pending))))
+        strategy.tell([x], [objective(x)])
+    return pending
+
+
+@pytest.mark.parametrize("name", ASYNC)
+def test_asynchronous_strategies_take_results_one_at_a_time_in_any_order(name):
+    """The conformance suite's async part: results told one by one, out of the order asked,
+    with others still in flight; the strategy improves, its state round-trips mid-flight
+    (some asked and not told) and continues exactly; a genome never asked is refused."""
+    sp = synthetic_space()
+    st = STRATEGIES[name](sp, 0)
+    pending = _scrambled(st, 40, seed=1)
+    bx, bs = st.best()
+    assert bs > objective(sp.x0) and bs == pytest.approx(objective(bx))
+    # mid-flight: a copy from the saved state takes the same results and asks the same next
+    copy = STRATEGIES[name](sp, 0)
+    copy.load_state_dict(json.loads(json.dumps(st.state_dict())))
+    for s in (st, copy):
+        for x in pending[::-1]:
+            s.tell([x], [objective(x)])
+    if not st.done():
+        assert [x.tolist() for x in st.ask(2)] == [x.tolist() for x in copy.ask(2)]
+    assert st.best()[1] == copy.best()[1]
+    if name.startswith("optuna"):
+        with pytest.raises(ValueError, match="not among"):
+            st.tell([np.full(len(sp), 0.123)], [0.0])
+
+
+class VirtualPool:
+    """An executor with ``workers`` slots on a virtual clock: a candidate takes ``cost(x)``
+    seconds; ``map`` draws a candidate only when a slot is free and yields results in the
+    order they finish, as the Ray executor does. ``in_flight_max`` and ``busy`` are recorded."""
+
+    def __init__(self, workers=2, cost=lambda x: 1.0 + 4.0 * float(x[0] > 0.5)):
+        self.workers, self.cost, self.calls, self.in_flight_max = workers, cost, [], 0
+        self.clock = self.search_clock = 0.0
+
+    @property
+    def num_workers(self):
+        return self.workers
+
+    def map(self, cands):
+        import heapq
+
+        source, running, more = iter(cands), [], True
+        while True:
+            while more and len(running) < self.workers:
+                c = next(source, None)
+                if c is None:
+                    more = False
+                    break
+                self.calls.append((c.kind, c.id, c.split))
+                t = self.cost(c.x) if c.source is None else 0.0
+                heapq.heappush(running, (self.clock + t, c.id, c, t))
+                self.in_flight_max = max(self.in_flight_max, len(running))
+            if not running:
+                return
+            end, _, c, t = heapq.heappop(running)
+            self.clock = end
+            if c.kind == "search":
+                self.search_clock = end  # when the search's last result came
+            s = objective(c.x) if c.source is None else 0.0
+            yield Result(c.id, list(c.x), "ok", s, {"score": s}, split=c.split, kind=c.kind, generation=c.generation,
+                         wall_s=t)
+
+
+@pytest.mark.parametrize("name", ["random", "optuna_tpe"])
+def test_async_mode_keeps_every_worker_busy_and_spends_the_budget_exactly(tmp_path, name):
+    """With uneven candidate costs, the generational mode leaves a worker idle while the
+    slowest of a batch finishes; the asynchronous mode asks for a candidate whenever a worker
+    is free (never more in flight than workers), tells each result as it comes, logs every
+    evaluation once and stops at the budget exactly."""
+    sp = synthetic_space()
+    spans = {}
+    for mode in ("generational", "async"):
+        pool = VirtualPool()
+        out = run_search(sp, STRATEGIES[name](sp, 0), pool, tmp_path / mode, budget=30, progress=False,
+                         sources=False, mode=mode)
+        recs = [r for r in TrialLog(tmp_path / mode / "trials.jsonl") if r.kind == "search"]
+        assert sorted(r.id for r in recs) == list(range(len(recs)))
+        assert pool.in_flight_max <= 2
+        spans[mode] = pool.search_clock  # virtual wall time of the search
+        assert out.summary["search"]["mode"] == mode
+        assert 0 < out.summary["search"]["utilization"]
+        if mode == "async":
+            assert len(recs) == 30 and out.evaluations == 30
+            # every result was told before the candidate asked after it finished: generation counts tells
+            assert [r.generation for r in sorted(recs, key=lambda r: r.id)][:2] == [0, 0]
+            assert max(r.generation for r in recs) >= 20
+    work = sum(1.0 + 4.0 * float(r.x[0] > 0.5) for r in recs)
+    assert spans["async"] <= work / 2 + 5 + 1e-9  # no worker idle but while the last candidate finishes
+    assert spans["async"] < spans["generational"]
+
+
+class _InterruptTell:
+    """Wraps a strategy; its ``after``-th tell raises KeyboardInterrupt (a crash after a
+    result is logged and before the strategy learns of it)."""
+
+    def __init__(self, inner, after):
+        self.inner, self.after, self.n = inner, after, 0
+
+    def __getattr__(self, k):
+        return getattr(self.inner, k)
+
+    def tell(self, *a, **kw):
+        self.n += 1
+        if self.n == self.after:
+            raise KeyboardInterrupt
+        return self.inner.tell(*a, **kw)
+
+
+@pytest.mark.parametrize("name", ["random", "optuna_tpe", "optuna_nsga2"])
+@pytest.mark.parametrize("cut", ["evaluating", "telling"])
+def test_an_async_search_killed_anywhere_resumes_losing_and_repeating_nothing(tmp_path, name, cut):
+    """Killed while candidates are in flight (they run again) or between logging a result
+    and telling it (it is told from the log, not run again): the resumed search scores every
+    asked genome exactly once; with one worker (no race between finishing orders) it also
+    ends with the same trials as an uninterrupted one, and with two it loses nothing."""
+    sp = synthetic_space()
+    whole = tmp_path / "whole"
+    run_search(sp, STRATEGIES[name](sp, 0), FunctionExecutor(), whole, budget=24, progress=False, sources=False,
+               mode="async")
+    for workers in (1, 2):
+        run = tmp_path / f"cut{workers}"
+        first = VirtualPool(workers, cost=lambda x: 1.0) if workers == 1 else VirtualPool(workers)
+        if cut == "evaluating":
+            out = run_search(sp, STRATEGIES[name](sp, 0), Dies(first, 9), run, budget=24, progress=False,
+                             sources=False, mode="async")
+        else:
+            out = run_search(sp, _InterruptTell(STRATEGIES[name](sp, 0), 9), first, run, budget=24, progress=False,
+                             sources=False, mode="async")
+        assert out.stopped
+        before = {r.id for r in TrialLog(run / "trials.jsonl") if r.kind == "search"}
+        again = VirtualPool(workers, cost=lambda x: 1.0) if workers == 1 else VirtualPool(workers)
+        run_search(sp, STRATEGIES[name](sp, 0), again, run, budget=24, progress=False, sources=False, mode="async",
+                   resume=True)
+        recs = [r for r in TrialLog(run / "trials.jsonl") if r.kind == "search"]
+        ids = [r.id for r in recs]
+        assert len(ids) == len(set(ids)) == 24 and set(ids) == set(range(24))
+        assert not before & {i for k, i, _ in again.calls if k == "search"}  # nothing logged ran again
+        if workers == 1:
+            a = {r.id: r.x for r in TrialLog(whole / "trials.jsonl") if r.kind == "search"}
+            assert {r.id: r.x for r in recs} == a
+
+
+def test_a_generational_strategy_is_refused_in_async_mode_and_modes_switch_on_resume(tmp_path):
+    """CMA-ES needs whole generations: async mode refuses it. A search may change mode on
+    resume (how workers are fed is not what its results depend on) and loses nothing."""
+    sp = synthetic_space()
+    with pytest.raises(ValueError, match="generational"):
+        run_search(sp, CMAES(sp, seed=0), FunctionExecutor(), tmp_path / "c", budget=8, progress=False,
+                   sources=False, mode="async")
+    with pytest.raises(ValueError, match="mode must be"):
+        run_search(sp, RandomSearch(sp), FunctionExecutor(), tmp_path / "c", budget=8, progress=False,
+                   sources=False, mode="steady")
+    run = tmp_path / "switch"
+    out = run_search(sp, OptunaSearch(sp, "tpe", seed=0), Dies(FunctionExecutor(), 6), run, budget=20,
+                     progress=False, sources=False)  # generational: killed inside its second batch of 4
+    assert out.stopped
+    run_search(sp, OptunaSearch(sp, "tpe", seed=0), VirtualPool(), run, budget=20, progress=False, sources=False,
+               mode="async", resume=True)
+    ids = [r.id for r in TrialLog(run / "trials.jsonl") if r.kind == "search"]
+    assert sorted(ids) == list(range(20))

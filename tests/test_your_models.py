@@ -355,3 +355,22 @@ def test_a_floor_from_the_command_line_constrains_optunas_tpe(words, tmp_path):
     for i, t in trials.items():
         want = [0.5 - logged[i]["metrics"][f"{task}/acc"] for task in words.tasks]
         assert t.user_attrs["evomerge_constraints"] == pytest.approx(want)
+
+
+def test_an_async_search_on_the_second_family_and_its_resume(words, tmp_path):
+    """executor.mode=async from the command line on GPT-2: every candidate scored once, each
+    told before the next is asked (one worker), the mode and the workers' utilization in the
+    summary; resumed with a larger budget, it continues from its log."""
+    run = tmp_path / "run"
+    p = app(on_words(words, run, "search=optuna_tpe", "executor.mode=async", "budget=6"), cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    p = app(on_words(words, run, "search=optuna_tpe", "executor.mode=async", "budget=9", "resume=true"),
+            cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    recs = [json.loads(x) for x in (run / "trials.jsonl").read_text().splitlines()]
+    search = sorted((r for r in recs if r["kind"] == "search"), key=lambda r: r["id"])
+    assert [r["id"] for r in search] == list(range(9))
+    assert [r["generation"] for r in search] == list(range(9))
+    s = json.loads((run / "summary.json").read_text())
+    assert s["evaluations"] == 9 and s["search"]["mode"] == "async" and 0 < s["search"]["utilization"] <= 1
+    assert "of the search (async mode)" in p.stdout and "of the search (async mode)" in (run / "report.md").read_text()

@@ -16,7 +16,9 @@ node holds one copy of them, however many actors it runs.
 
 A worker that dies (killed, out of memory) is replaced by a new actor and its candidate is
 run again; a candidate whose worker dies ``max_attempts`` times is recorded as failed with
-the error, and the search goes on. Every candidate given to ``map`` gets exactly one result.
+the error, and the search goes on. Every candidate given to ``map`` gets exactly one result. ``map`` draws
+a candidate from its iterable only when a worker is free, so a search that asks for its next
+candidate only then (``executor.mode=async``) proposes it knowing every result so far.
 """
 
 from __future__ import annotations
@@ -139,15 +141,23 @@ class RayExecutor:
 
         from ray.exceptions import RayActorError
 
-        todo = list(candidates)[::-1]
+        source = iter(candidates)  # drawn from only when a worker is free (an asynchronous search asks then)
+        todo: list[Candidate] = []  # candidates whose worker died, to run again first
         running = {}  # ref -> (slot, candidate)
         attempts: dict[int, int] = {}
         idle = list(range(len(self.actors)))
-        while todo or running:
-            while todo and idle:
-                slot, cand = idle.pop(), todo.pop()
+        more = True
+        while True:
+            while idle and (todo or more):
+                cand = todo.pop() if todo else next(source, None)
+                if cand is None:
+                    more = False
+                    break
+                slot = idle.pop()
                 attempts[id(cand)] = attempts.get(id(cand), 0) + 1
                 running[self.actors[slot].evaluate.remote(cand)] = (slot, cand)
+            if not running:
+                break
             ready, _ = ray.wait(list(running), num_returns=1)
             for ref in ready:
                 slot, cand = running.pop(ref)

@@ -18,6 +18,11 @@ class Strategy(Protocol):
 
     Scores are "higher is better"; a failed candidate is told as ``None``. ``state_dict``
     holds everything needed to continue exactly (random generators included).
+
+    Optional attributes the loop reads: ``batch`` (genomes per ``ask`` when the strategy
+    takes any number), ``asynchronous`` (True when results may be told one at a time, in any
+    order, with others still asked and untold: the loop's ``async`` mode then asks for one
+    genome whenever a worker is free), ``wants_metrics`` and ``wants_constraints``.
     """
 
     name: str

@@ -17,6 +17,7 @@ class RandomSearch:
     """Genomes drawn uniformly within the space's bounds from a seeded generator."""
 
     name = "random"
+    asynchronous = True  # results may be told one at a time, in any order
 
     def __init__(self, space: Space, seed: int = 0, batch: int = 8):
         self.space = space
@@ -49,6 +50,7 @@ class GridSearch:
     that parameter's genes (e.g. a single task-arithmetic lambda: ``{"weight": [0.1, ..., 1.0]}``)."""
 
     name = "grid"
+    asynchronous = True
 
     def __init__(self, space: Space, values: Mapping[str, Sequence[float]] | None = None, points: int = 11,
                  batch: int = 8, seed: int = 0):  # seed: accepted like every strategy's; a grid has no randomness

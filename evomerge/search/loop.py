@@ -8,6 +8,13 @@ else happens, and the strategy's state is saved with the generation in flight
 ``run_search(..., resume=True)``: finished evaluations are read back instead of re-run and
 the strategy continues exactly, so the resumed search ends where an uninterrupted one would.
 
+Two modes feed the workers. ``generational`` (the default, and the only one CMA-ES can use)
+asks a batch, scores all of it and tells it; a worker that finishes early waits for the
+slowest candidate of the batch. ``async`` asks for one candidate whenever a worker is free
+and tells each result as it comes, for strategies that take results one at a time
+(``strategy.asynchronous``), so no worker waits; ``summary.json``'s ``search.utilization``
+gives the workers' busy time over the wall time in either mode.
+
 At the end the best genome on the search split is scored on the test split, together with
 the sources (base and each expert) and the baselines, on both splits; the run directory gets
 ``best_recipe.yaml`` and ``summary.json``.
@@ -64,6 +71,7 @@ def run_search(
     config: Mapping[str, Any] | None = None,
     record: Mapping[str, Any] | None = None,
     scoring=None,
+    mode: str = "generational",
 ) -> SearchOutcome:
     """Run (or resume) a search until ``budget`` evaluations or ``max_seconds`` are spent or
     the strategy stops; then score the best, the baselines and the sources.
@@ -78,12 +86,23 @@ def run_search(
         scoring: an ``objective.Scoring`` (the objective bound to the evaluator): every
             result's score is its objective, computed here from its per-task metrics; None
             keeps the workers' scores (the evaluator's mean).
+        mode: ``"generational"`` asks a batch (a generation), scores all of it, then tells it;
+            ``"async"`` keeps every worker busy: a strategy that takes results one at a time
+            (``strategy.asynchronous``: random, grid, the Optuna samplers) is told each result
+            as it comes and asked for the next candidate when a worker is free. An async
+            search's order depends on which candidate finishes first, so two runs of it may
+            differ; a resumed one still loses nothing and repeats nothing.
 
     The run directory is locked while the search runs (a second process is refused). A
     resume is refused when there is nothing to resume, when the trial log lacks evaluations
     the strategy's state counts, or when a line of the log is not a trial record.
     """
     run_dir = Path(run_dir)
+    if mode not in ("generational", "async"):
+        raise ValueError(f"mode must be 'generational' or 'async', not {mode!r}")
+    if mode == "async" and not getattr(strategy, "asynchronous", False):
+        raise ValueError(f"strategy {getattr(strategy, 'name', type(strategy).__name__)} needs whole batches "
+                         "(generations) told together; run it in the generational mode")
     if resume and not (run_dir / LOG_FILE).is_file() and not (run_dir / STATE_FILE).is_file() \
             and not (run_dir / LEGACY_STATE_FILE).is_file():
         raise StateError(f"{run_dir}: nothing to resume (no {LOG_FILE} or {STATE_FILE}); drop resume=true to start "
@@ -94,7 +113,7 @@ def run_search(
         if record is not None:
             check_record(run_dir, dict(record), resume)
         return _run_search(space, strategy, executor, run_dir, budget, max_seconds, resume, baselines, sources,
-                           progress, config, scoring)
+                           progress, config, scoring, mode)
 
 
 def _rescore(res: Result, scoring) -> Result:
@@ -141,6 +160,12 @@ def _genome_key(space, x) -> tuple:
     return tuple(float(v) for v in space.clip(np.asarray(x, dtype=float)))
 
 
+def _reuse(r: Result, c: Candidate) -> Result:
+    """``r`` (an identical genome's result) as the result of ``c``, naming the id it copies."""
+    return Result(**{**r.to_json(), "id": c.id, "x": list(c.x), "generation": c.generation, "wall_s": 0.0,
+                     "materialize_s": 0.0, "worker": "", "reused": r.id if r.reused is None else r.reused})
+
+
 def _map_once(space, executor, todo: list[Candidate], seen: dict):
     """``executor.map(todo)``, except that a genome equal (after clipping) to one already
     scored well (``seen``: clipped genome -> its result, kept up to date here), or to another
@@ -149,16 +174,12 @@ def _map_once(space, executor, todo: list[Candidate], seen: dict):
     def key(x) -> tuple:
         return _genome_key(space, x)
 
-    def copy(r: Result, c: Candidate) -> Result:
-        return Result(**{**r.to_json(), "id": c.id, "x": list(c.x), "generation": c.generation, "wall_s": 0.0,
-                         "materialize_s": 0.0, "worker": "", "reused": r.id if r.reused is None else r.reused})
-
     first: dict[tuple, Candidate] = {}
     later: list[tuple[Candidate, tuple]] = []
     for c in todo:
         k = key(c.x)
         if k in seen:
-            yield copy(seen[k], c)
+            yield _reuse(seen[k], c)
         elif k in first:
             later.append((c, k))
         else:
@@ -174,12 +195,12 @@ def _map_once(space, executor, todo: list[Candidate], seen: dict):
     again = [c for c, k in later if k in got and got[k].status != "ok"]
     for c, k in later:
         if k in got and got[k].status == "ok":  # (an executor stopped early yields none: asked again)
-            yield copy(got[k], c)
+            yield _reuse(got[k], c)
     yield from executor.map(again)
 
 
 def _run_search(space, strategy, executor, run_dir: Path, budget, max_seconds, resume, baselines, sources, progress,
-                config, scoring) -> SearchOutcome:
+                config, scoring, mode) -> SearchOutcome:
     if budget is None and max_seconds is None:
         raise ValueError("run_search: give a budget of evaluations, max_seconds, or both")
     limit = budget if budget is not None else float("inf")  # evaluations; None: until max_seconds
@@ -231,56 +252,115 @@ def _run_search(space, strategy, executor, run_dir: Path, budget, max_seconds, r
     n_start = n_search  # candidates per minute count this process's evaluations only
     bar = _progress(budget, min(n_search, limit), progress)
     best_seen = max((r.score for k, r in done.items() if k[0] == "search" and r.score is not None), default=None)
+    busy = 0.0  # seconds the workers spent on this process's evaluations
+
+    def record(res: Result) -> None:
+        """A search result, logged (before anything else) and counted."""
+        nonlocal n_search, best_seen, busy
+        log.append(_rescore(res, scoring))
+        done[("search", res.id)] = res
+        n_search += 1
+        busy += res.wall_s
+        bar.update(1)
+        if res.score is not None and (best_seen is None or res.score > best_seen):
+            best_seen = res.score
+        done_here = n_search - n_start
+        if done_here and (done_here % 5 == 0 or res.score == best_seen):
+            per_min = 60 * done_here / max(1e-9, time.perf_counter() - t_start)
+            bar.set_postfix(best=None if best_seen is None else f"{best_seen:.4f}",
+                            per_min=f"{per_min:.0f}", refresh=False)
+
+    def tell(cands: list[Candidate]) -> None:
+        """The strategy told the results of ``cands`` (each in the log)."""
+        results = [done[("search", c.id)] for c in cands]
+        kw: dict[str, Any] = {}
+        if getattr(strategy, "wants_metrics", False):
+            kw["metrics"] = [r.metrics for r in results]
+        if getattr(strategy, "wants_constraints", False):  # the objective's floor, one constraint per task
+            if scoring is None or scoring.objective.floor is None:
+                raise ValueError("the strategy takes constraints, and the objective has no floor to give it")
+            kw["constraints"] = [scoring.violations(r.metrics) if r.status == "ok" else None for r in results]
+        strategy.tell([np.asarray(c.x) for c in cands], [r.score for r in results], **kw)
+
+    def out_of_budget(asked: int = 0) -> bool:
+        spent = elapsed + time.perf_counter() - t_start
+        return n_search + asked >= limit or strategy.done() or (max_seconds is not None and spent >= max_seconds)
+
     stopped = False
     try:
-        while True:
-            if not pending:
-                spent = elapsed + time.perf_counter() - t_start
-                if n_search >= limit or strategy.done() or (max_seconds is not None and spent >= max_seconds):
-                    break
-                # a strategy that asks in batches of any size asks no more than the budget
-                # leaves; one that needs whole generations (CMA-ES) ignores n and finishes its own
-                batch = getattr(strategy, "batch", None)
-                xs = strategy.ask(int(min(batch, limit - n_search)) if batch else None)
-                if not xs:
-                    break
-                pending = [Candidate(next_id + i, [float(v) for v in x], generation) for i, x in enumerate(xs)]
-                next_id += len(xs)
+        if mode == "generational":
+            while True:
+                if not pending:
+                    if out_of_budget():
+                        break
+                    # a strategy that asks in batches of any size asks no more than the budget
+                    # leaves; one that needs whole generations (CMA-ES) ignores n and finishes its own
+                    batch = getattr(strategy, "batch", None)
+                    xs = strategy.ask(int(min(batch, limit - n_search)) if batch else None)
+                    if not xs:
+                        break
+                    pending = [Candidate(next_id + i, [float(v) for v in x], generation) for i, x in enumerate(xs)]
+                    next_id += len(xs)
+                    checkpoint()
+                todo = [c for c in pending if ("search", c.id) not in done]
+                for res in _map_once(space, executor, todo, seen):
+                    record(res)
+                tell(pending)
+                pending = []
+                generation += 1
                 checkpoint()
-            todo = [c for c in pending if ("search", c.id) not in done]
-            for res in _map_once(space, executor, todo, seen):
-                log.append(_rescore(res, scoring))
-                done[("search", res.id)] = res
-                n_search += 1
-                bar.update(1)
-                if res.score is not None and (best_seen is None or res.score > best_seen):
-                    best_seen = res.score
-                done_here = n_search - n_start
-                if done_here and (done_here % 5 == 0 or res.score == best_seen):
-                    per_min = 60 * done_here / max(1e-9, time.perf_counter() - t_start)
-                    bar.set_postfix(best=None if best_seen is None else f"{best_seen:.4f}",
-                                    per_min=f"{per_min:.0f}", refresh=False)
-            results = [done[("search", c.id)] for c in pending]
-            xs_told, scores_told = [np.asarray(c.x) for c in pending], [r.score for r in results]
-            kw: dict[str, Any] = {}
-            if getattr(strategy, "wants_metrics", False):
-                kw["metrics"] = [r.metrics for r in results]
-            if getattr(strategy, "wants_constraints", False):  # the objective's floor, one constraint per task
-                if scoring is None or scoring.objective.floor is None:
-                    raise ValueError("the strategy takes constraints, and the objective has no floor to give it")
-                kw["constraints"] = [scoring.violations(r.metrics) if r.status == "ok" else None for r in results]
-            strategy.tell(xs_told, scores_told, **kw)
-            pending = []
-            generation += 1
-            checkpoint()
+        else:
+            in_flight = {c.id: c for c in pending}
+
+            def told(c: Candidate) -> None:  # one result told as it comes; the state saved with it
+                nonlocal generation
+                tell([c])
+                del in_flight[c.id]
+                pending.remove(c)
+                generation += 1
+                checkpoint()
+
+            def feed():
+                """The next candidate, asked of the strategy when a worker is free (the
+                executor draws from here then), knowing every result told so far."""
+                nonlocal next_id
+                for c in [c for c in pending if ("search", c.id) in done]:  # scored before a crash, not told
+                    told(c)
+                yield from [c for c in pending if ("search", c.id) not in done]  # in flight at the crash
+                while not out_of_budget(len(in_flight)):
+                    xs = strategy.ask(1)
+                    if not xs:
+                        return
+                    c = Candidate(next_id, [float(v) for v in xs[0]], generation)
+                    next_id += 1
+                    pending.append(c)
+                    in_flight[c.id] = c
+                    checkpoint()
+                    k = _genome_key(space, c.x)
+                    if k in seen:  # scored already: its result is reused, and the next one asked
+                        record(_reuse(seen[k], c))
+                        told(c)
+                        continue
+                    yield c
+
+            for res in executor.map(feed()):
+                record(res)
+                if res.status == "ok":
+                    seen.setdefault(_genome_key(space, res.x), res)
+                told(in_flight[res.id])
     except KeyboardInterrupt:
         stopped = True
     finally:
         bar.close()
+    wall = time.perf_counter() - t_start
     if stopped:
         return SearchOutcome(run_dir, *strategy.best(), n_search, {}, stopped=True)
+    # busy time over wall time of the workers, for this process's search (a resume measures its own part)
+    workers = max(1, int(getattr(executor, "num_workers", 1)))
+    utilization = busy / (wall * workers) if n_search > n_start and wall > 0 else None
 
-    summary = _finish(space, strategy, executor, run_dir, log, done, baselines, sources, config, n_search, scoring)
+    summary = _finish(space, strategy, executor, run_dir, log, done, baselines, sources, config, n_search, scoring,
+                      search={"mode": mode, "utilization": utilization, "seconds": wall})
     best_x, best_score = strategy.best()
     return SearchOutcome(run_dir, best_x, best_score, n_search, summary)
 
@@ -324,7 +404,8 @@ def _warnings(space, named: dict, rows: dict) -> list[str]:
     return out
 
 
-def _finish(space, strategy, executor, run_dir, log, done, baselines, sources, config, n_search, scoring=None) -> dict:
+def _finish(space, strategy, executor, run_dir, log, done, baselines, sources, config, n_search, scoring=None,
+            search=None) -> dict:
     best_x, best_score = strategy.best()
     searched = [r for k, r in done.items() if k[0] == "search"]
     if best_x is None:
@@ -394,6 +475,9 @@ def _finish(space, strategy, executor, run_dir, log, done, baselines, sources, c
         "seconds_per_candidate": float(np.mean([r.wall_s for r in ok])) if ok else None,
         "materialize_seconds_per_candidate": float(np.mean([r.materialize_s for r in ok])) if ok else None,
         "config": dict(config or {}),
+        # how candidates were fed to the workers, and the workers' busy time over the wall time of
+        # the search (this process's part of it, after a resume)
+        "search": dict(search or {}),
     }
     if best_x is not None:
         atomic_write(run_dir / "best_recipe.yaml", space.recipe_yaml(best_x))

@@ -142,7 +142,8 @@ class OptunaSearch:
             memory when ``None``.
         study_name: the study's name in the storage.
         objectives: metric names, one objective each (NSGA-II); ``None`` optimises ``score``.
-        batch: candidates per ``ask``.
+        batch: candidates per ``ask``. Results may be told in any order and any number at a
+            time (``asynchronous``: a search that keeps every worker busy tells each as it comes).
         objective_direction: ``"maximize"`` or ``"minimize"`` for every objective (the
             evaluator's direction: e.g. perplexity is minimised).
         constraints: the sampler models constraints (``tpe``, ``gp``, ``nsga2``): each told
@@ -150,6 +151,8 @@ class OptunaSearch:
             the objective's floor on every task), which the sampler uses to prefer feasible
             regions (Optuna's ``constraints_func``).
     """
+
+    asynchronous = True  # results may be told one at a time, in any order
 
     def __init__(self, space: Space, sampler: str = "tpe", seed: int = 0, storage: str | None = None,
                  study_name: str = "evomerge", objectives: Sequence[str] | None = None, batch: int = 4,
@@ -177,9 +180,11 @@ class OptunaSearch:
         self.study = self._open()
         self.dists = {f"g{i}": optuna.distributions.FloatDistribution(float(lo), float(hi))
                       for i, (lo, hi) in enumerate(zip(space.lower, space.upper))}
-        self._pending: list[int] = []
+        self._pending: list[int] = []  # trials asked and not yet told, in the order asked
+        self._params: dict[int, tuple] = {}  # a pending trial's genome, to know which trial a told genome is
         self._asked = 0  # genomes asked so far: seeds each batch's sampler
-        self._history: list[dict[str, list]] = []  # in memory only: each batch asked and its told values
+        # in memory only: every ask ({"x"}) and every tell ({"tell": trial numbers, "values"}), in order
+        self._history: list[dict[str, list]] = []
         self.tracker = _BestTracker()
         self._enqueued_x0 = False
 
@@ -201,19 +206,35 @@ class OptunaSearch:
         out = []
         for _ in range(n):
             trial = self.study.ask(self.dists)
+            x = np.array([trial.params[f"g{i}"] for i in range(len(self.space))])
             self._pending.append(trial.number)
-            out.append(np.array([trial.params[f"g{i}"] for i in range(len(self.space))]))
+            self._params[trial.number] = tuple(x.tolist())
+            out.append(x)
         self._asked += n
         if not self.storage:
-            self._history.append({"x": [x.tolist() for x in out], "values": []})
+            self._history.append({"x": [x.tolist() for x in out]})
+        return out
+
+    def _trials_of(self, xs) -> list[int]:
+        """The pending trials that asked ``xs``: any of them, in any order (an asynchronous
+        search tells each result as it comes); equal genomes are matched in the order asked."""
+        left = list(self._pending)
+        out = []
+        for x in xs:
+            key = tuple(float(v) for v in np.asarray(x, dtype=float).ravel())
+            number = next((t for t in left if self._params.get(t) == key), None)
+            if number is None:
+                raise ValueError(f"optuna: told a genome that is not among the {len(self._pending)} asked and not "
+                                 "yet told")
+            left.remove(number)
+            out.append(number)
         return out
 
     def tell(self, xs, scores, metrics: Sequence[dict] | None = None,
              constraints: Sequence[Sequence[float] | None] | None = None) -> None:
         if self.constrained and constraints is None:
             raise ValueError(f"optuna {self.kind} was built with constraints: tell them with every result")
-        if len(xs) != len(self._pending):
-            raise ValueError(f"optuna: told {len(xs)} results for {len(self._pending)} asked")
+        numbers = self._trials_of(xs)
         told: list[list[float] | None] = []
         for i, s in enumerate(scores):
             if s is None or not np.isfinite(s):
@@ -227,16 +248,16 @@ class OptunaSearch:
                 told.append([float(m.get(o, s)) for o in self.objectives])
             else:
                 told.append([float(s)])
-        self._tell_values(told, constraints if self.constrained else None)
+        self._tell_values(numbers, told, constraints if self.constrained else None)
         self.tracker.update(xs, scores)
 
-    def _tell_values(self, told: list[list[float] | None], constraints=None) -> None:
+    def _tell_values(self, numbers: list[int], told: list[list[float] | None], constraints=None) -> None:
         import optuna
 
         trials = self.study.get_trials(deepcopy=False)
         constraints = [None] * len(told) if constraints is None else [None if c is None else [float(v) for v in c]
                                                                        for c in constraints]
-        for number, values, c in zip(self._pending, told, constraints):
+        for number, values, c in zip(numbers, told, constraints):
             if trials[number].state.is_finished():
                 continue  # told before a crash that came before the checkpoint
             if values is None:
@@ -249,10 +270,11 @@ class OptunaSearch:
                 optuna.trial.Trial(self.study, trials[number]._trial_id).set_user_attr(_CONSTRAINTS_ATTR, c)
             self.study.tell(number, values)
         if not self.storage:
-            self._history[-1]["values"] = told
-            if self.constrained:
-                self._history[-1]["constraints"] = constraints
-        self._pending = []
+            self._history.append({"tell": list(numbers), "values": told,
+                                  **({"constraints": constraints} if self.constrained else {})})
+        for number in numbers:
+            self._pending.remove(number)
+            self._params.pop(number, None)
 
     @property
     def wants_constraints(self) -> bool:
@@ -300,16 +322,22 @@ class OptunaSearch:
                 if t.number not in pending:
                     self.study.tell(t.number, state=optuna.trial.TrialState.FAIL)
             self._pending = sorted(pending)
+            trials = self.study.get_trials(deepcopy=False)
+            self._params = {t: tuple(float(trials[t].params[f"g{i}"]) for i in range(len(self.space)))
+                            for t in self._pending if t < len(trials)}
             self._asked, self._enqueued_x0 = int(state["asked"]), bool(state["enqueued"])
         else:
             self.study = optuna.create_study(sampler=_sampler(self.kind, self.seed, self.constrained),
                                              directions=self.directions)
-            self._pending, self._asked, self._enqueued_x0, self._history = [], 0, False, []
-            for b, batch in enumerate(state["history"]):
-                xs = self.ask(len(batch["x"]))
-                if [x.tolist() for x in xs] != batch["x"]:
-                    raise ValueError(f"optuna: replaying the saved state, batch {b} asks for other genomes than were "
+            self._pending, self._params, self._asked, self._enqueued_x0, self._history = [], {}, 0, False, []
+            for b, event in enumerate(state["history"]):
+                if "tell" in event:
+                    self._tell_values([int(t) for t in event["tell"]], event["values"], event.get("constraints"))
+                    continue
+                xs = self.ask(len(event["x"]))
+                if [x.tolist() for x in xs] != event["x"]:
+                    raise ValueError(f"optuna: replaying the saved state, ask {b} asks for other genomes than were "
                                      "asked (another optuna version or space?); it cannot be resumed exactly")
-                if batch["values"]:  # the last batch may be in flight: asked, not yet told
-                    self._tell_values(batch["values"], batch.get("constraints"))
+                if event.get("values"):  # a batch asked and told together (states of earlier versions)
+                    self._tell_values(self._pending[-len(xs):], event["values"], event.get("constraints"))
         self.tracker.load(state)
