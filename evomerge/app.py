@@ -109,6 +109,10 @@ def check_config(cfg) -> None:
             except RecipeError as e:
                 raise ConfigError(str(e)) from None
 
+    for key in ("share", "promote"):
+        v = (cfg.get("fidelity") or {}).get(key, 1.0)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v <= 1:
+            raise ConfigError(f"fidelity.{key}: must be a share of the search split, in (0, 1], got {v!r}")
     mode = (cfg.get("executor") or {}).get("mode")
     if mode not in (None, "generational", "async"):
         raise ConfigError(f"executor.mode: {mode!r} is not 'generational' or 'async'")
@@ -228,6 +232,7 @@ _NEUTRAL = {
     ("objective",): {"_target_": "evomerge.objective.Objective", "name": "mean", "floor": None, "penalty": 10.0},
     ("search", "restarts"): 0,
     ("search", "incpopsize"): 2,
+    ("fidelity",): {"share": 1.0, "promote": 0.25},
 }
 
 
@@ -302,6 +307,7 @@ def run(cfg, run_dir: str | Path) -> dict:
 
     # every executor is built alike: from where a worker comes, and the weights to share
     mode = str(cfg.executor.get("mode") or "generational")  # how the loop feeds it (not the executor's own)
+    fidelity = cfg.get("fidelity") or {}
     executor = build(OmegaConf.masked_copy(cfg.executor, [k for k in cfg.executor if k != "mode"]))(
         build_worker, inputs=inputs)
     if target.endswith("AdaMerging"):
@@ -318,7 +324,8 @@ def run(cfg, run_dir: str | Path) -> dict:
         outcome = run_search(space, strategy, executor, run_dir, budget=None if cfg.budget is None else int(cfg.budget),
                              max_seconds=cfg.max_seconds, resume=bool(cfg.resume), progress=bool(cfg.progress),
                              config=OmegaConf.to_container(cfg, resolve=True), record=search_record(cfg),
-                             scoring=scoring, mode=mode)
+                             scoring=scoring, mode=mode, fidelity=float(fidelity.get("share", 1.0)),
+                             promote=float(fidelity.get("promote", 0.25)))
     finally:
         executor.close()
     if outcome.stopped:
@@ -424,6 +431,9 @@ def format_summary(summary: dict, run_dir: Path) -> str:
     fed = summary.get("search") or {}
     if fed.get("utilization") is not None:
         lines[0] += f"; workers busy {fed['utilization']:.0%} of the search ({fed['mode']} mode)"
+    if fed.get("fidelity") is not None:
+        lines[0] += (f"; first looks on {fed['fidelity']:.0%} of the search split, {fed['promoted']} promoted to all "
+                     f"of it, {fed['cost']:.1f} evaluations' worth of forward passes")
     if obj is not None:
         extra = ", ".join(f"{k} {v}" for k, v in obj.items() if k not in ("name", "direction", "tasks", "references", "floors"))
         lines.append(f"objective: {obj['name']}" + (f" ({extra})" if extra else "")

@@ -57,11 +57,20 @@ def _fmt(v) -> str:
     return "—" if v is None else f"{v:.4f}"
 
 
-def _convergence(summary: dict, searched: list, path: Path) -> None:
+def _convergence(summary: dict, searched: list, path: Path, promoted: list = ()) -> None:
+    """Scores in the order of the candidates, and the best so far: of the whole search split
+    (a multi-fidelity search's first looks, on a share of it, are drawn apart and never taken
+    for the best)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
-    xs = [i + 1 for i, r in enumerate(searched) if r.status == "ok" and r.score is not None]
-    ys = [r.score for r in searched if r.status == "ok" and r.score is not None]
+    at = {r.id: i + 1 for i, r in enumerate(searched)}
+    ok = [r for r in [*searched, *promoted] if r.status == "ok" and r.score is not None and r.id in at]
+    looks = [r for r in ok if r.fidelity < 1]
+    if looks:
+        ax.scatter([at[r.id] for r in looks], [r.score for r in looks], s=6, alpha=0.3, color="C2", marker=".",
+                   label=f"first looks ({looks[0].fidelity:.0%} of the search split)")
+    full = sorted(((at[r.id], r.score) for r in ok if r.fidelity >= 1))
+    xs, ys = [x for x, _ in full], [y for _, y in full]
     ax.scatter(xs, ys, s=8, alpha=0.45, label="evaluations (search split)")
     best, run = [], -math.inf
     for y in ys:
@@ -237,9 +246,10 @@ def write_report(run_dir: str | Path) -> Path:
         raise FileNotFoundError(f"{run_dir}: no summary.json (is this a finished run directory?)")
     summary = json.loads(sfile.read_text())
     log = run_dir / "trials.jsonl"
-    searched = [r for r in TrialLog(log) if r.kind == "search"] if log.is_file() else []
+    trials = list(TrialLog(log)) if log.is_file() else []
+    searched = [r for r in trials if r.kind == "search"]
     images = []
-    _convergence(summary, searched, run_dir / "convergence.png")
+    _convergence(summary, searched, run_dir / "convergence.png", [r for r in trials if r.kind == "promoted"])
     images.append(("Convergence", "convergence.png"))
     if _coefficients(summary, run_dir / "coefficients.png"):
         images.append(("Coefficients of the best genome", "coefficients.png"))
@@ -258,6 +268,10 @@ def write_report(run_dir: str | Path) -> Path:
     fed = summary.get("search") or {}
     if fed.get("utilization") is not None:
         lines[-1] += f" Workers busy {fed['utilization']:.0%} of the search ({fed['mode']} mode)."
+    if fed.get("fidelity") is not None:
+        lines += ["", f"Multi-fidelity: every candidate was scored first on {fed['fidelity']:.0%} of the search "
+                  f"split; {fed['promoted']} whose first look was among the best {fed['promote']:.0%} of all so far "
+                  f"were scored on all of it. The search cost {fed['cost']:.1f} evaluations of the whole split."]
     lines += [f"\n**Warning:** {w}." for w in summary.get("warnings", ())]
     obj = summary.get("objective")
     if obj:

@@ -35,6 +35,7 @@ class Candidate:
     kind: str = "search"  # "search", "best", "baseline:<name>" or "source:<name>"
     split: str = "search"
     source: str | None = None  # score this model's own weights instead of a genome
+    fidelity: float = 1.0  # the share of the search split to score it on (multi-fidelity)
 
 
 @dataclass
@@ -54,6 +55,7 @@ class Result:
     generation: int = 0
     kind: str = "search"
     reused: int | None = None  # the id of the evaluation whose result this copies (an identical genome)
+    fidelity: float = 1.0  # the share of the search split it was scored on
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

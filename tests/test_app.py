@@ -169,6 +169,8 @@ def test_greedy_soup_over_ingredients_from_the_command_line(zoo_dir, tmp_path):
     ("max_seconds=nan", "max_seconds: must be a positive"),
     ("max_seconds=true", "max_seconds: must be a positive"),
     ("executor.mode=steady", "executor.mode: 'steady' is not"),
+    ("fidelity.share=0", "fidelity.share: must be a share"),
+    ("fidelity.promote=2", "fidelity.promote: must be a share"),
     ("executor.mode=async", "executor.mode: async needs a strategy"),  # the default search, CMA-ES
     ("executor.mode=async search=greedy_soup", "GreedySoup"),
     ("hydra.run.dir=/tmp/" + "x" * 300, "longer than the 255 bytes"),

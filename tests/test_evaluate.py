@@ -333,3 +333,26 @@ def test_package_import_does_not_import_lm_eval():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parent.parent)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_shares_of_a_split_are_seeded_nested_and_in_order():
+    """``part``: ceil(fraction * n) items (at least one), in their order, the same for a
+    seed, and a smaller share's items among a larger one's (a promoted candidate is scored
+    again on a superset of its first look)."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from evomerge.evaluate._common import part
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.integers(1, 300), st.floats(0.001, 1.0), st.floats(0.001, 1.0), st.integers(0, 2**32 - 1))
+    def check(n, a, b, seed):
+        lo, hi = sorted((a, b))
+        items = list(range(n))
+        small, large = part(items, lo, seed), part(items, hi, seed)
+        assert len(small) == max(1, math.ceil(lo * n - 1e-9)) and small == sorted(small)
+        assert set(small) <= set(large) and part(items, lo, seed) == small
+        assert part(items, 1.0, seed) == items
+
+    check()
+    assert part(list(range(100)), 0.5, 0) != part(list(range(100)), 0.5, 1)

@@ -305,3 +305,42 @@ def test_objectives_read_each_evaluators_task_metric_on_the_family(words, models
             if name in ("accuracy", "exact_match", "choice", "lm_eval", "lm_eval_mc"):
                 own = next(t for t in ev.tasks if t in (task, f"w_{task}", f"w_{task}_mc"))
                 assert vals[own] >= 0.99 and worst.summary(m)["worst_task"] != own, (name, task)
+
+
+def test_every_evaluator_scores_a_share_of_the_search_split_as_it_scores_those_rows_alone(words, models, lm_tasks,
+                                                                                           tmp_path):
+    """``fraction`` (a multi-fidelity search's first look) scores the seeded share of each
+    task's search rows that ``part`` picks: the same metrics as the evaluator built on a
+    file of those rows alone, for every evaluator; the test split is never scored in part."""
+    from evomerge.evaluate._common import part
+
+    tok, ms = models
+    model = _half_merge(ms, words.tasks)
+    share = {}
+    for t, d in words.data.items():
+        rows = _rows(d["dev"])
+        share[t] = tmp_path / f"{t}.jsonl"
+        share[t].write_text("".join(json.dumps(r) + "\n" for r in part(rows, 0.4, 0)))
+        assert len(part(rows, 0.4, 0)) == -(-len(rows) * 4 // 10) < len(rows)
+    alone = {t: {"search": share[t], "test": d["test"]} for t, d in words.data.items()}
+    pairs = {n: (native(n, words), build_evaluator(n, data=alone, fields=words.fields, batch_size=32)) for n in NATIVE}
+    pairs["perplexity"] = (build_evaluator("perplexity", data=_data(words), fields=words.fields),
+                           build_evaluator("perplexity", data=alone, fields=words.fields))
+    pairs["entropy"] = (build_evaluator("entropy", data=_data(words), field="question"),
+                        build_evaluator("entropy", data=alone, field="question"))
+    files = {t: {"validation": share[t], "test": d["test"]} for t, d in words.data.items()}
+    alone_tasks = write_jsonl_tasks(files, tmp_path / "tasks", prefix="w_", fields=words.fields)
+    for suffix in ("", "_mc"):
+        names = [f"w_{t}{suffix}" for t in words.tasks]
+        pairs[f"lm_eval{suffix}"] = (LMEvalEvaluator(names, include_path=lm_tasks, include_defaults=False),
+                                     LMEvalEvaluator(names, include_path=alone_tasks, include_defaults=False))
+    for name, (ev, ref) in pairs.items():
+        got, want = ev(model, tok, "search", fraction=0.4), ref(model, tok, "search")
+        assert got.keys() == want.keys(), name
+        for k in got:
+            assert got[k] == pytest.approx(want[k], rel=1e-4, abs=1e-6), (name, k)
+        assert got != ev(model, tok, "search"), name  # (the whole split scores otherwise)
+        with pytest.raises(EvaluationError, match="test split is\\s+always scored whole"):
+            ev(model, tok, "test", fraction=0.5)
+        with pytest.raises(EvaluationError, match="fraction must be in"):
+            ev(model, tok, "search", fraction=0)

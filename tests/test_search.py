@@ -1209,3 +1209,129 @@ def test_a_generational_strategy_is_refused_in_async_mode_and_modes_switch_on_re
                mode="async", resume=True)
     ids = [r.id for r in TrialLog(run / "trials.jsonl") if r.kind == "search"]
     assert sorted(ids) == list(range(20))
+
+
+# --------------------------------------------------------------------------------------
+# Multi-fidelity: a first look on a share of the search split, the promising on all of it
+# --------------------------------------------------------------------------------------
+
+
+class Looks(FunctionExecutor):
+    """Scores a first look (fidelity < 1) with a deterministic error, the whole split exactly."""
+
+    def map(self, cands):
+        for c in cands:
+            if c.source is not None or c.fidelity >= 1:
+                for r in super().map([c]):
+                    r.fidelity = c.fidelity
+                    yield r
+                continue
+            self.calls.append((c.kind, c.id, c.split))
+            s = objective(c.x) + 0.05 * float(np.sin(997.0 * c.x[0]))
+            yield Result(c.id, list(c.x), "ok", s, {"score": s}, split=c.split, kind=c.kind, generation=c.generation,
+                         fidelity=c.fidelity)
+
+
+class _Recorder:
+    """Wraps a strategy and keeps what it was told."""
+
+    def __init__(self, inner):
+        self.inner, self.told = inner, []
+
+    def __getattr__(self, k):
+        return getattr(self.inner, k)
+
+    def tell(self, xs, scores, **kw):
+        self.told += [(tuple(np.asarray(x).tolist()), s) for x, s in zip(xs, scores)]
+        return self.inner.tell(xs, scores, **kw)
+
+
+def _promotions_by_the_rule(recs, promote):
+    """Replays the promotion rule over first looks in the given order of decisions."""
+    import math
+
+    looks, out = [], set()
+    for batch in recs:  # each: the first looks whose decision is made together
+        looks += [r.score for r in batch]
+        for r in batch:
+            better = sum(1 for v in looks if v > r.score)
+            if better < max(1, math.ceil(promote * len(looks) - 1e-9)):
+                out.add(r.id)
+    return out
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_multi_fidelity_first_looks_then_the_promising_on_the_whole_split(tmp_path, name):
+    """Every candidate is scored first on a share of the split; after each batch, those whose
+    first look is among the best quarter of all first looks so far are scored on the whole
+    split; the strategy is told the whole-split score where there is one; the best is a
+    whole-split score; the summary counts the cost in whole-split evaluations."""
+    sp = synthetic_space()
+    ex = Looks()
+    strat = _Recorder(STRATEGIES[name](sp, 0))
+    out = run_search(sp, strat, ex, tmp_path / "run", budget=24, progress=False, sources=False, fidelity=0.25,
+                     promote=0.25)
+    recs = list(TrialLog(tmp_path / "run" / "trials.jsonl"))
+    first = [r for r in recs if r.kind == "search"]
+    up = {r.id: r for r in recs if r.kind == "promoted"}
+    assert first and all(r.fidelity == 0.25 for r in first if r.reused is None)
+    by_gen: dict[int, list] = {}
+    for r in first:
+        if r.reused is None:
+            by_gen.setdefault(r.generation, []).append(r)
+    assert set(up) == _promotions_by_the_rule([by_gen[g] for g in sorted(by_gen)], 0.25)
+    assert all(r.fidelity == 1.0 and r.score == pytest.approx(objective(r.x)) for r in up.values())
+    told = dict(strat.told)
+    for r in first:
+        assert told[tuple(r.x)] == (up[r.id].score if r.id in up else r.score)
+    assert out.best_score == max(r.score for r in up.values())
+    s = out.summary["search"]
+    assert s["cost"] == pytest.approx(0.25 * sum(1 for r in first if r.reused is None) + len(up))
+    assert s["promoted"] == len(up) and s["fidelity"] == 0.25
+    assert out.summary["results"]["best"]["search"]["score"] == pytest.approx(out.best_score)
+
+
+@pytest.mark.parametrize("name", ["random", "optuna_tpe"])
+def test_multi_fidelity_in_async_mode_and_resumed_after_a_crash(tmp_path, name):
+    """Async: a first look is promoted (against all first looks so far) as soon as it comes,
+    and its whole-split score is taken before any new candidate is asked. Killed anywhere and
+    resumed, nothing is lost or scored twice; with one worker the trials equal an
+    uninterrupted run's."""
+    sp = synthetic_space()
+    whole = tmp_path / "whole"
+    run_search(sp, STRATEGIES[name](sp, 0), Looks(), whole, budget=20, progress=False, sources=False, mode="async",
+               fidelity=0.5, promote=0.3)
+    recs = list(TrialLog(whole / "trials.jsonl"))
+    assert set(_promotions_by_the_rule([[r] for r in recs if r.kind == "search" and r.reused is None], 0.3)) == \
+        {r.id for r in recs if r.kind == "promoted"}
+    for after in (3, 8, 13):
+        run = tmp_path / f"cut{after}"
+        out = run_search(sp, STRATEGIES[name](sp, 0), Dies(Looks(), after), run, budget=20, progress=False,
+                         sources=False, mode="async", fidelity=0.5, promote=0.3)
+        assert out.stopped
+        before = {(r.kind, r.id) for r in TrialLog(run / "trials.jsonl")}
+        again = Looks()
+        run_search(sp, STRATEGIES[name](sp, 0), again, run, budget=20, progress=False, sources=False, mode="async",
+                   fidelity=0.5, promote=0.3, resume=True)
+        assert not before & {(k, i) for k, i, _ in again.calls}
+        got = [(r.kind, r.id, r.x) for r in TrialLog(run / "trials.jsonl") if r.kind in ("search", "promoted")]
+        assert len(got) == len(set((k, i) for k, i, _ in got))
+        assert sorted(got) == sorted((r.kind, r.id, r.x) for r in recs if r.kind in ("search", "promoted"))
+
+
+def test_multi_fidelity_generational_resume_ends_where_an_uninterrupted_search_does(tmp_path):
+    sp = synthetic_space()
+    whole = run_search(sp, CMAES(sp, seed=3), Looks(), tmp_path / "whole", budget=40, progress=False, sources=False,
+                       fidelity=0.25)
+    for after in (5, 12, 17):
+        run = tmp_path / f"cut{after}"
+        assert run_search(sp, CMAES(sp, seed=3), Dies(Looks(), after), run, budget=40, progress=False, sources=False,
+                          fidelity=0.25).stopped
+        res = run_search(sp, CMAES(sp, seed=3), Looks(), run, budget=40, progress=False, sources=False,
+                         fidelity=0.25, resume=True)
+        assert res.best_score == whole.best_score and np.array_equal(res.best_x, whole.best_x)
+        a = sorted((r.kind, r.id, r.x) for r in TrialLog(tmp_path / "whole" / "trials.jsonl"))
+        b = sorted((r.kind, r.id, r.x) for r in TrialLog(run / "trials.jsonl"))
+        assert a == b
+    with pytest.raises(ValueError, match="shares"):
+        run_search(sp, CMAES(sp), Looks(), tmp_path / "bad", budget=4, progress=False, fidelity=0.0)

@@ -374,3 +374,24 @@ def test_an_async_search_on_the_second_family_and_its_resume(words, tmp_path):
     s = json.loads((run / "summary.json").read_text())
     assert s["evaluations"] == 9 and s["search"]["mode"] == "async" and 0 < s["search"]["utilization"] <= 1
     assert "of the search (async mode)" in p.stdout and "of the search (async mode)" in (run / "report.md").read_text()
+
+
+def test_multi_fidelity_from_the_command_line_on_the_second_family(words, tmp_path):
+    """fidelity.share=0.5: every candidate's first look scores half of each task's search
+    rows (its record says so), the promoted are scored on all of them, the best is one of
+    those, and the summary, the table and the report give the cost."""
+    run = tmp_path / "run"
+    p = app(on_words(words, run, "search=random", "search.batch=4", "budget=8", "fidelity.share=0.5",
+                     "fidelity.promote=0.5"), cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    recs = [json.loads(x) for x in (run / "trials.jsonl").read_text().splitlines()]
+    first = [r for r in recs if r["kind"] == "search"]
+    up = [r for r in recs if r["kind"] == "promoted"]
+    assert len(first) == 8 and all(r["fidelity"] == 0.5 for r in first if r["reused"] is None)
+    assert 1 <= len(up) < 8 and all(r["fidelity"] == 1.0 and r["status"] == "ok" for r in up)
+    s = json.loads((run / "summary.json").read_text())
+    assert s["best_search_score"] == max(r["score"] for r in up)
+    assert s["search"]["cost"] == pytest.approx(0.5 * 8 + len(up)) and s["search"]["promoted"] == len(up)
+    assert "promoted to all of it" in p.stdout and "Multi-fidelity" in (run / "report.md").read_text()
+    bad = app(on_words(words, tmp_path / "bad", "fidelity.share=1.5"), cwd=tmp_path)
+    assert bad.returncode != 0 and "fidelity.share: must be a share" in bad.stderr

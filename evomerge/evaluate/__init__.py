@@ -8,6 +8,9 @@ Every evaluator follows one protocol (``Evaluator``)::
 
 * ``split`` is ``"search"`` (what a search optimises; may be a seeded subsample) or
   ``"test"`` (held out, whole). The two never overlap.
+* ``fraction`` (default 1) scores a seeded share of each task's search split, the same
+  share for every candidate, nested within any larger share (``_common.part``): the cheap
+  first look of a multi-fidelity search.
 * The result is a flat ``dict[str, float]`` of Python floats: ``"<task>/<metric>"`` per task
   and the aggregate under ``"score"``.
 * Everything that does not depend on the weights is computed once and cached (rows,
@@ -55,8 +58,9 @@ class Evaluator(Protocol):
     direction: Literal["maximize", "minimize"]
     tasks: Sequence[str]
 
-    def __call__(self, model: Any, tokenizer: Any, split: str = "search") -> dict[str, float]:
-        """``"<task>/<metric>"`` for every task and ``"score"``, as Python floats."""
+    def __call__(self, model: Any, tokenizer: Any, split: str = "search", fraction: float = 1.0) -> dict[str, float]:
+        """``"<task>/<metric>"`` for every task and ``"score"``, as Python floats;
+        ``fraction`` < 1 scores a seeded share of each task's search split (multi-fidelity)."""
         ...
 
     def primary(self, task: str) -> str:

@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import numpy as np
 
 __all__ = [
-    "EvaluationError", "SPLITS", "check_split", "resolve_sources", "read_jsonl", "subsample",
+    "EvaluationError", "SPLITS", "check_split", "check_fraction", "part", "resolve_sources", "read_jsonl", "subsample",
     "eval_mode", "model_device", "pad_token_id", "text_hash", "rename_fields", "FIELDS", "tokenizer_name",
 ]
 
@@ -30,6 +30,33 @@ def check_split(split: str) -> str:
     if split not in SPLITS:
         raise EvaluationError(f"unknown split {split!r}: use 'search' (what the search optimises) or 'test'")
     return split
+
+
+def check_fraction(split: str, fraction) -> float:
+    """A share of the search split to score (multi-fidelity search): in (0, 1]; the test
+    split is always scored whole."""
+    try:
+        f = float(fraction)
+    except (TypeError, ValueError):
+        f = float("nan")
+    if not 0 < f <= 1:
+        raise EvaluationError(f"fraction must be in (0, 1], got {fraction!r}")
+    if f < 1 and split != "search":
+        raise EvaluationError(f"fraction={f}: only the search split is scored in part; the {split} split is "
+                              "always scored whole")
+    return f
+
+
+def part(items: list, fraction: float, seed: int) -> list:
+    """A seeded share of ``items``: ``ceil(fraction * n)`` of them (at least one), in their
+    order. The shares of one seed are nested (the first items of one seeded permutation), so
+    a candidate promoted from a share to the whole split is scored again on a superset."""
+    if fraction >= 1:
+        return items
+    n = len(items)
+    k = max(1, int(np.ceil(fraction * n - 1e-9)))
+    chosen = np.random.Generator(np.random.PCG64([int(seed), 1])).permutation(n)[:k]
+    return [items[i] for i in sorted(chosen.tolist())]
 
 
 # A data source is a path (str / PathLike), a list of paths, or a datasets spec

@@ -44,8 +44,8 @@ import torch
 
 from ._batch import encode_context, encode_continuations, encode_pairs
 from ._common import (
-    EvaluationError, check_disjoint, check_split, eval_mode, model_device, pad_token_id, read_jsonl,
-    rename_fields, require_fields, resolve_sources, subsample, tokenizer_name,
+    EvaluationError, check_disjoint, check_fraction, check_split, eval_mode, model_device, pad_token_id, part,
+    read_jsonl, rename_fields, require_fields, resolve_sources, subsample, tokenizer_name,
 )
 
 __all__ = ["ExactMatchEvaluator", "greedy_generate", "stop_token_ids", "resolve_stop", "MODES"]
@@ -142,25 +142,25 @@ class ExactMatchEvaluator:
         except KeyError:
             raise EvaluationError(f"task {task!r}: no {split} data was given") from None
 
-    def _prepared(self, model, tokenizer, split: str, device) -> dict:
+    def _prepared(self, model, tokenizer, split: str, device, fraction: float = 1.0) -> dict:
         # what the stop depends on, compared per call; the stop itself is resolved on a miss only
         eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
         key = (device, str(eos), tokenizer.eos_token_id)
-        hit = self._cache.get(split)
+        hit = self._cache.get((split, fraction))
         if hit is not None and hit[0] is tokenizer and hit[1] == key:
             return hit[2]
         stop = None if self.mode == "choice" else resolve_stop(model, tokenizer, self.stop)
         pad_token_id(tokenizer)
         prep = {}
         for task in self.tasks:
-            rows = self._rows_for(task, split)
+            rows = part(self._rows_for(task, split), fraction, self.seed)
             if self.mode == "teacher_forced":
                 prep[task] = self._prep_teacher_forced(tokenizer, rows, device, stop)
             elif self.mode == "generate":
                 prep[task] = self._prep_generate(tokenizer, rows, device, stop)
             else:
                 prep[task] = self._prep_choice(tokenizer, rows, device)
-        self._cache[split] = (tokenizer, key, prep)
+        self._cache[(split, fraction)] = (tokenizer, key, prep)
         return prep
 
     def _chunks(self, items: list, lengths: list[int]) -> list[list]:
@@ -249,11 +249,13 @@ class ExactMatchEvaluator:
 
     # ------------------------------------------------------------------ scoring
 
-    def __call__(self, model, tokenizer, split: str = "search") -> dict[str, float]:
-        """Accuracy per task (``"<task>/acc"``) and their mean (``"score"``)."""
+    def __call__(self, model, tokenizer, split: str = "search", fraction: float = 1.0) -> dict[str, float]:
+        """Accuracy per task (``"<task>/acc"``) and their mean (``"score"``); ``fraction``: on
+        a seeded share of each task's search rows (``_common.part``)."""
         check_split(split)
+        fraction = check_fraction(split, fraction)
         device = model_device(model)
-        prep = self._prepared(model, tokenizer, split, device)
+        prep = self._prepared(model, tokenizer, split, device, fraction)
         out: dict[str, float] = {}
         with eval_mode(model):
             for task in self.tasks:

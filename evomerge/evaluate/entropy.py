@@ -24,7 +24,7 @@ import torch
 
 from ._batch import encode_context
 from ._common import (
-    EvaluationError, check_split, eval_mode, model_device, pad_token_id, read_jsonl, require_fields,
+    EvaluationError, check_fraction, check_split, eval_mode, part, model_device, pad_token_id, read_jsonl, require_fields,
     resolve_sources, subsample,
 )
 
@@ -102,6 +102,7 @@ class EntropyEvaluator:
         if batch_size < 1:
             raise EvaluationError(f"batch_size must be positive, got {batch_size}")
         self.batch_size = int(batch_size)
+        self.seed = int(seed)  # (of the search split's subsample, and of its shares)
         sources = resolve_sources(data, data_dir, tasks, search_split, test_split, default_name=name)
         self.prompts: dict[str, dict[str, list[str]]] = {}
         for task, splits in sources.items():
@@ -120,14 +121,14 @@ class EntropyEvaluator:
         check_split(split)
         return [p for task in self.tasks for p in self.prompts[task].get(split, [])]
 
-    def _prepared(self, tokenizer, split: str, device):
-        hit = self._cache.get(split)
+    def _prepared(self, tokenizer, split: str, device, fraction: float = 1.0):
+        hit = self._cache.get((split, fraction))
         if hit is not None and hit[0] is tokenizer and hit[1] == device:
             return hit[2]
         prep = {}
         for task in self.tasks:
             try:
-                prompts = self.prompts[task][split]
+                prompts = part(self.prompts[task][split], fraction, self.seed)
             except KeyError:
                 raise EvaluationError(f"task {task!r}: no {split} data was given") from None
             order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -137,13 +138,15 @@ class EntropyEvaluator:
                 ids, mask = encode_prompts(tokenizer, prompts[i: i + self.batch_size])
                 batches.append((ids.to(device), mask.to(device)))
             prep[task] = (len(prompts), batches)
-        self._cache[split] = (tokenizer, device, prep)
+        self._cache[(split, fraction)] = (tokenizer, device, prep)
         return prep
 
-    def __call__(self, model, tokenizer, split: str = "search") -> dict[str, float]:
-        """``"<task>/entropy"`` per task and ``"score"``, their mean."""
+    def __call__(self, model, tokenizer, split: str = "search", fraction: float = 1.0) -> dict[str, float]:
+        """``"<task>/entropy"`` per task and ``"score"``, their mean; ``fraction``: on a seeded
+        share of each task's search prompts."""
         check_split(split)
-        prep = self._prepared(tokenizer, split, model_device(model))
+        fraction = check_fraction(split, fraction)
+        prep = self._prepared(tokenizer, split, model_device(model), fraction)
         out: dict[str, float] = {}
         with eval_mode(model):
             for task in self.tasks:

@@ -37,7 +37,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ._common import EvaluationError, check_disjoint, check_split, eval_mode, pad_token_id, read_jsonl, subsample
+from ._common import (
+    EvaluationError, check_disjoint, check_fraction, check_split, eval_mode, pad_token_id, part, read_jsonl, subsample,
+)
 
 __all__ = ["LMEvalEvaluator", "write_jsonl_tasks", "KNOWN_BENCHMARKS", "is_known_benchmark"]
 
@@ -298,12 +300,13 @@ class LMEvalEvaluator:
 
     # ------------------------------------------------------------------ scoring
 
-    def _requests(self, split: str) -> list[_Prepared]:
-        prep = self._prepared.get(split)
+    def _requests(self, split: str, fraction: float = 1.0) -> list[_Prepared]:
+        prep = self._prepared.get((split, fraction))
         if prep is None:
-            prep = [_Prepared(task, self._docs[name][split], task.get_config("num_fewshot") or 0)
+            prep = [_Prepared(task, part(self._docs[name][split], fraction, self.seed),
+                              task.get_config("num_fewshot") or 0)
                     for name, task in self._tasks.items()]
-            self._prepared[split] = prep
+            self._prepared[(split, fraction)] = prep
         return prep
 
     def _hflm(self, model, tokenizer):
@@ -315,11 +318,13 @@ class LMEvalEvaluator:
             self._lm_model, self._lm_tokenizer = model, tokenizer
         return self._lm
 
-    def __call__(self, model, tokenizer, split: str = "search") -> dict[str, float]:
-        """Metrics of every task on ``split`` and the mean primary metric (``"score"``)."""
+    def __call__(self, model, tokenizer, split: str = "search", fraction: float = 1.0) -> dict[str, float]:
+        """Metrics of every task on ``split`` and the mean primary metric (``"score"``);
+        ``fraction``: on a seeded share of each task's search documents."""
         check_split(split)
+        fraction = check_fraction(split, fraction)
         lm = self._hflm(model, tokenizer)
-        prepared = self._requests(split)
+        prepared = self._requests(split, fraction)
         by_type: dict[str, list] = defaultdict(list)
         for p in prepared:
             for inst in p.instances:

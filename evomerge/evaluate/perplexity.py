@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ._common import (
-    EvaluationError, check_split, eval_mode, model_device, pad_token_id, read_jsonl, rename_fields, resolve_sources,
+    EvaluationError, check_fraction, check_split, eval_mode, part, model_device, pad_token_id, read_jsonl, rename_fields, resolve_sources,
     subsample,
 )
 
@@ -144,6 +144,7 @@ class PerplexityEvaluator:
         self.stride = stride
         self.batch_size = int(batch_size)
         fields = rename_fields(fields)
+        self.seed = int(seed)  # (of the search split's subsample, and of its shares)
         sources = resolve_sources(data, data_dir, tasks, search_split, test_split, default_name=name)
         self.docs: dict[str, dict[str, list[str]]] = {}
         for task, splits in sources.items():
@@ -163,17 +164,17 @@ class PerplexityEvaluator:
             length = min(int(getattr(model.config, "max_position_embeddings", 1024) or 1024), 1024)
         return length, self.stride or max(1, length // 2)
 
-    def _prepared(self, model, tokenizer, split: str):
+    def _prepared(self, model, tokenizer, split: str, fraction: float = 1.0):
         device = model_device(model)
         length, stride = self._window_size(model)
-        hit = self._cache.get(split)
+        hit = self._cache.get((split, fraction))
         if hit is not None and hit[0] is tokenizer and hit[1] == (device, length, stride):
             return hit[2]
         pad = pad_token_id(tokenizer)
         prep = {}
         for task in self.tasks:
             try:
-                docs = self.docs[task][split]
+                docs = part(self.docs[task][split], fraction, self.seed)
             except KeyError:
                 raise EvaluationError(f"task {task!r}: no {split} data was given") from None
             windows = []
@@ -196,13 +197,15 @@ class PerplexityEvaluator:
             if not batches:
                 raise EvaluationError(f"task {task!r}: the {split} split has no token to predict")
             prep[task] = batches
-        self._cache[split] = (tokenizer, (device, length, stride), prep)
+        self._cache[(split, fraction)] = (tokenizer, (device, length, stride), prep)
         return prep
 
-    def __call__(self, model, tokenizer, split: str = "search") -> dict[str, float]:
-        """``"<task>/nll"`` and ``"<task>/ppl"`` per task, ``"score"`` = mean ppl."""
+    def __call__(self, model, tokenizer, split: str = "search", fraction: float = 1.0) -> dict[str, float]:
+        """``"<task>/nll"`` and ``"<task>/ppl"`` per task, ``"score"`` = mean ppl; ``fraction``:
+        on a seeded share of each task's search documents."""
         check_split(split)
-        prep = self._prepared(model, tokenizer, split)
+        fraction = check_fraction(split, fraction)
+        prep = self._prepared(model, tokenizer, split, fraction)
         out: dict[str, float] = {}
         ppls = []
         with eval_mode(model):

@@ -70,7 +70,7 @@ def _start_local_ray(num_cpus: int | None):
 
 def _failed(cand: Candidate, error: str) -> Result:
     return Result(id=cand.id, x=list(cand.x), status="failed", split=cand.split, error=error,
-                  generation=cand.generation, kind=cand.kind)
+                  generation=cand.generation, kind=cand.kind, fidelity=cand.fidelity)
 
 
 class _Actor:

@@ -103,7 +103,7 @@ class Worker:
     def evaluate(self, cand: Candidate) -> Result:
         t0 = time.perf_counter()
         res = Result(id=cand.id, x=list(cand.x), status="ok", split=cand.split, worker=self.name,
-                     generation=cand.generation, kind=cand.kind)
+                     generation=cand.generation, kind=cand.kind, fidelity=cand.fidelity)
         try:
             if cand.source is not None:
                 self._load_source(cand.source)
@@ -111,7 +111,8 @@ class Worker:
                 self.engine.materialize(self.coefficients.columns(cand.x), into=self.model)
             res.materialize_s = time.perf_counter() - t0
             with torch.no_grad():
-                metrics = self.evaluator(self.model, self.tokenizer, split=cand.split)
+                part = {"fraction": cand.fidelity} if cand.fidelity < 1 else {}  # (any evaluator takes a whole split)
+                metrics = self.evaluator(self.model, self.tokenizer, split=cand.split, **part)
             res.metrics = {k: float(v) for k, v in metrics.items()}
             score = res.metrics["score"]
             res.score = signed_score(score, getattr(self.evaluator, "direction", "maximize"))

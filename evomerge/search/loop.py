@@ -22,7 +22,9 @@ the sources (base and each expert) and the baselines, on both splits; the run di
 
 from __future__ import annotations
 
+import bisect
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +74,8 @@ def run_search(
     record: Mapping[str, Any] | None = None,
     scoring=None,
     mode: str = "generational",
+    fidelity: float = 1.0,
+    promote: float = 0.25,
 ) -> SearchOutcome:
     """Run (or resume) a search until ``budget`` evaluations or ``max_seconds`` are spent or
     the strategy stops; then score the best, the baselines and the sources.
@@ -103,6 +107,8 @@ def run_search(
     if mode == "async" and not getattr(strategy, "asynchronous", False):
         raise ValueError(f"strategy {getattr(strategy, 'name', type(strategy).__name__)} needs whole batches "
                          "(generations) told together; run it in the generational mode")
+    if not 0 < fidelity <= 1 or not 0 < promote <= 1:
+        raise ValueError(f"fidelity ({fidelity!r}) and promote ({promote!r}) are shares: in (0, 1]")
     if resume and not (run_dir / LOG_FILE).is_file() and not (run_dir / STATE_FILE).is_file() \
             and not (run_dir / LEGACY_STATE_FILE).is_file():
         raise StateError(f"{run_dir}: nothing to resume (no {LOG_FILE} or {STATE_FILE}); drop resume=true to start "
@@ -113,7 +119,7 @@ def run_search(
         if record is not None:
             check_record(run_dir, dict(record), resume)
         return _run_search(space, strategy, executor, run_dir, budget, max_seconds, resume, baselines, sources,
-                           progress, config, scoring, mode)
+                           progress, config, scoring, mode, float(fidelity), float(promote))
 
 
 def _rescore(res: Result, scoring) -> Result:
@@ -162,8 +168,9 @@ def _genome_key(space, x) -> tuple:
 
 def _reuse(r: Result, c: Candidate) -> Result:
     """``r`` (an identical genome's result) as the result of ``c``, naming the id it copies."""
-    return Result(**{**r.to_json(), "id": c.id, "x": list(c.x), "generation": c.generation, "wall_s": 0.0,
-                     "materialize_s": 0.0, "worker": "", "reused": r.id if r.reused is None else r.reused})
+    return Result(**{**r.to_json(), "id": c.id, "x": list(c.x), "generation": c.generation, "kind": c.kind,
+                     "wall_s": 0.0, "materialize_s": 0.0, "worker": "",
+                     "reused": r.id if r.reused is None else r.reused})
 
 
 def _map_once(space, executor, todo: list[Candidate], seen: dict):
@@ -200,7 +207,7 @@ def _map_once(space, executor, todo: list[Candidate], seen: dict):
 
 
 def _run_search(space, strategy, executor, run_dir: Path, budget, max_seconds, resume, baselines, sources, progress,
-                config, scoring, mode) -> SearchOutcome:
+                config, scoring, mode, fidelity, promote) -> SearchOutcome:
     if budget is None and max_seconds is None:
         raise ValueError("run_search: give a budget of evaluations, max_seconds, or both")
     limit = budget if budget is not None else float("inf")  # evaluations; None: until max_seconds
@@ -246,23 +253,45 @@ def _run_search(space, strategy, executor, run_dir: Path, budget, max_seconds, r
     if scoring is not None and scoring.needs_sources:
         scoring = _score_sources(space, executor, log, done, scoring)
     n_search = sum(1 for k in done if k[0] == "search")
-    # every successfully scored genome (clipped), built once and kept up to date: a repeat is reused
+    multi = fidelity < 1  # every candidate scored first on a share of the search split, the best of them on all
+
+    def result_of(c: Candidate) -> Result:
+        """What the strategy is told of ``c``: its score on the whole search split where it
+        was promoted (and that evaluation did not fail), else its first look."""
+        up = done.get(("promoted", c.id))
+        return up if up is not None and up.status == "ok" else done[("search", c.id)]
+
+    # every successfully scored genome (clipped) and the best result it has, built once and kept
+    # up to date: a repeat is reused
     seen = {_genome_key(space, r.x): r for k, r in done.items() if k[0] == "search" and r.status == "ok"}
+    seen.update({_genome_key(space, r.x): r for k, r in done.items() if k[0] == "promoted" and r.status == "ok"})
+    # the scores of every first look (on a share of the split), sorted: the promotion rule ranks in them
+    looks = sorted(r.score for k, r in done.items() if k[0] == "search" and r.fidelity < 1 and r.reused is None
+                   and r.score is not None)
     t_start = time.perf_counter()
     n_start = n_search  # candidates per minute count this process's evaluations only
     bar = _progress(budget, min(n_search, limit), progress)
-    best_seen = max((r.score for k, r in done.items() if k[0] == "search" and r.score is not None), default=None)
+    best_seen = max((r.score for k, r in done.items() if k[0] in ("search", "promoted") and r.score is not None
+                     and r.fidelity >= 1), default=None)
     busy = 0.0  # seconds the workers spent on this process's evaluations
 
     def record(res: Result) -> None:
-        """A search result, logged (before anything else) and counted."""
+        """A search result (a first look, or a promoted candidate's whole-split score), logged
+        (before anything else) and counted."""
         nonlocal n_search, best_seen, busy
         log.append(_rescore(res, scoring))
-        done[("search", res.id)] = res
-        n_search += 1
         busy += res.wall_s
-        bar.update(1)
-        if res.score is not None and (best_seen is None or res.score > best_seen):
+        if res.kind == "promoted":
+            done[("promoted", res.id)] = res
+            if res.status == "ok":
+                seen[_genome_key(space, res.x)] = res
+        else:
+            done[("search", res.id)] = res
+            n_search += 1
+            bar.update(1)
+            if res.fidelity < 1 and res.reused is None and res.score is not None:
+                bisect.insort(looks, res.score)
+        if res.score is not None and res.fidelity >= 1 and (best_seen is None or res.score > best_seen):
             best_seen = res.score
         done_here = n_search - n_start
         if done_here and (done_here % 5 == 0 or res.score == best_seen):
@@ -270,9 +299,20 @@ def _run_search(space, strategy, executor, run_dir: Path, budget, max_seconds, r
             bar.set_postfix(best=None if best_seen is None else f"{best_seen:.4f}",
                             per_min=f"{per_min:.0f}", refresh=False)
 
+    def promoted(c: Candidate) -> Candidate | None:
+        """``c`` to score on the whole search split, when its first look is among the best
+        ``promote`` share of all first looks so far (the rule of ``run_search``)."""
+        first = done[("search", c.id)]
+        if first.fidelity >= 1 or first.reused is not None or first.score is None:
+            return None
+        better = len(looks) - bisect.bisect_right(looks, first.score)
+        if better >= max(1, math.ceil(promote * len(looks) - 1e-9)):
+            return None
+        return Candidate(c.id, list(c.x), c.generation, kind="promoted")
+
     def tell(cands: list[Candidate]) -> None:
         """The strategy told the results of ``cands`` (each in the log)."""
-        results = [done[("search", c.id)] for c in cands]
+        results = [result_of(c) for c in cands]
         kw: dict[str, Any] = {}
         if getattr(strategy, "wants_metrics", False):
             kw["metrics"] = [r.metrics for r in results]
@@ -286,6 +326,13 @@ def _run_search(space, strategy, executor, run_dir: Path, budget, max_seconds, r
         spent = elapsed + time.perf_counter() - t_start
         return n_search + asked >= limit or strategy.done() or (max_seconds is not None and spent >= max_seconds)
 
+    def ask(n: int | None) -> list[Candidate]:
+        nonlocal next_id
+        xs = strategy.ask(n)
+        out = [Candidate(next_id + i, [float(v) for v in x], generation, fidelity=fidelity) for i, x in enumerate(xs)]
+        next_id += len(out)
+        return out
+
     stopped = False
     try:
         if mode == "generational":
@@ -296,21 +343,24 @@ def _run_search(space, strategy, executor, run_dir: Path, budget, max_seconds, r
                     # a strategy that asks in batches of any size asks no more than the budget
                     # leaves; one that needs whole generations (CMA-ES) ignores n and finishes its own
                     batch = getattr(strategy, "batch", None)
-                    xs = strategy.ask(int(min(batch, limit - n_search)) if batch else None)
-                    if not xs:
+                    pending = ask(int(min(batch, limit - n_search)) if batch else None)
+                    if not pending:
                         break
-                    pending = [Candidate(next_id + i, [float(v) for v in x], generation) for i, x in enumerate(xs)]
-                    next_id += len(xs)
                     checkpoint()
                 todo = [c for c in pending if ("search", c.id) not in done]
                 for res in _map_once(space, executor, todo, seen):
                     record(res)
+                if multi:  # the batch's best first looks (ranked among all so far) on the whole split
+                    up = [u for u in map(promoted, pending) if u is not None and ("promoted", u.id) not in done]
+                    for res in executor.map(up):
+                        record(res)
                 tell(pending)
                 pending = []
                 generation += 1
                 checkpoint()
         else:
             in_flight = {c.id: c for c in pending}
+            queue: list[Candidate] = []  # promoted candidates, scored before any new one is asked
 
             def told(c: Candidate) -> None:  # one result told as it comes; the state saved with it
                 nonlocal generation
@@ -320,19 +370,30 @@ def _run_search(space, strategy, executor, run_dir: Path, budget, max_seconds, r
                 generation += 1
                 checkpoint()
 
+            def first_look(c: Candidate) -> None:  # promoted (queued), or told now
+                up = promoted(c) if multi else None
+                if up is None:
+                    told(c)
+                elif ("promoted", c.id) in done:  # scored before a crash, not told
+                    told(c)
+                else:
+                    queue.append(up)
+
             def feed():
                 """The next candidate, asked of the strategy when a worker is free (the
                 executor draws from here then), knowing every result told so far."""
-                nonlocal next_id
                 for c in [c for c in pending if ("search", c.id) in done]:  # scored before a crash, not told
-                    told(c)
+                    first_look(c)
                 yield from [c for c in pending if ("search", c.id) not in done]  # in flight at the crash
-                while not out_of_budget(len(in_flight)):
-                    xs = strategy.ask(1)
-                    if not xs:
+                while True:
+                    while queue:
+                        yield queue.pop(0)
+                    if out_of_budget(len(in_flight)):
                         return
-                    c = Candidate(next_id, [float(v) for v in xs[0]], generation)
-                    next_id += 1
+                    new = ask(1)
+                    if not new:
+                        return
+                    c = new[0]
                     pending.append(c)
                     in_flight[c.id] = c
                     checkpoint()
@@ -345,24 +406,44 @@ def _run_search(space, strategy, executor, run_dir: Path, budget, max_seconds, r
 
             for res in executor.map(feed()):
                 record(res)
+                c = in_flight[res.id]
+                if res.kind == "promoted":
+                    told(c)
+                    continue
                 if res.status == "ok":
                     seen.setdefault(_genome_key(space, res.x), res)
-                told(in_flight[res.id])
+                first_look(c)
     except KeyboardInterrupt:
         stopped = True
     finally:
         bar.close()
     wall = time.perf_counter() - t_start
+    best = _best_full(done) if multi else None
     if stopped:
-        return SearchOutcome(run_dir, *strategy.best(), n_search, {}, stopped=True)
+        return SearchOutcome(run_dir, *(best or strategy.best()), n_search, {}, stopped=True)
     # busy time over wall time of the workers, for this process's search (a resume measures its own part)
     workers = max(1, int(getattr(executor, "num_workers", 1)))
     utilization = busy / (wall * workers) if n_search > n_start and wall > 0 else None
-
+    searched = [r for k, r in done.items() if k[0] in ("search", "promoted") and r.reused is None]
+    feeding = {"mode": mode, "utilization": utilization, "seconds": wall,
+               # forward passes of the search, in evaluations of the whole search split
+               "cost": float(sum(r.fidelity for r in searched))}
+    if multi:
+        feeding.update(fidelity=fidelity, promote=promote, promoted=sum(1 for k in done if k[0] == "promoted"))
     summary = _finish(space, strategy, executor, run_dir, log, done, baselines, sources, config, n_search, scoring,
-                      search={"mode": mode, "utilization": utilization, "seconds": wall})
-    best_x, best_score = strategy.best()
+                      search=feeding, best=best)
+    best_x, best_score = best or strategy.best()
     return SearchOutcome(run_dir, best_x, best_score, n_search, summary)
+
+
+def _best_full(done: dict) -> tuple:
+    """The best genome scored on the whole search split (a multi-fidelity search's best: a
+    first look's score, on a share of the split, is never taken for it)."""
+    full = [r for k, r in done.items() if k[0] in ("search", "promoted") and r.fidelity >= 1 and r.score is not None]
+    if not full:
+        return None, None
+    top = max(full, key=lambda r: r.score)
+    return np.asarray(top.x, dtype=float), top.score
 
 
 class _Given:
@@ -405,8 +486,8 @@ def _warnings(space, named: dict, rows: dict) -> list[str]:
 
 
 def _finish(space, strategy, executor, run_dir, log, done, baselines, sources, config, n_search, scoring=None,
-            search=None) -> dict:
-    best_x, best_score = strategy.best()
+            search=None, best=None) -> dict:
+    best_x, best_score = best if best is not None else strategy.best()
     searched = [r for k, r in done.items() if k[0] == "search"]
     if best_x is None:
         ok = [r for r in searched if r.status == "ok" and r.score is not None]
