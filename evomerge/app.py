@@ -52,6 +52,11 @@ def _models(cfg) -> tuple[str | None, list[str], Any]:
     return base, experts, zoo
 
 
+# Keys of a config group that the app reads itself rather than passing to the group's target:
+# ``executor.mode`` is how the search loop feeds the executor's workers.
+APP_KEYS = {"executor": ("mode",)}
+
+
 class ConfigError(ValueError):
     """A configuration value that cannot work, found before anything is loaded."""
 
@@ -113,6 +118,9 @@ def check_config(cfg) -> None:
         v = (cfg.get("fidelity") or {}).get(key, 1.0)
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v <= 1:
             raise ConfigError(f"fidelity.{key}: must be a share of the search split, in (0, 1], got {v!r}")
+    w = (cfg.get("fidelity") or {}).get("window", 16)
+    if not isinstance(w, int) or isinstance(w, bool) or w < 1:
+        raise ConfigError(f"fidelity.window: must be a positive number of first looks, got {w!r}")
     mode = (cfg.get("executor") or {}).get("mode")
     if mode not in (None, "generational", "async"):
         raise ConfigError(f"executor.mode: {mode!r} is not 'generational' or 'async'")
@@ -232,7 +240,7 @@ _NEUTRAL = {
     ("objective",): {"_target_": "evomerge.objective.Objective", "name": "mean", "floor": None, "penalty": 10.0},
     ("search", "restarts"): 0,
     ("search", "incpopsize"): 2,
-    ("fidelity",): {"share": 1.0, "promote": 0.25},
+    ("fidelity",): {"share": 1.0, "promote": 0.25, "window": 16},
 }
 
 
@@ -308,7 +316,7 @@ def run(cfg, run_dir: str | Path) -> dict:
     # every executor is built alike: from where a worker comes, and the weights to share
     mode = str(cfg.executor.get("mode") or "generational")  # how the loop feeds it (not the executor's own)
     fidelity = cfg.get("fidelity") or {}
-    executor = build(OmegaConf.masked_copy(cfg.executor, [k for k in cfg.executor if k != "mode"]))(
+    executor = build(OmegaConf.masked_copy(cfg.executor, [k for k in cfg.executor if k not in APP_KEYS["executor"]]))(
         build_worker, inputs=inputs)
     if target.endswith("AdaMerging"):
         return _adamerging(cfg, space, getattr(executor, "worker", None), executor, zoo, evaluator, run_dir, scoring)
@@ -325,7 +333,7 @@ def run(cfg, run_dir: str | Path) -> dict:
                              max_seconds=cfg.max_seconds, resume=bool(cfg.resume), progress=bool(cfg.progress),
                              config=OmegaConf.to_container(cfg, resolve=True), record=search_record(cfg),
                              scoring=scoring, mode=mode, fidelity=float(fidelity.get("share", 1.0)),
-                             promote=float(fidelity.get("promote", 0.25)))
+                             promote=float(fidelity.get("promote", 0.25)), window=int(fidelity.get("window", 16)))
     finally:
         executor.close()
     if outcome.stopped:

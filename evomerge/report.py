@@ -270,8 +270,9 @@ def write_report(run_dir: str | Path) -> Path:
         lines[-1] += f" Workers busy {fed['utilization']:.0%} of the search ({fed['mode']} mode)."
     if fed.get("fidelity") is not None:
         lines += ["", f"Multi-fidelity: every candidate was scored first on {fed['fidelity']:.0%} of the search "
-                  f"split; {fed['promoted']} whose first look was among the best {fed['promote']:.0%} of all so far "
-                  f"were scored on all of it. The search cost {fed['cost']:.1f} evaluations of the whole split."]
+                  f"split; {fed['promoted']} whose first look was among the best {fed['promote']:.0%} "
+                  + (f"of the last {fed['window']} first looks" if fed.get("window") else "of its batch's")
+                  + f" were scored on all of it. The search cost {fed['cost']:.1f} evaluations of the whole split."]
     lines += [f"\n**Warning:** {w}." for w in summary.get("warnings", ())]
     obj = summary.get("objective")
     if obj:

@@ -7,7 +7,9 @@
 waits for the slowest candidate of its batch. ``async`` (``executor.mode=async``) asks for the
 next candidate whenever a worker is free. For each strategy and mode this prints the workers'
 utilization (their busy time over the search's wall time, as ``summary.json`` reports it),
-the wall time, and the ratio of the two modes' wall times, all measured in this run.
+the wall time, and its ratio to the generational mode's without prefetch, all measured in
+this run, with the Ray executor's ``prefetch`` at 0 (a worker gets its next candidate after
+a round trip through the driver) and 1 (one waits at each worker).
 
 The uneven costs are sleeps (a candidate costs 0.05 to 0.85 s, from its first gene), so the
 figures do not depend on what else the machine's CPUs are doing; ``--zoo`` adds the real
@@ -54,7 +56,7 @@ def _sleeper(low: float, high: float):
     return build
 
 
-def synthetic(strategies, budget: int, low: float, high: float, workdir: Path) -> list[dict]:
+def synthetic(strategies, budget: int, low: float, high: float, workdir: Path, prefetch: int) -> list[dict]:
     from evomerge.execute.ray import RayExecutor
     from evomerge.search import OptunaSearch, RandomSearch, run_search
     from evomerge.space import Space
@@ -63,15 +65,16 @@ def synthetic(strategies, budget: int, low: float, high: float, workdir: Path) -
                   search={"weight": {"lo": 0.0, "hi": 1.0, "x0": 0.5}}, granularity="per_model")
     make = {"random": lambda: RandomSearch(space, seed=0, batch=8),
             "optuna_tpe": lambda: OptunaSearch(space, "tpe", seed=0, batch=4)}
-    ex = RayExecutor(_sleeper(low, high), num_workers=2, cpus_per_worker=1, num_cpus=2)
+    ex = RayExecutor(_sleeper(low, high), num_workers=2, cpus_per_worker=1, num_cpus=2, prefetch=prefetch)
     rows = []
     try:
         for name in strategies:
             for mode in ("generational", "async"):
                 t0 = time.perf_counter()
-                out = run_search(space, make[name](), ex, workdir / f"{name}-{mode}", budget=budget, progress=False,
-                                 sources=False, baselines={}, mode=mode)
-                rows.append({"models": "sleeps", "strategy": name, "mode": mode, "evaluations": out.evaluations,
+                out = run_search(space, make[name](), ex, workdir / f"{name}-{mode}-{prefetch}", budget=budget,
+                                 progress=False, sources=False, baselines={}, mode=mode)
+                rows.append({"models": "sleeps", "strategy": name, "mode": mode, "prefetch": prefetch,
+                             "evaluations": out.evaluations,
                              "utilization": out.summary["search"]["utilization"],
                              "search_s": out.summary["search"]["seconds"], "total_s": time.perf_counter() - t0,
                              "best": out.best_score})
@@ -80,19 +83,21 @@ def synthetic(strategies, budget: int, low: float, high: float, workdir: Path) -
     return rows
 
 
-def zoo_runs(zoo: str, budget: int, workdir: Path) -> list[dict]:
+def zoo_runs(zoo: str, budget: int, workdir: Path, prefetch: int) -> list[dict]:
     rows = []
     for search, batch in (("random", "search.batch=8"), ("optuna_tpe", "search.batch=4")):
         for mode in ("generational", "async"):
-            run = workdir / f"zoo-{search}-{mode}"
+            run = workdir / f"zoo-{search}-{mode}-{prefetch}"
             cmd = [sys.executable, "-m", "evomerge.app", f"models.zoo_dir={zoo}", f"search={search}", batch,
                    "executor=ray", "executor.num_workers=2", "executor.num_cpus=2", "threads=1",
-                   f"executor.mode={mode}", f"budget={budget}", "progress=false", f"hydra.run.dir={run}"]
+                   f"executor.mode={mode}", f"executor.prefetch={prefetch}", f"budget={budget}", "progress=false",
+                   f"hydra.run.dir={run}"]
             p = subprocess.run(cmd, capture_output=True, text=True)
             if p.returncode:
                 raise SystemExit(f"{' '.join(cmd)} failed:\n{p.stderr[-2000:]}")
             s = json.loads((run / "summary.json").read_text())
-            rows.append({"models": "zoo", "strategy": search, "mode": mode, "evaluations": s["evaluations"],
+            rows.append({"models": "zoo", "strategy": search, "mode": mode, "prefetch": prefetch,
+                         "evaluations": s["evaluations"],
                          "utilization": s["search"]["utilization"], "search_s": s["search"]["seconds"],
                          "best": s["best_search_score"], "test": s["results"]["best"]["test"]["score"]})
     return rows
@@ -106,20 +111,25 @@ def main() -> None:
     ap.add_argument("--strategies", default="random,optuna_tpe")
     ap.add_argument("--zoo", help="also run the zoo's search from the command line (a zoo folder)")
     ap.add_argument("--zoo-budget", type=int, default=40)
+    ap.add_argument("--prefetch", default="0,1", help="the Ray executor's prefetch values to compare")
     args = ap.parse_args()
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        rows = synthetic(args.strategies.split(","), args.budget, args.low, args.high, Path(tmp))
+        for prefetch in map(int, args.prefetch.split(",")):
+            rows += synthetic(args.strategies.split(","), args.budget, args.low, args.high, Path(tmp), prefetch)
         if args.zoo:
-            rows += zoo_runs(args.zoo, args.zoo_budget, Path(tmp))
-    print(f"{'models':7} {'strategy':11} {'mode':13} {'evals':>5} {'busy':>6} {'search s':>9} {'vs gen.':>8}")
+            for prefetch in map(int, args.prefetch.split(",")):
+                rows += zoo_runs(args.zoo, args.zoo_budget, Path(tmp), prefetch)
+    print(f"{'models':7} {'strategy':11} {'mode':13} {'prefetch':>8} {'evals':>5} {'busy':>6} {'search s':>9} "
+          f"{'vs gen., no prefetch':>21}")
     wall = {}
     for r in rows:
         key = (r["models"], r["strategy"])
-        if r["mode"] == "generational":
+        if r["mode"] == "generational" and key not in wall:
             wall[key] = r["search_s"]
-        ratio = wall[key] / r["search_s"] if r["mode"] == "async" else 1.0
-        print(f"{r['models']:7} {r['strategy']:11} {r['mode']:13} {r['evaluations']:5d} {r['utilization']:6.1%} "
-              f"{r['search_s']:9.2f} {ratio:7.2f}x" + (f"  test {r['test']:.4f}" if "test" in r else ""))
+        print(f"{r['models']:7} {r['strategy']:11} {r['mode']:13} {r['prefetch']:8d} {r['evaluations']:5d} "
+              f"{r['utilization']:6.1%} {r['search_s']:9.2f} {wall[key] / r['search_s']:20.2f}x"
+              + (f"  test {r['test']:.4f}" if "test" in r else ""))
 
 
 if __name__ == "__main__":

@@ -118,8 +118,8 @@ def test_a_search_through_executor_ray_from_the_command_line(zoo, tmp_path, mode
     summary = json.loads((run / "summary.json").read_text())
     assert summary["results"]["best"]["test"]["score"] >= 0
     assert summary["search"]["mode"] == mode and 0 < summary["search"]["utilization"] <= 1
-    if mode == "async":  # each result told before the next candidate was asked, but for the first two
-        assert sorted(r["generation"] for r in search) == [0, 0, 1, 2, 3, 4, 5, 6]
+    if mode == "async":  # each result told before the next candidate was asked, but for the first four
+        assert sorted(r["generation"] for r in search) == [0, 0, 0, 0, 1, 2, 3, 4]  # (2 workers, prefetch 1)
 
 
 def _fake_worker(marker_dir, slow=0.3):
@@ -167,9 +167,9 @@ def test_dead_workers_are_replaced_and_every_candidate_gets_one_result(tmp_path)
     try:
         drawn = []
 
-        def cands():  # drawn from only when a worker is free: never more in flight than workers
+        def cands():  # drawn from only when a worker has room: the one it runs and one waiting (prefetch)
             for i in range(10):
-                assert len(drawn) - len(results) < 2
+                assert len(drawn) - len(results) < 4
                 drawn.append(i)
                 yield Candidate(i, [0.0])
         results = []
@@ -683,3 +683,19 @@ def test_a_worker_on_shared_weights_scores_the_zoo_as_one_that_read_the_checkpoi
     for i, src in enumerate([*map(str, zoo.experts.values()), None]):
         a, b = (w.evaluate(Candidate(i, x, split="search", source=src)) for w in (own, shared))
         assert a.status == b.status == "ok" and a.metrics == b.metrics, (src, a.metrics, b.metrics)
+
+
+def test_a_worker_that_cannot_be_built_is_an_error_before_any_candidate(tmp_path):
+    """The executor waits for its workers to be built (so a search's clock and its workers'
+    utilization start with workers that can score): one that cannot be built is an error
+    naming its cause, and the local Ray it started is stopped."""
+    import ray
+
+    from evomerge.execute.ray import RayExecutor
+
+    def build(shared=None):
+        raise FileNotFoundError(f"no checkpoint at {tmp_path}/model.safetensors")
+
+    with pytest.raises(RuntimeError, match=r"could not be built: FileNotFoundError: no checkpoint at .*model\."):
+        RayExecutor(build, num_workers=2, num_cpus=2)
+    assert not ray.is_initialized()

@@ -17,8 +17,9 @@ node holds one copy of them, however many actors it runs.
 A worker that dies (killed, out of memory) is replaced by a new actor and its candidate is
 run again; a candidate whose worker dies ``max_attempts`` times is recorded as failed with
 the error, and the search goes on. Every candidate given to ``map`` gets exactly one result. ``map`` draws
-a candidate from its iterable only when a worker is free, so a search that asks for its next
-candidate only then (``executor.mode=async``) proposes it knowing every result so far.
+a candidate from its iterable only when a worker has room for it (the one it runs and
+``prefetch`` waiting behind it), so a search that asks for its next candidate only then
+(``executor.mode=async``) proposes it knowing every result but those in flight.
 """
 
 from __future__ import annotations
@@ -81,6 +82,9 @@ class _Actor:
         self.worker = build_worker() if shared is None else build_worker(shared)
         self.worker.name = name
 
+    def ready(self) -> str:
+        return self.worker.name
+
     def evaluate(self, cand: Candidate) -> Result:
         return self.worker.evaluate(cand)
 
@@ -99,13 +103,20 @@ class RayExecutor:
             (``build_worker(inputs())``): the models' weights, put once into the object store.
         share_weights: use ``inputs``; when false, each worker reads the checkpoints itself
             (``build_worker()``).
+        prefetch: candidates sent to each worker beyond the one it runs, waiting there, so
+            it starts the next as soon as it finishes instead of after a round trip through
+            this process (which logs, tells and asks in between); 0 sends one at a time.
     """
 
     def __init__(self, build_worker: Callable, num_workers: int | None = None, cpus_per_worker: int = 1,
                  gpus_per_worker: float = 0, address: str | None = None, num_cpus: int | None = None,
-                 max_attempts: int = 3, inputs: Callable | None = None, share_weights: bool = True):
+                 max_attempts: int = 3, inputs: Callable | None = None, share_weights: bool = True,
+                 prefetch: int = 1):
         import ray
 
+        if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0:
+            raise ValueError(f"prefetch must be a whole number of candidates (0 or more), not {prefetch!r}")
+        self.prefetch = prefetch
         self.max_attempts = max(1, int(max_attempts))
         self.replaced = 0  # workers started again after dying
         # the weights first: a bad checkpoint fails here, before any Ray process is started
@@ -131,6 +142,23 @@ class RayExecutor:
         self._new = lambda i: ray.remote(num_cpus=cpus_per_worker, num_gpus=gpus_per_worker, max_restarts=0)(
             _Actor).remote(build_worker, cpus_per_worker, f"ray-{i}", self.shared)
         self.actors = [self._new(i) for i in range(num_workers)]
+        self._await_workers()
+
+    def _await_workers(self) -> None:
+        """Wait until every actor has built its worker (models placed, evaluator ready), so a
+        search's clock starts with workers that can score, and a worker that cannot be built
+        is an error here, with its cause, rather than a candidate's failure later."""
+        import ray
+
+        from ray.exceptions import RayError
+
+        try:
+            ray.get([a.ready.remote() for a in self.actors])
+        except RayError as e:
+            self.close()
+            lines = [x for x in str(e).splitlines() if x.strip()]
+            cause = next((x for x in reversed(lines) if "Error" in x), lines[-1] if lines else type(e).__name__)
+            raise RuntimeError(f"a Ray worker could not be built: {cause.strip()[:500]}") from None
 
     @property
     def num_workers(self) -> int:
@@ -144,8 +172,11 @@ class RayExecutor:
         source = iter(candidates)  # drawn from only when a worker is free (an asynchronous search asks then)
         todo: list[Candidate] = []  # candidates whose worker died, to run again first
         running = {}  # ref -> (slot, candidate)
+        queued: dict[int, list] = {i: [] for i in range(len(self.actors))}  # each actor's refs, in order
         attempts: dict[int, int] = {}
-        idle = list(range(len(self.actors)))
+        # a slot per candidate an actor may hold: the one it runs and ``prefetch`` waiting behind
+        # it, so it starts the next the moment it finishes (not after a round trip to here)
+        idle = [i for _ in range(1 + self.prefetch) for i in range(len(self.actors))][::-1]
         more = True
         while True:
             while idle and (todo or more):
@@ -155,34 +186,53 @@ class RayExecutor:
                     break
                 slot = idle.pop()
                 attempts[id(cand)] = attempts.get(id(cand), 0) + 1
-                running[self.actors[slot].evaluate.remote(cand)] = (slot, cand)
+                ref = self.actors[slot].evaluate.remote(cand)
+                running[ref] = (slot, cand)
+                queued[slot].append(ref)
             if not running:
                 break
             ready, _ = ray.wait(list(running), num_returns=1)
             for ref in ready:
-                slot, cand = running.pop(ref)
+                if ref not in running:  # (its worker died, and it was dealt with then)
+                    continue
+                slot, cand = running[ref]
                 try:
                     res = ray.get(ref)
-                except RayActorError as e:  # the worker died: replace it, run the candidate again
-                    ray.kill(self.actors[slot], no_restart=True)
-                    self.actors[slot] = self._new(slot)
-                    self.replaced += 1
-                    idle.append(slot)
-                    again = attempts[id(cand)] < self.max_attempts
-                    print(f"evomerge: worker ray-{slot} died while scoring candidate {cand.id} and was "
-                          f"replaced; the candidate " + ("runs again" if again else "is recorded as failed"),
-                          file=sys.stderr, flush=True)
-                    if again:
-                        todo.append(cand)
-                        continue
-                    res = _failed(cand, f"its worker died {attempts[id(cand)]} times; last: "
-                                        f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+                except RayActorError as e:  # the worker died: replace it, run its candidates again
+                    yield from self._replace(slot, queued, running, attempts, todo, idle, e)
+                    continue
                 except Exception as e:  # noqa: BLE001 - any other error is this candidate's failure
-                    idle.append(slot)
                     res = _failed(cand, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
-                else:
-                    idle.append(slot)
+                del running[ref]
+                queued[slot].remove(ref)
+                idle.append(slot)
                 yield res
+
+    def _replace(self, slot, queued, running, attempts, todo, idle, error):
+        """A dead worker's replacement; the candidate it ran (the first of its queue) runs
+        again unless it has had ``max_attempts``, when it is yielded as failed; the ones
+        waiting behind it never started, and run again without an attempt counted."""
+        import ray
+
+        ray.kill(self.actors[slot], no_restart=True)
+        self.actors[slot] = self._new(slot)
+        self.replaced += 1
+        refs, queued[slot] = queued[slot], []
+        for i, ref in enumerate(refs):
+            _, cand = running.pop(ref)
+            idle.append(slot)
+            if i:  # waiting behind the one that ran
+                attempts[id(cand)] -= 1
+                todo.append(cand)
+                continue
+            again = attempts[id(cand)] < self.max_attempts
+            print(f"evomerge: worker ray-{slot} died while scoring candidate {cand.id} and was replaced; the "
+                  "candidate " + ("runs again" if again else "is recorded as failed"), file=sys.stderr, flush=True)
+            if again:
+                todo.append(cand)
+            else:
+                yield _failed(cand, f"its worker died {attempts[id(cand)]} times; last: "
+                                    f"{type(error).__name__}: {str(error).splitlines()[0][:300]}")
 
     def run_on_worker(self, fn: Callable):
         """``fn(worker)`` inside the first actor, where its models are (AdaMerging trains

@@ -22,7 +22,6 @@ the sources (base and each expert) and the baselines, on both splits; the run di
 
 from __future__ import annotations
 
-import bisect
 import json
 import math
 import time
@@ -76,6 +75,7 @@ def run_search(
     mode: str = "generational",
     fidelity: float = 1.0,
     promote: float = 0.25,
+    window: int = 16,
 ) -> SearchOutcome:
     """Run (or resume) a search until ``budget`` evaluations or ``max_seconds`` are spent or
     the strategy stops; then score the best, the baselines and the sources.
@@ -96,6 +96,17 @@ def run_search(
             as it comes and asked for the next candidate when a worker is free. An async
             search's order depends on which candidate finishes first, so two runs of it may
             differ; a resumed one still loses nothing and repeats nothing.
+        fidelity: below 1, a multi-fidelity search: every candidate is scored first on this
+            seeded share of each task's search split (a first look; the evaluator's
+            ``fraction``), and the promising ones again on all of it. The promotion rule: a
+            first look is promoted when fewer than ``max(1, ceil(promote * n))`` of the ``n``
+            first looks it is compared with score better: in the generational mode those of
+            its own batch (so a batch's best ``promote`` share is promoted), in the async mode
+            the last ``window`` first looks, its own included. The strategy is told a
+            candidate's whole-split score where it has one, else its first look's; the best
+            of the search is the best whole-split score, never a first look. Each first look
+            and each promotion is a line of the trial log (kind ``search`` and ``promoted``),
+            and the summary gives the cost in whole-split evaluations (``search.cost``).
 
     The run directory is locked while the search runs (a second process is refused). A
     resume is refused when there is nothing to resume, when the trial log lacks evaluations
@@ -109,6 +120,8 @@ def run_search(
                          "(generations) told together; run it in the generational mode")
     if not 0 < fidelity <= 1 or not 0 < promote <= 1:
         raise ValueError(f"fidelity ({fidelity!r}) and promote ({promote!r}) are shares: in (0, 1]")
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ValueError(f"window must be a positive number of first looks, not {window!r}")
     if resume and not (run_dir / LOG_FILE).is_file() and not (run_dir / STATE_FILE).is_file() \
             and not (run_dir / LEGACY_STATE_FILE).is_file():
         raise StateError(f"{run_dir}: nothing to resume (no {LOG_FILE} or {STATE_FILE}); drop resume=true to start "
@@ -119,7 +132,7 @@ def run_search(
         if record is not None:
             check_record(run_dir, dict(record), resume)
         return _run_search(space, strategy, executor, run_dir, budget, max_seconds, resume, baselines, sources,
-                           progress, config, scoring, mode, float(fidelity), float(promote))
+                           progress, config, scoring, mode, float(fidelity), float(promote), window)
 
 
 def _rescore(res: Result, scoring) -> Result:
@@ -207,7 +220,7 @@ def _map_once(space, executor, todo: list[Candidate], seen: dict):
 
 
 def _run_search(space, strategy, executor, run_dir: Path, budget, max_seconds, resume, baselines, sources, progress,
-                config, scoring, mode, fidelity, promote) -> SearchOutcome:
+                config, scoring, mode, fidelity, promote, window) -> SearchOutcome:
     if budget is None and max_seconds is None:
         raise ValueError("run_search: give a budget of evaluations, max_seconds, or both")
     limit = budget if budget is not None else float("inf")  # evaluations; None: until max_seconds
@@ -265,9 +278,10 @@ def _run_search(space, strategy, executor, run_dir: Path, budget, max_seconds, r
     # up to date: a repeat is reused
     seen = {_genome_key(space, r.x): r for k, r in done.items() if k[0] == "search" and r.status == "ok"}
     seen.update({_genome_key(space, r.x): r for k, r in done.items() if k[0] == "promoted" and r.status == "ok"})
-    # the scores of every first look (on a share of the split), sorted: the promotion rule ranks in them
-    looks = sorted(r.score for k, r in done.items() if k[0] == "search" and r.fidelity < 1 and r.reused is None
-                   and r.score is not None)
+    # the scores of the first looks (on a share of the split) in the order they came, for the
+    # async mode's promotion rule (the log is in that order)
+    looks = [r.score for k, r in done.items() if k[0] == "search" and r.fidelity < 1 and r.reused is None
+             and r.score is not None]
     t_start = time.perf_counter()
     n_start = n_search  # candidates per minute count this process's evaluations only
     bar = _progress(budget, min(n_search, limit), progress)
@@ -290,7 +304,7 @@ def _run_search(space, strategy, executor, run_dir: Path, budget, max_seconds, r
             n_search += 1
             bar.update(1)
             if res.fidelity < 1 and res.reused is None and res.score is not None:
-                bisect.insort(looks, res.score)
+                looks.append(res.score)
         if res.score is not None and res.fidelity >= 1 and (best_seen is None or res.score > best_seen):
             best_seen = res.score
         done_here = n_search - n_start
@@ -299,14 +313,13 @@ def _run_search(space, strategy, executor, run_dir: Path, budget, max_seconds, r
             bar.set_postfix(best=None if best_seen is None else f"{best_seen:.4f}",
                             per_min=f"{per_min:.0f}", refresh=False)
 
-    def promoted(c: Candidate) -> Candidate | None:
+    def promoted(c: Candidate, among: list[float]) -> Candidate | None:
         """``c`` to score on the whole search split, when its first look is among the best
-        ``promote`` share of all first looks so far (the rule of ``run_search``)."""
+        ``promote`` share of the first looks ``among`` (its own included; see ``run_search``)."""
         first = done[("search", c.id)]
         if first.fidelity >= 1 or first.reused is not None or first.score is None:
             return None
-        better = len(looks) - bisect.bisect_right(looks, first.score)
-        if better >= max(1, math.ceil(promote * len(looks) - 1e-9)):
+        if sum(1 for v in among if v > first.score) >= max(1, math.ceil(promote * len(among) - 1e-9)):
             return None
         return Candidate(c.id, list(c.x), c.generation, kind="promoted")
 
@@ -350,8 +363,11 @@ def _run_search(space, strategy, executor, run_dir: Path, budget, max_seconds, r
                 todo = [c for c in pending if ("search", c.id) not in done]
                 for res in _map_once(space, executor, todo, seen):
                     record(res)
-                if multi:  # the batch's best first looks (ranked among all so far) on the whole split
-                    up = [u for u in map(promoted, pending) if u is not None and ("promoted", u.id) not in done]
+                if multi:  # the batch's best first looks on the whole split
+                    batch = [r.score for r in (done[("search", c.id)] for c in pending)
+                             if r.fidelity < 1 and r.reused is None and r.score is not None]
+                    up = [u for u in (promoted(c, batch) for c in pending)
+                          if u is not None and ("promoted", u.id) not in done]
                     for res in executor.map(up):
                         record(res)
                 tell(pending)
@@ -371,7 +387,7 @@ def _run_search(space, strategy, executor, run_dir: Path, budget, max_seconds, r
                 checkpoint()
 
             def first_look(c: Candidate) -> None:  # promoted (queued), or told now
-                up = promoted(c) if multi else None
+                up = promoted(c, looks[-window:]) if multi else None
                 if up is None:
                     told(c)
                 elif ("promoted", c.id) in done:  # scored before a crash, not told
@@ -429,7 +445,8 @@ def _run_search(space, strategy, executor, run_dir: Path, budget, max_seconds, r
                # forward passes of the search, in evaluations of the whole search split
                "cost": float(sum(r.fidelity for r in searched))}
     if multi:
-        feeding.update(fidelity=fidelity, promote=promote, promoted=sum(1 for k in done if k[0] == "promoted"))
+        feeding.update(fidelity=fidelity, promote=promote, promoted=sum(1 for k in done if k[0] == "promoted"),
+                       **({"window": window} if mode == "async" else {}))
     summary = _finish(space, strategy, executor, run_dir, log, done, baselines, sources, config, n_search, scoring,
                       search=feeding, best=best)
     best_x, best_score = best or strategy.best()
