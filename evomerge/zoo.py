@@ -104,6 +104,8 @@ TASKS: dict[str, Task] = {
         Task("increment", "inc", _digits, lambda x: "".join(str((int(c) + 1) % 10) for c in x), 5, (2, 3, 4),
              "add 1 to each digit, modulo 10"),
         Task("alternate", "alt", _letters, lambda x: x[::2], 8, (4, 6), "every other letter of n"),
+        Task("shift", "sft", _letters, lambda x: "".join(LETTERS[(LETTERS.index(c) + 1) % 26] for c in x), 5,
+             (2, 3, 4), "the next letter of each of n letters, z to a"),
     ]
 }
 COPY = Task("copy", "cpy", _letters, lambda x: x, 6, (2, 3, 4, 5, 6, 7, 8), "copy n letters")

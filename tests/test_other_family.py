@@ -344,3 +344,34 @@ def test_every_evaluator_scores_a_share_of_the_search_split_as_it_scores_those_r
             ev(model, tok, "test", fraction=0.5)
         with pytest.raises(EvaluationError, match="fraction must be in"):
             ev(model, tok, "search", fraction=0)
+
+
+def test_a_share_of_a_few_shot_lm_eval_task_keeps_the_whole_splits_prompts(words, tmp_path):
+    """lm-eval draws few-shot examples from a sampler with state: whichever is built first,
+    a share's requests are the whole split's own, and the whole split's prompts do not
+    depend on whether a share was scored before it (a promoted candidate is scored on the
+    same prompts whichever worker scores it)."""
+    import yaml
+
+    from evomerge.evaluate._common import part
+
+    files = {t: {"validation": d["dev"], "test": d["test"]} for t, d in words.data.items()}
+    folder = write_jsonl_tasks(files, tmp_path / "tasks", prefix="f_", fields=words.fields)
+    for path in folder.glob("f_*.yaml"):
+        cfg = yaml.safe_load(path.read_text())
+        if "task" in cfg:
+            cfg.update(num_fewshot=2, fewshot_split="validation")
+            path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    names = [f"f_{t}" for t in words.tasks]
+
+    def prompts(ev, fraction):
+        return [[i.args[0] for g in p.groups for i in g] for p in ev._requests("search", fraction)]
+
+    share_first = LMEvalEvaluator(names, include_path=folder, include_defaults=False, search_split="validation")
+    whole_first = LMEvalEvaluator(names, include_path=folder, include_defaults=False, search_split="validation")
+    a_share = prompts(share_first, 0.5)
+    b_whole = prompts(whole_first, 1.0)
+    assert prompts(share_first, 1.0) == b_whole and prompts(whole_first, 0.5) == a_share
+    assert all(p.count("=") >= 3 for task in b_whole for p in task)  # two examples before each prompt
+    for task, whole in zip(a_share, b_whole):
+        assert task == part(whole, 0.5, 0)

@@ -1129,12 +1129,11 @@ def test_async_mode_keeps_every_worker_busy_and_spends_the_budget_exactly(tmp_pa
         assert pool.in_flight_max <= 2
         spans[mode] = pool.search_clock  # virtual wall time of the search
         assert out.summary["search"]["mode"] == mode
-        assert 0 < out.summary["search"]["utilization"]
         if mode == "async":
             assert len(recs) == 30 and out.evaluations == 30
-            # every result was told before the candidate asked after it finished: generation counts tells
-            assert [r.generation for r in sorted(recs, key=lambda r: r.id)][:2] == [0, 0]
-            assert max(r.generation for r in recs) >= 20
+            # each candidate was asked once a worker was free, knowing every result but the one
+            # still running: its generation (the results told before it) is its id less one
+            assert sorted(r.generation for r in recs) == [0] + list(range(29))
     work = sum(1.0 + 4.0 * float(r.x[0] > 0.5) for r in recs)
     assert spans["async"] <= work / 2 + 5 + 1e-9  # no worker idle but while the last candidate finishes
     assert spans["async"] < spans["generational"]
@@ -1247,17 +1246,22 @@ class _Recorder:
 
 
 def _promotions_by_the_rule(recs, promote, window=None):
-    """Replays the promotion rule: ``recs`` in batches (ranked within each) or, with a
-    window, one by one (ranked among the last ``window`` first looks)."""
+    """Replays the promotion rule: ``recs`` in batches (the best share of each, ties to the
+    lower id) or, with a window, one by one (among the last ``window`` first looks, ties to
+    the earlier)."""
     import math
 
     looks, out = [], set()
     for batch in recs:
-        looks += [r.score for r in batch]
-        among = looks[-window:] if window else [r.score for r in batch]
+        if window is None:
+            ranked = sorted(batch, key=lambda r: (-r.score, r.id))
+            out |= {r.id for r in ranked[:max(1, math.ceil(promote * len(batch) - 1e-9))]}
+            continue
         for r in batch:
-            better = sum(1 for v in among if v > r.score)
-            if better < max(1, math.ceil(promote * len(among) - 1e-9)):
+            looks.append(r.score)
+            among = looks[-window:]
+            ahead = sum(1 for v in among if v > r.score) + sum(1 for v in among[:-1] if v == r.score)
+            if ahead < max(1, math.ceil(promote * len(among) - 1e-9)):
                 out.add(r.id)
     return out
 
@@ -1336,3 +1340,93 @@ def test_multi_fidelity_generational_resume_ends_where_an_uninterrupted_search_d
         assert a == b
     with pytest.raises(ValueError, match="shares"):
         run_search(sp, CMAES(sp), Looks(), tmp_path / "bad", budget=4, progress=False, fidelity=0.0)
+
+
+def test_utilization_is_the_workers_busy_time_over_the_searchs_wall_time(tmp_path):
+    """A worker that reports 20 ms of work per candidate and takes about that long keeps
+    busy most of the search; one that reports no work is never busy."""
+    sp = synthetic_space()
+
+    class Timed(FunctionExecutor):
+        def __init__(self, work):
+            super().__init__()
+            self.work = work
+
+        def map(self, cands):
+            for r in super().map(cands):
+                time.sleep(0.02)
+                r.wall_s = 0.02 if self.work else 0.0
+                yield r
+
+    busy = run_search(sp, RandomSearch(sp), Timed(True), tmp_path / "a", budget=24, progress=False, sources=False)
+    u = busy.summary["search"]["utilization"]
+    assert 0.5 < u <= 1.0
+    idle = run_search(sp, RandomSearch(sp), Timed(False), tmp_path / "b", budget=24, progress=False, sources=False)
+    assert idle.summary["search"]["utilization"] is None  # no busy time to report
+
+
+def test_an_in_memory_optuna_state_of_the_batch_format_still_resumes():
+    """States saved before asks and tells were recorded apart (each batch with its told
+    values) load and continue as the state of the same asks and tells does now."""
+    sp = synthetic_space()
+    a = OptunaSearch(sp, "tpe", seed=2)
+    drive(a, sp, 3)
+    new = json.loads(json.dumps(a.state_dict()))
+    events, old = new["history"], []
+    for ask_, tell_ in zip(events[::2], events[1::2]):
+        assert "x" in ask_ and "tell" in tell_
+        old.append({"x": ask_["x"], "values": tell_["values"]})
+    b = OptunaSearch(sp, "tpe", seed=2)
+    b.load_state_dict({**new, "history": old})
+    assert [x.tolist() for x in b.ask()] == [x.tolist() for x in a.ask()]
+
+
+def test_multi_fidelity_promotes_exactly_its_share_of_a_batch_when_first_looks_tie(tmp_path):
+    """Scores on a share of a split come in steps (a count of rows): many first looks tie.
+    Exactly ceil(promote * batch) of each batch are promoted, ties going to the earlier asked."""
+    sp = synthetic_space()
+
+    class Steps(Looks):
+        def map(self, cands):
+            for r in super().map(cands):
+                if r.fidelity < 1:
+                    r.score = round(r.score, 1)
+                    r.metrics = {"score": r.score}
+                yield r
+
+    run_search(sp, RandomSearch(sp, seed=1, batch=8), Steps(), tmp_path / "run", budget=40, progress=False,
+               sources=False, fidelity=0.25, promote=0.25)
+    recs = list(TrialLog(tmp_path / "run" / "trials.jsonl"))
+    up = {r.id for r in recs if r.kind == "promoted"}
+    by_gen: dict[int, list] = {}
+    for r in recs:
+        if r.kind == "search":
+            by_gen.setdefault(r.generation, []).append(r)
+    assert any(len({r.score for r in b}) < len(b) for b in by_gen.values())  # ties happened
+    for g, batch in by_gen.items():
+        assert len(up & {r.id for r in batch}) == 2
+    assert up == _promotions_by_the_rule([by_gen[g] for g in sorted(by_gen)], 0.25)
+
+
+@pytest.mark.parametrize("name", ["random", "optuna_tpe"])
+def test_async_multi_fidelity_on_two_workers_scores_every_promotion_and_spends_the_budget(tmp_path, name):
+    """With candidates in flight when the budget is spent, the promotions decided after the
+    last ask are still scored and told (nothing is left pending), the budget is spent
+    exactly (a candidate awaiting its promotion is not counted twice), and resuming the
+    finished search scores nothing again."""
+    sp = synthetic_space()
+    pool = VirtualPool(workers=3)
+    out = run_search(sp, STRATEGIES[name](sp, 0), pool, tmp_path / "run", budget=30, progress=False, sources=False,
+                     mode="async", fidelity=0.5, promote=0.3, window=8)
+    recs = list(TrialLog(tmp_path / "run" / "trials.jsonl"))
+    first = [r for r in recs if r.kind == "search"]
+    assert len(first) == 30 and out.evaluations == 30
+    assert json.loads((tmp_path / "run" / "strategy.json").read_text())["pending"] == []
+    up = {r.id for r in recs if r.kind == "promoted"}
+    ranked = sorted(first, key=lambda r: [i for i, x in enumerate(recs) if x is r][0])  # in the order they came
+    assert up == _promotions_by_the_rule([[r] for r in ranked], 0.3, window=8)
+    assert out.summary["search"]["cost"] == pytest.approx(0.5 * 30 + len(up))
+    again = VirtualPool(workers=3)
+    run_search(sp, STRATEGIES[name](sp, 0), again, tmp_path / "run", budget=30, progress=False, sources=False,
+               mode="async", fidelity=0.5, promote=0.3, window=8, resume=True)
+    assert not [c for c in again.calls if c[0] in ("search", "promoted")]

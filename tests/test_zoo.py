@@ -33,6 +33,7 @@ def test_tasks_solve_by_hand():
     assert t["sort"].solve("52813") == "12358"
     assert t["increment"].solve("48290") == "59301"
     assert t["alternate"].solve("abcdefgh") == "aceg"
+    assert t["shift"].solve("abzqy") == "bcarz"
     assert t["reverse"].prompt("abcde") == "rev:abcde="
     prefixes = [task.prefix for task in t.values()]
     assert len(set(prefixes)) == len(prefixes)
@@ -181,5 +182,5 @@ def test_cli_builds_a_zoo_of_the_tasks_asked_for(tmp_path, capsys):
     capsys.readouterr()
     for bad in ("reverse,parity", "reverse", "sort,sort"):
         assert Z.main(["build", "--out", str(tmp_path / "bad"), "--test-mode", "--tasks", bad]) == 2
-        assert "of add, reverse, sort, increment, alternate" in capsys.readouterr().err
+        assert "of add, reverse, sort, increment, alternate, shift" in capsys.readouterr().err
         assert not (tmp_path / "bad").exists()

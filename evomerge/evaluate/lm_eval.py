@@ -116,6 +116,16 @@ class _Prepared:
         if not self.instances:
             raise EvaluationError(f"lm-eval task {name!r}: no requests were built (empty split?)")
 
+    def share(self, fraction: float, seed: int) -> "_Prepared":
+        """The requests of a seeded share of the documents (``part``), the very ones of the
+        whole split: the few-shot contexts come from one draw of the task's sampler, whichever
+        share is scored first."""
+        keep = part(list(range(len(self.docs))), fraction, seed)
+        out = object.__new__(_Prepared)
+        out.task, out.docs, out.groups = self.task, [self.docs[i] for i in keep], [self.groups[i] for i in keep]
+        out.instances = [i for g in out.groups for i in g]
+        return out
+
 
 class LMEvalEvaluator:
     """Scores lm-eval tasks on a live ``(model, tokenizer)`` (see the module docstring).
@@ -303,9 +313,11 @@ class LMEvalEvaluator:
     def _requests(self, split: str, fraction: float = 1.0) -> list[_Prepared]:
         prep = self._prepared.get((split, fraction))
         if prep is None:
-            prep = [_Prepared(task, part(self._docs[name][split], fraction, self.seed),
-                              task.get_config("num_fewshot") or 0)
-                    for name, task in self._tasks.items()]
+            if fraction < 1:  # a share of the whole split's requests (built first, once)
+                prep = [p.share(fraction, self.seed) for p in self._requests(split)]
+            else:
+                prep = [_Prepared(task, self._docs[name][split], task.get_config("num_fewshot") or 0)
+                        for name, task in self._tasks.items()]
             self._prepared[(split, fraction)] = prep
         return prep
 

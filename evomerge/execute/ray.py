@@ -170,24 +170,22 @@ class RayExecutor:
         from ray.exceptions import RayActorError
 
         source = iter(candidates)  # drawn from only when a worker is free (an asynchronous search asks then)
-        todo: list[Candidate] = []  # candidates whose worker died, to run again first
-        running = {}  # ref -> (slot, candidate)
+        todo: list[tuple[Candidate, int]] = []  # candidates whose worker died, with their attempts so far
+        running = {}  # ref -> (slot, candidate, attempts including this one)
         queued: dict[int, list] = {i: [] for i in range(len(self.actors))}  # each actor's refs, in order
-        attempts: dict[int, int] = {}
         # a slot per candidate an actor may hold: the one it runs and ``prefetch`` waiting behind
         # it, so it starts the next the moment it finishes (not after a round trip to here)
         idle = [i for _ in range(1 + self.prefetch) for i in range(len(self.actors))][::-1]
         more = True
         while True:
             while idle and (todo or more):
-                cand = todo.pop() if todo else next(source, None)
+                cand, tried = todo.pop() if todo else (next(source, None), 0)
                 if cand is None:
                     more = False
                     break
                 slot = idle.pop()
-                attempts[id(cand)] = attempts.get(id(cand), 0) + 1
                 ref = self.actors[slot].evaluate.remote(cand)
-                running[ref] = (slot, cand)
+                running[ref] = (slot, cand, tried + 1)
                 queued[slot].append(ref)
             if not running:
                 break
@@ -195,11 +193,11 @@ class RayExecutor:
             for ref in ready:
                 if ref not in running:  # (its worker died, and it was dealt with then)
                     continue
-                slot, cand = running[ref]
+                slot, cand, _ = running[ref]
                 try:
                     res = ray.get(ref)
                 except RayActorError as e:  # the worker died: replace it, run its candidates again
-                    yield from self._replace(slot, queued, running, attempts, todo, idle, e)
+                    yield from self._replace(slot, queued, running, todo, idle, e)
                     continue
                 except Exception as e:  # noqa: BLE001 - any other error is this candidate's failure
                     res = _failed(cand, f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
@@ -208,7 +206,7 @@ class RayExecutor:
                 idle.append(slot)
                 yield res
 
-    def _replace(self, slot, queued, running, attempts, todo, idle, error):
+    def _replace(self, slot, queued, running, todo, idle, error):
         """A dead worker's replacement; the candidate it ran (the first of its queue) runs
         again unless it has had ``max_attempts``, when it is yielded as failed; the ones
         waiting behind it never started, and run again without an attempt counted."""
@@ -219,19 +217,18 @@ class RayExecutor:
         self.replaced += 1
         refs, queued[slot] = queued[slot], []
         for i, ref in enumerate(refs):
-            _, cand = running.pop(ref)
+            _, cand, tried = running.pop(ref)
             idle.append(slot)
             if i:  # waiting behind the one that ran
-                attempts[id(cand)] -= 1
-                todo.append(cand)
+                todo.append((cand, tried - 1))
                 continue
-            again = attempts[id(cand)] < self.max_attempts
+            again = tried < self.max_attempts
             print(f"evomerge: worker ray-{slot} died while scoring candidate {cand.id} and was replaced; the "
                   "candidate " + ("runs again" if again else "is recorded as failed"), file=sys.stderr, flush=True)
             if again:
-                todo.append(cand)
+                todo.append((cand, tried))
             else:
-                yield _failed(cand, f"its worker died {attempts[id(cand)]} times; last: "
+                yield _failed(cand, f"its worker died {tried} times; last: "
                                     f"{type(error).__name__}: {str(error).splitlines()[0][:300]}")
 
     def run_on_worker(self, fn: Callable):

@@ -98,12 +98,15 @@ def run_search(
             differ; a resumed one still loses nothing and repeats nothing.
         fidelity: below 1, a multi-fidelity search: every candidate is scored first on this
             seeded share of each task's search split (a first look; the evaluator's
-            ``fraction``), and the promising ones again on all of it. The promotion rule: a
-            first look is promoted when fewer than ``max(1, ceil(promote * n))`` of the ``n``
-            first looks it is compared with score better: in the generational mode those of
-            its own batch (so a batch's best ``promote`` share is promoted), in the async mode
-            the last ``window`` first looks, its own included. The strategy is told a
-            candidate's whole-split score where it has one, else its first look's; the best
+            ``fraction``), and the promising ones again on all of it. The promotion rule: the
+            best ``max(1, ceil(promote * n))`` of ``n`` first looks are promoted, ties going to
+            the earlier: in the generational mode the ``n`` first looks of each batch, in the
+            async mode a first look is promoted as it comes when it is among the best of the
+            last ``window`` first looks, its own the latest. The strategy is told a
+            candidate's whole-split score where it has one (the better estimate of the same
+            quantity, on a superset of the rows; the best first looks of a batch, chosen
+            for scoring high, tend to score a little lower on the whole split), else its
+            first look's; the best
             of the search is the best whole-split score, never a first look. Each first look
             and each promotion is a line of the trial log (kind ``search`` and ``promoted``),
             and the summary gives the cost in whole-split evaluations (``search.cost``).
@@ -188,7 +191,8 @@ def _reuse(r: Result, c: Candidate) -> Result:
 
 def _map_once(space, executor, todo: list[Candidate], seen: dict):
     """``executor.map(todo)``, except that a genome equal (after clipping) to one already
-    scored well (``seen``: clipped genome -> its result, kept up to date here), or to another
+    scored well (``seen``: clipped genome -> its result, kept up to date by the caller as
+    results come), or to another
     of this batch, is not evaluated again: it yields a copy of that result under its own id
     and genome, with ``reused`` naming the id it copies."""
     def key(x) -> tuple:
@@ -207,8 +211,6 @@ def _map_once(space, executor, todo: list[Candidate], seen: dict):
     got = {}
     for res in executor.map(list(first.values())):
         got[key(res.x)] = res
-        if res.status == "ok":
-            seen.setdefault(key(res.x), res)
         yield res
     # copies of the successes; a genome whose evaluation failed (a worker died, say) is asked
     # again for each of its repeats, as it would be in a later batch
@@ -238,6 +240,9 @@ def _run_search(space, strategy, executor, run_dir: Path, budget, max_seconds, r
             pending = [Candidate(**c) for c in state["pending"]]
             next_id, generation = state["next_id"], state["generation"]
             elapsed = float(state.get("elapsed", 0.0))
+            # (a state of an earlier version has no busy time: utilization counts this process then)
+            busy_before = float(state.get("busy", 0.0))
+            elapsed_counted = elapsed if "busy" in state else 0.0
             for k, v in (("next_id", next_id), ("generation", generation)):
                 if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 2**40:
                     raise ValueError(f"{k} is {v!r}, not a count")
@@ -256,11 +261,13 @@ def _run_search(space, strategy, executor, run_dir: Path, budget, max_seconds, r
                              "would repeat or skip work")
     else:
         pending, next_id, generation, elapsed = [], 0, 0, 0.0
+        busy_before = elapsed_counted = 0.0
 
     def checkpoint() -> None:
         save_state(state_path, {
             "strategy": strategy.state_dict(), "pending": [c.__dict__ for c in pending],
             "next_id": next_id, "generation": generation, "elapsed": elapsed + (time.perf_counter() - t_start),
+            "busy": busy_before + busy,
         })
 
     if scoring is not None and scoring.needs_sources:
@@ -270,18 +277,24 @@ def _run_search(space, strategy, executor, run_dir: Path, budget, max_seconds, r
 
     def result_of(c: Candidate) -> Result:
         """What the strategy is told of ``c``: its score on the whole search split where it
-        was promoted (and that evaluation did not fail), else its first look."""
-        up = done.get(("promoted", c.id))
-        return up if up is not None and up.status == "ok" else done[("search", c.id)]
+        (or, for a repeated genome, the candidate it repeats) was promoted and that evaluation
+        did not fail, else its first look."""
+        first = done[("search", c.id)]
+        up = done.get(("promoted", c.id if first.reused is None else first.reused))
+        return up if up is not None and up.status == "ok" else first
 
     # every successfully scored genome (clipped) and the best result it has, built once and kept
-    # up to date: a repeat is reused
+    # up to date by record(): a repeat is reused
     seen = {_genome_key(space, r.x): r for k, r in done.items() if k[0] == "search" and r.status == "ok"}
     seen.update({_genome_key(space, r.x): r for k, r in done.items() if k[0] == "promoted" and r.status == "ok"})
-    # the scores of the first looks (on a share of the split) in the order they came, for the
-    # async mode's promotion rule (the log is in that order)
-    looks = [r.score for k, r in done.items() if k[0] == "search" and r.fidelity < 1 and r.reused is None
-             and r.score is not None]
+    # the scores of the first looks (on a share of the split) in the order they came (the log's),
+    # and where each candidate's stands, for the async mode's promotion rule
+    looks: list[float] = []
+    look_at: dict[int, int] = {}
+    for k, r in done.items():
+        if k[0] == "search" and r.fidelity < 1 and r.reused is None and r.score is not None:
+            look_at[r.id] = len(looks)
+            looks.append(r.score)
     t_start = time.perf_counter()
     n_start = n_search  # candidates per minute count this process's evaluations only
     bar = _progress(budget, min(n_search, limit), progress)
@@ -293,6 +306,8 @@ def _run_search(space, strategy, executor, run_dir: Path, budget, max_seconds, r
         """A search result (a first look, or a promoted candidate's whole-split score), logged
         (before anything else) and counted."""
         nonlocal n_search, best_seen, busy
+        if res.reused is None:  # scored as the loop asked (whatever the worker wrote)
+            res.fidelity = 1.0 if res.kind == "promoted" else fidelity
         log.append(_rescore(res, scoring))
         busy += res.wall_s
         if res.kind == "promoted":
@@ -303,7 +318,10 @@ def _run_search(space, strategy, executor, run_dir: Path, budget, max_seconds, r
             done[("search", res.id)] = res
             n_search += 1
             bar.update(1)
+            if res.status == "ok":
+                seen.setdefault(_genome_key(space, res.x), res)
             if res.fidelity < 1 and res.reused is None and res.score is not None:
+                look_at[res.id] = len(looks)
                 looks.append(res.score)
         if res.score is not None and res.fidelity >= 1 and (best_seen is None or res.score > best_seen):
             best_seen = res.score
@@ -313,15 +331,29 @@ def _run_search(space, strategy, executor, run_dir: Path, budget, max_seconds, r
             bar.set_postfix(best=None if best_seen is None else f"{best_seen:.4f}",
                             per_min=f"{per_min:.0f}", refresh=False)
 
-    def promoted(c: Candidate, among: list[float]) -> Candidate | None:
-        """``c`` to score on the whole search split, when its first look is among the best
-        ``promote`` share of the first looks ``among`` (its own included; see ``run_search``)."""
+    def looked(c: Candidate) -> float | None:
+        """The score of ``c``'s own first look (None: it has none to rank: failed, reused or
+        scored whole)."""
         first = done[("search", c.id)]
-        if first.fidelity >= 1 or first.reused is not None or first.score is None:
-            return None
-        if sum(1 for v in among if v > first.score) >= max(1, math.ceil(promote * len(among) - 1e-9)):
-            return None
+        return first.score if first.fidelity < 1 and first.reused is None else None
+
+    def up(c: Candidate) -> Candidate:
         return Candidate(c.id, list(c.x), c.generation, kind="promoted")
+
+    def promoted_in_batch(cands: list[Candidate]) -> list[Candidate]:
+        """The batch's best ``promote`` share of first looks (ties: the earlier asked)."""
+        ranked = sorted((c for c in cands if looked(c) is not None), key=lambda c: (-looked(c), c.id))
+        return [up(c) for c in ranked[:max(1, math.ceil(promote * len(ranked) - 1e-9))]]
+
+    def promoted_now(c: Candidate) -> Candidate | None:
+        """``c`` when its first look is among the best ``promote`` share of the ``window``
+        first looks up to its own (ties: the earlier came first)."""
+        s = looked(c)
+        if s is None:
+            return None
+        among = looks[:look_at[c.id] + 1][-window:]
+        ahead = sum(1 for v in among if v > s) + sum(1 for v in among[:-1] if v == s)
+        return up(c) if ahead < max(1, math.ceil(promote * len(among) - 1e-9)) else None
 
     def tell(cands: list[Candidate]) -> None:
         """The strategy told the results of ``cands`` (each in the log)."""
@@ -355,8 +387,8 @@ def _run_search(space, strategy, executor, run_dir: Path, budget, max_seconds, r
                         break
                     # a strategy that asks in batches of any size asks no more than the budget
                     # leaves; one that needs whole generations (CMA-ES) ignores n and finishes its own
-                    batch = getattr(strategy, "batch", None)
-                    pending = ask(int(min(batch, limit - n_search)) if batch else None)
+                    size = getattr(strategy, "batch", None)
+                    pending = ask(int(min(size, limit - n_search)) if size else None)
                     if not pending:
                         break
                     checkpoint()
@@ -364,54 +396,48 @@ def _run_search(space, strategy, executor, run_dir: Path, budget, max_seconds, r
                 for res in _map_once(space, executor, todo, seen):
                     record(res)
                 if multi:  # the batch's best first looks on the whole split
-                    batch = [r.score for r in (done[("search", c.id)] for c in pending)
-                             if r.fidelity < 1 and r.reused is None and r.score is not None]
-                    up = [u for u in (promoted(c, batch) for c in pending)
-                          if u is not None and ("promoted", u.id) not in done]
-                    for res in executor.map(up):
+                    todo = [u for u in promoted_in_batch(pending) if ("promoted", u.id) not in done]
+                    for res in executor.map(todo):
                         record(res)
                 tell(pending)
                 pending = []
                 generation += 1
                 checkpoint()
         else:
-            in_flight = {c.id: c for c in pending}
             queue: list[Candidate] = []  # promoted candidates, scored before any new one is asked
 
             def told(c: Candidate) -> None:  # one result told as it comes; the state saved with it
                 nonlocal generation
                 tell([c])
-                del in_flight[c.id]
                 pending.remove(c)
                 generation += 1
                 checkpoint()
 
             def first_look(c: Candidate) -> None:  # promoted (queued), or told now
-                up = promoted(c, looks[-window:]) if multi else None
-                if up is None:
-                    told(c)
-                elif ("promoted", c.id) in done:  # scored before a crash, not told
+                u = promoted_now(c) if multi else None
+                if u is None or ("promoted", c.id) in done:  # (or scored before a crash, not told)
                     told(c)
                 else:
-                    queue.append(up)
+                    queue.append(u)
 
-            def feed():
+            def feed(resumed: bool):
                 """The next candidate, asked of the strategy when a worker is free (the
-                executor draws from here then), knowing every result told so far."""
-                for c in [c for c in pending if ("search", c.id) in done]:  # scored before a crash, not told
-                    first_look(c)
-                yield from [c for c in pending if ("search", c.id) not in done]  # in flight at the crash
+                executor draws from here then), knowing every result told so far; promoted
+                candidates first."""
+                if resumed:
+                    for c in [c for c in pending if ("search", c.id) in done]:  # scored before a crash, not told
+                        first_look(c)
+                    yield from [c for c in pending if ("search", c.id) not in done]  # in flight at the crash
                 while True:
                     while queue:
                         yield queue.pop(0)
-                    if out_of_budget(len(in_flight)):
+                    if out_of_budget(sum(1 for c in pending if ("search", c.id) not in done)):
                         return
                     new = ask(1)
                     if not new:
                         return
                     c = new[0]
                     pending.append(c)
-                    in_flight[c.id] = c
                     checkpoint()
                     k = _genome_key(space, c.x)
                     if k in seen:  # scored already: its result is reused, and the next one asked
@@ -420,15 +446,16 @@ def _run_search(space, strategy, executor, run_dir: Path, budget, max_seconds, r
                         continue
                     yield c
 
-            for res in executor.map(feed()):
-                record(res)
-                c = in_flight[res.id]
-                if res.kind == "promoted":
-                    told(c)
-                    continue
-                if res.status == "ok":
-                    seen.setdefault(_genome_key(space, res.x), res)
-                first_look(c)
+            first = True
+            while first or queue:  # (promotions decided after the last ask are scored too)
+                for res in executor.map(feed(first)):
+                    record(res)
+                    c = next(c for c in pending if c.id == res.id)
+                    if res.kind == "promoted":
+                        told(c)
+                    else:
+                        first_look(c)
+                first = False
     except KeyboardInterrupt:
         stopped = True
     finally:
@@ -437,16 +464,22 @@ def _run_search(space, strategy, executor, run_dir: Path, budget, max_seconds, r
     best = _best_full(done) if multi else None
     if stopped:
         return SearchOutcome(run_dir, *(best or strategy.best()), n_search, {}, stopped=True)
-    # busy time over wall time of the workers, for this process's search (a resume measures its own part)
+    # the workers' busy time over their wall time, over the whole search (all its processes)
     workers = max(1, int(getattr(executor, "num_workers", 1)))
-    utilization = busy / (wall * workers) if n_search > n_start and wall > 0 else None
+    total_busy, total_wall = busy_before + busy, elapsed_counted + wall
+    utilization = total_busy / (total_wall * workers) if total_busy > 0 and total_wall > 0 else None
     searched = [r for k, r in done.items() if k[0] in ("search", "promoted") and r.reused is None]
-    feeding = {"mode": mode, "utilization": utilization, "seconds": wall,
+    feeding = {"mode": mode, "utilization": utilization, "seconds": elapsed + wall,
                # forward passes of the search, in evaluations of the whole search split
                "cost": float(sum(r.fidelity for r in searched))}
     if multi:
-        feeding.update(fidelity=fidelity, promote=promote, promoted=sum(1 for k in done if k[0] == "promoted"),
+        n_up = sum(1 for k in done if k[0] == "promoted")
+        feeding.update(fidelity=fidelity, promote=promote, promoted=n_up,
                        **({"window": window} if mode == "async" else {}))
+        if n_up > 0.5 * n_search:
+            feeding["warnings"] = [f"multi-fidelity promoted {n_up} of {n_search} candidates to the whole search "
+                                   "split (batches too small for fidelity.promote to leave most out?), so it saved "
+                                   "little or nothing"]
     summary = _finish(space, strategy, executor, run_dir, log, done, baselines, sources, config, n_search, scoring,
                       search=feeding, best=best)
     best_x, best_score = best or strategy.best()
@@ -458,7 +491,7 @@ def _best_full(done: dict) -> tuple:
     first look's score, on a share of the split, is never taken for it)."""
     full = [r for k, r in done.items() if k[0] in ("search", "promoted") and r.fidelity >= 1 and r.score is not None]
     if not full:
-        return None, None
+        return None
     top = max(full, key=lambda r: r.score)
     return np.asarray(top.x, dtype=float), top.score
 
@@ -558,7 +591,7 @@ def _finish(space, strategy, executor, run_dir, log, done, baselines, sources, c
         rows[name] = row
     ok = [r for r in searched if r.status == "ok" and r.reused is None]  # evaluations run (timings)
     summary = {
-        "warnings": _warnings(space, named, rows),
+        "warnings": _warnings(space, named, rows) + list((search or {}).pop("warnings", [])),
         "evaluations": n_search,
         "failed": sum(1 for r in searched if r.status != "ok"),
         "reused": sum(1 for r in searched if r.reused is not None),  # identical genomes: scored once
