@@ -131,7 +131,7 @@ def check_config(cfg) -> None:
         cls = {f"evomerge.search.{c.__name__}": c for c in (*STRATEGIES.values(), AdaMerging)}.get(target)
         if cls is not None and not getattr(cls, "asynchronous", False):
             raise ConfigError(f"executor.mode: async needs a strategy that takes results one at a time (random, "
-                              f"grid, the optuna samplers); {cls.__name__} ({target}) does not: use "
+                              f"grid, steady, the optuna samplers); {cls.__name__} ({target}) does not: use "
                               "executor.mode=generational")
 
     allowed = buildable()

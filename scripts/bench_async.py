@@ -58,13 +58,14 @@ def _sleeper(low: float, high: float):
 
 def synthetic(strategies, budget: int, low: float, high: float, workdir: Path, prefetch: int) -> list[dict]:
     from evomerge.execute.ray import RayExecutor
-    from evomerge.search import OptunaSearch, RandomSearch, run_search
+    from evomerge.search import OptunaSearch, RandomSearch, SteadyStateEvolution, run_search
     from evomerge.space import Space
 
     space = Space("task_arithmetic", [f"m{i}" for i in range(6)], base_model="base",
                   search={"weight": {"lo": 0.0, "hi": 1.0, "x0": 0.5}}, granularity="per_model")
     make = {"random": lambda: RandomSearch(space, seed=0, batch=8),
-            "optuna_tpe": lambda: OptunaSearch(space, "tpe", seed=0, batch=4)}
+            "optuna_tpe": lambda: OptunaSearch(space, "tpe", seed=0, batch=4),
+            "steady": lambda: SteadyStateEvolution(space, seed=0, batch=8)}
     ex = RayExecutor(_sleeper(low, high), num_workers=2, cpus_per_worker=1, num_cpus=2, prefetch=prefetch)
     rows = []
     try:
@@ -83,9 +84,10 @@ def synthetic(strategies, budget: int, low: float, high: float, workdir: Path, p
     return rows
 
 
-def zoo_runs(zoo: str, budget: int, workdir: Path, prefetch: int) -> list[dict]:
+def zoo_runs(zoo: str, budget: int, workdir: Path, prefetch: int, strategies) -> list[dict]:
     rows = []
-    for search, batch in (("random", "search.batch=8"), ("optuna_tpe", "search.batch=4")):
+    batches = {"random": "search.batch=8", "optuna_tpe": "search.batch=4", "steady": "search.batch=8"}
+    for search, batch in ((s, batches[s]) for s in strategies):
         for mode in ("generational", "async"):
             run = workdir / f"zoo-{search}-{mode}-{prefetch}"
             cmd = [sys.executable, "-m", "evomerge.app", f"models.zoo_dir={zoo}", f"search={search}", batch,
@@ -119,7 +121,7 @@ def main() -> None:
             rows += synthetic(args.strategies.split(","), args.budget, args.low, args.high, Path(tmp), prefetch)
         if args.zoo:
             for prefetch in map(int, args.prefetch.split(",")):
-                rows += zoo_runs(args.zoo, args.zoo_budget, Path(tmp), prefetch)
+                rows += zoo_runs(args.zoo, args.zoo_budget, Path(tmp), prefetch, args.strategies.split(","))
     print(f"{'models':7} {'strategy':11} {'mode':13} {'prefetch':>8} {'evals':>5} {'busy':>6} {'search s':>9} "
           f"{'vs gen., no prefetch':>21}")
     wall = {}

@@ -13,7 +13,9 @@ import time
 import numpy as np
 import pytest
 
-from evomerge.search import CMAES, GreedySoup, GridSearch, OptunaSearch, RandomSearch, Result, run_search
+from evomerge.search import (
+    CMAES, GreedySoup, GridSearch, OptunaSearch, RandomSearch, Result, SteadyStateEvolution, run_search,
+)
 from evomerge.types import Candidate
 from evomerge.space import Space
 from evomerge.trials import TrialLog
@@ -75,6 +77,7 @@ STRATEGIES = {
     "optuna_gp": lambda sp, seed: OptunaSearch(sp, "gp", seed=seed),
     "random": lambda sp, seed: RandomSearch(sp, seed=seed),
     "grid": lambda sp, seed: GridSearch(sp, points=5),
+    "steady": lambda sp, seed: SteadyStateEvolution(sp, seed=seed),
 }
 
 
@@ -105,7 +108,7 @@ def test_conformance(name):
     assert bs == pytest.approx(objective(bx))
 
 
-@pytest.mark.parametrize("name", ["cmaes", "random", "optuna_tpe", "optuna_cmaes"])
+@pytest.mark.parametrize("name", ["cmaes", "random", "optuna_tpe", "optuna_cmaes", "steady"])
 def test_reproducible_with_a_seed(name):
     sp = synthetic_space()
     a, b, c = STRATEGIES[name](sp, 3), STRATEGIES[name](sp, 3), STRATEGIES[name](sp, 4)
@@ -135,7 +138,7 @@ def test_state_dict_round_trip_continues_exactly(name):
     assert [x.tolist() for x in a.ask()] == [x.tolist() for x in b.ask()]
 
 
-@pytest.mark.parametrize("name", ["cmaes", "optuna_tpe", "optuna_nsga2"])
+@pytest.mark.parametrize("name", ["cmaes", "optuna_tpe", "optuna_nsga2", "steady"])
 def test_a_state_of_another_seed_is_refused(name):
     sp = synthetic_space()
     a = STRATEGIES[name](sp, 1)
@@ -605,10 +608,11 @@ ZOO_STRATEGIES = {
     "optuna_tpe": lambda sp: OptunaSearch(sp, "tpe", seed=0),
     "random": lambda sp: RandomSearch(sp, seed=0, batch=5),
     "grid": lambda sp: GridSearch(sp, points=4, batch=4),
+    "steady": lambda sp: SteadyStateEvolution(sp, seed=0, population=4, batch=5),
 }
 
 
-@pytest.mark.parametrize("name", ["cmaes", "optuna_tpe", "random", "grid", "greedy_soup"])
+@pytest.mark.parametrize("name", ["cmaes", "optuna_tpe", "random", "grid", "greedy_soup", "steady"])
 def test_every_strategy_runs_on_the_zoo(small_zoo, tmp_path, name):
     from evomerge.evaluate import build_evaluator
     from evomerge.execute import LocalExecutor, Worker
@@ -1030,7 +1034,7 @@ ASYNC = [n for n in STRATEGIES if getattr(STRATEGIES[n](synthetic_space(), 0), "
 
 def test_the_asynchronous_strategies_are_the_ones_that_can_be():
     assert set(ASYNC) == {"optuna_tpe", "optuna_cmaes", "optuna_random", "optuna_nsga2", "optuna_gp", "random",
-                          "grid"}
+                          "grid", "steady"}
 
 
 def _scrambled(strategy, rounds: int, seed: int, pending=None):
@@ -1430,3 +1434,23 @@ def test_async_multi_fidelity_on_two_workers_scores_every_promotion_and_spends_t
     run_search(sp, STRATEGIES[name](sp, 0), again, tmp_path / "run", budget=30, progress=False, sources=False,
                mode="async", fidelity=0.5, promote=0.3, window=8, resume=True)
     assert not [c for c in again.calls if c[0] in ("search", "promoted")]
+
+
+def test_steady_state_evolution_by_hand():
+    """Aging, not elitism: the population holds the last ``population`` results told (a
+    failure joins nothing), and a child is a mutated copy of its tournament's winner, within
+    the bounds; the first genome is the space's start."""
+    sp = synthetic_space()
+    st = SteadyStateEvolution(sp, seed=0, population=3, sample=3, sigma=0.05)
+    first = st.ask(3)
+    assert np.allclose(first[0], sp.x0)
+    st.tell(first, [5.0, 1.0, None])
+    assert [s for _, s in st.members] == [5.0, 1.0]
+    st.tell([first[1]], [2.0])
+    st.tell([first[2]], [3.0])
+    assert [s for _, s in st.members] == [1.0, 2.0, 3.0]  # the best (5.0) was the oldest: it left
+    child = st.ask(1)[0]  # the winner of all three is the 3.0 genome (first[2])
+    assert np.all(np.abs(sp.to_unit(child) - sp.to_unit(first[2])) < 0.3) and np.all(child >= sp.lower)
+    assert st.best()[1] == 5.0  # the best told is kept apart from the population
+    with pytest.raises(ValueError, match="sigma"):
+        SteadyStateEvolution(sp, sigma=0)

@@ -357,14 +357,15 @@ def test_a_floor_from_the_command_line_constrains_optunas_tpe(words, tmp_path):
         assert t.user_attrs["evomerge_constraints"] == pytest.approx(want)
 
 
-def test_an_async_search_on_the_second_family_and_its_resume(words, tmp_path):
+@pytest.mark.parametrize("search", ["optuna_tpe", "steady"])
+def test_an_async_search_on_the_second_family_and_its_resume(words, tmp_path, search):
     """executor.mode=async from the command line on GPT-2: every candidate scored once, each
     told before the next is asked (one worker), the mode and the workers' utilization in the
     summary; resumed with a larger budget, it continues from its log."""
     run = tmp_path / "run"
-    p = app(on_words(words, run, "search=optuna_tpe", "executor.mode=async", "budget=6"), cwd=tmp_path)
+    p = app(on_words(words, run, f"search={search}", "executor.mode=async", "budget=6"), cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
-    p = app(on_words(words, run, "search=optuna_tpe", "executor.mode=async", "budget=9", "resume=true"),
+    p = app(on_words(words, run, f"search={search}", "executor.mode=async", "budget=9", "resume=true"),
             cwd=tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
     recs = [json.loads(x) for x in (run / "trials.jsonl").read_text().splitlines()]
