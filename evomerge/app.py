@@ -114,10 +114,16 @@ def check_config(cfg) -> None:
             except RecipeError as e:
                 raise ConfigError(str(e)) from None
 
+    fid = cfg.get("fidelity")
+    if fid is not None and not hasattr(fid, "get"):
+        raise ConfigError(f"fidelity: a group of share, promote and window (e.g. fidelity.share=0.25), not {fid!r}")
+    prefetch = (cfg.get("executor") or {}).get("prefetch", 0)
+    if not isinstance(prefetch, int) or isinstance(prefetch, bool) or prefetch < 0:
+        raise ConfigError(f"executor.prefetch: must be a whole number of candidates (0 or more), got {prefetch!r}")
     for key in ("share", "promote"):
         v = (cfg.get("fidelity") or {}).get(key, 1.0)
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v <= 1:
-            raise ConfigError(f"fidelity.{key}: must be a share of the search split, in (0, 1], got {v!r}")
+            raise ConfigError(f"fidelity.{key}: must be a share, in (0, 1], got {v!r}")
     w = (cfg.get("fidelity") or {}).get("window", 16)
     if not isinstance(w, int) or isinstance(w, bool) or w < 1:
         raise ConfigError(f"fidelity.window: must be a positive number of first looks, got {w!r}")
@@ -313,21 +319,27 @@ def run(cfg, run_dir: str | Path) -> dict:
     def inputs():  # the weights, read once here (on the CPU) and shared with every worker
         return shared_inputs(space, engine_kw["store_dtype"])
 
-    # every executor is built alike: from where a worker comes, and the weights to share
-    mode = str(cfg.executor.get("mode") or "generational")  # how the loop feeds it (not the executor's own)
-    fidelity = cfg.get("fidelity") or {}
-    executor = build(OmegaConf.masked_copy(cfg.executor, [k for k in cfg.executor if k not in APP_KEYS["executor"]]))(
-        build_worker, inputs=inputs)
+    strategy = None
     if target.endswith("AdaMerging"):
-        return _adamerging(cfg, space, getattr(executor, "worker", None), executor, zoo, evaluator, run_dir, scoring)
-    if len(space) == 0:  # nothing to search (e.g. model_stock): the merge is scored as it is
+        pass  # (built where the worker is: it trains through the live model)
+    elif len(space) == 0:  # nothing to search (e.g. model_stock): the merge is scored as it is
         from .search import GridSearch
 
         print(f"evomerge: {space.method.name} has no searched parameters here; scoring its merge once",
               file=sys.stderr)
         strategy = GridSearch(space)
     else:
-        strategy = build(cfg.search)(space, **strat_kw)
+        try:  # before any weights are read: a bad setting of the strategy's is the config's fault
+            strategy = build(cfg.search)(space, **strat_kw)
+        except ValueError as e:
+            raise ConfigError(f"search ({cfg.search.get('_target_', '?')}): {e}") from None
+    # every executor is built alike: from where a worker comes, and the weights to share
+    mode = str(cfg.executor.get("mode") or "generational")  # how the loop feeds it (not the executor's own)
+    fidelity = cfg.get("fidelity") or {}
+    executor = build(OmegaConf.masked_copy(cfg.executor, [k for k in cfg.executor if k not in APP_KEYS["executor"]]))(
+        build_worker, inputs=inputs)
+    if strategy is None:
+        return _adamerging(cfg, space, getattr(executor, "worker", None), executor, zoo, evaluator, run_dir, scoring)
     try:
         outcome = run_search(space, strategy, executor, run_dir, budget=None if cfg.budget is None else int(cfg.budget),
                              max_seconds=cfg.max_seconds, resume=bool(cfg.resume), progress=bool(cfg.progress),

@@ -255,7 +255,9 @@ def write_report(run_dir: str | Path) -> Path:
         images.append(("Coefficients of the best genome", "coefficients.png"))
     if _tasks(summary, run_dir / "tasks.png"):
         images.append(("Per-task scores (test split)", "tasks.png"))
-    if _pareto(summary, searched, run_dir / "pareto.png"):
+    # each candidate's whole-split result where a multi-fidelity search promoted it, else its own
+    whole = {r.id: r for r in trials if r.kind == "promoted" and r.status == "ok"}
+    if _pareto(summary, [whole.get(r.id, r) for r in searched], run_dir / "pareto.png"):
         images.append(("Pareto front", "pareto.png"))
 
     space = summary.get("space", {})

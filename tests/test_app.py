@@ -175,6 +175,9 @@ def test_greedy_soup_over_ingredients_from_the_command_line(zoo_dir, tmp_path):
     ("fidelity.share=0", "fidelity.share: must be a share"),
     ("fidelity.promote=2", "fidelity.promote: must be a share"),
     ("fidelity.window=0", "fidelity.window: must be a positive"),
+    ("fidelity=0.5", "fidelity: a group of share"),
+    ("executor=ray executor.prefetch=-1", "executor.prefetch: must be a whole number"),
+    ("executor=ray executor.prefetch=1.5", "executor.prefetch: must be a whole number"),
     ("executor.mode=async", "executor.mode: async needs a strategy"),  # the default search, CMA-ES
     ("executor.mode=async search=greedy_soup", "GreedySoup"),
     ("hydra.run.dir=/tmp/" + "x" * 300, "longer than the 255 bytes"),

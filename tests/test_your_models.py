@@ -155,6 +155,13 @@ def test_mistakes_end_in_one_line_naming_the_value(words, tmp_path):
     (user_zoo / "mine.txt").write_text("the user's own file")
     _fails([f"models.zoo_dir={user_zoo}"], tmp_path, "models.zoo_dir", "is not a zoo", "models=custom")
     assert (user_zoo / "mine.txt").read_text() == "the user's own file"
+    # a strategy's own settings are named in one line, before any weights are read
+    mine = ["models=custom", f"models.base={words.base}", experts, *data]
+    _fails([*mine, "search=steady", "search.sigma=0"], tmp_path, "search (evomerge.search.SteadyStateEvolution)",
+           "sigma must be")
+    _fails([*mine, "search=steady", "search.population=0"], tmp_path, "population must be")
+    for search in ("random", "optuna_tpe", "steady"):
+        _fails([*mine, f"search={search}", "search.batch=0"], tmp_path, "batch must be a whole number >= 1")
 
 
 @pytest.mark.parametrize("merge", MERGES)

@@ -13,6 +13,13 @@ from .base import _BestTracker
 __all__ = ["RandomSearch", "GridSearch"]
 
 
+def _batch(v, who: str) -> int:
+    """A strategy's batch: genomes per ``ask``, at least one."""
+    if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+        raise ValueError(f"{who}: batch must be a whole number >= 1, got {v!r}")
+    return v
+
+
 class RandomSearch:
     """Genomes drawn uniformly within the space's bounds from a seeded generator."""
 
@@ -21,7 +28,7 @@ class RandomSearch:
 
     def __init__(self, space: Space, seed: int = 0, batch: int = 8):
         self.space = space
-        self.batch = int(batch)
+        self.batch = _batch(batch, "random")
         self.rng = np.random.Generator(np.random.PCG64(seed))
         self.tracker = _BestTracker()
 
@@ -55,7 +62,7 @@ class GridSearch:
     def __init__(self, space: Space, values: Mapping[str, Sequence[float]] | None = None, points: int = 11,
                  batch: int = 8, seed: int = 0):  # seed: accepted like every strategy's; a grid has no randomness
         self.space = space
-        self.batch = int(batch)
+        self.batch = _batch(batch, "grid")
         params = list(space.ranges)
         if values is None:
             values = {p: list(np.linspace(space.ranges[p][0], space.ranges[p][1], points)) for p in params}

@@ -22,6 +22,7 @@ import numpy as np
 
 from ..space import Space
 from .base import _BestTracker
+from .baselines import _batch
 
 __all__ = ["OptunaSearch", "SAMPLERS"]
 
@@ -164,7 +165,7 @@ class OptunaSearch:
         self.space = space
         self.kind = sampler
         self.seed = int(seed)
-        self.batch = int(batch)
+        self.batch = _batch(batch, f"optuna {sampler}")
         self.objectives = list(objectives) if objectives else None
         if sampler == "nsga2" and not self.objectives:
             raise ValueError("optuna nsga2 needs objectives (one metric name per task)")

@@ -22,6 +22,7 @@ import numpy as np
 
 from ..space import Space
 from .base import _BestTracker
+from .baselines import _batch
 
 __all__ = ["SteadyStateEvolution"]
 
@@ -42,14 +43,14 @@ class SteadyStateEvolution:
 
     def __init__(self, space: Space, seed: int = 0, population: int = 16, sample: int = 4, sigma: float = 0.1,
                  batch: int = 8):
-        for key, v in (("population", population), ("sample", sample), ("batch", batch)):
+        for key, v in (("population", population), ("sample", sample)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"steady: {key} must be a whole number >= 1, got {v!r}")
         if not isinstance(sigma, (int, float)) or isinstance(sigma, bool) or not 0 < sigma <= 1:
             raise ValueError(f"steady: sigma must be a step in the unit cube, in (0, 1], got {sigma!r}")
         self.space = space
-        self.seed, self.size, self.sample, self.sigma, self.batch = int(seed), population, min(sample, population), \
-            float(sigma), batch
+        self.seed, self.size, self.sample, self.sigma = int(seed), population, min(sample, population), float(sigma)
+        self.batch = _batch(batch, "steady")
         self.rng = np.random.Generator(np.random.PCG64(self.seed))
         self.members: list[tuple[list[float], float]] = []  # (unit-cube genome, score), oldest first
         self.asked = 0
