@@ -1081,7 +1081,8 @@ def test_asynchronous_strategies_take_results_one_at_a_time_in_any_order(name):
 class VirtualPool:
     """An executor with ``workers`` slots on a virtual clock: a candidate takes ``cost(x)``
     seconds; ``map`` draws a candidate only when a slot is free and yields results in the
-    order they finish, as the Ray executor does. ``in_flight_max`` and ``busy`` are recorded."""
+    order they finish, as the Ray executor does. ``in_flight_max`` and ``search_clock`` (when the
+    last search result came) are recorded."""
 
     def __init__(self, workers=2, cost=lambda x: 1.0 + 4.0 * float(x[0] > 0.5)):
         self.workers, self.cost, self.calls, self.in_flight_max = workers, cost, [], 0
