@@ -21,9 +21,14 @@
 #ifndef BLK
 #define BLK 256
 #endif
-/* scratch arrays of one block lie ST floats apart: a multiple of 4 KiB would put them all
- * in the same L1 cache sets */
+/* scratch arrays of one block lie ST floats (US 16-bit uniforms) apart: whole cache lines,
+ * so that a vector of 64 bytes never straddles two, but an odd number of them, as a
+ * multiple of 4 KiB would put them all in the same L1 cache sets */
 #define ST (BLK + 16)
+#define US (BLK + 32)
+
+/* n bytes aligned to a cache line (NULL when out of memory); released with free() */
+static void *scratch(size_t n) { return aligned_alloc(64, (n + 63) / 64 * 64); }
 
 enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
 enum { MASK_ALL = 0, MASK_CUT = 1, MASK_RANDOM = 2, MASK_NONE = 3 };
@@ -343,35 +348,63 @@ static void add_to(float *restrict acc, const float *restrict d, int64_t L) {
     for (int64_t j = 0; j < L; j++) acc[j] += d[j];
 }
 
-/* TIES: with e = +1 where the sum S >= 0 else -1, A = clamp(sign(d) * e, min 0), where
- * sign(+-0) is +0 and clamp keeps -0, as in torch; mixed (+)= d * A; dv (+)= A * w.
- * One pass per model. */
-static void agree(float *restrict mixed, float *restrict dv, const float *restrict d, const float *restrict S,
-                  int64_t L, float w, int first) {
-    if (dv) {
-        for (int64_t j = 0; j < L; j++) {
-            float e = S[j] < 0.0f ? -1.0f : 1.0f;
-            float sg = (d[j] > 0.0f ? 1.0f : 0.0f) - (d[j] < 0.0f ? 1.0f : 0.0f);
-            float p = sg * e;
-            float A = p < 0.0f ? 0.0f : p;
-            float m = d[j] * A, aw = A * w;
-            mixed[j] = first ? m : mixed[j] + m;
-            dv[j] = first ? aw : dv[j] + aw;
-        }
-    } else {
-        for (int64_t j = 0; j < L; j++) {
-            float e = S[j] < 0.0f ? -1.0f : 1.0f;
-            float sg = (d[j] > 0.0f ? 1.0f : 0.0f) - (d[j] < 0.0f ? 1.0f : 0.0f);
-            float p = sg * e;
-            float A = p < 0.0f ? 0.0f : p;
-            float m = d[j] * A;
-            mixed[j] = first ? m : mixed[j] + m;
-        }
-    }
+/* Vectors of VW floats, the width of the CPU's registers (GCC's and clang's vector
+ * extensions); a comparison gives a mask whose lanes are all ones where it holds. */
+#if defined(__AVX512F__)
+#define VW 16
+#elif defined(__AVX__)
+#define VW 8
+#else
+#define VW 4
+#endif
+typedef float fvec __attribute__((vector_size(4 * VW)));
+typedef int32_t ivec __attribute__((vector_size(4 * VW)));
+
+static inline fvec vload(const float *p) {
+    fvec v;
+    memcpy(&v, p, sizeof v);
+    return v;
 }
 
-static void divide_by_weights(float *restrict mixed, const float *restrict dv, int64_t L) {
-    for (int64_t j = 0; j < L; j++) mixed[j] /= dv[j] + (dv[j] == 0.0f ? 1.0f : 0.0f);
+/* v where the mask holds, else +0 */
+static inline fvec vkeep(ivec m, fvec v) { return (fvec)(m & (ivec)v); }
+
+/* TIES's election and agreeing sum over a block's k task vectors D (ST apart) and their
+ * sum S, into mixed: e = +1 where S >= 0 else -1; A_k = clamp(sign(d_k) * e, min 0), where
+ * sign(+-0) is +0 and clamp keeps -0, as in torch; mixed = sum_k d_k A_k in row order
+ * and, with normalize, mixed / (dv + [dv == 0]) for dv = sum_k A_k w_k. All k models at
+ * once, a vector of entries at a time with the sums in registers; the tail entry by entry,
+ * the same steps. */
+static void elect(float *restrict mixed, const float *restrict D, const float *restrict S, int64_t L,
+                  int32_t k, const em_model *models, int normalize) {
+    const fvec one = (fvec){} + 1.0f, zero = (fvec){};
+    const ivec sign = (ivec){} + INT32_MIN;
+    int64_t j = 0;
+    for (; j + VW <= L; j += VW) {
+        fvec s = vload(S + j);
+        fvec e = (fvec)((ivec)one | ((s < zero) & sign));
+        fvec mx = zero, dv = zero;
+        for (int32_t i = 0; i < k; i++) {
+            fvec d = vload(D + (size_t)i * ST + j);
+            fvec p = (vkeep(d > zero, one) - vkeep(d < zero, one)) * e;
+            fvec A = (fvec)(~(p < zero) & (ivec)p);
+            mx = i == 0 ? d * A : mx + d * A;
+            if (normalize) dv = i == 0 ? A * models[i].weight : dv + A * models[i].weight;
+        }
+        if (normalize) mx = mx / (dv + vkeep(dv == zero, one));
+        memcpy(mixed + j, &mx, sizeof mx);
+    }
+    for (; j < L; j++) {
+        float e = S[j] < 0.0f ? -1.0f : 1.0f, mx = 0.0f, dv = 0.0f;
+        for (int32_t i = 0; i < k; i++) {
+            float d = D[(size_t)i * ST + j];
+            float p = ((d > 0.0f ? 1.0f : 0.0f) - (d < 0.0f ? 1.0f : 0.0f)) * e;
+            float A = p < 0.0f ? 0.0f : p;
+            mx = i == 0 ? d * A : mx + d * A;
+            dv = i == 0 ? A * models[i].weight : dv + A * models[i].weight;
+        }
+        mixed[j] = normalize ? mx / (dv + (dv == 0.0f ? 1.0f : 0.0f)) : mx;
+    }
 }
 
 /* out[s + j] = mixed / wd * lam + b in the output dtype (a division is slow: skipped
@@ -429,8 +462,8 @@ static int finish(void *out, int odt, int64_t s, int64_t L, float *restrict mixe
 static int ta_tensor(const void *base, int32_t bdt, int64_t n, int32_t k, em_model *models,
                        int32_t consensus, int32_t normalize, int32_t div_sum, float wdiv,
                        int32_t scale_lambda, float lambda, void *out, int32_t odt) {
-    float *mem = (float *)malloc(sizeof(float) * ST * (size_t)(k + 7));
-    uint16_t *u = (uint16_t *)malloc(sizeof(uint16_t) * ST * (size_t)k);
+    float *mem = (float *)scratch(sizeof(float) * ST * (size_t)(k + 6));
+    uint16_t *u = (uint16_t *)scratch(sizeof(uint16_t) * US * (size_t)k);
     uint64_t **streams = (uint64_t **)malloc(sizeof(uint64_t *) * (size_t)k);
     int32_t *slot = (int32_t *)malloc(sizeof(int32_t) * (size_t)k);
     int nstreams = 0;
@@ -449,8 +482,8 @@ static int ta_tensor(const void *base, int32_t bdt, int64_t n, int32_t k, em_mod
         free(slot);
         return -ENOMEM;
     }
-    float *b = mem, *mixed = mem + ST, *S = mem + 2 * ST, *dv = mem + 3 * ST;
-    float *keep = mem + 4 * ST, *x = mem + 5 * ST, *t = mem + 6 * ST, *D = mem + 7 * ST;
+    float *b = mem, *mixed = mem + ST, *S = mem + 2 * ST, *keep = mem + 3 * ST, *x = mem + 4 * ST;
+    float *t = mem + 5 * ST, *D = mem + 6 * ST;
     const float wd = div_sum ? wdiv : 1.0f, lam = scale_lambda ? lambda : 1.0f;
     int bad = 0;
     for (int64_t s = 0; s < n; s += BLK) {
@@ -461,7 +494,7 @@ static int ta_tensor(const void *base, int32_t bdt, int64_t n, int32_t k, em_mod
             bp = (const float *)base + s;
         else
             load(base, bdt, s, L, b);
-        if (nstreams) uniforms_many(streams, nstreams, L, u, ST);
+        if (nstreams) uniforms_many(streams, nstreams, L, u, US);
         /* d_k = (x_k - b) * mask_k * coef_k; summed into S (consensus) or mixed */
         float *sum = consensus ? S : mixed;
         for (int32_t i = 0; i < k; i++) {
@@ -474,7 +507,7 @@ static int ta_tensor(const void *base, int32_t bdt, int64_t n, int32_t k, em_mod
         if (m->kind == MASK_CUT)                                                                        \
             delta_cut_##SUF(d, sum, xs, bp, s, L, m, i == 0);                                           \
         else if (m->kind == MASK_RANDOM)                                                                \
-            delta_dropped_##SUF(d, sum, xs, bp, u + (size_t)slot[i] * ST, L, m->thresh, m->coef, i == 0); \
+            delta_dropped_##SUF(d, sum, xs, bp, u + (size_t)slot[i] * US, L, m->thresh, m->coef, i == 0); \
         else                                                                                            \
             delta_scaled_##SUF(d, sum, xs, bp, L, m->kind == MASK_NONE ? 0.0f : m->coef, i == 0);       \
         continue;                                                                                       \
@@ -502,7 +535,7 @@ static int ta_tensor(const void *base, int32_t bdt, int64_t n, int32_t k, em_mod
                 scale_by(d, keep, L, m->coef);
                 break;
             case MASK_RANDOM:
-                delta_dropped(d, x, bp, u + (size_t)slot[i] * ST, L, m->thresh, m->coef);
+                delta_dropped(d, x, bp, u + (size_t)slot[i] * US, L, m->thresh, m->coef);
                 break;
             }
             if (i == 0)
@@ -514,9 +547,7 @@ static int ta_tensor(const void *base, int32_t bdt, int64_t n, int32_t k, em_mod
             /* e = +1 where S >= 0, else -1; A_k = clamp(sign(d_k) * e, min 0), where
              * sign(+-0) is +0 and clamp keeps -0, as in torch; mixed = sum_k d_k A_k,
              * dv = sum_k A_k w_k */
-            for (int32_t i = 0; i < k; i++)
-                agree(mixed, normalize ? dv : NULL, D + (size_t)i * ST, S, L, models[i].weight, i == 0);
-            if (normalize) divide_by_weights(mixed, dv, L);
+            elect(mixed, D, S, L, k, models, normalize);
         }
         bad |= finish(out, odt, s, L, mixed, bp, wd, lam);
     }
@@ -564,7 +595,7 @@ static void weighted_bf16(float *restrict acc, const uint16_t *restrict x, int64
  * div_sum. Output and return value as ta_tensor. */
 int em_linear(int64_t n, int32_t k, const void **ptrs, const int32_t *dts, const float *w,
               int32_t div_sum, float wdiv, void *out, int32_t odt) {
-    float *acc = (float *)malloc(sizeof(float) * ST * 2);
+    float *acc = (float *)scratch(sizeof(float) * ST * 2);
     if (!acc) return -ENOMEM;
     float *x = acc + ST;
     int bad = 0;
