@@ -228,6 +228,39 @@ static void uniforms_many(uint64_t **st, int m, int64_t n, uint16_t *u, int64_t 
     }
 }
 
+/* Vectors of VW floats, the width of the CPU's registers (GCC's and clang's vector
+ * extensions); a comparison gives a mask whose lanes are all ones where it holds. */
+#ifdef VW
+#elif defined(__AVX512F__)
+#define VW 16
+#elif defined(__AVX__)
+#define VW 8
+#else
+#define VW 4
+#endif
+typedef float fvec __attribute__((vector_size(4 * VW)));
+typedef int32_t ivec __attribute__((vector_size(4 * VW)));
+typedef uint32_t uvec __attribute__((vector_size(4 * VW)));
+typedef uint16_t hvec __attribute__((vector_size(2 * VW)));
+
+static inline fvec vload(const float *p) {
+    fvec v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void vstore(float *p, fvec v) { memcpy(p, &v, sizeof v); }
+
+/* VW bf16 values as float32: the bits moved to the high half, as bf16_to_f32 */
+static inline fvec vload_bf16(const uint16_t *p) {
+    hvec h;
+    memcpy(&h, p, sizeof h);
+    return (fvec)(__builtin_convertvector(h, uvec) << 16);
+}
+
+/* v where the mask holds, else +0 */
+static inline fvec vkeep(ivec m, fvec v) { return (fvec)(m & (ivec)v); }
+
 /* ------------------------------------------------------------------------------------ */
 /* The task-arithmetic family                                                            */
 /* ------------------------------------------------------------------------------------ */
@@ -274,14 +307,27 @@ static void delta_dropped(float *restrict d, const float *restrict x, const floa
 }
 
 /* The same steps fused with the conversion of an input (bf16, or float32 read in place)
- * and the running sum (sum = d when first): one pass over the block instead of four.
- * FUSED(SUF, T, CONV) makes the three for inputs of type T, converted by CONV. */
-#define FUSED(SUF, T, CONV)                                                                               \
+ * and the running sum (sum = d when first): one pass over the block instead of four, VW
+ * entries at a time (the same operations on each entry as the scalar loop that finishes
+ * the block). FUSED(SUF, T, CONV, VCONV) makes the three for inputs of type T, converted
+ * by CONV one at a time and by VCONV a vector at a time. */
+#define KEEP_D_AND_SUM(v)                                                                                \
+    {                                                                                                    \
+        if (d) vstore(d + j, v);                                                                         \
+        vstore(sum + j, first ? v : vload(sum + j) + v);                                                 \
+    }
+#define FUSED(SUF, T, CONV, VCONV)                                                                        \
     static void delta_scaled_##SUF(float *restrict d, float *restrict sum, const T *restrict x,          \
                                    const float *restrict b, int64_t L, float c, int first) {             \
-        for (int64_t j = 0; j < L; j++) {                                                                \
+        const fvec cv = (fvec){} + c;                                                                    \
+        int64_t j = 0;                                                                                   \
+        for (; j + VW <= L; j += VW) {                                                                   \
+            fvec v = (VCONV(x + j) - vload(b + j)) * cv;                                                 \
+            KEEP_D_AND_SUM(v)                                                                            \
+        }                                                                                                \
+        for (; j < L; j++) {                                                                             \
             float v = (CONV(x[j]) - b[j]) * c;                                                           \
-            d[j] = v;                                                                                    \
+            if (d) d[j] = v;                                                                             \
             sum[j] = first ? v : sum[j] + v;                                                             \
         }                                                                                                \
     }                                                                                                    \
@@ -291,9 +337,18 @@ static void delta_dropped(float *restrict d, const float *restrict x, const floa
                                     const float *restrict b, const uint16_t *restrict u, int64_t L,      \
                                     uint32_t th, float c, int first) {                                   \
         const float c0 = 0.0f * c;                                                                       \
-        for (int64_t j = 0; j < L; j++) {                                                                \
+        const uvec thv = (uvec){} + th, cv = (uvec)((fvec){} + c), c0v = (uvec)((fvec){} + c0);          \
+        int64_t j = 0;                                                                                   \
+        for (; j + VW <= L; j += VW) {                                                                   \
+            hvec uh;                                                                                     \
+            memcpy(&uh, u + j, sizeof uh);                                                               \
+            uvec kept = (uvec)(__builtin_convertvector(uh, uvec) < thv);                                 \
+            fvec v = (VCONV(x + j) - vload(b + j)) * (fvec)((kept & cv) | (~kept & c0v));                \
+            KEEP_D_AND_SUM(v)                                                                            \
+        }                                                                                                \
+        for (; j < L; j++) {                                                                             \
             float v = (CONV(x[j]) - b[j]) * (u[j] < th ? c : c0);                                        \
-            d[j] = v;                                                                                    \
+            if (d) d[j] = v;                                                                             \
             sum[j] = first ? v : sum[j] + v;                                                             \
         }                                                                                                \
     }                                                                                                    \
@@ -303,19 +358,28 @@ static void delta_dropped(float *restrict d, const float *restrict x, const floa
     static void delta_cut_range_##SUF(float *restrict d, float *restrict sum, const T *restrict x,       \
                                       const float *restrict b, int64_t j0, int64_t j1, float t1,         \
                                       float t2, float c, int first) {                                    \
-        for (int64_t j = j0; j < j1; j++) {                                                              \
+        const fvec t1v = (fvec){} + t1, t2v = (fvec){} + t2, cv = (fvec){} + c, one = (fvec){} + 1.0f;  \
+        const ivec magnitude = (ivec){} + INT32_MAX;                                                     \
+        int64_t j = j0;                                                                                  \
+        for (; j + VW <= j1; j += VW) {                                                                  \
+            fvec v = VCONV(x + j) - vload(b + j);                                                        \
+            fvec a = (fvec)((ivec)v & magnitude);                                                        \
+            v = v * ((vkeep(a > t1v, one) - vkeep(a > t2v, one)) * cv);                                  \
+            KEEP_D_AND_SUM(v)                                                                            \
+        }                                                                                                \
+        for (; j < j1; j++) {                                                                            \
             float v = CONV(x[j]) - b[j];                                                                 \
             float a = fabsf(v);                                                                          \
             float keep = (a > t1 ? 1.0f : 0.0f) - (a > t2 ? 1.0f : 0.0f);                                \
             v *= keep * c;                                                                               \
-            d[j] = v;                                                                                    \
+            if (d) d[j] = v;                                                                             \
             sum[j] = first ? v : sum[j] + v;                                                             \
         }                                                                                                \
     }
 
 #define AS_F32(v) (v)
-FUSED(bf16, uint16_t, bf16_to_f32)
-FUSED(f32, float, AS_F32)
+FUSED(bf16, uint16_t, bf16_to_f32, vload_bf16)
+FUSED(f32, float, AS_F32, vload)
 
 /* A cut's stretches of positions: where each of its cuts switches from |d| > v to
  * |d| >= v; calls delta_cut_range_SUF on each. */
@@ -347,27 +411,6 @@ static void scale_by(float *restrict d, const float *restrict keep, int64_t L, f
 static void add_to(float *restrict acc, const float *restrict d, int64_t L) {
     for (int64_t j = 0; j < L; j++) acc[j] += d[j];
 }
-
-/* Vectors of VW floats, the width of the CPU's registers (GCC's and clang's vector
- * extensions); a comparison gives a mask whose lanes are all ones where it holds. */
-#if defined(__AVX512F__)
-#define VW 16
-#elif defined(__AVX__)
-#define VW 8
-#else
-#define VW 4
-#endif
-typedef float fvec __attribute__((vector_size(4 * VW)));
-typedef int32_t ivec __attribute__((vector_size(4 * VW)));
-
-static inline fvec vload(const float *p) {
-    fvec v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-/* v where the mask holds, else +0 */
-static inline fvec vkeep(ivec m, fvec v) { return (fvec)(m & (ivec)v); }
 
 /* TIES's election and agreeing sum over a block's k task vectors D (ST apart) and their
  * sum S, into mixed: e = +1 where S >= 0 else -1; A_k = clamp(sign(d_k) * e, min 0), where
@@ -499,17 +542,17 @@ static int ta_tensor(const void *base, int32_t bdt, int64_t n, int32_t k, em_mod
         float *sum = consensus ? S : mixed;
         for (int32_t i = 0; i < k; i++) {
             em_model *m = &models[i];
-            float *d = consensus ? D + (size_t)i * ST : t;
+            float *d = consensus ? D + (size_t)i * ST : t, *dk = consensus ? d : NULL; /* dk: kept for the election */
             /* the common cases, fused: bf16 and float32 inputs */
 #define FUSED_STEP(SUF, T)                                                                              \
     {                                                                                                   \
         const T *xs = (const T *)m->ptr + s;                                                            \
         if (m->kind == MASK_CUT)                                                                        \
-            delta_cut_##SUF(d, sum, xs, bp, s, L, m, i == 0);                                           \
+            delta_cut_##SUF(dk, sum, xs, bp, s, L, m, i == 0);                                          \
         else if (m->kind == MASK_RANDOM)                                                                \
-            delta_dropped_##SUF(d, sum, xs, bp, u + (size_t)slot[i] * US, L, m->thresh, m->coef, i == 0); \
+            delta_dropped_##SUF(dk, sum, xs, bp, u + (size_t)slot[i] * US, L, m->thresh, m->coef, i == 0); \
         else                                                                                            \
-            delta_scaled_##SUF(d, sum, xs, bp, L, m->kind == MASK_NONE ? 0.0f : m->coef, i == 0);       \
+            delta_scaled_##SUF(dk, sum, xs, bp, L, m->kind == MASK_NONE ? 0.0f : m->coef, i == 0);      \
         continue;                                                                                       \
     }
             if (m->dtype == DT_BF16) FUSED_STEP(bf16, uint16_t)
