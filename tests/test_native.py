@@ -132,6 +132,33 @@ def test_any_parameters_match_the_torch_path(method, n, k, dtype, density, lam, 
     same_bits(ref, got)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_the_portable_build_gives_the_same_bits(tmp_path, monkeypatch, dtype):
+    """Where ``-march=native`` does not build, the kernels are built for the generic CPU:
+    narrower vectors (and float16 converted in software) must give the same bits."""
+    import subprocess as sp
+
+    def portable(cc, out):  # the second of _build's attempts: no -march
+        out.parent.mkdir(parents=True, exist_ok=True)
+        r = sp.run([cc, *native.FLAGS, str(native.SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+
+    monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path))
+    monkeypatch.setattr(native, "_build", portable)
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_tried", False)
+    assert native.library() is not None and str(tmp_path) in native.library()._name
+    if dtype == torch.float16 and not native.library().em_has_f16():
+        pytest.skip("this compiler has no _Float16: float16 takes the torch path")
+    for k in (3, 4):  # DARE's streams three at a time, and four in one vector
+        base, tensors = family(2 * 2047 + 5, k, dtype, seed=k, scale=0.05, zeros=0.05)
+        for method in SERVED:
+            params = dict(weight=[0.7, -0.4, 0.55, 0.3][:k], density=[0.4] * k, seeds=[5 + i for i in range(k)],
+                          gamma=[0.05] * k, normalize=True)
+            ref, got = both(method, base, tensors, dtype, **params)
+            same_bits(ref, got)
+
+
 def test_dare_stream_is_numpys_sfc64():
     """The kernel draws DARE's uniforms from the same SFC64 stream as NumPy: a density of
     exactly one half keeps the entries whose 16-bit uniform is below 32768."""

@@ -281,31 +281,6 @@ typedef struct {
     uint32_t _pad;
 } em_model;
 
-/* keep[j] (or keep[j] - 1 when sub) for a cut over the block starting at position s:
- * |d| > v before position pos, |d| >= v from pos on (ties broken by position). */
-static void cut_block(const float *d, int64_t s, int64_t L, float v, int64_t pos, float *keep, int sub) {
-    int64_t split = pos - s;
-    split = split < 0 ? 0 : (split > L ? L : split);
-    const float one = sub ? -1.0f : 1.0f;
-    for (int64_t j = 0; j < split; j++) keep[j] += fabsf(d[j]) > v ? one : 0.0f;
-    for (int64_t j = split; j < L; j++) keep[j] += fabsf(d[j]) >= v ? one : 0.0f;
-}
-
-/* Elementwise steps over one block, on arrays that do not overlap. */
-static void delta(float *restrict d, const float *restrict x, const float *restrict b, int64_t L) {
-    for (int64_t j = 0; j < L; j++) d[j] = x[j] - b[j];
-}
-
-static void delta_scaled(float *restrict d, const float *restrict x, const float *restrict b, int64_t L,
-                         float c) {
-    for (int64_t j = 0; j < L; j++) d[j] = (x[j] - b[j]) * c;
-}
-
-static void delta_dropped(float *restrict d, const float *restrict x, const float *restrict b,
-                          const uint16_t *restrict u, int64_t L, uint32_t th, float c) {
-    for (int64_t j = 0; j < L; j++) d[j] = (x[j] - b[j]) * ((u[j] < th ? 1.0f : 0.0f) * c);
-}
-
 /* The same steps fused with the conversion of an input (bf16, or float32 read in place)
  * and the running sum (sum = d when first): one pass over the block instead of four, VW
  * entries at a time (the same operations on each entry as the scalar loop that finishes
@@ -380,6 +355,18 @@ static void delta_dropped(float *restrict d, const float *restrict x, const floa
 #define AS_F32(v) (v)
 FUSED(bf16, uint16_t, bf16_to_f32, vload_bf16)
 FUSED(f32, float, AS_F32, vload)
+#ifdef __FLT16_MAX__
+typedef _Float16 f16vec __attribute__((vector_size(2 * VW)));
+
+static inline fvec vload_f16(const _Float16 *p) {
+    f16vec h;
+    memcpy(&h, p, sizeof h);
+    return __builtin_convertvector(h, fvec);
+}
+
+#define F16_TO_F32(v) ((float)(v))
+FUSED(f16, _Float16, F16_TO_F32, vload_f16)
+#endif
 
 /* A cut's stretches of positions: where each of its cuts switches from |d| > v to
  * |d| >= v; calls delta_cut_range_SUF on each. */
@@ -403,14 +390,9 @@ FUSED(f32, float, AS_F32, vload)
 
 DELTA_CUT(bf16, uint16_t)
 DELTA_CUT(f32, float)
-
-static void scale_by(float *restrict d, const float *restrict keep, int64_t L, float c) {
-    for (int64_t j = 0; j < L; j++) d[j] *= keep[j] * c;
-}
-
-static void add_to(float *restrict acc, const float *restrict d, int64_t L) {
-    for (int64_t j = 0; j < L; j++) acc[j] += d[j];
-}
+#ifdef __FLT16_MAX__
+DELTA_CUT(f16, _Float16)
+#endif
 
 /* TIES's election and agreeing sum over a block's k task vectors D (ST apart) and their
  * sum S, into mixed: e = +1 where S >= 0 else -1; A_k = clamp(sign(d_k) * e, min 0), where
@@ -497,15 +479,17 @@ static int finish(void *out, int odt, int64_t s, int64_t L, float *restrict mixe
  * agreeing entries are summed and, with normalize, divided by the summed weights of the
  * agreeing entries. The result goes to out, in dtype odt.
  *
- * Per block: each model's entries are converted to float32 in one pass, masked, scaled
- * and accumulated in a second; x * 1 and x / 1 are exact, so the steps the torch code
- * skips (lambda = 1, no division) are applied as such.
+ * Per block: each model's entries are converted to float32, masked, scaled and added to
+ * the running sum in one pass (the fused steps); with consensus the election then reads
+ * the kept task vectors in one more. x * 1 and x / 1 are exact, so the steps the torch
+ * code skips (lambda = 1, no division) are applied as such.
  *
- * Returns 0, 1 if a result is not finite, or -ENOMEM. */
+ * Returns 0, 1 if a result is not finite, -ENOMEM, or -EINVAL for an input dtype the
+ * kernels do not take. */
 static int ta_tensor(const void *base, int32_t bdt, int64_t n, int32_t k, em_model *models,
                        int32_t consensus, int32_t normalize, int32_t div_sum, float wdiv,
                        int32_t scale_lambda, float lambda, void *out, int32_t odt) {
-    float *mem = (float *)scratch(sizeof(float) * ST * (size_t)(k + 6));
+    float *mem = (float *)scratch(sizeof(float) * ST * (size_t)(k + 3));
     uint16_t *u = (uint16_t *)scratch(sizeof(uint16_t) * US * (size_t)k);
     uint64_t **streams = (uint64_t **)malloc(sizeof(uint64_t *) * (size_t)k);
     int32_t *slot = (int32_t *)malloc(sizeof(int32_t) * (size_t)k);
@@ -525,8 +509,7 @@ static int ta_tensor(const void *base, int32_t bdt, int64_t n, int32_t k, em_mod
         free(slot);
         return -ENOMEM;
     }
-    float *b = mem, *mixed = mem + ST, *S = mem + 2 * ST, *keep = mem + 3 * ST, *x = mem + 4 * ST;
-    float *t = mem + 5 * ST, *D = mem + 6 * ST;
+    float *b = mem, *mixed = mem + ST, *S = mem + 2 * ST, *D = mem + 3 * ST;
     const float wd = div_sum ? wdiv : 1.0f, lam = scale_lambda ? lambda : 1.0f;
     int bad = 0;
     for (int64_t s = 0; s < n; s += BLK) {
@@ -542,8 +525,7 @@ static int ta_tensor(const void *base, int32_t bdt, int64_t n, int32_t k, em_mod
         float *sum = consensus ? S : mixed;
         for (int32_t i = 0; i < k; i++) {
             em_model *m = &models[i];
-            float *d = consensus ? D + (size_t)i * ST : t, *dk = consensus ? d : NULL; /* dk: kept for the election */
-            /* the common cases, fused: bf16 and float32 inputs */
+            float *dk = consensus ? D + (size_t)i * ST : NULL; /* the task vector, kept for the election */
 #define FUSED_STEP(SUF, T)                                                                              \
     {                                                                                                   \
         const T *xs = (const T *)m->ptr + s;                                                            \
@@ -557,34 +539,12 @@ static int ta_tensor(const void *base, int32_t bdt, int64_t n, int32_t k, em_mod
     }
             if (m->dtype == DT_BF16) FUSED_STEP(bf16, uint16_t)
             if (m->dtype == DT_F32) FUSED_STEP(f32, float)
+#ifdef __FLT16_MAX__
+            if (m->dtype == DT_F16) FUSED_STEP(f16, _Float16)
+#endif
 #undef FUSED_STEP
-            load(m->ptr, m->dtype, s, L, x);
-            switch (m->kind) {
-            case MASK_ALL:
-                delta_scaled(d, x, bp, L, m->coef);
-                break;
-            case MASK_NONE:
-                delta_scaled(d, x, bp, L, 0.0f);
-                break;
-            case MASK_CUT:
-                delta(d, x, bp, L);
-                if (m->has_start) {
-                    memset(keep, 0, (size_t)L * 4);
-                    cut_block(d, s, L, m->start_v, m->start_pos, keep, 0);
-                } else {
-                    for (int64_t j = 0; j < L; j++) keep[j] = 1.0f;
-                }
-                if (m->has_stop) cut_block(d, s, L, m->stop_v, m->stop_pos, keep, 1);
-                scale_by(d, keep, L, m->coef);
-                break;
-            case MASK_RANDOM:
-                delta_dropped(d, x, bp, u + (size_t)slot[i] * US, L, m->thresh, m->coef);
-                break;
-            }
-            if (i == 0)
-                memcpy(sum, d, (size_t)L * 4);
-            else
-                add_to(sum, d, L);
+            bad = -EINVAL; /* an input dtype the kernels do not take */
+            goto done;
         }
         if (consensus) {
             /* e = +1 where S >= 0, else -1; A_k = clamp(sign(d_k) * e, min 0), where
@@ -594,6 +554,7 @@ static int ta_tensor(const void *base, int32_t bdt, int64_t n, int32_t k, em_mod
         }
         bad |= finish(out, odt, s, L, mixed, bp, wd, lam);
     }
+done:
     free(mem);
     free(u);
     free(streams);
