@@ -284,19 +284,21 @@ typedef struct {
 /* The same steps fused with the conversion of an input (bf16, or float32 read in place)
  * and the running sum (sum = d when first): one pass over the block instead of four, VW
  * entries at a time (the same operations on each entry as the scalar loop that finishes
- * the block). FUSED(SUF, T, CONV, VCONV) makes the three for inputs of type T, converted
- * by CONV one at a time and by VCONV a vector at a time. */
+ * the block). FUSED(SUF, T, CONV, VCONV, VEC) makes the three for inputs of type T,
+ * converted by CONV one at a time and by VCONV a vector at a time; with VEC 0 only the
+ * entry-by-entry loop is written, and the compiler vectorizes it (for bf16 inputs that
+ * measured faster than VCONV). */
 #define KEEP_D_AND_SUM(v)                                                                                \
     {                                                                                                    \
         if (d) vstore(d + j, v);                                                                         \
         vstore(sum + j, first ? v : vload(sum + j) + v);                                                 \
     }
-#define FUSED(SUF, T, CONV, VCONV)                                                                        \
+#define FUSED(SUF, T, CONV, VCONV, VEC)                                                                      \
     static void delta_scaled_##SUF(float *restrict d, float *restrict sum, const T *restrict x,          \
                                    const float *restrict b, int64_t L, float c, int first) {             \
         const fvec cv = (fvec){} + c;                                                                    \
         int64_t j = 0;                                                                                   \
-        for (; j + VW <= L; j += VW) {                                                                   \
+        for (; VEC && j + VW <= L; j += VW) {                                                            \
             fvec v = (VCONV(x + j) - vload(b + j)) * cv;                                                 \
             KEEP_D_AND_SUM(v)                                                                            \
         }                                                                                                \
@@ -314,7 +316,7 @@ typedef struct {
         const float c0 = 0.0f * c;                                                                       \
         const uvec thv = (uvec){} + th, cv = (uvec)((fvec){} + c), c0v = (uvec)((fvec){} + c0);          \
         int64_t j = 0;                                                                                   \
-        for (; j + VW <= L; j += VW) {                                                                   \
+        for (; VEC && j + VW <= L; j += VW) {                                                            \
             hvec uh;                                                                                     \
             memcpy(&uh, u + j, sizeof uh);                                                               \
             uvec kept = (uvec)(__builtin_convertvector(uh, uvec) < thv);                                 \
@@ -336,7 +338,7 @@ typedef struct {
         const fvec t1v = (fvec){} + t1, t2v = (fvec){} + t2, cv = (fvec){} + c, one = (fvec){} + 1.0f;  \
         const ivec magnitude = (ivec){} + INT32_MAX;                                                     \
         int64_t j = j0;                                                                                  \
-        for (; j + VW <= j1; j += VW) {                                                                  \
+        for (; VEC && j + VW <= j1; j += VW) {                                                                  \
             fvec v = VCONV(x + j) - vload(b + j);                                                        \
             fvec a = (fvec)((ivec)v & magnitude);                                                        \
             v = v * ((vkeep(a > t1v, one) - vkeep(a > t2v, one)) * cv);                                  \
@@ -353,8 +355,8 @@ typedef struct {
     }
 
 #define AS_F32(v) (v)
-FUSED(bf16, uint16_t, bf16_to_f32, vload_bf16)
-FUSED(f32, float, AS_F32, vload)
+FUSED(bf16, uint16_t, bf16_to_f32, vload_bf16, 0)
+FUSED(f32, float, AS_F32, vload, 1)
 #ifdef __FLT16_MAX__
 typedef _Float16 f16vec __attribute__((vector_size(2 * VW)));
 
@@ -365,7 +367,7 @@ static inline fvec vload_f16(const _Float16 *p) {
 }
 
 #define F16_TO_F32(v) ((float)(v))
-FUSED(f16, _Float16, F16_TO_F32, vload_f16)
+FUSED(f16, _Float16, F16_TO_F32, vload_f16, 1)
 #endif
 
 /* A cut's stretches of positions: where each of its cuts switches from |d| > v to
