@@ -26,6 +26,17 @@ interpolated linearly over the layers of a slice (layer ``i`` of ``n`` sits at
 take ``t = 0``, the first value. A list of ``{filter, value}`` entries picks the first whose
 ``filter`` is a substring of the tensor name (no filter, or ``*``, matches all). Settings are
 looked up per model first, then in the slice, then in the recipe's ``parameters``.
+
+Methods that read data (``fisher``, ``regmean``) take it from ``data``, at the top level
+for every model and under a model's entry (in the ``models`` form) for that model, whose
+keys override the top level's::
+
+    data: {path: train.jsonl, text: prompt, target: answer, limit: 256, batch_size: 16}
+
+``path`` is a JSON-lines file, ``text`` the field fed to the model, ``target`` an optional
+field appended to it whose tokens the empirical Fisher scores (without it every token after
+the first is scored), ``limit`` the number of records read (the first ones), ``batch_size``
+the rows run at once. mergekit's schema has no such key.
 """
 
 from __future__ import annotations
@@ -44,6 +55,7 @@ from .merge.methods import METHODS, MethodSpec, ParamSpec
 __all__ = [
     "Recipe",
     "RecipeError",
+    "DataSpec",
     "ModelRef",
     "SliceSource",
     "OutputSlice",
@@ -68,9 +80,10 @@ DTYPES = {
 
 _TOP_KEYS = (
     "merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
-    "tokenizer_source", "tokenizer", "chat_template", "name",
+    "tokenizer_source", "tokenizer", "chat_template", "name", "data",
 )
-_MODEL_KEYS = ("model", "parameters")
+_MODEL_KEYS = ("model", "parameters", "data")
+_DATA_KEYS = ("path", "text", "target", "limit", "batch_size")
 _SOURCE_KEYS = ("model", "layer_range", "parameters")
 _SLICE_KEYS = ("sources", "base_model", "parameters", "residual_weight")
 
@@ -113,6 +126,36 @@ class ModelRef:
         return self.path if self.revision is None else f"{self.path}@{self.revision}"
 
 
+@dataclass(frozen=True)
+class DataSpec:
+    """Where a data-reading method takes a model's examples (the recipe's ``data``)."""
+
+    path: str | None  # None only in a top level whose models each name their own file
+    text: str = "text"
+    target: str | None = None
+    limit: int = 256
+    batch_size: int = 16
+
+    @classmethod
+    def parse(cls, value: Any, where: str, default: "DataSpec | None" = None, need_path: bool = True) -> "DataSpec":
+        """A ``data`` mapping, its missing keys taken from ``default`` (the top level's,
+        which may leave ``path`` to each model's own entry)."""
+        d = _check_keys(value, _DATA_KEYS, where)
+        merged = {"path": None, **(default.__dict__ if default is not None else {}), **d}
+        path = merged["path"]
+        if (path is not None or need_path) and (not isinstance(path, str) or not path.strip()):
+            raise RecipeError(f"{where}.path: expected the path of a JSON-lines file, got {path!r}")
+        for key in ("text", "target"):
+            v = merged.get(key)
+            if v is not None and (not isinstance(v, str) or not v):
+                raise RecipeError(f"{where}.{key}: expected a field name, got {v!r}")
+        for key in ("limit", "batch_size"):
+            v = merged.get(key, getattr(cls, key))
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise RecipeError(f"{where}.{key}: expected a positive integer, got {v!r}")
+        return cls(**merged)
+
+
 @dataclass
 class SliceSource:
     model: ModelRef
@@ -144,6 +187,13 @@ class Recipe:
     name: str | None = None
     uses_models_form: bool = True
     raw: dict[str, Any] = field(default_factory=dict)
+    data: DataSpec | None = None  # the top level's ``data``
+    model_data: dict[ModelRef, DataSpec] = field(default_factory=dict)  # a model entry's own
+
+    def data_for(self, model: ModelRef) -> DataSpec | None:
+        """The examples a data-reading method takes for ``model`` (None: no file named)."""
+        spec = self.model_data.get(model, self.data)
+        return spec if spec is not None and spec.path is not None else None
 
     def referenced_models(self) -> list[ModelRef]:
         seen: dict[ModelRef, None] = {}
@@ -333,6 +383,8 @@ def parse_recipe(data: Any, *, source: str = "recipe") -> Recipe:
     params = _check_params(d.get("parameters"), method, f"{source}.parameters", None)
     dtype = _dtype(d.get("dtype"), f"{source}.dtype")
     out_dtype = _dtype(d.get("out_dtype"), f"{source}.out_dtype")
+    data = DataSpec.parse(d["data"], f"{source}.data", need_path=False) if d.get("data") is not None else None
+    model_data: dict[ModelRef, DataSpec] = {}
 
     slices: list[OutputSlice] = []
     if "models" in d:
@@ -350,6 +402,11 @@ def parse_recipe(data: Any, *, source: str = "recipe") -> Recipe:
             ref = ModelRef.parse(m["model"], f"{where}.model")
             p = _check_params(m.get("parameters"), method, f"{where}.parameters", True)
             sources.append(SliceSource(ref, None, p))
+            if m.get("data") is not None:
+                spec = DataSpec.parse(m["data"], f"{where}.data", data)
+                if model_data.get(ref, spec) != spec:
+                    raise RecipeError(f"{where}.data: model '{ref}' is listed again with other data")
+                model_data[ref] = spec
         if base is not None and all(s.model != base for s in sources):
             sources.append(SliceSource(base, None, {}))
         slices.append(OutputSlice(sources))
@@ -402,7 +459,7 @@ def parse_recipe(data: Any, *, source: str = "recipe") -> Recipe:
         merge_method=mname, method=method, slices=slices, base_model=base, parameters=params,
         dtype=dtype, out_dtype=out_dtype, tokenizer_source=tok,
         chat_template=d.get("chat_template"), name=d.get("name"),
-        uses_models_form="models" in d, raw=dict(d),
+        uses_models_form="models" in d, raw=dict(d), data=data, model_data=model_data,
     )
     _check_inputs(recipe, source)
     return recipe

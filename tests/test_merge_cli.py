@@ -25,7 +25,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 @pytest.fixture(scope="module")
 def fam(tmp_path_factory):
     root = tmp_path_factory.mktemp("fam")
-    return {k: str(v) for k, v in tiny_family(root, n_experts=3, layers=3).items()}
+    paths = {k: str(v) for k, v in tiny_family(root, n_experts=3, layers=3).items()}
+    data = root / "data.jsonl"  # for the methods that read data
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in ("12+34=46", "rev:abc=cba", "srt:31=13")))
+    paths["data"] = str(data)
+    return paths
 
 
 def _experts(fam, n=3, **params):
@@ -54,6 +58,9 @@ def recipes(fam) -> dict[str, dict]:
         "model_stock": {"merge_method": "model_stock", "base_model": b, "models": _experts(fam)},
         "wise_ft": {"merge_method": "wise_ft", "base_model": b, "models": [{"model": fam["expert_0"]}],
                     "parameters": {"alpha": 0.3}},
+        "fisher": {"merge_method": "fisher", "models": _experts(fam, weight=1.0), "data": {"path": fam["data"]}},
+        "regmean": {"merge_method": "regmean", "models": _experts(fam), "parameters": {"alpha": 0.8},
+                    "data": {"path": fam["data"], "batch_size": 2}},
         "passthrough": {"merge_method": "passthrough", "dtype": "float32", "slices": [
             {"sources": [{"model": fam["expert_0"], "layer_range": [0, 3]}]},
             {"sources": [{"model": fam["expert_1"], "layer_range": [1, 3]}]}]},
@@ -77,7 +84,7 @@ def _generate(folder):
     return model
 
 
-@pytest.mark.parametrize("method", list(recipes({k: "x" for k in ["base", "expert_0", "expert_1", "expert_2"]})))
+@pytest.mark.parametrize("method", list(recipes({k: "x" for k in ["base", "expert_0", "expert_1", "expert_2", "data"]})))
 def test_every_method_end_to_end(fam, tmp_path, method):
     rec = recipes(fam)[method]
     rfile = _write(tmp_path, method, rec)
@@ -352,7 +359,7 @@ def test_an_output_over_the_inputs_is_refused_and_they_stay(fam, tmp_path, where
     """--overwrite of an input model, of the folder holding them, a folder inside one, a
     symbolic link to one, or the folder holding the recipe: refused, every input unchanged."""
     root = tmp_path / "models"
-    models = {k: _copy_model(v, root / k) for k, v in fam.items()}
+    models = {k: _copy_model(v, root / k) for k, v in fam.items() if k != "data"}
     rec = recipes(fam)["task_arithmetic"]
     rec["base_model"] = str(models["base"])
     for i, m in enumerate(rec["models"]):

@@ -25,12 +25,14 @@ from evomerge.merge.methods import (
     della,
     della_keep_probabilities,
     della_linear,
+    fisher,
     linear,
     magnitude_mask,
     model_stock,
     outlier_mask,
     passthrough,
     rank_range_mask,
+    regmean,
     slerp,
     task_arithmetic,
     ties,
@@ -114,6 +116,7 @@ seeds = st.integers(min_value=0, max_value=2**40)
 HAND_TESTED = {
     "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
     "breadcrumbs_ties", "della", "della_linear", "slerp", "model_stock", "wise_ft", "passthrough",
+    "fisher", "regmean",
 }
 
 
@@ -616,6 +619,86 @@ def test_passthrough_scale():
     close(passthrough(None, [x], scale=[None]), [1.0, -2.0, 3.0])
 
 
+def test_fisher_by_hand():
+    x, y = T(1.0, 2.0, -1.0), T(3.0, 4.0, 5.0)
+    fx, fy = T(1.0, 0.0, 2.0), T(1.0, 1.0, 0.0)
+    # entry 0: (1*1 + 3*1) / 2; entry 1: x's Fisher is floored at 1e-6;
+    # entry 2: y's Fisher is floored at 0.5: (2*-1 + 0.5*5) / 2.5
+    close(fisher(None, [x, y], statistics={"fisher": [fx, fy]}, floor=1e-6),
+          [2.0, (2e-6 + 4.0) / (1.0 + 1e-6), (-2.0 + 5e-6) / (2.0 + 1e-6)])
+    close(fisher(None, [x, y], statistics={"fisher": [fx, fy]}, floor=0.5), [2.0, (1.0 + 4.0) / 1.5, 0.5 / 2.5])
+    # per-model weights multiply the Fishers: entry 0 is (3*1 + 1*3) / 4
+    close(fisher(None, [x, y], weight=[3.0, 1.0], statistics={"fisher": [fx, fy]})[0:1], [1.5])
+    # no Fisher for an input (a buffer): F = 1, the weighted average
+    close(fisher(None, [x, y], weight=[1.0, 3.0]), [2.5, 3.5, 3.5])
+    close(fisher(None, [x, y], statistics={"fisher": [None, fy]}, floor=1e-6)[1:2], [3.0])
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(0.01, 100.0), min_size=2, max_size=4), st.floats(1e-3, 10.0))
+def test_fisher_with_equal_fishers_is_the_weighted_average(weights, scale):
+    g = torch.Generator().manual_seed(len(weights))
+    ts = [torch.randn(5, 3, generator=g, dtype=F64) for _ in weights]
+    f = torch.full((5, 3), scale, dtype=F64)
+    got = fisher(None, ts, weight=weights, statistics={"fisher": [f] * len(ts)}, floor=1e-9)
+    want = sum(w * t for w, t in zip(weights, ts)) / sum(weights)
+    assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_fisher_refuses_what_it_cannot_weigh():
+    x = T(1.0, 2.0)
+    with pytest.raises(ValueError, match="sum to zero"):
+        fisher(None, [x, x], weight=[0.0, 0.0])
+    with pytest.raises(ValueError, match="shape"):
+        fisher(None, [x, x], statistics={"fisher": [T(1.0), T(1.0)]})
+    with pytest.raises(ValueError, match="2 inputs but 1"):
+        fisher(None, [x, x], statistics={"fisher": [T(1.0, 1.0)]})
+
+
+def test_regmean_by_hand():
+    # one input feature: W = sum g_k W_k / sum g_k, whatever the layout
+    w1, w2 = torch.tensor([[2.0]], dtype=F64), torch.tensor([[6.0]], dtype=F64)
+    g1, g2 = torch.tensor([[1.0]], dtype=F64), torch.tensor([[3.0]], dtype=F64)
+    for in_first in (False, True):
+        close(regmean(None, [w1, w2], statistics={"gram": [(g1, in_first), (g2, in_first)]}), [[5.0]])
+    # two inputs, diagonal Grams: each input column is averaged with its own weights
+    a, b = torch.tensor([[1.0, 10.0]], dtype=F64), torch.tensor([[3.0, 20.0]], dtype=F64)  # [out=1, in=2]
+    ga, gb = torch.diag(torch.tensor([1.0, 3.0], dtype=F64)), torch.diag(torch.tensor([1.0, 1.0], dtype=F64))
+    close(regmean(None, [a, b], statistics={"gram": [(ga, False), (gb, False)]}), [[2.0, (30.0 + 20.0) / 4.0]])
+    # alpha = 0 keeps only the diagonals: off-diagonal entries change nothing
+    ga2 = ga + torch.tensor([[0.0, 0.5], [0.5, 0.0]], dtype=F64)
+    close(regmean(None, [a, b], alpha=0.0, statistics={"gram": [(ga2, False), (gb, False)]}), [[2.0, 12.5]])
+    # tensors without a Gram matrix (norms, embeddings, biases): the weighted average
+    close(regmean(None, [T(1.0, 2.0), T(3.0, 6.0)], weight=[1.0, 3.0]), [2.5, 5.0])
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10_000), st.sampled_from([False, True]), st.integers(2, 3), st.floats(0.0, 1.0))
+def test_regmean_is_the_least_squares_merge(seed, in_first, k, alpha):
+    """W minimises sum_k w_k ||X_k W^T - X_k W_k^T||^2 / n_k (alpha = 1), or the same with
+    each G_k's off-diagonal entries scaled by alpha: checked against a least-squares solve
+    of the stacked, scaled system (or the normal equations written out)."""
+    g = torch.Generator().manual_seed(seed)
+    d_in, d_out = 4, 3
+    xs = [torch.randn(6 + 2 * i, d_in, generator=g, dtype=F64) for i in range(k)]
+    ws = [torch.randn(d_out, d_in, generator=g, dtype=F64) for _ in range(k)]
+    wt = [0.5 + i for i in range(k)]
+    grams = [x.T @ x / x.shape[0] for x in xs]
+    stored = [w.T.contiguous() if in_first else w for w in ws]
+    got = regmean(None, stored, weight=wt, alpha=alpha, statistics={"gram": [(gm, in_first) for gm in grams]})
+    got = got.T if in_first else got
+    if alpha == 1.0:
+        a = torch.cat([x * math.sqrt(w / x.shape[0]) for x, w in zip(xs, wt)])
+        y = torch.cat([x @ w.T * math.sqrt(c / x.shape[0]) for x, w, c in zip(xs, ws, wt)])
+        want = torch.linalg.lstsq(a, y).solution.T
+    else:
+        gt = [gm * alpha + torch.diag(torch.diagonal(gm)) * (1 - alpha) for gm in grams]
+        lhs = sum(c * gm for c, gm in zip(wt, gt))
+        rhs = sum(c * gm @ w.T for c, gm, w in zip(wt, gt, ws))
+        want = torch.linalg.solve(lhs, rhs).T
+    assert torch.allclose(got, want, rtol=1e-8, atol=1e-8)
+
+
 # --------------------------------------------------------------------------------------
 # Working precision
 # --------------------------------------------------------------------------------------
@@ -641,6 +724,8 @@ def test_results_come_back_in_working_precision(dtype, work):
         "model_stock": lambda: model_stock(base, [x, y]),
         "wise_ft": lambda: wise_ft(base, [x], 0.5),
         "passthrough": lambda: passthrough(None, [x], 2.0),
+        "fisher": lambda: fisher(None, [x, y], statistics={"fisher": [x.abs(), y.abs()]}),
+        "regmean": lambda: regmean(None, [x, y]),
     }
     assert set(calls) == set(METHODS)
     for name, call in calls.items():

@@ -60,7 +60,9 @@ def _gram_reference(model, tok, prompts):
 def _check_gram(model, tok, prompts):
     got = GramMatrix()(model, _padded(tok, prompts, 3))
     want, tokens = _gram_reference(model, tok, prompts)
-    assert set(want) and {k for k in got if not k.endswith(":tokens")} == set(want)
+    assert set(want) and {k for k in got if ":" not in k} == set(want)
+    conv1d = {n for n, m in _linear_layers(model).items() if not isinstance(m, torch.nn.Linear)}
+    assert {n for n in want if int(got[f"{n}:in_first"])} == conv1d  # the weight's layout, [in, out]
     for n, g in want.items():
         assert got[n].dtype == torch.float64 and got[n].shape == g.shape
         # (a padded batch and a prompt alone differ in float32's last bits from the first layer on)
@@ -86,6 +88,7 @@ def test_gram_matrices_on_gpt2_conv1d_layers_from_an_evaluators_inputs(words):
     assert batches(ev, tok, "search", batch_size=5)[0][0].shape[0] == 5
     got = _check_gram(model, tok, prompts)
     n = model.config.n_embd
+    assert int(got["transformer.h.0.attn.c_attn.weight:in_first"]) == 1
     assert got["transformer.h.0.attn.c_attn.weight"].shape == (n, n)
     assert got["transformer.h.0.mlp.c_proj.weight"].shape == (4 * n, 4 * n)
 
@@ -109,6 +112,85 @@ def test_fisher_is_the_mean_squared_gradient_of_each_sequences_log_likelihood(fa
     for n, w in want.items():
         w = w / len(PROMPTS)
         assert float((got[n] - w).abs().max()) <= 1e-4 * float(w.abs().max()), n
+
+
+def test_a_targets_fisher_scores_only_its_tokens_on_gpt2(words, tmp_path):
+    """A recipe's data with a target: the empirical Fisher of the target's tokens given the
+    text, against Hugging Face's loss with the text's tokens masked out (-100), one record
+    at a time; on the GPT-2 family (BOS added, no pad token, Conv1D layers)."""
+    from evomerge.recipe import DataSpec
+    from evomerge.merge.statistics import examples
+
+    task = words.tasks[0]
+    model, tok = _load(words.experts[task])
+    path = words.data[task]["dev"]  # the family's own layout: its own field names
+    q, a = words.fields["prompt"], words.fields["answer"]
+    rows = [json.loads(line) for line in path.read_text().splitlines()[:5]]
+    data = examples(DataSpec(str(path), text=q, target=a, limit=5, batch_size=2), tok)
+    assert [b[0].shape[0] for b in data] == [2, 2, 1]
+    got = FisherDiagonal()(model, data)
+    want = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in model.named_parameters()}
+    for r in rows:
+        ctx = tok(r[q].rstrip())["input_ids"]
+        whole = tok(r[q] + r[a])["input_ids"]
+        ids = torch.tensor([whole])
+        labels = ids.clone()
+        labels[0, :len(ctx)] = -100
+        model.zero_grad()
+        out = model(input_ids=ids, labels=labels, use_cache=False)
+        (-out.loss * int((labels[0, 1:] != -100).sum())).backward()
+        for n, p in model.named_parameters():
+            want[n] += p.grad.double() ** 2
+    for n, w in want.items():
+        w = w / len(rows)
+        assert float((got[n] - w).abs().max()) <= 1e-4 * float(w.abs().max()), n
+    # without the target every token after the first is scored: another Fisher
+    whole = FisherDiagonal()(model, examples(DataSpec(str(path), text=q, limit=5, batch_size=2), tok))
+    name = "transformer.h.0.attn.c_attn.weight"
+    assert not torch.allclose(whole[name], got[name])
+
+
+def test_a_sampled_fisher_draws_its_labels_from_the_model(fam):
+    """kind="sampled": each scored position's label drawn from the model's own prediction
+    there, from a seed (a random model of the Llama family, whose predictions are spread)."""
+    model, tok = _load(fam["expert_0"])
+    data = _padded(tok, PROMPTS, 3)
+    empirical = FisherDiagonal()(model, data)
+    name = "model.layers.0.mlp.down_proj.weight"
+    s1 = FisherDiagonal("sampled", seed=1)(model, data)
+    assert torch.equal(s1[name], FisherDiagonal("sampled", seed=1)(model, data)[name])
+    assert not torch.equal(s1[name], FisherDiagonal("sampled", seed=2)(model, data)[name])
+    assert not torch.allclose(s1[name], empirical[name])
+    assert FisherDiagonal("sampled", seed=1).settings() != FisherDiagonal("sampled", seed=2).settings()
+    with pytest.raises(ValueError, match="kind"):
+        FisherDiagonal("exact")
+
+
+def test_data_files_that_cannot_be_read_are_named(fam, tmp_path):
+    from evomerge.recipe import DataSpec
+    from evomerge.merge.statistics import examples
+
+    _, tok = _load(fam["expert_0"])
+    p = tmp_path / "d.jsonl"
+    cases = [
+        ('{"q": "rev:ab="}\n[1, 2]\n', "d.jsonl:2: expected a JSON object"),
+        ('{"q": "rev:ab="}\n{"q": \n', "d.jsonl:2: not a JSON line"),
+        ('{"q": "rev:ab="}\n{"x": "a"}\n', "d.jsonl:2: no field 'q'"),
+        ('{"q": ""}\n', "d.jsonl:1: field 'q' must be a non-empty string"),
+        ('\n\n', "has no records"),
+    ]
+    for text, needle in cases:
+        p.write_text(text)
+        with pytest.raises(ValueError, match=needle.replace("[", r"\[")):
+            examples(DataSpec(str(p), text="q"), tok)
+    p.write_text('{"q": "rev:ab="}\n')
+    with pytest.raises(ValueError, match="no field 'a'"):
+        examples(DataSpec(str(p), text="q", target="a"), tok)
+    with pytest.raises(ValueError, match="not found"):
+        examples(DataSpec(str(tmp_path / "none.jsonl"), text="q"), tok)
+    # limit: the first records only
+    p.write_text("".join(json.dumps({"q": f"rev:{c}="}) + "\n" for c in "abcdef"))
+    assert sum(b[0].shape[0] for b in examples(DataSpec(str(p), text="q", limit=4, batch_size=3), tok)) == 4
 
 
 def test_a_statistic_is_computed_once_and_then_read_from_its_cache(fam, tmp_path):

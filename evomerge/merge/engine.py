@@ -15,6 +15,11 @@ A candidate (``what``) is those columns by default, another recipe that fits the
 - ``merger.materialize(what, into=model)`` writes every merged tensor into a live model's
   own parameters, with no second model and no disk;
 - ``merger.merge_tensor(task, what)`` merges a single tensor.
+
+A method that reads data (``MethodSpec.statistics``: Fisher-weighted averaging, RegMean)
+gets, for every tensor, each input model's statistic of that tensor: computed once per
+model from the recipe's ``data`` for it (``statistics.examples``) on the model loaded live,
+in float32 on the CPU, and cached on disk (``statistics.compute``), on the first merge.
 """
 
 from __future__ import annotations
@@ -95,6 +100,7 @@ class Merger:
         self.seeds = self.plan.seeds(self.seed)
         self._index = {t.name: i for i, t in enumerate(self.plan.tasks)}
         self._plan_seen: tuple | None = None  # the last candidate columns' plan found equal to this one
+        self._stats: dict[ModelRef, dict[str, dict[str, Tensor]]] | None = None  # data statistics, per model
 
     @property
     def tasks(self) -> list[TensorTask]:
@@ -153,6 +159,88 @@ class Merger:
         return out
 
     # ----------------------------------------------------------------------------------
+    # Statistics from data
+    # ----------------------------------------------------------------------------------
+    def _data_models(self) -> list[ModelRef]:
+        """The models whose tensors a data-reading method merges, in plan order."""
+        seen: dict[ModelRef, None] = {}
+        for t in self.plan.tasks:
+            if not t.copy:
+                for m, _ in t.sources:
+                    seen[m] = None
+        return list(seen)
+
+    def statistics(self, progress: bool = False) -> dict[ModelRef, dict[str, dict[str, Tensor]]]:
+        """Every input model's statistics (``{model: {statistic: {tensor: value}}}``) for a
+        data-reading method: computed on the first call (or read from the cache), each model
+        loaded live in float32 on the CPU, on its recipe ``data``."""
+        if self._stats is not None:
+            return self._stats
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from . import statistics as S
+
+        cache = S.StatisticCache(native.cache_dir() / "statistics")
+        refs = self._data_models()
+        for ref in refs:
+            if self.recipe.data_for(ref) is None:
+                raise MergeError(f"merge_method '{self.method.name}' reads data: give the recipe a 'data' entry "
+                                 f"with a 'path' (top level, or under model '{ref}')")
+        out: dict[ModelRef, dict[str, dict[str, Tensor]]] = {}
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(refs) * len(self.method.statistics), desc="statistics", unit="model")
+        try:
+            for ref in refs:
+                folder = self.models[ref].folder
+                spec = self.recipe.data_for(ref)
+                try:
+                    try:
+                        tok = AutoTokenizer.from_pretrained(folder)
+                    except (OSError, ValueError):  # no tokenizer of its own: the reference model's
+                        tok = AutoTokenizer.from_pretrained(self.reference.folder)
+                    data = S.examples(spec, tok)
+                    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+                    key = S.model_fingerprint(folder)
+                    out[ref] = {}
+                    for name in self.method.statistics:
+                        out[ref][name] = S.compute(S.STATISTICS[name](), model, data, cache=cache, model_key=key)
+                        if bar is not None:
+                            bar.update(1)
+                    del model
+                except (OSError, ValueError) as e:
+                    raise MergeError(f"model '{ref}': {e}") from None
+                names = {n for _, n in self._inputs_of(ref)}
+                if names and not any(n in v for v in out[ref].values() for n in names):
+                    raise MergeError(f"model '{ref}': none of its tensors has a statistic ({', '.join(out[ref])}): "
+                                     "the live model's parameter names differ from the checkpoint's")
+        finally:
+            if bar is not None:
+                bar.close()
+        self._stats = out
+        return out
+
+    def _inputs_of(self, ref: ModelRef) -> list[tuple[ModelRef, str]]:
+        return [(m, n) for t in self.plan.tasks if not t.copy for m, n in t.sources if m == ref]
+
+    def _task_statistics(self, task: TensorTask) -> dict[str, list]:
+        """Each input's statistics of this tensor, as the method takes them."""
+        stats = self.statistics()
+        out: dict[str, list] = {}
+        for name in self.method.statistics:
+            vals = []
+            for m, n in task.sources:
+                v = stats[m][name]
+                if name == "gram":
+                    vals.append((v[n], bool(int(v[f"{n}:in_first"]))) if n in v else None)
+                else:
+                    vals.append(v.get(n))
+            out[name] = vals
+        return out
+
+    # ----------------------------------------------------------------------------------
     # Execution
     # ----------------------------------------------------------------------------------
     def _read(self, task: TensorTask) -> list[Tensor]:
@@ -208,6 +296,8 @@ class Merger:
             if res is not None:
                 return res
         kwargs = {("lambda_" if k == "lambda" else k): v for k, v in params.items()}
+        if self.method.statistics:
+            kwargs["statistics"] = self._task_statistics(task)
         try:
             res = self.method.fn(base, tensors, **kwargs, out_dtype=self.output_dtype(task), out=out)
         except (ValueError, RuntimeError) as e:
@@ -345,6 +435,8 @@ class Merger:
             recipe_text = (what if what is not None else self.recipe).to_yaml()
         self._tokenizer_source()  # opened now: its folder is an input too
         refuse_overlap(out_dir, {f"model '{ref}'": ck.folder for ref, ck in self.models.items()})
+        if self.method.statistics:  # before anything is written, and not from the lanes' threads
+            self.statistics(progress)
         entries = [TensorEntry(t.name, self.shape(t), self.output_dtype(t)) for t in self.tasks]
         with CheckpointWriter(out_dir, entries, shard_size=shard_size, overwrite=overwrite) as w:
             lanes = self.lanes() if lanes is None else max(1, int(lanes))

@@ -50,6 +50,8 @@ __all__ = [
     "model_stock",
     "wise_ft",
     "passthrough",
+    "fisher",
+    "regmean",
     "rank_range_mask",
     "magnitude_mask",
 ]
@@ -1116,6 +1118,84 @@ def passthrough(base, tensors, scale=None, out_dtype=None, out=None):
     return res.copy_(t if s is None else t.to(_work_dtype(t)) * float(s))
 
 
+def fisher(base, tensors, weight=None, floor=1e-6, statistics=None, out_dtype=None, out=None):
+    """Fisher-weighted averaging: theta = sum_k w_k F_k theta_k / sum_k w_k F_k entry by
+    entry, where F_k = max(Fisher diagonal of model k, ``floor``) (``statistics["fisher"]``,
+    one tensor per input, read from data). Where no Fisher is given for an input tensor
+    (a buffer), that input's F is 1; with every F alike it is the weighted average.
+
+    Matena & Raffel 2022, "Merging Models with Fisher-Weighted Averaging",
+    https://arxiv.org/abs/2111.09832.
+    """
+    first = tensors[0]
+    dt = torch.float64 if first.dtype == torch.float64 else torch.float32
+    weight = [1.0] * len(tensors) if weight is None else weight
+    fishers = (statistics or {}).get("fisher") or [None] * len(tensors)
+    if len(fishers) != len(tensors):
+        raise ValueError(f"{len(tensors)} inputs but {len(fishers)} Fisher diagonals")
+    num = torch.zeros(first.shape, dtype=dt, device=first.device)
+    den = torch.zeros(first.shape, dtype=dt, device=first.device)
+    for t, w, f in zip(tensors, weight, fishers):
+        if f is None:
+            f = torch.ones((), dtype=dt, device=first.device)
+        elif f.shape != first.shape:
+            raise ValueError(f"a Fisher diagonal of shape {tuple(f.shape)} for a tensor of shape {tuple(first.shape)}")
+        fw = f.to(device=first.device, dtype=dt).clamp(min=float(floor)) * float(w)
+        num += fw * t.to(dt)
+        den += fw
+    if bool((den == 0).any()):
+        raise ValueError("the weighted Fishers sum to zero (weights summing to zero, or a floor of 0 where every "
+                         "Fisher is 0)")
+    res = _alloc(first, out_dtype or dt, out)
+    res.copy_((num / den).reshape(-1))
+    return res.reshape(first.shape)
+
+
+def regmean(base, tensors, weight=None, alpha=0.9, statistics=None, out_dtype=None, out=None):
+    """RegMean: for a linear layer's weight, the merged W minimises sum_k w_k ||X_k W^T -
+    X_k W_k^T||^2 over the layer's inputs X_k on model k's data, W = (sum_k w_k G_k W_k^T)^T
+    (sum_k w_k G_k)^-1 with G_k = X_k^T X_k / tokens_k (``statistics["gram"]``: per input,
+    ``(G_k, in_first)``, ``in_first`` for a ``[in, out]`` weight such as GPT-2's ``Conv1D``)
+    and the off-diagonal entries of each G_k scaled by ``alpha``. Every other tensor (no
+    Gram matrix: embeddings, norms, biases) is the weighted average.
+
+    Jin et al. 2023, "Dataless Knowledge Fusion by Merging Weights of Language Models",
+    https://arxiv.org/abs/2212.09849.
+    """
+    first = tensors[0]
+    dt = torch.float64 if first.dtype == torch.float64 else torch.float32
+    weight = [1.0] * len(tensors) if weight is None else weight
+    grams = (statistics or {}).get("gram") or [None] * len(tensors)
+    if len(grams) != len(tensors):
+        raise ValueError(f"{len(tensors)} inputs but {len(grams)} Gram matrices")
+    total = float(sum(weight))
+    if any(g is None for g in grams) or first.dim() != 2:
+        if total == 0:
+            raise ValueError("regmean: the weights sum to zero")
+        acc = sum(float(w) * t.to(torch.float64) for w, t in zip(weight, tensors)) / total
+        res = _alloc(first, out_dtype or dt, out)
+        res.copy_(acc.reshape(-1))
+        return res.reshape(first.shape)
+    lhs, rhs = None, None
+    for t, w, (g, in_first) in zip(tensors, weight, grams):
+        wt = t.to(torch.float64)
+        wt = wt if in_first else wt.T  # [in, out]
+        if g.shape != (wt.shape[0], wt.shape[0]):
+            raise ValueError(f"a Gram matrix of shape {tuple(g.shape)} for a weight with {wt.shape[0]} inputs")
+        g = g.to(device=first.device, dtype=torch.float64)
+        g = g * float(alpha) + torch.diag(torch.diagonal(g)) * (1 - float(alpha))
+        lhs = g * float(w) if lhs is None else lhs + g * float(w)
+        rhs = (g @ wt) * float(w) if rhs is None else rhs + (g @ wt) * float(w)
+    try:
+        merged = torch.linalg.solve(lhs, rhs)
+    except RuntimeError:  # singular (inputs that never vary): the least-squares solution
+        merged = torch.linalg.pinv(lhs, hermitian=True) @ rhs
+    merged = merged if grams[0][1] else merged.T
+    res = _alloc(first, out_dtype or dt, out)
+    res.copy_(merged.reshape(-1))
+    return res.reshape(first.shape)
+
+
 # --------------------------------------------------------------------------------------
 # The registry: what each method takes
 # --------------------------------------------------------------------------------------
@@ -1254,6 +1334,20 @@ METHODS: dict[str, MethodSpec] = {
     "wise_ft": MethodSpec(
         "wise_ft", wise_ft, (ParamSpec("alpha", default=0.5, search=(0.0, 1.0, 0.5)),),
         min_models=1, max_models=1, reference="https://arxiv.org/abs/2109.01903",
+    ),
+    "fisher": MethodSpec(
+        "fisher", fisher,
+        (ParamSpec("weight", per_model=True, default=1.0, lo=0.0, search=(0.0, 1.0, 0.5)),
+         ParamSpec("floor", default=1e-6, lo=0.0, lo_open=True)),
+        needs_base=False, base_in_inputs=True, statistics=("fisher",),
+        reference="https://arxiv.org/abs/2111.09832",
+    ),
+    "regmean": MethodSpec(
+        "regmean", regmean,
+        (ParamSpec("weight", per_model=True, default=1.0, lo=0.0, search=(0.0, 1.0, 0.5)),
+         ParamSpec("alpha", default=0.9, lo=0.0, hi=1.0, search=(0.5, 1.0, 0.9))),
+        needs_base=False, base_in_inputs=True, statistics=("gram",),
+        reference="https://arxiv.org/abs/2212.09849",
     ),
     "passthrough": MethodSpec(
         "passthrough", passthrough, (ParamSpec("scale", per_model=True, default=None, search=(0.0, 2.0, 1.0)),),

@@ -2,17 +2,21 @@
 cached on disk.
 
 A data-aware merge (Fisher-weighted averaging, RegMean) reads, besides the weights, a
-statistic of each model on unlabeled inputs. A ``Statistic`` computes one from a live model
-and batches of ``(input_ids, attention_mask)`` (``batches(evaluator, tokenizer, split)``
-makes them from an evaluator's unlabeled inputs, encoded as every evaluator encodes
-prompts), as tensors keyed by the model's own tensor names:
+statistic of each model on data. A ``Statistic`` computes one from a live model and batches
+of ``(input_ids, attention_mask)`` or ``(input_ids, attention_mask, scored)``, where
+``scored`` marks the tokens whose log-likelihood (given their prefix) a Fisher sums
+(``examples(spec, tokenizer)`` makes them from a recipe's ``data`` file, the ``target``
+field's tokens scored; ``batches(evaluator, tokenizer, split)`` from an evaluator's
+unlabeled inputs, encoded as every evaluator encodes prompts), as tensors keyed by the
+model's own tensor names:
 
 - ``gram``: for every linear layer (``nn.Linear``, and GPT-2's ``Conv1D``), the Gram
   matrix ``X^T X`` of the inputs it sees over every real (unpadded) token, collected by
-  forward hooks in one pass (RegMean's statistic; Jin et al. 2023,
-  https://arxiv.org/abs/2212.09849);
-- ``fisher``: the diagonal of the empirical Fisher information, the mean over sequences of
-  the squared gradient of each sequence's log-likelihood of its own tokens (Matena &
+  forward hooks in one pass, with the number of tokens and the weight's layout (RegMean's
+  statistic; Jin et al. 2023, https://arxiv.org/abs/2212.09849);
+- ``fisher``: the diagonal of the Fisher information, the mean over sequences of the
+  squared gradient of each sequence's log-likelihood of its scored tokens: the data's own
+  tokens (the empirical Fisher) or tokens sampled from the model's predictions (Matena &
   Raffel 2022, https://arxiv.org/abs/2111.09832).
 
 ``compute(statistic, model, batches, cache=..., model_key=...)`` returns a statistic, read
@@ -36,9 +40,9 @@ import torch
 from torch import Tensor
 
 __all__ = ["Statistic", "GramMatrix", "FisherDiagonal", "STATISTICS", "StatisticCache", "compute", "batches",
-           "model_fingerprint"]
+           "examples", "model_fingerprint"]
 
-Batch = tuple[Tensor, Tensor]  # (input_ids, attention_mask), right-padded
+Batch = tuple[Tensor, ...]  # (input_ids, attention_mask[, scored]), right-padded
 
 
 class Statistic(Protocol):
@@ -63,7 +67,9 @@ def _linear_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 class GramMatrix:
     """``X^T X`` of each linear layer's inputs over the real tokens of every batch, in
-    float64 (``dtype``), with the number of tokens under ``<weight name>:tokens``.
+    float64 (``dtype``), with the number of tokens under ``<weight name>:tokens`` and the
+    weight's layout under ``<weight name>:in_first`` (1 for ``Conv1D``'s ``[in, out]``, 0
+    for ``nn.Linear``'s ``[out, in]``).
 
     A layer reached twice in one forward pass (a tied head, a shared block) adds both."""
 
@@ -73,7 +79,7 @@ class GramMatrix:
         self.dtype = dtype
 
     def settings(self) -> dict:
-        return {"dtype": str(self.dtype).removeprefix("torch.")}
+        return {"dtype": str(self.dtype).removeprefix("torch."), "layout": 1}
 
     @torch.no_grad()
     def __call__(self, model, batches):
@@ -100,7 +106,7 @@ class GramMatrix:
         handles = [mod.register_forward_pre_hook(hook(n)) for n, mod in layers.items()]
         try:
             dev = next(model.parameters()).device
-            for ids, mask in batches:
+            for ids, mask, *_ in batches:
                 mask_now[:] = [mask.to(dev)]
                 model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False)
         finally:
@@ -108,19 +114,30 @@ class GramMatrix:
                 h.remove()
         out = dict(grams)
         out.update({f"{n}:tokens": torch.tensor(c, dtype=torch.int64) for n, c in counts.items()})
+        out.update({f"{n}:in_first": torch.tensor(int(not isinstance(layers[n], torch.nn.Linear)), dtype=torch.int64)
+                    for n in grams})
         return out
 
 
 class FisherDiagonal:
-    """The empirical Fisher's diagonal: for each floating-point parameter, the mean over
-    sequences of ``(d log p(sequence) / d theta)^2``, where ``log p`` sums the log
-    probabilities of each real token given its prefix. One backward pass per sequence
-    (padding stripped), so the value does not depend on how sequences were batched."""
+    """The Fisher information's diagonal: for each floating-point parameter, the mean over
+    sequences of ``(d log p / d theta)^2``, where ``log p`` sums the log probabilities of a
+    sequence's scored tokens given their prefix (a batch's ``scored`` mask; without one,
+    every real token after the first). ``kind="empirical"`` scores the data's own tokens;
+    ``kind="sampled"`` scores, at each scored position, a token drawn from the model's own
+    prediction there (seeded by ``seed`` and the sequence's position in the data). One
+    backward pass per sequence (padding stripped), so the value does not depend on how
+    sequences were batched."""
 
     name = "fisher"
 
+    def __init__(self, kind: str = "empirical", seed: int = 0):
+        if kind not in ("empirical", "sampled"):
+            raise ValueError(f"fisher: kind must be 'empirical' or 'sampled', not {kind!r}")
+        self.kind, self.seed = kind, int(seed)
+
     def settings(self) -> dict:
-        return {}
+        return {"kind": self.kind, **({"seed": self.seed} if self.kind == "sampled" else {})}
 
     def __call__(self, model, batches):
         params = {n: p for n, p in model.named_parameters() if p.is_floating_point()}
@@ -128,33 +145,46 @@ class FisherDiagonal:
         was_training = model.training
         model.eval()
         requires = {n: p.requires_grad for n, p in params.items()}
-        seen = 0
+        seen = rows = 0
+        grad_was = torch.is_grad_enabled()
+        torch.set_grad_enabled(True)  # also when called under no_grad (a merge into a live model)
         try:
             for p in params.values():
                 p.requires_grad_(True)
             dev = next(model.parameters()).device
-            for ids, mask in batches:
-                for row, m in zip(ids, mask):
-                    tokens = row[m.bool()].to(dev)
-                    if tokens.numel() < 2:
-                        continue  # no next token to predict
+            for batch in batches:
+                ids, mask = batch[0], batch[1]
+                scored = batch[2] if len(batch) > 2 else mask
+                for row, m, sc in zip(ids, mask, scored):
+                    keep = m.bool()
+                    tokens = row[keep].to(dev)
+                    pick = sc[keep].bool().to(dev)[1:]  # the first token has no prefix
+                    rows += 1
+                    if not bool(pick.any()):
+                        continue  # nothing to score
                     model.zero_grad(set_to_none=True)
                     out = model(input_ids=tokens[None], use_cache=False)
                     logits = out.logits if hasattr(out, "logits") else out
-                    logp = torch.log_softmax(logits[0, :-1].float(), dim=-1)
-                    loglik = logp.gather(1, tokens[1:, None]).sum()
-                    loglik.backward()
+                    logp = torch.log_softmax(logits[0, :-1].float(), dim=-1)[pick]
+                    if self.kind == "sampled":
+                        g = torch.Generator().manual_seed(self.seed * 1_000_003 + rows)
+                        targets = torch.multinomial(logp.detach().exp().cpu(), 1, generator=g).to(dev)
+                    else:
+                        targets = tokens[1:][pick, None]
+                    logp.gather(1, targets).sum().backward()
                     for n, p in params.items():
                         if p.grad is not None:
                             acc[n] += p.grad.detach().to(torch.float64) ** 2
                     seen += 1
         finally:
+            torch.set_grad_enabled(grad_was)
             model.zero_grad(set_to_none=True)
             for n, p in params.items():
                 p.requires_grad_(requires[n])
             model.train(was_training)
         if not seen:
-            raise ValueError("no sequence of two or more tokens to compute a Fisher information from")
+            raise ValueError("no sequence with a token to score (two or more tokens, or a target) to compute a "
+                             "Fisher information from")
         out = {n: a / seen for n, a in acc.items()}
         out["sequences"] = torch.tensor(seen, dtype=torch.int64)
         return out
@@ -176,6 +206,63 @@ def batches(evaluator, tokenizer, split: str = "search", batch_size: int = 16) -
     out = []
     for i in range(0, len(prompts), batch_size):
         out.append(encode_prompts(tokenizer, prompts[i:i + batch_size]))
+    return out
+
+
+def examples(spec, tokenizer) -> list[Batch]:
+    """A recipe's ``data`` (``recipe.DataSpec``) as right-padded batches ``(input_ids,
+    attention_mask, scored)``: the first ``spec.limit`` records of the JSON-lines file, each
+    ``spec.text`` followed by ``spec.target`` when given, encoded as the evaluators encode a
+    prompt and its answer; ``scored`` marks the target's tokens (without a target, every
+    token). A missing file or field, a record that is not an object, an empty text: a
+    ``ValueError`` naming the file, line and field."""
+    from ..evaluate._batch import encode_continuations
+    from ..evaluate._common import pad_token_id
+
+    path = Path(spec.path)
+    if not path.is_file():
+        raise ValueError(f"data file '{path}' not found")
+    texts, targets = [], []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if len(texts) >= spec.limit:
+                break
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not a JSON line ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+            for field, what in ((spec.text, "text"), (spec.target, "target")):
+                if field is None:
+                    continue
+                if field not in rec:
+                    raise ValueError(f"{path}:{lineno}: no field {field!r} (the data's {what}); fields: "
+                                     f"{', '.join(map(repr, rec)) or '(none)'}")
+                if not isinstance(rec[field], str) or (what == "text" and not rec[field]):
+                    raise ValueError(f"{path}:{lineno}: field {field!r} must be a non-empty string")
+            texts.append(rec[spec.text])
+            targets.append(rec[spec.target] if spec.target is not None else "")
+    if not texts:
+        raise ValueError(f"data file '{path}' has no records")
+    ctx, cont = encode_continuations(tokenizer, texts, targets)
+    if spec.target is None:  # every token is scored, the first having no prefix
+        ctx, cont = [c[:1] for c in ctx], [c[1:] + t for c, t in zip(ctx, cont)]
+    pad = pad_token_id(tokenizer)
+    out = []
+    for i in range(0, len(texts), spec.batch_size):
+        rows = [(c, t) for c, t in zip(ctx[i:i + spec.batch_size], cont[i:i + spec.batch_size])]
+        width = max(len(c) + len(t) for c, t in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        scored = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, (c, t) in enumerate(rows):
+            ids[r, :len(c) + len(t)] = torch.tensor(c + t, dtype=torch.long)
+            mask[r, :len(c) + len(t)] = 1
+            scored[r, len(c):len(c) + len(t)] = 1
+        out.append((ids, mask, scored))
     return out
 
 
@@ -202,8 +289,9 @@ def model_fingerprint(folder: str | Path) -> str:
 
 def _data_key(data: Sequence[Batch]) -> str:
     h = hashlib.sha256()
-    for ids, mask in data:
-        for t in (ids, mask):
+    for batch in data:
+        h.update(str(len(batch)).encode())
+        for t in batch:
             t = t.detach().to("cpu", torch.int64).contiguous()
             h.update(str(tuple(t.shape)).encode())
             h.update(t.numpy().tobytes())

@@ -1,0 +1,248 @@
+"""Merges that read data (Fisher-weighted averaging, RegMean) from a recipe's ``data``: the
+recipe's schema, the merged weights against the formulas on independently computed
+statistics (RegMean against the least-squares solution on the layers' own inputs), on the
+Llama test family and on the GPT-2 word family, the statistics' cache, and bad inputs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from evomerge.cli import merge_main
+from evomerge.merge import statistics as S
+from evomerge.merge.engine import Merger, MergeError
+from evomerge.recipe import DataSpec, RecipeError, parse_recipe
+from evomerge.testing import tiny_family
+
+ROWS = [("rev:abc=", "cba"), ("srt:31=", "13"), ("inc:5=", "6"), ("rev:ab=", "ba"), ("alt:abab=", "baba")]
+
+
+@pytest.fixture(scope="module")
+def fam(tmp_path_factory):
+    root = tmp_path_factory.mktemp("datafam")
+    paths = {k: str(v) for k, v in tiny_family(root, n_experts=2, layers=2, hidden=32).items()}
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps({"q": q, "a": a}) + "\n" for q, a in ROWS))
+    paths["data"] = str(data)
+    return paths
+
+
+def _recipe(fam, method, **extra):
+    return {"merge_method": method, "models": [{"model": fam["expert_0"]}, {"model": fam["expert_1"]}],
+            "data": {"path": fam["data"], "text": "q", "target": "a", "batch_size": 2}, "dtype": "float32", **extra}
+
+
+def _load(folder):
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(), AutoTokenizer.from_pretrained(folder)
+
+
+def _write(tmp_path, rec, name="r.yaml"):
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(rec, sort_keys=False))
+    return str(p)
+
+
+# --------------------------------------------------------------------------------------
+# The recipe's data
+# --------------------------------------------------------------------------------------
+
+
+def test_data_is_given_at_the_top_and_overridden_per_model(fam):
+    rec = _recipe(fam, "fisher")
+    rec["models"][1]["data"] = {"path": "other.jsonl", "limit": 8}
+    r = parse_recipe(rec)
+    top = DataSpec(fam["data"], text="q", target="a", limit=256, batch_size=2)
+    assert r.data == top
+    (m0, m1) = [s.model for s in r.slices[0].sources]
+    assert r.data_for(m0) == top
+    assert r.data_for(m1) == DataSpec("other.jsonl", text="q", target="a", limit=8, batch_size=2)
+    # what mergekit's schema lacks is written back only when used
+    assert "data" not in parse_recipe({"merge_method": "linear", "models": [{"model": "a"}, {"model": "b"}]}).raw
+
+
+@pytest.mark.parametrize("data,needle", [
+    ({"path": "x.jsonl", "txt": "q"}, "data: unknown key(s) 'txt'"),
+    ({"path": 3}, "data.path: expected the path"),
+    ({"path": "x.jsonl", "limit": 0}, "data.limit: expected a positive integer"),
+    ({"path": "x.jsonl", "batch_size": True}, "data.batch_size: expected a positive integer"),
+    ({"path": "x.jsonl", "target": 3}, "data.target: expected a field name"),
+    ("x.jsonl", "data: expected a mapping"),
+])
+def test_bad_data_entries_are_named(fam, data, needle):
+    rec = _recipe(fam, "fisher")
+    rec["data"] = data
+    with pytest.raises(RecipeError) as e:
+        parse_recipe(rec)
+    assert needle in str(e.value)
+
+
+def test_a_top_level_without_a_path_leaves_it_to_each_model(fam, tmp_path):
+    rec = _recipe(fam, "fisher")
+    del rec["data"]["path"]
+    rec["models"][0]["data"] = {"path": fam["data"]}
+    r = parse_recipe(rec)
+    (m0, m1) = [s.model for s in r.slices[0].sources]
+    assert r.data_for(m0) == DataSpec(fam["data"], text="q", target="a", batch_size=2)
+    assert r.data_for(m1) is None
+    with pytest.raises(MergeError, match=f"reads data: give the recipe a 'data' entry with a 'path'.*{m1}"):
+        Merger(r).write(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(RecipeError, match=r"models\[0\]\.data\.path"):
+        rec["models"][0]["data"] = {"limit": 3}
+        parse_recipe(rec)
+
+
+def test_a_model_listed_twice_with_other_data_is_refused(fam):
+    rec = _recipe(fam, "fisher")
+    rec["models"] = [{"model": fam["expert_0"], "data": {"path": "a.jsonl"}},
+                     {"model": fam["expert_0"], "data": {"path": "b.jsonl"}}]
+    with pytest.raises(RecipeError, match=r"models\[1\]\.data: model .* listed again with other data"):
+        parse_recipe(rec)
+
+
+# --------------------------------------------------------------------------------------
+# Fisher-weighted averaging
+# --------------------------------------------------------------------------------------
+
+
+def test_fisher_merge_weighs_each_entry_by_each_models_fisher(fam, tmp_path, monkeypatch):
+    """The written weights are sum_k w_k F_k theta_k / sum_k w_k F_k with F_k computed here
+    from the same data, independently of the merge; a second merge reads the statistics
+    from the cache and computes none."""
+    monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "cache"))
+    rec = _recipe(fam, "fisher", parameters={"floor": 1e-10})
+    rec["models"][0]["parameters"] = {"weight": 2.0}
+    out = Merger(parse_recipe(rec)).write(tmp_path / "out")
+    merged = load_file(str(out / "model.safetensors"))
+    spec = DataSpec(fam["data"], text="q", target="a", batch_size=2)
+    fishers, weights = [], []
+    for i in range(2):
+        model, tok = _load(fam[f"expert_{i}"])
+        fishers.append(S.FisherDiagonal()(model, S.examples(spec, tok)))
+        weights.append(load_file(str(Path(fam[f"expert_{i}"]) / "model.safetensors")))
+    checked = 0
+    for name, got in merged.items():
+        if name not in fishers[0]:
+            continue  # a tied head: named once in the live model
+        f0, f1 = (f[name].clamp(min=1e-10) for f in fishers)
+        want = (2 * f0 * weights[0][name].double() + f1 * weights[1][name].double()) / (2 * f0 + f1)
+        assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-6), name
+        checked += 1
+    assert checked >= 15
+    # where the Fishers differ the result is not the weighted average
+    name = "model.layers.1.mlp.down_proj.weight"
+    avg = (2 * weights[0][name] + weights[1][name]) / 3
+    assert not torch.allclose(merged[name], avg, atol=1e-4)
+    # the second merge takes the statistics from the cache
+    monkeypatch.setattr(S.FisherDiagonal, "__call__", lambda *a, **k: pytest.fail("computed again"))
+    again = Merger(parse_recipe(rec)).write(tmp_path / "again")
+    assert all(torch.equal(a, b) for a, b in zip(load_file(str(again / "model.safetensors")).values(),
+                                                  merged.values()))
+    assert {p.suffix for p in (tmp_path / "cache" / "statistics").rglob("*") if p.is_file()} == {".json",
+                                                                                                ".safetensors"}
+
+
+# --------------------------------------------------------------------------------------
+# RegMean
+# --------------------------------------------------------------------------------------
+
+
+def _layer_inputs(model, tok, spec, layer):
+    """The inputs ``layer`` sees over every real token of the data, one record at a time
+    (no padding), recorded by a hook of this test's own."""
+    seen = []
+    h = layer.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1]).double()))
+    try:
+        with torch.no_grad():
+            for ids, mask, _ in S.examples(DataSpec(spec.path, spec.text, spec.target, spec.limit, 1), tok):
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+    finally:
+        h.remove()
+    return torch.cat(seen)
+
+
+def test_regmean_solves_the_least_squares_problem_on_gpt2_layer_inputs(words, tmp_path, monkeypatch):
+    """On the GPT-2 family (Conv1D layers, weight [in, out]; each expert's own task data in
+    the family's own field names): a merged linear weight W minimises sum_k ||X_k W - X_k
+    W_k||^2 / n_k over the inputs X_k the layer sees on expert k's data (alpha = 1), as a
+    least-squares solve of the stacked system gives it; every other tensor is the average."""
+    monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "cache"))
+    tasks = words.tasks[:2]
+    q, a = words.fields["prompt"], words.fields["answer"]
+    rec = {"merge_method": "regmean", "parameters": {"alpha": 1.0}, "dtype": "float32",
+           "models": [{"model": str(words.experts[t]),
+                       "data": {"path": str(words.data[t]["dev"]), "text": q, "target": a, "limit": 24}}
+                      for t in tasks]}
+    out = tmp_path / "out"
+    assert merge_main([_write(tmp_path, rec), str(out), "--no-progress"]) == 0
+    merged = load_file(str(out / "model.safetensors"))
+    name = "transformer.h.1.mlp.c_fc.weight"
+    xs, ws = [], []
+    for t in tasks:
+        model, tok = _load(words.experts[t])
+        spec = DataSpec(str(words.data[t]["dev"]), q, a, 24, 16)
+        xs.append(_layer_inputs(model, tok, spec, model.transformer.h[1].mlp.c_fc))
+        ws.append(dict(model.named_parameters())[name].detach().double())
+    stacked = torch.cat([x / math.sqrt(x.shape[0]) for x in xs])
+    target = torch.cat([x @ w / math.sqrt(x.shape[0]) for x, w in zip(xs, ws)])
+    want = torch.linalg.lstsq(stacked, target).solution
+    got = merged[name].double()
+    assert torch.allclose(got, want, rtol=1e-3, atol=1e-4 * float(want.abs().max()))
+    assert not torch.allclose(got, (ws[0] + ws[1]) / 2, atol=1e-4)
+    for other in ("transformer.h.1.ln_1.weight", "transformer.wte.weight", "transformer.h.1.mlp.c_fc.bias"):
+        w0, w1 = (load_file(str(Path(words.experts[t]) / "model.safetensors"))[other].double() for t in tasks)
+        assert torch.allclose(merged[other].double(), (w0 + w1) / 2, atol=1e-6), other
+
+
+# --------------------------------------------------------------------------------------
+# Bad inputs, from the command line
+# --------------------------------------------------------------------------------------
+
+
+def _fails(tmp_path, rec, *needles):
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "evomerge.cli", _write(tmp_path, rec), str(out), "--no-progress"],
+                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr, r.stderr
+    for n in needles:
+        assert n in r.stderr, (n, r.stderr)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_no_data_is_a_clear_error(fam, tmp_path):
+    rec = _recipe(fam, "regmean")
+    del rec["data"]
+    _fails(tmp_path, rec, "merge_method 'regmean' reads data", "'data'")
+
+
+def test_a_missing_data_file_names_the_model_and_the_file(fam, tmp_path):
+    rec = _recipe(fam, "fisher")
+    rec["models"][1]["data"] = {"path": str(tmp_path / "missing.jsonl")}
+    _fails(tmp_path, rec, f"model '{fam['expert_1']}'", "missing.jsonl", "not found")
+
+
+def test_a_data_field_that_is_not_there_names_the_line(fam, tmp_path):
+    rec = _recipe(fam, "fisher")
+    rec["data"]["target"] = "answer"
+    _fails(tmp_path, rec, "train.jsonl:1: no field 'answer'")
+
+
+def test_data_too_short_to_score_is_refused(fam, tmp_path):
+    """Texts of one token and no target: nothing for a Fisher to score."""
+    p = tmp_path / "short.jsonl"
+    p.write_text("".join(json.dumps({"q": c}) + "\n" for c in "abc"))
+    rec = _recipe(fam, "fisher")
+    rec["data"] = {"path": str(p), "text": "q"}
+    _fails(tmp_path, rec, "no sequence with a token to score")
