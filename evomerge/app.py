@@ -106,6 +106,12 @@ def check_config(cfg) -> None:
 
     ranges = cfg.space.get("ranges") or {}
     method = METHODS.get(str(cfg.merge.get("method")))
+    if method is not None and method.statistics:
+        data = cfg.merge.get("data") or {}
+        if not hasattr(data, "get") or not (data.get("path") or data.get("paths")):
+            raise ConfigError(f"merge.data.path: merge method '{method.name}' reads data; give merge.data.path=FILE.jsonl "
+                              "(JSON lines; merge.data.text and merge.data.target name its fields), or "
+                              "merge.data.paths=[FILE,...] with one file per model")
     for param, r in (OmegaConf.to_container(ranges, resolve=True) if OmegaConf.is_config(ranges) else ranges).items():
         # (ranges of parameters the method does not take are unused: a sweep over methods may set them)
         if method is not None and param in {p.name for p in method.params if not p.ignored}:
@@ -203,7 +209,8 @@ def build_space(cfg, base: str | None, experts: list[str]):
     search = {p: ranges.get(p, {}) for p in (cfg.merge.search or [])}
     return Space(cfg.merge.method, experts, base_model=base, search=search, fixed=_plain(cfg.merge.get("fixed")),
                  granularity=cfg.space.granularity, layer_granularity=cfg.space.get("layer_granularity", 1),
-                 smoothing=cfg.space.get("smoothing"), dtype=cfg.merge.get("dtype", "float32"))
+                 smoothing=cfg.space.get("smoothing"), dtype=cfg.merge.get("dtype", "float32"),
+                 data=_plain(cfg.merge.get("data")) or None)
 
 
 _DATA_EVALS = ("accuracy", "exact_match", "choice", "perplexity", "entropy")
@@ -292,6 +299,10 @@ def run(cfg, run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     base, experts, zoo = _models(cfg)
     space = build_space(cfg, base, experts)
+    if space.method.statistics:  # computed once here, and cached: every worker reads them from the cache
+        from .merge.engine import Merger
+
+        Merger(space.recipe(space.x0)).statistics(progress=bool(cfg.progress))
     eval_kw = _eval_kwargs(cfg, zoo)
     evaluator = build(cfg.eval, **eval_kw)
     scoring = _scoring(cfg, evaluator, has_base=space.base_model is not None)

@@ -106,6 +106,10 @@ class Space:
         embed_names, head_names: non-layer tensor names of the two outer groups; read from
             the base checkpoint when omitted.
         dtype: the recipe's ``dtype``.
+        data: for a method that reads data (``fisher``, ``regmean``), the recipe's ``data``
+            (``path``, ``text``, ``target``, ``limit``, ``batch_size``), or with ``paths``
+            instead of ``path`` one file per model, in the order of ``models`` (the base
+            first where the method merges it too).
     """
 
     def __init__(
@@ -123,6 +127,7 @@ class Space:
         head_names: Sequence[str] | None = None,
         attn_key: str | None = None,
         dtype: str = "float32",
+        data: Mapping[str, Any] | None = None,
     ):
         if method not in METHODS:
             raise RecipeError(f"space.method: unknown method {method!r}; accepted: {', '.join(METHODS)}")
@@ -136,6 +141,11 @@ class Space:
         if self.method.base_in_inputs and self.base_model is not None and self.base_model not in self.models:
             self.models.insert(0, self.base_model)  # linear: the base is one more weighted model
         self.fixed = dict(fixed or {})
+        self.data = {k: v for k, v in dict(data or {}).items() if v is not None}
+        paths = self.data.get("paths")
+        if paths is not None and (isinstance(paths, str) or len(paths) != len(self.models)):
+            raise RecipeError(f"space.data.paths: one data file per model, {len(self.models)} in the order "
+                              f"{', '.join(self.models)}; got {paths!r}")
         self.granularity = granularity
         self.layer_granularity = int(layer_granularity)
         if self.layer_granularity < 1:
@@ -300,6 +310,12 @@ class Space:
         if top:
             d["parameters"] = top
         d["dtype"] = self.dtype
+        if self.data:
+            top_data = {k: v for k, v in self.data.items() if k != "paths"}
+            if top_data:
+                d["data"] = top_data
+            for entry, path in zip(d["models"], self.data.get("paths") or ()):
+                entry["data"] = {"path": str(path)}
         return d
 
     def compile(self, tasks: Sequence[Any]) -> "CoefficientMap":

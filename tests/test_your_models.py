@@ -240,6 +240,31 @@ def on_words(words, run, *overrides, limit=20):
             "executor=local", "progress=false", *overrides, f"hydra.run.dir={run}"]
 
 
+@pytest.mark.parametrize("method", ["regmean", "fisher"])
+def test_a_search_over_a_merge_that_reads_data(words, tmp_path, method):
+    """merge=regmean / merge=fisher on the GPT-2 family: each model's statistics computed
+    once (before the workers start) on its own task's data, given one file per model, then
+    read from the cache; the search runs and exports a recipe that carries the data."""
+    import yaml
+
+    run = tmp_path / "run"
+    tasks = list(words.tasks)
+    paths = [words.data[tasks[0]]["dev"]] + [words.data[t]["dev"] for t in tasks]  # the base, then each expert
+    cache = tmp_path / "cache"
+    over = [f"merge={method}", f"merge.data.paths=[{','.join(map(str, paths))}]", "merge.data.text=question",
+            "merge.data.target=target", "merge.data.limit=16", "space=per_model", "search=random", "budget=3"]
+    p = subprocess.run([sys.executable, "-m", "evomerge.app", *on_words(words, run, *over, limit=10)], cwd=tmp_path,
+                       capture_output=True, text=True, env={**env(), "EVOMERGE_CACHE": str(cache)}, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["results"]["best"]["search"]["score"] >= 0
+    entries = [d for d in (cache / "statistics").iterdir() if d.is_dir()]
+    assert len(entries) == len(paths)  # once per model, not once per worker or candidate
+    recipe = yaml.safe_load((run / "best_recipe.yaml").read_text())
+    assert recipe["merge_method"] == method and recipe["data"]["target"] == "target"
+    assert [m["data"]["path"] for m in recipe["models"]] == [str(x) for x in paths]
+
+
 def test_adamerging_on_your_own_models_and_data(words, tmp_path):
     """AdaMerging learns from the search split's prompts when there is no zoo: the entropy
     falls over its steps, and the run finishes like any search."""

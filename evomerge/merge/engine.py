@@ -100,7 +100,7 @@ class Merger:
         self.seeds = self.plan.seeds(self.seed)
         self._index = {t.name: i for i, t in enumerate(self.plan.tasks)}
         self._plan_seen: tuple | None = None  # the last candidate columns' plan found equal to this one
-        self._stats: dict[ModelRef, dict[str, dict[str, Tensor]]] | None = None  # data statistics, per model
+        self._data_stats: dict[ModelRef, dict[str, dict[str, Tensor]]] | None = None  # per model
 
     @property
     def tasks(self) -> list[TensorTask]:
@@ -174,8 +174,8 @@ class Merger:
         """Every input model's statistics (``{model: {statistic: {tensor: value}}}``) for a
         data-reading method: computed on the first call (or read from the cache), each model
         loaded live in float32 on the CPU, on its recipe ``data``."""
-        if self._stats is not None:
-            return self._stats
+        if self._data_stats is not None:
+            return self._data_stats
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from . import statistics as S
@@ -202,14 +202,21 @@ class Merger:
                     except (OSError, ValueError):  # no tokenizer of its own: the reference model's
                         tok = AutoTokenizer.from_pretrained(self.reference.folder)
                     data = S.examples(spec, tok)
-                    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+                    live: list[torch.nn.Module] = []
+
+                    def model(folder=folder, live=live):  # loaded once, and only if a statistic is computed
+                        if not live:
+                            live.append(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval())
+                        return live[0]
+
                     key = S.model_fingerprint(folder)
                     out[ref] = {}
                     for name in self.method.statistics:
-                        out[ref][name] = S.compute(S.STATISTICS[name](), model, data, cache=cache, model_key=key)
+                        out[ref][name] = S.compute(S.STATISTICS[name](), model, data, cache=cache, model_key=key,
+                                                   dtypes=[str(torch.float32)])
                         if bar is not None:
                             bar.update(1)
-                    del model
+                    live.clear()
                 except (OSError, ValueError) as e:
                     raise MergeError(f"model '{ref}': {e}") from None
                 names = {n for _, n in self._inputs_of(ref)}
@@ -219,7 +226,7 @@ class Merger:
         finally:
             if bar is not None:
                 bar.close()
-        self._stats = out
+        self._data_stats = out
         return out
 
     def _inputs_of(self, ref: ModelRef) -> list[tuple[ModelRef, str]]:

@@ -351,22 +351,27 @@ class StatisticCache:
             raise
 
 
-def compute(stat: Statistic, model: torch.nn.Module, data: Sequence[Batch], *, cache: StatisticCache | None = None,
-            model_key: str | None = None) -> dict[str, Tensor]:
+def compute(stat: Statistic, model, data: Sequence[Batch], *, cache: StatisticCache | None = None,
+            model_key: str | None = None, dtypes: Sequence[str] | None = None) -> dict[str, Tensor]:
     """``stat`` of ``model`` on ``data`` (on the CPU), from ``cache`` when it holds one for
     the same statistic, settings, model (``model_key``, e.g. ``model_fingerprint(folder)``,
     and the dtypes it runs in) and data; computed, and cached, otherwise. Without a cache
-    or a model key, it is computed."""
+    or a model key, it is computed. ``model`` may be a function that loads it, called only
+    when the statistic is computed; then ``dtypes`` (the floating-point dtypes it will run
+    in, as ``str(torch.float32)``) names its precision for the key."""
     data = list(data)
+    live = (lambda: model) if not callable(model) or isinstance(model, torch.nn.Module) else model
     if cache is None or model_key is None:
-        return {k: v.cpu() for k, v in stat(model, data).items()}
-    # the precision the model runs in changes the values: part of the model's key
-    dtypes = sorted({str(p.dtype) for p in model.parameters() if p.is_floating_point()})
-    key = cache.key(stat, f"{model_key}:{','.join(dtypes)}", data)
+        return {k: v.cpu() for k, v in stat(live(), data).items()}
+    if dtypes is None:  # the precision the model runs in changes the values: part of the model's key
+        m = live()
+        dtypes = sorted({str(p.dtype) for p in m.parameters() if p.is_floating_point()})
+        live = lambda: m  # noqa: E731
+    key = cache.key(stat, f"{model_key}:{','.join(sorted(dtypes))}", data)
     hit = cache.get(stat, key)
     if hit is not None:
         return hit
-    values = {k: v.cpu() for k, v in stat(model, data).items()}
+    values = {k: v.cpu() for k, v in stat(live(), data).items()}
     cache.put(stat, key, values, {"statistic": stat.name, "settings": stat.settings(), "model": model_key,
                                   "batches": len(data), "tensors": len(values)})
     return values
