@@ -462,6 +462,10 @@ def parse_recipe(data: Any, *, source: str = "recipe") -> Recipe:
         uses_models_form="models" in d, raw=dict(d), data=data, model_data=model_data,
     )
     _check_inputs(recipe, source)
+    if (data is not None or model_data) and not method.statistics:
+        warnings.warn(f"{source}.data: merge_method '{mname}' reads no data; the 'data' given is not used "
+                      f"(the methods that read it: {', '.join(m for m, s in METHODS.items() if s.statistics)})",
+                      stacklevel=2)
     return recipe
 
 

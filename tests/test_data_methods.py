@@ -122,13 +122,17 @@ def test_fisher_merge_weighs_each_entry_by_each_models_fisher(fam, tmp_path, mon
     monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "cache"))
     rec = _recipe(fam, "fisher", parameters={"floor": 1e-10})
     rec["models"][0]["parameters"] = {"weight": 2.0}
+    other = tmp_path / "other.jsonl"  # the second model on data of its own
+    other.write_text("".join(json.dumps({"q": q, "a": a}) + "\n" for q, a in [("inc:17=", "18"), ("srt:5213=", "1235")]))
+    rec["models"][1]["data"] = {"path": str(other)}
     out = Merger(parse_recipe(rec)).write(tmp_path / "out")
     merged = load_file(str(out / "model.safetensors"))
-    spec = DataSpec(fam["data"], text="q", target="a", batch_size=2)
+    specs = [DataSpec(fam["data"], text="q", target="a", batch_size=2),
+             DataSpec(str(other), text="q", target="a", batch_size=2)]
     fishers, weights = [], []
     for i in range(2):
         model, tok = _load(fam[f"expert_{i}"])
-        fishers.append(S.FisherDiagonal()(model, S.examples(spec, tok)))
+        fishers.append(S.FisherDiagonal()(model, S.examples(specs[i], tok)))
         weights.append(load_file(str(Path(fam[f"expert_{i}"]) / "model.safetensors")))
     checked = 0
     for name, got in merged.items():
@@ -174,14 +178,16 @@ def _layer_inputs(model, tok, spec, layer):
 def test_regmean_solves_the_least_squares_problem_on_gpt2_layer_inputs(words, tmp_path, monkeypatch):
     """On the GPT-2 family (Conv1D layers, weight [in, out]; each expert's own task data in
     the family's own field names): a merged linear weight W minimises sum_k ||X_k W - X_k
-    W_k||^2 / n_k over the inputs X_k the layer sees on expert k's data (alpha = 1), as a
-    least-squares solve of the stacked system gives it; every other tensor is the average."""
+    W_k||^2 / n_k over the n_k inputs X_k the layer sees on expert k's data (alpha = 1; the
+    two experts given 24 and 6 records), as a least-squares solve of the stacked system gives
+    it; every other tensor is the average."""
     monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "cache"))
     tasks = words.tasks[:2]
     q, a = words.fields["prompt"], words.fields["answer"]
+    limits = {tasks[0]: 24, tasks[1]: 6}  # other amounts of data: each Gram is per token
     rec = {"merge_method": "regmean", "parameters": {"alpha": 1.0}, "dtype": "float32",
            "models": [{"model": str(words.experts[t]),
-                       "data": {"path": str(words.data[t]["dev"]), "text": q, "target": a, "limit": 24}}
+                       "data": {"path": str(words.data[t]["dev"]), "text": q, "target": a, "limit": limits[t]}}
                       for t in tasks]}
     out = tmp_path / "out"
     assert merge_main([_write(tmp_path, rec), str(out), "--no-progress"]) == 0
@@ -190,7 +196,7 @@ def test_regmean_solves_the_least_squares_problem_on_gpt2_layer_inputs(words, tm
     xs, ws = [], []
     for t in tasks:
         model, tok = _load(words.experts[t])
-        spec = DataSpec(str(words.data[t]["dev"]), q, a, 24, 16)
+        spec = DataSpec(str(words.data[t]["dev"]), q, a, limits[t], 16)
         xs.append(_layer_inputs(model, tok, spec, model.transformer.h[1].mlp.c_fc))
         ws.append(dict(model.named_parameters())[name].detach().double())
     stacked = torch.cat([x / math.sqrt(x.shape[0]) for x in xs])
@@ -246,3 +252,69 @@ def test_data_too_short_to_score_is_refused(fam, tmp_path):
     rec = _recipe(fam, "fisher")
     rec["data"] = {"path": str(p), "text": "q"}
     _fails(tmp_path, rec, "no sequence with a token to score")
+
+
+def test_regmean_with_fewer_tokens_than_inputs_gives_the_minimum_norm_solution():
+    """alpha = 1 and fewer tokens than the layer has inputs: sum G is singular; the merge is
+    the least-squares solution of least norm, not values blown up by rounding."""
+    from evomerge.merge.methods import regmean
+
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(3, 8, generator=g, dtype=torch.float64) for _ in range(2)]  # 6 rows, 8 inputs
+    ws = [torch.randn(5, 8, generator=g, dtype=torch.float64) for _ in range(2)]
+    grams = [(x.T @ x / 3, False) for x in xs]
+    got = regmean(None, ws, alpha=1.0, statistics={"gram": grams})
+    a = torch.cat([x / math.sqrt(3) for x in xs])
+    y = torch.cat([x @ w.T / math.sqrt(3) for x, w in zip(xs, ws)])
+    want = (torch.linalg.pinv(a) @ y).T
+    assert float(got.abs().max()) < 10 * float(want.abs().max())
+    assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_regmean_refuses_weights_that_sum_to_zero():
+    from evomerge.merge.methods import regmean
+
+    w = torch.ones(2, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="sum to zero"):
+        regmean(None, [w, w], weight=[0.0, 0.0], statistics={"gram": [(torch.eye(2), False)] * 2})
+
+
+def test_a_record_longer_than_the_model_takes_is_named(words, tmp_path):
+    """The GPT-2 family takes 64 positions: a longer record is an error naming its line,
+    exit 2, nothing written."""
+    p = tmp_path / "long.jsonl"
+    p.write_text(json.dumps({"q": "a b"}) + "\n" + json.dumps({"q": " ".join(["alpha"] * 80)}) + "\n")
+    rec = {"merge_method": "fisher", "models": [{"model": str(m)} for m in list(words.experts.values())[:2]],
+           "data": {"path": str(p), "text": "q"}}
+    _fails(tmp_path, rec, "long.jsonl:2:", "more than the model's 64 positions")
+
+
+def test_a_model_without_a_tokenizer_takes_the_reference_models(fam, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "cache"))
+    bare = tmp_path / "bare"
+    shutil.copytree(fam["expert_1"], bare)
+    for f in bare.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            f.unlink()
+    rec = _recipe(fam, "regmean")
+    rec["models"][1]["model"] = str(bare)
+    out = Merger(parse_recipe(rec)).write(tmp_path / "out")
+    with_own = Merger(parse_recipe(_recipe(fam, "regmean"))).write(tmp_path / "own")
+    a, b = load_file(str(out / "model.safetensors")), load_file(str(with_own / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the same tokenizer, so the same statistics
+
+
+def test_a_data_file_that_is_not_utf8_is_named(fam, tmp_path):
+    p = tmp_path / "latin.jsonl"
+    p.write_bytes(b'{"q": "rev:ab="}\n{"q": "caf\xe9"}\n')
+    rec = _recipe(fam, "fisher")
+    rec["data"] = {"path": str(p), "text": "q"}
+    _fails(tmp_path, rec, "latin.jsonl:2: not UTF-8")
+
+
+def test_data_given_to_a_method_that_reads_none_is_warned_about(fam):
+    with pytest.warns(UserWarning, match="reads no data"):
+        parse_recipe({"merge_method": "linear", "models": [{"model": fam["expert_0"]}, {"model": fam["expert_1"]}],
+                      "data": {"path": fam["data"]}})

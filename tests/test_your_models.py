@@ -84,6 +84,16 @@ def _compose(overrides):
 MERGES = sorted(p.stem for p in (CONF / "merge").glob("*.yaml"))
 
 
+def _data(words, merge) -> list[str]:
+    """The data a merge that reads it takes: the first task's search rows, in the family's own fields."""
+    from evomerge.merge.methods import METHODS
+
+    if not METHODS[merge].statistics:
+        return []
+    return [f"merge.data.path={words.data[words.tasks[0]]['dev']}", "merge.data.text=question",
+            "merge.data.target=target", "merge.data.limit=8"]
+
+
 @pytest.mark.parametrize("merge", MERGES)
 def test_every_merge_option_scores_on_the_second_family(words, merge):
     """Each merge= option builds its space over the GPT-2 family (per layer and per layer
@@ -101,7 +111,7 @@ def test_every_merge_option_scores_on_the_second_family(words, merge):
         cfg = _compose([f"merge={merge}", f"space={space}", "models=custom", f"models.base={words.base}",
                         f"models.experts=[{','.join(map(str, experts))}]", f"eval.data_dir={words.root / 'data'}",
                         f"eval.tasks=[{','.join(words.tasks)}]", "eval.search_split=dev", "eval.limit=20",
-                        "eval.fields={prompt:question,answer:target}"])
+                        "eval.fields={prompt:question,answer:target}", *_data(words, merge)])
         base, exps, zoo = _models(cfg)
         assert zoo is None
         sp = build_space(cfg, base, exps)
@@ -182,7 +192,7 @@ def test_every_method_written_by_evomerge_merge_loads_and_equals_the_search_merg
     if merge in ("slerp", "wise_ft"):
         experts = experts[:1]
     cfg = _compose([f"merge={merge}", "space=per_layer", "models=custom", f"models.base={words.base}",
-                    f"models.experts=[{','.join(map(str, experts))}]"])
+                    f"models.experts=[{','.join(map(str, experts))}]", *_data(words, merge)])
     sp = build_space(cfg, *_models(cfg)[:2])
     x = sp.clip(np.random.default_rng(0).uniform(sp.lower, sp.upper)) if len(sp) else sp.x0
     if merge.startswith("della"):  # its bounds allow density +- epsilon outside [0, 1]: stay near the start

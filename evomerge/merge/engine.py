@@ -48,6 +48,18 @@ from .plan import Columns, MergeError, Plan, TensorTask
 __all__ = ["Columns", "Merger", "MergeError", "TensorTask"]
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def _max_positions(config: dict) -> int | None:
+    """The longest sequence a model's config says it takes (None: not said)."""
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len"):
+        v = config.get(key)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
 class Merger:
     """Plans a recipe and merges it, or candidates that fit its plan.
 
@@ -197,11 +209,10 @@ class Merger:
                 folder = self.models[ref].folder
                 spec = self.recipe.data_for(ref)
                 try:
-                    try:
-                        tok = AutoTokenizer.from_pretrained(folder)
-                    except (OSError, ValueError):  # no tokenizer of its own: the reference model's
-                        tok = AutoTokenizer.from_pretrained(self.reference.folder)
-                    data = S.examples(spec, tok)
+                    own = any((Path(folder) / f).is_file() for f in _TOKENIZER_FILES)
+                    # no tokenizer of its own: the reference model's (fine-tunes share their base's)
+                    tok = AutoTokenizer.from_pretrained(folder if own else self.reference.folder)
+                    data = S.examples(spec, tok, max_length=_max_positions(self.models[ref].config))
                     live: list[torch.nn.Module] = []
 
                     def model(folder=folder, live=live):  # loaded once, and only if a statistic is computed
@@ -217,8 +228,10 @@ class Merger:
                         if bar is not None:
                             bar.update(1)
                     live.clear()
-                except (OSError, ValueError) as e:
-                    raise MergeError(f"model '{ref}': {e}") from None
+                except MergeError:
+                    raise
+                except Exception as e:  # a tokenizer or model transformers cannot load, bad data
+                    raise MergeError(f"model '{ref}' ({folder}): {type(e).__name__}: {e}") from None
                 names = {n for _, n in self._inputs_of(ref)}
                 if names and not any(n in v for v in out[ref].values() for n in names):
                     raise MergeError(f"model '{ref}': none of its tensors has a statistic ({', '.join(out[ref])}): "
@@ -240,8 +253,8 @@ class Merger:
             vals = []
             for m, n in task.sources:
                 v = stats[m][name]
-                if name == "gram":
-                    vals.append((v[n], bool(int(v[f"{n}:in_first"]))) if n in v else None)
+                if name == "gram":  # per token: a model with more data does not outweigh the others
+                    vals.append((v[n] / int(v[f"{n}:tokens"]), bool(int(v[f"{n}:in_first"]))) if n in v else None)
                 else:
                     vals.append(v.get(n))
             out[name] = vals

@@ -1153,11 +1153,12 @@ def fisher(base, tensors, weight=None, floor=1e-6, statistics=None, out_dtype=No
 
 def regmean(base, tensors, weight=None, alpha=0.9, statistics=None, out_dtype=None, out=None):
     """RegMean: for a linear layer's weight, the merged W minimises sum_k w_k ||X_k W^T -
-    X_k W_k^T||^2 over the layer's inputs X_k on model k's data, W = (sum_k w_k G_k W_k^T)^T
-    (sum_k w_k G_k)^-1 with G_k = X_k^T X_k / tokens_k (``statistics["gram"]``: per input,
-    ``(G_k, in_first)``, ``in_first`` for a ``[in, out]`` weight such as GPT-2's ``Conv1D``)
-    and the off-diagonal entries of each G_k scaled by ``alpha``. Every other tensor (no
-    Gram matrix: embeddings, norms, biases) is the weighted average.
+    X_k W_k^T||^2 / tokens_k over the layer's inputs X_k on model k's data, W = (sum_k w_k
+    G_k W_k^T)^T (sum_k w_k G_k)^-1 with G_k = X_k^T X_k / tokens_k (``statistics["gram"]``:
+    per input, ``(G_k, in_first)``, ``in_first`` for a ``[in, out]`` weight such as GPT-2's
+    ``Conv1D``; the caller divides by the tokens) and the off-diagonal entries of each G_k
+    scaled by ``alpha``. Every other tensor (no Gram matrix: embeddings, norms, biases) is
+    the weighted average.
 
     Jin et al. 2023, "Dataless Knowledge Fusion by Merging Weights of Language Models",
     https://arxiv.org/abs/2212.09849.
@@ -1169,9 +1170,9 @@ def regmean(base, tensors, weight=None, alpha=0.9, statistics=None, out_dtype=No
     if len(grams) != len(tensors):
         raise ValueError(f"{len(tensors)} inputs but {len(grams)} Gram matrices")
     total = float(sum(weight))
+    if total == 0:
+        raise ValueError("regmean: the weights sum to zero")
     if any(g is None for g in grams) or first.dim() != 2:
-        if total == 0:
-            raise ValueError("regmean: the weights sum to zero")
         acc = sum(float(w) * t.to(torch.float64) for w, t in zip(weight, tensors)) / total
         res = _alloc(first, out_dtype or dt, out)
         res.copy_(acc.reshape(-1))
@@ -1186,10 +1187,15 @@ def regmean(base, tensors, weight=None, alpha=0.9, statistics=None, out_dtype=No
         g = g * float(alpha) + torch.diag(torch.diagonal(g)) * (1 - float(alpha))
         lhs = g * float(w) if lhs is None else lhs + g * float(w)
         rhs = (g @ wt) * float(w) if rhs is None else rhs + (g @ wt) * float(w)
-    try:
-        merged = torch.linalg.solve(lhs, rhs)
-    except RuntimeError:  # singular (inputs that never vary): the least-squares solution
-        merged = torch.linalg.pinv(lhs, hermitian=True) @ rhs
+    chol, info = torch.linalg.cholesky_ex(lhs)
+    pivots = torch.diagonal(chol) ** 2
+    if int(info) == 0 and float(pivots.min()) > 1e-10 * float(pivots.max()):
+        merged = torch.cholesky_solve(rhs, chol)
+    else:  # fewer tokens than inputs, or inputs that never vary: sum G is (nearly) singular.
+        # A ridge of 1e-9 of its mean diagonal gives the minimum-norm solution (the right-hand
+        # sides lie in its range) instead of values blown up by rounding.
+        ridge = 1e-9 * float(torch.diagonal(lhs).mean().clamp(min=1e-300))
+        merged = torch.linalg.solve(lhs + ridge * torch.eye(lhs.shape[0], dtype=lhs.dtype, device=lhs.device), rhs)
     merged = merged if grams[0][1] else merged.T
     res = _alloc(first, out_dtype or dt, out)
     res.copy_(merged.reshape(-1))

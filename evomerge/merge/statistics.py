@@ -209,12 +209,13 @@ def batches(evaluator, tokenizer, split: str = "search", batch_size: int = 16) -
     return out
 
 
-def examples(spec, tokenizer) -> list[Batch]:
+def examples(spec, tokenizer, max_length: int | None = None) -> list[Batch]:
     """A recipe's ``data`` (``recipe.DataSpec``) as right-padded batches ``(input_ids,
     attention_mask, scored)``: the first ``spec.limit`` records of the JSON-lines file, each
     ``spec.text`` followed by ``spec.target`` when given, encoded as the evaluators encode a
     prompt and its answer; ``scored`` marks the target's tokens (without a target, every
-    token). A missing file or field, a record that is not an object, an empty text: a
+    token). A missing file or field, a record that is not an object, an empty text, a record
+    longer than ``max_length`` tokens (the model's positions), a file that is not UTF-8: a
     ``ValueError`` naming the file, line and field."""
     from ..evaluate._batch import encode_continuations
     from ..evaluate._common import pad_token_id
@@ -222,9 +223,13 @@ def examples(spec, tokenizer) -> list[Batch]:
     path = Path(spec.path)
     if not path.is_file():
         raise ValueError(f"data file '{path}' not found")
-    texts, targets = [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    texts, targets, lines = [], [], []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text ({e.reason})") from None
             if len(texts) >= spec.limit:
                 break
             if not line.strip():
@@ -242,14 +247,20 @@ def examples(spec, tokenizer) -> list[Batch]:
                     raise ValueError(f"{path}:{lineno}: no field {field!r} (the data's {what}); fields: "
                                      f"{', '.join(map(repr, rec)) or '(none)'}")
                 if not isinstance(rec[field], str) or (what == "text" and not rec[field]):
-                    raise ValueError(f"{path}:{lineno}: field {field!r} must be a non-empty string")
+                    raise ValueError(f"{path}:{lineno}: field {field!r} must be "
+                                     f"{'a non-empty string' if what == 'text' else 'a string'}")
             texts.append(rec[spec.text])
             targets.append(rec[spec.target] if spec.target is not None else "")
+            lines.append(lineno)
     if not texts:
         raise ValueError(f"data file '{path}' has no records")
     ctx, cont = encode_continuations(tokenizer, texts, targets)
     if spec.target is None:  # every token is scored, the first having no prefix
         ctx, cont = [c[:1] for c in ctx], [c[1:] + t for c, t in zip(ctx, cont)]
+    for c, t, lineno in zip(ctx, cont, lines):
+        if max_length is not None and len(c) + len(t) > max_length:
+            raise ValueError(f"{path}:{lineno}: {len(c) + len(t)} tokens, more than the model's {max_length} "
+                             "positions; shorten the record")
     pad = pad_token_id(tokenizer)
     out = []
     for i in range(0, len(texts), spec.batch_size):
