@@ -311,7 +311,7 @@ def test_a_data_file_that_is_not_utf8_is_named(fam, tmp_path):
     p.write_bytes(b'{"q": "rev:ab="}\n{"q": "caf\xe9"}\n')
     rec = _recipe(fam, "fisher")
     rec["data"] = {"path": str(p), "text": "q"}
-    _fails(tmp_path, rec, "latin.jsonl:2: not UTF-8")
+    _fails(tmp_path, rec, "latin.jsonl:2 is not UTF-8")
 
 
 def test_data_given_to_a_method_that_reads_none_is_warned_about(fam):

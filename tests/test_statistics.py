@@ -173,8 +173,8 @@ def test_data_files_that_cannot_be_read_are_named(fam, tmp_path):
     _, tok = _load(fam["expert_0"])
     p = tmp_path / "d.jsonl"
     cases = [
-        ('{"q": "rev:ab="}\n[1, 2]\n', "d.jsonl:2: expected a JSON object"),
-        ('{"q": "rev:ab="}\n{"q": \n', "d.jsonl:2: not a JSON line"),
+        ('{"q": "rev:ab="}\n[1, 2]\n', "d.jsonl:2 is a JSON list, not an object"),
+        ('{"q": "rev:ab="}\n{"q": \n', "d.jsonl:2 is not JSON"),
         ('{"q": "rev:ab="}\n{"x": "a"}\n', "d.jsonl:2: no field 'q'"),
         ('{"q": ""}\n', "d.jsonl:1: field 'q' must be a non-empty string"),
         ('\n\n', "has no records"),

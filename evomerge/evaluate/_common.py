@@ -160,27 +160,40 @@ def rename_fields(fields: Mapping[str, str] | None) -> dict[str, str]:
     return {k: str(v) for k, v in fields.items()}
 
 
+def jsonl_records(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """``(line number, object)`` for each non-blank line of a JSON-lines file; a line that is
+    not UTF-8, not JSON or not an object is a ``ValueError`` naming ``path:line``."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{lineno} is not UTF-8 text ({e.reason})") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno} is not JSON ({e})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno} is a JSON {type(row).__name__}, not an object")
+            yield lineno, row
+
+
 def read_jsonl(src: Source, task: str, split: str, fields: Mapping[str, str] | None = None) -> list[dict]:
     """Rows of one or more JSONL files, in order; an empty result is an error. With
     ``fields`` (``{canonical: data name}``), each row also gets its values under the
     canonical names."""
     rows: list[dict] = []
     for path in _paths(src):
-        with open(path) as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise EvaluationError(f"task {task!r}, {split} split: {path}:{lineno} is not JSON ({e})") from None
-                if not isinstance(row, dict):
-                    raise EvaluationError(f"task {task!r}, {split} split: {path}:{lineno} is a JSON "
-                                          f"{type(row).__name__}, not an object")
+        try:
+            for _, row in jsonl_records(path):
                 for canonical, name in (fields or {}).items():
                     if name in row:
                         row[canonical] = row[name]
                 rows.append(row)
+        except ValueError as e:
+            raise EvaluationError(f"task {task!r}, {split} split: {e}") from None
     if not rows:
         raise EvaluationError(f"task {task!r}: the {split} split is empty ({', '.join(map(str, _paths(src)))})")
     return rows

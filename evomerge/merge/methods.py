@@ -1118,6 +1118,17 @@ def passthrough(base, tensors, scale=None, out_dtype=None, out=None):
     return res.copy_(t if s is None else t.to(_work_dtype(t)) * float(s))
 
 
+def _with_statistics(tensors, weight, statistics, name: str, what: str):
+    """The working dtype, the per-model weights (1 each by default) and each input's
+    ``statistics[name]`` (``None`` each where none are given) of a method that reads data."""
+    dt = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+    weight = [1.0] * len(tensors) if weight is None else weight
+    stats = (statistics or {}).get(name) or [None] * len(tensors)
+    if len(stats) != len(tensors):
+        raise ValueError(f"{len(tensors)} inputs but {len(stats)} {what}")
+    return dt, weight, stats
+
+
 def fisher(base, tensors, weight=None, floor=1e-6, statistics=None, out_dtype=None, out=None):
     """Fisher-weighted averaging: theta = sum_k w_k F_k theta_k / sum_k w_k F_k entry by
     entry, where F_k = max(Fisher diagonal of model k, ``floor``) (``statistics["fisher"]``,
@@ -1128,11 +1139,7 @@ def fisher(base, tensors, weight=None, floor=1e-6, statistics=None, out_dtype=No
     https://arxiv.org/abs/2111.09832.
     """
     first = tensors[0]
-    dt = torch.float64 if first.dtype == torch.float64 else torch.float32
-    weight = [1.0] * len(tensors) if weight is None else weight
-    fishers = (statistics or {}).get("fisher") or [None] * len(tensors)
-    if len(fishers) != len(tensors):
-        raise ValueError(f"{len(tensors)} inputs but {len(fishers)} Fisher diagonals")
+    dt, weight, fishers = _with_statistics(tensors, weight, statistics, "fisher", "Fisher diagonals")
     num = torch.zeros(first.shape, dtype=dt, device=first.device)
     den = torch.zeros(first.shape, dtype=dt, device=first.device)
     for t, w, f in zip(tensors, weight, fishers):
@@ -1164,11 +1171,7 @@ def regmean(base, tensors, weight=None, alpha=0.9, statistics=None, out_dtype=No
     https://arxiv.org/abs/2212.09849.
     """
     first = tensors[0]
-    dt = torch.float64 if first.dtype == torch.float64 else torch.float32
-    weight = [1.0] * len(tensors) if weight is None else weight
-    grams = (statistics or {}).get("gram") or [None] * len(tensors)
-    if len(grams) != len(tensors):
-        raise ValueError(f"{len(tensors)} inputs but {len(grams)} Gram matrices")
+    dt, weight, grams = _with_statistics(tensors, weight, statistics, "gram", "Gram matrices")
     total = float(sum(weight))
     if total == 0:
         raise ValueError("regmean: the weights sum to zero")

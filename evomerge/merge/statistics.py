@@ -218,40 +218,27 @@ def examples(spec, tokenizer, max_length: int | None = None) -> list[Batch]:
     longer than ``max_length`` tokens (the model's positions), a file that is not UTF-8: a
     ``ValueError`` naming the file, line and field."""
     from ..evaluate._batch import encode_continuations
-    from ..evaluate._common import pad_token_id
+    from ..evaluate._common import jsonl_records, pad_token_id
 
     path = Path(spec.path)
     if not path.is_file():
         raise ValueError(f"data file '{path}' not found")
     texts, targets, lines = [], [], []
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not UTF-8 text ({e.reason})") from None
-            if len(texts) >= spec.limit:
-                break
-            if not line.strip():
+    for lineno, rec in jsonl_records(path):  # (read no further than the limit-th record)
+        for field, what in ((spec.text, "text"), (spec.target, "target")):
+            if field is None:
                 continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not a JSON line ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-            for field, what in ((spec.text, "text"), (spec.target, "target")):
-                if field is None:
-                    continue
-                if field not in rec:
-                    raise ValueError(f"{path}:{lineno}: no field {field!r} (the data's {what}); fields: "
-                                     f"{', '.join(map(repr, rec)) or '(none)'}")
-                if not isinstance(rec[field], str) or (what == "text" and not rec[field]):
-                    raise ValueError(f"{path}:{lineno}: field {field!r} must be "
-                                     f"{'a non-empty string' if what == 'text' else 'a string'}")
-            texts.append(rec[spec.text])
-            targets.append(rec[spec.target] if spec.target is not None else "")
-            lines.append(lineno)
+            if field not in rec:
+                raise ValueError(f"{path}:{lineno}: no field {field!r} (the data's {what}); fields: "
+                                 f"{', '.join(map(repr, rec)) or '(none)'}")
+            if not isinstance(rec[field], str) or (what == "text" and not rec[field]):
+                raise ValueError(f"{path}:{lineno}: field {field!r} must be "
+                                 f"{'a non-empty string' if what == 'text' else 'a string'}")
+        texts.append(rec[spec.text])
+        targets.append(rec[spec.target] if spec.target is not None else "")
+        lines.append(lineno)
+        if len(texts) >= spec.limit:
+            break
     if not texts:
         raise ValueError(f"data file '{path}' has no records")
     ctx, cont = encode_continuations(tokenizer, texts, targets)
