@@ -49,11 +49,14 @@ def build_models(root: Path, hidden: int, layers: int, vocab: int, experts: int)
     cfg.intermediate_size = inter
     cfg.num_attention_heads = max(1, hidden // 64)
     cfg.num_key_value_heads = cfg.num_attention_heads
+    cfg.head_dim = hidden // cfg.num_attention_heads  # the shapes below: the models load in transformers too
     cfg.dtype = "bfloat16"
     cfg.architectures = ["LlamaForCausalLM"]
     names = ["base"] + [f"expert_{i}" for i in range(experts)]
     paths = [root / n for n in names]
     if all((p / "model.safetensors.index.json").is_file() or (p / "model.safetensors").is_file() for p in paths):
+        for p in paths:  # (a config written before head_dim was set)
+            cfg.save_pretrained(p)
         return paths
     shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
               "lm_head.weight": (vocab, hidden)}

@@ -10,7 +10,7 @@ read:
 
   * each statistic (``fisher``: a backward pass per record; ``gram``: one forward pass per
     batch, the Gram matrix of every linear layer's inputs) of one model, computed in
-    float32 on the CPU, scaled to 1,000 records;
+    float32 on the CPU: its own time scaled to 1,000 records, and the process's peak memory;
   * ``evomerge-merge`` of the three experts with ``fisher`` and with ``regmean``, the
     statistics already cached (the merge alone), and with an empty cache (statistics and
     merge: what a first merge costs);
@@ -37,7 +37,10 @@ import bench_merge  # noqa: E402
 
 
 def one_statistic(name: str, folder: str, data: str, threads: int) -> None:
-    """(child) Compute one statistic of one model, uncached."""
+    """(child) Compute one statistic of one model, uncached; its own seconds (without the
+    loading) go to ``DATA.seconds``."""
+    import time
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -48,7 +51,9 @@ def one_statistic(name: str, folder: str, data: str, threads: int) -> None:
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     batches = S.examples(DataSpec(data, text="text", batch_size=8, limit=10**9), tok)
+    t0 = time.perf_counter()
     S.STATISTICS[name]()(model, batches)
+    Path(data + ".seconds").write_text(f"{time.perf_counter() - t0:.6f}")
 
 
 def main() -> int:
@@ -81,9 +86,10 @@ def main() -> int:
         for name in ("gram", "fisher"):
             secs, peak, _ = bench_merge.run_child([sys.executable, __file__, "--threads", str(a.threads), "--one",
                                                    name, str(paths[1]), str(data)])
-            stats[name] = (secs, peak)
-            print(f"{name:7s} one model: {secs:7.1f} s for {a.examples} records ({secs * 1000 / a.examples:8.0f} s "
-                  f"per 1,000 records, loading included), peak {peak:.2f} GiB", flush=True)
+            own = float(Path(str(data) + ".seconds").read_text())
+            stats[name] = (own, peak)
+            print(f"{name:7s} one model: {own:7.1f} s for {a.examples} records, {own * 1000 / a.examples:7.0f} s per "
+                  f"1,000 records ({secs:.1f} s with loading the model), peak {peak:.2f} GiB", flush=True)
         env = {"EVOMERGE_CACHE": str(tmp / "cache"), "OMP_NUM_THREADS": str(a.threads)}
         for method, extra in (("fisher", {}), ("regmean", {"parameters": {"alpha": 0.9}})):
             rec = {"merge_method": method, "models": [{"model": str(p)} for p in paths[1:]],
