@@ -318,3 +318,84 @@ def test_data_given_to_a_method_that_reads_none_is_warned_about(fam):
     with pytest.warns(UserWarning, match="reads no data"):
         parse_recipe({"merge_method": "linear", "models": [{"model": fam["expert_0"]}, {"model": fam["expert_1"]}],
                       "data": {"path": fam["data"]}})
+
+
+def test_an_output_over_the_data_is_refused_and_the_data_stays(fam, tmp_path):
+    """The data files are inputs: --overwrite of the folder that holds one, or of the file
+    itself, is refused (it would have replaced the data with the merged model)."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    data = folder / "d.jsonl"
+    data.write_bytes(Path(fam["data"]).read_bytes())
+    before = data.read_bytes()
+    rec = _recipe(fam, "fisher")
+    rec["data"]["path"] = str(data)
+    rfile = _write(tmp_path, rec)
+    for out in (folder, data):
+        r = subprocess.run([sys.executable, "-m", "evomerge.cli", rfile, str(out), "--no-progress", "--overwrite"],
+                           capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        assert r.returncode == 2 and "data file of model" in r.stderr and "Traceback" not in r.stderr, r.stderr
+        assert data.read_bytes() == before
+
+
+def test_a_cache_that_cannot_be_written_is_warned_about_and_the_merge_goes_on(fam, tmp_path, monkeypatch):
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the cache would go")
+    monkeypatch.setenv("EVOMERGE_CACHE", str(blocker))
+    with pytest.warns(UserWarning, match="cannot be written"):
+        out = Merger(parse_recipe(_recipe(fam, "fisher"))).write(tmp_path / "out")
+    monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "cache"))
+    again = Merger(parse_recipe(_recipe(fam, "fisher"))).write(tmp_path / "again")
+    a, b = load_file(str(out / "model.safetensors")), load_file(str(again / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_cached_statistic_changed_on_disk_is_made_again(fam, tmp_path, monkeypatch):
+    """Values that still load but are not those written (negated here) fail the entry's
+    digest: the statistic is computed again and the merge is the fresh one's."""
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "cache"))
+    first = load_file(str(Merger(parse_recipe(_recipe(fam, "fisher"))).write(tmp_path / "out") / "model.safetensors"))
+    for entry in (tmp_path / "cache" / "statistics").iterdir():
+        vals = load_file(str(entry / "values.safetensors"))
+        save_file({k: -v if v.is_floating_point() else v for k, v in vals.items()}, str(entry / "values.safetensors"))
+    again = load_file(str(Merger(parse_recipe(_recipe(fam, "fisher"))).write(tmp_path / "again") / "model.safetensors"))
+    assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_copies_with_the_same_names_sizes_and_times_have_their_own_statistics(fam, tmp_path):
+    import shutil
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(fam["expert_0"], a)
+    shutil.copytree(fam["expert_1"], b)
+    for f in [*a.iterdir(), *b.iterdir()]:
+        os.utime(f, ns=(1_700_000_000_000_000_000, 1_700_000_000_000_000_000))
+    assert S.model_fingerprint(a) == S.model_fingerprint(b)  # what the quick key sees: alike
+    assert S.model_fingerprint(a, contents=True) != S.model_fingerprint(b, contents=True)
+
+
+def test_fisher_does_not_depend_on_the_scale_of_the_weights():
+    from evomerge.merge.methods import fisher
+
+    g = torch.Generator().manual_seed(0)
+    ts = [torch.randn(4, 3, generator=g) for _ in range(2)]
+    fs = [torch.rand(4, 3, generator=g) for _ in range(2)]
+    want = fisher(None, ts, weight=[1.0, 2.0], statistics={"fisher": fs})
+    for scale in (1e-40, 1e30):
+        got = fisher(None, ts, weight=[scale, 2 * scale], statistics={"fisher": fs}, floor=1e-6)
+        assert torch.allclose(got, want, rtol=1e-6), scale
+
+
+def test_no_tokenizer_anywhere_is_one_line(fam, tmp_path):
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(fam["expert_0"], bare)
+    for f in bare.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            f.unlink()
+    rec = _recipe(fam, "fisher")
+    rec["models"][0]["model"] = str(bare)  # the first model: the reference
+    _fails(tmp_path, rec, f"model '{bare}'", "no tokenizer files")

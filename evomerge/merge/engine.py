@@ -209,9 +209,14 @@ class Merger:
                 folder = self.models[ref].folder
                 spec = self.recipe.data_for(ref)
                 try:
-                    own = any((Path(folder) / f).is_file() for f in _TOKENIZER_FILES)
                     # no tokenizer of its own: the reference model's (fine-tunes share their base's)
-                    tok = AutoTokenizer.from_pretrained(folder if own else self.reference.folder)
+                    src = next((f for f in (Path(folder), Path(self.reference.folder))
+                                if any((f / n).is_file() for n in _TOKENIZER_FILES)), None)
+                    if src is None:
+                        raise MergeError(f"model '{ref}' ({folder}): no tokenizer files ({', '.join(_TOKENIZER_FILES)})"
+                                         f" in its folder or the reference model's ({self.reference.folder}) to "
+                                         "encode its data with")
+                    tok = AutoTokenizer.from_pretrained(src)
                     data = S.examples(spec, tok, max_length=_max_positions(self.models[ref].config))
                     live: list[torch.nn.Module] = []
 
@@ -220,7 +225,7 @@ class Merger:
                             live.append(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval())
                         return live[0]
 
-                    key = S.model_fingerprint(folder)
+                    key = S.model_fingerprint(folder, contents=True)
                     out[ref] = {}
                     for name in self.method.statistics:
                         out[ref][name] = S.compute(S.STATISTICS[name](), model, data, cache=cache, model_key=key,
@@ -231,7 +236,8 @@ class Merger:
                 except MergeError:
                     raise
                 except Exception as e:  # a tokenizer or model transformers cannot load, bad data
-                    raise MergeError(f"model '{ref}' ({folder}): {type(e).__name__}: {e}") from None
+                    first = (str(e).strip().splitlines() or [""])[0]
+                    raise MergeError(f"model '{ref}' ({folder}): {type(e).__name__}: {first}") from None
                 names = {n for _, n in self._inputs_of(ref)}
                 if names and not any(n in v for v in out[ref].values() for n in names):
                     raise MergeError(f"model '{ref}': none of its tensors has a statistic ({', '.join(out[ref])}): "
@@ -454,7 +460,11 @@ class Merger:
                                  "(Space.recipe_yaml(x)) for the folder's evomerge_recipe.yaml")
             recipe_text = (what if what is not None else self.recipe).to_yaml()
         self._tokenizer_source()  # opened now: its folder is an input too
-        refuse_overlap(out_dir, {f"model '{ref}'": ck.folder for ref, ck in self.models.items()})
+        inputs = {f"model '{ref}'": ck.folder for ref, ck in self.models.items()}
+        if self.method.statistics:  # the data files are inputs too
+            inputs.update({f"data file of model '{ref}'": Path(spec.path) for ref in self._data_models()
+                           if (spec := self.recipe.data_for(ref)) is not None})
+        refuse_overlap(out_dir, inputs)
         if self.method.statistics:  # before anything is written, and not from the lanes' threads
             self.statistics(progress)
         entries = [TensorEntry(t.name, self.shape(t), self.output_dtype(t)) for t in self.tasks]

@@ -1140,15 +1140,19 @@ def fisher(base, tensors, weight=None, floor=1e-6, statistics=None, out_dtype=No
     """
     first = tensors[0]
     dt, weight, fishers = _with_statistics(tensors, weight, statistics, "fisher", "Fisher diagonals")
-    num = torch.zeros(first.shape, dtype=dt, device=first.device)
-    den = torch.zeros(first.shape, dtype=dt, device=first.device)
+    total = float(sum(weight))
+    if not total > 0:
+        raise ValueError("fisher: the weights sum to zero")
+    # in float64, the weights as shares of their sum: the result does not depend on their scale
+    num = torch.zeros(first.shape, dtype=torch.float64, device=first.device)
+    den = torch.zeros(first.shape, dtype=torch.float64, device=first.device)
     for t, w, f in zip(tensors, weight, fishers):
         if f is None:
-            f = torch.ones((), dtype=dt, device=first.device)
+            f = torch.ones((), dtype=torch.float64, device=first.device)
         elif f.shape != first.shape:
             raise ValueError(f"a Fisher diagonal of shape {tuple(f.shape)} for a tensor of shape {tuple(first.shape)}")
-        fw = f.to(device=first.device, dtype=dt).clamp(min=float(floor)) * float(w)
-        num += fw * t.to(dt)
+        fw = f.to(device=first.device, dtype=torch.float64).clamp(min=float(floor)) * (float(w) / total)
+        num += fw * t.to(torch.float64)
         den += fw
     if bool((den == 0).any()):
         raise ValueError("the weighted Fishers sum to zero (weights summing to zero, or a floor of 0 where every "

@@ -221,8 +221,10 @@ def examples(spec, tokenizer, max_length: int | None = None) -> list[Batch]:
     from ..evaluate._common import jsonl_records, pad_token_id
 
     path = Path(spec.path)
-    if not path.is_file():
+    if not path.exists():
         raise ValueError(f"data file '{path}' not found")
+    if not path.is_file():
+        raise ValueError(f"data file '{path}' is not a file")
     texts, targets, lines = [], [], []
     for lineno, rec in jsonl_records(path):  # (read no further than the limit-th record)
         for field, what in ((spec.text, "text"), (spec.target, "target")):
@@ -264,10 +266,11 @@ def examples(spec, tokenizer, max_length: int | None = None) -> list[Batch]:
     return out
 
 
-def model_fingerprint(folder: str | Path) -> str:
+def model_fingerprint(folder: str | Path, contents: bool = False) -> str:
     """A key for a model folder's weights: each weight file's name, size, modification time
-    and (for safetensors) header, and the config. A rewritten checkpoint gets a new key;
-    reading every weight byte to hash it is not needed for that."""
+    and (for safetensors) header, and the config; with ``contents``, every weight byte too
+    (BLAKE2b, about a second per GB read), so that two checkpoints of the same names, sizes
+    and times (copies with fixed timestamps) never share a key."""
     folder = Path(folder)
     h = hashlib.sha256()
     files = sorted(p for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".json") and p.is_file())
@@ -282,7 +285,17 @@ def model_fingerprint(folder: str | Path) -> str:
                 h.update(f.read(min(n, 100_000_000)))
         elif p.name == "config.json":
             h.update(p.read_bytes())
+        if contents and p.suffix in (".safetensors", ".bin"):
+            h.update(_file_digest(p).encode())
     return h.hexdigest()
+
+
+def _file_digest(path: Path) -> str:
+    d = hashlib.blake2b(digest_size=32)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            d.update(chunk)
+    return d.hexdigest()
 
 
 def _data_key(data: Sequence[Batch]) -> str:
@@ -318,8 +331,8 @@ class StatisticCache:
         d = self._dir(stat, key)
         try:
             record = json.loads((d / "record.json").read_text())
-            if record.get("key") != key:
-                return None
+            if record.get("key") != key or record.get("digest") != _file_digest(d / "values.safetensors"):
+                return None  # another entry, or values changed since they were written: made again
             return load_file(d / "values.safetensors")
         except (OSError, ValueError, SafetensorError):
             return None
@@ -338,7 +351,8 @@ class StatisticCache:
         tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}.tmp-{os.getpid()}-", dir=self.root))
         try:
             save_file({k: v.detach().contiguous().cpu() for k, v in values.items()}, tmp / "values.safetensors")
-            atomic_write(tmp / "record.json", json.dumps({**record, "key": key}, indent=2, sort_keys=True) + "\n")
+            record = {**record, "key": key, "digest": _file_digest(tmp / "values.safetensors")}
+            atomic_write(tmp / "record.json", json.dumps(record, indent=2, sort_keys=True) + "\n")
             shutil.rmtree(d, ignore_errors=True)  # a damaged entry of the same key
             try:
                 os.replace(tmp, d)
@@ -370,6 +384,12 @@ def compute(stat: Statistic, model, data: Sequence[Batch], *, cache: StatisticCa
     if hit is not None:
         return hit
     values = {k: v.cpu() for k, v in stat(live(), data).items()}
-    cache.put(stat, key, values, {"statistic": stat.name, "settings": stat.settings(), "model": model_key,
-                                  "batches": len(data), "tensors": len(values)})
+    try:
+        cache.put(stat, key, values, {"statistic": stat.name, "settings": stat.settings(), "model": model_key,
+                                      "batches": len(data), "tensors": len(values)})
+    except OSError as e:  # a cache that cannot be written: the values stand, only not kept
+        import warnings
+
+        warnings.warn(f"statistics cache '{cache.root}' cannot be written ({e}); the {stat.name} statistic "
+                      "is not kept for the next merge", stacklevel=2)
     return values
