@@ -302,12 +302,11 @@ def validate_value(spec: ParamSpec, v: Any, where: str) -> Any:
         raise RecipeError(f"{where}: expected a number, got {v!r}") from None
     if x != x or x in (float("inf"), float("-inf")):
         raise RecipeError(f"{where}: must be finite, got {v!r}")
-    if spec.lo is not None and (x < spec.lo or (spec.lo_open and x <= spec.lo)):
-        bracket = "(" if spec.lo_open else "["
-        raise RecipeError(f"{where}: {spec.name}={x} is outside {bracket}{spec.lo}, {spec.hi}]")
-    if spec.hi is not None and x > spec.hi:
-        bracket = "(" if spec.lo_open else "["
-        raise RecipeError(f"{where}: {spec.name}={x} is outside {bracket}{spec.lo}, {spec.hi}]")
+    low = spec.lo is not None and (x < spec.lo or (spec.lo_open and x <= spec.lo))
+    if low or (spec.hi is not None and x > spec.hi):
+        lo = "(-inf" if spec.lo is None else f"{'(' if spec.lo_open else '['}{spec.lo}"
+        hi = "inf)" if spec.hi is None else f"{spec.hi}]"
+        raise RecipeError(f"{where}: {spec.name}={x} is outside {lo}, {hi}")
     return x
 
 

@@ -399,3 +399,9 @@ def test_no_tokenizer_anywhere_is_one_line(fam, tmp_path):
     rec = _recipe(fam, "fisher")
     rec["models"][0]["model"] = str(bare)  # the first model: the reference
     _fails(tmp_path, rec, f"model '{bare}'", "no tokenizer files")
+
+
+def test_a_bound_without_an_upper_end_reads_as_such(fam):
+    rec = _recipe(fam, "fisher", parameters={"floor": -1.0})
+    with pytest.raises(RecipeError, match=r"floor=-1.0 is outside \(0.0, inf\)"):
+        parse_recipe(rec)
