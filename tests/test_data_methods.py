@@ -289,15 +289,20 @@ def test_a_record_longer_than_the_model_takes_is_named(words, tmp_path):
     _fails(tmp_path, rec, "long.jsonl:2:", "more than the model's 64 positions")
 
 
-def test_a_model_without_a_tokenizer_takes_the_reference_models(fam, tmp_path, monkeypatch):
+def _without_tokenizer(src, dst: Path) -> Path:
+    """A copy of a model folder with its tokenizer files removed."""
     import shutil
 
-    monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "cache"))
-    bare = tmp_path / "bare"
-    shutil.copytree(fam["expert_1"], bare)
-    for f in bare.iterdir():
+    shutil.copytree(src, dst)
+    for f in dst.iterdir():
         if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
             f.unlink()
+    return dst
+
+
+def test_a_model_without_a_tokenizer_takes_the_reference_models(fam, tmp_path, monkeypatch):
+    monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "cache"))
+    bare = _without_tokenizer(fam["expert_1"], tmp_path / "bare")
     rec = _recipe(fam, "regmean")
     rec["models"][1]["model"] = str(bare)
     out = Merger(parse_recipe(rec)).write(tmp_path / "out")
@@ -389,13 +394,7 @@ def test_fisher_does_not_depend_on_the_scale_of_the_weights():
 
 
 def test_no_tokenizer_anywhere_is_one_line(fam, tmp_path):
-    import shutil
-
-    bare = tmp_path / "bare"
-    shutil.copytree(fam["expert_0"], bare)
-    for f in bare.iterdir():
-        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
-            f.unlink()
+    bare = _without_tokenizer(fam["expert_0"], tmp_path / "bare")
     rec = _recipe(fam, "fisher")
     rec["models"][0]["model"] = str(bare)  # the first model: the reference
     _fails(tmp_path, rec, f"model '{bare}'", "no tokenizer files")
