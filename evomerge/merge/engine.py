@@ -238,6 +238,10 @@ class Merger:
                 except Exception as e:  # a tokenizer or model transformers cannot load, bad data
                     first = (str(e).strip().splitlines() or [""])[0]
                     raise MergeError(f"model '{ref}' ({folder}): {type(e).__name__}: {first}") from None
+                gram = out[ref].get("gram")
+                if gram is not None:  # per token, once: a model with more data does not outweigh the others
+                    out[ref]["gram"] = {k: (v / int(gram[f"{k}:tokens"]) if f"{k}:tokens" in gram else v)
+                                        for k, v in gram.items()}
                 names = {n for _, n in self._inputs_of(ref)}
                 if names and not any(n in v for v in out[ref].values() for n in names):
                     raise MergeError(f"model '{ref}': none of its tensors has a statistic ({', '.join(out[ref])}): "
@@ -259,8 +263,8 @@ class Merger:
             vals = []
             for m, n in task.sources:
                 v = stats[m][name]
-                if name == "gram":  # per token: a model with more data does not outweigh the others
-                    vals.append((v[n] / int(v[f"{n}:tokens"]), bool(int(v[f"{n}:in_first"]))) if n in v else None)
+                if name == "gram":  # (per token: divided once, in ``statistics``)
+                    vals.append((v[n], bool(int(v[f"{n}:in_first"]))) if n in v else None)
                 else:
                     vals.append(v.get(n))
             out[name] = vals
