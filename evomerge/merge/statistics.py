@@ -89,18 +89,23 @@ class GramMatrix:
         grams: dict[str, Tensor] = {}
         counts: dict[str, int] = {}
         mask_now: list[Tensor] = []
+        last: dict[str, object] = {}  # the input the previous hook saw, and its Gram matrix
 
         def hook(name):
             def fn(module, args):
                 x = args[0]
-                x = x.reshape(-1, x.shape[-1])
-                keep = mask_now[0].reshape(-1).bool()
-                if keep.numel() == x.shape[0]:  # one row per token: the padding's rows go
-                    x = x[keep]
-                x = x.to(self.dtype)
-                g = x.T @ x
-                grams[name] = g if name not in grams else grams[name] + g
-                counts[name] = counts.get(name, 0) + x.shape[0]
+                if last.get("x") is x:  # q, k and v (gate and up) read one tensor: one product
+                    g, rows = last["g"], last["rows"]
+                else:
+                    flat = x.reshape(-1, x.shape[-1])
+                    keep = mask_now[0].reshape(-1).bool()
+                    if keep.numel() == flat.shape[0]:  # one row per token: the padding's rows go
+                        flat = flat[keep]
+                    flat = flat.to(self.dtype)
+                    g, rows = flat.T @ flat, flat.shape[0]
+                    last.update(x=x, g=g, rows=rows)
+                grams[name] = g.clone() if name not in grams else grams[name] + g
+                counts[name] = counts.get(name, 0) + rows
             return fn
 
         handles = [mod.register_forward_pre_hook(hook(n)) for n, mod in layers.items()]
@@ -110,6 +115,7 @@ class GramMatrix:
                 mask_now[:] = [mask.to(dev)]
                 model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False)
         finally:
+            last.clear()
             for h in handles:
                 h.remove()
         out = dict(grams)
