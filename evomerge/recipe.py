@@ -59,6 +59,7 @@ __all__ = [
     "ModelRef",
     "SliceSource",
     "OutputSlice",
+    "AlignSpec",
     "load_recipe",
     "parse_recipe",
     "evaluate_setting",
@@ -80,10 +81,11 @@ DTYPES = {
 
 _TOP_KEYS = (
     "merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
-    "tokenizer_source", "tokenizer", "chat_template", "name", "data",
+    "tokenizer_source", "tokenizer", "chat_template", "name", "data", "align",
 )
 _MODEL_KEYS = ("model", "parameters", "data")
 _DATA_KEYS = ("path", "text", "target", "limit", "batch_size")
+_ALIGN_KEYS = ("method", "reference", "max_sweeps", "seed")
 _SOURCE_KEYS = ("model", "layer_range", "parameters")
 _SLICE_KEYS = ("sources", "base_model", "parameters", "residual_weight")
 
@@ -156,6 +158,33 @@ class DataSpec:
         return cls(**merged)
 
 
+@dataclass(frozen=True)
+class AlignSpec:
+    """How the models are permuted to line up with one of them before the merge (the
+    recipe's ``align``: a method name, or a mapping with ``method`` and its settings)."""
+
+    method: str = "weight_matching"
+    reference: ModelRef | None = None  # None: the base model, else the first model listed
+    max_sweeps: int = 100
+    seed: int = 0
+
+    @classmethod
+    def parse(cls, value: Any, where: str) -> "AlignSpec":
+        from .merge.align import ALIGNERS
+
+        d = {"method": value} if isinstance(value, str) else _check_keys(value, _ALIGN_KEYS, where)
+        method = d.get("method", cls.method)
+        if method not in ALIGNERS:
+            raise RecipeError(f"{where}.method: unknown alignment {method!r}; accepted: {', '.join(ALIGNERS)}")
+        ref = ModelRef.parse(d["reference"], f"{where}.reference") if d.get("reference") is not None else None
+        for key in ("max_sweeps", "seed"):
+            v = d.get(key, getattr(cls, key))
+            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if key == "max_sweeps" else 0):
+                raise RecipeError(f"{where}.{key}: expected a{' positive' if key == 'max_sweeps' else ' non-negative'}"
+                                  f" integer, got {v!r}")
+        return cls(method, ref, d.get("max_sweeps", cls.max_sweeps), d.get("seed", cls.seed))
+
+
 @dataclass
 class SliceSource:
     model: ModelRef
@@ -189,6 +218,13 @@ class Recipe:
     raw: dict[str, Any] = field(default_factory=dict)
     data: DataSpec | None = None  # the top level's ``data``
     model_data: dict[ModelRef, DataSpec] = field(default_factory=dict)  # a model entry's own
+    align: AlignSpec | None = None  # the recipe's ``align``, or its method's own (``MethodSpec.align``)
+
+    def align_reference(self) -> ModelRef:
+        """The model the others are permuted to line up with."""
+        if self.align is not None and self.align.reference is not None:
+            return self.align.reference
+        return self.base_model if self.base_model is not None else self.referenced_models()[0]
 
     def data_for(self, model: ModelRef) -> DataSpec | None:
         """The examples a data-reading method takes for ``model`` (None: no file named)."""
@@ -454,12 +490,22 @@ def parse_recipe(data: Any, *, source: str = "recipe") -> Recipe:
     for key in ("name", "chat_template"):
         if d.get(key) is not None and not isinstance(d[key], str):
             raise RecipeError(f"{source}.{key}: expected a string, got {type(d[key]).__name__}")
+    align = AlignSpec.parse(d["align"], f"{source}.align") if d.get("align") is not None else None
+    if method.align is not None:
+        if align is None:
+            align = AlignSpec(method.align)
+        elif align.method != method.align:
+            raise RecipeError(f"{source}.align.method: merge_method '{mname}' aligns by {method.align}, "
+                              f"not {align.method}")
     recipe = Recipe(
         merge_method=mname, method=method, slices=slices, base_model=base, parameters=params,
         dtype=dtype, out_dtype=out_dtype, tokenizer_source=tok,
         chat_template=d.get("chat_template"), name=d.get("name"),
-        uses_models_form="models" in d, raw=dict(d), data=data, model_data=model_data,
+        uses_models_form="models" in d, raw=dict(d), data=data, model_data=model_data, align=align,
     )
+    if align is not None and align.reference is not None and align.reference not in recipe.referenced_models():
+        raise RecipeError(f"{source}.align.reference: '{align.reference}' is not one of the recipe's models "
+                          f"({', '.join(map(str, recipe.referenced_models()))})")
     _check_inputs(recipe, source)
     if (data is not None or model_data) and not method.statistics:
         warnings.warn(f"{source}.data: merge_method '{mname}' reads no data; the 'data' given is not used "

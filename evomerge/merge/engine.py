@@ -107,6 +107,7 @@ class Merger:
                     self.models[ref] = Checkpoint.open(ref, allow_pickle=allow_pickle)
                 except CheckpointError as e:
                     raise MergeError(str(e)) from None
+        self._aligned: dict[ModelRef, Any] = self._wrap_aligned() if recipe.align is not None else {}
         self.plan = Plan(recipe, self.models, out_dtype=out_dtype)
         self.recipe_columns = self.plan.columns()
         self.seeds = self.plan.seeds(self.seed)
@@ -169,6 +170,96 @@ class Merger:
         if self.seeds[i] is not None:
             out["seeds"] = self.seeds[i]
         return out
+
+    # ----------------------------------------------------------------------------------
+    # Alignment
+    # ----------------------------------------------------------------------------------
+    def _wrap_aligned(self) -> dict[ModelRef, Any]:
+        """Every model but the alignment's reference read through its permutations (found
+        on its first read, or read from the cache): layouts are checked now."""
+        from . import align as A
+
+        spec = self.recipe.align
+        ref = self.recipe.align_reference()
+
+        def layout(r: ModelRef):
+            ck = self.models[r]
+            try:
+                return A.layout_of({n: ck.meta(n)[0] for n in ck.names()}, ck.config, model=str(r))
+            except A.AlignError as e:
+                raise MergeError(f"align ({spec.method}): {e}") from None
+            except CheckpointError as e:
+                raise MergeError(str(e)) from None
+
+        lay = layout(ref)
+        out: dict[ModelRef, Any] = {}
+        for r in self.recipe.referenced_models():
+            if r == ref:
+                continue
+            own = layout(r)
+            if own.signature() != lay.signature():
+                raise MergeError(f"align ({spec.method}): model '{r}' does not have the layout of the reference "
+                                 f"'{ref}' (other tensors, heads or sizes); only models of one architecture and "
+                                 "size can be permuted onto each other")
+            out[r] = self.models[r] = A.AlignedCheckpoint(self.models[r], lay, lambda r=r: self._permutations(r))
+        return out
+
+    def _permutations(self, r: ModelRef) -> dict[str, Tensor]:
+        """Model ``r``'s permutations onto the reference: from the cache, or found."""
+        from . import align as A
+        from . import statistics as S
+
+        spec = self.recipe.align
+        ref = self.recipe.align_reference()
+        aligned = self._aligned[r]
+        lay, inner, refck = aligned.layout, aligned._inner, self.models[ref]
+        aligner = A.ALIGNERS[spec.method](max_sweeps=spec.max_sweeps, seed=spec.seed)
+        cache = S.StatisticCache(native.cache_dir() / "alignment")
+        try:
+            key = cache.key(aligner, f"{S.model_fingerprint(inner.folder, contents=True)}|"
+                                     f"{S.model_fingerprint(refck.folder, contents=True)}|"
+                                     f"{json.dumps(lay.signature(), sort_keys=True)}", [])
+        except (OSError, ValueError) as e:
+            raise MergeError(f"align: cannot read the weights of model '{r}' or '{ref}': {e}") from None
+        hit = cache.get(aligner, key)
+        if hit is not None and set(hit) == set(A.identity(lay)):
+            return hit
+        try:
+            a = {n: refck.get(n) for n in lay.axes}
+            b = {n: inner.get(n) for n in lay.axes}
+        except CheckpointError as e:
+            raise MergeError(str(e)) from None
+        perms = aligner(lay, a, b)
+        try:
+            cache.put(aligner, key, perms, {"aligner": spec.method, "settings": aligner.settings(),
+                                            "model": str(r), "reference": str(ref),
+                                            "similarity_before": A.similarity(lay, a, b),
+                                            "similarity_after": A.similarity(lay, a, b, perms)})
+        except OSError as e:
+            import warnings
+
+            warnings.warn(f"alignment cache '{cache.root}' cannot be written ({e}); the permutations of "
+                          f"model '{r}' are found again by the next merge", stacklevel=2)
+        return perms
+
+    def align(self, progress: bool = False) -> None:
+        """Find (or read from the cache) every model's permutations now, not on its first
+        read (a search does it once, before its workers start)."""
+        if not self._aligned:
+            return
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(self._aligned), desc=f"aligning ({self.recipe.align.method})", unit="model")
+        try:
+            for a in self._aligned.values():
+                a.perms
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
 
     # ----------------------------------------------------------------------------------
     # Statistics from data
@@ -238,6 +329,8 @@ class Merger:
                 except Exception as e:  # a tokenizer or model transformers cannot load, bad data
                     first = (str(e).strip().splitlines() or [""])[0]
                     raise MergeError(f"model '{ref}' ({folder}): {type(e).__name__}: {first}") from None
+                if ref in self._aligned:  # the statistics of the model as it is read: permuted alike
+                    out[ref] = {k: self._aligned_statistic(ref, k, v) for k, v in out[ref].items()}
                 gram = out[ref].get("gram")
                 if gram is not None:  # per token, once: a model with more data does not outweigh the others
                     out[ref]["gram"] = {k: (v / int(gram[f"{k}:tokens"]) if f"{k}:tokens" in gram else v)
@@ -250,6 +343,23 @@ class Merger:
             if bar is not None:
                 bar.close()
         self._data_stats = out
+        return out
+
+    def _aligned_statistic(self, ref: ModelRef, kind: str, values: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A statistic of an aligned model, permuted as its tensors are read: a Fisher
+        diagonal as its tensor; a Gram matrix on both axes by its layer's input axis."""
+        a = self._aligned[ref]
+        out = {}
+        for n, v in values.items():
+            if kind == "gram" and f"{n}:in_first" in values:
+                idx = a.axis_index(n, 0 if bool(int(values[f"{n}:in_first"])) else 1)
+                out[n] = v if idx is None else v.index_select(0, idx).index_select(1, idx)
+            elif kind != "gram" and n in a.layout.axes:
+                from .align import permute
+
+                out[n] = permute(a.layout, a.perms, n, v)
+            else:
+                out[n] = v
         return out
 
     def _inputs_of(self, ref: ModelRef) -> list[tuple[ModelRef, str]]:
@@ -469,7 +579,8 @@ class Merger:
             inputs.update({f"data file of model '{ref}'": Path(spec.path) for ref in self._data_models()
                            if (spec := self.recipe.data_for(ref)) is not None})
         refuse_overlap(out_dir, inputs)
-        if self.method.statistics:  # before anything is written, and not from the lanes' threads
+        self.align(progress)  # before anything is written, and not from the lanes' threads
+        if self.method.statistics:
             self.statistics(progress)
         entries = [TensorEntry(t.name, self.shape(t), self.output_dtype(t)) for t in self.tasks]
         with CheckpointWriter(out_dir, entries, shard_size=shard_size, overwrite=overwrite) as w:

@@ -1258,6 +1258,7 @@ class MethodSpec:
     random: bool = False  # takes per-model seeds
     kernels: bool = False  # merged on the CPU by the fused kernels (native.py) where they are built
     statistics: tuple[str, ...] = ()  # what it reads from data besides the weights (``statistics.STATISTICS``)
+    align: str | None = None  # permutes the models to line up first (``align.ALIGNERS``), whatever the recipe says
     # for the generalized task arithmetic: (sparsification, sign election) it passes to
     # ``_general_task_arithmetic``, which the engine's flat path reads too
     family: tuple[str | None, bool] | None = None
@@ -1361,6 +1362,15 @@ METHODS: dict[str, MethodSpec] = {
          ParamSpec("alpha", default=0.9, lo=0.0, hi=1.0, search=(0.5, 1.0, 0.9))),
         needs_base=False, base_in_inputs=True, statistics=("gram",),
         reference="https://arxiv.org/abs/2212.09849",
+    ),
+    "weight_matching": MethodSpec(
+        # Git Re-Basin: every model permuted to line up with the reference (``align.py``),
+        # then their weighted average (uniform by default: the midpoint of two models)
+        "weight_matching", linear,
+        (ParamSpec("weight", per_model=True, default=1.0, lo=0.0, search=(0.0, 1.0, 0.5)),
+         ParamSpec("normalize", kind="bool", default=True)),
+        needs_base=False, base_in_inputs=True, align="weight_matching",
+        reference="https://arxiv.org/abs/2209.04836",
     ),
     "passthrough": MethodSpec(
         "passthrough", passthrough, (ParamSpec("scale", per_model=True, default=None, search=(0.0, 2.0, 1.0)),),
