@@ -112,6 +112,13 @@ def check_config(cfg) -> None:
             raise ConfigError(f"merge.data.path: merge method '{method.name}' reads data; give merge.data.path=FILE.jsonl "
                               "(JSON lines; merge.data.text and merge.data.target name its fields), or "
                               "merge.data.paths=[FILE,...] with one file per model")
+    if cfg.merge.get("align") is not None:
+        from .recipe import AlignSpec
+
+        try:
+            AlignSpec.parse(_plain(cfg.merge.align), "merge.align")
+        except RecipeError as e:
+            raise ConfigError(str(e)) from None
     for param, r in (OmegaConf.to_container(ranges, resolve=True) if OmegaConf.is_config(ranges) else ranges).items():
         # (ranges of parameters the method does not take are unused: a sweep over methods may set them)
         if method is not None and param in {p.name for p in method.params if not p.ignored}:
@@ -210,7 +217,7 @@ def build_space(cfg, base: str | None, experts: list[str]):
     return Space(cfg.merge.method, experts, base_model=base, search=search, fixed=_plain(cfg.merge.get("fixed")),
                  granularity=cfg.space.granularity, layer_granularity=cfg.space.get("layer_granularity", 1),
                  smoothing=cfg.space.get("smoothing"), dtype=cfg.merge.get("dtype", "float32"),
-                 data=_plain(cfg.merge.get("data")) or None)
+                 data=_plain(cfg.merge.get("data")) or None, align=_plain(cfg.merge.get("align")) or None)
 
 
 _DATA_EVALS = ("accuracy", "exact_match", "choice", "perplexity", "entropy")
@@ -299,10 +306,15 @@ def run(cfg, run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     base, experts, zoo = _models(cfg)
     space = build_space(cfg, base, experts)
-    if space.method.statistics:  # computed once here, and cached: every worker reads them from the cache
+    if space.method.statistics or space.recipe(space.x0).align is not None:
         from .merge.engine import Merger
 
-        Merger(space.recipe(space.x0)).statistics(progress=bool(cfg.progress))
+        # found once here, and cached: every worker reads them from the cache
+        once = Merger(space.recipe(space.x0))
+        once.align(progress=bool(cfg.progress))
+        if space.method.statistics:
+            once.statistics(progress=bool(cfg.progress))
+        del once
     eval_kw = _eval_kwargs(cfg, zoo)
     evaluator = build(cfg.eval, **eval_kw)
     scoring = _scoring(cfg, evaluator, has_base=space.base_model is not None)

@@ -110,6 +110,9 @@ class Space:
             (``path``, ``text``, ``target``, ``limit``, ``batch_size``), or with ``paths``
             instead of ``path`` one file per model, in the order of ``models`` (the base
             first where the method merges it too).
+        align: the recipe's ``align`` (a method name such as ``weight_matching``, or a
+            mapping with ``method``, ``reference``, ``max_sweeps``, ``seed``): every model
+            permuted to line up with the reference before any candidate is merged.
     """
 
     def __init__(
@@ -128,6 +131,7 @@ class Space:
         attn_key: str | None = None,
         dtype: str = "float32",
         data: Mapping[str, Any] | None = None,
+        align: str | Mapping[str, Any] | None = None,
     ):
         if method not in METHODS:
             raise RecipeError(f"space.method: unknown method {method!r}; accepted: {', '.join(METHODS)}")
@@ -142,6 +146,8 @@ class Space:
             self.models.insert(0, self.base_model)  # linear: the base is one more weighted model
         self.fixed = dict(fixed or {})
         self.data = {k: v for k, v in dict(data or {}).items() if v is not None}
+        self.align = (align if isinstance(align, str) else
+                      {k: v for k, v in dict(align).items() if v is not None} if align else None)
         paths = self.data.get("paths")
         if paths is not None and (isinstance(paths, str) or len(paths) != len(self.models)):
             raise RecipeError(f"space.data.paths: one data file per model, {len(self.models)} in the order "
@@ -310,6 +316,8 @@ class Space:
         if top:
             d["parameters"] = top
         d["dtype"] = self.dtype
+        if self.align:
+            d["align"] = self.align
         if self.data:
             top_data = {k: v for k, v in self.data.items() if k != "paths"}
             if top_data:

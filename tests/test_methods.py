@@ -116,7 +116,7 @@ seeds = st.integers(min_value=0, max_value=2**40)
 HAND_TESTED = {
     "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
     "breadcrumbs_ties", "della", "della_linear", "slerp", "model_stock", "wise_ft", "passthrough",
-    "fisher", "regmean",
+    "fisher", "regmean", "weight_matching",
 }
 
 
@@ -672,6 +672,37 @@ def test_regmean_by_hand():
     close(regmean(None, [T(1.0, 2.0), T(3.0, 6.0)], weight=[1.0, 3.0]), [2.5, 5.0])
 
 
+def test_weight_matching_by_hand():
+    """A two-unit MLP (up rows and down columns are its units; 2 channels). The model is
+    the reference with its units swapped, then (second case) with its channels swapped.
+    Weight matching finds the swap (the permuted model is the reference again), and the
+    method's average of the two is the reference."""
+    from evomerge.merge.align import Layout, permute, similarity, weight_matching
+
+    ref = {"up": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "down": torch.tensor([[5.0, 0.0], [1.0, 6.0]])}
+    cases = [
+        # units swapped: up rows, down columns. Unaligned <ref, model> = (1*3 + 2*4 + 3*1 + 4*2)
+        # + (5*0 + 0*5 + 1*6 + 6*1) = 34; the unit cost matrix is [[11+6, 5+26], [25+36, 11+6]]
+        ("mlp", {"up": (("mlp", 0), None), "down": (None, ("mlp", 0))},
+         {"up": torch.tensor([[3.0, 4.0], [1.0, 2.0]]), "down": torch.tensor([[0.0, 5.0], [6.0, 1.0]])}, 34.0),
+        # channels swapped: up columns, down rows. Unaligned: (1*2 + 2*1 + 3*4 + 4*3) + (5*1 + 1*5) = 38
+        ("res", {"up": (None, ("res", None)), "down": (("res", None), None)},
+         {"up": torch.tensor([[2.0, 1.0], [4.0, 3.0]]), "down": torch.tensor([[1.0, 6.0], [5.0, 0.0]])}, 38.0),
+    ]
+    for group, axes, model, before in cases:
+        lay = Layout("llama", hidden=2, heads=1, kv_heads=1, head_dim=2, intermediate=2, layers=[0], axes=axes)
+        assert similarity(lay, ref, model) == before
+        perms = weight_matching(lay, ref, model)
+        assert perms["res" if group == "res" else "0.mlp"].tolist() == [1, 0]
+        # aligned: the sum of squares 1 + 4 + 9 + 16 + 25 + 0 + 1 + 36
+        assert similarity(lay, ref, model, perms) == 92.0
+        for n in ("up", "down"):
+            aligned = permute(lay, perms, n, model[n])
+            assert torch.equal(aligned, ref[n])
+            close(M.weight_matching(None, [ref[n], aligned]), ref[n].tolist())
+    assert METHODS["weight_matching"].align == "weight_matching"
+
+
 @settings(max_examples=25, deadline=None)
 @given(st.integers(0, 10_000), st.sampled_from([False, True]), st.integers(2, 3), st.floats(0.0, 1.0))
 def test_regmean_is_the_least_squares_merge(seed, in_first, k, alpha):
@@ -726,6 +757,7 @@ def test_results_come_back_in_working_precision(dtype, work):
         "passthrough": lambda: passthrough(None, [x], 2.0),
         "fisher": lambda: fisher(None, [x, y], statistics={"fisher": [x.abs(), y.abs()]}),
         "regmean": lambda: regmean(None, [x, y]),
+        "weight_matching": lambda: M.weight_matching(None, [x, y]),
     }
     assert set(calls) == set(METHODS)
     for name, call in calls.items():

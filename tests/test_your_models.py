@@ -275,6 +275,26 @@ def test_a_search_over_a_merge_that_reads_data(words, tmp_path, method):
     assert [m["data"]["path"] for m in recipe["models"]] == [str(x) for x in paths]
 
 
+def test_a_search_that_aligns_the_models_first(words, tmp_path):
+    """merge.align=weight_matching before TIES on the GPT-2 family: every expert's
+    permutations onto the base found once (before the workers start) and cached; the
+    exported recipe carries the alignment."""
+    import yaml
+
+    run = tmp_path / "run"
+    cache = tmp_path / "cache"
+    over = ["merge=ties", "merge.align=weight_matching", "space=per_model", "search=random", "budget=3"]
+    p = subprocess.run([sys.executable, "-m", "evomerge.app", *on_words(words, run, *over, limit=10)], cwd=tmp_path,
+                       capture_output=True, text=True, env={**env(), "EVOMERGE_CACHE": str(cache)}, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    entries = [d for d in (cache / "alignment").iterdir() if d.is_dir()]
+    assert len(entries) == len(words.experts)  # each expert onto the base, once
+    recipe = yaml.safe_load((run / "best_recipe.yaml").read_text())
+    assert recipe["merge_method"] == "ties" and recipe["align"] == "weight_matching"
+    summary = json.loads((run / "summary.json").read_text())
+    assert 0.0 <= summary["results"]["best"]["search"]["score"] <= 1.0
+
+
 def test_adamerging_on_your_own_models_and_data(words, tmp_path):
     """AdaMerging learns from the search split's prompts when there is no zoo: the entropy
     falls over its steps, and the run finishes like any search."""

@@ -52,6 +52,7 @@ __all__ = [
     "passthrough",
     "fisher",
     "regmean",
+    "weight_matching",
     "rank_range_mask",
     "magnitude_mask",
 ]
@@ -969,6 +970,17 @@ def della_linear(base, tensors, weight, density, epsilon, seeds, lambda_=1.0, no
     )
 
 
+def weight_matching(base, tensors, weight=None, normalize=True, out_dtype=None, out=None):
+    """Weight matching: the weighted average (``linear``; uniform by default) of models each
+    permuted to line up unit for unit with a reference first. The permutations are found
+    once per model (``align.weight_matching``) and applied as its tensors are read
+    (``MethodSpec.align``), so here the inputs are already aligned.
+
+    Ainsworth, Hayase & Srinivasa 2023, "Git Re-Basin", https://arxiv.org/abs/2209.04836.
+    """
+    return linear(base, tensors, [1.0] * len(tensors) if weight is None else weight, normalize, out_dtype, out)
+
+
 def linear(base, tensors, weight, normalize=True, out_dtype=None, out=None):
     """Linear merge (model soup): sum_k w_k theta_k, divided by sum_k w_k if ``normalize``.
 
@@ -1366,10 +1378,10 @@ METHODS: dict[str, MethodSpec] = {
     "weight_matching": MethodSpec(
         # Git Re-Basin: every model permuted to line up with the reference (``align.py``),
         # then their weighted average (uniform by default: the midpoint of two models)
-        "weight_matching", linear,
+        "weight_matching", weight_matching,
         (ParamSpec("weight", per_model=True, default=1.0, lo=0.0, search=(0.0, 1.0, 0.5)),
          ParamSpec("normalize", kind="bool", default=True)),
-        needs_base=False, base_in_inputs=True, align="weight_matching",
+        needs_base=False, base_in_inputs=True, kernels=True, align="weight_matching",
         reference="https://arxiv.org/abs/2209.04836",
     ),
     "passthrough": MethodSpec(
