@@ -507,7 +507,10 @@ def parse_recipe(data: Any, *, source: str = "recipe") -> Recipe:
         raise RecipeError(f"{source}.align.reference: '{align.reference}' is not one of the recipe's models "
                           f"({', '.join(map(str, recipe.referenced_models()))})")
     _check_inputs(recipe, source)
-    if (data is not None or model_data) and not method.statistics:
+    from .merge.align import ALIGNERS
+
+    if (data is not None or model_data) and not method.statistics and not (
+            align is not None and ALIGNERS[align.method].needs_data):
         warnings.warn(f"{source}.data: merge_method '{mname}' reads no data; the 'data' given is not used "
                       f"(the methods that read it: {', '.join(m for m, s in METHODS.items() if s.statistics)})",
                       stacklevel=2)

@@ -40,7 +40,7 @@ from typing import Callable
 import numpy as np
 
 __all__ = [
-    "TASKS", "Task", "ZooConfig", "Zoo", "ZooError", "build_zoo", "load_zoo", "default_zoo_dir",
+    "TASKS", "Task", "ZooConfig", "Zoo", "ZooError", "build_zoo", "build_independent", "load_zoo", "default_zoo_dir",
     "zoo_tokenizer", "make_examples", "write_data", "accuracy", "main",
 ]
 
@@ -395,6 +395,14 @@ class Zoo:
             return []
         return [self.root / "ingredients" / task / r["name"] for r in json.loads(meta.read_text())["runs"]]
 
+    def independent(self) -> dict[str, Path]:
+        """The experts trained from their own random initializations, by task (see
+        :func:`build_independent`; empty until built)."""
+        meta = self.root / "independent" / "independent.json"
+        if not meta.is_file():
+            return {}
+        return {t: self.root / "independent" / t for t in json.loads(meta.read_text())["accuracy"]}
+
     def data(self, task: str, split: str) -> Path:
         if task not in self.tasks:
             raise ZooError(f"the zoo at {self.root} has no task {task!r}; it has {', '.join(self.tasks)}")
@@ -576,15 +584,61 @@ def build_ingredients(zoo: Zoo, task: str, count: int = 6, steps: int | None = N
     return zoo.ingredients(task)
 
 
+def build_independent(zoo: Zoo, steps: int | None = None, progress: bool = True, log=print) -> dict[str, Path]:
+    """Experts that share no base: one per task of ``zoo``, each from its own random
+    initialization (seeded by the task), trained for ``steps`` steps (default: the base's
+    pretraining plus an expert's fine-tuning) on the base's pretraining mix with its own
+    task at its target size for half of every batch, so that each knows the formats and
+    solves its task, as the zoo's experts do, but shares no weights with the others: their
+    units are in unrelated orders, and merging them needs alignment first. Built once into
+    ``<zoo>/independent/<task>/`` (a temporary folder renamed into place) and reused;
+    asking for another number of steps rebuilds them."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    folder = zoo.root / "independent"
+    meta = folder / "independent.json"
+    cfg = ZooConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in zoo.info["config"].items()})
+    steps = int(steps) if steps is not None else cfg.pretrain_steps + cfg.expert_steps
+    if steps < 1:
+        raise ZooError(f"independent: steps must be at least 1, got {steps}")
+    want = {"steps": steps, "key": zoo.info.get("key")}
+    if meta.is_file():
+        info = json.loads(meta.read_text())
+        if {k: info.get(k) for k in want} == want:
+            return zoo.independent()
+    tok = AutoTokenizer.from_pretrained(zoo.tokenizer)
+    tasks = [TASKS[t] for t in zoo.tasks]
+    splits = {t.name: eval_splits(t, cfg) for t in tasks}
+    exclude = {e["input"] for t in tasks for sp in splits[t.name].values() for e in sp}
+    mix = [(t, t.pretrain_n) for t in tasks] + [(COPY, COPY.pretrain_n)]
+    with _atomic_dir(folder, cfg.threads) as tmp:
+        acc, seeds = {}, {}
+        for t in tasks:
+            seed = _stable_seed("independent", t.name, cfg.seed)
+            log(f"zoo: the independent {t.name} expert from its own initialization ({steps} steps, seed {seed})")
+            torch.manual_seed(seed)
+            model = LlamaForCausalLM(zoo_model_config(cfg, len(tok)))
+            own = [(t, (t.target_n,))] * len(mix)  # half of every batch at the target size
+            train(model, tok, _Sampler(mix + own, seed, exclude), steps, cfg.pretrain_lr, cfg.batch_size,
+                  weight_decay=0.01, warmup=max(1, steps // 15), desc=f"independent-{t.name}", progress=progress)
+            _save_model(model, tok, tmp / t.name)
+            acc[t.name] = {u.name: {s: round(accuracy(model, tok, rows), 4) for s, rows in splits[u.name].items()}
+                           for u in tasks}
+            seeds[t.name] = seed
+        (tmp / "independent.json").write_text(json.dumps({**want, "seeds": seeds, "accuracy": acc}, indent=2) + "\n")
+    return zoo.independent()
+
+
 # --------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------
 
 
-def _table(zoo: Zoo, split: str = "test") -> str:
+def _table(zoo: Zoo, split: str = "test", accuracy: dict | None = None) -> str:
     tasks = zoo.tasks
     rows = [["model"] + tasks + ["mean"]]
-    for name, acc in zoo.info["accuracy"].items():
+    for name, acc in (accuracy if accuracy is not None else zoo.info["accuracy"]).items():
         vals = [acc[t][split] for t in tasks]
         rows.append([name] + [f"{v:.3f}" for v in vals] + [f"{sum(vals) / len(vals):.3f}"])
     w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -592,7 +646,8 @@ def _table(zoo: Zoo, split: str = "test") -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``evomerge-zoo build [--out DIR] [--seed N] [--tasks T,T,...] [--test-mode] [--force]``, ``evomerge-zoo info`` and
+    """``evomerge-zoo build [--out DIR] [--seed N] [--tasks T,T,...] [--test-mode] [--force] [--independent]``,
+    ``evomerge-zoo info`` and
     ``evomerge-zoo ingredients --task T [--count N]``."""
     ap = argparse.ArgumentParser(prog="evomerge-zoo", description="Build or inspect the local model zoo.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -606,6 +661,11 @@ def main(argv: list[str] | None = None) -> int:
                         f"known: {','.join(TASKS)})")
     b.add_argument("--test-mode", action="store_true", help="a reduced zoo that builds in seconds (for tests)")
     b.add_argument("--force", action="store_true", help="rebuild even if the folder holds another zoo")
+    b.add_argument("--independent", action="store_true",
+                   help="also train one expert per task from its own random initialization, sharing no base "
+                        "(into <zoo>/independent/; for merges that align models first)")
+    b.add_argument("--independent-steps", type=int, default=None,
+                   help="training steps of each independent expert (default: pretraining plus fine-tuning)")
     b.add_argument("--no-progress", action="store_true")
     i = sub.add_parser("info", help="print what a zoo holds and its accuracies")
     i.add_argument("--out", default=None)
@@ -637,11 +697,17 @@ def main(argv: list[str] | None = None) -> int:
                 kw["tasks"] = tasks
             cfg = ZooConfig.test_mode(**kw) if a.test_mode else ZooConfig(**kw)
             zoo = build_zoo(a.out, cfg, force=a.force, progress=not a.no_progress)
+            if a.independent:
+                build_independent(zoo, a.independent_steps, progress=not a.no_progress)
         else:
             zoo = load_zoo(a.out)
         print(f"zoo at {zoo.root} ({zoo.info['parameters'] / 1e6:.2f}M parameters per model)")
         print("test accuracy (exact match):")
         print(_table(zoo))
+        ind = zoo.root / "independent" / "independent.json"
+        if ind.is_file():
+            print("independent experts (no shared base), test accuracy:")
+            print(_table(zoo, accuracy=json.loads(ind.read_text())["accuracy"]))
     except ZooError as e:
         print(f"evomerge-zoo: error: {e}", file=sys.stderr)
         return 2

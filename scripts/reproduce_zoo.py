@@ -17,6 +17,9 @@ here is reported as not holding, with its numbers.
   data      merges that read data: Fisher-weighted averaging >= uniform averaging, RegMean >=
             task arithmetic at its best lambda (each expert's statistics on a seeded
             subsample of its own task's validation rows)
+  independent  experts trained from their own random initializations (no shared base), merged
+            in pairs and all four: naive averaging vs weight matching (Git Re-Basin) vs the
+            ensemble of their predictions (the seed: weight matching's order of solving)
 """
 
 from __future__ import annotations
@@ -299,7 +302,7 @@ def claim_soup(b: Bench, out: list[str], state: dict, count: int, task: str, wor
     out += ["", f"Greedy soup ≥ the best single ingredient on test for every seed: **{'holds' if ok else 'does not hold'}**.", ""]
 
 
-CLAIMS = ["lambda", "experts", "dare", "cmaes", "ada", "soup", "data"]
+CLAIMS = ["lambda", "experts", "dare", "cmaes", "ada", "soup", "data", "independent"]
 
 
 def claim_data(b: Bench, out: list[str], state: dict, work: Path, limit: int = 128):
@@ -361,6 +364,100 @@ def claim_data(b: Bench, out: list[str], state: dict, work: Path, limit: int = 1
             f"**{'holds' if reg_ok else 'does not hold'}**.", ""]
 
 
+def _ensemble_score(models, tok, rows, batch_size: int = 200) -> tuple[float, float]:
+    """Teacher-forced exact match and mean answer-token negative log-likelihood (nats) of
+    the average of the models' next-token probabilities (of one model: its own)."""
+    from evomerge.evaluate._batch import answer_logits, encode_pairs
+
+    hits, nll, ntok = 0, 0.0, 0
+    for i in range(0, len(rows), batch_size):
+        chunk = rows[i:i + batch_size]
+        ids, mask, labels = encode_pairs(tok, [r["prompt"] for r in chunk], [r["answer"] for r in chunk], "\n")
+        with torch.no_grad():
+            probs = sum(torch.softmax(answer_logits(m, ids, mask).float(), -1) for m in models) / len(models)
+        lab = labels[:, 1:]
+        scored = lab != -100
+        hits += int(((probs.argmax(-1) == lab) | ~scored).all(1).sum())
+        p = probs.gather(-1, lab.clamp(min=0)[..., None])[..., 0]
+        nll += float(-p.clamp_min(1e-12).log()[scored].sum())
+        ntok += int(scored.sum())
+    return hits / len(rows), nll / ntok
+
+
+def claim_independent(b: Bench, out: list[str], state: dict, work: Path):
+    """Experts from their own initializations merged naively and after weight matching,
+    against the ensemble of their predictions and against each expert alone, on the test
+    rows of the merged experts' tasks."""
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from evomerge.evaluate._common import jsonl_records
+    from evomerge.merge.engine import Merger
+    from evomerge.recipe import parse_recipe
+    from evomerge.zoo import build_independent
+
+    os.environ["EVOMERGE_CACHE"] = str(work / "cache")  # permutations found here, for this run
+    ind = build_independent(b.zoo)
+    tok = AutoTokenizer.from_pretrained(b.zoo.tokenizer)
+    rows = {t: [r for _, r in jsonl_records(Path(b.zoo.root) / "data" / t / "test.jsonl")] for t in b.zoo.tasks}
+    live = {t: AutoModelForCausalLM.from_pretrained(ind[t], dtype=torch.float32).eval() for t in b.zoo.tasks}
+
+    def score(models, tasks) -> tuple[float, float]:
+        got = [_ensemble_score(models, tok, rows[t]) for t in tasks]
+        return statistics.mean(a for a, _ in got), statistics.mean(n for _, n in got)
+
+    def merged(method, tasks, seed=0):
+        rec = {"merge_method": method, "dtype": "float32",
+               "models": [{"model": str(ind[t]), "parameters": {"weight": 1.0}} for t in tasks]}
+        if method == "weight_matching":
+            rec["align"] = {"seed": seed}
+        m = AutoModelForCausalLM.from_pretrained(ind[tasks[0]], dtype=torch.float32).eval()
+        Merger(parse_recipe(rec), seed=seed).materialize(into=m)
+        return m
+
+    groups = [list(p) for p in itertools.combinations(b.zoo.tasks, 2)] + [list(b.zoo.tasks)]
+    table = []
+    for tasks in groups:
+        alone = max(score([live[t]], tasks) for t in tasks)  # the best single expert on these tasks
+        ens = score([live[t] for t in tasks], tasks)
+        naive = score([merged("linear", tasks)], tasks)
+        wm = [score([merged("weight_matching", tasks, s)], tasks) for s in b.seeds]
+        table.append((tasks, alone, ens, naive, wm))
+    info = json.loads((Path(b.zoo.root) / "independent" / "independent.json").read_text())
+    own = [info["accuracy"][t][t]["test"] for t in b.zoo.tasks]
+    out += ["## Experts that share no base: weight matching", "",
+            f"One expert per task, each trained from its own random initialization for {info['steps']} steps on "
+            "the base's pretraining mix with its own task at the target size for half of every batch "
+            "(`evomerge-zoo build --independent`); each solves its own task (test accuracy "
+            + ", ".join(f"{t} {100 * a:.1f}%" for t, a in zip(b.zoo.tasks, own)) + "). Merged in pairs and all "
+            "four, uniform weights: naive averaging (`linear`) and weight matching (`weight_matching`: every model "
+            "permuted onto the first listed, then averaged; the seed orders its coordinate descent), against the "
+            "ensemble (the average of the models' next-token probabilities) and the best single expert, on the "
+            "test rows of the merged experts' tasks. Accuracy (%) is teacher-forced exact match; NLL is the mean "
+            "negative log-likelihood of the answer tokens (nats).", "",
+            "| experts | best single: acc / NLL | ensemble | naive average | weight matching, "
+            + ", ".join(f"seed {s}" for s in b.seeds) + " | weight matching, mean acc |",
+            "|---|---|---|---|---|---|"]
+    for tasks, alone, ens, naive, wm in table:
+        out.append(f"| {' + '.join(tasks)} | {100 * alone[0]:.1f} / {alone[1]:.2f} | {100 * ens[0]:.1f} / "
+                   f"{ens[1]:.2f} | {100 * naive[0]:.1f} / {naive[1]:.2f} | "
+                   + ", ".join(f"{100 * a:.1f} / {n:.2f}" for a, n in wm) + f" | {ms([a for a, _ in wm])} |")
+    pairs = table[:-1]
+    mean = lambda xs: statistics.mean(xs)  # noqa: E731
+    naive_acc, naive_nll = mean([r[3][0] for r in pairs]), mean([r[3][1] for r in pairs])
+    wm_acc = [mean([r[4][i][0] for r in pairs]) for i in range(len(b.seeds))]
+    wm_nll = [mean([r[4][i][1] for r in pairs]) for i in range(len(b.seeds))]
+    ens_acc = mean([r[2][0] for r in pairs])
+    better = all(a > naive_acc for a in wm_acc) and all(n < naive_nll for n in wm_nll)
+    out += ["", f"Over the six pairs: naive averaging {100 * naive_acc:.1f}% (NLL {naive_nll:.2f}), weight matching "
+            f"{ms(wm_acc)}% (NLL " + ", ".join(f"{n:.2f}" for n in wm_nll) + f"), the ensemble {100 * ens_acc:.1f}%. "
+            f"Weight matching above naive averaging in accuracy and NLL on every seed: "
+            f"**{'holds' if better else 'does not hold'}**; weight matching recovers "
+            f"{100 * mean(wm_acc) / max(ens_acc, 1e-9):.0f}% of the ensemble's accuracy.", ""]
+    state["independent"] = table
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--zoo", default="zoo")
@@ -409,6 +506,8 @@ def main() -> int:
                 claim_soup(b, out, state, a.ingredients, a.soup_task, work)
             elif name == "data":
                 claim_data(b, out, state, work)
+            elif name == "independent":
+                claim_independent(b, out, state, work)
             print(f"[{name}] {time.perf_counter() - t:.0f} s", file=sys.stderr, flush=True)
     out.append(f"Total wall time: {time.perf_counter() - t0:.0f} s.")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)

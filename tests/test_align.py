@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -342,3 +343,210 @@ def test_bad_align_entries_are_named(fam, align, needle):
         parse_recipe({"merge_method": "ties", "base_model": fam["base"], "models": [fam["expert_0"]],
                       "parameters": {"weight": 1.0, "density": 0.5}, "align": align})
     assert needle in str(e.value)
+
+
+# --------------------------------------------------------------------------------------
+# Activation matching, and the merges that fit the merged model's own inputs (PLeaS, RegMean++)
+# --------------------------------------------------------------------------------------
+
+
+def _batches(n: int = 24, length: int = 14, seed: int = 0):
+    """Random character strings of the test tokenizer: every token seen, so that every
+    layer's inputs span their space."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, 49, (n, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[::3, length - 4:] = 0  # some padding, which no statistic may read
+    return [(ids[i:i + 8], mask[i:i + 8]) for i in range(0, n, 8)]
+
+
+def test_correlation_is_pearsons():
+    import numpy as np
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(50, 3, generator=g, dtype=torch.float64), torch.randn(50, 4, generator=g, dtype=torch.float64)
+    want = np.corrcoef(a.numpy().T, b.numpy().T)[:3, 3:]
+    assert np.allclose(A._correlation(a, b).numpy(), want, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "gpt2", "qwen3"])
+def test_activation_matching_finds_a_hidden_permutation(name):
+    model = _noisy(MODELS[name](), 7)
+    lay, sd = _layout(model)
+    twin = MODELS[name]()
+    twin.load_state_dict({k: A.permute(lay, A.random_permutations(lay, 13), k, v) for k, v in sd.items()})
+    batches = _batches()
+    if name != "llama-gqa":  # a vocabulary of 50
+        batches = [(ids.clamp(max=49), m) for ids, m in batches]
+    perms = A.ActivationMatching()(lay, model, twin, batches)
+    tw = twin.state_dict()
+    for k in sd:
+        assert torch.equal(A.permute(lay, perms, k, tw[k]), sd[k]), k
+
+
+def _jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def rich(tmp_path_factory):
+    """Data over every character of the test tokenizer."""
+    import random
+
+    from evomerge.testing import CHARS
+
+    rng = random.Random(0)
+    chars = [c for c in CHARS if c != " "]
+    return _jsonl(tmp_path_factory.mktemp("rich") / "rich.jsonl",
+                  [{"q": "".join(rng.choice(chars) for _ in range(12))} for _ in range(40)])
+
+
+def _aligned_live(folders, aligned_perms):
+    live = []
+    for f, perms in zip(folders, aligned_perms):
+        m = AutoModelForCausalLM.from_pretrained(f, dtype=torch.float32).eval()
+        if perms is not None:
+            lay, sd = _layout(m)
+            m.load_state_dict({k: A.permute(lay, perms, k, v) for k, v in sd.items()})
+        live.append(m)
+    return live
+
+
+def _inputs(model, name, batches):
+    """The inputs of the layer whose weight is ``name`` over the real tokens, from whole
+    forward passes."""
+    mod = dict(model.named_modules())[name[:-len(".weight")]]
+    got, keep = [], []
+    h = mod.register_forward_pre_hook(lambda m, a: got.append((a[0].reshape(-1, a[0].shape[-1]))))
+    try:
+        with torch.no_grad():
+            for ids, mask in batches:
+                model(input_ids=ids, attention_mask=mask)
+                keep.append(mask.reshape(-1).bool())
+    finally:
+        h.remove()
+    return torch.cat([x[k] for x, k in zip(got, keep)]).double()
+
+
+def _slow_sequential(method, folders, aligned_perms, data, weights):
+    """The merged model built the slow way: every model's state permuted as the merge reads
+    it, their weighted average, then each linear layer in forward order solved by least
+    squares over inputs collected from whole forward passes."""
+    from evomerge.merge.statistics import _linear_layers
+
+    live = _aligned_live(folders, aligned_perms)
+    merged = AutoModelForCausalLM.from_pretrained(folders[0], dtype=torch.float32).eval()
+    states = [m.state_dict() for m in live]
+    total = sum(weights)
+    merged.load_state_dict({k: sum(w * s[k].double() for w, s in zip(weights, states)).float() / total
+                            for k in states[0]})
+    layers = _linear_layers(merged)
+    stored = set(_weights(folders[0]))
+    order = []
+    hooks = [mod.register_forward_pre_hook(lambda mod, a, n=n: order.append(n) if n not in order else None)
+             for n, mod in layers.items() if n in stored]
+    with torch.no_grad():
+        merged(input_ids=data[0][0][0][:1], attention_mask=data[0][0][1][:1])
+    for h in hooks:
+        h.remove()
+
+    for name in order:
+        conv = not isinstance(layers[name], torch.nn.Linear)
+        rows, ys = [], []
+        for m, batches, w in zip(live, data, weights):
+            xm, x = _inputs(merged, name, batches), _inputs(m, name, batches)
+            wk = dict(m.named_parameters())[name].double()
+            wk = wk if conv else wk.T  # [in, out]
+            s = math.sqrt(w / xm.shape[0])
+            rows.append(xm * s)
+            ys.append((x if method == "pleas" else xm) @ wk * s)
+        # (singular values below 1e-6 of the largest are the float32 forward passes' noise: cut)
+        sol = torch.linalg.lstsq(torch.cat(rows), torch.cat(ys), rcond=1e-6, driver="gelsd").solution
+        with torch.no_grad():
+            dict(merged.named_parameters())[name].copy_(sol if conv else sol.T)
+    return {k: v for k, v in merged.state_dict().items()}
+
+
+@pytest.mark.parametrize("method", ["pleas", "regmean_plus_plus"])
+def test_sequential_merges_match_a_slow_reference(fam, rich, tmp_path, monkeypatch, method):
+    monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "cache"))
+    models = [fam["expert_0"], fam["base_permuted"]]
+    rec = {"merge_method": method, "models": [{"model": m, "parameters": {"weight": w}} for m, w in zip(models, (1.0, 2.0))],
+           "data": {"path": str(rich), "text": "q", "batch_size": 8}, "dtype": "float32"}
+    if method == "regmean_plus_plus":
+        rec["parameters"] = {"alpha": 1.0}
+    merger = Merger(parse_recipe(rec))
+    got = load_file(str(next(merger.write(tmp_path / "out").glob("*.safetensors"))))
+    perms = [merger._aligned[r].perms if r in merger._aligned else None for r in merger.recipe.referenced_models()]
+    from evomerge.merge import statistics as S
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(models[0])
+    batches = [b[:2] for b in S.examples(merger.recipe.data_for(merger.recipe.referenced_models()[0]), tok)]
+    want = _slow_sequential(method, models, perms, [batches, batches], [1.0, 2.0])
+    for k in got:
+        assert torch.allclose(got[k], want[k], atol=2e-5, rtol=1e-4), (k, (got[k] - want[k]).abs().max())
+    if method == "pleas":
+        assert perms[0] is None and perms[1] is not None  # the second model aligned onto the first
+
+
+def test_pleas_of_a_model_and_its_relabeled_copy_computes_as_the_model(fam, rich, tmp_path, monkeypatch):
+    monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "cache"))
+    rec = {"merge_method": "pleas", "models": [fam["expert_0"], fam["expert_0_permuted"]],
+           "data": {"path": str(rich), "text": "q"}, "dtype": "float32"}
+    got = load_file(str(next(Merger(parse_recipe(rec)).write(tmp_path / "out").glob("*.safetensors"))))
+    model = AutoModelForCausalLM.from_pretrained(fam["expert_0"], dtype=torch.float32).eval()
+    ids = _batches()[0][0]
+    assert torch.allclose(_logits(model, model.state_dict(), ids), _logits(model, {**model.state_dict(), **got}, ids),
+                          atol=1e-4)
+    plain = {"merge_method": "linear", "models": [{"model": m, "parameters": {"weight": 1.0}} for m in rec["models"]],
+             "dtype": "float32"}
+    avg = load_file(str(next(Merger(parse_recipe(plain)).write(tmp_path / "avg").glob("*.safetensors"))))
+    assert not torch.allclose(_logits(model, model.state_dict(), ids), _logits(model, {**model.state_dict(), **avg}, ids),
+                              atol=1e-2)
+
+
+def test_pleas_on_the_second_family(words, tmp_path, monkeypatch):
+    """GPT-2's Conv1D layers ([in, out]), fused q/k/v, and its own data fields."""
+    monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "cache"))
+    experts = [str(p) for p in words.experts.values()]
+    data = words.data[words.tasks[0]]["dev"]
+    rec = {"merge_method": "pleas", "models": experts, "dtype": "float32",
+           "data": {"path": str(data), "text": "question", "target": "target", "limit": 24, "batch_size": 8}}
+    merger = Merger(parse_recipe(rec))
+    got = load_file(str(next(merger.write(tmp_path / "out").glob("*.safetensors"))))
+    from evomerge.merge import statistics as S
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(experts[0])
+    batches = [b[:2] for b in S.examples(merger.recipe.data_for(merger.recipe.referenced_models()[0]), tok)]
+    perms = [merger._aligned[r].perms if r in merger._aligned else None for r in merger.recipe.referenced_models()]
+    # Its data leave some directions of the first layers' inputs unseen (a small vocabulary),
+    # where least squares has no single answer: what must hold is that every linear layer
+    # solves the normal equations on the inputs it sees in the merged model,
+    # sum_k Xm_k^T (Xm_k W^T - X_k W_k^T) / n_k = 0, relative to sum_k Xm_k^T X_k W_k^T / n_k.
+    live = _aligned_live(experts, perms)
+    merged = AutoModelForCausalLM.from_pretrained(experts[0], dtype=torch.float32).eval()
+    merged.load_state_dict({**merged.state_dict(), **got}, strict=False)
+    checked = 0
+    for name, mod in merged.named_modules():
+        if type(mod).__name__ != "Conv1D":
+            continue
+        w = f"{name}.weight"
+        resid = scale = 0
+        for m in live:
+            xm, x = _inputs(merged, w, batches), _inputs(m, w, batches)
+            target = x @ dict(m.named_parameters())[w].double()  # Conv1D: [in, out]
+            resid = resid + xm.T @ (xm @ got[w].double() - target) / xm.shape[0]
+            scale = scale + (xm.T @ target / xm.shape[0]).abs().max()
+        assert float(resid.abs().max()) < 1e-4 * float(scale), (w, float(resid.abs().max()), float(scale))
+        checked += 1
+    assert checked == 4 * merged.config.n_layer  # q/k/v, attention output, MLP in and out
+
+
+def test_data_aligners_and_merges_without_data_are_named(fam, tmp_path):
+    _fails(tmp_path, {"merge_method": "pleas", "models": [fam["expert_0"], fam["expert_1"]]},
+           "align (activation_matching) runs the models on data", "'data'")
+    _fails(tmp_path, {"merge_method": "regmean_plus_plus", "models": [fam["expert_0"], fam["expert_1"]]},
+           "merge_method 'regmean_plus_plus' reads data")

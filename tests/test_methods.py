@@ -116,7 +116,7 @@ seeds = st.integers(min_value=0, max_value=2**40)
 HAND_TESTED = {
     "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
     "breadcrumbs_ties", "della", "della_linear", "slerp", "model_stock", "wise_ft", "passthrough",
-    "fisher", "regmean", "weight_matching",
+    "fisher", "regmean", "weight_matching", "regmean_plus_plus", "pleas",
 }
 
 
@@ -703,6 +703,44 @@ def test_weight_matching_by_hand():
     assert METHODS["weight_matching"].align == "weight_matching"
 
 
+def test_pleas_and_regmean_plus_plus_by_hand():
+    # one input feature: PLeaS's W = sum w_k C_k W_k / sum w_k G_k
+    w1, w2 = torch.tensor([[3.0]], dtype=F64), torch.tensor([[4.0]], dtype=F64)
+    s1 = (torch.tensor([[1.0]], dtype=F64), torch.tensor([[2.0]], dtype=F64))
+    s2 = (torch.tensor([[2.0]], dtype=F64), torch.tensor([[1.0]], dtype=F64))
+    for in_first in (False, True):
+        stats = {"merged_inputs": [(*s1, in_first), (*s2, in_first)]}
+        close(M.pleas(None, [w1, w2], statistics=stats), [[(2 * 3 + 1 * 4) / 3]])
+        close(M.pleas(None, [w1, w2], weight=[3.0, 1.0], statistics=stats), [[(3 * 2 * 3 + 1 * 4) / (3 + 2)]])
+        # RegMean++ reads only G: (1 * 3 + 2 * 4) / 3
+        close(M.regmean_plus_plus(None, [w1, w2], statistics=stats), [[11 / 3]])
+    # tensors without statistics (norms, embeddings, biases): the weighted average
+    close(M.pleas(None, [T(1.0, 2.0), T(3.0, 6.0)], weight=[1.0, 3.0]), [2.5, 5.0])
+    close(M.regmean_plus_plus(None, [T(1.0, 2.0), T(3.0, 6.0)], weight=[1.0, 3.0]), [2.5, 5.0])
+    with pytest.raises(ValueError, match="weights sum to zero"):
+        M.pleas(None, [w1, w2], weight=[0.0, 0.0])
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 10_000), st.sampled_from([False, True]), st.integers(2, 3))
+def test_pleas_is_the_least_squares_fit_of_each_models_outputs(seed, in_first, k):
+    """W minimises sum_k w_k ||Xm_k W^T - X_k W_k^T||^2 / n_k: checked against a least-squares
+    solve of the stacked system, with G_k and C_k made from the inputs."""
+    g = torch.Generator().manual_seed(seed)
+    d_in, d_out = 4, 3
+    xm = [torch.randn(7 + 2 * i, d_in, generator=g, dtype=F64) for i in range(k)]
+    xs = [x + 0.3 * torch.randn(x.shape, generator=g, dtype=F64) for x in xm]
+    ws = [torch.randn(d_out, d_in, generator=g, dtype=F64) for _ in range(k)]
+    wt = [0.5 + i for i in range(k)]
+    stats = [(a.T @ a / a.shape[0], a.T @ b / a.shape[0], in_first) for a, b in zip(xm, xs)]
+    stored = [w.T.contiguous() if in_first else w for w in ws]
+    got = M.pleas(None, stored, weight=wt, statistics={"merged_inputs": stats})
+    got = got.T if in_first else got
+    a = torch.cat([x * math.sqrt(c / x.shape[0]) for x, c in zip(xm, wt)])
+    y = torch.cat([x @ w.T * math.sqrt(c / x.shape[0]) for x, w, c in zip(xs, ws, wt)])
+    assert torch.allclose(got, torch.linalg.lstsq(a, y).solution.T, rtol=1e-8, atol=1e-8)
+
+
 @settings(max_examples=25, deadline=None)
 @given(st.integers(0, 10_000), st.sampled_from([False, True]), st.integers(2, 3), st.floats(0.0, 1.0))
 def test_regmean_is_the_least_squares_merge(seed, in_first, k, alpha):
@@ -758,6 +796,8 @@ def test_results_come_back_in_working_precision(dtype, work):
         "fisher": lambda: fisher(None, [x, y], statistics={"fisher": [x.abs(), y.abs()]}),
         "regmean": lambda: regmean(None, [x, y]),
         "weight_matching": lambda: M.weight_matching(None, [x, y]),
+        "regmean_plus_plus": lambda: M.regmean_plus_plus(None, [x, y]),
+        "pleas": lambda: M.pleas(None, [x, y]),
     }
     assert set(calls) == set(METHODS)
     for name, call in calls.items():

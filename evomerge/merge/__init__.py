@@ -19,10 +19,14 @@
 - ``native`` (``_kernels.c``): the fused CPU kernels, the same bits as the torch code.
 - ``statistics``: data statistics (Gram matrices, Fisher diagonals) computed once per
   model and data and cached, for methods that read data.
+- ``align``: permutation alignment of models that share no base (weight matching): each
+  model's permutations onto a reference, found once and cached, applied as its tensors are
+  read (the recipe's ``align``; ``MethodSpec.align``).
 
 To add a method: its function in ``methods`` with a ``MethodSpec``; a backend: behind the
 reference function (as ``native``), tested bit for bit against it; a statistic: a class in
-``statistics.STATISTICS`` tested against a slow reference.
+``statistics.STATISTICS`` tested against a slow reference; an aligner: a class in
+``align.ALIGNERS``.
 """
 
 from .methods import METHODS

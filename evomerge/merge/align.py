@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["AlignError", "Layout", "layout_of", "identity", "random_permutations", "permute", "weight_matching",
-           "similarity", "AlignedCheckpoint", "WeightMatching", "ALIGNERS"]
+           "activation_matching", "similarity", "AlignedCheckpoint", "WeightMatching", "ActivationMatching", "ALIGNERS"]
 
 
 class AlignError(ValueError):
@@ -417,6 +417,7 @@ class WeightMatching:
     max_sweeps: int = 100
     seed: int = 0
     name: str = "weight_matching"
+    needs_data: bool = False
 
     def settings(self) -> dict:
         return {"max_sweeps": self.max_sweeps, "seed": self.seed, "version": 1}
@@ -425,7 +426,116 @@ class WeightMatching:
         return weight_matching(lay, ref, model, max_sweeps=self.max_sweeps, seed=self.seed)
 
 
-ALIGNERS = {"weight_matching": WeightMatching}
+# --------------------------------------------------------------------------------------
+# Activation matching
+# --------------------------------------------------------------------------------------
+
+
+def _features(lay: Layout, model: torch.nn.Module, batches) -> dict[str, Tensor]:
+    """Each unit group's activations over the real tokens of ``batches`` (rows: tokens):
+    ``res:<i>`` the residual stream after block i (and the embeddings, i = 0), ``L.mlp`` the
+    MLP's hidden units (the down projection's input), ``L.o`` the attention heads' outputs
+    (the output projection's input, head-major)."""
+    from .statistics import _linear_layers
+
+    readers = {}  # weight name -> the group its layer's input axis holds
+    for name, mod in _linear_layers(model).items():
+        ax = lay.axes.get(name)
+        if ax is None or len(ax) != 2:
+            continue
+        k = ax[1] if isinstance(mod, torch.nn.Linear) else ax[0]  # the input axis
+        if k is not None and k[0] in ("mlp", "o"):
+            readers[name] = (mod, f"{k[1]}.{k[0]}")
+    feats: dict[str, list[Tensor]] = {}
+    keep: list[Tensor] = []
+
+    def hook(group):
+        def fn(module, args):
+            feats.setdefault(group, []).append(args[0].reshape(-1, args[0].shape[-1])[keep[0]].double())
+        return fn
+
+    handles = [mod.register_forward_pre_hook(hook(g)) for mod, g in readers.values()]
+    try:
+        with torch.no_grad():
+            for ids, mask, *_ in batches:
+                keep[:] = [mask.reshape(-1).bool()]
+                out = model(input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=True)
+                for i, h in enumerate(out.hidden_states):
+                    feats.setdefault(f"res:{i}", []).append(h.reshape(-1, h.shape[-1])[keep[0]].double())
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: torch.cat(v) for k, v in feats.items()}
+
+
+def _correlation(a: Tensor, b: Tensor) -> Tensor:
+    """Pearson correlations between the columns of ``a`` and of ``b`` (rows: samples)."""
+    a = (a - a.mean(0)) / (a.std(0, unbiased=False) + 1e-8)
+    b = (b - b.mean(0)) / (b.std(0, unbiased=False) + 1e-8)
+    return a.T @ b / a.shape[0]
+
+
+def activation_matching(lay: Layout, ref: Mapping[str, Tensor], model: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Permutations of a model that line its units up with the reference's by the
+    correlation of their activations on the same inputs (``_features`` of each): every
+    group's assignment maximizes the summed correlation of matched units (Ainsworth et al.
+    2023, activation matching; the first step of PLeaS). The residual stream's channels are
+    matched over every block's output at once; a head's value dims are matched with the
+    head; with grouped-query attention each key/value head's query heads are matched within
+    it and the group's dims once for all of them."""
+    perms = identity(lay)
+    for k in ref:
+        if k not in model or ref[k].shape != model[k].shape:
+            raise AlignError(f"the activations '{k}' of the two models differ in shape")
+    res = [k for k in ref if k.startswith("res:")]
+    perms["res"] = torch.from_numpy(_lap(sum(_correlation(ref[k], model[k]) for k in res).numpy())[0])
+    hd, nh, nkv = lay.head_dim, lay.heads, lay.kv_heads
+    r = nh // nkv
+    for i in lay.layers:
+        if f"{i}.mlp" in ref:
+            perms[f"{i}.mlp"] = torch.from_numpy(_lap(_correlation(ref[f"{i}.mlp"], model[f"{i}.mlp"]).numpy())[0])
+        if f"{i}.o" not in ref:
+            continue
+        c = _correlation(ref[f"{i}.o"], model[f"{i}.o"]).reshape(nh, hd, nh, hd).permute(0, 2, 1, 3).numpy()
+        value = np.zeros((nkv, nkv))
+        plans = {}
+        for g in range(nkv):
+            for h in range(nkv):
+                qs, qd = range(g * r, (g + 1) * r), range(h * r, (h + 1) * r)
+                head = np.array([[_lap(c[a, b])[1] for b in qd] for a in qs])  # each pair at its best dims
+                within = _lap(head)[0]
+                dims, v = _lap(sum(c[g * r + j, h * r + int(within[j])] for j in range(r)))
+                plans[g, h] = (within, dims)
+                value[g, h] = v
+        kv = _lap(value)[0]
+        perms[f"{i}.kv"] = torch.from_numpy(kv)
+        perms[f"{i}.q"] = torch.from_numpy(np.concatenate([kv[g] * r + plans[g, int(kv[g])][0] for g in range(nkv)]))
+        vd = perms[f"{i}.vd"].clone()
+        for g in range(nkv):
+            vd[int(kv[g])] = torch.from_numpy(plans[g, int(kv[g])][1])
+        perms[f"{i}.vd"] = vd
+    return perms
+
+
+@dataclass(frozen=True)
+class ActivationMatching:
+    """The activation-matching aligner: both models run on the same data (the reference's
+    ``data``), their units matched by correlation."""
+
+    max_sweeps: int = 100  # (unused: one pass)
+    seed: int = 0
+    name: str = "activation_matching"
+    needs_data: bool = True
+
+    def settings(self) -> dict:
+        return {"version": 1}
+
+    def __call__(self, lay: Layout, ref: torch.nn.Module, model: torch.nn.Module, batches) -> dict[str, Tensor]:
+        batches = list(batches)
+        return activation_matching(lay, _features(lay, ref, batches), _features(lay, model, batches))
+
+
+ALIGNERS = {"weight_matching": WeightMatching, "activation_matching": ActivationMatching}
 
 
 class AlignedCheckpoint:

@@ -20,6 +20,11 @@ A method that reads data (``MethodSpec.statistics``: Fisher-weighted averaging, 
 gets, for every tensor, each input model's statistic of that tensor: computed once per
 model from the recipe's ``data`` for it (``statistics.examples``) on the model loaded live,
 in float32 on the CPU, and cached on disk (``statistics.compute``), on the first merge.
+
+A recipe with ``align`` (or a method that aligns, ``weight_matching``) reads every model
+but the reference through its permutations onto the reference (``align.AlignedCheckpoint``),
+found on the first read or with ``align()``, and cached on disk; their statistics are
+permuted alike.
 """
 
 from __future__ import annotations
@@ -215,10 +220,23 @@ class Merger:
         lay, inner, refck = aligned.layout, aligned._inner, self.models[ref]
         aligner = A.ALIGNERS[spec.method](max_sweeps=spec.max_sweeps, seed=spec.seed)
         cache = S.StatisticCache(native.cache_dir() / "alignment")
+        batches: list = []
+        if aligner.needs_data:  # both models run on the reference's data
+            data = self.recipe.data_for(ref)
+            if data is None:
+                raise MergeError(f"align ({spec.method}) runs the models on data: give the recipe a 'data' entry "
+                                 f"with a 'path' (top level, or under the reference model '{ref}')")
+            try:
+                batches = self._batches(ref, data)
+            except MergeError:
+                raise
+            except Exception as e:  # bad data
+                first = (str(e).strip().splitlines() or [""])[0]
+                raise MergeError(f"model '{ref}' ({refck.folder}): {type(e).__name__}: {first}") from None
         try:
             key = cache.key(aligner, f"{S.model_fingerprint(inner.folder, contents=True)}|"
                                      f"{S.model_fingerprint(refck.folder, contents=True)}|"
-                                     f"{json.dumps(lay.signature(), sort_keys=True)}", [])
+                                     f"{json.dumps(lay.signature(), sort_keys=True)}", batches)
         except (OSError, ValueError) as e:
             raise MergeError(f"align: cannot read the weights of model '{r}' or '{ref}': {e}") from None
         hit = cache.get(aligner, key)
@@ -229,7 +247,19 @@ class Merger:
             b = {n: inner.get(n) for n in lay.axes}
         except CheckpointError as e:
             raise MergeError(str(e)) from None
-        perms = aligner(lay, a, b)
+        if aligner.needs_data:
+            from transformers import AutoModelForCausalLM
+
+            try:
+                live = [AutoModelForCausalLM.from_pretrained(f, dtype=torch.float32).eval()
+                        for f in (refck.folder, inner.folder)]
+            except Exception as e:  # a model transformers cannot load
+                first = (str(e).strip().splitlines() or [""])[0]
+                raise MergeError(f"align ({spec.method}): model '{r}' or '{ref}': {type(e).__name__}: {first}") from None
+            perms = aligner(lay, *live, batches)
+            del live
+        else:
+            perms = aligner(lay, a, b)
         try:
             cache.put(aligner, key, perms, {"aligner": spec.method, "settings": aligner.settings(),
                                             "model": str(r), "reference": str(ref),
@@ -264,6 +294,35 @@ class Merger:
     # ----------------------------------------------------------------------------------
     # Statistics from data
     # ----------------------------------------------------------------------------------
+    def _batches(self, ref: ModelRef, spec) -> list:
+        """Model ``ref``'s examples (a recipe ``data`` entry) encoded by its tokenizer (or,
+        without one, the reference model's: fine-tunes share their base's)."""
+        from transformers import AutoTokenizer
+
+        from . import statistics as S
+
+        folder = self.models[ref].folder
+        src = next((f for f in (Path(folder), Path(self.reference.folder))
+                    if any((f / n).is_file() for n in _TOKENIZER_FILES)), None)
+        if src is None:
+            raise MergeError(f"model '{ref}' ({folder}): no tokenizer files ({', '.join(_TOKENIZER_FILES)})"
+                             f" in its folder or the reference model's ({self.reference.folder}) to "
+                             "encode its data with")
+        tok = AutoTokenizer.from_pretrained(src)
+        return S.examples(spec, tok, max_length=_max_positions(self.models[ref].config))
+
+    def _data_files(self) -> dict[str, Path]:
+        """The data files a merge reads (inputs, like the models)."""
+        out = {}
+        refs = self._data_models() if self.method.statistics else []
+        if self.recipe.align is not None:
+            refs = refs + [self.recipe.align_reference()]
+        for ref in refs:
+            spec = self.recipe.data_for(ref)
+            if spec is not None:
+                out[f"data file of model '{ref}'"] = Path(spec.path)
+        return out
+
     def _data_models(self) -> list[ModelRef]:
         """The models whose tensors a data-reading method merges, in plan order."""
         seen: dict[ModelRef, None] = {}
@@ -279,7 +338,7 @@ class Merger:
         loaded live in float32 on the CPU, on its recipe ``data``."""
         if self._data_stats is not None:
             return self._data_stats
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         from . import statistics as S
 
@@ -295,20 +354,13 @@ class Merger:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(refs) * len(self.method.statistics), desc="statistics", unit="model")
+        per_model = [n for n in self.method.statistics if n in S.STATISTICS]
         try:
-            for ref in refs:
+            for ref in refs if per_model else []:
                 folder = self.models[ref].folder
                 spec = self.recipe.data_for(ref)
                 try:
-                    # no tokenizer of its own: the reference model's (fine-tunes share their base's)
-                    src = next((f for f in (Path(folder), Path(self.reference.folder))
-                                if any((f / n).is_file() for n in _TOKENIZER_FILES)), None)
-                    if src is None:
-                        raise MergeError(f"model '{ref}' ({folder}): no tokenizer files ({', '.join(_TOKENIZER_FILES)})"
-                                         f" in its folder or the reference model's ({self.reference.folder}) to "
-                                         "encode its data with")
-                    tok = AutoTokenizer.from_pretrained(src)
-                    data = S.examples(spec, tok, max_length=_max_positions(self.models[ref].config))
+                    data = self._batches(ref, spec)
                     live: list[torch.nn.Module] = []
 
                     def model(folder=folder, live=live):  # loaded once, and only if a statistic is computed
@@ -318,7 +370,7 @@ class Merger:
 
                     key = S.model_fingerprint(folder, contents=True)
                     out[ref] = {}
-                    for name in self.method.statistics:
+                    for name in per_model:
                         out[ref][name] = S.compute(S.STATISTICS[name](), model, data, cache=cache, model_key=key,
                                                    dtypes=[str(torch.float32)])
                         if bar is not None:
@@ -330,6 +382,7 @@ class Merger:
                     first = (str(e).strip().splitlines() or [""])[0]
                     raise MergeError(f"model '{ref}' ({folder}): {type(e).__name__}: {first}") from None
                 if ref in self._aligned:  # the statistics of the model as it is read: permuted alike
+                    # (merged_inputs are measured on the aligned inputs already)
                     out[ref] = {k: self._aligned_statistic(ref, k, v) for k, v in out[ref].items()}
                 gram = out[ref].get("gram")
                 if gram is not None:  # per token, once: a model with more data does not outweigh the others
@@ -339,10 +392,116 @@ class Merger:
                 if names and not any(n in v for v in out[ref].values() for n in names):
                     raise MergeError(f"model '{ref}': none of its tensors has a statistic ({', '.join(out[ref])}): "
                                      "the live model's parameter names differ from the checkpoint's")
+            if "merged_inputs" in self.method.statistics:
+                for ref, v in self._merged_inputs(refs, bar).items():
+                    out.setdefault(ref, {})["merged_inputs"] = v
         finally:
             if bar is not None:
                 bar.close()
         self._data_stats = out
+        return out
+
+    @torch.no_grad()
+    def _merged_inputs(self, refs: list[ModelRef], bar=None) -> dict[ModelRef, dict[str, tuple]]:
+        """Per model and linear layer, ``(G, C, in_first)``: G = Xm^T Xm / n and C = Xm^T X / n,
+        where Xm are the inputs the layer sees in the merged model and X those it sees in the
+        model (read through its permutations), both over the real tokens of the model's data.
+        The merged model is built as it goes: every tensor starts as the weighted average of
+        the inputs, then the linear layers, in the order a forward pass reaches them, are each
+        merged by the method from their statistics before the next is measured (RegMean++,
+        PLeaS). Every model and the merged one are held live in float32; each layer costs a
+        forward pass (stopped at the layer) of each of them over each model's data."""
+        from transformers import AutoModelForCausalLM
+
+        from .statistics import _linear_layers
+
+        class _Stop(Exception):
+            pass
+
+        def inputs_at(model, module, ids, mask) -> Tensor:
+            got: list[Tensor] = []
+
+            def hook(mod, args):
+                got.append(args[0])
+                raise _Stop
+
+            h = module.register_forward_pre_hook(hook)
+            try:
+                model(input_ids=ids, attention_mask=mask, use_cache=False)
+            except _Stop:
+                pass
+            finally:
+                h.remove()
+            if not got:
+                raise MergeError("a linear layer was not reached by the forward pass")
+            x = got[0].reshape(-1, got[0].shape[-1])
+            keep = mask.reshape(-1).bool()
+            return (x[keep] if keep.numel() == x.shape[0] else x).double()
+
+        for ref in refs:
+            if self.recipe.data_for(ref) is None:
+                raise MergeError(f"merge_method '{self.method.name}' reads data: give the recipe a 'data' entry "
+                                 f"with a 'path' (top level, or under model '{ref}')")
+        data, live = {}, {}
+        for ref in refs:
+            folder = self.models[ref].folder
+            try:
+                data[ref] = self._batches(ref, self.recipe.data_for(ref))
+                live[ref] = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+            except MergeError:
+                raise
+            except Exception as e:  # a tokenizer or model transformers cannot load, bad data
+                first = (str(e).strip().splitlines() or [""])[0]
+                raise MergeError(f"model '{ref}' ({folder}): {type(e).__name__}: {first}") from None
+        merged = AutoModelForCausalLM.from_pretrained(self.reference.folder, dtype=torch.float32).eval()
+        state = self.live_state(merged)
+        cols = self.recipe_columns
+        for i, task in enumerate(self.tasks):  # the weighted average of every tensor to start from
+            raw = self._read(task)
+            if task.copy:
+                state[task.name].copy_(raw[0])
+            else:
+                w = [float(x) for x in cols.params(i).get("weight") or [1.0] * len(raw)]
+                state[task.name].copy_(sum(x * t.double() for x, t in zip(w, raw)) / sum(w))
+            self._release(task)
+        layers = _linear_layers(merged)
+        index = {t.name: i for i, t in enumerate(self.tasks) if not t.copy}
+        order: list[str] = []  # the linear layers the plan merges, in the order a forward pass reaches them
+        hooks = [mod.register_forward_pre_hook(lambda m, a, n=n: order.append(n) if n not in order else None)
+                 for n, mod in layers.items() if n in index]
+        try:
+            ids, mask, *_ = data[refs[0]][0]
+            merged(input_ids=ids[:1], attention_mask=mask[:1], use_cache=False)
+        finally:
+            for h in hooks:
+                h.remove()
+        out: dict[ModelRef, dict[str, tuple]] = {ref: {} for ref in refs}
+        for name in order:
+            task = self.tasks[index[name]]
+            in_first = not isinstance(layers[name], torch.nn.Linear)
+            for ref in refs:
+                own = dict(live[ref].named_modules())[name[: -len(".weight")]]
+                idx = self._aligned[ref].axis_index(name, 0 if in_first else 1) if ref in self._aligned else None
+                g = c = None
+                n = 0
+                for ids, mask, *_ in data[ref]:
+                    xm = inputs_at(merged, layers[name], ids, mask)
+                    x = inputs_at(live[ref], own, ids, mask)
+                    if idx is not None:
+                        x = x.index_select(1, idx)
+                    g = xm.T @ xm if g is None else g + xm.T @ xm
+                    c = xm.T @ x if c is None else c + xm.T @ x
+                    n += xm.shape[0]
+                out[ref][name] = (g / n, c / n, in_first)
+            i = index[name]
+            params = self.params(i)
+            stats = {"merged_inputs": [out[m].get(nm) for m, nm in task.sources]}
+            raw = self._read(task)
+            base, tensors = self._prepare(task, raw)
+            state[name].copy_(self.method.fn(base, tensors, **params, statistics=stats))
+            self._release(task)
+        if bar is not None:
+            bar.update(len(refs))
         return out
 
     def _aligned_statistic(self, ref: ModelRef, kind: str, values: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -575,9 +734,7 @@ class Merger:
             recipe_text = (what if what is not None else self.recipe).to_yaml()
         self._tokenizer_source()  # opened now: its folder is an input too
         inputs = {f"model '{ref}'": ck.folder for ref, ck in self.models.items()}
-        if self.method.statistics:  # the data files are inputs too
-            inputs.update({f"data file of model '{ref}'": Path(spec.path) for ref in self._data_models()
-                           if (spec := self.recipe.data_for(ref)) is not None})
+        inputs.update(self._data_files())  # the data files are inputs too
         refuse_overlap(out_dir, inputs)
         self.align(progress)  # before anything is written, and not from the lanes' threads
         if self.method.statistics:

@@ -53,6 +53,8 @@ __all__ = [
     "fisher",
     "regmean",
     "weight_matching",
+    "regmean_plus_plus",
+    "pleas",
     "rank_range_mask",
     "magnitude_mask",
 ]
@@ -1174,6 +1176,28 @@ def fisher(base, tensors, weight=None, floor=1e-6, statistics=None, out_dtype=No
     return res.reshape(first.shape)
 
 
+def _gram_solve(lhs: Tensor, rhs: Tensor) -> Tensor:
+    """``lhs^-1 rhs`` for a sum of Gram matrices ``lhs`` (symmetric, positive semidefinite)."""
+    chol, info = torch.linalg.cholesky_ex(lhs)
+    pivots = torch.diagonal(chol) ** 2
+    if int(info) == 0 and float(pivots.min()) > 1e-10 * float(pivots.max()):
+        return torch.cholesky_solve(rhs, chol)
+    # fewer tokens than inputs, or inputs that never vary: the sum is (nearly) singular. A
+    # ridge of 1e-9 of its mean diagonal gives the minimum-norm solution (the right-hand
+    # sides lie in its range) instead of values blown up by rounding.
+    ridge = 1e-9 * float(torch.diagonal(lhs).mean().clamp(min=1e-300))
+    return torch.linalg.solve(lhs + ridge * torch.eye(lhs.shape[0], dtype=lhs.dtype, device=lhs.device), rhs)
+
+
+def _weighted_average(tensors, weight, dt, out_dtype, out):
+    first = tensors[0]
+    total = float(sum(weight))
+    acc = sum(float(w) * t.to(torch.float64) for w, t in zip(weight, tensors)) / total
+    res = _alloc(first, out_dtype or dt, out)
+    res.copy_(acc.reshape(-1))
+    return res.reshape(first.shape)
+
+
 def regmean(base, tensors, weight=None, alpha=0.9, statistics=None, out_dtype=None, out=None):
     """RegMean: for a linear layer's weight, the merged W minimises sum_k w_k ||X_k W^T -
     X_k W_k^T||^2 / tokens_k over the layer's inputs X_k on model k's data, W = (sum_k w_k
@@ -1192,10 +1216,7 @@ def regmean(base, tensors, weight=None, alpha=0.9, statistics=None, out_dtype=No
     if total == 0:
         raise ValueError("regmean: the weights sum to zero")
     if any(g is None for g in grams) or first.dim() != 2:
-        acc = sum(float(w) * t.to(torch.float64) for w, t in zip(weight, tensors)) / total
-        res = _alloc(first, out_dtype or dt, out)
-        res.copy_(acc.reshape(-1))
-        return res.reshape(first.shape)
+        return _weighted_average(tensors, weight, dt, out_dtype, out)
     lhs, rhs = None, None
     for t, w, (g, in_first) in zip(tensors, weight, grams):
         wt = t.to(torch.float64)
@@ -1206,16 +1227,58 @@ def regmean(base, tensors, weight=None, alpha=0.9, statistics=None, out_dtype=No
         g = g * float(alpha) + torch.diag(torch.diagonal(g)) * (1 - float(alpha))
         lhs = g * float(w) if lhs is None else lhs + g * float(w)
         rhs = (g @ wt) * float(w) if rhs is None else rhs + (g @ wt) * float(w)
-    chol, info = torch.linalg.cholesky_ex(lhs)
-    pivots = torch.diagonal(chol) ** 2
-    if int(info) == 0 and float(pivots.min()) > 1e-10 * float(pivots.max()):
-        merged = torch.cholesky_solve(rhs, chol)
-    else:  # fewer tokens than inputs, or inputs that never vary: sum G is (nearly) singular.
-        # A ridge of 1e-9 of its mean diagonal gives the minimum-norm solution (the right-hand
-        # sides lie in its range) instead of values blown up by rounding.
-        ridge = 1e-9 * float(torch.diagonal(lhs).mean().clamp(min=1e-300))
-        merged = torch.linalg.solve(lhs + ridge * torch.eye(lhs.shape[0], dtype=lhs.dtype, device=lhs.device), rhs)
+    merged = _gram_solve(lhs, rhs)
     merged = merged if grams[0][1] else merged.T
+    res = _alloc(first, out_dtype or dt, out)
+    res.copy_(merged.reshape(-1))
+    return res.reshape(first.shape)
+
+
+def regmean_plus_plus(base, tensors, weight=None, alpha=0.9, statistics=None, out_dtype=None, out=None):
+    """RegMean++: RegMean (``regmean``) with each layer's Gram matrices taken over the inputs
+    the layer sees in the merged model, whose earlier layers are already merged, on each
+    model's data (``statistics["merged_inputs"]``: per input ``(G_k, C_k, in_first)``; only
+    ``G_k`` is read here), so that each layer's fit accounts for what the merge did before it.
+
+    Nguyen et al. 2025, "RegMean++: Enhancing Effectiveness and Generalization of Regression
+    Mean for Model Merging", https://arxiv.org/abs/2508.03121.
+    """
+    _, _, stats = _with_statistics(tensors, weight, statistics, "merged_inputs", "merged-input statistics")
+    grams = [None if x is None else (x[0], x[2]) for x in stats]
+    return regmean(base, tensors, weight, alpha, statistics={"gram": grams}, out_dtype=out_dtype, out=out)
+
+
+def pleas(base, tensors, weight=None, statistics=None, out_dtype=None, out=None):
+    """PLeaS's least squares: models permuted onto a reference by their activations
+    (``MethodSpec.align``: activation matching), then each linear layer's W the fit of every
+    model's own outputs from the merged model's inputs: W minimises sum_k w_k ||Xm_k W^T -
+    X_k W_k^T||^2 / n_k, where Xm_k are the inputs the layer sees in the merged model (its
+    earlier layers already merged) and X_k those it sees in model k, both on model k's data:
+    W^T = (sum_k w_k G_k)^-1 sum_k w_k C_k W_k^T with G_k = Xm_k^T Xm_k / n_k and C_k =
+    Xm_k^T X_k / n_k (``statistics["merged_inputs"]``: per input ``(G_k, C_k, in_first)``).
+    Every other tensor (embeddings, norms, biases) is the weighted average.
+
+    Nasery et al. 2024, "PLeaS: Merging Models with Permutations and Least Squares",
+    https://arxiv.org/abs/2407.02447.
+    """
+    first = tensors[0]
+    dt, weight, stats = _with_statistics(tensors, weight, statistics, "merged_inputs", "merged-input statistics")
+    if float(sum(weight)) == 0:
+        raise ValueError("pleas: the weights sum to zero")
+    if any(x is None for x in stats) or first.dim() != 2:
+        return _weighted_average(tensors, weight, dt, out_dtype, out)
+    lhs, rhs = None, None
+    for t, w, (g, c, in_first) in zip(tensors, weight, stats):
+        wt = t.to(torch.float64)
+        wt = wt if in_first else wt.T  # [in, out]
+        if g.shape != (wt.shape[0], wt.shape[0]) or c.shape != g.shape:
+            raise ValueError(f"merged-input statistics of shapes {tuple(g.shape)}, {tuple(c.shape)} for a weight "
+                             f"with {wt.shape[0]} inputs")
+        g, c = (x.to(device=first.device, dtype=torch.float64) for x in (g, c))
+        lhs = g * float(w) if lhs is None else lhs + g * float(w)
+        rhs = (c @ wt) * float(w) if rhs is None else rhs + (c @ wt) * float(w)
+    merged = _gram_solve(lhs, rhs)
+    merged = merged if stats[0][2] else merged.T
     res = _alloc(first, out_dtype or dt, out)
     res.copy_(merged.reshape(-1))
     return res.reshape(first.shape)
@@ -1374,6 +1437,18 @@ METHODS: dict[str, MethodSpec] = {
          ParamSpec("alpha", default=0.9, lo=0.0, hi=1.0, search=(0.5, 1.0, 0.9))),
         needs_base=False, base_in_inputs=True, statistics=("gram",),
         reference="https://arxiv.org/abs/2212.09849",
+    ),
+    "regmean_plus_plus": MethodSpec(
+        "regmean_plus_plus", regmean_plus_plus,
+        (ParamSpec("weight", per_model=True, default=1.0, lo=0.0, search=(0.0, 1.0, 0.5)),
+         ParamSpec("alpha", default=0.9, lo=0.0, hi=1.0, search=(0.5, 1.0, 0.9))),
+        needs_base=False, base_in_inputs=True, statistics=("merged_inputs",),
+        reference="https://arxiv.org/abs/2508.03121",
+    ),
+    "pleas": MethodSpec(
+        "pleas", pleas, (ParamSpec("weight", per_model=True, default=1.0, lo=0.0, search=(0.0, 1.0, 0.5)),),
+        needs_base=False, base_in_inputs=True, statistics=("merged_inputs",), align="activation_matching",
+        reference="https://arxiv.org/abs/2407.02447",
     ),
     "weight_matching": MethodSpec(
         # Git Re-Basin: every model permuted to line up with the reference (``align.py``),
