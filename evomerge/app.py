@@ -106,10 +106,18 @@ def check_config(cfg) -> None:
 
     ranges = cfg.space.get("ranges") or {}
     method = METHODS.get(str(cfg.merge.get("method")))
-    if method is not None and method.statistics:
+    align = cfg.merge.get("align")
+    align_method = (align if isinstance(align, str) else align.get("method", "weight_matching")
+                    if hasattr(align, "get") else None) if align is not None else (method.align if method else None)
+    from .merge.align import ALIGNERS
+
+    reads = (f"merge method '{method.name}' reads data" if method is not None and method.statistics else
+             f"merge.align={align_method} runs the models on data"
+             if align_method in ALIGNERS and ALIGNERS[align_method].needs_data else None)
+    if reads:
         data = cfg.merge.get("data") or {}
         if not hasattr(data, "get") or not (data.get("path") or data.get("paths")):
-            raise ConfigError(f"merge.data.path: merge method '{method.name}' reads data; give merge.data.path=FILE.jsonl "
+            raise ConfigError(f"merge.data.path: {reads}; give merge.data.path=FILE.jsonl "
                               "(JSON lines; merge.data.text and merge.data.target name its fields), or "
                               "merge.data.paths=[FILE,...] with one file per model")
     if cfg.merge.get("align") is not None:

@@ -15,6 +15,11 @@ read:
     statistics already cached (the merge alone), and with an empty cache (statistics and
     merge: what a first merge costs);
 
+  * ``evomerge-merge`` of two experts with ``weight_matching`` (the permutations found, then
+    read from the cache), and with ``regmean_plus_plus`` and ``pleas`` (the merged model built
+    layer by layer, on ``--sequential-examples`` records: a forward pass per linear layer and
+    model, so their time grows with depth times data);
+
 and what a 7B Llama (32 layers, hidden 4096, MLP 11008) would need: the statistics'
 sizes, and the time scaled by parameters (Fisher) or by forward cost (Gram).
 """
@@ -63,6 +68,9 @@ def main() -> int:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--examples", type=int, default=16, help="records per statistic (the figures are per 1,000)")
     ap.add_argument("--chars", type=int, default=64, help="characters per record (one token each here)")
+    ap.add_argument("--sequential-examples", type=int, default=4,
+                    help="records for regmean_plus_plus and pleas (each linear layer runs every model over them)")
+    ap.add_argument("--skip", default="", help="comma-separated parts to leave out: statistics,data,align,sequential")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--root", default=".bench/merge")
     ap.add_argument("--one", nargs=3, metavar=("STAT", "MODEL", "DATA"), help=argparse.SUPPRESS)
@@ -82,8 +90,9 @@ def main() -> int:
                                 for _ in range(a.examples)))
         print(f"models: 4 x {params / 1e6:.0f}M parameters (bf16), statistics in float32 on the CPU, "
               f"{a.threads} threads; {a.examples} records of {a.chars} tokens", flush=True)
+        skip = set(a.skip.split(",")) - {""}
         stats = {}
-        for name in ("gram", "fisher"):
+        for name in () if "statistics" in skip else ("gram", "fisher"):
             secs, peak, _ = bench_merge.run_child([sys.executable, __file__, "--threads", str(a.threads), "--one",
                                                    name, str(paths[1]), str(data)])
             own = float(Path(str(data) + ".seconds").read_text())
@@ -91,7 +100,7 @@ def main() -> int:
             print(f"{name:7s} one model: {own:7.1f} s for {a.examples} records, {own * 1000 / a.examples:7.0f} s per "
                   f"1,000 records ({secs:.1f} s with loading the model), peak {peak:.2f} GiB", flush=True)
         env = {"EVOMERGE_CACHE": str(tmp / "cache"), "OMP_NUM_THREADS": str(a.threads)}
-        for method, extra in (("fisher", {}), ("regmean", {"parameters": {"alpha": 0.9}})):
+        for method, extra in () if "data" in skip else (("fisher", {}), ("regmean", {"parameters": {"alpha": 0.9}})):
             rec = {"merge_method": method, "models": [{"model": str(p)} for p in paths[1:]],
                    "data": {"path": str(data), "text": "text", "batch_size": 8}, "dtype": "float32",
                    "out_dtype": "bfloat16", **extra}
@@ -104,6 +113,25 @@ def main() -> int:
                 if rc:
                     raise SystemExit(f"evomerge-merge {method} failed")
                 print(f"{method:8s} {label:26s} {secs:7.1f} s, peak {peak:.2f} GiB", flush=True)
+        small = tmp / "small.jsonl"
+        small.write_text("".join(data.read_text().splitlines(keepends=True)[: a.sequential_examples]))
+        runs = [] if "align" in skip else [("weight_matching", {}, ("alignment and merge", "merge, permutations cached"))]
+        if "sequential" not in skip:
+            runs += [(m, {"data": {"path": str(small), "text": "text", "batch_size": 8}}, ("statistics and merge",))
+                     for m in ("regmean_plus_plus", "pleas")]
+        for method, extra, labels in runs:
+            rec = {"merge_method": method, "models": [{"model": str(p)} for p in paths[1:3]], "dtype": "float32",
+                   "out_dtype": "bfloat16", **extra}
+            rfile = tmp / f"{method}.yaml"
+            rfile.write_text(json.dumps(rec))
+            for label in labels:
+                out = tmp / f"out-{method}"
+                cmd = [sys.executable, "-m", "evomerge.cli", str(rfile), str(out), "--no-progress", "--overwrite"]
+                secs, peak, rc = bench_merge.run_child(cmd, env=env)
+                if rc:
+                    raise SystemExit(f"evomerge-merge {method} failed")
+                what = f" ({a.sequential_examples} records)" if "data" in extra else ""
+                print(f"{method:17s} 2 models {label:26s} {secs:7.1f} s{what}, peak {peak:.2f} GiB", flush=True)
         # a 7B Llama: what the statistics hold, per model
         h, m, layers, vocab = 4096, 11008, 32, 32000
         p7 = layers * (4 * h * h + 3 * h * m) + 2 * vocab * h

@@ -18,8 +18,9 @@ here is reported as not holding, with its numbers.
             task arithmetic at its best lambda (each expert's statistics on a seeded
             subsample of its own task's validation rows)
   independent  experts trained from their own random initializations (no shared base), merged
-            in pairs and all four: naive averaging vs weight matching (Git Re-Basin) vs the
-            ensemble of their predictions (the seed: weight matching's order of solving)
+            in pairs and all four: naive averaging vs weight matching (Git Re-Basin) vs PLeaS vs
+            the ensemble of their predictions (the seed: weight matching's order of solving,
+            PLeaS's data subsample)
 """
 
 from __future__ import annotations
@@ -384,10 +385,55 @@ def _ensemble_score(models, tok, rows, batch_size: int = 200) -> tuple[float, fl
     return hits / len(rows), nll / ntok
 
 
-def claim_independent(b: Bench, out: list[str], state: dict, work: Path):
-    """Experts from their own initializations merged naively and after weight matching,
-    against the ensemble of their predictions and against each expert alone, on the test
-    rows of the merged experts' tasks."""
+def _same_task_pair(b: Bench, tok, steps: int) -> list[str]:
+    """Weight matching in its own setting: two models trained from two seeds on the same data
+    in the same order (the base's pretraining mix), interpolated with and without alignment."""
+    from transformers import LlamaForCausalLM
+
+    from evomerge.evaluate._batch import answer_logits, encode_pairs
+    from evomerge.merge import align as A
+    from evomerge.zoo import COPY, TASKS, ZooConfig, _Sampler, make_examples, train, zoo_model_config
+
+    cfg = ZooConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in b.zoo.info["config"].items()})
+    tasks = [TASKS[t] for t in b.zoo.tasks]
+    mix = [(t, t.pretrain_n) for t in tasks] + [(COPY, COPY.pretrain_n)]
+    rows = [r for t in tasks for r in make_examples(t, t.pretrain_n[-1], 100, 99)]
+    ends = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        m = LlamaForCausalLM(zoo_model_config(cfg, len(tok)))
+        train(m, tok, _Sampler(mix, 5, set()), steps, cfg.pretrain_lr, cfg.batch_size, 0.01, max(1, steps // 15),
+              progress=False)
+        ends.append(m.eval().state_dict())
+    a, bb = ends
+    lay = A.layout_of({k: tuple(v.shape) for k, v in a.items()}, {"num_attention_heads": cfg.heads})
+    aligned = {k: A.permute(lay, A.weight_matching(lay, a, bb), k, v) for k, v in bb.items()}
+    ids, mask, labels = encode_pairs(tok, [r["prompt"] for r in rows], [r["answer"] for r in rows], "\n")
+    live = LlamaForCausalLM(zoo_model_config(cfg, len(tok))).eval()
+
+    def nll(state) -> float:
+        live.load_state_dict(state)
+        with torch.no_grad():
+            lp = torch.log_softmax(answer_logits(live, ids, mask).float(), -1)
+        lab = labels[:, 1:]
+        return float(-lp.gather(-1, lab.clamp(min=0)[..., None])[..., 0][lab != -100].mean())
+
+    lams = (0.0, 0.1, 0.2, 0.3, 0.5)
+    naive = [nll({k: (1 - t) * a[k] + t * bb[k] for k in a}) for t in lams]
+    wm = [nll({k: (1 - t) * a[k] + t * aligned[k] for k in a}) for t in lams]
+    return [f"Weight matching in its own setting: two models trained from seeds 1 and 2 for {steps} steps on the "
+            "same data in the same order (the base's pretraining mix), interpolated θ = (1 − t) θ_A + t θ_B with "
+            "and without aligning B to A first; answer-token NLL (nats) on 400 pretraining-size rows.", "",
+            "| t | " + " | ".join(f"{t:.1f}" for t in lams) + " |", "|---|" + "---|" * len(lams),
+            "| naive | " + " | ".join(f"{x:.3f}" for x in naive) + " |",
+            "| weight matching | " + " | ".join(f"{x:.3f}" for x in wm) + " |", ""]
+
+
+def claim_independent(b: Bench, out: list[str], state: dict, work: Path, limit: int = 64, same_steps: int = 600):
+    """Experts from their own initializations merged naively, after weight matching, and by
+    PLeaS, against the ensemble of their predictions and against each expert alone, on the
+    test rows of the merged experts' tasks. PLeaS reads a seeded subsample of ``limit``
+    validation rows of each merged expert's task (one file for all the models)."""
     import json
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -401,6 +447,7 @@ def claim_independent(b: Bench, out: list[str], state: dict, work: Path):
     ind = build_independent(b.zoo)
     tok = AutoTokenizer.from_pretrained(b.zoo.tokenizer)
     rows = {t: [r for _, r in jsonl_records(Path(b.zoo.root) / "data" / t / "test.jsonl")] for t in b.zoo.tasks}
+    valid = {t: [r for _, r in jsonl_records(Path(b.zoo.root) / "data" / t / "validation.jsonl")] for t in b.zoo.tasks}
     live = {t: AutoModelForCausalLM.from_pretrained(ind[t], dtype=torch.float32).eval() for t in b.zoo.tasks}
 
     def score(models, tasks) -> tuple[float, float]:
@@ -408,10 +455,19 @@ def claim_independent(b: Bench, out: list[str], state: dict, work: Path):
         return statistics.mean(a for a, _ in got), statistics.mean(n for _, n in got)
 
     def merged(method, tasks, seed=0):
-        rec = {"merge_method": method, "dtype": "float32",
+        am = method == "activation_matching"  # the average after activation matching
+        rec = {"merge_method": "linear" if am else method, "dtype": "float32",
                "models": [{"model": str(ind[t]), "parameters": {"weight": 1.0}} for t in tasks]}
         if method == "weight_matching":
             rec["align"] = {"seed": seed}
+        if am:
+            rec["align"] = {"method": "activation_matching"}
+        if method in ("pleas", "activation_matching"):
+            path = work / f"pleas-{'-'.join(tasks)}-{seed}.jsonl"
+            pick = np.random.default_rng(2000 + seed)
+            path.write_text("".join(json.dumps(valid[t][int(i)]) + "\n" for t in tasks
+                                    for i in pick.choice(len(valid[t]), size=limit, replace=False)))
+            rec["data"] = {"path": str(path), "text": "prompt", "target": "answer", "limit": limit * len(tasks)}
         m = AutoModelForCausalLM.from_pretrained(ind[tasks[0]], dtype=torch.float32).eval()
         Merger(parse_recipe(rec), seed=seed).materialize(into=m)
         return m
@@ -423,38 +479,54 @@ def claim_independent(b: Bench, out: list[str], state: dict, work: Path):
         ens = score([live[t] for t in tasks], tasks)
         naive = score([merged("linear", tasks)], tasks)
         wm = [score([merged("weight_matching", tasks, s)], tasks) for s in b.seeds]
-        table.append((tasks, alone, ens, naive, wm))
+        pl = [score([merged("pleas", tasks, s)], tasks) for s in b.seeds]
+        am = [score([merged("activation_matching", tasks, s)], tasks) for s in b.seeds]
+        table.append((tasks, alone, ens, naive, wm, pl, am))
+        print(f"[independent] {'+'.join(tasks)}: single {alone}, ensemble {ens}, naive {naive}, wm {wm}, pleas {pl}, "
+              f"am {am}", file=sys.stderr, flush=True)
     info = json.loads((Path(b.zoo.root) / "independent" / "independent.json").read_text())
     own = [info["accuracy"][t][t]["test"] for t in b.zoo.tasks]
-    out += ["## Experts that share no base: weight matching", "",
+
+    def cell(vals) -> str:
+        return f"{ms([a for a, _ in vals])} / {statistics.mean(n for _, n in vals):.2f}"
+
+    out += ["## Experts that share no base: weight matching and PLeaS", "",
             f"One expert per task, each trained from its own random initialization for {info['steps']} steps on "
             "the base's pretraining mix with its own task at the target size for half of every batch "
             "(`evomerge-zoo build --independent`); each solves its own task (test accuracy "
             + ", ".join(f"{t} {100 * a:.1f}%" for t, a in zip(b.zoo.tasks, own)) + "). Merged in pairs and all "
-            "four, uniform weights: naive averaging (`linear`) and weight matching (`weight_matching`: every model "
-            "permuted onto the first listed, then averaged; the seed orders its coordinate descent), against the "
-            "ensemble (the average of the models' next-token probabilities) and the best single expert, on the "
-            "test rows of the merged experts' tasks. Accuracy (%) is teacher-forced exact match; NLL is the mean "
-            "negative log-likelihood of the answer tokens (nats).", "",
-            "| experts | best single: acc / NLL | ensemble | naive average | weight matching, "
-            + ", ".join(f"seed {s}" for s in b.seeds) + " | weight matching, mean acc |",
-            "|---|---|---|---|---|---|"]
-    for tasks, alone, ens, naive, wm in table:
-        out.append(f"| {' + '.join(tasks)} | {100 * alone[0]:.1f} / {alone[1]:.2f} | {100 * ens[0]:.1f} / "
-                   f"{ens[1]:.2f} | {100 * naive[0]:.1f} / {naive[1]:.2f} | "
-                   + ", ".join(f"{100 * a:.1f} / {n:.2f}" for a, n in wm) + f" | {ms([a for a, _ in wm])} |")
+            "four, uniform weights: naive averaging (`linear`); weight matching (`weight_matching`: every model "
+            "permuted onto the first listed, then averaged; the seed orders its coordinate descent); PLeaS "
+            f"(`pleas`: permutations by activation matching, then each linear layer's least-squares fit, on "
+            f"{limit} seeded validation rows of each merged expert's task, one file for all the models). They "
+            "are compared with the ensemble (the average of the models' next-token probabilities) and the best "
+            "single expert, on the test rows of the merged experts' tasks. Each cell: accuracy (%, teacher-forced "
+            "exact match; mean ± std over seeds " + ", ".join(map(str, b.seeds)) + ") / the mean negative "
+            "log-likelihood of the answer tokens (nats).", "",
+            "| experts | best single | ensemble | naive average | weight matching | activation matching, averaged "
+            "| PLeaS |",
+            "|---|---|---|---|---|---|---|"]
+    for tasks, alone, ens, naive, wm, pl, am in table:
+        out.append(f"| {' + '.join(tasks)} | {cell([alone])} | {cell([ens])} | {cell([naive])} | {cell(wm)} | "
+                   f"{cell(am)} | {cell(pl)} |")
     pairs = table[:-1]
-    mean = lambda xs: statistics.mean(xs)  # noqa: E731
+    mean = statistics.mean
     naive_acc, naive_nll = mean([r[3][0] for r in pairs]), mean([r[3][1] for r in pairs])
     wm_acc = [mean([r[4][i][0] for r in pairs]) for i in range(len(b.seeds))]
     wm_nll = [mean([r[4][i][1] for r in pairs]) for i in range(len(b.seeds))]
+    pl_acc = [mean([r[5][i][0] for r in pairs]) for i in range(len(b.seeds))]
+    pl_nll = [mean([r[5][i][1] for r in pairs]) for i in range(len(b.seeds))]
     ens_acc = mean([r[2][0] for r in pairs])
-    better = all(a > naive_acc for a in wm_acc) and all(n < naive_nll for n in wm_nll)
-    out += ["", f"Over the six pairs: naive averaging {100 * naive_acc:.1f}% (NLL {naive_nll:.2f}), weight matching "
-            f"{ms(wm_acc)}% (NLL " + ", ".join(f"{n:.2f}" for n in wm_nll) + f"), the ensemble {100 * ens_acc:.1f}%. "
-            f"Weight matching above naive averaging in accuracy and NLL on every seed: "
-            f"**{'holds' if better else 'does not hold'}**; weight matching recovers "
-            f"{100 * mean(wm_acc) / max(ens_acc, 1e-9):.0f}% of the ensemble's accuracy.", ""]
+    wm_ok = all(a > naive_acc for a in wm_acc) and all(n < naive_nll for n in wm_nll)
+    pl_ok = all(p >= w for p, w in zip(pl_acc, wm_acc))
+    out += ["", f"Over the six pairs: naive averaging {100 * naive_acc:.1f}% (NLL {naive_nll:.2f}); weight matching "
+            f"{ms(wm_acc)}% (NLL {mean(wm_nll):.2f}); PLeaS {ms(pl_acc)}% (NLL {mean(pl_nll):.2f}); the ensemble "
+            f"{100 * ens_acc:.1f}%. Weight matching above naive averaging, in accuracy and NLL, on every seed: "
+            f"**{'holds' if wm_ok else 'does not hold'}**. PLeaS ≥ weight matching on every seed: "
+            f"**{'holds' if pl_ok else 'does not hold'}**. Of the ensemble's accuracy, weight matching keeps "
+            f"{100 * mean(wm_acc) / max(ens_acc, 1e-9):.0f}% and PLeaS {100 * mean(pl_acc) / max(ens_acc, 1e-9):.0f}%.",
+            ""]
+    out += _same_task_pair(b, tok, steps=same_steps)
     state["independent"] = table
 
 

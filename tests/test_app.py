@@ -182,6 +182,10 @@ def test_greedy_soup_over_ingredients_from_the_command_line(zoo_dir, tmp_path):
     ("executor.mode=async search=greedy_soup", "GreedySoup"),
     ("hydra.run.dir=/tmp/" + "x" * 300, "longer than the 255 bytes"),
     ("merge.method=regmean", "merge.data.path: merge method 'regmean' reads data"),  # and none was given
+    ("merge.method=pleas", "merge.data.path: merge method 'pleas' reads data"),
+    ("merge.align=zip_it", "merge.align.method: unknown alignment 'zip_it'"),
+    ("merge.align=activation_matching", "merge.data.path: merge.align=activation_matching runs the models on data"),
+    ("merge.align={max_sweeps:0}", "merge.align.max_sweeps: expected a positive integer"),
 ])
 def test_bad_config_values_fail_before_anything_loads(tmp_path, override, expect):
     zoo = tmp_path / "no_zoo_here"  # were the check to pass, the zoo would be built: minutes, not seconds

@@ -184,3 +184,41 @@ def test_cli_builds_a_zoo_of_the_tasks_asked_for(tmp_path, capsys):
         assert Z.main(["build", "--out", str(tmp_path / "bad"), "--test-mode", "--tasks", bad]) == 2
         assert "of add, reverse, sort, increment, alternate, shift" in capsys.readouterr().err
         assert not (tmp_path / "bad").exists()
+
+
+def test_independent_experts_share_no_base(tmp_path, capsys):
+    """``build --independent``: one expert per task from its own initialization: no tensor
+    of one is near another's (unlike the zoo's experts, fine-tunes of one base); relabeling
+    one onto another raises their similarity; a second build is instant and the same; the
+    info table lists them."""
+    import time
+
+    import torch
+    from safetensors.torch import load_file
+
+    from evomerge.merge import align as A
+
+    out = tmp_path / "z"
+    assert Z.main(["build", "--out", str(out), "--test-mode", "--independent", "--independent-steps", "20",
+                   "--no-progress"]) == 0
+    assert "independent experts (no shared base)" in capsys.readouterr().out
+    zoo = Z.load_zoo(out)
+    ind = zoo.independent()
+    assert sorted(ind) == sorted(zoo.tasks)
+    w = {t: load_file(str(p / "model.safetensors")) for t, p in ind.items()}
+    a, b = w[zoo.tasks[0]], w[zoo.tasks[1]]
+    name = "model.layers.0.mlp.up_proj.weight"
+    cos = torch.nn.functional.cosine_similarity(a[name].flatten(), b[name].flatten(), dim=0)
+    assert abs(float(cos)) < 0.2  # independent draws, not one base fine-tuned twice
+    shared = load_file(str(zoo.experts[zoo.tasks[0]] / "model.safetensors"))
+    other = load_file(str(zoo.experts[zoo.tasks[1]] / "model.safetensors"))
+    assert float(torch.nn.functional.cosine_similarity(shared[name].flatten(), other[name].flatten(), dim=0)) > 0.9
+    cfg = json.loads((ind[zoo.tasks[0]] / "config.json").read_text())
+    lay = A.layout_of({k: tuple(v.shape) for k, v in a.items()}, cfg)
+    perms = A.weight_matching(lay, a, b)
+    assert A.similarity(lay, a, b, perms) > A.similarity(lay, a, b)
+    t = time.perf_counter()
+    again = Z.build_independent(zoo, 20, progress=False, log=lambda *_: None)
+    assert time.perf_counter() - t < 1.0 and again == ind
+    assert Z.main(["info", "--out", str(out)]) == 0
+    assert "independent experts" in capsys.readouterr().out
