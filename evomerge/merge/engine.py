@@ -119,6 +119,8 @@ class Merger:
         self._index = {t.name: i for i, t in enumerate(self.plan.tasks)}
         self._plan_seen: tuple | None = None  # the last candidate columns' plan found equal to this one
         self._data_stats: dict[ModelRef, dict[str, dict[str, Tensor]]] | None = None  # per model
+        self._current: Columns | None = None  # the candidate being merged (``_begin``)
+        self._sequential: tuple[str, dict] | None = None  # (its parameters, the merged_inputs measured for them)
 
     @property
     def tasks(self) -> list[TensorTask]:
@@ -165,6 +167,13 @@ class Merger:
                 raise MergeError("the candidate's parameters were made for another plan (other tensors, models, "
                                  "model order or method)")
             self._plan_seen = cols.plan
+        return cols
+
+    def _begin(self, cols: Columns) -> Columns:
+        """The candidate about to be merged: statistics measured on the merge itself
+        (``merged_inputs``) are measured again when its parameters differ from those they
+        were measured for."""
+        self._current = cols
         return cols
 
     def params(self, task: TensorTask | int, what: Recipe | Columns | None = None) -> dict[str, Any]:
@@ -393,16 +402,24 @@ class Merger:
                     raise MergeError(f"model '{ref}': none of its tensors has a statistic ({', '.join(out[ref])}): "
                                      "the live model's parameter names differ from the checkpoint's")
             if "merged_inputs" in self.method.statistics:
-                for ref, v in self._merged_inputs(refs, bar).items():
-                    out.setdefault(ref, {})["merged_inputs"] = v
+                self._merged_input_statistics(bar)
         finally:
             if bar is not None:
                 bar.close()
         self._data_stats = out
         return out
 
+    def _merged_input_statistics(self, bar=None) -> dict[ModelRef, dict[str, tuple]]:
+        """``merged_inputs`` for the candidate being merged: measured again whenever its
+        parameters differ from those of the last measurement."""
+        cols = self._current if self._current is not None else self.recipe_columns
+        key = repr([sorted(cols.params(i).items()) for i in range(len(self.tasks))])
+        if self._sequential is None or self._sequential[0] != key:
+            self._sequential = (key, self._merged_inputs(self._data_models(), cols, bar))
+        return self._sequential[1]
+
     @torch.no_grad()
-    def _merged_inputs(self, refs: list[ModelRef], bar=None) -> dict[ModelRef, dict[str, tuple]]:
+    def _merged_inputs(self, refs: list[ModelRef], cols: Columns, bar=None) -> dict[ModelRef, dict[str, tuple]]:
         """Per model and linear layer, ``(G, C, in_first)``: G = Xm^T Xm / n and C = Xm^T X / n,
         where Xm are the inputs the layer sees in the merged model and X those it sees in the
         model (read through its permutations), both over the real tokens of the model's data.
@@ -455,7 +472,6 @@ class Merger:
                 raise MergeError(f"model '{ref}' ({folder}): {type(e).__name__}: {first}") from None
         merged = AutoModelForCausalLM.from_pretrained(self.reference.folder, dtype=torch.float32).eval()
         state = self.live_state(merged)
-        cols = self.recipe_columns
         for i, task in enumerate(self.tasks):  # the weighted average of every tensor to start from
             raw = self._read(task)
             if task.copy:
@@ -494,7 +510,7 @@ class Merger:
                     n += xm.shape[0]
                 out[ref][name] = (g / n, c / n, in_first)
             i = index[name]
-            params = self.params(i)
+            params = {("lambda_" if k == "lambda" else k): v for k, v in cols.params(i).items()}
             stats = {"merged_inputs": [out[m].get(nm) for m, nm in task.sources]}
             raw = self._read(task)
             base, tensors = self._prepare(task, raw)
@@ -530,6 +546,10 @@ class Merger:
         out: dict[str, list] = {}
         for name in self.method.statistics:
             vals = []
+            if name == "merged_inputs":
+                seq = self._merged_input_statistics()
+                out[name] = [seq.get(m, {}).get(n) for m, n in task.sources]
+                continue
             for m, n in task.sources:
                 v = stats[m][name]
                 if name == "gram":  # (per token: divided once, in ``statistics``)
@@ -658,7 +678,7 @@ class Merger:
     def merge_tensor(self, task: TensorTask, what: Recipe | Columns | None = None,
                      out: Tensor | None = None) -> Tensor:
         """Merge one tensor of a candidate (by default the recipe's), into ``out`` when given."""
-        return self._merge(self.candidate(what), self._index[task.name], out)
+        return self._merge(self._begin(self.candidate(what)), self._index[task.name], out)
 
     def iter_merged(
         self, what: Recipe | Columns | None = None, progress: bool = False,
@@ -666,7 +686,7 @@ class Merger:
     ) -> Iterator[tuple[str, Tensor]]:
         """A candidate's merged tensors in plan order. ``out(task)`` may give the memory each
         result is written into (the writer's scratch buffer, a live parameter)."""
-        cols = self.candidate(what)
+        cols = self._begin(self.candidate(what))
         bar = self._progress_bar() if progress else None
         try:
             for i, task in enumerate(self.tasks):
@@ -687,7 +707,7 @@ class Merger:
         """Write a candidate's merged tensors (by default the recipe's) into ``into``'s own
         parameters and buffers, in place: the arithmetic writes straight into their storage
         (no second copy of the model)."""
-        cols = self.candidate(what)
+        cols = self._begin(self.candidate(what))
         state = self.live_state(into)
         for i, task in enumerate(self.tasks):
             dst = state[task.name]
@@ -726,7 +746,7 @@ class Merger:
         their ``recipe_text`` (``Space.recipe_yaml(x)``). On the CPU every result is
         computed into a reused scratch buffer, then written at its offset in its shard;
         ``lanes`` tensors at a time (default: ``self.lanes()``)."""
-        cols = self.candidate(what)
+        cols = self._begin(self.candidate(what))
         if recipe_text is None:
             if isinstance(what, Columns):
                 raise MergeError("writing a candidate given as Columns needs its recipe_text "

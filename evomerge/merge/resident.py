@@ -294,7 +294,7 @@ class ResidentMerger(Merger):
     def merged(self, what: Recipe | Columns | None = None) -> dict[str, Tensor]:
         """Every merged tensor of a candidate (a recipe, or ``Columns``), as new tensors
         (for tests and export)."""
-        cols = self.candidate(what)
+        cols = self._begin(self.candidate(what))
         return {t.name: self._merge(cols, i) for i, t in enumerate(self.tasks)}
 
     def _live_state(self, into: torch.nn.Module) -> dict[str, Tensor]:
@@ -355,7 +355,7 @@ class ResidentMerger(Merger):
     def materialize(self, what: Recipe | Columns | None = None, *, into: torch.nn.Module) -> None:
         """Write a candidate's merged weights into ``into``'s parameters, in place. The
         candidate is a recipe, or its ``Columns`` (a compiled space's ``columns(x)``)."""
-        cols = self.candidate(what)
+        cols = self._begin(self.candidate(what))
         state = self._live_state(into)
         sums = []  # one finiteness check at the end: a check per tensor would stall a GPU each time
         done = set()
