@@ -1358,6 +1358,8 @@ _LAMBDA = ParamSpec("lambda", default=1.0, search=(0.0, 2.0, 1.0))
 _DENSITY = ParamSpec("density", per_model=True, default=1.0, lo=0.0, hi=1.0, lo_open=True, search=(0.05, 1.0, 0.5))
 _GAMMA = ParamSpec("gamma", per_model=True, default=0.01, lo=0.0, hi=1.0, search=(0.0, 0.2, 0.01))
 _EPS = ParamSpec("epsilon", per_model=True, default=0.15, lo=0.0, hi=0.5, search=(0.0, 0.2, 0.05))
+_SHARE = ParamSpec("weight", per_model=True, default=1.0, lo=0.0, search=(0.0, 1.0, 0.5))  # a model's weight, given as shares of their sum
+_ALPHA = ParamSpec("alpha", default=0.9, lo=0.0, hi=1.0, search=(0.5, 1.0, 0.9))  # RegMean's scaling of off-diagonal Gram entries
 
 
 def _ta_params(normalize: bool, rescale, *extra: ParamSpec, sparse: bool = True) -> tuple[ParamSpec, ...]:
@@ -1426,27 +1428,24 @@ METHODS: dict[str, MethodSpec] = {
     ),
     "fisher": MethodSpec(
         "fisher", fisher,
-        (ParamSpec("weight", per_model=True, default=1.0, lo=0.0, search=(0.0, 1.0, 0.5)),
-         ParamSpec("floor", default=1e-6, lo=0.0, lo_open=True)),
+        (_SHARE, ParamSpec("floor", default=1e-6, lo=0.0, lo_open=True)),
         needs_base=False, base_in_inputs=True, statistics=("fisher",),
         reference="https://arxiv.org/abs/2111.09832",
     ),
     "regmean": MethodSpec(
         "regmean", regmean,
-        (ParamSpec("weight", per_model=True, default=1.0, lo=0.0, search=(0.0, 1.0, 0.5)),
-         ParamSpec("alpha", default=0.9, lo=0.0, hi=1.0, search=(0.5, 1.0, 0.9))),
+        (_SHARE, _ALPHA),
         needs_base=False, base_in_inputs=True, statistics=("gram",),
         reference="https://arxiv.org/abs/2212.09849",
     ),
     "regmean_plus_plus": MethodSpec(
         "regmean_plus_plus", regmean_plus_plus,
-        (ParamSpec("weight", per_model=True, default=1.0, lo=0.0, search=(0.0, 1.0, 0.5)),
-         ParamSpec("alpha", default=0.9, lo=0.0, hi=1.0, search=(0.5, 1.0, 0.9))),
+        (_SHARE, _ALPHA),
         needs_base=False, base_in_inputs=True, statistics=("merged_inputs",),
         reference="https://arxiv.org/abs/2508.03121",
     ),
     "pleas": MethodSpec(
-        "pleas", pleas, (ParamSpec("weight", per_model=True, default=1.0, lo=0.0, search=(0.0, 1.0, 0.5)),),
+        "pleas", pleas, (_SHARE,),
         needs_base=False, base_in_inputs=True, statistics=("merged_inputs",), align="activation_matching",
         reference="https://arxiv.org/abs/2407.02447",
     ),
@@ -1454,8 +1453,7 @@ METHODS: dict[str, MethodSpec] = {
         # Git Re-Basin: every model permuted to line up with the reference (``align.py``),
         # then their weighted average (uniform by default: the midpoint of two models)
         "weight_matching", weight_matching,
-        (ParamSpec("weight", per_model=True, default=1.0, lo=0.0, search=(0.0, 1.0, 0.5)),
-         ParamSpec("normalize", kind="bool", default=True)),
+        (_SHARE, ParamSpec("normalize", kind="bool", default=True)),
         needs_base=False, base_in_inputs=True, kernels=True, align="weight_matching",
         reference="https://arxiv.org/abs/2209.04836",
     ),
