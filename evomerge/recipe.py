@@ -84,7 +84,7 @@ _TOP_KEYS = (
     "tokenizer_source", "tokenizer", "chat_template", "name", "data", "align",
 )
 _MODEL_KEYS = ("model", "parameters", "data")
-_DATA_KEYS = ("path", "text", "target", "limit", "batch_size")
+_DATA_KEYS = ("path", "text", "target", "limit", "batch_size", "fisher")
 _ALIGN_KEYS = ("method", "reference", "max_sweeps", "seed")
 _SOURCE_KEYS = ("model", "layer_range", "parameters")
 _SLICE_KEYS = ("sources", "base_model", "parameters", "residual_weight")
@@ -137,6 +137,7 @@ class DataSpec:
     target: str | None = None
     limit: int = 256
     batch_size: int = 16
+    fisher: str = "empirical"  # the tokens a Fisher scores: the data's (empirical) or drawn from the model (sampled)
 
     @classmethod
     def parse(cls, value: Any, where: str, default: "DataSpec | None" = None, need_path: bool = True) -> "DataSpec":
@@ -151,6 +152,9 @@ class DataSpec:
             v = merged.get(key)
             if v is not None and (not isinstance(v, str) or not v):
                 raise RecipeError(f"{where}.{key}: expected a field name, got {v!r}")
+        if merged.get("fisher", cls.fisher) not in ("empirical", "sampled"):
+            raise RecipeError(f"{where}.fisher: expected 'empirical' (the data's tokens) or 'sampled' (tokens drawn "
+                              f"from the model's predictions), got {merged['fisher']!r}")
         for key in ("limit", "batch_size"):
             v = merged.get(key, getattr(cls, key))
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:

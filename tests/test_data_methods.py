@@ -77,6 +77,7 @@ def test_data_is_given_at_the_top_and_overridden_per_model(fam):
     ({"path": "x.jsonl", "batch_size": True}, "data.batch_size: expected a positive integer"),
     ({"path": "x.jsonl", "target": 3}, "data.target: expected a field name"),
     ("x.jsonl", "data: expected a mapping"),
+    ({"path": "x.jsonl", "fisher": "exact"}, "data.fisher: expected 'empirical' (the data's tokens) or 'sampled'"),
 ])
 def test_bad_data_entries_are_named(fam, data, needle):
     rec = _recipe(fam, "fisher")
@@ -154,6 +155,29 @@ def test_fisher_merge_weighs_each_entry_by_each_models_fisher(fam, tmp_path, mon
                                                   merged.values()))
     assert {p.suffix for p in (tmp_path / "cache" / "statistics").rglob("*") if p.is_file()} == {".json",
                                                                                                 ".safetensors"}
+
+
+def test_a_sampled_fisher_is_asked_for_in_the_data_entry(fam, tmp_path, monkeypatch):
+    """``data.fisher: sampled`` weighs by the Fisher of tokens drawn from each model's own
+    predictions (computed here independently), not the data's tokens; both are cached apart."""
+    monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "cache"))
+    rec = _recipe(fam, "fisher", parameters={"floor": 1e-10})
+    rec["data"]["fisher"] = "sampled"
+    merged = load_file(str(Merger(parse_recipe(rec)).write(tmp_path / "sampled") / "model.safetensors"))
+    spec = DataSpec(fam["data"], text="q", target="a", batch_size=2)
+    fishers, weights = [], []
+    for i in range(2):
+        model, tok = _load(fam[f"expert_{i}"])
+        fishers.append(S.FisherDiagonal(kind="sampled")(model, S.examples(spec, tok)))
+        weights.append(load_file(str(Path(fam[f"expert_{i}"]) / "model.safetensors")))
+    name = "model.layers.1.mlp.down_proj.weight"
+    f0, f1 = (f[name].clamp(min=1e-10) for f in fishers)
+    want = (f0 * weights[0][name].double() + f1 * weights[1][name].double()) / (f0 + f1)
+    assert torch.allclose(merged[name].double(), want, rtol=1e-5, atol=1e-6)
+    rec["data"]["fisher"] = "empirical"
+    empirical = load_file(str(Merger(parse_recipe(rec)).write(tmp_path / "empirical") / "model.safetensors"))
+    assert not torch.allclose(empirical[name], merged[name], atol=1e-6)
+    assert len([d for d in (tmp_path / "cache" / "statistics").iterdir() if d.is_dir()]) == 4
 
 
 # --------------------------------------------------------------------------------------

@@ -380,7 +380,8 @@ class Merger:
                     key = S.model_fingerprint(folder, contents=True)
                     out[ref] = {}
                     for name in per_model:
-                        out[ref][name] = S.compute(S.STATISTICS[name](), model, data, cache=cache, model_key=key,
+                        stat = S.STATISTICS[name](**({"kind": spec.fisher} if name == "fisher" else {}))
+                        out[ref][name] = S.compute(stat, model, data, cache=cache, model_key=key,
                                                    dtypes=[str(torch.float32)])
                         if bar is not None:
                             bar.update(1)
