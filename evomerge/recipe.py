@@ -178,7 +178,7 @@ class AlignSpec:
 
         d = {"method": value} if isinstance(value, str) else _check_keys(value, _ALIGN_KEYS, where)
         method = d.get("method", cls.method)
-        if method not in ALIGNERS:
+        if not isinstance(method, str) or method not in ALIGNERS:
             raise RecipeError(f"{where}.method: unknown alignment {method!r}; accepted: {', '.join(ALIGNERS)}")
         ref = ModelRef.parse(d["reference"], f"{where}.reference") if d.get("reference") is not None else None
         for key in ("max_sweeps", "seed"):

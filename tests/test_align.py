@@ -550,3 +550,43 @@ def test_data_aligners_and_merges_without_data_are_named(fam, tmp_path):
            "align (activation_matching) runs the models on data", "'data'")
     _fails(tmp_path, {"merge_method": "regmean_plus_plus", "models": [fam["expert_0"], fam["expert_1"]]},
            "merge_method 'regmean_plus_plus' reads data")
+
+
+def test_a_second_candidate_is_measured_for_its_own_weights(fam, rich, tmp_path, monkeypatch):
+    """One Merger writing two candidates of other weights gives each what a fresh Merger gives."""
+    monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "cache"))
+
+    def rec(w):
+        return {"merge_method": "regmean_plus_plus", "dtype": "float32",
+                "models": [{"model": fam["expert_0"], "parameters": {"weight": 1.0}},
+                           {"model": fam["expert_1"], "parameters": {"weight": w}}],
+                "data": {"path": str(rich), "text": "q", "batch_size": 8}}
+
+    merger = Merger(parse_recipe(rec(1.0)))
+    merger.write(tmp_path / "a")
+    second = load_file(str(merger.write(tmp_path / "b", parse_recipe(rec(3.0))) / "model.safetensors"))
+    fresh = load_file(str(Merger(parse_recipe(rec(3.0))).write(tmp_path / "c") / "model.safetensors"))
+    first = load_file(str(tmp_path / "a" / "model.safetensors"))
+    assert all(torch.equal(second[k], fresh[k]) for k in fresh)
+    assert not all(torch.equal(second[k], first[k]) for k in first)
+
+
+def test_slices_across_layers_are_refused_where_layers_must_line_up(fam, tmp_path):
+    rec = {"merge_method": "linear", "align": "weight_matching", "dtype": "float32",
+           "slices": [{"sources": [{"model": fam["expert_0"], "layer_range": [0, 1], "parameters": {"weight": 1.0}},
+                                   {"model": fam["expert_1"], "layer_range": [1, 2], "parameters": {"weight": 1.0}}]}]}
+    _fails(tmp_path, rec, "align (weight_matching)", "layer 1 of model", "not supported")
+
+
+def test_activation_matching_with_names_the_live_model_lacks_is_named():
+    model = _noisy(_llama(), 2)
+    sd = model.state_dict()
+    lay = A.layout_of({f"outer.{k}": tuple(v.shape) for k, v in sd.items()}, model.config.to_dict())
+    with pytest.raises(A.AlignError, match="do not carry the checkpoint's tensor names"):
+        A._features(lay, model, _batches()[:1])
+
+
+def test_an_align_method_that_is_not_a_name_is_refused(fam):
+    with pytest.raises(RecipeError, match="align.method: unknown alignment"):
+        parse_recipe({"merge_method": "linear", "models": [{"model": fam["expert_0"], "parameters": {"weight": 1}}],
+                      "align": {"method": ["weight_matching"]}})

@@ -65,11 +65,12 @@ _LLAMA_LAYER = {
     "mlp.up_proj.weight": ("mlp", "res"), "mlp.up_proj.bias": ("mlp",),
     "mlp.down_proj.weight": ("res", "mlp"), "mlp.down_proj.bias": ("res",),
     "self_attn.q_norm.weight": (None,), "self_attn.k_norm.weight": (None,),  # over a head's dims
+    "self_attn.rotary_emb.inv_freq": None,  # (a buffer older checkpoints hold: no units)
     **{f"{n}.{p}": ("res",) for n in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                                        "post_feedforward_layernorm") for p in ("weight", "bias")},
 }
 _LLAMA_TOP = {"embed_tokens.weight": (None, "res"), "norm.weight": ("res",), "norm.bias": ("res",),
-              "lm_head.weight": (None, "res")}
+              "lm_head.weight": (None, "res"), "rotary_emb.inv_freq": None}
 _GPT2_LAYER = {
     "attn.c_attn.weight": ("res", "qkv"), "attn.c_attn.bias": ("qkv",),
     "attn.c_proj.weight": ("o", "res"), "attn.c_proj.bias": ("res",),
@@ -465,6 +466,10 @@ def _features(lay: Layout, model: torch.nn.Module, batches) -> dict[str, Tensor]
     finally:
         for h in handles:
             h.remove()
+    missing = [f"{i}.{g}" for i in lay.layers for g in ("mlp", "o") if f"{i}.{g}" not in feats]
+    if missing:  # the live model's layer names are not the checkpoint's: nothing to match those units by
+        raise AlignError(f"activation matching: the live model's layers do not carry the checkpoint's tensor names "
+                         f"(no activations for {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''})")
     return {k: torch.cat(v) for k, v in feats.items()}
 
 

@@ -114,12 +114,15 @@ class Merger:
                     raise MergeError(str(e)) from None
         self._aligned: dict[ModelRef, Any] = self._wrap_aligned() if recipe.align is not None else {}
         self.plan = Plan(recipe, self.models, out_dtype=out_dtype)
+        if recipe.align is not None or "merged_inputs" in self.method.statistics:
+            self._same_layers()
         self.recipe_columns = self.plan.columns()
         self.seeds = self.plan.seeds(self.seed)
         self._index = {t.name: i for i, t in enumerate(self.plan.tasks)}
         self._plan_seen: tuple | None = None  # the last candidate columns' plan found equal to this one
         self._data_stats: dict[ModelRef, dict[str, dict[str, Tensor]]] | None = None  # per model
         self._current: Columns | None = None  # the candidate being merged (``_begin``)
+        self._current_key: str | None = None  # its parameters, where a statistic depends on them
         self._sequential: tuple[str, dict] | None = None  # (its parameters, the merged_inputs measured for them)
 
     @property
@@ -169,10 +172,29 @@ class Merger:
             self._plan_seen = cols.plan
         return cols
 
+    def _same_layers(self) -> None:
+        """Alignment lines each model's layer up with the reference's same layer, and the
+        merged-input methods measure each layer where the merged model has it: a slice that
+        merges one model's layer into another layer fits neither."""
+        from ..checkpoint import split_layer
+
+        what = f"align ({self.recipe.align.method})" if self.recipe.align is not None else self.method.name
+        for t in self.plan.tasks:
+            if t.copy:
+                continue
+            out = split_layer(t.name)
+            for m, n in t.sources:
+                src = split_layer(n)
+                if src is not None and out is not None and src.index != out.index:
+                    raise MergeError(f"{what}: tensor '{t.name}' is made from layer {src.index} of model '{m}'; "
+                                     "slices that merge other layers than the output's are not supported here")
+
     def _begin(self, cols: Columns) -> Columns:
         """The candidate about to be merged: statistics measured on the merge itself
         (``merged_inputs``) are measured again when its parameters differ from those they
-        were measured for."""
+        were measured for (compared once per candidate)."""
+        if "merged_inputs" in self.method.statistics and cols is not self._current:
+            self._current_key = repr([sorted(cols.params(i).items()) for i in range(len(self.tasks))])
         self._current = cols
         return cols
 
@@ -413,8 +435,9 @@ class Merger:
     def _merged_input_statistics(self, bar=None) -> dict[ModelRef, dict[str, tuple]]:
         """``merged_inputs`` for the candidate being merged: measured again whenever its
         parameters differ from those of the last measurement."""
-        cols = self._current if self._current is not None else self.recipe_columns
-        key = repr([sorted(cols.params(i).items()) for i in range(len(self.tasks))])
+        if self._current is None:
+            self._begin(self.recipe_columns)
+        cols, key = self._current, self._current_key
         if self._sequential is None or self._sequential[0] != key:
             self._sequential = (key, self._merged_inputs(self._data_models(), cols, bar))
         return self._sequential[1]
@@ -515,7 +538,10 @@ class Merger:
             stats = {"merged_inputs": [out[m].get(nm) for m, nm in task.sources]}
             raw = self._read(task)
             base, tensors = self._prepare(task, raw)
-            state[name].copy_(self.method.fn(base, tensors, **params, statistics=stats))
+            try:
+                state[name].copy_(self.method.fn(base, tensors, **params, statistics=stats))
+            except (ValueError, RuntimeError) as e:
+                raise MergeError(f"tensor '{name}': {self.method.name} failed: {e}") from None
             self._release(task)
         if bar is not None:
             bar.update(len(refs))
