@@ -360,13 +360,18 @@ def _batches(n: int = 24, length: int = 14, seed: int = 0):
     return [(ids[i:i + 8], mask[i:i + 8]) for i in range(0, n, 8)]
 
 
-def test_correlation_is_pearsons():
+def test_correlation_is_pearsons_summed_batch_by_batch():
     import numpy as np
 
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(50, 3, generator=g, dtype=torch.float64), torch.randn(50, 4, generator=g, dtype=torch.float64)
+    a = a * torch.tensor([1.0, 10.0, 0.1], dtype=torch.float64) + 5.0  # scales and offsets of their own
     want = np.corrcoef(a.numpy().T, b.numpy().T)[:3, 3:]
-    assert np.allclose(A._correlation(a, b).numpy(), want, atol=1e-12)
+    assert np.allclose(A._correlation(a, b).numpy(), want, atol=1e-10)
+    m = A._Moments()
+    for i in range(0, 50, 7):
+        m.add(a[i:i + 7], b[i:i + 7])
+    assert np.allclose(m.correlation().numpy(), want, atol=1e-10)
 
 
 @pytest.mark.parametrize("name", ["llama-gqa", "gpt2", "qwen3"])
@@ -583,7 +588,7 @@ def test_activation_matching_with_names_the_live_model_lacks_is_named():
     sd = model.state_dict()
     lay = A.layout_of({f"outer.{k}": tuple(v.shape) for k, v in sd.items()}, model.config.to_dict())
     with pytest.raises(A.AlignError, match="do not carry the checkpoint's tensor names"):
-        A._features(lay, model, _batches()[:1])
+        A.ActivationMatching()(lay, model, model, _batches()[:1])
 
 
 def test_an_align_method_that_is_not_a_name_is_refused(fam):

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["AlignError", "Layout", "layout_of", "identity", "random_permutations", "permute", "weight_matching",
-           "activation_matching", "similarity", "AlignedCheckpoint", "WeightMatching", "ActivationMatching", "ALIGNERS"]
+           "activation_matching", "correlations", "similarity", "AlignedCheckpoint", "WeightMatching", "ActivationMatching", "ALIGNERS"]
 
 
 class AlignError(ValueError):
@@ -432,76 +432,105 @@ class WeightMatching:
 # --------------------------------------------------------------------------------------
 
 
-def _features(lay: Layout, model: torch.nn.Module, batches) -> dict[str, Tensor]:
-    """Each unit group's activations over the real tokens of ``batches`` (rows: tokens):
-    ``res:<i>`` the residual stream after block i (and the embeddings, i = 0), ``L.mlp`` the
-    MLP's hidden units (the down projection's input), ``L.o`` the attention heads' outputs
-    (the output projection's input, head-major)."""
+def _readers(lay: Layout, model: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, str]]:
+    """The linear layers whose input axis holds MLP units or attention-head outputs, by
+    weight name, with that group (``L.mlp``, ``L.o``)."""
     from .statistics import _linear_layers
 
-    readers = {}  # weight name -> the group its layer's input axis holds
+    out = {}
     for name, mod in _linear_layers(model).items():
         ax = lay.axes.get(name)
         if ax is None or len(ax) != 2:
             continue
         k = ax[1] if isinstance(mod, torch.nn.Linear) else ax[0]  # the input axis
         if k is not None and k[0] in ("mlp", "o"):
-            readers[name] = (mod, f"{k[1]}.{k[0]}")
-    feats: dict[str, list[Tensor]] = {}
-    keep: list[Tensor] = []
+            out[name] = (mod, f"{k[1]}.{k[0]}")
+    missing = sorted({f"{i}.{g}" for i in lay.layers for g in ("mlp", "o")} - {g for _, g in out.values()})
+    if missing:  # the live model's layer names are not the checkpoint's: nothing to match those units by
+        raise AlignError(f"activation matching: the live model's layers do not carry the checkpoint's tensor names "
+                         f"(no activations for {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''})")
+    return out
+
+
+@torch.no_grad()
+def _batch_features(model: torch.nn.Module, readers, ids: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    """One batch's activations over its real tokens (rows): ``res:<i>`` the residual stream
+    after block i (the embeddings, i = 0), and each reader's input (``L.mlp``, ``L.o``)."""
+    keep = mask.reshape(-1).bool()
+    feats: dict[str, Tensor] = {}
 
     def hook(group):
         def fn(module, args):
-            feats.setdefault(group, []).append(args[0].reshape(-1, args[0].shape[-1])[keep[0]].double())
+            feats[group] = args[0].reshape(-1, args[0].shape[-1])[keep].double()
         return fn
 
     handles = [mod.register_forward_pre_hook(hook(g)) for mod, g in readers.values()]
     try:
-        with torch.no_grad():
-            for ids, mask, *_ in batches:
-                keep[:] = [mask.reshape(-1).bool()]
-                out = model(input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=True)
-                for i, h in enumerate(out.hidden_states):
-                    feats.setdefault(f"res:{i}", []).append(h.reshape(-1, h.shape[-1])[keep[0]].double())
+        out = model(input_ids=ids, attention_mask=mask, use_cache=False, output_hidden_states=True)
     finally:
         for h in handles:
             h.remove()
-    missing = [f"{i}.{g}" for i in lay.layers for g in ("mlp", "o") if f"{i}.{g}" not in feats]
-    if missing:  # the live model's layer names are not the checkpoint's: nothing to match those units by
-        raise AlignError(f"activation matching: the live model's layers do not carry the checkpoint's tensor names "
-                         f"(no activations for {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''})")
-    return {k: torch.cat(v) for k, v in feats.items()}
+    for i, h in enumerate(out.hidden_states):
+        feats[f"res:{i}"] = h.reshape(-1, h.shape[-1])[keep].double()
+    return feats
+
+
+class _Moments:
+    """Running sums of two sets of columns over rows, for their Pearson correlations."""
+
+    def __init__(self):
+        self.n, self.sums = 0, None
+
+    def add(self, a: Tensor, b: Tensor) -> None:
+        parts = (a.sum(0), b.sum(0), (a * a).sum(0), (b * b).sum(0), a.T @ b)
+        self.sums = parts if self.sums is None else tuple(x + y for x, y in zip(self.sums, parts))
+        self.n += a.shape[0]
+
+    def correlation(self) -> Tensor:
+        sa, sb, saa, sbb, sab = (x / self.n for x in self.sums)
+        sda = (saa - sa * sa).clamp(min=0).sqrt() + 1e-8
+        sdb = (sbb - sb * sb).clamp(min=0).sqrt() + 1e-8
+        return (sab - sa[:, None] * sb[None, :]) / (sda[:, None] * sdb[None, :])
 
 
 def _correlation(a: Tensor, b: Tensor) -> Tensor:
     """Pearson correlations between the columns of ``a`` and of ``b`` (rows: samples)."""
-    a = (a - a.mean(0)) / (a.std(0, unbiased=False) + 1e-8)
-    b = (b - b.mean(0)) / (b.std(0, unbiased=False) + 1e-8)
-    return a.T @ b / a.shape[0]
+    m = _Moments()
+    m.add(a, b)
+    return m.correlation()
 
 
-def activation_matching(lay: Layout, ref: Mapping[str, Tensor], model: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def correlations(lay: Layout, ref: torch.nn.Module, model: torch.nn.Module, batches) -> dict[str, Tensor]:
+    """The correlation of every unit of ``ref`` with every unit of ``model`` in the same group
+    (the keys of ``_batch_features``), both run on the same batches; only running sums are
+    kept, batch by batch."""
+    ra, rb = _readers(lay, ref), _readers(lay, model)
+    acc: dict[str, _Moments] = {}
+    for ids, mask, *_ in batches:
+        fa, fb = _batch_features(ref, ra, ids, mask), _batch_features(model, rb, ids, mask)
+        for k, a in fa.items():
+            if k not in fb or fb[k].shape != a.shape:
+                raise AlignError(f"the activations '{k}' of the two models differ in shape")
+            acc.setdefault(k, _Moments()).add(a, fb[k])
+    return {k: m.correlation() for k, m in acc.items()}
+
+
+def activation_matching(lay: Layout, corr: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Permutations of a model that line its units up with the reference's by the
-    correlation of their activations on the same inputs (``_features`` of each): every
+    correlation of their activations on the same inputs (``correlations``): every
     group's assignment maximizes the summed correlation of matched units (Ainsworth et al.
     2023, activation matching; the first step of PLeaS). The residual stream's channels are
     matched over every block's output at once; a head's value dims are matched with the
     head; with grouped-query attention each key/value head's query heads are matched within
     it and the group's dims once for all of them."""
     perms = identity(lay)
-    for k in ref:
-        if k not in model or ref[k].shape != model[k].shape:
-            raise AlignError(f"the activations '{k}' of the two models differ in shape")
-    res = [k for k in ref if k.startswith("res:")]
-    perms["res"] = torch.from_numpy(_lap(sum(_correlation(ref[k], model[k]) for k in res).numpy())[0])
+    res = [k for k in corr if k.startswith("res:")]
+    perms["res"] = torch.from_numpy(_lap(sum(corr[k] for k in res).numpy())[0])
     hd, nh, nkv = lay.head_dim, lay.heads, lay.kv_heads
     r = nh // nkv
     for i in lay.layers:
-        if f"{i}.mlp" in ref:
-            perms[f"{i}.mlp"] = torch.from_numpy(_lap(_correlation(ref[f"{i}.mlp"], model[f"{i}.mlp"]).numpy())[0])
-        if f"{i}.o" not in ref:
-            continue
-        c = _correlation(ref[f"{i}.o"], model[f"{i}.o"]).reshape(nh, hd, nh, hd).permute(0, 2, 1, 3).numpy()
+        perms[f"{i}.mlp"] = torch.from_numpy(_lap(corr[f"{i}.mlp"].numpy())[0])
+        c = corr[f"{i}.o"].reshape(nh, hd, nh, hd).permute(0, 2, 1, 3).numpy()
         value = np.zeros((nkv, nkv))
         plans = {}
         for g in range(nkv):
@@ -536,8 +565,7 @@ class ActivationMatching:
         return {"version": 1}
 
     def __call__(self, lay: Layout, ref: torch.nn.Module, model: torch.nn.Module, batches) -> dict[str, Tensor]:
-        batches = list(batches)
-        return activation_matching(lay, _features(lay, ref, batches), _features(lay, model, batches))
+        return activation_matching(lay, correlations(lay, ref, model, batches))
 
 
 ALIGNERS = {"weight_matching": WeightMatching, "activation_matching": ActivationMatching}
