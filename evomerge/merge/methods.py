@@ -1189,6 +1189,27 @@ def _gram_solve(lhs: Tensor, rhs: Tensor) -> Tensor:
     return torch.linalg.solve(lhs + ridge * torch.eye(lhs.shape[0], dtype=lhs.dtype, device=lhs.device), rhs)
 
 
+def _least_squares(tensors, weight, stats, dt, out_dtype, out, what: str):
+    """The weight W solving sum_k w_k G_k W^T = sum_k w_k C_k W_k^T (per input ``(G_k, C_k,
+    in_first)``, ``in_first`` for a ``[in, out]`` weight): RegMean's and PLeaS's normal
+    equations."""
+    first = tensors[0]
+    lhs, rhs = None, None
+    for t, w, (g, c, in_first) in zip(tensors, weight, stats):
+        wt = t.to(torch.float64)
+        wt = wt if in_first else wt.T  # [in, out]
+        if g.shape != (wt.shape[0], wt.shape[0]) or c.shape != g.shape:
+            raise ValueError(f"{what} of shape {tuple(g.shape)} for a weight with {wt.shape[0]} inputs")
+        g, c = (x.to(device=first.device, dtype=torch.float64) for x in (g, c))
+        lhs = g * float(w) if lhs is None else lhs + g * float(w)
+        rhs = (c @ wt) * float(w) if rhs is None else rhs + (c @ wt) * float(w)
+    merged = _gram_solve(lhs, rhs)
+    merged = merged if stats[0][2] else merged.T
+    res = _alloc(first, out_dtype or dt, out)
+    res.copy_(merged.reshape(-1))
+    return res.reshape(first.shape)
+
+
 def _weighted_average(tensors, weight, dt, out_dtype, out):
     first = tensors[0]
     total = float(sum(weight))
@@ -1217,21 +1238,12 @@ def regmean(base, tensors, weight=None, alpha=0.9, statistics=None, out_dtype=No
         raise ValueError("regmean: the weights sum to zero")
     if any(g is None for g in grams) or first.dim() != 2:
         return _weighted_average(tensors, weight, dt, out_dtype, out)
-    lhs, rhs = None, None
-    for t, w, (g, in_first) in zip(tensors, weight, grams):
-        wt = t.to(torch.float64)
-        wt = wt if in_first else wt.T  # [in, out]
-        if g.shape != (wt.shape[0], wt.shape[0]):
-            raise ValueError(f"a Gram matrix of shape {tuple(g.shape)} for a weight with {wt.shape[0]} inputs")
+    scaled = []
+    for g, in_first in grams:
         g = g.to(device=first.device, dtype=torch.float64)
         g = g * float(alpha) + torch.diag(torch.diagonal(g)) * (1 - float(alpha))
-        lhs = g * float(w) if lhs is None else lhs + g * float(w)
-        rhs = (g @ wt) * float(w) if rhs is None else rhs + (g @ wt) * float(w)
-    merged = _gram_solve(lhs, rhs)
-    merged = merged if grams[0][1] else merged.T
-    res = _alloc(first, out_dtype or dt, out)
-    res.copy_(merged.reshape(-1))
-    return res.reshape(first.shape)
+        scaled.append((g, g, in_first))
+    return _least_squares(tensors, weight, scaled, dt, out_dtype, out, "a Gram matrix")
 
 
 def regmean_plus_plus(base, tensors, weight=None, alpha=0.9, statistics=None, out_dtype=None, out=None):
@@ -1267,21 +1279,7 @@ def pleas(base, tensors, weight=None, statistics=None, out_dtype=None, out=None)
         raise ValueError("pleas: the weights sum to zero")
     if any(x is None for x in stats) or first.dim() != 2:
         return _weighted_average(tensors, weight, dt, out_dtype, out)
-    lhs, rhs = None, None
-    for t, w, (g, c, in_first) in zip(tensors, weight, stats):
-        wt = t.to(torch.float64)
-        wt = wt if in_first else wt.T  # [in, out]
-        if g.shape != (wt.shape[0], wt.shape[0]) or c.shape != g.shape:
-            raise ValueError(f"merged-input statistics of shapes {tuple(g.shape)}, {tuple(c.shape)} for a weight "
-                             f"with {wt.shape[0]} inputs")
-        g, c = (x.to(device=first.device, dtype=torch.float64) for x in (g, c))
-        lhs = g * float(w) if lhs is None else lhs + g * float(w)
-        rhs = (c @ wt) * float(w) if rhs is None else rhs + (c @ wt) * float(w)
-    merged = _gram_solve(lhs, rhs)
-    merged = merged if stats[0][2] else merged.T
-    res = _alloc(first, out_dtype or dt, out)
-    res.copy_(merged.reshape(-1))
-    return res.reshape(first.shape)
+    return _least_squares(tensors, weight, stats, dt, out_dtype, out, "merged-input statistics")
 
 
 # --------------------------------------------------------------------------------------
