@@ -320,7 +320,9 @@ def run(cfg, run_dir: str | Path) -> dict:
         # found once here, and cached: every worker reads them from the cache
         once = Merger(space.recipe(space.x0))
         once.align(progress=bool(cfg.progress))
-        if any(n != "merged_inputs" for n in space.method.statistics):  # (those depend on each candidate)
+        from .merge.statistics import SEQUENTIAL
+
+        if any(n not in SEQUENTIAL for n in space.method.statistics):  # (those of the merge depend on each candidate)
             once.statistics(progress=bool(cfg.progress))
         del once
     eval_kw = _eval_kwargs(cfg, zoo)

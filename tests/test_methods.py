@@ -712,8 +712,9 @@ def test_pleas_and_regmean_plus_plus_by_hand():
         stats = {"merged_inputs": [(*s1, in_first), (*s2, in_first)]}
         close(M.pleas(None, [w1, w2], statistics=stats), [[(2 * 3 + 1 * 4) / 3]])
         close(M.pleas(None, [w1, w2], weight=[3.0, 1.0], statistics=stats), [[(3 * 2 * 3 + 1 * 4) / (3 + 2)]])
-        # RegMean++ reads only G: (1 * 3 + 2 * 4) / 3
-        close(M.regmean_plus_plus(None, [w1, w2], statistics=stats), [[11 / 3]])
+        # RegMean++ reads G alone: (1 * 3 + 2 * 4) / 3
+        grams = {"merged_grams": [(s1[0], in_first), (s2[0], in_first)]}
+        close(M.regmean_plus_plus(None, [w1, w2], statistics=grams), [[11 / 3]])
     # tensors without statistics (norms, embeddings, biases): the weighted average
     close(M.pleas(None, [T(1.0, 2.0), T(3.0, 6.0)], weight=[1.0, 3.0]), [2.5, 5.0])
     close(M.regmean_plus_plus(None, [T(1.0, 2.0), T(3.0, 6.0)], weight=[1.0, 3.0]), [2.5, 5.0])

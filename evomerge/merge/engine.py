@@ -114,7 +114,10 @@ class Merger:
                     raise MergeError(str(e)) from None
         self._aligned: dict[ModelRef, Any] = self._wrap_aligned() if recipe.align is not None else {}
         self.plan = Plan(recipe, self.models, out_dtype=out_dtype)
-        if recipe.align is not None or "merged_inputs" in self.method.statistics:
+        from .statistics import SEQUENTIAL
+
+        self._seq = next((n for n in self.method.statistics if n in SEQUENTIAL), None)  # measured on the merge
+        if recipe.align is not None or self._seq is not None:
             self._same_layers()
         self.recipe_columns = self.plan.columns()
         self.seeds = self.plan.seeds(self.seed)
@@ -123,7 +126,7 @@ class Merger:
         self._data_stats: dict[ModelRef, dict[str, dict[str, Tensor]]] | None = None  # per model
         self._current: Columns | None = None  # the candidate being merged (``_begin``)
         self._current_key: str | None = None  # its parameters, where a statistic depends on them
-        self._sequential: tuple[str, dict] | None = None  # (its parameters, the merged_inputs measured for them)
+        self._sequential: tuple[str, dict] | None = None  # (its parameters, the ``_seq`` measured for them)
 
     @property
     def tasks(self) -> list[TensorTask]:
@@ -191,9 +194,9 @@ class Merger:
 
     def _begin(self, cols: Columns) -> Columns:
         """The candidate about to be merged: statistics measured on the merge itself
-        (``merged_inputs``) are measured again when its parameters differ from those they
-        were measured for (compared once per candidate)."""
-        if "merged_inputs" in self.method.statistics and cols is not self._current:
+        (``statistics.SEQUENTIAL``) are measured again when its parameters differ from those
+        they were measured for (compared once per candidate)."""
+        if self._seq is not None and cols is not self._current:
             self._current_key = repr([sorted(cols.params(i).items()) for i in range(len(self.tasks))])
         self._current = cols
         return cols
@@ -414,7 +417,7 @@ class Merger:
                     first = (str(e).strip().splitlines() or [""])[0]
                     raise MergeError(f"model '{ref}' ({folder}): {type(e).__name__}: {first}") from None
                 if ref in self._aligned:  # the statistics of the model as it is read: permuted alike
-                    # (merged_inputs are measured on the aligned inputs already)
+                    # (the statistics of the merge are measured on the aligned inputs already)
                     out[ref] = {k: self._aligned_statistic(ref, k, v) for k, v in out[ref].items()}
                 gram = out[ref].get("gram")
                 if gram is not None:  # per token, once: a model with more data does not outweigh the others
@@ -424,7 +427,7 @@ class Merger:
                 if names and not any(n in v for v in out[ref].values() for n in names):
                     raise MergeError(f"model '{ref}': none of its tensors has a statistic ({', '.join(out[ref])}): "
                                      "the live model's parameter names differ from the checkpoint's")
-            if "merged_inputs" in self.method.statistics:
+            if self._seq is not None:
                 self._merged_input_statistics(bar)
         finally:
             if bar is not None:
@@ -433,7 +436,7 @@ class Merger:
         return out
 
     def _merged_input_statistics(self, bar=None) -> dict[ModelRef, dict[str, tuple]]:
-        """``merged_inputs`` for the candidate being merged: measured again whenever its
+        """The statistics of the merge (``_seq``) for the candidate being merged: measured again whenever its
         parameters differ from those of the last measurement."""
         if self._current is None:
             self._begin(self.recipe_columns)
@@ -444,9 +447,10 @@ class Merger:
 
     @torch.no_grad()
     def _merged_inputs(self, refs: list[ModelRef], cols: Columns, bar=None) -> dict[ModelRef, dict[str, tuple]]:
-        """Per model and linear layer, ``(G, C, in_first)``: G = Xm^T Xm / n and C = Xm^T X / n,
-        where Xm are the inputs the layer sees in the merged model and X those it sees in the
-        model (read through its permutations), both over the real tokens of the model's data.
+        """Per model and linear layer, ``(G, C, in_first)`` (``merged_inputs``) or ``(G,
+        in_first)`` (``merged_grams``): G = Xm^T Xm / n and C = Xm^T X / n, where Xm are the
+        inputs the layer sees in the merged model and X those it sees in the model (read
+        through its permutations), both over the real tokens of the model's data.
         The merged model is built as it goes: every tensor starts as the weighted average of
         the inputs, then the linear layers, in the order a forward pass reaches them, are each
         merged by the method from their statistics before the next is measured (RegMean++,
@@ -522,20 +526,22 @@ class Merger:
             for ref in refs:
                 own = dict(live[ref].named_modules())[name[: -len(".weight")]]
                 idx = self._aligned[ref].axis_index(name, 0 if in_first else 1) if ref in self._aligned else None
+                cross = self._seq == "merged_inputs"  # (RegMean++ reads G alone: no model run, no C)
                 g = c = None
                 n = 0
                 for ids, mask, *_ in data[ref]:
                     xm = inputs_at(merged, layers[name], ids, mask)
-                    x = inputs_at(live[ref], own, ids, mask)
-                    if idx is not None:
-                        x = x.index_select(1, idx)
                     g = xm.T @ xm if g is None else g + xm.T @ xm
-                    c = xm.T @ x if c is None else c + xm.T @ x
+                    if cross:
+                        x = inputs_at(live[ref], own, ids, mask)
+                        if idx is not None:
+                            x = x.index_select(1, idx)
+                        c = xm.T @ x if c is None else c + xm.T @ x
                     n += xm.shape[0]
-                out[ref][name] = (g / n, c / n, in_first)
+                out[ref][name] = (g / n, c / n, in_first) if cross else (g / n, in_first)
             i = index[name]
             params = {("lambda_" if k == "lambda" else k): v for k, v in cols.params(i).items()}
-            stats = {"merged_inputs": [out[m].get(nm) for m, nm in task.sources]}
+            stats = {self._seq: [out[m].get(nm) for m, nm in task.sources]}
             raw = self._read(task)
             base, tensors = self._prepare(task, raw)
             try:
@@ -573,7 +579,7 @@ class Merger:
         out: dict[str, list] = {}
         for name in self.method.statistics:
             vals = []
-            if name == "merged_inputs":
+            if name == self._seq:
                 seq = self._merged_input_statistics()
                 out[name] = [seq.get(m, {}).get(n) for m, n in task.sources]
                 continue

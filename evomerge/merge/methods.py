@@ -1249,14 +1249,13 @@ def regmean(base, tensors, weight=None, alpha=0.9, statistics=None, out_dtype=No
 def regmean_plus_plus(base, tensors, weight=None, alpha=0.9, statistics=None, out_dtype=None, out=None):
     """RegMean++: RegMean (``regmean``) with each layer's Gram matrices taken over the inputs
     the layer sees in the merged model, whose earlier layers are already merged, on each
-    model's data (``statistics["merged_inputs"]``: per input ``(G_k, C_k, in_first)``; only
-    ``G_k`` is read here), so that each layer's fit accounts for what the merge did before it.
+    model's data (``statistics["merged_grams"]``: per input ``(G_k, in_first)``), so that each
+    layer's fit accounts for what the merge did before it.
 
     Nguyen et al. 2025, "RegMean++: Enhancing Effectiveness and Generalization of Regression
     Mean for Model Merging", https://arxiv.org/abs/2508.03121.
     """
-    _, _, stats = _with_statistics(tensors, weight, statistics, "merged_inputs", "merged-input statistics")
-    grams = [None if x is None else (x[0], x[2]) for x in stats]
+    _, _, grams = _with_statistics(tensors, weight, statistics, "merged_grams", "Gram matrices")
     return regmean(base, tensors, weight, alpha, statistics={"gram": grams}, out_dtype=out_dtype, out=out)
 
 
@@ -1439,7 +1438,7 @@ METHODS: dict[str, MethodSpec] = {
     "regmean_plus_plus": MethodSpec(
         "regmean_plus_plus", regmean_plus_plus,
         (_SHARE, _ALPHA),
-        needs_base=False, base_in_inputs=True, statistics=("merged_inputs",),
+        needs_base=False, base_in_inputs=True, statistics=("merged_grams",),
         reference="https://arxiv.org/abs/2508.03121",
     ),
     "pleas": MethodSpec(

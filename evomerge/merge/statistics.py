@@ -39,8 +39,8 @@ from typing import Iterable, Protocol, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["Statistic", "GramMatrix", "FisherDiagonal", "STATISTICS", "StatisticCache", "compute", "batches",
-           "examples", "model_fingerprint"]
+__all__ = ["Statistic", "GramMatrix", "FisherDiagonal", "STATISTICS", "SEQUENTIAL", "StatisticCache", "compute",
+           "batches", "examples", "model_fingerprint"]
 
 Batch = tuple[Tensor, ...]  # (input_ids, attention_mask[, scored]), right-padded
 
@@ -399,3 +399,11 @@ def compute(stat: Statistic, model, data: Sequence[Batch], *, cache: StatisticCa
         warnings.warn(f"statistics cache '{cache.root}' cannot be written ({e}); the {stat.name} statistic "
                       "is not kept for the next merge", stacklevel=2)
     return values
+
+
+# Statistics of the merge itself: measured layer by layer on the merged model as it is built
+# (``Merger._merged_inputs``), for each candidate, never cached. Per linear layer and model:
+SEQUENTIAL = {
+    "merged_grams": "(G, in_first): G = Xm^T Xm / n over the inputs Xm the layer sees in the merged model",
+    "merged_inputs": "(G, C, in_first): G as above and C = Xm^T X / n, X the inputs the layer sees in the model",
+}
