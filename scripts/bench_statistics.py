@@ -70,7 +70,9 @@ def main() -> int:
     ap.add_argument("--chars", type=int, default=64, help="characters per record (one token each here)")
     ap.add_argument("--sequential-examples", type=int, default=4,
                     help="records for regmean_plus_plus and pleas (each linear layer runs every model over them)")
-    ap.add_argument("--skip", default="", help="comma-separated parts to leave out: statistics,data,align,sequential")
+    ap.add_argument("--skip", default="",
+                    help="comma-separated parts to leave out: statistics,data,align,sequential (or one of its methods, "
+                         "regmean_plus_plus or pleas)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--root", default=".bench/merge")
     ap.add_argument("--one", nargs=3, metavar=("STAT", "MODEL", "DATA"), help=argparse.SUPPRESS)
@@ -118,7 +120,7 @@ def main() -> int:
         runs = [] if "align" in skip else [("weight_matching", {}, ("alignment and merge", "merge, permutations cached"))]
         if "sequential" not in skip:
             runs += [(m, {"data": {"path": str(small), "text": "text", "batch_size": 8}}, ("statistics and merge",))
-                     for m in ("regmean_plus_plus", "pleas")]
+                     for m in ("regmean_plus_plus", "pleas") if m not in skip]
         for method, extra, labels in runs:
             rec = {"merge_method": method, "models": [{"model": str(p)} for p in paths[1:3]], "dtype": "float32",
                    "out_dtype": "bfloat16", **extra}
