@@ -492,7 +492,8 @@ class Merger:
             folder = self.models[ref].folder
             try:
                 data[ref] = self._batches(ref, self.recipe.data_for(ref))
-                live[ref] = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+                if self._seq == "merged_inputs":  # (the models' own inputs: RegMean++ reads none)
+                    live[ref] = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
             except MergeError:
                 raise
             except Exception as e:  # a tokenizer or model transformers cannot load, bad data
@@ -524,7 +525,7 @@ class Merger:
             task = self.tasks[index[name]]
             in_first = not isinstance(layers[name], torch.nn.Linear)
             for ref in refs:
-                own = dict(live[ref].named_modules())[name[: -len(".weight")]]
+                own = dict(live[ref].named_modules())[name[: -len(".weight")]] if ref in live else None
                 idx = self._aligned[ref].axis_index(name, 0 if in_first else 1) if ref in self._aligned else None
                 cross = self._seq == "merged_inputs"  # (RegMean++ reads G alone: no model run, no C)
                 g = c = None
