@@ -144,9 +144,10 @@ def main() -> int:
               f"{p7 / params:.0f}x this model's time per record, the Gram pass about the same factor", flush=True)
         print(f"(here: Fisher {params * 8 / 2**30:.1f} GiB, Gram matrices {here_gram * 8 / 2**30:.1f} GiB per model)")
         print(f"7B alignment: weight matching holds the reference and the model in float32, "
-              f"{2 * p7 * 4 / 2**30:.0f} GiB; regmean_plus_plus and pleas hold every model and the merged one "
-              f"live in float32, {3 * p7 * 4 / 2**30:.0f} GiB for two models, and run a forward pass per linear "
-              f"layer ({layers * 7 + 1} of them) and model over the data")
+              f"{2 * p7 * 4 / 2**30:.0f} GiB; pleas holds every model and the merged one live in float32, "
+              f"{3 * p7 * 4 / 2**30:.0f} GiB for two models, regmean_plus_plus the merged one, "
+              f"{p7 * 4 / 2**30:.0f} GiB; both run a forward pass per linear layer ({layers * 7 + 1} of them) "
+              "over the data")
     return 0
 
 
