@@ -112,6 +112,7 @@ class Merger:
                     self.models[ref] = Checkpoint.open(ref, allow_pickle=allow_pickle)
                 except CheckpointError as e:
                     raise MergeError(str(e)) from None
+        self._ref_key: dict[ModelRef, str] = {}  # the alignment reference's weight fingerprint
         self._aligned: dict[ModelRef, Any] = self._wrap_aligned() if recipe.align is not None else {}
         self.plan = Plan(recipe, self.models, out_dtype=out_dtype)
         from .statistics import SEQUENTIAL
@@ -268,8 +269,10 @@ class Merger:
                 first = (str(e).strip().splitlines() or [""])[0]
                 raise MergeError(f"model '{ref}' ({refck.folder}): {type(e).__name__}: {first}") from None
         try:
+            if ref not in self._ref_key:  # the reference's bytes hashed once, not once per aligned model
+                self._ref_key[ref] = S.model_fingerprint(refck.folder, contents=True)
             key = cache.key(aligner, f"{S.model_fingerprint(inner.folder, contents=True)}|"
-                                     f"{S.model_fingerprint(refck.folder, contents=True)}|"
+                                     f"{self._ref_key[ref]}|"
                                      f"{json.dumps(lay.signature(), sort_keys=True)}", batches)
         except (OSError, ValueError) as e:
             raise MergeError(f"align: cannot read the weights of model '{r}' or '{ref}': {e}") from None
