@@ -12,8 +12,10 @@ merge from it) and ``summary.json``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -114,12 +116,25 @@ def check_config(cfg) -> None:
     reads = (f"merge method '{method.name}' reads data" if method is not None and method.statistics else
              f"merge.align={align_method} runs the models on data"
              if align_method in ALIGNERS and ALIGNERS[align_method].needs_data else None)
-    if reads:
-        data = cfg.merge.get("data") or {}
-        if not hasattr(data, "get") or not (data.get("path") or data.get("paths")):
-            raise ConfigError(f"merge.data.path: {reads}; give merge.data.path=FILE.jsonl "
-                              "(JSON lines; merge.data.text and merge.data.target name its fields), or "
-                              "merge.data.paths=[FILE,...] with one file per model")
+    data = cfg.merge.get("data") or {}
+    if reads and (not hasattr(data, "get") or not any(data.get(k) for k in ("path", "paths", "dataset",
+                                                                             "eval_split"))):
+        raise ConfigError(f"merge.data.path: {reads}; give merge.data.path=FILE.jsonl "
+                          "(JSON lines; merge.data.text and merge.data.target name its fields), "
+                          "merge.data.paths=[FILE,...] with one file per model, merge.data.dataset=NAME_OR_DIR "
+                          "(a datasets dataset; merge.data.split), or merge.data.eval_split=search (the "
+                          "evaluator's unlabeled prompts of its search split)")
+    if hasattr(data, "get") and data.get("eval_split") is not None:
+        if data.get("eval_split") != "search":
+            raise ConfigError(f"merge.data.eval_split: only 'search' (the test split is held out), got "
+                              f"{data.get('eval_split')!r}")
+        taken = [k for k in ("path", "paths", "dataset", "target") if data.get(k) is not None]
+        if taken:
+            raise ConfigError(f"merge.data.eval_split: the evaluator's unlabeled prompts are the data; drop "
+                              f"merge.data.{taken[0]}")
+    elif hasattr(data, "get") and data.get("tasks") is not None:
+        raise ConfigError("merge.data.tasks: names the evaluator's task each model reads with "
+                          "merge.data.eval_split=search; without it there is nothing to name")
     if cfg.merge.get("align") is not None:
         from .recipe import AlignSpec
 
@@ -216,16 +231,24 @@ def _plain(node) -> Any:
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else (node or {})
 
 
-def build_space(cfg, base: str | None, experts: list[str]):
-    """The genome space a composed config describes (``merge`` and ``space`` groups)."""
+# merge.data keys the app reads itself: the evaluator's split whose prompts it writes into
+# data files for the merge, and which task's prompts each model reads
+_EVAL_DATA_KEYS = ("eval_split", "tasks")
+
+
+def build_space(cfg, base: str | None, experts: list[str], data_paths: dict | None = None):
+    """The genome space a composed config describes (``merge`` and ``space`` groups);
+    ``data_paths`` (``{"paths": [...]}``) replaces the merge's data source."""
     from .space import Space
 
     ranges = _plain(cfg.space.get("ranges"))
     search = {p: ranges.get(p, {}) for p in (cfg.merge.search or [])}
+    data = {k: v for k, v in (_plain(cfg.merge.get("data")) or {}).items() if k not in _EVAL_DATA_KEYS}
+    data.update(data_paths or {})
     return Space(cfg.merge.method, experts, base_model=base, search=search, fixed=_plain(cfg.merge.get("fixed")),
                  granularity=cfg.space.granularity, layer_granularity=cfg.space.get("layer_granularity", 1),
                  smoothing=cfg.space.get("smoothing"), dtype=cfg.merge.get("dtype", "float32"),
-                 data=_plain(cfg.merge.get("data")) or None, align=_plain(cfg.merge.get("align")) or None)
+                 data=data or None, align=_plain(cfg.merge.get("align")) or None)
 
 
 _DATA_EVALS = ("accuracy", "exact_match", "choice", "perplexity", "entropy")
@@ -269,6 +292,7 @@ _NEUTRAL = {
     ("search", "restarts"): 0,
     ("search", "incpopsize"): 2,
     ("fidelity",): {"share": 1.0, "promote": 0.25, "window": 16},
+    **{("merge", "data", key): None for key in ("dataset", "subset", "split", "revision", "eval_split", "tasks")},
 }
 
 
@@ -314,6 +338,11 @@ def run(cfg, run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     base, experts, zoo = _models(cfg)
     space = build_space(cfg, base, experts)
+    eval_kw = _eval_kwargs(cfg, zoo)
+    evaluator = build(cfg.eval, **eval_kw)
+    split = (cfg.merge.get("data") or {}).get("eval_split")
+    if split is not None:  # the evaluator's prompts, one data file per task, in the run directory
+        space = build_space(cfg, base, experts, eval_data(cfg, evaluator, space.models, zoo, run_dir, split))
     if space.method.statistics or space.recipe(space.x0).align is not None:
         from .merge.engine import Merger
 
@@ -325,8 +354,6 @@ def run(cfg, run_dir: str | Path) -> dict:
         if any(n not in SEQUENTIAL for n in space.method.statistics):  # (those of the merge depend on each candidate)
             once.statistics(progress=bool(cfg.progress))
         del once
-    eval_kw = _eval_kwargs(cfg, zoo)
-    evaluator = build(cfg.eval, **eval_kw)
     scoring = _scoring(cfg, evaluator, has_base=space.base_model is not None)
     strat_kw: dict[str, Any] = {"seed": int(cfg.seed)}
     target = cfg.search.get("_target_", "")
@@ -395,6 +422,57 @@ def run(cfg, run_dir: str | Path) -> dict:
     _report(run_dir)
     _print_summary(outcome.summary, run_dir)
     return outcome.summary
+
+
+def eval_data(cfg, evaluator, models: list[str], zoo, run_dir: Path, split: str) -> dict[str, Any]:
+    """``merge.data.eval_split``: the evaluator's unlabeled prompts of ``split`` written as
+    JSON-lines files under ``run_dir/data`` (one per task, and ``all.jsonl`` for every task),
+    and the data each of ``models`` reads: ``merge.data.tasks`` (a task, or null for every
+    task, per model in order), else a zoo expert's own task and every task for the others.
+    Returns the merge's data source (``{"paths": [...]}``)."""
+    from .evaluate import EvaluationError
+
+    if not hasattr(evaluator, "inputs"):
+        raise ConfigError(f"merge.data.eval_split: eval={cfg.eval.get('name')} offers no unlabeled prompts; "
+                          "give merge.data.path=FILE.jsonl (or merge.data.dataset) instead")
+    data = cfg.merge.get("data") or {}
+    tasks = data.get("tasks")
+    if tasks is not None:
+        tasks = list(tasks)
+        if len(tasks) != len(models):
+            raise ConfigError(f"merge.data.tasks: one task (or null: every task) per model, {len(models)} in the "
+                              f"order {', '.join(models)}; got {tasks!r}")
+    else:
+        own = {str(p): t for t, p in zoo.experts.items()} if zoo is not None else {}
+        tasks = [own.get(m) if own.get(m) in evaluator.tasks else None for m in models]
+    field = str(data.get("text") or "text")
+    folder = run_dir / "data"
+    paths = []
+    for task in tasks:
+        try:
+            prompts = evaluator.inputs(split, None if task is None else [str(task)])
+        except EvaluationError as e:
+            raise ConfigError(f"merge.data.tasks: {e}") from None
+        if not prompts:
+            raise ConfigError(f"merge.data.eval_split: the evaluator has no {split} prompts for "
+                              f"{'task ' + repr(task) if task is not None else 'any task'}")
+        name = "all" if task is None else str(task)
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
+            name = "task-" + hashlib.sha256(name.encode()).hexdigest()[:16]
+        path = folder / f"{name}.jsonl"
+        text = "".join(json.dumps({field: p}) + "\n" for p in prompts)
+        if path.exists():  # a resume writes the same prompts; other ones are another search's
+            if not path.is_file() or path.read_bytes() != text.encode("utf-8"):
+                raise ConfigError(f"merge.data.eval_split: {path} holds other data than the evaluator's {split} "
+                                  f"prompts{'' if task is None else ' of task ' + repr(task)}; run the search "
+                                  "in another directory")
+        else:
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, path)
+        paths.append(str(path.resolve()))
+    return {"paths": paths}
 
 
 def _report(run_dir: Path) -> None:

@@ -84,7 +84,8 @@ _TOP_KEYS = (
     "tokenizer_source", "tokenizer", "chat_template", "name", "data", "align",
 )
 _MODEL_KEYS = ("model", "parameters", "data")
-_DATA_KEYS = ("path", "text", "target", "limit", "batch_size", "fisher")
+_DATA_KEYS = ("path", "dataset", "subset", "split", "revision", "text", "target", "limit", "batch_size", "fisher")
+_DATA_SOURCE_KEYS = ("path", "dataset", "subset", "split", "revision")  # where the examples come from
 _ALIGN_KEYS = ("method", "reference", "max_sweeps", "seed")
 _SOURCE_KEYS = ("model", "layer_range", "parameters")
 _SLICE_KEYS = ("sources", "base_model", "parameters", "residual_weight")
@@ -130,24 +131,65 @@ class ModelRef:
 
 @dataclass(frozen=True)
 class DataSpec:
-    """Where a data-reading method takes a model's examples (the recipe's ``data``)."""
+    """Where a data-reading method takes a model's examples (the recipe's ``data``): a
+    JSON-lines file (``path``), or a ``datasets`` dataset (``dataset``: a hub id or a local
+    folder, with its ``subset``, ``split`` and ``revision``)."""
 
-    path: str | None  # None only in a top level whose models each name their own file
+    path: str | None  # None only in a top level whose models each name their own source
     text: str = "text"
     target: str | None = None
     limit: int = 256
     batch_size: int = 16
     fisher: str = "empirical"  # the tokens a Fisher scores: the data's (empirical) or drawn from the model (sampled)
+    dataset: str | None = None
+    subset: str | None = None
+    split: str = "train"
+    revision: str | None = None
+
+    @property
+    def given(self) -> bool:
+        """Whether it names a source of examples (a file or a dataset)."""
+        return self.path is not None or self.dataset is not None
+
+    def describe(self) -> str:
+        """The source, for messages."""
+        if self.path is not None:
+            return f"data file '{self.path}'"
+        sub = f", subset '{self.subset}'" if self.subset else ""
+        rev = f" at revision '{self.revision}'" if self.revision else ""
+        return f"dataset '{self.dataset}'{sub}{rev}, split '{self.split}'"
 
     @classmethod
     def parse(cls, value: Any, where: str, default: "DataSpec | None" = None, need_path: bool = True) -> "DataSpec":
         """A ``data`` mapping, its missing keys taken from ``default`` (the top level's,
-        which may leave ``path`` to each model's own entry)."""
+        which may leave the source to each model's own entry). A model entry that names a
+        source (``path`` or ``dataset``) takes none of the top level's source keys."""
         d = _check_keys(value, _DATA_KEYS, where)
-        merged = {"path": None, **(default.__dict__ if default is not None else {}), **d}
-        path = merged["path"]
-        if (path is not None or need_path) and (not isinstance(path, str) or not path.strip()):
-            raise RecipeError(f"{where}.path: expected the path of a JSON-lines file, got {path!r}")
+        inherited = dict(default.__dict__) if default is not None else {}
+        if "path" in d or "dataset" in d:
+            for key in _DATA_SOURCE_KEYS:
+                inherited.pop(key, None)
+        merged = {"path": None, **inherited, **d}
+        path, dataset = merged.get("path"), merged.get("dataset")
+        if path is not None and dataset is not None:
+            raise RecipeError(f"{where}: give either 'path' (a JSON-lines file) or 'dataset' (a datasets name or "
+                              f"folder), not both")
+        if dataset is not None:
+            if not isinstance(dataset, str) or not dataset.strip():
+                raise RecipeError(f"{where}.dataset: expected a dataset's hub id or local folder, got {dataset!r}")
+            for key in ("subset", "split", "revision"):
+                v = merged.get(key)
+                if v is not None and (not isinstance(v, str) or not v.strip()):
+                    raise RecipeError(f"{where}.{key}: expected a name, got {v!r}")
+        else:
+            for key in ("subset", "revision", "split"):
+                if (d if key == "split" else merged).get(key) is not None:
+                    raise RecipeError(f"{where}.{key}: only a 'dataset' has a {key}; a 'path' names one file")
+            if (path is not None or need_path) and (not isinstance(path, str) or not path.strip()):
+                raise RecipeError(f"{where}.path: expected the path of a JSON-lines file (or give 'dataset': a "
+                                  f"datasets name or folder), got {path!r}")
+        if merged.get("split") is None:
+            merged.pop("split", None)
         for key in ("text", "target"):
             v = merged.get(key)
             if v is not None and (not isinstance(v, str) or not v):
@@ -233,7 +275,7 @@ class Recipe:
     def data_for(self, model: ModelRef) -> DataSpec | None:
         """The examples a data-reading method takes for ``model`` (None: no file named)."""
         spec = self.model_data.get(model, self.data)
-        return spec if spec is not None and spec.path is not None else None
+        return spec if spec is not None and spec.given else None
 
     def referenced_models(self) -> list[ModelRef]:
         seen: dict[ModelRef, None] = {}

@@ -197,6 +197,21 @@ def test_bad_config_values_fail_before_anything_loads(tmp_path, override, expect
     assert not zoo.exists() and not (run / "trials.jsonl").exists()
 
 
+@pytest.mark.parametrize("override,expect", [
+    ("merge.data.eval_split=test", "merge.data.eval_split: only 'search' (the test split is held out)"),
+    ("merge.data.eval_split=search merge.data.path=x.jsonl", "drop merge.data.path"),
+    ("merge.data.eval_split=search merge.data.target=a", "drop merge.data.target"),
+    ("merge.data.path=x.jsonl merge.data.tasks=[a]", "merge.data.tasks: names the evaluator's task"),
+])
+def test_bad_data_sources_of_a_search_fail_before_anything_loads(tmp_path, override, expect):
+    zoo = tmp_path / "no_zoo_here"
+    run = tmp_path / "run"
+    p = evomerge([f"models.zoo_dir={zoo}", "merge=fisher", *override.split()], run)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 2 and expect in err, err[-2000:]
+    assert not zoo.exists() and not (run / "trials.jsonl").exists() and not (run / "data").exists()
+
+
 @pytest.mark.parametrize("override", [
     "+search.foo={_target_:evomerge.trials.atomic_write,path:PATH,data:hi}",
     "search._target_=evomerge.trials.atomic_write",

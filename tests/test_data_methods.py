@@ -103,6 +103,85 @@ def test_a_top_level_without_a_path_leaves_it_to_each_model(fam, tmp_path):
         parse_recipe(rec)
 
 
+@pytest.mark.parametrize("data,needle", [
+    ({"path": "x.jsonl", "dataset": "org/set"}, "give either 'path' (a JSON-lines file) or 'dataset'"),
+    ({"path": "x.jsonl", "subset": "en"}, "data.subset: only a 'dataset' has a subset"),
+    ({"path": "x.jsonl", "split": "train"}, "data.split: only a 'dataset' has a split"),
+    ({"dataset": ""}, "data.dataset: expected a dataset's hub id or local folder"),
+    ({"dataset": "org/set", "split": 3}, "data.split: expected a name"),
+])
+def test_bad_dataset_entries_are_named(fam, data, needle):
+    rec = _recipe(fam, "fisher")
+    rec["data"] = data
+    with pytest.raises(RecipeError) as e:
+        parse_recipe(rec)
+    assert needle in str(e.value)
+
+
+def test_a_model_entry_with_a_path_takes_none_of_the_top_levels_dataset_keys(fam):
+    rec = _recipe(fam, "fisher")
+    rec["data"] = {"dataset": "org/set", "subset": "en", "split": "validation", "text": "q"}
+    rec["models"][1]["data"] = {"path": "own.jsonl"}
+    r = parse_recipe(rec)
+    (m0, m1) = [s.model for s in r.slices[0].sources]
+    assert r.data_for(m0) == DataSpec(None, text="q", dataset="org/set", subset="en", split="validation")
+    assert r.data_for(m1) == DataSpec("own.jsonl", text="q")
+    assert r.data_for(m1).describe() == "data file 'own.jsonl'"
+    assert r.data_for(m0).describe() == "dataset 'org/set', subset 'en', split 'validation'"
+
+
+def _dataset_folder(tmp_path, rows, split="validation"):
+    """A local ``datasets`` folder: a training file of other rows, and ``split``'s file."""
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    (folder / "train.jsonl").write_text(json.dumps({"q": "inc:1=", "a": "2"}) + "\n")
+    (folder / f"{split}.jsonl").write_text("".join(json.dumps({"q": q, "a": a}) + "\n" for q, a in rows))
+    return folder
+
+
+def test_data_from_a_datasets_folder_gives_the_merge_of_the_same_rows_in_a_file(fam, tmp_path, monkeypatch):
+    """``data: {dataset: FOLDER, split: validation}`` reads the split's rows (streamed, the
+    first ``limit``) and gives the weights the same rows in a JSON-lines file give."""
+    monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    folder = _dataset_folder(tmp_path, ROWS + [("rev:zz=", "zz")])
+    rec = _recipe(fam, "regmean")
+    rec["data"] = {"path": fam["data"], "text": "q", "target": "a", "batch_size": 2, "limit": len(ROWS)}
+    from_file = load_file(str(Merger(parse_recipe(rec)).write(tmp_path / "file") / "model.safetensors"))
+    rec["data"] = {"dataset": str(folder), "split": "validation", "text": "q", "target": "a", "batch_size": 2,
+                   "limit": len(ROWS)}
+    r = parse_recipe(rec)
+    batches = S.examples(r.data, AutoTokenizer.from_pretrained(fam["expert_0"]))
+    assert sum(int(b[0].shape[0]) for b in batches) == len(ROWS)  # the limit, and not the training split's row
+    from_set = load_file(str(Merger(r).write(tmp_path / "set") / "model.safetensors"))
+    assert from_file.keys() == from_set.keys()
+    assert all(torch.equal(from_file[k], from_set[k]) for k in from_file)
+    # another split of the folder is other data: other weights
+    rec["data"]["split"] = "train"
+    other = load_file(str(Merger(parse_recipe(rec)).write(tmp_path / "train") / "model.safetensors"))
+    assert any(not torch.equal(other[k], from_set[k]) for k in other)
+
+
+@pytest.mark.parametrize("change,needles", [
+    ({"split": "bogus"}, ["split 'bogus'", "Bad split"]),
+    ({"dataset": "no-such-org/no-such-set"}, ["dataset 'no-such-org/no-such-set'", "cannot be read"]),
+    ({"text": "question"}, ["row 0: no field 'question'"]),
+])
+def test_a_dataset_that_cannot_be_read_names_it(fam, tmp_path, change, needles):
+    folder = _dataset_folder(tmp_path, ROWS)
+    rec = _recipe(fam, "fisher")
+    rec["data"] = {"dataset": str(folder), "split": "validation", "text": "q", "target": "a", **change}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "EVOMERGE_CACHE": str(tmp_path / "c")}
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "evomerge.cli", _write(tmp_path, rec), str(out), "--no-progress"],
+                       capture_output=True, text=True, env=env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert all(n in last for n in needles), last
+    assert not out.exists()
+    assert sorted(p.name for p in folder.iterdir()) == ["train.jsonl", "validation.jsonl"]  # the input untouched
+
+
 def test_a_model_listed_twice_with_other_data_is_refused(fam):
     rec = _recipe(fam, "fisher")
     rec["models"] = [{"model": fam["expert_0"], "data": {"path": "a.jsonl"}},

@@ -275,6 +275,84 @@ def test_a_search_over_a_merge_that_reads_data(words, tmp_path, method):
     assert [m["data"]["path"] for m in recipe["models"]] == [str(x) for x in paths]
 
 
+def _words_evaluator(words, limit=10):
+    from evomerge.evaluate import build_evaluator
+
+    return build_evaluator("accuracy", data_dir=str(words.root / "data"), tasks=list(words.tasks),
+                           search_split="dev", fields={"prompt": "question", "answer": "target"}, limit=limit)
+
+
+def test_a_search_reads_the_evaluators_search_prompts_as_its_data(words, tmp_path):
+    """merge.data.eval_split=search on the GPT-2 family: the evaluator's search prompts of
+    each model's task (merge.data.tasks; null: every task) become the run's data files, the
+    statistics are computed on them once per model, and the exported recipe names them."""
+    import yaml
+
+    run = tmp_path / "run"
+    tasks = list(words.tasks)
+    cache = tmp_path / "cache"
+    over = ["merge=fisher", "merge.data.eval_split=search", f"merge.data.tasks=[null,{','.join(tasks)}]",
+            "merge.data.fisher=sampled", "space=per_model", "search=random", "budget=2"]
+    p = subprocess.run([sys.executable, "-m", "evomerge.app", *on_words(words, run, *over, limit=10)], cwd=tmp_path,
+                       capture_output=True, text=True, env={**env(), "EVOMERGE_CACHE": str(cache)}, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ev = _words_evaluator(words)
+    files = [run / "data" / "all.jsonl"] + [run / "data" / f"{t}.jsonl" for t in tasks]
+    for f, t in zip(files, [None, *tasks]):
+        assert [json.loads(line)["text"] for line in f.read_text().splitlines()] == ev.inputs(
+            "search", None if t is None else [t])
+    assert len(ev.inputs("search", [tasks[0]])) == 10  # the search split's subsample (eval.limit), not the file
+    recipe = yaml.safe_load((run / "best_recipe.yaml").read_text())
+    assert [m["data"]["path"] for m in recipe["models"]] == [str(f.resolve()) for f in files]
+    assert "eval_split" not in recipe["data"] and "tasks" not in recipe["data"]  # the app's, not the recipe's
+    assert len([d for d in (cache / "statistics").iterdir() if d.is_dir()]) == len(files)
+    # a resume rewrites nothing and computes nothing again
+    stamps = [f.stat().st_mtime_ns for f in files]
+    p = subprocess.run([sys.executable, "-m", "evomerge.app", *on_words(words, run, *over, limit=10), "resume=true",
+                        "budget=3"], cwd=tmp_path, capture_output=True, text=True,
+                       env={**env(), "EVOMERGE_CACHE": str(cache)}, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+    assert len([d for d in (cache / "statistics").iterdir() if d.is_dir()]) == len(files)
+
+
+def test_the_evaluators_prompts_per_model_and_their_mistakes(words, tmp_path):
+    """Without merge.data.tasks a zoo expert reads its own task's prompts and every other
+    model every task's; a wrong count, an unknown task, an evaluator without prompts and a
+    data folder holding other prompts are refused by name."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from evomerge.app import ConfigError, eval_data
+
+    ev = _words_evaluator(words)
+    tasks = list(words.tasks)
+    zoo = SimpleNamespace(experts={t: Path(p) for t, p in words.experts.items()})
+    models = [str(words.base), *(str(words.experts[t]) for t in tasks)]
+    cfg = OmegaConf.create({"merge": {"data": {"eval_split": "search", "tasks": None, "text": "q"}},
+                            "eval": {"name": "accuracy"}})
+    got = eval_data(cfg, ev, models, zoo, tmp_path / "run", "search")
+    assert got == {"paths": [str((tmp_path / "run" / "data" / f"{n}.jsonl").resolve()) for n in ["all", *tasks]]}
+    assert [json.loads(x)["q"] for x in Path(got["paths"][1]).read_text().splitlines()] == ev.inputs("search",
+                                                                                                    [tasks[0]])
+    assert eval_data(cfg, ev, models, zoo, tmp_path / "run", "search") == got  # again: the same files
+    cfg.merge.data.tasks = [None]
+    with pytest.raises(ConfigError, match="merge.data.tasks: one task .* per model"):
+        eval_data(cfg, ev, models, zoo, tmp_path / "r2", "search")
+    cfg.merge.data.tasks = ["nope"] + tasks
+    with pytest.raises(ConfigError, match="unknown task.*'nope'"):
+        eval_data(cfg, ev, models, zoo, tmp_path / "r3", "search")
+    cfg.merge.data.tasks = None
+    with pytest.raises(ConfigError, match="offers no unlabeled prompts"):
+        eval_data(cfg, object(), models, zoo, tmp_path / "r4", "search")
+    other = tmp_path / "run" / "data" / f"{tasks[0]}.jsonl"  # another search's prompts: never overwritten
+    other.write_text('{"q": "mine"}\n')
+    with pytest.raises(ConfigError, match="holds other data"):
+        eval_data(cfg, ev, models, zoo, tmp_path / "run", "search")
+    assert other.read_text() == '{"q": "mine"}\n'
+
+
 def test_a_search_that_aligns_the_models_first(words, tmp_path):
     """merge.align=weight_matching before TIES on the GPT-2 family: every expert's
     permutations onto the base found once (before the workers start) and cached; the

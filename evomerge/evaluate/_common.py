@@ -32,6 +32,17 @@ def check_split(split: str) -> str:
     return split
 
 
+def check_tasks(known: Sequence[str], tasks: Sequence[str] | None) -> list[str]:
+    """``tasks`` (default: every one ``known``), each checked to be one of them."""
+    if tasks is None:
+        return list(known)
+    unknown = [t for t in tasks if t not in known]
+    if unknown:
+        raise EvaluationError(f"unknown task(s) {', '.join(map(repr, unknown))}; the evaluator's tasks: "
+                              f"{', '.join(map(repr, known))}")
+    return list(tasks)
+
+
 def check_fraction(split: str, fraction) -> float:
     """A share of the search split to score (multi-fidelity search): in (0, 1]; the test
     split is always scored whole."""

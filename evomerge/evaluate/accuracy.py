@@ -44,7 +44,7 @@ import torch
 
 from ._batch import encode_context, encode_continuations, encode_pairs
 from ._common import (
-    EvaluationError, check_disjoint, check_fraction, check_split, eval_mode, model_device, pad_token_id, part,
+    EvaluationError, check_disjoint, check_fraction, check_split, check_tasks, eval_mode, model_device, pad_token_id, part,
     read_jsonl, rename_fields, require_fields, resolve_sources, subsample, tokenizer_name,
 )
 
@@ -129,10 +129,11 @@ class ExactMatchEvaluator:
         self.tasks = list(self.rows)
         self._cache: dict[str, tuple] = {}
 
-    def inputs(self, split: str = "search") -> list[str]:
-        """The split's prompts without their answers: unlabeled inputs (AdaMerging's)."""
+    def inputs(self, split: str = "search", tasks: Sequence[str] | None = None) -> list[str]:
+        """The split's prompts without their answers: unlabeled inputs (AdaMerging's, and a
+        data-reading merge's), of every task or of ``tasks``."""
         check_split(split)
-        return [r["prompt"] for task in self.tasks for r in self._rows_for(task, split)]
+        return [r["prompt"] for task in check_tasks(self.tasks, tasks) for r in self._rows_for(task, split)]
 
     # ------------------------------------------------------------------ preparation
 

@@ -24,7 +24,7 @@ import torch
 
 from ._batch import encode_context
 from ._common import (
-    EvaluationError, check_fraction, check_split, eval_mode, part, model_device, pad_token_id, read_jsonl, require_fields,
+    EvaluationError, check_fraction, check_split, check_tasks, eval_mode, part, model_device, pad_token_id, read_jsonl, require_fields,
     resolve_sources, subsample,
 )
 
@@ -116,10 +116,10 @@ class EntropyEvaluator:
         self.tasks = list(self.prompts)
         self._cache: dict[str, tuple] = {}
 
-    def inputs(self, split: str = "search") -> list[str]:
-        """The split's prompts (unlabeled inputs)."""
+    def inputs(self, split: str = "search", tasks: Sequence[str] | None = None) -> list[str]:
+        """The split's prompts (unlabeled inputs), of every task or of ``tasks``."""
         check_split(split)
-        return [p for task in self.tasks for p in self.prompts[task].get(split, [])]
+        return [p for task in check_tasks(self.tasks, tasks) for p in self.prompts[task].get(split, [])]
 
     def _prepared(self, tokenizer, split: str, device, fraction: float = 1.0):
         hit = self._cache.get((split, fraction))

@@ -260,7 +260,7 @@ class Merger:
             data = self.recipe.data_for(ref)
             if data is None:
                 raise MergeError(f"align ({spec.method}) runs the models on data: give the recipe a 'data' entry "
-                                 f"with a 'path' (top level, or under the reference model '{ref}')")
+                                 f"with a 'path' or a 'dataset' (top level, or under the reference model '{ref}')")
             try:
                 batches = self._batches(ref, data)
             except MergeError:
@@ -356,7 +356,7 @@ class Merger:
             refs = refs + [self.recipe.align_reference()]
         for ref in refs:
             spec = self.recipe.data_for(ref)
-            if spec is not None:
+            if spec is not None and spec.path is not None:  # (a dataset is read, never written)
                 out[f"data file of model '{ref}'"] = Path(spec.path)
         return out
 
@@ -384,7 +384,7 @@ class Merger:
         for ref in refs:
             if self.recipe.data_for(ref) is None:
                 raise MergeError(f"merge_method '{self.method.name}' reads data: give the recipe a 'data' entry "
-                                 f"with a 'path' (top level, or under model '{ref}')")
+                                 f"with a 'path' or a 'dataset' (top level, or under model '{ref}')")
         out: dict[ModelRef, dict[str, dict[str, Tensor]]] = {}
         bar = None
         if progress:
@@ -489,7 +489,7 @@ class Merger:
         for ref in refs:
             if self.recipe.data_for(ref) is None:
                 raise MergeError(f"merge_method '{self.method.name}' reads data: give the recipe a 'data' entry "
-                                 f"with a 'path' (top level, or under model '{ref}')")
+                                 f"with a 'path' or a 'dataset' (top level, or under model '{ref}')")
         data, live = {}, {}
         for ref in refs:
             folder = self.models[ref].folder

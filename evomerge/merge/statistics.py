@@ -34,13 +34,13 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Protocol, Sequence
+from typing import Iterable, Iterator, Protocol, Sequence
 
 import torch
 from torch import Tensor
 
 __all__ = ["Statistic", "GramMatrix", "FisherDiagonal", "STATISTICS", "SEQUENTIAL", "StatisticCache", "compute",
-           "batches", "examples", "model_fingerprint"]
+           "batches", "examples", "records", "model_fingerprint"]
 
 Batch = tuple[Tensor, ...]  # (input_ids, attention_mask[, scored]), right-padded
 
@@ -215,46 +215,81 @@ def batches(evaluator, tokenizer, split: str = "search", batch_size: int = 16) -
     return out
 
 
+def records(spec) -> Iterator[tuple[str, dict]]:
+    """``(where, record)`` for each example of a recipe's ``data`` (``recipe.DataSpec``):
+    the lines of its JSON-lines file (``where`` is ``path:line``), or the rows of its
+    ``datasets`` dataset, streamed (``where`` names the dataset, split and row). A source
+    that cannot be read is a ``ValueError`` naming it."""
+    from ..evaluate._common import jsonl_records
+
+    if spec.path is not None:
+        path = Path(spec.path)
+        if not path.exists():
+            raise ValueError(f"data file '{path}' not found")
+        if not path.is_file():
+            raise ValueError(f"data file '{path}' is not a file")
+        for lineno, rec in jsonl_records(path):
+            yield f"{path}:{lineno}", rec
+        return
+    import datasets
+
+    what = spec.describe()
+    try:  # streamed: only the rows read are fetched; no dataset script runs
+        rows = datasets.load_dataset(spec.dataset, spec.subset, split=spec.split, revision=spec.revision,
+                                     streaming=True)
+        it = iter(rows)
+    except Exception as e:  # noqa: BLE001 - not found, offline, a bad split or subset
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(f"{what} cannot be read: {type(e).__name__}: {first}") from None
+    i = 0
+    while True:
+        try:
+            rec = next(it)
+        except StopIteration:
+            return
+        except Exception as e:  # noqa: BLE001 - a file of it that does not parse
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise ValueError(f"{what}, row {i}: {type(e).__name__}: {first}") from None
+        yield f"{what}, row {i}", dict(rec)
+        i += 1
+
+
 def examples(spec, tokenizer, max_length: int | None = None) -> list[Batch]:
     """A recipe's ``data`` (``recipe.DataSpec``) as right-padded batches ``(input_ids,
-    attention_mask, scored)``: the first ``spec.limit`` records of the JSON-lines file, each
-    ``spec.text`` followed by ``spec.target`` when given, encoded as the evaluators encode a
-    prompt and its answer; ``scored`` marks the target's tokens (without a target, every
-    token). A missing file or field, a record that is not an object, an empty text, a record
-    longer than ``max_length`` tokens (the model's positions), a file that is not UTF-8: a
-    ``ValueError`` naming the file, line and field."""
+    attention_mask, scored)``: the first ``spec.limit`` records of its JSON-lines file or
+    dataset (``records``), each ``spec.text`` followed by ``spec.target`` when given, encoded
+    as the evaluators encode a prompt and its answer; ``scored`` marks the target's tokens
+    (without a target, every token). A missing file or field, a record that is not an
+    object, an empty text, a record longer than ``max_length`` tokens (the model's
+    positions), a file that is not UTF-8: a ``ValueError`` naming the file (or dataset), line
+    (or row) and field."""
     from ..evaluate._batch import encode_continuations
-    from ..evaluate._common import jsonl_records, pad_token_id
+    from ..evaluate._common import pad_token_id
 
-    path = Path(spec.path)
-    if not path.exists():
-        raise ValueError(f"data file '{path}' not found")
-    if not path.is_file():
-        raise ValueError(f"data file '{path}' is not a file")
     texts, targets, lines = [], [], []
-    for lineno, rec in jsonl_records(path):  # (read no further than the limit-th record)
+    for where, rec in records(spec):  # (read no further than the limit-th record)
         for field, what in ((spec.text, "text"), (spec.target, "target")):
             if field is None:
                 continue
             if field not in rec:
-                raise ValueError(f"{path}:{lineno}: no field {field!r} (the data's {what}); fields: "
+                raise ValueError(f"{where}: no field {field!r} (the data's {what}); fields: "
                                  f"{', '.join(map(repr, rec)) or '(none)'}")
             if not isinstance(rec[field], str) or (what == "text" and not rec[field]):
-                raise ValueError(f"{path}:{lineno}: field {field!r} must be "
+                raise ValueError(f"{where}: field {field!r} must be "
                                  f"{'a non-empty string' if what == 'text' else 'a string'}")
         texts.append(rec[spec.text])
         targets.append(rec[spec.target] if spec.target is not None else "")
-        lines.append(lineno)
+        lines.append(where)
         if len(texts) >= spec.limit:
             break
     if not texts:
-        raise ValueError(f"data file '{path}' has no records")
+        raise ValueError(f"{spec.describe()} has no records")
     ctx, cont = encode_continuations(tokenizer, texts, targets)
     if spec.target is None:  # every token is scored, the first having no prefix
         ctx, cont = [c[:1] for c in ctx], [c[1:] + t for c, t in zip(ctx, cont)]
-    for c, t, lineno in zip(ctx, cont, lines):
+    for c, t, where in zip(ctx, cont, lines):
         if max_length is not None and len(c) + len(t) > max_length:
-            raise ValueError(f"{path}:{lineno}: {len(c) + len(t)} tokens, more than the model's {max_length} "
+            raise ValueError(f"{where}: {len(c) + len(t)} tokens, more than the model's {max_length} "
                              "positions; shorten the record")
     pad = pad_token_id(tokenizer)
     out = []
