@@ -51,7 +51,9 @@ def search_range(method: str, param: str, given: Mapping[str, Any] | None = None
         raise RecipeError(f"{where}: {method} has no parameter {param!r}; accepted: {', '.join(specs)}")
     ps = specs[param]
     if ps.search is None:
-        raise RecipeError(f"{where}.{param}: {method}'s {param!r} is not a number and cannot be searched")
+        why = ("sets the merged model's shape, which one search keeps fixed" if ps.kind == "float" else
+               "is not a number")
+        raise RecipeError(f"{where}.{param}: {method}'s {param!r} {why} and cannot be searched")
     given = dict(given or {})
     unknown = set(given) - {"lo", "hi", "x0"}
     if unknown:
@@ -145,6 +147,12 @@ class Space:
         if self.method.base_in_inputs and self.base_model is not None and self.base_model not in self.models:
             self.models.insert(0, self.base_model)  # linear: the base is one more weighted model
         self.fixed = dict(fixed or {})
+        for ps in self.method.params:  # a parameter that shapes the merged model: the live model's shape
+            if ps.kind == "float" and ps.search is None and not ps.ignored and \
+                    self.fixed.get(ps.name, ps.default) != ps.default:
+                raise RecipeError(f"space.fixed.{ps.name}: {method}'s {ps.name!r} other than {ps.default} changes the "
+                                  "merged model's shape, and a search merges every candidate into one live model "
+                                  "of the models' shape; merge it with evomerge-merge")
         self.data = {k: v for k, v in dict(data or {}).items() if v is not None}
         self.align = (align if isinstance(align, str) else
                       {k: v for k, v in dict(align).items() if v is not None} if align else None)

@@ -434,18 +434,47 @@ def _inputs(model, name, batches):
     return torch.cat([x[k] for x, k in zip(got, keep)]).double()
 
 
-def _slow_sequential(method, folders, aligned_perms, data, weights):
+def _wide_index(name: str):
+    """(layer, role) of a Llama MLP weight: its layer writes ("out") or reads ("in") the units."""
+    import re
+
+    m = re.search(r"layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight$", name)
+    return None if m is None else (int(m.group(1)), "in" if m.group(2) == "down_proj" else "out")
+
+
+def _slow_sequential(method, folders, aligned_perms, data, weights, units=None):
     """The merged model built the slow way: every model's state permuted as the merge reads
     it, their weighted average, then each linear layer in forward order solved by least
-    squares over inputs collected from whole forward passes."""
+    squares over inputs collected from whole forward passes. With ``units`` (``{layer:
+    (merged, separate)}``, Llama only), the MLPs are partially merged: each model's own copy
+    of the ``separate`` units sits after the merged ones, its rows fit to that model alone
+    and its columns of the layer reading them starting at the model's share."""
+    from transformers import AutoConfig
+
     from evomerge.merge.statistics import _linear_layers
 
     live = _aligned_live(folders, aligned_perms)
-    merged = AutoModelForCausalLM.from_pretrained(folders[0], dtype=torch.float32).eval()
     states = [m.state_dict() for m in live]
     total = sum(weights)
-    merged.load_state_dict({k: sum(w * s[k].double() for w, s in zip(weights, states)).float() / total
-                            for k in states[0]})
+    start = {k: sum(w * s[k].double() for w, s in zip(weights, states)).float() / total for k in states[0]}
+    if units:
+        config = AutoConfig.from_pretrained(folders[0])
+        keep, sep = next(iter(units.values()))
+        config.intermediate_size = len(keep) + len(live) * len(sep)
+        merged = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+        for k in start:
+            where = _wide_index(k)
+            if where is None:
+                continue
+            keep, sep = units[where[0]]
+            if where[1] == "out":
+                start[k] = torch.cat([start[k][keep]] + [s[k][sep] for s in states])
+            else:
+                start[k] = torch.cat([start[k][:, keep]] + [s[k][:, sep] * (w / total) for s, w in zip(states, weights)],
+                                     dim=1)
+    else:
+        merged = AutoModelForCausalLM.from_pretrained(folders[0], dtype=torch.float32).eval()
+    merged.load_state_dict(start)
     layers = _linear_layers(merged)
     stored = set(_weights(folders[0]))
     order = []
@@ -455,6 +484,10 @@ def _slow_sequential(method, folders, aligned_perms, data, weights):
         merged(input_ids=data[0][0][0][:1], attention_mask=data[0][0][1][:1])
     for h in hooks:
         h.remove()
+
+    def lstsq(rows, ys):
+        # (singular values below 1e-6 of the largest are the float32 forward passes' noise: cut)
+        return torch.linalg.lstsq(torch.cat(rows), torch.cat(ys), rcond=1e-6, driver="gelsd").solution
 
     for name in order:
         conv = not isinstance(layers[name], torch.nn.Linear)
@@ -466,8 +499,13 @@ def _slow_sequential(method, folders, aligned_perms, data, weights):
             s = math.sqrt(w / xm.shape[0])
             rows.append(xm * s)
             ys.append((x if method == "pleas" else xm) @ wk * s)
-        # (singular values below 1e-6 of the largest are the float32 forward passes' noise: cut)
-        sol = torch.linalg.lstsq(torch.cat(rows), torch.cat(ys), rcond=1e-6, driver="gelsd").solution
+        where = _wide_index(name) if units else None
+        if where is not None and where[1] == "out":  # merged outputs fit to all, each model's own to it alone
+            keep, sep = units[where[0]]
+            sol = torch.cat([lstsq(rows, [y[:, keep] for y in ys])]
+                            + [lstsq([r], [y[:, sep]]) for r, y in zip(rows, ys)], dim=1)
+        else:
+            sol = lstsq(rows, ys)
         with torch.no_grad():
             dict(merged.named_parameters())[name].copy_(sol if conv else sol.T)
     return {k: v for k, v in merged.state_dict().items()}
@@ -494,6 +532,90 @@ def test_sequential_merges_match_a_slow_reference(fam, rich, tmp_path, monkeypat
         assert torch.allclose(got[k], want[k], atol=2e-5, rtol=1e-4), (k, (got[k] - want[k]).abs().max())
     if method == "pleas":
         assert perms[0] is None and perms[1] is not None  # the second model aligned onto the first
+
+
+def test_a_wider_pleas_matches_a_slow_reference(fam, rich, tmp_path, monkeypatch):
+    """width 1.5 of two models: per layer the half of the MLP units whose matches correlate
+    least kept apart, one copy from each model (the MLPs 1.5 times as wide), against the slow
+    reference; the written config says the width, and transformers loads and runs it."""
+    monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "cache"))
+    models = [fam["expert_0"], fam["base_permuted"]]
+    rec = {"merge_method": "pleas", "models": [{"model": m, "parameters": {"weight": w}} for m, w in zip(models, (1.0, 2.0))],
+           "parameters": {"width": 1.5}, "data": {"path": str(rich), "text": "q", "batch_size": 8}, "dtype": "float32"}
+    merger = Merger(parse_recipe(rec))
+    out = merger.write(tmp_path / "out")
+    got = load_file(str(next(out.glob("*.safetensors"))))
+    perms = [merger._aligned[r].perms if r in merger._aligned else None for r in merger.recipe.referenced_models()]
+    n = json.loads(Path(models[0], "config.json").read_text())["intermediate_size"]
+    units = {}
+    for layer in range(2):  # the half of the units whose matches correlate least, by the alignment's scores
+        score = perms[1][f"{layer}.mlp:score"]
+        order = sorted(range(n), key=lambda u: (float(score[u]), u))
+        units[layer] = (torch.tensor(sorted(order[n // 2:])), torch.tensor(sorted(order[:n // 2])))
+        assert float(score[units[layer][1]].max()) <= float(score[units[layer][0]].min())
+    from evomerge.merge import statistics as S
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(models[0])
+    batches = [b[:2] for b in S.examples(merger.recipe.data_for(merger.recipe.referenced_models()[0]), tok)]
+    want = _slow_sequential("pleas", models, perms, [batches, batches], [1.0, 2.0], units=units)
+    assert got["model.layers.0.mlp.up_proj.weight"].shape == (n // 2 + 2 * (n // 2), 32)
+    for k in got:
+        assert got[k].shape == want[k].shape, k
+        assert torch.allclose(got[k], want[k], atol=2e-5, rtol=1e-4), (k, (got[k] - want[k]).abs().max())
+    assert json.loads((out / "config.json").read_text())["intermediate_size"] == n // 2 + 2 * (n // 2)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert bool(torch.isfinite(model(input_ids=_batches()[0][0]).logits).all())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_wider_pleas_of_a_model_and_its_relabeled_copy_computes_as_the_model(fam, words, rich, tmp_path,
+                                                                               monkeypatch, family):
+    """At width 2 every MLP unit of both copies is kept: the merge still computes as the
+    model, on Llama and on GPT-2's Conv1D layers (whose MLP widens ``n_inner``)."""
+    monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "cache"))
+    if family == "llama":
+        src, data = fam["expert_0"], {"path": str(rich), "text": "q"}
+        copy = fam["expert_0_permuted"]
+    else:
+        src = str(next(iter(words.experts.values())))
+        copy = str(_save_permuted(Path(src), tmp_path / "relabeled", 5))
+        data = {"path": str(words.data[words.tasks[0]]["dev"]), "text": "question", "target": "target", "limit": 64}
+    rec = {"merge_method": "pleas", "models": [src, copy], "parameters": {"width": 2.0}, "data": data,
+           "dtype": "float32"}
+    out = Merger(parse_recipe(rec)).write(tmp_path / "out")
+    cfg = json.loads((out / "config.json").read_text())
+    own = json.loads(Path(src, "config.json").read_text())
+    key = "intermediate_size" if family == "llama" else "n_inner"
+    assert cfg[key] == 2 * (own.get(key) or 4 * own.get("n_embd", 0))
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    wide = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    if family == "llama":
+        ids, mask = _batches()[0]
+    else:  # (on the data's own inputs: its small vocabulary leaves other directions unfit)
+        from evomerge.merge import statistics as S
+        from transformers import AutoTokenizer
+
+        ids, mask, _ = S.examples(parse_recipe(rec).data, AutoTokenizer.from_pretrained(src))[0]
+    with torch.no_grad():
+        a, b = (m(input_ids=ids, attention_mask=mask).logits for m in (model, wide))
+    real = mask.bool()
+    assert torch.allclose(a[real], b[real], atol=2e-4), float((a[real] - b[real]).abs().max())
+
+
+def test_bad_widths_are_named(fam, rich, tmp_path):
+    base = {"merge_method": "pleas", "models": [fam["expert_0"], fam["expert_1"]],
+            "data": {"path": str(rich), "text": "q"}, "dtype": "float32"}
+    with pytest.raises(RecipeError, match=r"width"):
+        parse_recipe({**base, "parameters": {"width": 0.5}})
+    _fails(tmp_path, {**base, "parameters": {"width": 3.0}}, "width 3.0: between 1", "the number of models, 2")
+    _fails(tmp_path, {**base, "parameters": {"width": [1.0, 2.0]}}, "width sets the merged model's shape, one number")
+    from evomerge.space import Space
+
+    with pytest.raises(RecipeError, match=r"space.fixed.width: .*changes the merged model's shape"):
+        Space("pleas", [fam["expert_0"], fam["expert_1"]], search=["weight"], fixed={"width": 1.5})
+    with pytest.raises(RecipeError, match=r"space.search.width: .*cannot be searched"):
+        Space("pleas", [fam["expert_0"], fam["expert_1"]], search=["width"])
 
 
 def test_pleas_of_a_model_and_its_relabeled_copy_computes_as_the_model(fam, rich, tmp_path, monkeypatch):

@@ -41,7 +41,7 @@ from __future__ import annotations
 import re
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -530,6 +530,8 @@ def activation_matching(lay: Layout, corr: Mapping[str, Tensor]) -> dict[str, Te
     r = nh // nkv
     for i in lay.layers:
         perms[f"{i}.mlp"] = torch.from_numpy(_lap(corr[f"{i}.mlp"].numpy())[0])
+        # how well each reference unit's match correlates (what partial merging keeps apart)
+        perms[f"{i}.mlp:score"] = corr[f"{i}.mlp"].gather(1, perms[f"{i}.mlp"][:, None]).reshape(-1).double()
         c = corr[f"{i}.o"].reshape(nh, hd, nh, hd).permute(0, 2, 1, 3).numpy()
         value = np.zeros((nkv, nkv))
         plans = {}
@@ -551,6 +553,32 @@ def activation_matching(lay: Layout, corr: Mapping[str, Tensor]) -> dict[str, Te
     return perms
 
 
+def partial_units(lay: Layout, scores: Sequence[Mapping[str, Tensor]], models: int,
+                  width: float) -> dict[int, tuple[Tensor, Tensor]]:
+    """PLeaS's partial merging: per layer, ``(merged, separate)`` indices of the reference's
+    MLP units, the ``separate`` ones those whose matched units correlate least (the mean of
+    ``L.mlp:score`` over the aligned models' ``scores``), as many as make the merged MLP,
+    with one copy of them from each of the ``models``, ``width`` times as wide as the
+    models' (rounded to a whole number of units)."""
+    n = lay.intermediate
+    apart = int(round((float(width) - 1.0) * n / max(1, models - 1)))
+    if not 0 <= apart <= n:
+        raise AlignError(f"width {width}: between 1 (every unit merged) and the number of models, {models} "
+                         "(every unit kept apart)")
+    out = {}
+    for i in lay.layers:
+        s = [sc[f"{i}.mlp:score"] for sc in scores if f"{i}.mlp:score" in sc]
+        if apart and not s:
+            raise AlignError("partial merging needs the models aligned by activation matching (each unit's "
+                             "matched correlation)")
+        mean = torch.stack(s).mean(0) if s else torch.zeros(n, dtype=torch.float64)
+        order = torch.argsort(mean, stable=True)  # least correlated first
+        sep = torch.sort(order[:apart]).values
+        keep = torch.sort(order[apart:]).values
+        out[i] = (keep, sep)
+    return out
+
+
 @dataclass(frozen=True)
 class ActivationMatching:
     """The activation-matching aligner: both models run on the same data (the reference's
@@ -562,7 +590,7 @@ class ActivationMatching:
     needs_data: bool = True
 
     def settings(self) -> dict:
-        return {"version": 1}
+        return {"version": 2}  # (2: with each MLP unit's matched correlation, ``L.mlp:score``)
 
     def __call__(self, lay: Layout, ref: torch.nn.Module, model: torch.nn.Module, batches) -> dict[str, Tensor]:
         return activation_matching(lay, correlations(lay, ref, model, batches))

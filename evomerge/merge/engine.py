@@ -128,6 +128,7 @@ class Merger:
         self._current: Columns | None = None  # the candidate being merged (``_begin``)
         self._current_key: str | None = None  # its parameters, where a statistic depends on them
         self._sequential: tuple[str, dict] | None = None  # (its parameters, the ``_seq`` measured for them)
+        self._widening: dict[str, tuple] | None = None  # partial merging's wider tensors (``_wide_units``)
 
     @property
     def tasks(self) -> list[TensorTask]:
@@ -277,7 +278,7 @@ class Merger:
         except (OSError, ValueError) as e:
             raise MergeError(f"align: cannot read the weights of model '{r}' or '{ref}': {e}") from None
         hit = cache.get(aligner, key)
-        if hit is not None and set(hit) == set(A.identity(lay)):
+        if hit is not None and set(A.identity(lay)) <= set(hit):
             return hit
         try:
             a = {n: refck.get(n) for n in lay.axes}
@@ -502,7 +503,16 @@ class Merger:
             except Exception as e:  # a tokenizer or model transformers cannot load, bad data
                 first = (str(e).strip().splitlines() or [""])[0]
                 raise MergeError(f"model '{ref}' ({folder}): {type(e).__name__}: {first}") from None
-        merged = AutoModelForCausalLM.from_pretrained(self.reference.folder, dtype=torch.float32).eval()
+        wide = self._wide_units()
+        if wide:  # the wider model, every tensor of it set below
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(self.reference.folder)
+            for k, v in self._wide_config(config.to_dict()).items():
+                setattr(config, k, v)
+            merged = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+        else:
+            merged = AutoModelForCausalLM.from_pretrained(self.reference.folder, dtype=torch.float32).eval()
         state = self.live_state(merged)
         for i, task in enumerate(self.tasks):  # the weighted average of every tensor to start from
             raw = self._read(task)
@@ -510,7 +520,14 @@ class Merger:
                 state[task.name].copy_(raw[0])
             else:
                 w = [float(x) for x in cols.params(i).get("weight") or [1.0] * len(raw)]
-                state[task.name].copy_(sum(x * t.double() for x, t in zip(w, raw)) / sum(w))
+                if task.name in wide:  # merged units averaged; each model's own ones its share of the layer reading them
+                    from .methods import _wide
+
+                    keep, sep, axis, role = wide[task.name]
+                    state[task.name].copy_(_wide(raw, w, (keep, sep), axis, torch.float64, torch.float64, None,
+                                                 scale_apart=role == "in"))
+                else:
+                    state[task.name].copy_(sum(x * t.double() for x, t in zip(w, raw)) / sum(w))
             self._release(task)
         layers = _linear_layers(merged)
         index = {t.name: i for i, t in enumerate(self.tasks) if not t.copy}
@@ -546,6 +563,8 @@ class Merger:
             i = index[name]
             params = {("lambda_" if k == "lambda" else k): v for k, v in cols.params(i).items()}
             stats = {self._seq: [out[m].get(nm) for m, nm in task.sources]}
+            if name in wide:
+                stats["units"] = wide[name]
             raw = self._read(task)
             base, tensors = self._prepare(task, raw)
             try:
@@ -578,9 +597,12 @@ class Merger:
         return [(m, n) for t in self.plan.tasks if not t.copy for m, n in t.sources if m == ref]
 
     def _task_statistics(self, task: TensorTask) -> dict[str, list]:
-        """Each input's statistics of this tensor, as the method takes them."""
+        """Each input's statistics of this tensor, as the method takes them (and, for a
+        tensor of a wider MLP, its ``units``)."""
         stats = self.statistics()
-        out: dict[str, list] = {}
+        out: dict[str, Any] = {}
+        if self._seq is not None and task.name in self._wide_units():
+            out["units"] = self._wide_units()[task.name]
         for name in self.method.statistics:
             vals = []
             if name == self._seq:
@@ -633,7 +655,73 @@ class Merger:
         raise MergeError(f"tensor '{task.name}': the merged values overflow {out.dtype}")
 
     def shape(self, task: TensorTask) -> tuple[int, ...]:
-        return self.plan.shape(task)
+        shape = self.plan.shape(task)
+        wide = self._wide_units().get(task.name) if self._seq is not None else None
+        if wide is None:
+            return shape
+        keep, sep, axis, _ = wide
+        return tuple(len(keep) + len(task.sources) * len(sep) if a == axis else d for a, d in enumerate(shape))
+
+    # ----------------------------------------------------------------------------------
+    # Partial merging (PLeaS's ``width``): wider MLPs
+    # ----------------------------------------------------------------------------------
+    def width(self) -> float:
+        """The merged MLPs' width as a multiple of the models' (the recipe's ``width``, one
+        number for the whole merge; 1 for a method without one)."""
+        if not any(p.name == "width" for p in self.method.params):
+            return 1.0
+        vals = {float(self.recipe_columns.params(i).get("width", 1.0)) for i, t in enumerate(self.tasks) if not t.copy}
+        if len(vals) > 1:
+            raise MergeError(f"{self.method.name}: width sets the merged model's shape, one number for the whole "
+                             f"merge; the recipe gives {sorted(vals)}")
+        return vals.pop() if vals else 1.0
+
+    def _wide_units(self) -> dict[str, tuple]:
+        """Per tensor of a wider MLP, ``(merged, separate, axis, role)``: the reference's MLP
+        units merged and kept apart (``align.partial_units``), the tensor's axis over them,
+        and whether its layer writes them ("out") or reads them ("in"). Empty at width 1."""
+        if self._widening is not None:
+            return self._widening
+        width = self.width()
+        if width == 1.0:
+            self._widening = {}
+            return self._widening
+        from . import align as A
+
+        order = self._data_models()
+        if len(order) < 2 or not self._aligned:
+            raise MergeError(f"{self.method.name}: width {width} keeps units of each model apart: it needs at least "
+                             "two models, aligned by activation matching")
+        lay = next(iter(self._aligned.values())).layout
+        try:
+            units = A.partial_units(lay, [self._aligned[r].perms for r in order if r in self._aligned], len(order),
+                                    width)
+        except A.AlignError as e:
+            raise MergeError(f"{self.method.name}: {e}") from None
+        out_axis = 0 if lay.family == "llama" else 1  # a weight's output axis: [out, in], or Conv1D's [in, out]
+        table: dict[str, tuple] = {}
+        for t in self.tasks:
+            kinds = lay.axes.get(t.name, ())
+            for a, k in enumerate(kinds):
+                if k is not None and k[0] == "mlp":
+                    if [m for m, _ in t.sources] != order:
+                        raise MergeError(f"tensor '{t.name}': width needs every model in every MLP tensor, in one "
+                                         "order")
+                    keep, sep = units[k[1]]
+                    table[t.name] = (keep, sep, a, "out" if len(kinds) == 1 or a == out_axis else "in")
+        self._widening = table
+        return table
+
+    def _wide_config(self, cfg: dict) -> dict:
+        """A model config with the MLPs' width the partial merge gives them."""
+        wide = self._wide_units()
+        if not wide:
+            return cfg
+        task = self.tasks[self._index[next(iter(wide))]]
+        keep, sep, _, _ = wide[task.name]
+        n = len(keep) + len(task.sources) * len(sep)
+        key = next((k for k in ("intermediate_size", "n_inner", "ffn_dim") if k in cfg), "intermediate_size")
+        return {**cfg, key: n}
 
     def output_dtype(self, task: TensorTask) -> torch.dtype:
         return self.plan.output_dtype(task)
@@ -872,6 +960,8 @@ class Merger:
             if isinstance(cfg.get("layer_types"), list):
                 lt = cfg["layer_types"]
                 cfg["layer_types"] = (lt * (self.out_layers // max(1, len(lt)) + 1))[: self.out_layers]
+        if self._seq is not None:
+            cfg = self._wide_config(cfg)
         w.write_text("config.json", json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         gen = ref.folder / "generation_config.json"
         if gen.is_file():

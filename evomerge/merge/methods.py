@@ -1189,25 +1189,55 @@ def _gram_solve(lhs: Tensor, rhs: Tensor) -> Tensor:
     return torch.linalg.solve(lhs + ridge * torch.eye(lhs.shape[0], dtype=lhs.dtype, device=lhs.device), rhs)
 
 
-def _least_squares(tensors, weight, stats, dt, out_dtype, out, what: str):
+def _least_squares(tensors, weight, stats, dt, out_dtype, out, what: str, units=None):
     """The weight W solving sum_k w_k G_k W^T = sum_k w_k C_k W_k^T (per input ``(G_k, C_k,
     in_first)``, ``in_first`` for a ``[in, out]`` weight): RegMean's and PLeaS's normal
-    equations."""
+    equations. G_k may be wider than W_k's inputs (``[m, m]`` with C_k ``[m, in]``: a merged
+    layer whose inputs are wider than the models'). With ``units`` (``(merged, separate)``
+    output indices), the outputs ``merged`` are fit to every model and each model's
+    ``separate`` outputs to that model alone, laid out ``[merged, separate of model 0, of
+    model 1, ...]`` (PLeaS's partial merging)."""
     first = tensors[0]
-    lhs, rhs = None, None
-    for t, w, (g, c, in_first) in zip(tensors, weight, stats):
+    in_first = stats[0][2]
+    ws, gs, rhs = [], [], []
+    for t, w, (g, c, _) in zip(tensors, weight, stats):
         wt = t.to(torch.float64)
         wt = wt if in_first else wt.T  # [in, out]
-        if g.shape != (wt.shape[0], wt.shape[0]) or c.shape != g.shape:
-            raise ValueError(f"{what} of shape {tuple(g.shape)} for a weight with {wt.shape[0]} inputs")
+        if g.shape[0] != g.shape[1] or c.shape != (g.shape[0], wt.shape[0]):
+            raise ValueError(f"{what} of shapes {tuple(g.shape)} and {tuple(c.shape)} for a weight with "
+                             f"{wt.shape[0]} inputs")
         g, c = (x.to(device=first.device, dtype=torch.float64) for x in (g, c))
-        lhs = g * float(w) if lhs is None else lhs + g * float(w)
-        rhs = (c @ wt) * float(w) if rhs is None else rhs + (c @ wt) * float(w)
-    merged = _gram_solve(lhs, rhs)
-    merged = merged if stats[0][2] else merged.T
-    res = _alloc(first, out_dtype or dt, out)
+        ws.append(float(w))
+        gs.append(g)
+        rhs.append(c @ wt)
+    lhs = sum(w * g for w, g in zip(ws, gs))
+    if units is None:
+        merged = _gram_solve(lhs, sum(w * r for w, r in zip(ws, rhs)))
+    else:
+        keep, apart = (torch.as_tensor(u, dtype=torch.long, device=first.device) for u in units)
+        parts = [_gram_solve(lhs, sum(w * r.index_select(1, keep) for w, r in zip(ws, rhs)))]
+        parts += [_gram_solve(g, r.index_select(1, apart)) for g, r in zip(gs, rhs)]
+        merged = torch.cat(parts, dim=1)
+    merged = merged if in_first else merged.T
+    res = _alloc(merged, out_dtype or dt, out)
     res.copy_(merged.reshape(-1))
-    return res.reshape(first.shape)
+    return res.reshape(merged.shape)
+
+
+def _wide(tensors, weight, units, axis: int, dt, out_dtype, out, scale_apart: bool):
+    """A tensor of a partially merged layer without a least-squares fit: along ``axis`` its
+    ``merged`` units are the weighted average of the models', then each model's own
+    ``separate`` units (``units``), times its share of the weights with ``scale_apart`` (the
+    inputs of the layer that reads them: the models' outputs are then averaged exactly)."""
+    keep, apart = (torch.as_tensor(u, dtype=torch.long, device=tensors[0].device) for u in units)
+    total = float(sum(weight))
+    parts = [sum(float(w) * t.to(torch.float64).index_select(axis, keep) for w, t in zip(weight, tensors)) / total]
+    parts += [t.to(torch.float64).index_select(axis, apart) * (float(w) / total if scale_apart else 1.0)
+              for w, t in zip(weight, tensors)]
+    wide = torch.cat(parts, dim=axis)
+    res = _alloc(wide, out_dtype or dt, out)
+    res.copy_(wide.reshape(-1))
+    return res.reshape(wide.shape)
 
 
 def _weighted_average(tensors, weight, dt, out_dtype, out):
@@ -1259,7 +1289,7 @@ def regmean_plus_plus(base, tensors, weight=None, alpha=0.9, statistics=None, ou
     return regmean(base, tensors, weight, alpha, statistics={"gram": grams}, out_dtype=out_dtype, out=out)
 
 
-def pleas(base, tensors, weight=None, statistics=None, out_dtype=None, out=None):
+def pleas(base, tensors, weight=None, width=1.0, statistics=None, out_dtype=None, out=None):
     """PLeaS's least squares: models permuted onto a reference by their activations
     (``MethodSpec.align``: activation matching), then each linear layer's W the fit of every
     model's own outputs from the merged model's inputs: W minimises sum_k w_k ||Xm_k W^T -
@@ -1269,6 +1299,15 @@ def pleas(base, tensors, weight=None, statistics=None, out_dtype=None, out=None)
     Xm_k^T X_k / n_k (``statistics["merged_inputs"]``: per input ``(G_k, C_k, in_first)``).
     Every other tensor (embeddings, norms, biases) is the weighted average.
 
+    Partial merging (``width`` > 1, the merged MLPs ``width`` times as wide as the models'):
+    the engine chooses, per layer, the MLP units whose matched activations correlate least
+    and keeps them apart, one copy from each model (``statistics["units"]``: ``(merged,
+    separate, axis, role)``). A layer that writes those units (``role`` "out") fits its
+    merged outputs to every model and each model's own copies to that model alone; one that
+    reads them ("in") is fit from the wider inputs (G_k wider than W_k's inputs); a bias
+    (or a tensor without statistics) of the units takes the weighted average of the merged
+    ones and each model's own copies.
+
     Nasery et al. 2024, "PLeaS: Merging Models with Permutations and Least Squares",
     https://arxiv.org/abs/2407.02447.
     """
@@ -1276,9 +1315,14 @@ def pleas(base, tensors, weight=None, statistics=None, out_dtype=None, out=None)
     dt, weight, stats = _with_statistics(tensors, weight, statistics, "merged_inputs", "merged-input statistics")
     if float(sum(weight)) == 0:
         raise ValueError("pleas: the weights sum to zero")
+    units = (statistics or {}).get("units")
     if any(x is None for x in stats) or first.dim() != 2:
+        if units is not None:
+            keep, apart, axis, role = units
+            return _wide(tensors, weight, (keep, apart), axis, dt, out_dtype, out, scale_apart=role == "in")
         return _weighted_average(tensors, weight, dt, out_dtype, out)
-    return _least_squares(tensors, weight, stats, dt, out_dtype, out, "merged-input statistics")
+    return _least_squares(tensors, weight, stats, dt, out_dtype, out, "merged-input statistics",
+                          units=units[:2] if units is not None and units[3] == "out" else None)
 
 
 # --------------------------------------------------------------------------------------
@@ -1442,7 +1486,8 @@ METHODS: dict[str, MethodSpec] = {
         reference="https://arxiv.org/abs/2508.03121",
     ),
     "pleas": MethodSpec(
-        "pleas", pleas, (_SHARE,),
+        # width: the merged MLPs' width, a multiple of the models' (structural: fixed, never searched)
+        "pleas", pleas, (_SHARE, ParamSpec("width", default=1.0, lo=1.0)),
         needs_base=False, base_in_inputs=True, statistics=("merged_inputs",), align="activation_matching",
         reference="https://arxiv.org/abs/2407.02447",
     ),
