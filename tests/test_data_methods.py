@@ -507,3 +507,22 @@ def test_a_bound_without_an_upper_end_reads_as_such(fam):
     rec = _recipe(fam, "fisher", parameters={"floor": -1.0})
     with pytest.raises(RecipeError, match=r"floor=-1.0 is outside \(0.0, inf\)"):
         parse_recipe(rec)
+
+
+def test_a_one_shot_merge_reads_statistics_tensor_by_tensor_and_a_resident_one_holds_them(fam, tmp_path, monkeypatch):
+    """One-shot: each model's statistics read from the cache as the merge reaches a tensor
+    (a ``TensorMap``, nothing held); a merger of many candidates holds them in memory. Both
+    give the same weights."""
+    from evomerge.merge.resident import ResidentMerger
+
+    monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "cache"))
+    r = parse_recipe(_recipe(fam, "regmean"))
+    one = Merger(r)
+    assert all(isinstance(v, S.TensorMap) for per in one.statistics().values() for v in per.values())
+    held = ResidentMerger(r)
+    assert all(isinstance(v, dict) for per in held.statistics().values() for v in per.values())
+    a = load_file(str(one.write(tmp_path / "one") / "model.safetensors"))
+    model = AutoModelForCausalLM.from_pretrained(fam["expert_0"], dtype=torch.float32).eval()
+    held.materialize(into=model)
+    live = dict(model.named_parameters())
+    assert all(torch.equal(a[k], live[k].detach()) for k in a if k in live)

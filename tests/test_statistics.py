@@ -5,6 +5,7 @@ back from a cache keyed by statistic, model and data."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,9 +17,11 @@ from evomerge.merge.statistics import (
     FisherDiagonal,
     GramMatrix,
     StatisticCache,
+    TensorMap,
     _linear_layers,
     batches,
     compute,
+    load_streamed,
     model_fingerprint,
 )
 from evomerge.testing import tiny_family
@@ -248,3 +251,90 @@ def test_a_rewritten_checkpoint_gets_a_new_fingerprint(fam, tmp_path):
     assert model_fingerprint(copy) != before
     with pytest.raises(ValueError, match="no weight files"):
         model_fingerprint(tmp_path)
+
+
+# --------------------------------------------------------------------------------------
+# Streamed models and statistics read tensor by tensor
+# --------------------------------------------------------------------------------------
+
+
+def _streamed_family(fam, words, which):
+    if which == "llama":
+        folder = fam["expert_0"]
+        tok = AutoTokenizer.from_pretrained(folder)
+        return folder, _padded(tok, PROMPTS, 4)
+    folder = next(iter(words.experts.values()))
+    tok = AutoTokenizer.from_pretrained(folder)
+    return folder, _padded(tok, ["reverse: stone ->", "upper: cat ->", "count: a b c ->"], 2)
+
+
+@pytest.mark.parametrize("which", ["llama", "gpt2"])
+def test_a_streamed_model_holds_one_blocks_weights_and_computes_what_the_whole_one_does(fam, words, which):
+    """``load_streamed``: the same logits and Gram matrices as the model loaded whole, and
+    inside any block's layers every other block's weights are gone."""
+    folder, data = _streamed_family(fam, words, which)
+    whole = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    streamed = load_streamed(folder)
+    params = dict(streamed.named_parameters())
+    blocks = {n for n in params if ".h." in n or ".layers." in n}
+    assert blocks and all(params[n].numel() == 0 for n in blocks)  # nothing of a block held before a pass
+    held = []
+
+    def seen(module, args):
+        held.append({n.split(".h.")[-1].split(".layers.")[-1].split(".")[0] for n in blocks if params[n].numel()})
+
+    hooks = [m.register_forward_pre_hook(seen) for m in _linear_layers(streamed).values()]
+    with torch.no_grad():
+        for ids, mask in data:
+            a = whole(input_ids=ids, attention_mask=mask).logits
+            b = streamed(input_ids=ids, attention_mask=mask).logits
+            assert torch.equal(a, b)
+    for h in hooks:
+        h.remove()
+    assert held and all(len(h) <= 1 for h in held), held  # one block's weights at a time (none at the head)
+    assert all(params[n].numel() == 0 for n in blocks)
+    ga, gb = GramMatrix()(whole, data), GramMatrix()(streamed, data)
+    assert set(ga) == set(gb) and all(torch.equal(ga[k], gb[k]) for k in ga)
+
+
+def test_a_checkpoint_named_otherwise_than_its_model_is_loaded_whole(words, tmp_path):
+    """GPT-2 weights saved without the ``transformer.`` prefix (as old checkpoints are):
+    transformers maps them; the streamed loader, which reads by the model's own names,
+    falls back to the whole model, which computes the same."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = Path(next(iter(words.experts.values())))
+    dst = tmp_path / "legacy"
+    shutil.copytree(src, dst)
+    f = next(dst.glob("*.safetensors"))
+    save_file({k.removeprefix("transformer."): v for k, v in load_file(str(f)).items()}, str(f),
+              metadata={"format": "pt"})
+    model = load_streamed(dst)
+    assert all(p.numel() > 0 for p in model.parameters())  # whole
+    ids = torch.tensor([[3, 5, 7, 11]])
+    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, ref(input_ids=ids).logits)
+
+
+def test_cached_statistics_come_back_read_tensor_by_tensor(fam, tmp_path):
+    """``compute(..., lazy=True)`` hands back a ``TensorMap`` over the cache's file (the
+    values computed are written, then read back so), equal to the values computed; without
+    a cache to write to, the values themselves."""
+    model, tok = _load(fam["expert_0"])
+    data = _padded(tok, PROMPTS, 4)
+    key = model_fingerprint(fam["expert_0"])
+    want = compute(GramMatrix(), model, data)
+    for _ in range(2):  # computed, then a hit
+        got = compute(GramMatrix(), model, data, cache=StatisticCache(tmp_path / "c"), model_key=key, lazy=True)
+        assert isinstance(got, TensorMap) and set(got) == set(want)
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    with pytest.raises(KeyError):
+        got["no.such.weight"]
+    blocked = tmp_path / "file"
+    blocked.write_text("a file where the cache's folder would be")
+    with pytest.warns(UserWarning, match="cannot be written"):
+        kept = compute(GramMatrix(), model, data, cache=StatisticCache(blocked / "c"), model_key=key, lazy=True)
+    assert isinstance(kept, dict) and all(torch.equal(kept[k], want[k]) for k in want)

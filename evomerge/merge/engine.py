@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor
@@ -129,6 +129,11 @@ class Merger:
         self._current_key: str | None = None  # its parameters, where a statistic depends on them
         self._sequential: tuple[str, dict] | None = None  # (its parameters, the ``_seq`` measured for them)
         self._widening: dict[str, tuple] | None = None  # partial merging's wider tensors (``_wide_units``)
+
+    # the statistics of a data-reading method are read tensor by tensor from their cache as the
+    # merge reaches them (one-shot merges: memory for one tensor's at a time); a merger that
+    # merges many candidates holds them in memory instead (``ResidentMerger``)
+    hold_statistics = False
 
     @property
     def tasks(self) -> list[TensorTask]:
@@ -280,17 +285,14 @@ class Merger:
         hit = cache.get(aligner, key)
         if hit is not None and set(A.identity(lay)) <= set(hit):
             return hit
-        try:
-            a = {n: refck.get(n) for n in lay.axes}
-            b = {n: inner.get(n) for n in lay.axes}
+        try:  # (weight matching reads them again and again: held; otherwise read when asked for)
+            a, b = ({n: ck.get(n) for n in lay.axes} if not aligner.needs_data else
+                    S.TensorMap(lay.axes, ck.get) for ck in (refck, inner))
         except CheckpointError as e:
             raise MergeError(str(e)) from None
         if aligner.needs_data:
-            from transformers import AutoModelForCausalLM
-
             try:
-                live = [AutoModelForCausalLM.from_pretrained(f, dtype=torch.float32).eval()
-                        for f in (refck.folder, inner.folder)]
+                live = [S.load_streamed(f) for f in (refck.folder, inner.folder)]  # (forward passes alone)
             except Exception as e:  # a model transformers cannot load
                 first = (str(e).strip().splitlines() or [""])[0]
                 raise MergeError(f"align ({spec.method}): model '{r}' or '{ref}': {type(e).__name__}: {first}") from None
@@ -299,10 +301,12 @@ class Merger:
         else:
             perms = aligner(lay, a, b)
         try:
-            cache.put(aligner, key, perms, {"aligner": spec.method, "settings": aligner.settings(),
-                                            "model": str(r), "reference": str(ref),
-                                            "similarity_before": A.similarity(lay, a, b),
-                                            "similarity_after": A.similarity(lay, a, b, perms)})
+            record = {"aligner": spec.method, "settings": aligner.settings(), "model": str(r), "reference": str(ref),
+                      "similarity_before": A.similarity(lay, a, b), "similarity_after": A.similarity(lay, a, b, perms)}
+        except CheckpointError as e:
+            raise MergeError(str(e)) from None
+        try:
+            cache.put(aligner, key, perms, record)
         except OSError as e:
             import warnings
 
@@ -401,9 +405,12 @@ class Merger:
                     data = self._batches(ref, spec)
                     live: list[torch.nn.Module] = []
 
-                    def model(folder=folder, live=live):  # loaded once, and only if a statistic is computed
-                        if not live:
-                            live.append(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval())
+                    streamed = all(getattr(S.STATISTICS[n], "forward_only", False) for n in per_model)
+
+                    def model(folder=folder, live=live, streamed=streamed):  # loaded once, if a statistic is computed
+                        if not live:  # (forward passes alone: one block's weights in memory at a time)
+                            live.append(S.load_streamed(folder) if streamed else
+                                        AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval())
                         return live[0]
 
                     key = S.model_fingerprint(folder, contents=True)
@@ -411,7 +418,7 @@ class Merger:
                     for name in per_model:
                         stat = S.STATISTICS[name](**({"kind": spec.fisher} if name == "fisher" else {}))
                         out[ref][name] = S.compute(stat, model, data, cache=cache, model_key=key,
-                                                   dtypes=[str(torch.float32)])
+                                                   dtypes=[str(torch.float32)], lazy=not self.hold_statistics)
                         if bar is not None:
                             bar.update(1)
                     live.clear()
@@ -425,8 +432,10 @@ class Merger:
                     out[ref] = {k: self._aligned_statistic(ref, k, v) for k, v in out[ref].items()}
                 gram = out[ref].get("gram")
                 if gram is not None:  # per token, once: a model with more data does not outweigh the others
-                    out[ref]["gram"] = {k: (v / int(gram[f"{k}:tokens"]) if f"{k}:tokens" in gram else v)
-                                        for k, v in gram.items()}
+                    out[ref]["gram"] = S.TensorMap(gram, lambda k, gram=gram: gram[k] / int(gram[f"{k}:tokens"])
+                                                   if f"{k}:tokens" in gram else gram[k])
+                if self.hold_statistics:
+                    out[ref] = {k: dict(v.items()) for k, v in out[ref].items()}
                 names = {n for _, n in self._inputs_of(ref)}
                 if names and not any(n in v for v in out[ref].values() for n in names):
                     raise MergeError(f"model '{ref}': none of its tensors has a statistic ({', '.join(out[ref])}): "
@@ -497,7 +506,9 @@ class Merger:
             try:
                 data[ref] = self._batches(ref, self.recipe.data_for(ref))
                 if self._seq == "merged_inputs":  # (the models' own inputs: RegMean++ reads none)
-                    live[ref] = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+                    from .statistics import load_streamed
+
+                    live[ref] = load_streamed(folder)  # (forward passes alone: a block's weights at a time)
             except MergeError:
                 raise
             except Exception as e:  # a tokenizer or model transformers cannot load, bad data
@@ -576,22 +587,25 @@ class Merger:
             bar.update(len(refs))
         return out
 
-    def _aligned_statistic(self, ref: ModelRef, kind: str, values: dict[str, Tensor]) -> dict[str, Tensor]:
-        """A statistic of an aligned model, permuted as its tensors are read: a Fisher
-        diagonal as its tensor; a Gram matrix on both axes by its layer's input axis."""
+    def _aligned_statistic(self, ref: ModelRef, kind: str, values: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+        """A statistic of an aligned model, permuted as its tensors are read (each when asked
+        for): a Fisher diagonal as its tensor; a Gram matrix on both axes by its layer's
+        input axis."""
+        from .align import permute
+        from .statistics import TensorMap
+
         a = self._aligned[ref]
-        out = {}
-        for n, v in values.items():
+
+        def fn(n: str) -> Tensor:
+            v = values[n]
             if kind == "gram" and f"{n}:in_first" in values:
                 idx = a.axis_index(n, 0 if bool(int(values[f"{n}:in_first"])) else 1)
-                out[n] = v if idx is None else v.index_select(0, idx).index_select(1, idx)
-            elif kind != "gram" and n in a.layout.axes:
-                from .align import permute
+                return v if idx is None else v.index_select(0, idx).index_select(1, idx)
+            if kind != "gram" and n in a.layout.axes:
+                return permute(a.layout, a.perms, n, v)
+            return v
 
-                out[n] = permute(a.layout, a.perms, n, v)
-            else:
-                out[n] = v
-        return out
+        return TensorMap(values, fn)
 
     def _inputs_of(self, ref: ModelRef) -> list[tuple[ModelRef, str]]:
         return [(m, n) for t in self.plan.tasks if not t.copy for m, n in t.sources if m == ref]

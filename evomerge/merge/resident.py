@@ -110,6 +110,8 @@ class ResidentMerger(Merger):
             adopted instead of reading the checkpoints (only their headers are read).
     """
 
+    hold_statistics = True  # (every candidate reads them: held in memory, not read from the cache each time)
+
     def __init__(self, recipe: Recipe, *, device: str | torch.device = "cpu", seed: int = 0,
                  store_dtype: str | torch.dtype | None = None, allow_pickle: bool = False,
                  order_stats: bool = True, flat: bool = True, compile: bool = False,

@@ -34,13 +34,13 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Iterable, Iterator, Protocol, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Protocol, Sequence
 
 import torch
 from torch import Tensor
 
 __all__ = ["Statistic", "GramMatrix", "FisherDiagonal", "STATISTICS", "SEQUENTIAL", "StatisticCache", "compute",
-           "batches", "examples", "records", "model_fingerprint"]
+           "batches", "examples", "records", "model_fingerprint", "TensorMap", "load_streamed"]
 
 Batch = tuple[Tensor, ...]  # (input_ids, attention_mask[, scored]), right-padded
 
@@ -74,6 +74,7 @@ class GramMatrix:
     A layer reached twice in one forward pass (a tied head, a shared block) adds both."""
 
     name = "gram"
+    forward_only = True  # (its model may be streamed block by block: ``load_streamed``)
 
     def __init__(self, dtype: torch.dtype = torch.float64):
         self.dtype = dtype
@@ -136,6 +137,7 @@ class FisherDiagonal:
     sequences were batched."""
 
     name = "fisher"
+    forward_only = False  # (a backward pass reads every weight again)
 
     def __init__(self, kind: str = "empirical", seed: int = 0):
         if kind not in ("empirical", "sampled"):
@@ -364,8 +366,9 @@ class StatisticCache:
     def _dir(self, stat: Statistic, key: str) -> Path:
         return self.root / f"{stat.name}-{key[:24]}"
 
-    def get(self, stat: Statistic, key: str) -> dict[str, Tensor] | None:
-        """The cached values, or None (absent, or unreadable: then it is made again)."""
+    def get(self, stat: Statistic, key: str, lazy: bool = False) -> Mapping[str, Tensor] | None:
+        """The cached values, or None (absent, or unreadable: then it is made again); with
+        ``lazy``, a ``TensorMap`` that reads each tensor from the file when asked for."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -374,7 +377,7 @@ class StatisticCache:
             record = json.loads((d / "record.json").read_text())
             if record.get("key") != key or record.get("digest") != _file_digest(d / "values.safetensors"):
                 return None  # another entry, or values changed since they were written: made again
-            return load_file(d / "values.safetensors")
+            return TensorMap.of_file(d / "values.safetensors") if lazy else load_file(d / "values.safetensors")
         except (OSError, ValueError, SafetensorError):
             return None
 
@@ -404,14 +407,53 @@ class StatisticCache:
             raise
 
 
+class TensorMap(Mapping):
+    """Named tensors made when asked for (``get(name)``), none held: the statistics of a
+    merge read tensor by tensor from the cache's file (``of_file``), or another map's values
+    through a function (``through``)."""
+
+    def __init__(self, names: Iterable[str], get: Callable[[str], Tensor]):
+        self._names = list(names)
+        self._set = set(self._names)
+        self._get = get
+
+    @classmethod
+    def of_file(cls, path: str | Path) -> "TensorMap":
+        from safetensors import safe_open
+
+        handle = safe_open(str(path), framework="pt")  # (kept open by the map: reads on demand)
+        return cls(list(handle.keys()), handle.get_tensor)
+
+    def through(self, fn: Callable[[str, Tensor], Tensor]) -> "TensorMap":
+        """The map of ``fn(name, value)``."""
+        return TensorMap(self._names, lambda n: fn(n, self[n]))
+
+    def __getitem__(self, name: str) -> Tensor:
+        if name not in self._set:
+            raise KeyError(name)
+        return self._get(name)
+
+    def __contains__(self, name) -> bool:
+        return name in self._set
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
 def compute(stat: Statistic, model, data: Sequence[Batch], *, cache: StatisticCache | None = None,
-            model_key: str | None = None, dtypes: Sequence[str] | None = None) -> dict[str, Tensor]:
+            model_key: str | None = None, dtypes: Sequence[str] | None = None,
+            lazy: bool = False) -> Mapping[str, Tensor]:
     """``stat`` of ``model`` on ``data`` (on the CPU), from ``cache`` when it holds one for
     the same statistic, settings, model (``model_key``, e.g. ``model_fingerprint(folder)``,
     and the dtypes it runs in) and data; computed, and cached, otherwise. Without a cache
     or a model key, it is computed. ``model`` may be a function that loads it, called only
     when the statistic is computed; then ``dtypes`` (the floating-point dtypes it will run
-    in, as ``str(torch.float32)``) names its precision for the key."""
+    in, as ``str(torch.float32)``) names its precision for the key. With ``lazy``, what the
+    cache holds comes back as a ``TensorMap`` reading each tensor when asked for (computed
+    values are written, then read back so: only one statistic in memory at a time)."""
     data = list(data)
     live = (lambda: model) if not callable(model) or isinstance(model, torch.nn.Module) else model
     if cache is None or model_key is None:
@@ -421,7 +463,7 @@ def compute(stat: Statistic, model, data: Sequence[Batch], *, cache: StatisticCa
         dtypes = sorted({str(p.dtype) for p in m.parameters() if p.is_floating_point()})
         live = lambda: m  # noqa: E731
     key = cache.key(stat, f"{model_key}:{','.join(sorted(dtypes))}", data)
-    hit = cache.get(stat, key)
+    hit = cache.get(stat, key, lazy=lazy)
     if hit is not None:
         return hit
     values = {k: v.cpu() for k, v in stat(live(), data).items()}
@@ -433,7 +475,65 @@ def compute(stat: Statistic, model, data: Sequence[Batch], *, cache: StatisticCa
 
         warnings.warn(f"statistics cache '{cache.root}' cannot be written ({e}); the {stat.name} statistic "
                       "is not kept for the next merge", stacklevel=2)
+        return values
+    if lazy:
+        back = cache.get(stat, key, lazy=True)
+        if back is not None:
+            return back
     return values
+
+
+def load_streamed(folder: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A causal LM of ``folder`` for forward passes only (statistics, activations) whose
+    decoder blocks hold their weights only while a forward pass is inside them: each block
+    reads its own tensors from the checkpoint (in ``dtype``) as the pass enters it and lets
+    them go as the pass leaves, so one block's weights are in memory at a time, besides the
+    embeddings, the final norm and the head. A backward pass through it fails (its weights
+    are gone by then). A checkpoint whose names are not the model's own is loaded whole."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ..checkpoint import Checkpoint, split_layer
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers < 5
+        from transformers.modeling_utils import no_init_weights
+
+    ck = Checkpoint.open(str(folder), allow_download=False)
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=dtype)
+    model.tie_weights()
+    params = dict(model.named_parameters())  # (a tied head is named once)
+    stored = set(ck.names())
+    if not set(params) <= stored or not any(split_layer(n) is not None for n in params):
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    blocks: dict[str, list[str]] = {}
+    with torch.no_grad():
+        for n, p in params.items():
+            lay = split_layer(n)
+            if lay is None:
+                p.data = ck.get(n).to(dtype)
+            else:
+                blocks.setdefault(f"{lay.stack}.{lay.index}", []).append(n)
+                p.data = torch.empty(0, dtype=dtype)
+
+    def enter(names):
+        def hook(module, args):
+            for n in names:
+                params[n].data = ck.get(n).to(dtype)
+        return hook
+
+    def leave(names):
+        def hook(module, args, output):
+            for n in names:
+                params[n].data = torch.empty(0, dtype=dtype)
+        return hook
+
+    for prefix, names in blocks.items():
+        block = model.get_submodule(prefix)
+        block.register_forward_pre_hook(enter(names))
+        block.register_forward_hook(leave(names))
+    return model.eval()
 
 
 # Statistics of the merge itself: measured layer by layer on the merged model as it is built
