@@ -54,7 +54,9 @@ def one_statistic(name: str, folder: str, data: str, threads: int) -> None:
 
     torch.set_num_threads(threads)
     tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    # as a merge runs it: streamed (one block's weights at a time) for forward passes alone
+    model = (S.load_streamed(folder) if getattr(S.STATISTICS[name], "forward_only", False) else
+             AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval())
     batches = S.examples(DataSpec(data, text="text", batch_size=8, limit=10**9), tok)
     t0 = time.perf_counter()
     S.STATISTICS[name]()(model, batches)

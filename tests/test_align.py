@@ -511,6 +511,52 @@ def _slow_sequential(method, folders, aligned_perms, data, weights, units=None):
     return {k: v for k, v in merged.state_dict().items()}
 
 
+def _qwen2_mixed():
+    """Qwen2 with a sliding-window layer and a full-attention one: masks that differ by block."""
+    from transformers import Qwen2Config
+
+    torch.manual_seed(7)
+    cfg = Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=64, use_sliding_window=True, sliding_window=3,
+                      max_window_layers=1, layer_types=["full_attention", "sliding_attention", "full_attention"])
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "gpt2", "qwen2-mixed"])
+def test_block_by_block_layer_inputs_equal_whole_forward_passes(name):
+    """The sequential pass's inputs of each linear layer, from the kept inputs of its block
+    (``_Blocks``), equal those of whole forward passes stopped at the layer, in forward order
+    and again from the start; a model whose blocks take other masks runs whole passes."""
+    from evomerge.merge.engine import _Blocks, _inputs_of_layer
+    from evomerge.merge.statistics import _linear_layers
+
+    model = _noisy({"llama-gqa": _llama, "gpt2": _gpt2,
+                    "qwen2-mixed": _qwen2_mixed}[name](), 9)
+    ids = torch.randint(0, 49, (6, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[0, 6:] = 0
+    mask[3, 4:] = 0
+    batches = [(ids[:3], mask[:3]), (ids[3:], mask[3:])]
+    layers = _linear_layers(model)
+    order = []
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: order.append(n) if n not in order else None)
+             for n, m in layers.items()]
+    with torch.no_grad():
+        model(input_ids=ids[:1])
+    for h in hooks:
+        h.remove()
+    runs = _Blocks(model, batches)
+    with torch.no_grad():
+        for names in (order, order[:3]):  # a second candidate starts again from the first block
+            for n in names:
+                got = list(runs.inputs(n, layers[n]))
+                want = [_inputs_of_layer(lambda: model(input_ids=i, attention_mask=m, use_cache=False), layers[n], m)
+                        for i, m in batches]
+                assert len(got) == len(want) == 2
+                assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got, want)), n
+    assert runs.alone is (name != "qwen2-mixed")
+
+
 @pytest.mark.parametrize("method", ["pleas", "regmean_plus_plus"])
 def test_sequential_merges_match_a_slow_reference(fam, rich, tmp_path, monkeypatch, method):
     monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "cache"))

@@ -65,6 +65,106 @@ def _max_positions(config: dict) -> int | None:
     return None
 
 
+class _Stop(Exception):
+    """Ends a forward pass at the layer whose inputs were wanted."""
+
+
+def _inputs_of_layer(run: Callable[[], Any], module: torch.nn.Module, mask: Tensor) -> Tensor:
+    """The inputs ``module`` sees in the forward pass ``run()`` makes (stopped there), over
+    the real tokens of ``mask``, in float64."""
+    got: list[Tensor] = []
+
+    def hook(mod, args):
+        got.append(args[0])
+        raise _Stop
+
+    h = module.register_forward_pre_hook(hook)
+    try:
+        run()
+    except _Stop:
+        pass
+    finally:
+        h.remove()
+    if not got:
+        raise MergeError("a linear layer was not reached by the forward pass")
+    x = got[0].reshape(-1, got[0].shape[-1])
+    keep = mask.reshape(-1).bool()
+    return (x[keep] if keep.numel() == x.shape[0] else x).double()
+
+
+class _Blocks:
+    """One model run over batches block by block: the inputs (arguments and keyword
+    arguments) of its current decoder block are kept per batch, so the inputs of a layer in
+    that block cost a pass through the block alone, and moving on to a later block a pass
+    through each block between (their layers final by then: the layers are taken in forward
+    order). A layer outside the blocks (a head), a block before the current one, or blocks
+    that cannot be run alone (of several attention types, whose masks differ; hidden states
+    not passed first) take a whole forward pass, stopped at the layer."""
+
+    def __init__(self, model: torch.nn.Module, batches: list):
+        self.model, self.batches = model, batches
+        self.stack: str | None = None
+        self.at: int | None = None
+        self.kept: list[tuple[tuple, dict]] | None = None  # per batch, the current block's inputs
+        types = getattr(getattr(model, "config", None), "layer_types", None)
+        self.alone = not (isinstance(types, (list, tuple)) and len(set(types)) > 1)
+
+    def _block(self, i: int) -> torch.nn.Module:
+        return self.model.get_submodule(f"{self.stack}.{i}")
+
+    def _capture(self, i: int) -> None:
+        """Block ``i``'s inputs per batch, from forward passes stopped at it."""
+        kept = []
+        for ids, mask, *_ in self.batches:
+            got: list = []
+
+            def hook(mod, args, kwargs):
+                got.append((args, kwargs))
+                raise _Stop
+
+            h = self._block(i).register_forward_pre_hook(hook, with_kwargs=True)
+            try:
+                self.model(input_ids=ids, attention_mask=mask, use_cache=False)
+            except _Stop:
+                pass
+            finally:
+                h.remove()
+            if not got or not got[0][0] or not isinstance(got[0][0][0], Tensor):
+                self.alone = False  # (hidden states passed by keyword: not run alone here)
+                return
+            kept.append(got[0])
+        self.kept, self.at = kept, i
+
+    def _advance(self, i: int) -> None:
+        while self.at < i:
+            block, nxt = self._block(self.at), []
+            for args, kwargs in self.kept:
+                h = block(*args, **kwargs)
+                h = h[0] if isinstance(h, tuple) else h
+                nxt.append(((h, *args[1:]), kwargs))
+            self.kept, self.at = nxt, self.at + 1
+
+    def inputs(self, name: str, module: torch.nn.Module) -> Iterator[Tensor]:
+        """Per batch, the inputs of the layer whose weight is ``name`` (``module``)."""
+        from ..checkpoint import split_layer
+
+        lay = split_layer(name)
+        if self.alone and lay is not None and (self.stack is None or lay.stack == self.stack):
+            if self.stack is None:
+                self.stack = lay.stack
+            if self.at is None or lay.index < self.at:
+                self._capture(lay.index)
+            if self.alone:
+                self._advance(lay.index)
+                block = self._block(lay.index)
+                for (args, kwargs), (_, mask, *_) in zip(self.kept, self.batches):
+                    yield _inputs_of_layer(lambda: block(*args, **kwargs), module, mask)
+                return
+        for ids, mask, *_ in self.batches:
+            yield _inputs_of_layer(lambda: self.model(input_ids=ids, attention_mask=mask, use_cache=False), module,
+                                   mask)
+
+
 class Merger:
     """Plans a recipe and merges it, or candidates that fit its plan.
 
@@ -129,6 +229,8 @@ class Merger:
         self._current_key: str | None = None  # its parameters, where a statistic depends on them
         self._sequential: tuple[str, dict] | None = None  # (its parameters, the ``_seq`` measured for them)
         self._widening: dict[str, tuple] | None = None  # partial merging's wider tensors (``_wide_units``)
+        self._seq_models: tuple | None = None  # the pass's (data, live models, merged model), kept for the next
+        # candidate by a merger of many (``hold_statistics``)
 
     # the statistics of a data-reading method are read tensor by tensor from their cache as the
     # merge reaches them (one-shot merges: memory for one tensor's at a time); a merger that
@@ -467,41 +569,24 @@ class Merger:
         The merged model is built as it goes: every tensor starts as the weighted average of
         the inputs, then the linear layers, in the order a forward pass reaches them, are each
         merged by the method from their statistics before the next is measured (RegMean++,
-        PLeaS). Every model and the merged one are held live in float32; each layer costs a
-        forward pass (stopped at the layer) of each of them over each model's data."""
+        PLeaS). The merged model is held live in float32 (PLeaS's models run streamed beside
+        it); each model keeps the inputs of the decoder block being worked on (``_Blocks``),
+        so a layer costs a pass through its own block over each model's data, and moving on to
+        the next block one pass through the finished one."""
         from transformers import AutoModelForCausalLM
 
         from .statistics import _linear_layers
-
-        class _Stop(Exception):
-            pass
-
-        def inputs_at(model, module, ids, mask) -> Tensor:
-            got: list[Tensor] = []
-
-            def hook(mod, args):
-                got.append(args[0])
-                raise _Stop
-
-            h = module.register_forward_pre_hook(hook)
-            try:
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
-            except _Stop:
-                pass
-            finally:
-                h.remove()
-            if not got:
-                raise MergeError("a linear layer was not reached by the forward pass")
-            x = got[0].reshape(-1, got[0].shape[-1])
-            keep = mask.reshape(-1).bool()
-            return (x[keep] if keep.numel() == x.shape[0] else x).double()
 
         for ref in refs:
             if self.recipe.data_for(ref) is None:
                 raise MergeError(f"merge_method '{self.method.name}' reads data: give the recipe a 'data' entry "
                                  f"with a 'path' or a 'dataset' (top level, or under model '{ref}')")
-        data, live = {}, {}
+        if self._seq_models is None:  # (loaded once, then every candidate's pass reuses them)
+            self._seq_models = ({}, {}, [])
+        data, live, made = self._seq_models
         for ref in refs:
+            if ref in data:
+                continue
             folder = self.models[ref].folder
             try:
                 data[ref] = self._batches(ref, self.recipe.data_for(ref))
@@ -515,7 +600,9 @@ class Merger:
                 first = (str(e).strip().splitlines() or [""])[0]
                 raise MergeError(f"model '{ref}' ({folder}): {type(e).__name__}: {first}") from None
         wide = self._wide_units()
-        if wide:  # the wider model, every tensor of it set below
+        if made:  # the merged model of the last candidate: every tensor of it is set again below
+            merged = made[0]
+        elif wide:  # the wider model, every tensor of it set below
             from transformers import AutoConfig
 
             config = AutoConfig.from_pretrained(self.reference.folder)
@@ -524,6 +611,7 @@ class Merger:
             merged = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
         else:
             merged = AutoModelForCausalLM.from_pretrained(self.reference.folder, dtype=torch.float32).eval()
+        made[:] = [merged]
         state = self.live_state(merged)
         for i, task in enumerate(self.tasks):  # the weighted average of every tensor to start from
             raw = self._read(task)
@@ -552,20 +640,21 @@ class Merger:
             for h in hooks:
                 h.remove()
         out: dict[ModelRef, dict[str, tuple]] = {ref: {} for ref in refs}
+        cross = self._seq == "merged_inputs"  # (RegMean++ reads G alone: no model run, no C)
+        runs = {ref: (_Blocks(merged, data[ref]), _Blocks(live[ref], data[ref]) if cross else None) for ref in refs}
         for name in order:
             task = self.tasks[index[name]]
             in_first = not isinstance(layers[name], torch.nn.Linear)
             for ref in refs:
                 own = dict(live[ref].named_modules())[name[: -len(".weight")]] if ref in live else None
                 idx = self._aligned[ref].axis_index(name, 0 if in_first else 1) if ref in self._aligned else None
-                cross = self._seq == "merged_inputs"  # (RegMean++ reads G alone: no model run, no C)
                 g = c = None
                 n = 0
-                for ids, mask, *_ in data[ref]:
-                    xm = inputs_at(merged, layers[name], ids, mask)
+                mine = runs[ref][1].inputs(name, own) if cross else iter(())
+                for xm in runs[ref][0].inputs(name, layers[name]):
                     g = xm.T @ xm if g is None else g + xm.T @ xm
                     if cross:
-                        x = inputs_at(live[ref], own, ids, mask)
+                        x = next(mine)
                         if idx is not None:
                             x = x.index_select(1, idx)
                         c = xm.T @ x if c is None else c + xm.T @ x
@@ -585,6 +674,8 @@ class Merger:
             self._release(task)
         if bar is not None:
             bar.update(len(refs))
+        if not self.hold_statistics:  # (one merge: the models go now, before the merge is written)
+            self._seq_models = None
         return out
 
     def _aligned_statistic(self, ref: ModelRef, kind: str, values: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
