@@ -145,11 +145,16 @@ def main() -> int:
               f"matrices {gram7 * 8 / 2**30:.0f} GiB per model in float64; a Fisher pass about "
               f"{p7 / params:.0f}x this model's time per record, the Gram pass about the same factor", flush=True)
         print(f"(here: Fisher {params * 8 / 2**30:.1f} GiB, Gram matrices {here_gram * 8 / 2**30:.1f} GiB per model)")
+        block7 = (4 * h * h + 3 * h * m) * 4  # one decoder block's weights in float32
+        outside7 = 2 * vocab * h * 4  # the embeddings and the head
         print(f"7B alignment: weight matching holds the reference and the model in float32, "
-              f"{2 * p7 * 4 / 2**30:.0f} GiB; pleas holds every model and the merged one live in float32, "
-              f"{3 * p7 * 4 / 2**30:.0f} GiB for two models, regmean_plus_plus the merged one, "
-              f"{p7 * 4 / 2**30:.0f} GiB; both run a forward pass per linear layer ({layers * 7 + 1} of them) "
-              "over the data")
+              f"{2 * p7 * 4 / 2**30:.0f} GiB; activation matching runs both streamed, "
+              f"{2 * (block7 + outside7) / 2**30:.1f} GiB of weights; pleas holds the merged model live in float32 "
+              f"and runs each model streamed beside it, {(p7 * 4 + 2 * (block7 + outside7)) / 2**30:.0f} GiB for two "
+              f"models, regmean_plus_plus the merged one, {p7 * 4 / 2**30:.0f} GiB; both pass through one block per "
+              f"linear layer ({layers * 7 + 1} of them) over the data, and through each block once more to move on")
+        print(f"7B Gram pass: one block streamed at a time, {(block7 + outside7) / 2**30:.1f} GiB of weights, "
+              "besides the Gram matrices it holds")
     return 0
 
 
