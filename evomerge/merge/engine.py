@@ -550,9 +550,10 @@ class Merger:
         self._data_stats = out
         return out
 
-    def _merged_input_statistics(self, bar=None) -> dict[ModelRef, dict[str, tuple]]:
-        """The statistics of the merge (``_seq``) for the candidate being merged: measured again whenever its
-        parameters differ from those of the last measurement."""
+    def _merged_input_statistics(self, bar=None) -> dict[str, Tensor]:
+        """The linear layers fitted by the sequential pass (``_merged_inputs``) for the
+        candidate being merged, in the output dtype: made again whenever its parameters differ
+        from those of the last pass."""
         if self._current is None:
             self._begin(self.recipe_columns)
         cols, key = self._current, self._current_key
@@ -561,11 +562,13 @@ class Merger:
         return self._sequential[1]
 
     @torch.no_grad()
-    def _merged_inputs(self, refs: list[ModelRef], cols: Columns, bar=None) -> dict[ModelRef, dict[str, tuple]]:
-        """Per model and linear layer, ``(G, C, in_first)`` (``merged_inputs``) or ``(G,
-        in_first)`` (``merged_grams``): G = Xm^T Xm / n and C = Xm^T X / n, where Xm are the
-        inputs the layer sees in the merged model and X those it sees in the model (read
-        through its permutations), both over the real tokens of the model's data.
+    def _merged_inputs(self, refs: list[ModelRef], cols: Columns, bar=None) -> dict[str, Tensor]:
+        """The linear layers fitted to statistics of the merge itself, in the output dtype (what
+        the merge writes). Per model and linear layer, ``(G, C, in_first)``
+        (``merged_inputs``) or ``(G, in_first)`` (``merged_grams``): G = Xm^T Xm / n and C =
+        Xm^T X / n, where Xm are the inputs the layer sees in the merged model and X those it
+        sees in the model (read through its permutations), both over the real tokens of the
+        model's data; each layer's are let go once it is fitted.
         The merged model is built as it goes: every tensor starts as the weighted average of
         the inputs, then the linear layers, in the order a forward pass reaches them, are each
         merged by the method from their statistics before the next is measured (RegMean++,
@@ -639,12 +642,13 @@ class Merger:
         finally:
             for h in hooks:
                 h.remove()
-        out: dict[ModelRef, dict[str, tuple]] = {ref: {} for ref in refs}
+        fitted: dict[str, Tensor] = {}  # each fitted layer in the output dtype: what the merge writes
         cross = self._seq == "merged_inputs"  # (RegMean++ reads G alone: no model run, no C)
         runs = {ref: (_Blocks(merged, data[ref]), _Blocks(live[ref], data[ref]) if cross else None) for ref in refs}
         for name in order:
             task = self.tasks[index[name]]
             in_first = not isinstance(layers[name], torch.nn.Linear)
+            out: dict[ModelRef, tuple] = {}  # this layer's statistics per model (let go once it is fitted)
             for ref in refs:
                 own = dict(live[ref].named_modules())[name[: -len(".weight")]] if ref in live else None
                 idx = self._aligned[ref].axis_index(name, 0 if in_first else 1) if ref in self._aligned else None
@@ -659,24 +663,29 @@ class Merger:
                             x = x.index_select(1, idx)
                         c = xm.T @ x if c is None else c + xm.T @ x
                     n += xm.shape[0]
-                out[ref][name] = (g / n, c / n, in_first) if cross else (g / n, in_first)
+                out[ref] = (g / n, c / n, in_first) if cross else (g / n, in_first)
             i = index[name]
             params = {("lambda_" if k == "lambda" else k): v for k, v in cols.params(i).items()}
-            stats = {self._seq: [out[m].get(nm) for m, nm in task.sources]}
+            stats = {self._seq: [out.get(m) for m, _ in task.sources]}
             if name in wide:
                 stats["units"] = wide[name]
             raw = self._read(task)
             base, tensors = self._prepare(task, raw)
-            try:
-                state[name].copy_(self.method.fn(base, tensors, **params, statistics=stats))
+            try:  # (in float64: into the merged model as float32, kept in the output dtype for the merge)
+                res = self.method.fn(base, tensors, **params, statistics=stats, out_dtype=torch.float64)
             except (ValueError, RuntimeError) as e:
                 raise MergeError(f"tensor '{name}': {self.method.name} failed: {e}") from None
-            self._release(task)
+            finally:
+                del raw
+                self._release(task)
+            state[name].copy_(res)
+            fitted[name] = res.to(self.output_dtype(task))
+            del res, out, stats
         if bar is not None:
             bar.update(len(refs))
         if not self.hold_statistics:  # (one merge: the models go now, before the merge is written)
             self._seq_models = None
-        return out
+        return fitted
 
     def _aligned_statistic(self, ref: ModelRef, kind: str, values: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
         """A statistic of an aligned model, permuted as its tensors are read (each when asked
@@ -710,9 +719,8 @@ class Merger:
             out["units"] = self._wide_units()[task.name]
         for name in self.method.statistics:
             vals = []
-            if name == self._seq:
-                seq = self._merged_input_statistics()
-                out[name] = [seq.get(m, {}).get(n) for m, n in task.sources]
+            if name == self._seq:  # (the fitted layers come from the pass: ``compute``)
+                out[name] = [None] * len(task.sources)
                 continue
             for m, n in task.sources:
                 v = stats[m][name]
@@ -845,6 +853,10 @@ class Merger:
             if res is not None:
                 return res
         kwargs = {("lambda_" if k == "lambda" else k): v for k, v in params.items()}
+        if self._seq is not None:  # a layer the sequential pass fitted: its result
+            fit = self._merged_input_statistics().get(task.name)
+            if fit is not None:
+                return fit.clone() if out is None else out.view(fit.shape).copy_(fit)
         if self.method.statistics:
             kwargs["statistics"] = self._task_statistics(task)
         try:

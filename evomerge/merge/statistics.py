@@ -419,10 +419,12 @@ class TensorMap(Mapping):
 
     @classmethod
     def of_file(cls, path: str | Path) -> "TensorMap":
-        from safetensors import safe_open
+        """A safetensors file's tensors, each read by positional reads into memory of its
+        own when asked for (no mapping of the file, whose pages would stay with the process)."""
+        from ..checkpoint import _SafetensorsFile
 
-        handle = safe_open(str(path), framework="pt")  # (kept open by the map: reads on demand)
-        return cls(list(handle.keys()), handle.get_tensor)
+        handle = _SafetensorsFile(Path(path))
+        return cls(list(handle.keys()), handle.read)
 
     def through(self, fn: Callable[[str, Tensor], Tensor]) -> "TensorMap":
         """The map of ``fn(name, value)``."""
