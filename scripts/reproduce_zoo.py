@@ -429,6 +429,9 @@ def _same_task_pair(b: Bench, tok, steps: int) -> list[str]:
             "| weight matching | " + " | ".join(f"{x:.3f}" for x in wm) + " |", ""]
 
 
+WIDTHS = (1.5, 2.0)  # PLeaS's partial merging: the merged MLPs' widths, as multiples of the experts'
+
+
 def claim_independent(b: Bench, out: list[str], state: dict, work: Path, limit: int = 64, same_steps: int = 600):
     """Experts from their own initializations merged naively, after weight matching, and by
     PLeaS, against the ensemble of their predictions and against each expert alone, on the
@@ -454,10 +457,12 @@ def claim_independent(b: Bench, out: list[str], state: dict, work: Path, limit: 
         got = [_ensemble_score(models, tok, rows[t]) for t in tasks]
         return statistics.mean(a for a, _ in got), statistics.mean(n for _, n in got)
 
-    def merged(method, tasks, seed=0):
+    def merged(method, tasks, seed=0, width=1.0):
         am = method == "activation_matching"  # the average after activation matching
         rec = {"merge_method": "linear" if am else method, "dtype": "float32",
                "models": [{"model": str(ind[t]), "parameters": {"weight": 1.0}} for t in tasks]}
+        if width != 1.0:
+            rec["parameters"] = {"width": width}
         if method == "weight_matching":
             rec["align"] = {"seed": seed}
         if am:
@@ -468,6 +473,9 @@ def claim_independent(b: Bench, out: list[str], state: dict, work: Path, limit: 
             path.write_text("".join(json.dumps(valid[t][int(i)]) + "\n" for t in tasks
                                     for i in pick.choice(len(valid[t]), size=limit, replace=False)))
             rec["data"] = {"path": str(path), "text": "prompt", "target": "answer", "limit": limit * len(tasks)}
+        if width != 1.0:  # a wider model than the experts: written, then loaded
+            folder = Merger(parse_recipe(rec), seed=seed).write(work / "wide", overwrite=True, progress=False)
+            return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         m = AutoModelForCausalLM.from_pretrained(ind[tasks[0]], dtype=torch.float32).eval()
         Merger(parse_recipe(rec), seed=seed).materialize(into=m)
         return m
@@ -481,9 +489,10 @@ def claim_independent(b: Bench, out: list[str], state: dict, work: Path, limit: 
         wm = [score([merged("weight_matching", tasks, s)], tasks) for s in b.seeds]
         pl = [score([merged("pleas", tasks, s)], tasks) for s in b.seeds]
         am = [score([merged("activation_matching", tasks, s)], tasks) for s in b.seeds]
-        table.append((tasks, alone, ens, naive, wm, pl, am))
+        wide = {w: [score([merged("pleas", tasks, s, width=w)], tasks) for s in b.seeds] for w in WIDTHS}
+        table.append((tasks, alone, ens, naive, wm, pl, am, wide))
         print(f"[independent] {'+'.join(tasks)}: single {alone}, ensemble {ens}, naive {naive}, wm {wm}, pleas {pl}, "
-              f"am {am}", file=sys.stderr, flush=True)
+              f"am {am}, wider pleas {wide}", file=sys.stderr, flush=True)
     info = json.loads((Path(b.zoo.root) / "independent" / "independent.json").read_text())
     own = [info["accuracy"][t][t]["test"] for t in b.zoo.tasks]
 
@@ -504,11 +513,11 @@ def claim_independent(b: Bench, out: list[str], state: dict, work: Path, limit: 
             "exact match; mean ± std over seeds " + ", ".join(map(str, b.seeds)) + ") / the mean negative "
             "log-likelihood of the answer tokens (nats).", "",
             "| experts | best single | ensemble | naive average | weight matching | activation matching, averaged "
-            "| PLeaS |",
-            "|---|---|---|---|---|---|---|"]
-    for tasks, alone, ens, naive, wm, pl, am in table:
+            "| PLeaS | " + " | ".join(f"PLeaS, width {w:g}" for w in WIDTHS) + " |",
+            "|---|---|---|---|---|---|---|" + "---|" * len(WIDTHS)]
+    for tasks, alone, ens, naive, wm, pl, am, wide in table:
         out.append(f"| {' + '.join(tasks)} | {cell([alone])} | {cell([ens])} | {cell([naive])} | {cell(wm)} | "
-                   f"{cell(am)} | {cell(pl)} |")
+                   f"{cell(am)} | {cell(pl)} | " + " | ".join(cell(wide[w]) for w in WIDTHS) + " |")
     pairs = table[:-1]
     mean = statistics.mean
     naive_acc, naive_nll = mean([r[3][0] for r in pairs]), mean([r[3][1] for r in pairs])
@@ -526,6 +535,15 @@ def claim_independent(b: Bench, out: list[str], state: dict, work: Path, limit: 
             f"**{'holds' if pl_ok else 'does not hold'}**. Of the ensemble's accuracy, weight matching keeps "
             f"{100 * mean(wm_acc) / max(ens_acc, 1e-9):.0f}% and PLeaS {100 * mean(pl_acc) / max(ens_acc, 1e-9):.0f}%.",
             ""]
+    wide_acc = {w: [mean([r[7][w][i][0] for r in pairs]) for i in range(len(b.seeds))] for w in WIDTHS}
+    grows = all(a <= c for a, c in zip([mean(pl_acc)] + [mean(wide_acc[w]) for w in WIDTHS],
+                                       [mean(wide_acc[w]) for w in WIDTHS]))
+    out += [f"PLeaS's partial merging (`parameters: {{width: W}}`: in each layer the MLP units whose matches "
+            "correlate least kept apart, one copy from each model, the MLPs W times as wide), over the six pairs: "
+            + "; ".join(f"width {w:g} {ms(wide_acc[w])}% ({100 * mean(wide_acc[w]) / max(ens_acc, 1e-9):.0f}% of "
+                        "the ensemble's accuracy)" for w in WIDTHS)
+            + f". Accuracy growing with width (1, then {', '.join(f'{w:g}' for w in WIDTHS)}), as the paper "
+            f"reports: **{'holds' if grows else 'does not hold'}**.", ""]
     out += _same_task_pair(b, tok, steps=same_steps)
     state["independent"] = table
 
