@@ -456,6 +456,8 @@ def _readers(lay: Layout, model: torch.nn.Module) -> dict[str, tuple[torch.nn.Mo
 def _batch_features(model: torch.nn.Module, readers, ids: Tensor, mask: Tensor) -> dict[str, Tensor]:
     """One batch's activations over its real tokens (rows): ``res:<i>`` the residual stream
     after block i (the embeddings, i = 0), and each reader's input (``L.mlp``, ``L.o``)."""
+    dev = next(model.parameters()).device
+    ids, mask = ids.to(dev), mask.to(dev)
     keep = mask.reshape(-1).bool()
     feats: dict[str, Tensor] = {}
 
@@ -512,7 +514,7 @@ def correlations(lay: Layout, ref: torch.nn.Module, model: torch.nn.Module, batc
             if k not in fb or fb[k].shape != a.shape:
                 raise AlignError(f"the activations '{k}' of the two models differ in shape")
             acc.setdefault(k, _Moments()).add(a, fb[k])
-    return {k: m.correlation() for k, m in acc.items()}
+    return {k: m.correlation().cpu() for k, m in acc.items()}
 
 
 def activation_matching(lay: Layout, corr: Mapping[str, Tensor]) -> dict[str, Tensor]:

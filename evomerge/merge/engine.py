@@ -19,7 +19,9 @@ A candidate (``what``) is those columns by default, another recipe that fits the
 A method that reads data (``MethodSpec.statistics``: Fisher-weighted averaging, RegMean)
 gets, for every tensor, each input model's statistic of that tensor: computed once per
 model from the recipe's ``data`` for it (``statistics.examples``) on the model loaded live,
-in float32 on the CPU, and cached on disk (``statistics.compute``), on the first merge.
+in float32 on the merge's device (streamed block by block where forward passes are all it
+takes: ``statistics.load_streamed``), and cached on disk (``statistics.compute``), on the
+first merge; a merge reads them back tensor by tensor as it reaches each tensor.
 
 A recipe with ``align`` (or a method that aligns, ``weight_matching``) reads every model
 but the reference through its permutations onto the reference (``align.AlignedCheckpoint``),
@@ -88,7 +90,7 @@ def _inputs_of_layer(run: Callable[[], Any], module: torch.nn.Module, mask: Tens
     if not got:
         raise MergeError("a linear layer was not reached by the forward pass")
     x = got[0].reshape(-1, got[0].shape[-1])
-    keep = mask.reshape(-1).bool()
+    keep = mask.reshape(-1).bool().to(x.device)
     return (x[keep] if keep.numel() == x.shape[0] else x).double()
 
 
@@ -102,7 +104,8 @@ class _Blocks:
     not passed first) take a whole forward pass, stopped at the layer."""
 
     def __init__(self, model: torch.nn.Module, batches: list):
-        self.model, self.batches = model, batches
+        dev = next(model.parameters()).device
+        self.model, self.batches = model, [tuple(t.to(dev) for t in b) for b in batches]
         self.stack: str | None = None
         self.at: int | None = None
         self.kept: list[tuple[tuple, dict]] | None = None  # per batch, the current block's inputs
@@ -394,7 +397,7 @@ class Merger:
             raise MergeError(str(e)) from None
         if aligner.needs_data:
             try:
-                live = [S.load_streamed(f) for f in (refck.folder, inner.folder)]  # (forward passes alone)
+                live = [S.load_streamed(f, device=self.device) for f in (refck.folder, inner.folder)]  # (forward only)
             except Exception as e:  # a model transformers cannot load
                 first = (str(e).strip().splitlines() or [""])[0]
                 raise MergeError(f"align ({spec.method}): model '{r}' or '{ref}': {type(e).__name__}: {first}") from None
@@ -479,7 +482,8 @@ class Merger:
     def statistics(self, progress: bool = False) -> dict[ModelRef, dict[str, dict[str, Tensor]]]:
         """Every input model's statistics (``{model: {statistic: {tensor: value}}}``) for a
         data-reading method: computed on the first call (or read from the cache), each model
-        loaded live in float32 on the CPU, on its recipe ``data``."""
+        loaded in float32 on the merge's device (streamed, for forward passes alone), on its recipe
+        ``data``; read back from the cache tensor by tensor (``hold_statistics``: held)."""
         if self._data_stats is not None:
             return self._data_stats
         from transformers import AutoModelForCausalLM
@@ -511,8 +515,9 @@ class Merger:
 
                     def model(folder=folder, live=live, streamed=streamed):  # loaded once, if a statistic is computed
                         if not live:  # (forward passes alone: one block's weights in memory at a time)
-                            live.append(S.load_streamed(folder) if streamed else
-                                        AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval())
+                            live.append(S.load_streamed(folder, device=self.device) if streamed else
+                                        AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+                                        .to(self.device).eval())
                         return live[0]
 
                     key = S.model_fingerprint(folder, contents=True)
@@ -596,7 +601,7 @@ class Merger:
                 if self._seq == "merged_inputs":  # (the models' own inputs: RegMean++ reads none)
                     from .statistics import load_streamed
 
-                    live[ref] = load_streamed(folder)  # (forward passes alone: a block's weights at a time)
+                    live[ref] = load_streamed(folder, device=self.device)  # (forward only: a block at a time)
             except MergeError:
                 raise
             except Exception as e:  # a tokenizer or model transformers cannot load, bad data
@@ -611,9 +616,10 @@ class Merger:
             config = AutoConfig.from_pretrained(self.reference.folder)
             for k, v in self._wide_config(config.to_dict()).items():
                 setattr(config, k, v)
-            merged = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+            merged = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(self.device).eval()
         else:
-            merged = AutoModelForCausalLM.from_pretrained(self.reference.folder, dtype=torch.float32).eval()
+            merged = AutoModelForCausalLM.from_pretrained(self.reference.folder, dtype=torch.float32).to(
+                self.device).eval()
         made[:] = [merged]
         state = self.live_state(merged)
         for i, task in enumerate(self.tasks):  # the weighted average of every tensor to start from
@@ -638,7 +644,7 @@ class Merger:
                  for n, mod in layers.items() if n in index]
         try:
             ids, mask, *_ = data[refs[0]][0]
-            merged(input_ids=ids[:1], attention_mask=mask[:1], use_cache=False)
+            merged(input_ids=ids[:1].to(self.device), attention_mask=mask[:1].to(self.device), use_cache=False)
         finally:
             for h in hooks:
                 h.remove()
@@ -660,7 +666,7 @@ class Merger:
                     if cross:
                         x = next(mine)
                         if idx is not None:
-                            x = x.index_select(1, idx)
+                            x = x.index_select(1, idx.to(x.device))
                         c = xm.T @ x if c is None else c + xm.T @ x
                     n += xm.shape[0]
                 out[ref] = (g / n, c / n, in_first) if cross else (g / n, in_first)

@@ -485,13 +485,15 @@ def compute(stat: Statistic, model, data: Sequence[Batch], *, cache: StatisticCa
     return values
 
 
-def load_streamed(folder: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def load_streamed(folder: str | Path, dtype: torch.dtype = torch.float32,
+                  device: str | torch.device = "cpu") -> torch.nn.Module:
     """A causal LM of ``folder`` for forward passes only (statistics, activations) whose
     decoder blocks hold their weights only while a forward pass is inside them: each block
     reads its own tensors from the checkpoint (in ``dtype``) as the pass enters it and lets
     them go as the pass leaves, so one block's weights are in memory at a time, besides the
     embeddings, the final norm and the head. A backward pass through it fails (its weights
-    are gone by then). A checkpoint whose names are not the model's own is loaded whole."""
+    are gone by then). A checkpoint whose names are not the model's own is loaded whole. It
+    runs on ``device``, where each block's weights are read to."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ..checkpoint import Checkpoint, split_layer
@@ -508,27 +510,28 @@ def load_streamed(folder: str | Path, dtype: torch.dtype = torch.float32) -> tor
     params = dict(model.named_parameters())  # (a tied head is named once)
     stored = set(ck.names())
     if not set(params) <= stored or not any(split_layer(n) is not None for n in params):
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    model.to(device)  # (buffers; the parameters are set below)
     blocks: dict[str, list[str]] = {}
     with torch.no_grad():
         for n, p in params.items():
             lay = split_layer(n)
             if lay is None:
-                p.data = ck.get(n).to(dtype)
+                p.data = ck.get(n, device).to(dtype)
             else:
                 blocks.setdefault(f"{lay.stack}.{lay.index}", []).append(n)
-                p.data = torch.empty(0, dtype=dtype)
+                p.data = torch.empty(0, dtype=dtype, device=device)
 
     def enter(names):
         def hook(module, args):
             for n in names:
-                params[n].data = ck.get(n).to(dtype)
+                params[n].data = ck.get(n, device).to(dtype)
         return hook
 
     def leave(names):
         def hook(module, args, output):
             for n in names:
-                params[n].data = torch.empty(0, dtype=dtype)
+                params[n].data = torch.empty(0, dtype=dtype, device=device)
         return hook
 
     for prefix, names in blocks.items():
