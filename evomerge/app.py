@@ -132,6 +132,9 @@ def check_config(cfg) -> None:
         if taken:
             raise ConfigError(f"merge.data.eval_split: the evaluator's unlabeled prompts are the data; drop "
                               f"merge.data.{taken[0]}")
+        if not reads:
+            raise ConfigError(f"merge.data.eval_split: merge method '{cfg.merge.get('method')}' reads no data"
+                              + ("" if align_method is None else f" and merge.align={align_method} runs none"))
     elif hasattr(data, "get") and data.get("tasks") is not None:
         raise ConfigError("merge.data.tasks: names the evaluator's task each model reads with "
                           "merge.data.eval_split=search; without it there is nothing to name")
@@ -347,7 +350,7 @@ def run(cfg, run_dir: str | Path) -> dict:
         from .merge.engine import Merger
 
         # found once here, and cached: every worker reads them from the cache
-        once = Merger(space.recipe(space.x0))
+        once = Merger(space.recipe(space.x0), device=cfg.device)
         once.align(progress=bool(cfg.progress))
         from .merge.statistics import SEQUENTIAL
 
@@ -426,7 +429,7 @@ def run(cfg, run_dir: str | Path) -> dict:
 
 def eval_data(cfg, evaluator, models: list[str], zoo, run_dir: Path, split: str) -> dict[str, Any]:
     """``merge.data.eval_split``: the evaluator's unlabeled prompts of ``split`` written as
-    JSON-lines files under ``run_dir/data`` (one per task, and ``all.jsonl`` for every task),
+    JSON-lines files under ``run_dir/data`` (``tasks/<task>.jsonl``, and ``all.jsonl`` for every task),
     and the data each of ``models`` reads: ``merge.data.tasks`` (a task, or null for every
     task, per model in order), else a zoo expert's own task and every task for the others.
     Returns the merge's data source (``{"paths": [...]}``)."""
@@ -445,6 +448,8 @@ def eval_data(cfg, evaluator, models: list[str], zoo, run_dir: Path, split: str)
     else:
         own = {str(p): t for t, p in zoo.experts.items()} if zoo is not None else {}
         tasks = [own.get(m) if own.get(m) in evaluator.tasks else None for m in models]
+    if not cfg.get("resume") and (run_dir / "trials.jsonl").is_file():  # (refused below; nothing written there)
+        raise FileExistsError(f"{run_dir} already holds a search; resume it or choose another run directory")
     field = str(data.get("text") or "text")
     folder = run_dir / "data"
     paths = []
@@ -456,10 +461,10 @@ def eval_data(cfg, evaluator, models: list[str], zoo, run_dir: Path, split: str)
         if not prompts:
             raise ConfigError(f"merge.data.eval_split: the evaluator has no {split} prompts for "
                               f"{'task ' + repr(task) if task is not None else 'any task'}")
-        name = "all" if task is None else str(task)
+        name = str(task)
         if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
             name = "task-" + hashlib.sha256(name.encode()).hexdigest()[:16]
-        path = folder / f"{name}.jsonl"
+        path = folder / "all.jsonl" if task is None else folder / "tasks" / f"{name}.jsonl"
         text = "".join(json.dumps({field: p}) + "\n" for p in prompts)
         if path.exists():  # a resume writes the same prompts; other ones are another search's
             if not path.is_file() or path.read_bytes() != text.encode("utf-8"):
@@ -467,7 +472,7 @@ def eval_data(cfg, evaluator, models: list[str], zoo, run_dir: Path, split: str)
                                   f"prompts{'' if task is None else ' of task ' + repr(task)}; run the search "
                                   "in another directory")
         else:
-            folder.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text(text, encoding="utf-8")
             os.replace(tmp, path)

@@ -50,21 +50,28 @@ def search_range(method: str, param: str, given: Mapping[str, Any] | None = None
     if param not in specs:
         raise RecipeError(f"{where}: {method} has no parameter {param!r}; accepted: {', '.join(specs)}")
     ps = specs[param]
-    if ps.search is None:
-        why = ("sets the merged model's shape, which one search keeps fixed" if ps.kind == "float" else
-               "is not a number")
-        raise RecipeError(f"{where}.{param}: {method}'s {param!r} {why} and cannot be searched")
     given = dict(given or {})
+    default = ps.search
+    if default is None:
+        if ps.structural or ps.kind != "float":
+            why = "sets the merged model's shape, which one search keeps fixed" if ps.structural else "is not a number"
+            raise RecipeError(f"{where}.{param}: {method}'s {param!r} {why} and cannot be searched")
+        if given.get("lo") is None or given.get("hi") is None:  # (e.g. Fisher's floor: no range fits every model)
+            raise RecipeError(f"{where}.{param}: {method}'s {param!r} has no range a search takes by default; "
+                              f"give its lo and hi (space.ranges.{param}={{lo: ..., hi: ...}})")
+        default = (None, None, None)
     unknown = set(given) - {"lo", "hi", "x0"}
     if unknown:
         raise RecipeError(f"{where}.{param}: unknown keys {sorted(unknown)}; accepted: lo, hi, x0")
     try:
         lo, hi, x0 = (float(given[k]) if given.get(k) is not None else d
-                      for k, d in zip(("lo", "hi", "x0"), ps.search))
+                      for k, d in zip(("lo", "hi", "x0"), default))
     except (TypeError, ValueError):
         raise RecipeError(f"{where}.{param}: lo, hi and x0 must be numbers, got {given}") from None
     if not lo < hi:
         raise RecipeError(f"{where}.{param}: lo ({lo}) must be below hi ({hi})")
+    if x0 is None:  # (a range given for a parameter without one: its default, or the middle)
+        x0 = float(ps.default) if lo <= float(ps.default) <= hi else (lo + hi) / 2
     if not lo <= x0 <= hi:
         raise RecipeError(f"{where}.{param}: x0 ({x0}) must lie within [lo, hi] = [{lo}, {hi}]")
     legal = f"{'(' if ps.lo_open else '['}{ps.lo}, {ps.hi}]"
@@ -148,8 +155,7 @@ class Space:
             self.models.insert(0, self.base_model)  # linear: the base is one more weighted model
         self.fixed = dict(fixed or {})
         for ps in self.method.params:  # a parameter that shapes the merged model: the live model's shape
-            if ps.kind == "float" and ps.search is None and not ps.ignored and \
-                    self.fixed.get(ps.name, ps.default) != ps.default:
+            if ps.structural and self.fixed.get(ps.name, ps.default) != ps.default:
                 raise RecipeError(f"space.fixed.{ps.name}: {method}'s {ps.name!r} other than {ps.default} changes the "
                                   "merged model's shape, and a search merges every candidate into one live model "
                                   "of the models' shape; merge it with evomerge-merge")

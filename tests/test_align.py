@@ -649,19 +649,20 @@ def test_a_wider_pleas_of_a_model_and_its_relabeled_copy_computes_as_the_model(f
     assert torch.allclose(a[real], b[real], atol=2e-4), float((a[real] - b[real]).abs().max())
 
 
-def test_bad_widths_are_named(fam, rich, tmp_path):
+def test_bad_widths_are_named(fam, rich, tmp_path, monkeypatch):
+    monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "cache"))
     base = {"merge_method": "pleas", "models": [fam["expert_0"], fam["expert_1"]],
             "data": {"path": str(rich), "text": "q"}, "dtype": "float32"}
     with pytest.raises(RecipeError, match=r"width"):
         parse_recipe({**base, "parameters": {"width": 0.5}})
     _fails(tmp_path, {**base, "parameters": {"width": 3.0}}, "width 3.0: between 1", "the number of models, 2")
     _fails(tmp_path, {**base, "parameters": {"width": [1.0, 2.0]}}, "width sets the merged model's shape, one number")
-    from evomerge.space import Space
+    from evomerge.merge.engine import MergeError
 
-    with pytest.raises(RecipeError, match=r"space.fixed.width: .*changes the merged model's shape"):
-        Space("pleas", [fam["expert_0"], fam["expert_1"]], search=["weight"], fixed={"width": 1.5})
-    with pytest.raises(RecipeError, match=r"space.search.width: .*cannot be searched"):
-        Space("pleas", [fam["expert_0"], fam["expert_1"]], search=["width"])
+    other = parse_recipe({**base, "parameters": {"width": 1.5}})
+    with pytest.raises(MergeError, match=r"the candidate's width \[1.5\] is not the merge's \(1.0\)"):
+        Merger(parse_recipe(base)).write(tmp_path / "other", other)
+    assert not (tmp_path / "other").exists()
 
 
 def test_pleas_of_a_model_and_its_relabeled_copy_computes_as_the_model(fam, rich, tmp_path, monkeypatch):

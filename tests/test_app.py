@@ -202,6 +202,7 @@ def test_bad_config_values_fail_before_anything_loads(tmp_path, override, expect
     ("merge.data.eval_split=search merge.data.path=x.jsonl", "drop merge.data.path"),
     ("merge.data.eval_split=search merge.data.target=a", "drop merge.data.target"),
     ("merge.data.path=x.jsonl merge.data.tasks=[a]", "merge.data.tasks: names the evaluator's task"),
+    ("merge.method=ties merge.data.eval_split=search", "merge.data.eval_split: merge method 'ties' reads no data"),
 ])
 def test_bad_data_sources_of_a_search_fail_before_anything_loads(tmp_path, override, expect):
     zoo = tmp_path / "no_zoo_here"

@@ -446,6 +446,18 @@ def test_an_output_over_the_data_is_refused_and_the_data_stays(fam, tmp_path):
         assert data.read_bytes() == before
 
 
+def test_an_output_over_a_local_dataset_folder_is_refused_and_the_data_stays(fam, tmp_path):
+    folder = _dataset_folder(tmp_path, ROWS)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    rec = _recipe(fam, "fisher")
+    rec["data"] = {"dataset": str(folder), "split": "validation", "text": "q", "target": "a"}
+    r = subprocess.run([sys.executable, "-m", "evomerge.cli", _write(tmp_path, rec), str(folder), "--no-progress",
+                        "--overwrite"], capture_output=True, text=True,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert r.returncode == 2 and "dataset folder of model" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
 def test_a_cache_that_cannot_be_written_is_warned_about_and_the_merge_goes_on(fam, tmp_path, monkeypatch):
     blocker = tmp_path / "not_a_folder"
     blocker.write_text("a file where the cache would go")

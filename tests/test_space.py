@@ -66,6 +66,17 @@ def test_bad_spaces_are_refused(family):
         Space("ties", m, base_model=str(family["base"]), granularity="per_head")
     with pytest.raises(RecipeError, match="both searched and fixed"):
         Space("ties", m, base_model=str(family["base"]), search=["weight"], fixed={"weight": 1.0})
+    # a number without a default range (Fisher's floor): fixed freely, searched over a range given
+    assert Space("fisher", m, search=["weight"], fixed={"floor": 1e-5}).fixed == {"floor": 1e-5}
+    with pytest.raises(RecipeError, match=r"space.search.floor: .*no range a search takes by default; give its lo"):
+        Space("fisher", m, search=["floor"])
+    sp = Space("fisher", m, search={"floor": {"lo": 1e-8, "hi": 1e-4}})
+    assert sp.ranges["floor"] == (1e-8, 1e-4, 1e-6)
+    # a structural one (PLeaS's width) neither
+    with pytest.raises(RecipeError, match=r"space.fixed.width: .*changes the merged model's shape"):
+        Space("pleas", m, search=["weight"], fixed={"width": 1.5})
+    with pytest.raises(RecipeError, match=r"space.search.width: .*sets the merged model's shape.*cannot be searched"):
+        Space("pleas", m, search=["width"])
 
 
 def resolved(space, x, name):

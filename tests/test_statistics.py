@@ -338,3 +338,49 @@ def test_cached_statistics_come_back_read_tensor_by_tensor(fam, tmp_path):
     with pytest.warns(UserWarning, match="cannot be written"):
         kept = compute(GramMatrix(), model, data, cache=StatisticCache(blocked / "c"), model_key=key, lazy=True)
     assert isinstance(kept, dict) and all(torch.equal(kept[k], want[k]) for k in want)
+
+
+def test_a_block_by_block_pass_reads_each_streamed_blocks_weights_once(fam, monkeypatch):
+    """The sequential pass over a streamed model (``_Blocks``): within a block its layers'
+    passes stop inside it, and moving on passes every batch through it, with the weights
+    read once; each block's weights are let go as the pass moves on."""
+    from collections import Counter
+
+    from evomerge.checkpoint import Checkpoint
+    from evomerge.merge.engine import _Blocks
+
+    folder = fam["expert_0"]
+    data = _padded(AutoTokenizer.from_pretrained(folder), PROMPTS, 3)
+    reads: Counter = Counter()
+    get = Checkpoint.get
+    monkeypatch.setattr(Checkpoint, "get", lambda self, n, *a, **k: (reads.update([n]), get(self, n, *a, **k))[1])
+    model = load_streamed(folder)
+    reads.clear()
+    layers = {n: m for n, m in _linear_layers(model).items() if ".layers." in n}  # (the head: a whole pass)
+    params = dict(model.named_parameters())
+    runs = _Blocks(model, data)
+    with torch.no_grad():
+        for n, m in layers.items():  # (nn.Module order is forward order here)
+            assert len(list(runs.inputs(n, m))) == len(data) == 3
+    blocks = [n for n in params if ".layers." in n]
+    assert {n: reads[n] for n in blocks} == {n: 1 for n in blocks}
+    assert all(params[n].numel() == 0 for n in blocks if ".layers.0." in n)  # moved on past block 0: gone
+
+
+def test_pickled_weights_are_loaded_whole(fam, tmp_path):
+    """A folder of pickled weights (accepted by a merge with --allow-pickle) is not read
+    block by block: transformers loads it whole, and it computes the same."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    src = Path(fam["expert_0"])
+    dst = tmp_path / "pickled"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.safetensors*"))
+    torch.save(load_file(str(next(src.glob("*.safetensors")))), dst / "pytorch_model.bin")
+    model = load_streamed(dst)
+    assert all(p.numel() > 0 for p in model.parameters())
+    ids = torch.tensor([[3, 5, 7, 11, 13]])
+    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, ref(input_ids=ids).logits)

@@ -297,7 +297,7 @@ def test_a_search_reads_the_evaluators_search_prompts_as_its_data(words, tmp_pat
                        capture_output=True, text=True, env={**env(), "EVOMERGE_CACHE": str(cache)}, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     ev = _words_evaluator(words)
-    files = [run / "data" / "all.jsonl"] + [run / "data" / f"{t}.jsonl" for t in tasks]
+    files = [run / "data" / "all.jsonl"] + [run / "data" / "tasks" / f"{t}.jsonl" for t in tasks]
     for f, t in zip(files, [None, *tasks]):
         assert [json.loads(line)["text"] for line in f.read_text().splitlines()] == ev.inputs(
             "search", None if t is None else [t])
@@ -333,7 +333,8 @@ def test_the_evaluators_prompts_per_model_and_their_mistakes(words, tmp_path):
     cfg = OmegaConf.create({"merge": {"data": {"eval_split": "search", "tasks": None, "text": "q"}},
                             "eval": {"name": "accuracy"}})
     got = eval_data(cfg, ev, models, zoo, tmp_path / "run", "search")
-    assert got == {"paths": [str((tmp_path / "run" / "data" / f"{n}.jsonl").resolve()) for n in ["all", *tasks]]}
+    assert got == {"paths": [str((tmp_path / "run" / "data" / n).resolve())
+                             for n in ["all.jsonl", *(f"tasks/{t}.jsonl" for t in tasks)]]}
     assert [json.loads(x)["q"] for x in Path(got["paths"][1]).read_text().splitlines()] == ev.inputs("search",
                                                                                                     [tasks[0]])
     assert eval_data(cfg, ev, models, zoo, tmp_path / "run", "search") == got  # again: the same files
@@ -346,11 +347,16 @@ def test_the_evaluators_prompts_per_model_and_their_mistakes(words, tmp_path):
     cfg.merge.data.tasks = None
     with pytest.raises(ConfigError, match="offers no unlabeled prompts"):
         eval_data(cfg, object(), models, zoo, tmp_path / "r4", "search")
-    other = tmp_path / "run" / "data" / f"{tasks[0]}.jsonl"  # another search's prompts: never overwritten
+    other = tmp_path / "run" / "data" / "tasks" / f"{tasks[0]}.jsonl"  # another search's prompts: never overwritten
     other.write_text('{"q": "mine"}\n')
     with pytest.raises(ConfigError, match="holds other data"):
         eval_data(cfg, ev, models, zoo, tmp_path / "run", "search")
     assert other.read_text() == '{"q": "mine"}\n'
+    (tmp_path / "r5").mkdir()
+    (tmp_path / "r5" / "trials.jsonl").write_text("")  # another search's run directory: nothing written there
+    with pytest.raises(FileExistsError, match="already holds a search"):
+        eval_data(cfg, ev, models, zoo, tmp_path / "r5", "search")
+    assert not (tmp_path / "r5" / "data").exists()
 
 
 def test_a_search_that_aligns_the_models_first(words, tmp_path):

@@ -139,12 +139,20 @@ class _Blocks:
         self.kept, self.at = kept, i
 
     def _advance(self, i: int) -> None:
+        streamed = hasattr(self.model, "hold_blocks")  # (``statistics.load_streamed``: read once for every batch)
         while self.at < i:
             block, nxt = self._block(self.at), []
-            for args, kwargs in self.kept:
-                h = block(*args, **kwargs)
-                h = h[0] if isinstance(h, tuple) else h
-                nxt.append(((h, *args[1:]), kwargs))
+            if streamed:
+                self.model.hold_blocks = True
+            try:
+                for args, kwargs in self.kept:
+                    h = block(*args, **kwargs)
+                    h = h[0] if isinstance(h, tuple) else h
+                    nxt.append(((h, *args[1:]), kwargs))
+            finally:
+                if streamed:
+                    self.model.hold_blocks = False
+                    block.release_weights()
             self.kept, self.at = nxt, self.at + 1
 
     def inputs(self, name: str, module: torch.nn.Module) -> Iterator[Tensor]:
@@ -309,7 +317,12 @@ class Merger:
         (``statistics.SEQUENTIAL``) are measured again when its parameters differ from those
         they were measured for (compared once per candidate)."""
         if self._seq is not None and cols is not self._current:
-            self._current_key = repr([sorted(cols.params(i).items()) for i in range(len(self.tasks))])
+            every = [cols.params(i) for i in range(len(self.tasks))]
+            widths = {float(p["width"]) for p, t in zip(every, self.tasks) if "width" in p and not t.copy}
+            if widths and widths != {self.width()}:
+                raise MergeError(f"{self.method.name}: the candidate's width {sorted(widths)} is not the merge's "
+                                 f"({self.width()}): width sets the merged model's shape, one per merge")
+            self._current_key = repr([sorted(p.items()) for p in every])
         self._current = cols
         return cols
 
@@ -466,8 +479,10 @@ class Merger:
             refs = refs + [self.recipe.align_reference()]
         for ref in refs:
             spec = self.recipe.data_for(ref)
-            if spec is not None and spec.path is not None:  # (a dataset is read, never written)
+            if spec is not None and spec.path is not None:
                 out[f"data file of model '{ref}'"] = Path(spec.path)
+            elif spec is not None and Path(spec.dataset).exists():  # a local dataset folder
+                out[f"dataset folder of model '{ref}'"] = Path(spec.dataset)
         return out
 
     def _data_models(self) -> list[ModelRef]:
@@ -563,7 +578,17 @@ class Merger:
             self._begin(self.recipe_columns)
         cols, key = self._current, self._current_key
         if self._sequential is None or self._sequential[0] != key:
-            self._sequential = (key, self._merged_inputs(self._data_models(), cols, bar))
+            try:
+                self._sequential = (key, self._merged_inputs(self._data_models(), cols, bar))
+            except Exception as e:
+                self._seq_models = None  # (a failed pass keeps no models)
+                if isinstance(e, MergeError):
+                    raise
+                if not isinstance(e, (RuntimeError, ValueError, OSError, CheckpointError)):
+                    raise
+                first = (str(e).strip().splitlines() or [""])[0]
+                raise MergeError(f"{self.method.name}: the layer-by-layer pass failed: {type(e).__name__}: "
+                                 f"{first}") from None
         return self._sequential[1]
 
     @torch.no_grad()
@@ -614,8 +639,10 @@ class Merger:
             from transformers import AutoConfig
 
             config = AutoConfig.from_pretrained(self.reference.folder)
-            for k, v in self._wide_config(config.to_dict()).items():
-                setattr(config, k, v)
+            own = config.to_dict()
+            for k, v in self._wide_config(own).items():
+                if own.get(k) != v:  # (the MLP width alone)
+                    setattr(config, k, v)
             merged = AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(self.device).eval()
         else:
             merged = AutoModelForCausalLM.from_pretrained(self.reference.folder, dtype=torch.float32).to(

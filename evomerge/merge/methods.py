@@ -1341,6 +1341,8 @@ class ParamSpec:
         default: value when the recipe gives none; ``None`` with ``required``.
         lo, hi, lo_open: allowed numeric range, checked on every resolved value.
         ignored: accepted in recipes (mergekit takes it) but has no effect here.
+        structural: sets the merged model's shape (PLeaS's ``width``): one value for the
+            whole merge, kept at its default in a search (one live model of the models' shape).
         search: ``(lo, hi, x0)``, the range a search explores when it is given none (within
             ``lo``/``hi``); ``None`` for what cannot be searched (booleans, norms).
 
@@ -1357,6 +1359,7 @@ class ParamSpec:
     hi: float | None = None
     lo_open: bool = False
     ignored: bool = False  # accepted for compatibility, never passed to the function
+    structural: bool = False  # sets the merged model's shape: one value per merge, never searched
     search: tuple[float, float, float] | None = None
 
 
@@ -1487,7 +1490,7 @@ METHODS: dict[str, MethodSpec] = {
     ),
     "pleas": MethodSpec(
         # width: the merged MLPs' width, a multiple of the models' (structural: fixed, never searched)
-        "pleas", pleas, (_SHARE, ParamSpec("width", default=1.0, lo=1.0)),
+        "pleas", pleas, (_SHARE, ParamSpec("width", default=1.0, lo=1.0, structural=True)),
         needs_base=False, base_in_inputs=True, statistics=("merged_inputs",), align="activation_matching",
         reference="https://arxiv.org/abs/2407.02447",
     ),

@@ -103,7 +103,7 @@ class GramMatrix:
                     if keep.numel() == flat.shape[0]:  # one row per token: the padding's rows go
                         flat = flat[keep]
                     flat = flat.to(self.dtype)
-                    g, rows = flat.T @ flat, flat.shape[0]
+                    g, rows = (flat.T @ flat).cpu(), flat.shape[0]  # (summed on the CPU: a GPU holds no sums)
                     last.update(x=x, g=g, rows=rows)
                 grams[name] = g.clone() if name not in grams else grams[name] + g
                 counts[name] = counts.get(name, 0) + rows
@@ -492,8 +492,10 @@ def load_streamed(folder: str | Path, dtype: torch.dtype = torch.float32,
     reads its own tensors from the checkpoint (in ``dtype``) as the pass enters it and lets
     them go as the pass leaves, so one block's weights are in memory at a time, besides the
     embeddings, the final norm and the head. A backward pass through it fails (its weights
-    are gone by then). A checkpoint whose names are not the model's own is loaded whole. It
-    runs on ``device``, where each block's weights are read to."""
+    are gone by then). With ``model.hold_blocks`` set, a block keeps its weights after a pass
+    (several passes through one block read them once) until ``block.release_weights()``. A
+    checkpoint of pickled weights, or whose names are not the model's own, is loaded whole.
+    It runs on ``device``, where each block's weights are read to."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from ..checkpoint import Checkpoint, split_layer
@@ -503,41 +505,53 @@ def load_streamed(folder: str | Path, dtype: torch.dtype = torch.float32,
     except ImportError:  # transformers < 5
         from transformers.modeling_utils import no_init_weights
 
-    ck = Checkpoint.open(str(folder), allow_download=False)
+    try:
+        ck = Checkpoint.open(str(folder), allow_download=False, allow_pickle=True)
+    except Exception:  # noqa: BLE001 - not a folder it reads: transformers loads it whole
+        ck = None
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=dtype)
     model.tie_weights()
     params = dict(model.named_parameters())  # (a tied head is named once)
-    stored = set(ck.names())
-    if not set(params) <= stored or not any(split_layer(n) is not None for n in params):
+    stored = set(ck.names()) if ck is not None else set()
+    if ck is None or any(str(f).endswith(".bin") for f in ck.weight_map.values()) or not set(params) <= stored \
+            or not any(split_layer(n) is not None for n in params):
+        # (pickled weights, which the merge accepted with --allow-pickle, or other names)
         return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
-    model.to(device)  # (buffers; the parameters are set below)
     blocks: dict[str, list[str]] = {}
     with torch.no_grad():
         for n, p in params.items():
             lay = split_layer(n)
             if lay is None:
-                p.data = ck.get(n, device).to(dtype)
+                p.data = ck.get(n).to(dtype)
             else:
                 blocks.setdefault(f"{lay.stack}.{lay.index}", []).append(n)
-                p.data = torch.empty(0, dtype=dtype, device=device)
+                p.data = torch.empty(0, dtype=dtype)
+    model.to(device)  # (the embeddings, head and buffers: the blocks hold nothing yet)
 
     def enter(names):
         def hook(module, args):
             for n in names:
-                params[n].data = ck.get(n, device).to(dtype)
+                if params[n].numel() == 0:  # (still there after a pass stopped inside the block)
+                    params[n].data = ck.get(n, device).to(dtype)
         return hook
 
     def leave(names):
         def hook(module, args, output):
-            for n in names:
-                params[n].data = torch.empty(0, dtype=dtype, device=device)
+            if not getattr(model, "hold_blocks", False):
+                free(names)
         return hook
+
+    def free(names):
+        for n in names:
+            params[n].data = torch.empty(0, dtype=dtype, device=device)
 
     for prefix, names in blocks.items():
         block = model.get_submodule(prefix)
         block.register_forward_pre_hook(enter(names))
         block.register_forward_hook(leave(names))
+        block.release_weights = lambda names=names: free(names)  # (after passes made with ``hold_blocks`` set)
+    model.hold_blocks = False  # True: a block keeps its weights after a pass, for the next pass through it
     return model.eval()
 
 
