@@ -78,6 +78,11 @@ def test_data_is_given_at_the_top_and_overridden_per_model(fam):
     ({"path": "x.jsonl", "target": 3}, "data.target: expected a field name"),
     ("x.jsonl", "data: expected a mapping"),
     ({"path": "x.jsonl", "fisher": "exact"}, "data.fisher: expected 'empirical' (the data's tokens) or 'sampled'"),
+    ({"path": "x.jsonl", "dataset": "org/set"}, "give either 'path' (a JSON-lines file) or 'dataset'"),
+    ({"path": "x.jsonl", "subset": "en"}, "data.subset: only a 'dataset' has a subset"),
+    ({"path": "x.jsonl", "split": "train"}, "data.split: only a 'dataset' has a split"),
+    ({"dataset": ""}, "data.dataset: expected a dataset's hub id or local folder"),
+    ({"dataset": "org/set", "split": 3}, "data.split: expected a name"),
 ])
 def test_bad_data_entries_are_named(fam, data, needle):
     rec = _recipe(fam, "fisher")
@@ -101,21 +106,6 @@ def test_a_top_level_without_a_path_leaves_it_to_each_model(fam, tmp_path):
     with pytest.raises(RecipeError, match=r"models\[0\]\.data\.path"):
         rec["models"][0]["data"] = {"limit": 3}
         parse_recipe(rec)
-
-
-@pytest.mark.parametrize("data,needle", [
-    ({"path": "x.jsonl", "dataset": "org/set"}, "give either 'path' (a JSON-lines file) or 'dataset'"),
-    ({"path": "x.jsonl", "subset": "en"}, "data.subset: only a 'dataset' has a subset"),
-    ({"path": "x.jsonl", "split": "train"}, "data.split: only a 'dataset' has a split"),
-    ({"dataset": ""}, "data.dataset: expected a dataset's hub id or local folder"),
-    ({"dataset": "org/set", "split": 3}, "data.split: expected a name"),
-])
-def test_bad_dataset_entries_are_named(fam, data, needle):
-    rec = _recipe(fam, "fisher")
-    rec["data"] = data
-    with pytest.raises(RecipeError) as e:
-        parse_recipe(rec)
-    assert needle in str(e.value)
 
 
 def test_a_model_entry_with_a_path_takes_none_of_the_top_levels_dataset_keys(fam):
