@@ -108,10 +108,17 @@ def check_config(cfg) -> None:
 
     ranges = cfg.space.get("ranges") or {}
     method = METHODS.get(str(cfg.merge.get("method")))
-    align = cfg.merge.get("align")
-    align_method = (align if isinstance(align, str) else align.get("method", "weight_matching")
-                    if hasattr(align, "get") else None) if align is not None else (method.align if method else None)
     from .merge.align import ALIGNERS
+    from .recipe import AlignSpec
+
+    align_method = None
+    if cfg.merge.get("align") is not None:
+        try:
+            align_method = AlignSpec.parse(_plain(cfg.merge.align), "merge.align").method
+        except RecipeError as e:
+            raise ConfigError(str(e)) from None
+    if method is not None and method.align is not None:  # (a method that aligns: its own way, the recipe checks)
+        align_method = method.align
 
     reads = (f"merge method '{method.name}' reads data" if method is not None and method.statistics else
              f"merge.align={align_method} runs the models on data"
@@ -138,13 +145,6 @@ def check_config(cfg) -> None:
     elif hasattr(data, "get") and data.get("tasks") is not None:
         raise ConfigError("merge.data.tasks: names the evaluator's task each model reads with "
                           "merge.data.eval_split=search; without it there is nothing to name")
-    if cfg.merge.get("align") is not None:
-        from .recipe import AlignSpec
-
-        try:
-            AlignSpec.parse(_plain(cfg.merge.align), "merge.align")
-        except RecipeError as e:
-            raise ConfigError(str(e)) from None
     for param, r in (OmegaConf.to_container(ranges, resolve=True) if OmegaConf.is_config(ranges) else ranges).items():
         # (ranges of parameters the method does not take are unused: a sweep over methods may set them)
         if method is not None and param in {p.name for p in method.params if not p.ignored}:
