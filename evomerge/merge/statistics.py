@@ -485,6 +485,26 @@ def compute(stat: Statistic, model, data: Sequence[Batch], *, cache: StatisticCa
     return values
 
 
+def _trim() -> None:
+    """Hand the memory just freed back to the system (glibc keeps freed blocks of up to its
+    adaptive mmap threshold, tens of MB, in its heap: a streamed model's blocks would pile up
+    there); nothing where the C library has no ``malloc_trim``."""
+    global _TRIM
+    if _TRIM is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None
+
+
 def load_streamed(folder: str | Path, dtype: torch.dtype = torch.float32,
                   device: str | torch.device = "cpu") -> torch.nn.Module:
     """A causal LM of ``folder`` for forward passes only (statistics, activations) whose
@@ -545,6 +565,7 @@ def load_streamed(folder: str | Path, dtype: torch.dtype = torch.float32,
     def free(names):
         for n in names:
             params[n].data = torch.empty(0, dtype=dtype, device=device)
+        _trim()
 
     for prefix, names in blocks.items():
         block = model.get_submodule(prefix)
