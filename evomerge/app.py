@@ -338,6 +338,10 @@ def run(cfg, run_dir: str | Path) -> dict:
 
     check_config(cfg)
     torch.set_num_threads(int(cfg.threads))
+    if not cfg.progress:
+        from .cli import quiet_loading
+
+        quiet_loading()
     run_dir = Path(run_dir)
     base, experts, zoo = _models(cfg)
     space = build_space(cfg, base, experts)

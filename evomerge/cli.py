@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -70,8 +71,24 @@ def check_device(name, where: str = "--device") -> None:
         raise RecipeError(f"{where}: {name!r} was asked for, but torch has no MPS device here")
 
 
+def quiet_loading() -> None:
+    """No progress bars from the libraries that load models and data (transformers' weight
+    loading, the hub's and datasets' downloads), here and in the processes started from here
+    (Ray workers)."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"
+    try:
+        from transformers.utils import logging as tf_logging
+
+        tf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
 def merge_main(argv: list[str] | None = None) -> int:
     args = _merge_parser().parse_args(argv)
+    if args.no_progress:
+        quiet_loading()
     from .checkpoint import check_output_name, parse_size, refuse_overlap
     from .merge.engine import Merger
     from .recipe import DTYPES, RecipeError, load_recipe

@@ -764,3 +764,17 @@ def test_an_align_method_that_is_not_a_name_is_refused(fam):
     with pytest.raises(RecipeError, match="align.method: unknown alignment"):
         parse_recipe({"merge_method": "linear", "models": [{"model": fam["expert_0"], "parameters": {"weight": 1}}],
                       "align": {"method": ["weight_matching"]}})
+
+
+def test_no_progress_means_no_bars_from_the_libraries_either(fam, rich, tmp_path):
+    """``evomerge-merge --no-progress`` of a PLeaS merge (which loads models through
+    transformers): nothing but what went wrong on stderr, no loading bars."""
+    rec = {"merge_method": "pleas", "models": [fam["expert_0"], fam["expert_1"]],
+           "data": {"path": str(rich), "text": "q"}, "dtype": "float32"}
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(rec))
+    r = subprocess.run([sys.executable, "-m", "evomerge.cli", str(path), str(tmp_path / "out"), "--no-progress"],
+                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1",
+                                                            "EVOMERGE_CACHE": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stderr
+    assert "Loading weights" not in r.stderr and "it/s]" not in r.stderr, r.stderr
