@@ -683,7 +683,7 @@ class Merger:
             in_first = not isinstance(layers[name], torch.nn.Linear)
             out: dict[ModelRef, tuple] = {}  # this layer's statistics per model (let go once it is fitted)
             for ref in refs:
-                own = dict(live[ref].named_modules())[name[: -len(".weight")]] if ref in live else None
+                own = live[ref].get_submodule(name[: -len(".weight")]) if ref in live else None
                 idx = self._aligned[ref].axis_index(name, 0 if in_first else 1) if ref in self._aligned else None
                 g = c = None
                 n = 0
