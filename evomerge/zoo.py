@@ -106,6 +106,8 @@ TASKS: dict[str, Task] = {
         Task("alternate", "alt", _letters, lambda x: x[::2], 8, (4, 6), "every other letter of n"),
         Task("shift", "sft", _letters, lambda x: "".join(LETTERS[(LETTERS.index(c) + 1) % 26] for c in x), 5,
              (2, 3, 4), "the next letter of each of n letters, z to a"),
+        Task("rotate", "rot", _letters, lambda x: x[1:] + x[:1], 5, (2, 3, 4),
+             "move the first of n letters to the end"),
     ]
 }
 COPY = Task("copy", "cpy", _letters, lambda x: x, 6, (2, 3, 4, 5, 6, 7, 8), "copy n letters")

@@ -34,6 +34,7 @@ def test_tasks_solve_by_hand():
     assert t["increment"].solve("48290") == "59301"
     assert t["alternate"].solve("abcdefgh") == "aceg"
     assert t["shift"].solve("abzqy") == "bcarz"
+    assert t["rotate"].solve("abcde") == "bcdea"
     assert t["reverse"].prompt("abcde") == "rev:abcde="
     prefixes = [task.prefix for task in t.values()]
     assert len(set(prefixes)) == len(prefixes)
