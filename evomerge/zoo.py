@@ -363,8 +363,19 @@ class Zoo:
         return list(self.info["config"]["tasks"])
 
     @property
+    def kind(self) -> str:
+        """``"language"`` (causal LMs on text tasks) or ``"vision"`` (image encoders on
+        classification tasks, each task with its head: ``evomerge.vision.zoo``)."""
+        return str(self.info.get("kind", "language"))
+
+    @property
     def base(self) -> Path:
         return self.root / "base"
+
+    def head(self, task: str) -> Path:
+        """A vision zoo task's head (``TaskHead`` file)."""
+        self.data(task, "test")  # (names an unknown task)
+        return self.root / "heads" / f"{task}.safetensors"
 
     @property
     def experts(self) -> dict[str, Path]:
@@ -408,7 +419,7 @@ class Zoo:
     def data(self, task: str, split: str) -> Path:
         if task not in self.tasks:
             raise ZooError(f"the zoo at {self.root} has no task {task!r}; it has {', '.join(self.tasks)}")
-        return self.root / "data" / task / f"{split}.jsonl"
+        return self.root / "data" / task / f"{split}{'.safetensors' if self.kind == 'vision' else '.jsonl'}"
 
     def data_files(self) -> dict[str, dict[str, Path]]:
         return {t: {s: self.data(t, s) for s in ("validation", "test")} for t in self.tasks}
@@ -474,8 +485,11 @@ def build_zoo(out: str | Path | None = None, cfg: ZooConfig | None = None, force
     import torch
     from transformers import LlamaForCausalLM
 
+    from .vision.zoo import VisionZooConfig, build_vision_zoo
+
     cfg = cfg or ZooConfig()
-    unknown = [t for t in cfg.tasks if t not in TASKS]
+    vision = isinstance(cfg, VisionZooConfig)
+    unknown = [] if vision else [t for t in cfg.tasks if t not in TASKS]
     if unknown:
         raise ZooError(f"unknown zoo task(s) {unknown}; accepted: {', '.join(TASKS)}")
     out = Path(out) if out is not None else default_zoo_dir()
@@ -491,6 +505,11 @@ def build_zoo(out: str | Path | None = None, cfg: ZooConfig | None = None, force
                        "(evomerge-zoo build: --out DIR, or --force to replace it)")
 
     t_start = time.perf_counter()
+    if vision:
+        with _atomic_dir(out, cfg.threads) as tmp:
+            build_vision_zoo(tmp, cfg, progress=progress, log=log)
+        log(f"zoo: built {out} in {time.perf_counter() - t_start:.0f} s")
+        return load_zoo(out)
     with _atomic_dir(out, cfg.threads) as tmp:
         tok = zoo_tokenizer()
         _save_tokenizer(tok, tmp / "tokenizer")
@@ -550,6 +569,10 @@ def build_ingredients(zoo: Zoo, task: str, count: int = 6, steps: int | None = N
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if zoo.kind == "vision":
+        from .vision.zoo import build_vision_ingredients
+
+        return build_vision_ingredients(zoo, task, count, steps, progress, log)
     if task not in zoo.tasks:
         raise ZooError(f"the zoo at {zoo.root} has no task {task!r}; it has {', '.join(zoo.tasks)}")
     if count < 2:
@@ -655,6 +678,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="build the zoo (instant when already built)")
     b.add_argument("--out", default=None, help="zoo folder (default $EVOMERGE_ZOO or ./zoo)")
+    b.add_argument("--kind", choices=("language", "vision"), default="language",
+                   help="language: causal LMs on text tasks; vision: an image encoder and one classification "
+                        "expert per task, each task with its own head")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--threads", type=int, default=ZooConfig.threads,
                    help="torch threads for training (part of the zoo's identity: results depend on it)")
@@ -690,21 +716,29 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if a.cmd == "build":
             kw = {"seed": a.seed, "threads": a.threads}
+            from .vision.images import IMAGE_TASKS
+            from .vision.zoo import VisionZooConfig
+
+            known = IMAGE_TASKS if a.kind == "vision" else TASKS
             if a.tasks is not None:
                 tasks = tuple(t.strip() for t in a.tasks.split(",") if t.strip())
-                unknown = [t for t in tasks if t not in TASKS]
+                unknown = [t for t in tasks if t not in known]
                 if unknown or len(tasks) < 2 or len(set(tasks)) != len(tasks):
-                    raise ZooError(f"--tasks {a.tasks!r}: give two or more distinct tasks of {', '.join(TASKS)}"
-                                   + (f" ({', '.join(unknown)} unknown)" if unknown else ""))
+                    raise ZooError(f"--tasks {a.tasks!r}: give two or more distinct {a.kind} tasks of "
+                                   f"{', '.join(known)}" + (f" ({', '.join(unknown)} unknown)" if unknown else ""))
                 kw["tasks"] = tasks
-            cfg = ZooConfig.test_mode(**kw) if a.test_mode else ZooConfig(**kw)
+            if a.kind == "vision" and a.independent:
+                raise ZooError("--independent: the vision zoo has no independent experts")
+            Config = VisionZooConfig if a.kind == "vision" else ZooConfig
+            cfg = Config.test_mode(**kw) if a.test_mode else Config(**kw)
             zoo = build_zoo(a.out, cfg, force=a.force, progress=not a.no_progress)
             if a.independent:
                 build_independent(zoo, a.independent_steps, progress=not a.no_progress)
         else:
             zoo = load_zoo(a.out)
         print(f"zoo at {zoo.root} ({zoo.info['parameters'] / 1e6:.2f}M parameters per model)")
-        print("test accuracy (exact match):")
+        print("test accuracy (each task through its head):" if zoo.kind == "vision" else
+              "test accuracy (exact match):")
         print(_table(zoo))
         ind = zoo.root / "independent" / "independent.json"
         if ind.is_file():

@@ -164,7 +164,9 @@ def main() -> int:
         lines.append(f"Opening (or building) the zoo took {first_build:.1f} s in this run.")
     lines.append("")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text("\n".join(lines))
+    old = Path(a.out).read_text() if Path(a.out).is_file() else ""
+    vision = old[old.find("\n# The vision zoo"):] if "\n# The vision zoo" in old else ""  # (vision_zoo_report.py's)
+    Path(a.out).write_text("\n".join(lines) + vision)
     print("\n".join(lines))
     return 0 if all(ok for _, ok, _ in checks) else 1
 
