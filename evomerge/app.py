@@ -30,9 +30,22 @@ def _models(cfg) -> tuple[str | None, list[str], Any]:
         from .zoo import ZooError, build_zoo, load_zoo
 
         root = Path(cfg.models.zoo_dir)
+        kind = str(cfg.models.get("zoo_kind") or "language")
+        if kind not in ("language", "vision"):
+            raise ConfigError(f"models.zoo_kind: {kind!r} is not 'language' or 'vision'")
         # a zoo already there is used as built (any seed or size); a missing one is built
         try:
-            zoo = load_zoo(root) if (root / "zoo.json").is_file() else build_zoo(root, progress=cfg.progress)
+            if (root / "zoo.json").is_file():
+                zoo = load_zoo(root)
+            else:
+                from .vision.zoo import VisionZooConfig
+
+                zoo = build_zoo(root, VisionZooConfig() if kind == "vision" else None, progress=cfg.progress)
+            if zoo.kind != kind:
+                hint = ("give models.zoo_kind=vision eval=classification, as the vision_* experiments do"
+                        if zoo.kind == "vision" else "give models.zoo_kind=language, or a vision zoo's folder")
+                raise ConfigError(f"models.zoo_dir: the zoo at {root} is a {zoo.kind} zoo, and models.zoo_kind={kind}: "
+                                  f"{hint}")
         except ZooError as e:
             raise ConfigError(f"models.zoo_dir: {e}. For your own models use models=custom models.base=... "
                               "models.experts=[...]") from None
@@ -251,10 +264,13 @@ def build_space(cfg, base: str | None, experts: list[str], data_paths: dict | No
     return Space(cfg.merge.method, experts, base_model=base, search=search, fixed=_plain(cfg.merge.get("fixed")),
                  granularity=cfg.space.granularity, layer_granularity=cfg.space.get("layer_granularity", 1),
                  smoothing=cfg.space.get("smoothing"), dtype=cfg.merge.get("dtype", "float32"),
-                 data=data or None, align=_plain(cfg.merge.get("align")) or None)
+                 data=data or None, align=_plain(cfg.merge.get("align")) or None,
+                 keep=_plain(cfg.models.get("keep")) or None)
 
 
-_DATA_EVALS = ("accuracy", "exact_match", "choice", "perplexity", "entropy")
+_DATA_EVALS = ("accuracy", "exact_match", "choice", "perplexity", "entropy", "classification",
+               "classification_entropy")
+_VISION_EVALS = ("classification", "classification_entropy")  # (those that read a vision zoo)
 
 
 def _eval_kwargs(cfg, zoo) -> dict[str, Any]:
@@ -262,6 +278,11 @@ def _eval_kwargs(cfg, zoo) -> dict[str, Any]:
     a clear error when data the evaluator needs was not given."""
     name = cfg.eval.get("name")
     kw: dict[str, Any] = {}
+    if zoo is not None and (zoo.kind == "vision") != (name in _VISION_EVALS):
+        raise ConfigError(f"eval={name}: the zoo at {zoo.root} is a {zoo.kind} zoo; "
+                          + ("score it with eval=classification (or classification_entropy)" if zoo.kind == "vision"
+                             else f"eval={name} scores image classifiers (a vision zoo: evomerge-zoo build --kind "
+                                  "vision, or your own encoders with eval.data and eval.heads)"))
     if zoo is not None:
         ingredients = cfg.models.get("ingredients")
         if cfg.eval.get("tasks") is None:
@@ -295,6 +316,8 @@ _NEUTRAL = {
     ("search", "restarts"): 0,
     ("search", "incpopsize"): 2,
     ("fidelity",): {"share": 1.0, "promote": 0.25, "window": 16},
+    ("models", "zoo_kind"): "language",
+    ("models", "keep"): None,
     **{("merge", "data", key): None for key in ("dataset", "subset", "split", "revision", "eval_split", "tasks")},
 }
 
@@ -503,7 +526,9 @@ def _adamerging(cfg, space, worker, executor, zoo, evaluator, run_dir: Path, sco
     from .search import finish_run
     from .trials import RunLock, StateError, check_record
 
-    if zoo is not None:  # the zoo's whole validation split
+    if getattr(evaluator, "model_kind", "causal_lm") == "vision":
+        prompts = None  # (each task's search-split images, which the worker's evaluator holds)
+    elif zoo is not None:  # the zoo's whole validation split
         prompts = [json.loads(line)["prompt"] for t in evaluator.tasks
                    for line in zoo.data(t, "validation").read_text().splitlines()]
     elif hasattr(evaluator, "inputs"):  # the search split's prompts, without their answers

@@ -117,6 +117,65 @@ def model_folder(ref, allow_download: bool = True) -> Path:
     return _resolve_folder(ref, allow_download)
 
 
+MODEL_KINDS = ("causal_lm", "vision")
+
+
+def live_class(folder: str | Path, kind: str = "causal_lm"):
+    """The transformers class a live model of ``folder`` is built with, for an evaluator
+    that reads ``kind`` of model: ``AutoModelForCausalLM`` for a causal LM; for a vision
+    encoder, the class its ``config.json`` names (``architectures``: ``CLIPVisionModel``,
+    ``ViTForImageClassification``, ...), taken from transformers itself and never from
+    code shipped with the model, else ``AutoModel``."""
+    import transformers
+
+    if kind not in MODEL_KINDS:
+        raise CheckpointError(f"unknown model kind {kind!r}; one of {MODEL_KINDS}")
+    if kind == "causal_lm":
+        return transformers.AutoModelForCausalLM
+    try:
+        names = json.loads((Path(folder) / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"model '{folder}': its config.json cannot be read ({e})") from None
+    cls = getattr(transformers, str(names[0]), None) if names else None
+    if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+        return cls
+    return transformers.AutoModel
+
+
+def live_names(model) -> dict[str, str]:
+    """``{checkpoint name: the live model's name}`` of every parameter and buffer of a
+    transformers model. transformers may rename a checkpoint's tensors as it loads them
+    (and back as it saves them: a ViT's ``attention.attention.query`` is its module's
+    ``attention.q_proj``); the merge reads and writes checkpoints, so it binds a live model
+    through those renamings. Tensors a model converts in other ways (split, fused) keep
+    their live names, and a merge that needs them says which is missing."""
+    named = dict(model.named_parameters())
+    named.update(dict(model.named_buffers()))
+    out = {n: n for n in named}
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers < 5 loads checkpoints by their own names
+        return out
+    try:
+        saved = revert_weight_conversion(model, dict(named))
+    except Exception:  # noqa: BLE001 - a conversion that cannot be reverted: the live names
+        return out
+    name_of = {id(t): n for n, t in named.items()}
+    for ck, t in saved.items():
+        live = name_of.get(id(t))
+        if live is not None and ck != live:
+            out.pop(live, None)
+            out[ck] = live
+    return out
+
+
+def build_from_config(cls, config, dtype=None):
+    """A model of ``cls`` (an Auto class or a concrete one) from ``config``."""
+    if hasattr(cls, "from_config") and cls.__name__.startswith("Auto"):
+        return cls.from_config(config, dtype=dtype)
+    return cls._from_config(config, dtype=dtype)
+
+
 def _resolve_folder(ref, allow_download: bool = True) -> Path:
     if isinstance(ref, (str, os.PathLike)) and not Path(ref).expanduser().is_dir():
         from .recipe import ModelRef

@@ -16,6 +16,13 @@ fields ``question``, ``target``, ``options`` and ``gold``. Each expert is fine-t
 base until it answers its own task (about a minute on 2 CPU cores)::
 
     python -m evomerge.testing words /tmp/words      # base, experts/<task>, data/<task>/*.jsonl
+
+``vit_family(root)`` is the second family of the classification path: ViT image classifiers
+(``ViTForImageClassification``: ``vit.encoder.layer.N`` names, a pooled first token after a
+final layer norm, no image processor saved) whose experts each carry their own
+``classifier`` with their task's label set (6 and 10 classes), and data in
+``data/<task>/{dev,test}.safetensors``. The merge keeps each expert's classifier as its
+task's head (the recipe's ``keep: [classifier]``).
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import numpy as np
 import torch
 
 __all__ = ["tiny_config", "tiny_tokenizer", "tiny_model", "tiny_family", "CHARS", "word_family", "WordFamily",
-           "WORD_TASKS"]
+           "WORD_TASKS", "vit_family", "VitFamily"]
 
 CHARS = list("0123456789abcdefghijklmnopqrstuvwxyz +-=:,.?>")
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -272,6 +279,105 @@ def word_family(root: str | Path, tasks: Sequence[str] = tuple(WORD_TASKS), seed
     (tmp / "family.json").write_text(json.dumps({"tasks": list(tasks), "accuracy": acc, "seed": seed}, indent=2))
     tmp.rename(root)
     return word_family(root)
+
+
+@dataclass
+class VitFamily:
+    root: Path
+    tasks: list[str]
+    base: Path
+    experts: dict[str, Path]
+    accuracy: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def data(self, task: str, split: str) -> Path:
+        return self.root / "data" / task / f"{split}.safetensors"
+
+
+def vit_family(root: str | Path, tasks: Sequence[str] = ("shape", "digits"), seed: int = 0, eval_size: int = 64,
+               base_steps: int = 60, expert_steps: int = 80, batch_size: int = 32) -> VitFamily:
+    """Train and write the ViT family under ``root`` (see the module docstring; seconds on a
+    CPU); each model's test accuracy through each task's expert head is recorded. A family
+    already there (``family.json``) is returned as it is."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from .vision.heads import classifier_head, features, pixel_values
+    from .vision.images import IMAGE_TASKS, draw_mixture
+    from .vision.zoo import write_images
+
+    root = Path(root)
+    meta = root / "family.json"
+    if meta.is_file():
+        info = json.loads(meta.read_text())
+        return VitFamily(root, info["tasks"], root / "base", {t: root / "experts" / t for t in info["tasks"]},
+                         info["accuracy"])
+    tmp = root.with_name(f".{root.name}.tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    rng = np.random.Generator(np.random.PCG64(seed))
+    ts = [IMAGE_TASKS[t] for t in tasks]
+    splits = {}
+    for t in ts:
+        for split in ("dev", "test"):
+            imgs, ys = t.draw(rng, eval_size)
+            write_images(tmp / "data" / t.name / f"{split}.safetensors", imgs, ys, list(t.classes))
+            splits[t.name, split] = (pixel_values(imgs), torch.from_numpy(ys))
+
+    def config(labels):
+        return ViTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
+                         image_size=32, patch_size=8, num_labels=len(labels), id2label=dict(enumerate(labels)),
+                         label2id={c: i for i, c in enumerate(labels)})
+
+    def fit(model, batch, steps, lr):
+        opt = torch.optim.AdamW(model.parameters(), lr=lr)
+        model.train()
+        for _ in range(steps):
+            x, y = batch()
+            loss = torch.nn.functional.cross_entropy(model(pixel_values=x).logits, y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+        model.eval()
+
+    torch.manual_seed(seed)
+    domains = [t.name for t in ts]
+    base = ViTForImageClassification(config(domains))  # pretrained on which task an image comes from
+
+    def mixture():
+        imgs, which, _ = draw_mixture(ts, rng, batch_size)
+        return pixel_values(imgs), torch.from_numpy(which)
+
+    fit(base, mixture, base_steps, 3e-3)
+    base.save_pretrained(tmp / "base")
+    heads = {}
+    for t in ts:
+        expert = ViTForImageClassification(config(t.classes))
+        state = {k: v for k, v in base.state_dict().items() if not k.startswith("classifier.")}
+        expert.load_state_dict(state, strict=False)
+
+        def task_batch(t=t):
+            imgs, ys = t.draw(rng, batch_size)
+            return pixel_values(imgs), torch.from_numpy(ys)
+
+        fit(expert, task_batch, expert_steps, 2e-3)
+        expert.save_pretrained(tmp / "experts" / t.name)
+        heads[t.name] = classifier_head(expert)
+
+    def measure(model):
+        out = {}
+        with torch.no_grad():
+            for t in ts:
+                x, y = splits[t.name, "test"]
+                out[t.name] = round(float((heads[t.name].logits(features(model, x)).argmax(-1) == y).float().mean()), 4)
+        return out
+
+    acc = {"base": measure(base)}
+    for t in ts:
+        acc[t.name] = measure(ViTForImageClassification.from_pretrained(tmp / "experts" / t.name).eval())
+    (tmp / "family.json").write_text(json.dumps({"tasks": list(tasks), "accuracy": acc, "seed": seed}, indent=2))
+    tmp.rename(root)
+    return vit_family(root)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,7 +29,13 @@ name            class                                            direction
 ``lm_eval``     ``LMEvalEvaluator``                              maximize
 ``perplexity``  ``PerplexityEvaluator``                          minimize
 ``entropy``     ``EntropyEvaluator``                             minimize
+``classification`` ``ClassificationEvaluator(metric="accuracy")``  maximize
+``classification_entropy`` ``ClassificationEvaluator(metric="entropy")`` minimize
 =============== ================================================ ===========
+
+The classification evaluators read a vision encoder (``model_kind = "vision"``: the worker
+builds the live model with the class its config names and passes its image processor as
+the second argument) through each task's head.
 
 lm-eval is imported only when an ``LMEvalEvaluator`` is built.
 """
@@ -41,13 +47,14 @@ from typing import Any, Callable, Literal, Protocol, Sequence, runtime_checkable
 
 from ._common import EvaluationError
 from .accuracy import ExactMatchEvaluator
+from .classification import ClassificationEvaluator
 from .entropy import EntropyEvaluator, prediction_entropy
 from .lm_eval import LMEvalEvaluator, write_jsonl_tasks
 from .perplexity import PerplexityEvaluator
 
 __all__ = [
     "Evaluator", "EvaluationError", "EVALUATORS", "build_evaluator", "ExactMatchEvaluator", "LMEvalEvaluator",
-    "PerplexityEvaluator", "EntropyEvaluator", "prediction_entropy", "write_jsonl_tasks",
+    "PerplexityEvaluator", "EntropyEvaluator", "ClassificationEvaluator", "prediction_entropy", "write_jsonl_tasks",
 ]
 
 
@@ -76,6 +83,8 @@ EVALUATORS: dict[str, Callable[..., Evaluator]] = {
     "lm_eval": LMEvalEvaluator,
     "perplexity": PerplexityEvaluator,
     "entropy": EntropyEvaluator,
+    "classification": partial(ClassificationEvaluator, metric="accuracy"),
+    "classification_entropy": partial(ClassificationEvaluator, metric="entropy"),
 }
 
 

@@ -92,6 +92,7 @@ def resolve_sources(
     search_split: str,
     test_split: str,
     default_name: str,
+    suffix: str = ".jsonl",
 ) -> dict[str, dict[str, Source]]:
     """Normalise the ways data can be given into ``{task: {"search": source, "test": source}}``.
 
@@ -100,8 +101,8 @@ def resolve_sources(
     * ``data={task: {split: source}}`` where ``split`` is ``"search"``/``"test"`` or a file
       split name (``search_split``, ``test_split``, e.g. ``"validation"``/``"test"``);
     * ``data={split: source}``: one task named ``default_name``;
-    * ``data_dir`` and ``tasks``: ``<data_dir>/<task>/<search_split>.jsonl`` and
-      ``<data_dir>/<task>/<test_split>.jsonl`` (``data_dir`` may also be a zoo folder that
+    * ``data_dir`` and ``tasks``: ``<data_dir>/<task>/<search_split><suffix>`` and
+      ``<data_dir>/<task>/<test_split><suffix>`` (``data_dir`` may also be a zoo folder that
       holds ``data/``).
 
     A split that is not given is left out (asking for it later is an error); a given file
@@ -115,7 +116,7 @@ def resolve_sources(
         root = Path(data_dir)
         if not (root / tasks[0]).is_dir() and (root / "data" / tasks[0]).is_dir():
             root = root / "data"
-        data = {t: {search_split: root / t / f"{search_split}.jsonl", test_split: root / t / f"{test_split}.jsonl"}
+        data = {t: {search_split: root / t / f"{search_split}{suffix}", test_split: root / t / f"{test_split}{suffix}"}
                 for t in tasks}
     if not isinstance(data, Mapping) or not data:
         raise EvaluationError(f"data must be a non-empty mapping, got {type(data).__name__}")

@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from ..checkpoint import model_folder, torch_dtype
+from ..checkpoint import build_from_config, live_class, live_names, model_folder, torch_dtype
 from ..merge.resident import ResidentMerger
 from ..types import Candidate, Result, signed_score
 from ..space import Space
@@ -43,7 +43,7 @@ class Worker:
     def __init__(self, space: Space, evaluator, model_path: str | None = None, device: str = "cpu",
                  store_dtype: str | None = None, seed: int = 0, name: str = "local", compile: bool = False,
                  shared=None):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         self.space = space
         self.evaluator = evaluator
@@ -53,6 +53,8 @@ class Worker:
         path = model_path or space.base_model or space.models[0]
         folder = model_folder(path)  # a hub id with its revision, as the merge engine reads it
         dtype = torch_dtype(space.dtype)
+        self.kind = getattr(evaluator, "model_kind", "causal_lm")  # what the evaluator reads
+        self.model_class = live_class(folder, self.kind)
         self.model = None
         self.live_from = "checkpoint"  # or "resident inputs": where the live model's weights came from
         if shared is not None and str(path) in {str(m) for m in self.engine.models}:
@@ -61,17 +63,22 @@ class Worker:
             self._load_source(str(path))
             self.live_from = "resident inputs"
         else:
-            self.model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+            self.model = self.model_class.from_pretrained(folder, dtype=dtype).to(device).eval()
         self.engine.bind(self.model)  # candidates are merged straight into its parameters
         # a genome -> every tensor's parameters, compiled once over the engine's plan
         self.coefficients = space.compile(self.engine.tasks)
-        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        if self.kind == "vision":  # the evaluator's second argument: the model's image processor (or None)
+            from ..vision.heads import load_processor
+
+            self.tokenizer = load_processor(folder)
+        else:
+            self.tokenizer = AutoTokenizer.from_pretrained(folder)
 
     def _bare_model(self, folder, path, dtype, device):
         """The live model built from ``path``'s config alone (no weights read, none
         initialised), for the resident inputs to fill; None when those do not hold every
         one of its parameters."""
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig
 
         try:
             from transformers.initialization import no_init_weights
@@ -81,15 +88,17 @@ class Worker:
         from transformers import GenerationConfig
 
         with no_init_weights():
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=dtype)
+            model = build_from_config(self.model_class, AutoConfig.from_pretrained(folder), dtype=dtype)
         model.tie_weights()  # tied embeddings, as loading a checkpoint would leave them
         # and its generation config, as loading it would: where answers end (its stop token)
         # is read from there, and a config's defaults stopped none of the zoo's answers
-        try:
-            model.generation_config = GenerationConfig.from_pretrained(folder)
-        except OSError:  # the folder has none: the config's defaults, as from_pretrained keeps
-            pass
-        if set(dict(model.named_parameters())) - set(self.engine.source(str(path))):
+        if self.kind == "causal_lm":
+            try:
+                model.generation_config = GenerationConfig.from_pretrained(folder)
+            except OSError:  # the folder has none: the config's defaults, as from_pretrained keeps
+                pass
+        held, params = set(self.engine.source(str(path))), dict(model.named_parameters())
+        if any(ck not in held for ck, live in live_names(model).items() if live in params):
             return None
         return model.to(device).eval()
 
