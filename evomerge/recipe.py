@@ -81,7 +81,7 @@ DTYPES = {
 
 _TOP_KEYS = (
     "merge_method", "base_model", "models", "slices", "parameters", "dtype", "out_dtype",
-    "tokenizer_source", "tokenizer", "chat_template", "name", "data", "align",
+    "tokenizer_source", "tokenizer", "chat_template", "name", "data", "align", "keep",
 )
 _MODEL_KEYS = ("model", "parameters", "data")
 _DATA_KEYS = ("path", "dataset", "subset", "split", "revision", "text", "target", "limit", "batch_size", "fisher")
@@ -265,6 +265,10 @@ class Recipe:
     data: DataSpec | None = None  # the top level's ``data``
     model_data: dict[ModelRef, DataSpec] = field(default_factory=dict)  # a model entry's own
     align: AlignSpec | None = None  # the recipe's ``align``, or its method's own (``MethodSpec.align``)
+    # modules not merged: the merged model takes them from the base (or, without a base, the
+    # first model) as they are: each fine-tune's own task head (an image classifier's
+    # ``classifier``), or a part of the model no expert changed (CLIP's text tower)
+    keep: tuple[str, ...] = ()
 
     def align_reference(self) -> ModelRef:
         """The model the others are permuted to line up with."""
@@ -543,11 +547,20 @@ def parse_recipe(data: Any, *, source: str = "recipe") -> Recipe:
         elif align.method != method.align:
             raise RecipeError(f"{source}.align.method: merge_method '{mname}' aligns by {method.align}, "
                               f"not {align.method}")
+    keep = d.get("keep")
+    if keep is not None:
+        if isinstance(keep, str):
+            keep = [keep]
+        if (not isinstance(keep, (list, tuple)) or not keep
+                or not all(isinstance(h, str) and h and not h.startswith(".") and not h.endswith(".") for h in keep)):
+            raise RecipeError(f"{source}.keep: expected a list of module or tensor names (e.g. [classifier]), "
+                              f"got {keep!r}")
     recipe = Recipe(
         merge_method=mname, method=method, slices=slices, base_model=base, parameters=params,
         dtype=dtype, out_dtype=out_dtype, tokenizer_source=tok,
         chat_template=d.get("chat_template"), name=d.get("name"),
         uses_models_form="models" in d, raw=dict(d), data=data, model_data=model_data, align=align,
+        keep=tuple(keep or ()),
     )
     if align is not None and align.reference is not None and align.reference not in recipe.referenced_models():
         raise RecipeError(f"{source}.align.reference: '{align.reference}' is not one of the recipe's models "

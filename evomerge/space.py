@@ -122,6 +122,9 @@ class Space:
         align: the recipe's ``align`` (a method name such as ``weight_matching``, or a
             mapping with ``method``, ``reference``, ``max_sweeps``, ``seed``): every model
             permuted to line up with the reference before any candidate is merged.
+        keep: the recipe's ``keep``: modules not merged, taken from the base as they are
+            (each fine-tune's own task head, such as an image classifier's ``classifier``;
+            a tower no expert changed).
     """
 
     def __init__(
@@ -141,6 +144,7 @@ class Space:
         dtype: str = "float32",
         data: Mapping[str, Any] | None = None,
         align: str | Mapping[str, Any] | None = None,
+        keep: Sequence[str] | None = None,
     ):
         if method not in METHODS:
             raise RecipeError(f"space.method: unknown method {method!r}; accepted: {', '.join(METHODS)}")
@@ -162,6 +166,7 @@ class Space:
         self.data = {k: v for k, v in dict(data or {}).items() if v is not None}
         self.align = (align if isinstance(align, str) else
                       {k: v for k, v in dict(align).items() if v is not None} if align else None)
+        self.keep = [keep] if isinstance(keep, str) else list(keep or [])
         paths = self.data.get("paths")
         if paths is not None and (isinstance(paths, str) or len(paths) != len(self.models)):
             raise RecipeError(f"space.data.paths: one data file per model, {len(self.models)} in the order "
@@ -185,7 +190,7 @@ class Space:
 
         if granularity in ("per_layer", "per_layer_filtered") and (
                 num_layers is None or embed_names is None or head_names is None or attn_key is None):
-            info = _structure(self.base_model or self.models[0])
+            info = _structure(self.base_model or self.models[0], self.keep)
             num_layers = num_layers if num_layers is not None else info["num_layers"]
             embed_names = embed_names if embed_names is not None else info["embed"]
             head_names = head_names if head_names is not None else info["head"]
@@ -332,6 +337,8 @@ class Space:
         d["dtype"] = self.dtype
         if self.align:
             d["align"] = self.align
+        if self.keep:
+            d["keep"] = list(self.keep)
         if self.data:
             top_data = {k: v for k, v in self.data.items() if k != "paths"}
             if top_data:
@@ -524,13 +531,18 @@ class CoefficientMap:
         return A, c
 
 
-def _structure(model: str) -> dict:
-    """Layer count, embedding and head tensor names, and the attention keyword of a model."""
+def _structure(model: str, keep: Sequence[str] = ()) -> dict:
+    """Layer count, embedding and head tensor names, and the attention keyword of a model,
+    the tensors of the modules ``keep`` names (not merged) left out."""
     from .checkpoint import Checkpoint, split_layer, tensor_group
 
     ck = Checkpoint.open(model)
-    names = ck.names()
-    stacks = ck.num_layers()
+    names = [n for n in ck.names() if not any(n == k or n.startswith(k + ".") for k in keep)]
+    stacks: dict[str, int] = {}
+    for n in names:
+        ln = split_layer(n)
+        if ln is not None:
+            stacks[ln.stack] = max(stacks.get(ln.stack, 0), ln.index + 1)
     if len(stacks) != 1:
         raise RecipeError(f"model '{model}': per-layer spaces need one stack of layers, found {list(stacks) or 'none'}")
     layer_names = [n for n in names if split_layer(n) is not None]

@@ -162,6 +162,8 @@ class Plan:
         return self.recipe.slices[0].sources[0].model
 
     def _check_architectures(self) -> None:
+        if self.recipe.keep:  # a part merged into a whole (CLIP's vision towers into a CLIP model): the tensors
+            return            # merged are checked one by one, by name and shape
         ref = self.reference
         for r, ck in self.models.items():
             if ck.architecture() != ref.architecture():
@@ -193,6 +195,13 @@ class Plan:
                 f"slices need a model with one stack of layers; '{self.reference.name}' has "
                 f"{', '.join(stacks)}"
             )
+        own = [n for n in ref_names if self.kept(n)]
+        for h in r.keep:
+            if not any(n == h or n.startswith(h + ".") for n in ref_names):
+                raise RecipeError(f"keep: '{h}' names no tensor of '{self.reference.name}'")
+        if own and not r.uses_models_form:
+            raise RecipeError("keep: only in the models form (not with slices)")
+        ref_names = [n for n in ref_names if n not in own]
         pre = [n for n in ref_names if tensor_group(n) == "embed"]
         post = [n for n in ref_names if tensor_group(n) == "head"]
 
@@ -239,7 +248,17 @@ class Plan:
 
         for n in post:
             tasks.append(self._task(n, "head", None, 0.0, len(r.slices) - 1, [n] * len(last.sources)))
+        keeper = r.base_model if r.base_model is not None else first.sources[0].model
+        for n in own:  # not merged: the base's (or the first model's), as it is
+            if n not in self.models[keeper]:
+                raise MergeError(f"keep: model '{keeper}' has no tensor '{n}' to keep")
+            tasks.append(TensorTask(n, "head", None, 0.0, None, [(keeper, n)], copy=True))
         return tasks
+
+    def kept(self, name: str) -> bool:
+        """Whether tensor ``name`` is one the recipe keeps unmerged (``keep``: the tensor, or
+        a module holding it)."""
+        return any(name == h or name.startswith(h + ".") for h in self.recipe.keep)
 
     def _layer_names(self, model: ModelRef, stack, idx: int):
         out = []
@@ -308,6 +327,8 @@ class Plan:
             return f"its base model ({b.base_model}) is not the plan's ({a.base_model})"
         if a.uses_models_form != b.uses_models_form or len(a.slices) != len(b.slices):
             return "it has other slices than the plan"
+        if a.keep != b.keep:
+            return f"it keeps other tensors unmerged ({list(b.keep)}) than the plan ({list(a.keep)})"
 
         def inputs(s: OutputSlice) -> list:
             at, rest = self._roles(s)
