@@ -992,13 +992,17 @@ class Merger:
                 dst.copy_(res)
 
     def live_state(self, into: torch.nn.Module) -> dict[str, Tensor]:
-        """``into``'s parameters and buffers by name, checked to receive every merged tensor."""
-        state = dict(into.named_parameters())
-        state.update(dict(into.named_buffers()))
+        """``into``'s parameters and buffers by their checkpoint names (``live_names``),
+        checked to receive every merged tensor."""
+        from ..checkpoint import live_names
+
+        named = dict(into.named_parameters())
+        named.update(dict(into.named_buffers()))
+        state = {ck: named[live] for ck, live in live_names(into).items()}
         for task in self.tasks:
             dst = state.get(task.name)
             if dst is None:
-                raise MergeError(f"the live model has no parameter '{task.name}'")
+                raise MergeError(f"the live model ({type(into).__name__}) has no parameter '{task.name}'")
             if tuple(dst.shape) != self.shape(task):
                 raise MergeError(f"tensor '{task.name}': merged shape {list(self.shape(task))} does not "
                                  f"fit the live model's {list(dst.shape)}")

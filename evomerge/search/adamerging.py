@@ -4,8 +4,12 @@ Yang et al. 2024, "AdaMerging: Adaptive Model Merging for Multi-Task Learning",
 https://arxiv.org/abs/2310.02575. theta = theta_0 + sum_k lambda_k tau_k, with one lambda
 per task (``space`` granularity ``per_model``: task-wise) or per task and layer group
 (``per_layer`` / ``per_layer_filtered``: layer-wise), initialised at 0.3, clamped to [0, 1]
-and trained with Adam to minimise the Shannon entropy of the merged model's next-token
-predictions on unlabeled prompts of the search split. The merge is differentiable and goes
+and trained with Adam to minimise the Shannon entropy of the merged model's predictions on
+unlabeled inputs of the search split: for a causal LM, of its next-token distribution after
+each prompt; for an image encoder read through task heads (the classification evaluators,
+the setting of the paper), of each task's class distribution, summed over the tasks, with
+``batch_size`` images of every task per step. (The paper draws those images from the test
+split, transductively; evomerge keeps the test split held out and uses the search split's.) The merge is differentiable and goes
 through ``torch.func.functional_call`` over the live model, so no second model is built.
 AdaMerging++ (``plus_plus``) learns the same coefficients over TIES-trimmed task vectors
 (top-``density`` magnitudes kept, entries disagreeing with the elected sign dropped).
@@ -50,7 +54,8 @@ class AdaMerging:
         space: a ``task_arithmetic`` space searching ``weight`` (``per_model`` for task-wise,
             a per-layer granularity for layer-wise).
         worker: a ``Worker`` holding the models (its resident engine and live model).
-        prompts: unlabeled inputs (the search split's prompts).
+        prompts: unlabeled inputs (the search split's prompts) for a causal LM; None for an
+            image encoder, whose inputs are its evaluator's search-split images.
         lr, steps, batch_size, init: Adam's learning rate, the number of steps, prompts per
             step, and the starting coefficient.
         plus_plus, density: AdaMerging++ over TIES-trimmed task vectors.
@@ -59,18 +64,29 @@ class AdaMerging:
 
     name = "adamerging"
 
-    def __init__(self, space: Space, worker, prompts: Sequence[str], lr: float = 1e-3, steps: int = 100,
-                 batch_size: int = 16, init: float = 0.3, plus_plus: bool = False, density: float = 0.2,
-                 seed: int = 0):
+    def __init__(self, space: Space, worker, prompts: Sequence[str] | None = None, lr: float = 1e-3,
+                 steps: int = 100, batch_size: int = 16, init: float = 0.3, plus_plus: bool = False,
+                 density: float = 0.2, seed: int = 0):
         if space.method.name != "task_arithmetic" or set(space.ranges) != {"weight"}:
             raise ValueError("adamerging needs a task_arithmetic space searching 'weight' only")
-        if not prompts:
+        for name, v in (("plus_plus", plus_plus),):
+            if not isinstance(v, bool):
+                raise ValueError(f"adamerging: {name} must be true or false, got {v!r}")
+        if not 0 < float(density) <= 1:
+            raise ValueError(f"adamerging: density must be in (0, 1], got {density!r}")
+        self.vision = getattr(worker, "kind", "causal_lm") == "vision"
+        if not self.vision and not prompts:
             raise ValueError("adamerging: no unlabeled prompts")
         self.space, self.worker = space, worker
         self.lr, self.steps, self.batch_size = float(lr), int(steps), int(batch_size)
         self.seed = seed
         self.model = worker.model
-        self.batches = encode_prompts(worker.tokenizer, list(prompts))
+        dev = next(self.model.parameters()).device
+        if self.vision:  # each task's search-split images, as model inputs
+            ev = worker.evaluator
+            self.images = {t: ev.pixels(t, "search", worker.tokenizer, dev) for t in ev.tasks}
+        else:
+            self.batches = encode_prompts(worker.tokenizer, list(prompts))
         eng = worker.engine
         self.A = coefficient_map(space, eng.tasks)
         self.base: dict[str, torch.Tensor] = {}
@@ -83,7 +99,9 @@ class AdaMerging:
             if plus_plus:
                 tau = _ties_filter(tau, density)
             self.base[task.name], self.taus[task.name] = b, tau
-        dev = next(self.model.parameters()).device
+        from ..checkpoint import live_names
+
+        self.live = live_names(self.model)  # checkpoint name -> the live model's (functional_call's keys)
         self.x = torch.full((len(space),), float(init), device=dev, requires_grad=True)
         self.opt = torch.optim.Adam([self.x], lr=self.lr)
         self.step = 0
@@ -95,7 +113,8 @@ class AdaMerging:
         for name, tau in self.taus.items():
             A, c = self.A[name]
             w = A.to(self.x.device) @ self.x + c.to(self.x.device)
-            out[name] = merge_deltas([tau[j] * w[j] for j in range(tau.shape[0])], self.base[name])
+            out[self.live.get(name, name)] = merge_deltas([tau[j] * w[j] for j in range(tau.shape[0])],
+                                                          self.base[name])
         return out
 
     def _batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,13 +124,33 @@ class AdaMerging:
         dev = self.x.device
         return ids[idx].to(dev), mask[idx].to(dev)
 
+    def _images(self, step: int) -> dict[str, torch.Tensor]:
+        """``batch_size`` images of every task (seeded by the step and the task's place)."""
+        out = {}
+        for i, (task, px) in enumerate(self.images.items()):
+            rng = np.random.Generator(np.random.PCG64([self.seed, step, i]))
+            idx = rng.choice(px.shape[0], size=min(self.batch_size, px.shape[0]), replace=False)
+            out[task] = px[torch.as_tensor(idx, device=px.device)]
+        return out
+
     def train_step(self) -> float:
         params = self.merged_params()
 
-        def call(**kw):
-            return torch.func.functional_call(self.model, params, args=(), kwargs={**kw, "use_cache": False})
+        if self.vision:  # through the module that reads the images (a whole CLIP model's vision tower)
+            from ..vision.heads import vision_tower
 
-        loss = prediction_entropy(call, self._batch(self.step), differentiable=True).mean()
+            tower, prefix = vision_tower(self.model)
+            sub = {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
+
+            def call(**kw):
+                return torch.func.functional_call(tower, sub, args=(), kwargs=kw)
+
+            loss = self.worker.evaluator.entropy_loss(tower, call, self._images(self.step))
+        else:
+            def call(**kw):
+                return torch.func.functional_call(self.model, params, args=(), kwargs={**kw, "use_cache": False})
+
+            loss = prediction_entropy(call, self._batch(self.step), differentiable=True).mean()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
