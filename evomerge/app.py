@@ -370,6 +370,14 @@ def run(cfg, run_dir: str | Path) -> dict:
     space = build_space(cfg, base, experts)
     eval_kw = _eval_kwargs(cfg, zoo)
     evaluator = build(cfg.eval, **eval_kw)
+    if getattr(evaluator, "model_kind", "causal_lm") == "vision":
+        from .merge.align import ALIGNERS
+
+        align = space.recipe(space.x0).align
+        if space.method.statistics or (align is not None and ALIGNERS[align.method].needs_data):
+            raise ConfigError(f"merge={cfg.merge.get('method')}: its statistics come from a causal LM's forward passes "
+                              f"on text, and eval={cfg.eval.get('name')} scores image encoders; use a method that "
+                              "reads no data (task_arithmetic, ties, dare_ties, linear, model_stock, ...)")
     split = (cfg.merge.get("data") or {}).get("eval_split")
     if split is not None:  # the evaluator's prompts, one data file per task, in the run directory
         space = build_space(cfg, base, experts, eval_data(cfg, evaluator, space.models, zoo, run_dir, split))
@@ -442,16 +450,20 @@ def run(cfg, run_dir: str | Path) -> dict:
         print(f"stopped after {outcome.evaluations} evaluations; resume with: {resume_command(run_dir)}",
               file=sys.stderr)
         raise KeyboardInterrupt
-    if cfg.get("export_model") and outcome.best_x is not None:
-        from .merge.engine import Merger
-
-        path = Merger(space.recipe(outcome.best_x), device=cfg.device, seed=int(cfg.seed)).write(
-            run_dir / "best_model", overwrite=True, progress=bool(cfg.progress),
-            recipe_text=space.recipe_yaml(outcome.best_x))
-        print(f"best merge written to {path}")
+    _export(cfg, space, outcome.best_x, run_dir)
     _report(run_dir)
     _print_summary(outcome.summary, run_dir)
     return outcome.summary
+
+
+def _export(cfg, space, best_x, run_dir: Path) -> None:
+    """``export_model``: the best merge written as a model folder (``run_dir/best_model``)."""
+    if cfg.get("export_model") and best_x is not None:
+        from .merge.engine import Merger
+
+        path = Merger(space.recipe(best_x), device=cfg.device, seed=int(cfg.seed)).write(
+            run_dir / "best_model", overwrite=True, progress=bool(cfg.progress), recipe_text=space.recipe_yaml(best_x))
+        print(f"best merge written to {path}")
 
 
 def eval_data(cfg, evaluator, models: list[str], zoo, run_dir: Path, split: str) -> dict[str, Any]:
@@ -553,6 +565,7 @@ def _adamerging(cfg, space, worker, executor, zoo, evaluator, run_dir: Path, sco
         name, x, score = executor.run_on_worker(train)
         summary = finish_run(space, name, x, score, executor, run_dir,
                              config=OmegaConf.to_container(cfg, resolve=True), scoring=scoring)
+    _export(cfg, space, x, run_dir)
     _report(run_dir)
     _print_summary(summary, run_dir)
     return summary

@@ -73,7 +73,7 @@ class CheckpointError(RuntimeError):
 
 _LAYER_RE = re.compile(r"^(?P<stack>(?:[^.]+\.)*?[^.]+)\.(?P<idx>\d+)\.(?P<rest>.+)$")
 _EMBED_HINTS = ("embed", "wte", "wpe", "shared", "word_embeddings", "position_embeddings",
-                "token_type_embeddings", "tok_embeddings")
+                "token_type_embeddings", "tok_embeddings", "pre_layrnorm", "pre_layernorm")  # (CLIP's, before its layers)
 
 
 @dataclass(frozen=True)

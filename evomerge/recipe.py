@@ -91,6 +91,11 @@ _SOURCE_KEYS = ("model", "layer_range", "parameters")
 _SLICE_KEYS = ("sources", "base_model", "parameters", "residual_weight")
 
 
+def kept(name: str, keep) -> bool:
+    """Whether tensor ``name`` is one of ``keep`` or lies in a module ``keep`` names."""
+    return any(name == k or name.startswith(k + ".") for k in keep)
+
+
 @dataclass(frozen=True)
 class ModelRef:
     """A model: a local folder or a hub id, with an optional revision (``id@rev``)."""
@@ -269,6 +274,10 @@ class Recipe:
     # first model) as they are: each fine-tune's own task head (an image classifier's
     # ``classifier``), or a part of the model no expert changed (CLIP's text tower)
     keep: tuple[str, ...] = ()
+
+    def keeps(self, name: str) -> bool:
+        """Whether tensor ``name`` is left out of the merge (``keep``: it, or a module holding it)."""
+        return kept(name, self.keep)
 
     def align_reference(self) -> ModelRef:
         """The model the others are permuted to line up with."""

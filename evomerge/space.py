@@ -535,9 +535,10 @@ def _structure(model: str, keep: Sequence[str] = ()) -> dict:
     """Layer count, embedding and head tensor names, and the attention keyword of a model,
     the tensors of the modules ``keep`` names (not merged) left out."""
     from .checkpoint import Checkpoint, split_layer, tensor_group
+    from .recipe import kept
 
     ck = Checkpoint.open(model)
-    names = [n for n in ck.names() if not any(n == k or n.startswith(k + ".") for k in keep)]
+    names = [n for n in ck.names() if not kept(n, keep)]
     stacks: dict[str, int] = {}
     for n in names:
         ln = split_layer(n)

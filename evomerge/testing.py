@@ -349,7 +349,16 @@ def vit_family(root: str | Path, tasks: Sequence[str] = ("shape", "digits"), see
         return pixel_values(imgs), torch.from_numpy(which)
 
     fit(base, mixture, base_steps, 3e-3)
+    try:
+        from transformers import ViTImageProcessorPil as ViTImageProcessor  # (no torchvision needed)
+    except ImportError:  # transformers < 5
+        from transformers import ViTImageProcessor
+
+    # the images are made at the model's size: scaled to [-1, 1], as pixel_values() does
+    processor = ViTImageProcessor(do_resize=False, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+                                  image_mean=[0.5] * 3, image_std=[0.5] * 3)
     base.save_pretrained(tmp / "base")
+    processor.save_pretrained(tmp / "base")
     heads = {}
     for t in ts:
         expert = ViTForImageClassification(config(t.classes))
@@ -362,6 +371,7 @@ def vit_family(root: str | Path, tasks: Sequence[str] = ("shape", "digits"), see
 
         fit(expert, task_batch, expert_steps, 2e-3)
         expert.save_pretrained(tmp / "experts" / t.name)
+        processor.save_pretrained(tmp / "experts" / t.name)
         heads[t.name] = classifier_head(expert)
 
     def measure(model):

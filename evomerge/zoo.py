@@ -497,6 +497,10 @@ def build_zoo(out: str | Path | None = None, cfg: ZooConfig | None = None, force
         zoo = load_zoo(out)
         if zoo.info.get("key") == cfg.key():
             return zoo
+        want = "vision" if vision else "language"
+        if zoo.kind != want and not force:
+            raise ZooError(f"{out} holds a {zoo.kind} zoo, not a {want} one (its files are left alone); choose "
+                           "another folder with --out DIR")
         if not force:
             raise ZooError(f"the zoo at {out} was built with another configuration "
                            f"(key {zoo.info.get('key')} != {cfg.key()}); pass --force to rebuild it")
@@ -677,7 +681,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="evomerge-zoo", description="Build or inspect the local model zoo.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="build the zoo (instant when already built)")
-    b.add_argument("--out", default=None, help="zoo folder (default $EVOMERGE_ZOO or ./zoo)")
+    b.add_argument("--out", default=None, help="zoo folder (default $EVOMERGE_ZOO or ./zoo; ./zoo_vision with "
+                                                "--kind vision)")
     b.add_argument("--kind", choices=("language", "vision"), default="language",
                    help="language: causal LMs on text tasks; vision: an image encoder and one classification "
                         "expert per task, each task with its own head")
@@ -731,7 +736,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ZooError("--independent: the vision zoo has no independent experts")
             Config = VisionZooConfig if a.kind == "vision" else ZooConfig
             cfg = Config.test_mode(**kw) if a.test_mode else Config(**kw)
-            zoo = build_zoo(a.out, cfg, force=a.force, progress=not a.no_progress)
+            out = a.out if a.out is not None else ("zoo_vision" if a.kind == "vision" else None)
+            zoo = build_zoo(out, cfg, force=a.force, progress=not a.no_progress)
             if a.independent:
                 build_independent(zoo, a.independent_steps, progress=not a.no_progress)
         else:

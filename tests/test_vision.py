@@ -123,7 +123,8 @@ def test_a_head_computes_its_formula_and_round_trips(tmp_path):
     assert again.classes == ["a", "b", "c"] and again.scale == 7.0 and again.normalize
     assert torch.equal(again.logits(x), head.logits(x))
     plain = TaskHead(["a", "b", "c"], w, normalize=False)
-    assert torch.allclose(plain.logits(torch.randn(2, 4)), torch.randn(2, 4) @ w.T, atol=1e9)  # shape only
+    f4 = torch.randn(2, 4, generator=g)
+    assert torch.allclose(plain.logits(f4), f4 @ w.T, atol=1e-6)  # no projection, no normalization, scale 1
     with pytest.raises(HeadError, match="6 dimensions; this head reads 4"):
         plain.logits(x)
 
@@ -141,6 +142,41 @@ def test_bad_heads_are_refused(tmp_path):
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 20)
     with pytest.raises(HeadError, match="not a readable task head"):
         TaskHead.load(tmp_path / "junk.safetensors")
+
+
+def test_live_models_are_bound_by_their_checkpoints_names(tmp_path):
+    """transformers renames a ViT's tensors between its checkpoint and its modules; the
+    merge binds the live model through those renamings. The class a live model is built
+    with is the one its config names (a vision encoder), or the causal LM class."""
+    from transformers import AutoModel, AutoModelForCausalLM, CLIPVisionModel, ViTForImageClassification
+
+    from evomerge.checkpoint import CheckpointError, build_from_config, live_class, live_names
+    from safetensors import safe_open
+
+    m = tiny_vit_classifier(["a", "b"])
+    m.save_pretrained(tmp_path / "vit")
+    names = live_names(m)
+    saved = set(safe_open(str(tmp_path / "vit" / "model.safetensors"), "pt").keys())
+    params = dict(m.named_parameters())
+    assert saved <= set(names) and set(names[k] for k in saved) <= set(params)
+    assert names["vit.encoder.layer.0.attention.attention.query.weight"] == "vit.layers.0.attention.q_proj.weight"
+    for k in saved:  # each checkpoint tensor is the live parameter it is bound to
+        with safe_open(str(tmp_path / "vit" / "model.safetensors"), "pt") as f:
+            assert torch.equal(f.get_tensor(k), params[names[k]].detach()), k
+    tiny_clip_vision().save_pretrained(tmp_path / "clip")
+    assert live_class(tmp_path / "vit", "vision") is ViTForImageClassification
+    assert live_class(tmp_path / "clip", "vision") is CLIPVisionModel
+    assert live_class(tmp_path / "clip") is AutoModelForCausalLM
+    cfg = json.loads((tmp_path / "clip" / "config.json").read_text())
+    cfg["architectures"] = ["SomethingElse"]
+    (tmp_path / "clip" / "config.json").write_text(json.dumps(cfg))
+    assert live_class(tmp_path / "clip", "vision") is AutoModel
+    with pytest.raises(CheckpointError, match="unknown model kind"):
+        live_class(tmp_path / "clip", "audio")
+    from transformers import AutoConfig
+
+    built = build_from_config(ViTForImageClassification, AutoConfig.from_pretrained(tmp_path / "vit"))
+    assert isinstance(built, ViTForImageClassification)
 
 
 def test_features_of_a_clip_tower_are_its_pooled_output():
@@ -236,11 +272,31 @@ def test_accuracy_and_entropy_are_those_of_each_task_through_its_head(tmp_path):
             lg = head.logits(features(m, pixel_values(imgs)))
         p = torch.softmax(lg, -1)
         assert got[f"{name}/entropy"] == pytest.approx(float(-(p * p.log()).sum(-1).mean()), rel=1e-5)
-    # a share of the search split for a first look, nested in the whole
-    part = ev(m, None, split="search", fraction=0.25)
-    assert set(part) == {"shape/acc", "digits/acc", "score"}
+    # a share of the search split for a first look: the seeded share every evaluator takes
+    from evomerge.evaluate._common import part
+
+    for fraction in (0.25, 0.5):
+        got = ev(m, None, split="search", fraction=fraction)
+        for name in ("shape", "digits"):
+            imgs, ys, _ = read_images(tmp_path / name / "validation.safetensors")
+            idx = part(list(range(len(ys))), fraction, 0)
+            head = TaskHead.load(tmp_path / "heads" / f"{name}.safetensors")
+            with torch.no_grad():
+                pred = head.logits(features(m, pixel_values(imgs[idx]))).argmax(-1).numpy()
+            assert got[f"{name}/acc"] == pytest.approx(float((pred == ys[idx]).mean()))
     with pytest.raises(EvaluationError, match="only the search split"):
         ev(m, None, split="test", fraction=0.5)
+
+
+def test_a_split_too_large_to_keep_is_converted_batch_by_batch(tmp_path):
+    m = tiny_clip_vision()
+    _task_folder(tmp_path, "shape", m, n=40)
+    ev = ClassificationEvaluator(data_dir=tmp_path, tasks=["shape"], batch_size=7)
+    kept = ev(m, None, split="test"), ev(m, None, split="search", fraction=0.5)
+    ev2 = ClassificationEvaluator(data_dir=tmp_path, tasks=["shape"], batch_size=7)
+    ev2.cache_images = 10
+    assert (ev2(m, None, split="test"), ev2(m, None, split="search", fraction=0.5)) == kept
+    assert not ev2._pixels  # nothing kept
 
 
 def test_the_entropy_loss_is_differentiable_and_matches_the_metric(tmp_path):
@@ -291,11 +347,22 @@ def test_bad_classification_inputs_are_named(tmp_path):
     _task_folder(tmp_path, "shape", m, classes=["a", "b"])  # labels 0..1, but the data says 6 classes
     imgs, ys, _ = read_images(tmp_path / "shape" / "test.safetensors")
     write_images(tmp_path / "shape" / "test.safetensors", imgs, ys + 4, ["a", "b"])
-    with pytest.raises(EvaluationError, match="labels reach 5, but its head has 2 classes"):
+    with pytest.raises(EvaluationError, match="labels run from 4 to 5, but its head has 2 classes \\(0 to 1\\)"):
+        ClassificationEvaluator(data_dir=tmp_path, tasks=["shape"])
+    write_images(tmp_path / "shape" / "test.safetensors", imgs, ys - 1, ["a", "b"])
+    with pytest.raises(EvaluationError, match="labels run from -1 to 0"):
+        ClassificationEvaluator(data_dir=tmp_path, tasks=["shape"])
+    ClassificationEvaluator(data_dir=tmp_path, tasks=["shape"], metric="entropy")  # (which reads no labels)
+    write_images(tmp_path / "shape" / "test.safetensors", imgs, ys, ["b", "a"])
+    with pytest.raises(EvaluationError, match="the data's classes \\['b', 'a'\\] are not its head's \\['a', 'b'\\]"):
         ClassificationEvaluator(data_dir=tmp_path, tasks=["shape"])
     write_images(tmp_path / "shape" / "test.safetensors", imgs[..., 0].copy(), ys, ["a", "b"])
     with pytest.raises(EvaluationError, match="uint8 images \\[n, h, w, 3\\]"):
         ClassificationEvaluator(data_dir=tmp_path, tasks=["shape"])
+    write_images(tmp_path / "shape" / "test.safetensors", imgs, ys, ["a", "b"])
+    with pytest.raises(EvaluationError, match="one image split file \\(.safetensors\\) or a datasets spec"):
+        ClassificationEvaluator({"shape": {"test": [str(tmp_path / "shape" / "test.safetensors")]}},
+                                heads={"shape": tmp_path / "heads" / "shape.safetensors"})
     (tmp_path / "shape" / "test.safetensors").write_text("not safetensors")
     with pytest.raises(EvaluationError, match="not a readable image split"):
         ClassificationEvaluator(data_dir=tmp_path, tasks=["shape"])
@@ -442,11 +509,13 @@ def vzoo(tmp_path_factory):
 
 
 @pytest.mark.parametrize("experiment", ["vision_cmaes_per_layer", "vision_ta_grid", "vision_adamerging_taskwise",
-                                        "vision_adamerging_plus_plus", "vision_greedy_soup"])
+                                        "vision_adamerging_layerwise", "vision_adamerging_plus_plus",
+                                        "vision_greedy_soup"])
 def test_every_vision_experiment_runs_on_the_vision_zoo(vzoo, tmp_path, experiment):
     run = tmp_path / "run"
     extra = {"vision_cmaes_per_layer": ["budget=6"], "vision_ta_grid": ["search.points=3", "budget=3"],
-             "vision_adamerging_taskwise": ["search.steps=3"], "vision_adamerging_plus_plus": ["search.steps=3"],
+             "vision_adamerging_taskwise": ["search.steps=3"], "vision_adamerging_layerwise": ["search.steps=3"],
+             "vision_adamerging_plus_plus": ["search.steps=3"],
              "vision_greedy_soup": ["models.ingredient_count=2", "models.ingredient_steps=2"]}[experiment]
     r = _search([f"experiment={experiment}", f"models.zoo_dir={vzoo.root}", "executor=local", "progress=false",
                  "threads=1", *extra, f"hydra.run.dir={run}"], tmp_path)
@@ -534,6 +603,16 @@ def tiny_clip_benchmark(tmp_path_factory):
     clip = CLIPModel(CLIPConfig(text_config=txt, vision_config=vis, projection_dim=8)).eval()
     clip.save_pretrained(root / "clip")
     tok.save_pretrained(root / "clip")
+    from evomerge.vision.zoo import _processor
+
+    _processor().save_pretrained(root / "clip")
+    # as the hub's older CLIP checkpoints do, the base also stores its position ids (int64), which the
+    # fine-tunes (saved later) do not
+    from safetensors.torch import load_file
+
+    state = load_file(str(root / "clip" / "model.safetensors"))
+    state["vision_model.embeddings.position_ids"] = torch.arange(17).unsqueeze(0)
+    save_file(state, str(root / "clip" / "model.safetensors"), metadata={"format": "pt"})
     experts = []
     for i in range(2):
         tower = CLIPVisionModel(clip.config.vision_config)
@@ -575,12 +654,28 @@ def test_the_clip_benchmark_configs_run_on_a_tiny_clip(tiny_clip_benchmark, tmp_
     for task, folder in data.items():
         over += [f"eval.data.{task}.search.path={folder}", f"eval.data.{task}.test.path={folder}",
                  f"eval.heads.{task}.clip={clip}"]
-    r = _search([*over, *extra, "executor=local", "progress=false", "threads=1", f"hydra.run.dir={run}"], tmp_path)
+    r = _search([*over, *extra, "executor=local", "progress=false", "threads=1", "export_model=true",
+                 f"hydra.run.dir={run}"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
     assert set(summary["results"]["best"]["test"]) == {"mnist/acc", "eurosat/acc", "score"}
     assert "keep:\n- text_model\n- text_projection\n- visual_projection\n- logit_scale" in (
         run / "best_recipe.yaml").read_text()
+    # the merged model: the base's text tower, projections, scale and position ids as they are, the
+    # vision tower merged (task arithmetic of the fine-tunes), and the base's image processor
+    merged, base = _state(run / "best_model"), _state(clip)
+    ex = [_state(e) for e in experts]
+    assert set(merged) == set(base)
+    for name, t in merged.items():
+        if not name.startswith("vision_model.") or name.endswith("position_ids"):
+            assert torch.equal(t, base[name]), name
+    if experiment == "clip_vit_b32_ta8_task_arithmetic":  # one weight w: base + w * (sum of the task vectors)
+        w = summary["results"]["best"]["genome"]["weight"]
+        for name, t in merged.items():
+            if name.startswith("vision_model.") and not name.endswith("position_ids"):
+                want = base[name] + w * (ex[0][name] - base[name]) + w * (ex[1][name] - base[name])
+                assert torch.allclose(t, want, atol=1e-6), name
+    assert (run / "best_model" / "preprocessor_config.json").is_file()
 
 
 def experiments_list(paths):

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._common import EvaluationError, check_fraction, check_split, check_tasks, model_device, part, resolve_sources, subsample
+from ._common import EvaluationError, check_disjoint, check_fraction, check_split, check_tasks, model_device, part, resolve_sources, subsample
 
 __all__ = ["ClassificationEvaluator", "class_entropy", "METRICS"]
 
@@ -42,51 +42,101 @@ def class_entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(-1)
 
 
-def _read_split(src: Any, task: str, split: str, name: str) -> tuple[list | np.ndarray, np.ndarray, list[str] | None]:
-    """``(images, labels, classes)`` of one source (``name``: the dataset split a spec
-    without ``split`` reads)."""
+class _Split:
+    """One task's split: its labels (read at once) and its images, decoded only when asked
+    for (``images(idx)``): a vision-zoo file's uint8 array, or a ``datasets`` dataset whose
+    image column is decoded batch by batch."""
+
+    def __init__(self, labels: np.ndarray, classes: list[str] | None, array: np.ndarray | None = None,
+                 dataset=None, column: str = "image"):
+        self.labels, self.classes = labels, classes
+        self.array, self.dataset, self.column = array, dataset, column
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def select(self, idx: np.ndarray) -> "_Split":
+        if self.array is not None:
+            return _Split(self.labels[idx], self.classes, array=self.array[idx])
+        return _Split(self.labels[idx], self.classes, dataset=self.dataset.select(idx.tolist()), column=self.column)
+
+    def images(self, start: int, stop: int):
+        if self.array is not None:
+            return self.array[start:stop]
+        return self.dataset[start:stop][self.column]
+
+    def keys(self) -> list[str]:
+        """Each image's identity for the split check (a hash of its bytes), read in batches
+        without decoding a dataset's images."""
+        import hashlib
+
+        if self.array is not None:
+            return [f"image {i.shape} sha1 {hashlib.sha1(np.ascontiguousarray(i).tobytes()).hexdigest()}"
+                    for i in self.array]
+        import datasets
+
+        raw = self.dataset.cast_column(self.column, datasets.Image(decode=False))
+        out = []
+        for start in range(0, len(raw), 1024):
+            for im in raw[start:start + 1024][self.column]:
+                data = im.get("bytes") if isinstance(im, dict) else None
+                if data is None and isinstance(im, dict) and im.get("path"):
+                    data = Path(im["path"]).read_bytes()
+                out.append(f"image bytes sha1 {hashlib.sha1(data or b'').hexdigest()}")
+        return out
+
+
+def _read_split(src: Any, task: str, split: str, name: str, labelled: bool = True) -> _Split:
+    """One source's split (``name``: the dataset split a spec without ``split`` reads);
+    ``labelled=False`` accepts images without labels (they are then -1)."""
+    where = f"task {task!r}, {split} split"
     if isinstance(src, Mapping):
         import datasets
 
         spec = dict(src)
         image, label = spec.pop("image", "image"), spec.pop("label", "label")
+        if "path" not in spec:
+            raise EvaluationError(f"{where}: a datasets spec needs a path (a hub id or a local folder), got {dict(src)}")
         try:
             ds = datasets.load_dataset(spec.pop("path"), spec.pop("name", None), split=spec.pop("split", name), **spec)
         except Exception as e:  # noqa: BLE001 - not found, offline, a bad split
             first = (str(e).strip().splitlines() or [""])[0]
-            raise EvaluationError(f"task {task!r}, {split} split: cannot load dataset {dict(src)}: "
-                                  f"{type(e).__name__}: {first}") from None
-        missing = [c for c in (image, label) if c not in ds.column_names]
+            raise EvaluationError(f"{where}: cannot load dataset {dict(src)}: {type(e).__name__}: {first}") from None
+        missing = [c for c in (image, label) if c not in ds.column_names and (labelled or c == image)]
         if missing:
-            raise EvaluationError(f"task {task!r}, {split} split: dataset {src.get('path')!r} has no column(s) "
-                                  f"{missing} (columns: {ds.column_names}); name them with image=/label=")
-        feat = ds.features.get(label)
-        classes = list(feat.names) if getattr(feat, "names", None) else None
-        return list(ds[image]), np.asarray(ds[label], dtype=np.int64), classes
+            raise EvaluationError(f"{where}: dataset {src.get('path')!r} has no column(s) {missing} (columns: "
+                                  f"{ds.column_names}); name them with image=/label=")
+        if label in ds.column_names:
+            try:
+                labels = np.asarray(ds[label], dtype=np.int64)
+            except (TypeError, ValueError):
+                raise EvaluationError(f"{where}: dataset {src.get('path')!r}'s {label!r} column is not integer class "
+                                      "indices") from None
+            feat = ds.features.get(label)
+            classes = list(feat.names) if getattr(feat, "names", None) else None
+        else:
+            labels, classes = np.full(len(ds), -1, dtype=np.int64), None
+        return _Split(labels, classes, dataset=ds, column=image)
+    if not isinstance(src, (str, os.PathLike)):
+        raise EvaluationError(f"{where}: one image split file (.safetensors) or a datasets spec, got {src!r}")
     path = Path(src)
     if path.suffix != ".safetensors":
-        raise EvaluationError(f"task {task!r}, {split} split: {path} is not an image split (.safetensors with "
-                              "'images' and 'labels', as the vision zoo writes) or a datasets spec")
+        raise EvaluationError(f"{where}: {path} is not an image split (.safetensors with 'images' and 'labels', "
+                              "as the vision zoo writes) or a datasets spec")
     from ..vision.zoo import read_images
 
     try:
         images, labels, classes = read_images(path)
     except Exception as e:  # noqa: BLE001 - not safetensors, missing tensors
-        raise EvaluationError(f"task {task!r}, {split} split: {path} is not a readable image split "
-                              f"({type(e).__name__}: {e})") from None
+        raise EvaluationError(f"{where}: {path} is not a readable image split ({type(e).__name__}: {e})") from None
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8 or labels.shape != (len(images),):
-        raise EvaluationError(f"task {task!r}, {split} split: {path} must hold uint8 images [n, h, w, 3] and one "
-                              f"label each; it holds {images.dtype} {tuple(images.shape)} and labels "
-                              f"{tuple(labels.shape)}")
-    return images, labels.astype(np.int64), classes
+        raise EvaluationError(f"{where}: {path} must hold uint8 images [n, h, w, 3] and one label each; it holds "
+                              f"{images.dtype} {tuple(images.shape)} and labels {tuple(labels.shape)}")
+    return _Split(labels.astype(np.int64), classes, array=images)
 
 
-def _image_key(image) -> tuple:
-    """An image's identity for the split check: its shape and a hash of its pixels."""
-    import hashlib
-
-    arr = np.ascontiguousarray(np.asarray(image.convert("RGB") if hasattr(image, "convert") else image))
-    return arr.shape, hashlib.sha1(arr.tobytes()).hexdigest()
+def _short(names: list[str]) -> str:
+    return str(list(names[:4]))[:-1] + (", ...]" if len(names) > 4 else "]")
 
 
 class ClassificationEvaluator:
@@ -124,40 +174,40 @@ class ClassificationEvaluator:
         self.direction = "maximize" if metric == "accuracy" else "minimize"
         sources = resolve_sources(data, data_dir, tasks, search_split, test_split, default_name="task",
                                   suffix=".safetensors")
-        self.images: dict[str, dict[str, Any]] = {}
-        self.labels: dict[str, dict[str, torch.Tensor]] = {}
+        self.splits: dict[str, dict[str, _Split]] = {}
         classes: dict[str, list[str] | None] = {}
         for task, splits in sources.items():
-            self.images[task], self.labels[task] = {}, {}
+            self.splits[task] = {}
             for split, src in splits.items():
-                images, labels, names = _read_split(src, task, split, search_split if split == "search" else test_split)
-                if len(labels) == 0:
+                sp = _read_split(src, task, split, search_split if split == "search" else test_split,
+                                 labelled=metric == "accuracy")
+                if len(sp) == 0:
                     raise EvaluationError(f"task {task!r}: the {split} split has no images ({src})")
-                if split == "search":
-                    keep = subsample(len(labels), limit, seed)
-                    images = [images[i] for i in keep] if isinstance(images, list) else images[keep]
-                    labels = labels[keep]
-                self.images[task][split], self.labels[task][split] = images, torch.from_numpy(labels)
-                classes[task] = classes.get(task) or names
-            if len(self.images[task]) == 2:
-                test = {_image_key(i) for i in self.images[task]["test"]}
-                shared = [j for j, im in enumerate(self.images[task]["search"]) if _image_key(im) in test]
-                if shared:
-                    raise EvaluationError(f"task {task!r}: {len(shared)} image(s) of the search split also occur in "
-                                          f"the test split (the first: search image {shared[0]}); the search split "
-                                          "must not overlap the test split")
-        self.tasks = list(self.images)
+                if split == "search":  # (before any image is decoded)
+                    sp = sp.select(subsample(len(sp), limit, seed))
+                self.splits[task][split] = sp
+                classes[task] = classes.get(task) or sp.classes
+            if len(self.splits[task]) == 2:
+                check_disjoint(self.splits[task]["search"].keys(), self.splits[task]["test"].keys(), f"task {task!r}")
+        self.tasks = list(self.splits)
         root = Path(data_dir) if data_dir is not None else None
         self._clips: dict[str, tuple] = {}  # a CLIP model read once for every task's zero-shot head
         self.heads = {t: self._head(t, (heads or {}).get(t), root, classes.get(t)) for t in self.tasks}
         self._clips.clear()
         for t in self.tasks:
-            for split, y in self.labels[t].items():
-                n = len(self.heads[t].classes)
-                if len(y) and (int(y.min()) < 0 or int(y.max()) >= n):
-                    raise EvaluationError(f"task {t!r}, {split} split: labels reach {int(y.max())}, but its head has "
-                                          f"{n} classes")
+            head = self.heads[t]
+            for split, sp in self.splits[t].items():
+                if sp.classes and not all(c.startswith("LABEL_") for c in head.classes) and sp.classes != head.classes:
+                    raise EvaluationError(f"task {t!r}, {split} split: the data's classes {_short(sp.classes)} are not "
+                                          f"its head's {_short(head.classes)} (in that order)")
+                if metric != "accuracy":
+                    continue  # (the entropy reads no labels)
+                y = sp.labels
+                if int(y.min()) < 0 or int(y.max()) >= len(head.classes):
+                    raise EvaluationError(f"task {t!r}, {split} split: labels run from {int(y.min())} to {int(y.max())}, "
+                                          f"but its head has {len(head.classes)} classes (0 to {len(head.classes) - 1})")
         self._pixels: dict[tuple, torch.Tensor] = {}
+        self.cache_images = 4096  # a split of at most this many images is kept as model inputs
 
     def primary(self, task: str) -> str:
         """The metric that stands for a task: ``"acc"`` or ``"entropy"``."""
@@ -203,16 +253,37 @@ class ClassificationEvaluator:
 
     # ------------------------------------------------------------------ scoring
 
+    def batches(self, task: str, split: str, processor=None, device="cpu", idx: Sequence[int] | None = None):
+        """``(start, pixels)`` of the split's images (or of ``idx``) as model inputs, a batch at
+        a time: a split of at most ``cache_images`` images is converted once and kept (per
+        processor and device); a larger one is decoded and converted batch by batch."""
+        from ..vision.heads import pixel_values
+
+        sp = self._split(task, split)
+        if len(sp) <= self.cache_images:
+            px = self.pixels(task, split, processor, device)
+            if idx is not None:
+                px = px[torch.as_tensor(list(idx), device=px.device)]
+            for i in range(0, len(px), self.batch_size):
+                yield i, px[i:i + self.batch_size]
+            return
+        part_ = sp if idx is None else sp.select(np.asarray(list(idx), dtype=np.int64))
+        for i in range(0, len(part_), self.batch_size):
+            yield i, pixel_values(part_.images(i, i + self.batch_size), processor).to(device)
+
+    def _split(self, task: str, split: str) -> _Split:
+        if split not in self.splits[task]:
+            raise EvaluationError(f"task {task!r} has no {split} split")
+        return self.splits[task][split]
+
     def pixels(self, task: str, split: str, processor=None, device="cpu") -> torch.Tensor:
-        """The split's images as model inputs (once per processor and device)."""
+        """The split's images as model inputs, all at once (kept per processor and device)."""
         from ..vision.heads import pixel_values
 
         key = (task, split, id(processor), str(device))
         if key not in self._pixels:
-            if split not in self.images[task]:
-                raise EvaluationError(f"task {task!r} has no {split} split")
-            imgs = self.images[task][split]
-            chunks = [pixel_values(imgs[i:i + 512], processor) for i in range(0, len(imgs), 512)]
+            sp = self._split(task, split)
+            chunks = [pixel_values(sp.images(i, i + 512), processor) for i in range(0, len(sp), 512)]
             self._pixels[key] = torch.cat(chunks).to(device)
         return self._pixels[key]
 
@@ -234,18 +305,17 @@ class ClassificationEvaluator:
         try:
             with torch.no_grad():
                 for task in self.tasks:
-                    px = self.pixels(task, split, processor, dev)
-                    idx = part(list(range(len(px))), fraction, self.seed)
-                    y = self.labels[task][split][idx].to(dev)
+                    sp = self._split(task, split)
+                    idx = part(list(range(len(sp))), fraction, self.seed)
+                    y = torch.from_numpy(sp.labels[idx]).to(dev)
                     total, n = 0.0, 0
-                    for i in range(0, len(idx), self.batch_size):
-                        sel = torch.as_tensor(idx[i:i + self.batch_size], device=dev)
-                        lg = self.logits(model, task, px[sel])
+                    for at, px in self.batches(task, split, processor, dev, idx if fraction < 1 else None):
+                        lg = self.logits(model, task, px)
                         if self.metric == "accuracy":
-                            total += float((lg.argmax(-1) == y[i:i + self.batch_size]).sum())
+                            total += float((lg.argmax(-1) == y[at:at + len(px)]).sum())
                         else:
                             total += float(class_entropy(lg).sum())
-                        n += len(sel)
+                        n += len(px)
                     out[f"{task}/{self.primary(task)}"] = total / max(1, n)
         finally:
             model.train(was)
@@ -255,7 +325,7 @@ class ClassificationEvaluator:
     def unlabeled(self, split: str = "search", tasks: Sequence[str] | None = None) -> dict[str, int]:
         """How many unlabeled images each task offers on ``split`` (AdaMerging's inputs)."""
         check_split(split)
-        return {t: len(self.labels[t][split]) for t in check_tasks(self.tasks, tasks)}
+        return {t: len(self._split(t, split)) for t in check_tasks(self.tasks, tasks)}
 
     def entropy_loss(self, model, call, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The sum over tasks of the mean prediction entropy of ``batch`` (``{task: pixels}``),

@@ -68,9 +68,14 @@ class Worker:
         # a genome -> every tensor's parameters, compiled once over the engine's plan
         self.coefficients = space.compile(self.engine.tasks)
         if self.kind == "vision":  # the evaluator's second argument: the model's image processor (or None)
+            from ..checkpoint import CheckpointError
             from ..vision.heads import load_processor
 
             self.tokenizer = load_processor(folder)
+            if self.tokenizer is None:
+                raise CheckpointError(f"model '{path}' ({folder}): no preprocessor_config.json, which says how images "
+                                      "are resized and normalized for it; save its image processor there "
+                                      "(processor.save_pretrained)")
         else:
             self.tokenizer = AutoTokenizer.from_pretrained(folder)
 

@@ -1122,6 +1122,9 @@ class Merger:
             w.copy_file(gen)
         for f in self._tokenizer_source().tokenizer_files():
             w.copy_file(f)
+        proc = ref.folder / "preprocessor_config.json"  # an image model's: how its inputs are resized and scaled
+        if proc.is_file():
+            w.copy_file(proc)
         w.write_text("evomerge_recipe.yaml", recipe_text)
         w.write_text("README.md", model_card(self.recipe, recipe_text, self.seed))
 

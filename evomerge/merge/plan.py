@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import Checkpoint, split_layer, tensor_group, torch_dtype
-from ..recipe import ModelRef, OutputSlice, Recipe, RecipeError, evaluate_setting, validate_value
+from ..recipe import ModelRef, OutputSlice, Recipe, RecipeError, evaluate_setting, kept, validate_value
 from .methods import MethodSpec
 
 __all__ = ["Columns", "MergeError", "Plan", "TensorTask"]
@@ -162,9 +162,18 @@ class Plan:
         return self.recipe.slices[0].sources[0].model
 
     def _check_architectures(self) -> None:
-        if self.recipe.keep:  # a part merged into a whole (CLIP's vision towers into a CLIP model): the tensors
-            return            # merged are checked one by one, by name and shape
         ref = self.reference
+        if self.recipe.keep:  # a part merged into a whole (CLIP's vision towers into a CLIP model): the
+            # architectures may differ, but no model may hold a weight the merge would leave out
+            merged = {n for n in ref.names() if not self.kept(n)}
+            for r, ck in self.models.items():
+                extra = sorted(n for n in ck.names() if n not in merged and not self.kept(n)
+                               and ck.meta(n)[1].startswith(("float", "bfloat")))
+                if extra:
+                    raise MergeError(f"model '{r}' has tensor '{extra[0]}' ({len(extra)} in all) that "
+                                     f"'{ref.name}' lacks: the merge would leave it out; add it to keep, or merge "
+                                     "models of one architecture")
+            return
         for r, ck in self.models.items():
             if ck.architecture() != ref.architecture():
                 raise MergeError(
@@ -197,7 +206,7 @@ class Plan:
             )
         own = [n for n in ref_names if self.kept(n)]
         for h in r.keep:
-            if not any(n == h or n.startswith(h + ".") for n in ref_names):
+            if not any(kept(n, [h]) for n in ref_names):
                 raise RecipeError(f"keep: '{h}' names no tensor of '{self.reference.name}'")
         if own and not r.uses_models_form:
             raise RecipeError("keep: only in the models form (not with slices)")
@@ -258,7 +267,7 @@ class Plan:
     def kept(self, name: str) -> bool:
         """Whether tensor ``name`` is one the recipe keeps unmerged (``keep``: the tensor, or
         a module holding it)."""
-        return any(name == h or name.startswith(h + ".") for h in self.recipe.keep)
+        return self.recipe.keeps(name)
 
     def _layer_names(self, model: ModelRef, stack, idx: int):
         out = []
@@ -284,6 +293,14 @@ class Plan:
         """Tensor ``out_name`` from slice ``si``, whose sources give tensors ``names``."""
         s = self.recipe.slices[si]
         at, rest = self._roles(s)
+        lead = s.sources[at if at is not None else rest[0]].model
+        lead_ck = self.models[lead]
+        if names[at if at is not None else rest[0]] in lead_ck and not lead_ck.meta(
+                names[at if at is not None else rest[0]])[1].startswith(("float", "bfloat")):
+            # not a weight (an index buffer such as CLIP's position_ids, which older checkpoints
+            # saved and newer ones do not): copied from the base, or the first model, alone
+            name = names[at if at is not None else rest[0]]
+            return TensorTask(out_name, group, layer, t, None, [(lead, name)], copy=True, slice=si)
         base = None
         if at is not None:
             base = (s.sources[at].model, self._input_name(s.sources[at].model, names[at], out_name))
