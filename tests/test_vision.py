@@ -723,3 +723,18 @@ def test_adamerging_on_images_merges_as_the_engine_and_lowers_the_entropy(vzoo, 
     got, _ = am.run(tmp_path / "run", progress=False)
     assert np.all(got >= 0) and np.all(got <= 1) and not np.allclose(got, 0.3)
     assert entropy(got) < before
+
+
+def test_keep_does_not_let_a_merge_drop_weights(tiny_clip_benchmark, tmp_path):
+    """With keep, models of other architectures may merge (a tower into a whole model), but a
+    model holding weights the base lacks is refused by name: they would be left out."""
+    from evomerge.merge.engine import Merger
+    from evomerge.merge.plan import MergeError
+    from evomerge.recipe import parse_recipe
+
+    clip, experts, _ = tiny_clip_benchmark
+    recipe = {"merge_method": "task_arithmetic", "base_model": str(experts[0]), "dtype": "float32",
+              "models": [{"model": str(clip), "parameters": {"weight": 0.5}}], "keep": ["vision_model.post_layernorm"]}
+    with pytest.raises(MergeError, match=r"has tensor 'logit_scale' \(\d+ in all\) that .* lacks: the merge would "
+                                         "leave it out"):
+        Merger(parse_recipe(recipe))
