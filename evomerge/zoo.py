@@ -35,7 +35,7 @@ import time
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import numpy as np
 
@@ -183,8 +183,23 @@ def zoo_tokenizer():
 # --------------------------------------------------------------------------------------
 
 
+class BuildConfig:
+    """What every zoo's configuration shares: its cache key (a hash of every field) and a
+    reduced test mode (``TEST_MODE``'s fields) that builds in seconds (the models learn little)."""
+
+    TEST_MODE: ClassVar[dict] = {}
+
+    def key(self) -> str:
+        blob = json.dumps(asdict(self), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    @classmethod
+    def test_mode(cls, **kw):
+        return cls(**{**cls.TEST_MODE, **kw})
+
+
 @dataclass
-class ZooConfig:
+class ZooConfig(BuildConfig):
     """Everything that determines the zoo's files (hashed into its cache key)."""
 
     seed: int = 0
@@ -202,17 +217,8 @@ class ZooConfig:
     threads: int = 2
     version: int = ZOO_VERSION
 
-    def key(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
-
-    @classmethod
-    def test_mode(cls, **kw) -> "ZooConfig":
-        """A reduced zoo that builds in seconds, for tests (the models learn little)."""
-        base = dict(hidden=32, layers=2, intermediate=64, heads=2, eval_size=300, pretrain_steps=30,
-                    expert_steps=10, batch_size=16)
-        base.update(kw)
-        return cls(**base)
+    TEST_MODE: ClassVar[dict] = dict(hidden=32, layers=2, intermediate=64, heads=2, eval_size=300, pretrain_steps=30,
+                                     expert_steps=10, batch_size=16)
 
 
 # --------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,8 +31,7 @@ from evomerge.merge.engine import Merger  # noqa: E402
 from evomerge.recipe import parse_recipe  # noqa: E402
 from evomerge.vision.zoo import VisionZooConfig  # noqa: E402
 from evomerge.zoo import build_zoo  # noqa: E402
-
-LAMBDAS = [round(0.1 * i, 1) for i in range(0, 16)]
+from zoo_report import LAMBDAS, check_lines, curve_lines, same_files, signal_checks, sources_lines  # noqa: E402
 HEADER = "# The vision zoo"
 
 
@@ -106,23 +104,7 @@ def main() -> int:
             again = time.perf_counter() - t2
             rebuild = (secs, again, _same_files(zoo.root, other.root))
 
-    base_test = scores["base"]["test"]
-    checks = []
-    gains = {t: scores[f"expert:{t}"]["test"][t] - base_test[t] for t in tasks}
-    low = min(gains, key=gains.get)
-    checks.append(("(a) each expert beats the base on its own task by >= 30 points", gains[low] >= 0.30,
-                   f"smallest gain {100 * gains[low]:.1f} points ({low})"))
-    top = max(base_test, key=base_test.get)
-    checks.append(("(b) the base does not already solve the tasks (< 50% on each)", base_test[top] < 0.5,
-                   f"best base accuracy {100 * base_test[top]:.1f}% ({top})"))
-    gain = mean(curve[best]["test"]) - mean(base_test)
-    checks.append((f"(c) task arithmetic at the validation-best lambda ({best}) beats the base by >= 10 points",
-                   gain >= 0.10, f"{100 * mean(curve[best]['test']):.1f}% vs {100 * mean(base_test):.1f}% "
-                                 f"(+{100 * gain:.1f} points)"))
-    tests = [mean(curve[lam]["test"]) for lam in LAMBDAS]
-    spread = max(tests) - min(tests)
-    checks.append(("(d) the merge is sensitive to lambda (test mean spread over the curve >= 20 points)",
-                   spread >= 0.20, f"spread {100 * spread:.1f} points"))
+    checks = signal_checks(tasks, scores, curve, best, LAMBDAS)
 
     lines = [
         HEADER,
@@ -143,22 +125,10 @@ def main() -> int:
     for t in tasks:
         info = zoo.info["tasks"][t]
         lines.append(f"| {t} | {len(info['classes'])}: {', '.join(info['classes'])} | {info['description']} |")
-    lines += ["", "## Checks (test split)", "", "| check | holds | measured |", "|---|---|---|"]
-    lines += [f"| {c} | {'yes' if ok else '**no**'} | {m} |" for c, ok, m in checks]
-    lines += ["", "## Sources and the best single-lambda merge (test split)", "",
-              "| model | " + " | ".join(tasks) + " | mean |", "|---" * (len(tasks) + 2) + "|"]
-    rows = [(k, v["test"]) for k, v in scores.items()] + [(f"task arithmetic, lambda {best}", curve[best]["test"])]
-    for name, acc in rows:
-        lines.append(f"| {name} | " + " | ".join(f"{100 * acc[t]:.1f}" for t in tasks) + f" | {100 * mean(acc):.1f} |")
-    lines += ["", "## Task arithmetic over all experts: the lambda curve", "",
-              "theta = theta_base + lambda * sum_k tau_k (mean accuracy in %; per-task test accuracy after the bar)",
-              "", "| lambda | validation mean | test mean | " + " | ".join(f"test {t}" for t in tasks) + " |",
-              "|---" * (len(tasks) + 3) + "|"]
-    for lam in LAMBDAS:
-        v, te = curve[lam]["validation"], curve[lam]["test"]
-        mark = " (best on validation)" if lam == best else ""
-        lines.append(f"| {lam}{mark} | {100 * mean(v):.1f} | {100 * mean(te):.1f} | "
-                     + " | ".join(f"{100 * te[t]:.1f}" for t in tasks) + " |")
+    lines += check_lines(checks)
+    lines += sources_lines(tasks, [(k, v["test"]) for k, v in scores.items()]
+                           + [(f"task arithmetic, lambda {best}", curve[best]["test"])])
+    lines += curve_lines(tasks, curve, best, LAMBDAS)
     lines += ["", "## Build", ""]
     if rebuild:
         secs, again, same = rebuild
@@ -176,14 +146,7 @@ def main() -> int:
 
 
 def _same_files(a: Path, b: Path) -> bool:
-    def files(root: Path) -> dict[str, bytes]:
-        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-                if p.is_file() and p.name != "zoo.json" and "ingredients" not in p.parts}
-    fa, fb = files(a), files(b)
-    diff = [k for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
-    if diff:
-        print("differing files:", diff[:10], file=sys.stderr)
-    return not diff
+    return same_files(a, b, lambda p: p.name != "zoo.json" and "ingredients" not in p.parts)
 
 
 if __name__ == "__main__":

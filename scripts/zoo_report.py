@@ -99,22 +99,7 @@ def main() -> int:
             same = _same_files(zoo.root, other.root)
             rebuild = (secs, again, same)
 
-    base_test = scores["base"]["test"]
-    checks = []
-    worst_gain = min(scores[f"expert:{t}"]["test"][t] - base_test[t] for t in tasks)
-    checks.append(("(a) each expert beats the base on its own task by >= 30 points",
-                   worst_gain >= 0.30, f"smallest gain {100 * worst_gain:.1f} points"))
-    top_base = max(base_test.values())
-    checks.append(("(b) the base does not already solve the tasks (< 50% on each)",
-                   top_base < 0.5, f"best base accuracy {100 * top_base:.1f}%"))
-    gain = mean(curve[best]["test"]) - mean(base_test)
-    checks.append((f"(c) task arithmetic at the validation-best lambda ({best}) beats the base by >= 10 points",
-                   gain >= 0.10, f"{100 * mean(curve[best]['test']):.1f}% vs {100 * mean(base_test):.1f}% "
-                                 f"(+{100 * gain:.1f} points)"))
-    tests = [mean(curve[lam]["test"]) for lam in LAMBDAS]
-    spread = max(tests) - min(tests)
-    checks.append(("(d) the merge is sensitive to lambda (test mean spread over the curve >= 20 points)",
-                   spread >= 0.20, f"spread {100 * spread:.1f} points"))
+    checks = signal_checks(tasks, scores, curve, best, LAMBDAS)
 
     lines = [
         "# The local zoo and its merging signal",
@@ -136,24 +121,12 @@ def main() -> int:
         ex = info["example"]
         lines.append(f"| {t} | `{ex['prompt']}` | `{ex['answer']}` | {info['target_n']} | "
                      f"{', '.join(map(str, info['pretrain_n']))} |")
-    lines += ["", "## Checks (test split)", "", "| check | holds | measured |", "|---|---|---|"]
-    lines += [f"| {c} | {'yes' if ok else '**no**'} | {m} |" for c, ok, m in checks]
-    lines += ["", "## Sources and the best single-lambda merge (test split)", "",
-              "| model | " + " | ".join(tasks) + " | mean |", "|---" * (len(tasks) + 2) + "|"]
-    rows = [(k, v["test"]) for k, v in scores.items()] + [(f"task arithmetic, lambda {best}", curve[best]["test"])]
-    for name, acc in rows:
-        lines.append(f"| {name} | " + " | ".join(f"{100 * acc[t]:.1f}" for t in tasks) + f" | {100 * mean(acc):.1f} |")
+    lines += check_lines(checks)
+    lines += sources_lines(tasks, [(k, v["test"]) for k, v in scores.items()]
+                           + [(f"task arithmetic, lambda {best}", curve[best]["test"])])
     lines += ["", f"Greedy decoding (the `exact_match` evaluator) of the lambda {best} merge gives "
-              f"{100 * gen['score']:.1f}% mean test accuracy, against {100 * tf_best:.1f}% teacher-forced.",
-              "", "## Task arithmetic over all experts: the lambda curve", "",
-              "theta = theta_base + lambda * sum_k tau_k (mean accuracy in %; per-task test accuracy after the bar)",
-              "", "| lambda | validation mean | test mean | " + " | ".join(f"test {t}" for t in tasks) + " |",
-              "|---" * (len(tasks) + 3) + "|"]
-    for lam in LAMBDAS:
-        v, te = curve[lam]["validation"], curve[lam]["test"]
-        mark = " (best on validation)" if lam == best else ""
-        lines.append(f"| {lam}{mark} | {100 * mean(v):.1f} | {100 * mean(te):.1f} | "
-                     + " | ".join(f"{100 * te[t]:.1f}" for t in tasks) + " |")
+              f"{100 * gen['score']:.1f}% mean test accuracy, against {100 * tf_best:.1f}% teacher-forced."]
+    lines += curve_lines(tasks, curve, best, LAMBDAS)
     lines += ["", "## Build", ""]
     if rebuild:
         secs, again, same = rebuild
@@ -173,14 +146,71 @@ def main() -> int:
 
 def _same_files(a: Path, b: Path) -> bool:
     """Same relative file names and bytes, ignoring the lm-eval YAMLs (they hold absolute paths)."""
+    return same_files(a, b, lambda p: "lm_eval_tasks" not in p.parts)
+
+
+def same_files(a: Path, b: Path, keep) -> bool:
+    """Whether two folders hold the same files (those ``keep(path)`` accepts), byte for byte."""
     def files(root: Path) -> dict[str, bytes]:
-        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
-                if p.is_file() and "lm_eval_tasks" not in p.parts}
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and keep(p)}
     fa, fb = files(a), files(b)
     diff = [k for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)]
     if diff:
         print("differing files:", diff[:10], file=sys.stderr)
     return not diff
+
+
+def _mean(d: dict[str, float]) -> float:
+    return sum(d.values()) / len(d)
+
+
+def signal_checks(tasks, scores, curve, best, lambdas) -> list[tuple[str, bool, str]]:
+    """The four checks of a zoo's merging signal on the test split: ``scores`` holds
+    ``"base"`` and ``"expert:<task>"``, each ``{"validation"|"test": {task: accuracy}}``;
+    ``curve`` the same for task arithmetic at each lambda."""
+    base_test = scores["base"]["test"]
+    gains = {t: scores[f"expert:{t}"]["test"][t] - base_test[t] for t in tasks}
+    low = min(gains, key=gains.get)
+    top = max(base_test, key=base_test.get)
+    gain = _mean(curve[best]["test"]) - _mean(base_test)
+    tests = [_mean(curve[lam]["test"]) for lam in lambdas]
+    spread = max(tests) - min(tests)
+    return [
+        ("(a) each expert beats the base on its own task by >= 30 points", gains[low] >= 0.30,
+         f"smallest gain {100 * gains[low]:.1f} points ({low})"),
+        ("(b) the base does not already solve the tasks (< 50% on each)", base_test[top] < 0.5,
+         f"best base accuracy {100 * base_test[top]:.1f}% ({top})"),
+        (f"(c) task arithmetic at the validation-best lambda ({best}) beats the base by >= 10 points", gain >= 0.10,
+         f"{100 * _mean(curve[best]['test']):.1f}% vs {100 * _mean(base_test):.1f}% (+{100 * gain:.1f} points)"),
+        ("(d) the merge is sensitive to lambda (test mean spread over the curve >= 20 points)", spread >= 0.20,
+         f"spread {100 * spread:.1f} points"),
+    ]
+
+
+def check_lines(checks) -> list[str]:
+    return (["", "## Checks (test split)", "", "| check | holds | measured |", "|---|---|---|"]
+            + [f"| {c} | {'yes' if ok else '**no**'} | {m} |" for c, ok, m in checks])
+
+
+def sources_lines(tasks, rows) -> list[str]:
+    """The sources' (and the best merge's) test accuracy per task: ``rows`` of ``(name, {task: acc})``."""
+    out = ["", "## Sources and the best single-lambda merge (test split)", "",
+           "| model | " + " | ".join(tasks) + " | mean |", "|---" * (len(tasks) + 2) + "|"]
+    return out + [f"| {name} | " + " | ".join(f"{100 * acc[t]:.1f}" for t in tasks) + f" | {100 * _mean(acc):.1f} |"
+                  for name, acc in rows]
+
+
+def curve_lines(tasks, curve, best, lambdas) -> list[str]:
+    out = ["", "## Task arithmetic over all experts: the lambda curve", "",
+           "theta = theta_base + lambda * sum_k tau_k (mean accuracy in %; per-task test accuracy after the bar)",
+           "", "| lambda | validation mean | test mean | " + " | ".join(f"test {t}" for t in tasks) + " |",
+           "|---" * (len(tasks) + 3) + "|"]
+    for lam in lambdas:
+        v, te = curve[lam]["validation"], curve[lam]["test"]
+        mark = " (best on validation)" if lam == best else ""
+        out.append(f"| {lam}{mark} | {100 * _mean(v):.1f} | {100 * _mean(te):.1f} | "
+                   + " | ".join(f"{100 * te[t]:.1f}" for t in tasks) + " |")
+    return out
 
 
 if __name__ == "__main__":

@@ -36,9 +36,11 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
+from ..zoo import BuildConfig
 from .images import IMAGE_TASKS, ImageTask, draw_mixture
 
 __all__ = ["VisionZooConfig", "build_vision_zoo", "read_images", "write_images", "VISION_KIND"]
@@ -48,7 +50,7 @@ VISION_ZOO_VERSION = 1
 
 
 @dataclass(frozen=True)
-class VisionZooConfig:
+class VisionZooConfig(BuildConfig):
     """Everything that determines the vision zoo's files (hashed into its cache key)."""
 
     seed: int = 0
@@ -69,20 +71,8 @@ class VisionZooConfig:
     threads: int = 2
     kind: str = VISION_KIND
     version: int = VISION_ZOO_VERSION
-
-    def key(self) -> str:
-        import hashlib
-
-        blob = json.dumps(asdict(self), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
-
-    @classmethod
-    def test_mode(cls, **kw) -> "VisionZooConfig":
-        """A reduced zoo that builds in seconds, for tests (the models learn little)."""
-        base = dict(hidden=16, layers=2, heads=2, intermediate=32, eval_size=64, pretrain_steps=10,
-                    expert_steps=5, batch_size=16)
-        base.update(kw)
-        return cls(**base)
+    TEST_MODE: ClassVar[dict] = dict(hidden=16, layers=2, heads=2, intermediate=32, eval_size=64, pretrain_steps=10,
+                                     expert_steps=5, batch_size=16)
 
 
 def _seed(*parts) -> int:
