@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,18 +26,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from evomerge.evaluate import build_evaluator  # noqa: E402
-from evomerge.merge.engine import Merger  # noqa: E402
-from evomerge.recipe import parse_recipe  # noqa: E402
 from evomerge.vision.zoo import VisionZooConfig  # noqa: E402
 from evomerge.zoo import build_zoo  # noqa: E402
-from zoo_report import LAMBDAS, check_lines, curve_lines, same_files, signal_checks, sources_lines  # noqa: E402
+from zoo_report import (  # noqa: E402
+    LAMBDAS, check_lines, curve_lines, lambda_curve, rebuild_timing, same_files, signal_checks, sources_lines,
+)
 HEADER = "# The vision zoo"
-
-
-def task_arithmetic(zoo, lam: float, tasks: list[str]):
-    return parse_recipe({"merge_method": "task_arithmetic", "base_model": str(zoo.base),
-                         "models": [{"model": str(zoo.experts[t]), "parameters": {"weight": lam}} for t in tasks],
-                         "dtype": "float32"})
 
 
 def splice(path: Path, section: str) -> None:
@@ -77,32 +70,13 @@ def main() -> int:
         return {name: {t: ev(model, proc, split=split)[f"{t}/acc"] for t in tasks}
                 for name, split in (("validation", "search"), ("test", "test"))}
 
-    def mean(d: dict[str, float]) -> float:
-        return sum(d.values()) / len(d)
-
     scores = {}
     model = CLIPVisionModel.from_pretrained(zoo.base).eval()
     scores["base"] = measure(model)
     for t in tasks:
         scores[f"expert:{t}"] = measure(CLIPVisionModel.from_pretrained(zoo.experts[t]).eval())
-    curve = {}
-    for lam in LAMBDAS:
-        Merger(task_arithmetic(zoo, lam, tasks)).materialize(into=model)
-        curve[lam] = measure(model)
-        print(f"lambda {lam:.1f}: validation {mean(curve[lam]['validation']):.3f} "
-              f"test {mean(curve[lam]['test']):.3f}", flush=True)
-    best = max(LAMBDAS, key=lambda lam: (mean(curve[lam]["validation"]), -lam))
-
-    rebuild = None
-    if a.rebuild_timing:
-        with tempfile.TemporaryDirectory() as d:
-            t1 = time.perf_counter()
-            other = build_zoo(Path(d) / "zoo", cfg, progress=False)
-            secs = time.perf_counter() - t1
-            t2 = time.perf_counter()
-            build_zoo(Path(d) / "zoo", cfg, progress=False)
-            again = time.perf_counter() - t2
-            rebuild = (secs, again, _same_files(zoo.root, other.root))
+    curve, best = lambda_curve(zoo, tasks, model, measure)
+    rebuild = rebuild_timing(zoo, cfg, _same_files) if a.rebuild_timing else None
 
     checks = signal_checks(tasks, scores, curve, best, LAMBDAS)
 

@@ -75,29 +75,13 @@ def main() -> int:
     scores["base"] = measure(model)
     for t in tasks:
         scores[f"expert:{t}"] = measure(AutoModelForCausalLM.from_pretrained(zoo.experts[t]).eval())
-    curve = {}
-    for lam in LAMBDAS:
-        Merger(task_arithmetic(zoo, lam, tasks)).materialize(into=model)
-        curve[lam] = measure(model)
-        print(f"lambda {lam:.1f}: validation {mean(curve[lam]['validation']):.3f} "
-              f"test {mean(curve[lam]['test']):.3f}", flush=True)
-    best = max(LAMBDAS, key=lambda lam: (mean(curve[lam]["validation"]), -lam))
+    curve, best = lambda_curve(zoo, tasks, model, measure)
 
     Merger(task_arithmetic(zoo, best, tasks)).materialize(into=model)
     gen = build_evaluator("exact_match", data_dir=zoo.root, tasks=tasks)(model, tok, split="test")
     tf_best = mean(curve[best]["test"])
 
-    rebuild = None
-    if a.rebuild_timing:
-        with tempfile.TemporaryDirectory() as d:
-            t1 = time.perf_counter()
-            other = build_zoo(Path(d) / "zoo", cfg, progress=False)
-            secs = time.perf_counter() - t1
-            t2 = time.perf_counter()
-            build_zoo(Path(d) / "zoo", cfg, progress=False)
-            again = time.perf_counter() - t2
-            same = _same_files(zoo.root, other.root)
-            rebuild = (secs, again, same)
+    rebuild = rebuild_timing(zoo, cfg, _same_files) if a.rebuild_timing else None
 
     checks = signal_checks(tasks, scores, curve, best, LAMBDAS)
 
@@ -158,6 +142,30 @@ def same_files(a: Path, b: Path, keep) -> bool:
     if diff:
         print("differing files:", diff[:10], file=sys.stderr)
     return not diff
+
+
+def lambda_curve(zoo, tasks, model, measure, lambdas=LAMBDAS):
+    """Task arithmetic over every expert at each lambda, merged into ``model``:
+    ``({lambda: measure(model)}, the validation-best lambda)``."""
+    curve = {}
+    for lam in lambdas:
+        Merger(task_arithmetic(zoo, lam, tasks)).materialize(into=model)
+        curve[lam] = measure(model)
+        print(f"lambda {lam:.1f}: validation {_mean(curve[lam]['validation']):.3f} "
+              f"test {_mean(curve[lam]['test']):.3f}", flush=True)
+    return curve, max(lambdas, key=lambda lam: (_mean(curve[lam]["validation"]), -lam))
+
+
+def rebuild_timing(zoo, cfg, same) -> tuple[float, float, bool]:
+    """A fresh build of ``cfg`` in a temporary folder: its seconds, the seconds of building
+    it again (the cache), and whether its files equal ``zoo``'s (``same(a, b)``)."""
+    with tempfile.TemporaryDirectory() as d:
+        t1 = time.perf_counter()
+        other = build_zoo(Path(d) / "zoo", cfg, progress=False)
+        secs = time.perf_counter() - t1
+        t2 = time.perf_counter()
+        build_zoo(Path(d) / "zoo", cfg, progress=False)
+        return secs, time.perf_counter() - t2, same(zoo.root, other.root)
 
 
 def _mean(d: dict[str, float]) -> float:
