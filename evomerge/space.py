@@ -8,7 +8,9 @@ A ``Space`` names which parameters of a merge method are searched (``weight``, `
 * ``per_layer``: one set per block of ``layer_granularity`` layers, with the embeddings and
   the head (final norm, output projection) as their own groups;
 * ``per_layer_filtered``: as ``per_layer``, with separate values for attention tensors and
-  for the rest of each block (MLP and norms).
+  for the rest of each block (MLP and norms);
+* ``per_tensor``: one set per weight tensor (the granularity of the AdaMerging paper's
+  layer-wise coefficients, and of FusionBench's).
 
 With ``smoothing=k`` the layer values are ``k`` control points interpolated linearly over
 depth (a recipe "gradient") instead of one value per block.
@@ -36,7 +38,7 @@ from .recipe import Recipe, RecipeError, parse_recipe
 
 __all__ = ["Space", "Gene", "GRANULARITIES", "CoefficientMap", "search_range"]
 
-GRANULARITIES = ("global", "per_model", "per_layer", "per_layer_filtered")
+GRANULARITIES = ("global", "per_model", "per_layer", "per_layer_filtered", "per_tensor")
 
 
 def search_range(method: str, param: str, given: Mapping[str, Any] | None = None,
@@ -188,6 +190,9 @@ class Space:
         self.ranges = ranges
         self.specs = specs
 
+        self.tensor_names: list[str] = []
+        if granularity == "per_tensor":
+            self.tensor_names = _structure(self.base_model or self.models[0], self.keep, tensors=True)["tensors"]
         if granularity in ("per_layer", "per_layer_filtered") and (
                 num_layers is None or embed_names is None or head_names is None or attn_key is None):
             info = _structure(self.base_model or self.models[0], self.keep)
@@ -210,6 +215,8 @@ class Space:
     def _units(self) -> list[str]:
         if self.granularity in ("global", "per_model"):
             return ["all"]
+        if self.granularity == "per_tensor":
+            return list(self.tensor_names)
         if self.smoothing:
             inner = [f"cp{i}" for i in range(self.smoothing)]
         else:
@@ -249,6 +256,8 @@ class Space:
         """One parameter's recipe setting from its values per unit."""
         if self.granularity in ("global", "per_model"):
             return values["all"]
+        if self.granularity == "per_tensor":  # a filter is a substring: a name inside a longer one comes after it
+            return [{"filter": n, "value": values[n]} for n in sorted(self.tensor_names, key=len, reverse=True)]
         conds: list[dict] = [{"filter": n, "value": values["embed"]} for n in self.embed_names]
         conds += [{"filter": n, "value": values["head"]} for n in self.head_names]
 
@@ -531,14 +540,20 @@ class CoefficientMap:
         return A, c
 
 
-def _structure(model: str, keep: Sequence[str] = ()) -> dict:
+def _structure(model: str, keep: Sequence[str] = (), tensors: bool = False) -> dict:
     """Layer count, embedding and head tensor names, and the attention keyword of a model,
-    the tensors of the modules ``keep`` names (not merged) left out."""
+    the tensors of the modules ``keep`` names (not merged) left out; with ``tensors``, only
+    its weight (floating-point) tensors' names, in the checkpoint's order."""
     from .checkpoint import Checkpoint, split_layer, tensor_group
     from .recipe import kept
 
     ck = Checkpoint.open(model)
     names = [n for n in ck.names() if not kept(n, keep)]
+    if tensors:
+        weights = [n for n in names if ck.meta(n)[1].startswith(("float", "bfloat"))]
+        if not weights:
+            raise RecipeError(f"model '{model}': no weight tensors to give coefficients to")
+        return {"tensors": weights}
     stacks: dict[str, int] = {}
     for n in names:
         ln = split_layer(n)

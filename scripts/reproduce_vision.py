@@ -105,7 +105,8 @@ def main() -> int:
     out += ["### AdaMerging (Yang et al. 2024)", "",
             f"Task arithmetic's lambda is the validation-best of 11 points in [0, 1] ({lam}); AdaMerging runs "
             f"{a.steps} Adam steps (lr 0.001, 16 unlabeled search images per task and step, coefficients from "
-            "0.3 clamped to [0, 1]); layer-wise learns one coefficient per expert and layer.", "",
+            "0.3 clamped to [0, 1]); layer-wise learns one coefficient per expert and weight tensor, as the paper's "
+            "code does.", "",
             "| merge | test accuracy |", "|---|---|",
             f"| base | {100 * base:.1f} |", f"| task arithmetic, best lambda | {100 * ta_best:.1f} |",
             f"| task-wise AdaMerging | {ms(ada['taskwise'])} |", f"| layer-wise AdaMerging | {ms(ada['layerwise'])} |",

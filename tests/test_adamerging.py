@@ -33,7 +33,7 @@ def setup(zoo, granularity="per_layer"):
     return sp, w, prompts[::7]
 
 
-@pytest.mark.parametrize("granularity", ["per_model", "per_layer", "per_layer_filtered"])
+@pytest.mark.parametrize("granularity", ["per_model", "per_layer", "per_layer_filtered", "per_tensor"])
 def test_differentiable_merge_equals_the_engines(zoo, granularity):
     sp, w, prompts = setup(zoo, granularity)
     am = AdaMerging(sp, w, prompts)

@@ -156,7 +156,7 @@ def _methods_and_spaces():
     for name, spec in METHODS.items():
         searchable = [p.name for p in spec.params if not p.ignored and p.search is not None]
         for gran, extra in (("global", {}), ("per_model", {}), ("per_layer", {"layer_granularity": 3}),
-                            ("per_layer_filtered", {}), ("per_layer", {"smoothing": 3})):
+                            ("per_layer_filtered", {}), ("per_layer", {"smoothing": 3}), ("per_tensor", {})):
             cases.append((name, searchable, gran, extra))
     return cases
 
