@@ -52,8 +52,9 @@ class Runner:
             import shutil
 
             shutil.rmtree(run)
-        args = [sys.executable, "-m", "evomerge.app", f"models.zoo_dir={self.zoo}", "models.zoo_kind=vision",
-                "executor=local", "progress=false", f"threads={self.threads}", *overrides, f"hydra.run.dir={run}"]
+        zoo = [] if "models=custom" in overrides else [f"models.zoo_dir={self.zoo}", "models.zoo_kind=vision"]
+        args = [sys.executable, "-m", "evomerge.app", *zoo, "executor=local", "progress=false",
+                f"threads={self.threads}", *overrides, f"hydra.run.dir={run}"]
         t0 = time.perf_counter()
         r = subprocess.run(args, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         if r.returncode != 0:
