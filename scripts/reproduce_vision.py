@@ -96,7 +96,7 @@ def main() -> int:
 
     # 1. AdaMerging against task arithmetic
     ta = R.run("ta_grid", "experiment=vision_ta_grid")
-    lam = ta["results"]["best"]["genome"]
+    lam = ", ".join(f"{v:g}" for v in ta["results"]["best"]["genome"].values())
     ada = {k: [test_mean(R.run(f"adamerging_{k}_s{s}", f"experiment=vision_adamerging_{k}", f"seed={s}",
                                 f"search.steps={a.steps}")) for s in seeds]
            for k in ("taskwise", "layerwise", "plus_plus")}
@@ -172,10 +172,10 @@ def main() -> int:
             other = st.mean(m[f"{t}/acc"] for t in zoo.tasks if t != task)
             table.append((al, own, other))
             out.append(f"| {task} | {al} | {100 * own:.1f} | {100 * other:.1f} |")
-        half, full = table[2], table[-1]
-        if half[2] > full[2] and full[1] - half[1] <= 0.10:
+        full = table[-1]
+        if any(other > full[2] and full[1] - own <= 0.10 for al, own, other in table[1:-1]):
             wise_ok += 1
-    out += ["", f"- alpha 0.5 keeps more of the other tasks than the fine-tune (alpha 1) at a cost of at most "
+    out += ["", f"- some alpha < 1 keeps more of the other tasks than the fine-tune (alpha 1) at a cost of at most "
             f"10 points on its own task: **{'holds' if wise_ok == len(zoo.tasks) else 'does not hold'}** "
             f"({wise_ok} of {len(zoo.tasks)} experts)", ""]
 
