@@ -738,3 +738,32 @@ def test_keep_does_not_let_a_merge_drop_weights(tiny_clip_benchmark, tmp_path):
     with pytest.raises(MergeError, match=r"has tensor 'logit_scale' \(\d+ in all\) that .* lacks: the merge would "
                                          "leave it out"):
         Merger(parse_recipe(recipe))
+
+
+def test_a_renamed_live_model_takes_the_fast_path_after_its_first_candidate(vits, monkeypatch):
+    """A ViT's live parameters are named otherwise than its checkpoint's tensors; after the
+    first candidate the resident merger finds them along their live module paths, without
+    looking the renamings up again, and writes the same weights as a fresh lookup."""
+    from transformers import ViTForImageClassification
+
+    import evomerge.checkpoint as ck
+    from evomerge.merge.resident import ResidentMerger
+    from evomerge.space import Space
+
+    sp = Space("task_arithmetic", [str(vits.experts[t]) for t in vits.tasks], base_model=str(vits.base),
+               search=["weight"], granularity="per_layer", keep=["classifier"])
+    eng = ResidentMerger(sp.recipe(sp.x0))
+    model = ViTForImageClassification.from_pretrained(vits.base).eval()
+    cmap = sp.compile(eng.tasks)
+    eng.materialize(cmap.columns(sp.x0), into=model)
+    calls = []
+    real = ck.live_names
+    monkeypatch.setattr(ck, "live_names", lambda m: calls.append(1) or real(m))
+    x = np.random.default_rng(0).uniform(0, 1, len(sp))
+    eng.materialize(cmap.columns(x), into=model)
+    assert not calls  # the fast path
+    want = eng.merged(sp.recipe(x))
+    live = dict(model.named_parameters())
+    names = real(model)
+    for name, t in want.items():
+        assert torch.equal(live[names[name]].detach(), t), name

@@ -309,8 +309,12 @@ class ResidentMerger(Merger):
 
         last = self._live
         if last is None or last[0]() is not into:
+            from ..checkpoint import live_names
+
             state = self.live_state(into)
-            self._live = (weakref.ref(into), {name: name.split(".") for name in state if name in self._task_shapes})
+            live = live_names(into)  # (a checkpoint name's module path is its live name's)
+            self._live = (weakref.ref(into),
+                          {name: live[name].split(".") for name in state if name in self._task_shapes})
             return state
         state = {}
         for name, path in last[1].items():
