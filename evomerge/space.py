@@ -550,7 +550,9 @@ def _structure(model: str, keep: Sequence[str] = (), tensors: bool = False) -> d
     ck = Checkpoint.open(model)
     names = [n for n in ck.names() if not kept(n, keep)]
     if tensors:
-        weights = [n for n in names if ck.meta(n)[1].startswith(("float", "bfloat"))]
+        from .merge.plan import _is_weight
+
+        weights = [n for n in names if _is_weight(ck, n)]
         if not weights:
             raise RecipeError(f"model '{model}': no weight tensors to give coefficients to")
         return {"tensors": weights}

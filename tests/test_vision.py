@@ -767,3 +767,14 @@ def test_a_renamed_live_model_takes_the_fast_path_after_its_first_candidate(vits
     names = real(model)
     for name, t in want.items():
         assert torch.equal(live[names[name]].detach(), t), name
+
+
+def test_a_merge_that_reads_text_statistics_is_refused_for_an_encoder(vzoo, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "abc"}\n')
+    r = _search(["experiment=vision_cmaes_per_layer", f"models.zoo_dir={vzoo.root}", "merge=regmean",
+                 f"merge.data.path={data}", "executor=local", "progress=false", "budget=2",
+                 f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert r.returncode == 2
+    assert "merge=regmean: its statistics come from a causal LM's forward passes" in r.stderr
+    assert not (tmp_path / "run" / "trials.jsonl").exists()

@@ -27,6 +27,12 @@ from .methods import MethodSpec
 __all__ = ["Columns", "MergeError", "Plan", "TensorTask"]
 
 
+def _is_weight(ck, name: str) -> bool:
+    """Whether a checkpoint's tensor is a weight (floating point), which a merge combines;
+    any other (an index buffer) is copied."""
+    return ck.meta(name)[1].startswith(("float", "bfloat"))
+
+
 class MergeError(RuntimeError):
     """Inputs that cannot be merged; the message names the model and tensor at fault."""
 
@@ -167,8 +173,7 @@ class Plan:
             # architectures may differ, but no model may hold a weight the merge would leave out
             merged = {n for n in ref.names() if not self.kept(n)}
             for r, ck in self.models.items():
-                extra = sorted(n for n in ck.names() if n not in merged and not self.kept(n)
-                               and ck.meta(n)[1].startswith(("float", "bfloat")))
+                extra = sorted(n for n in ck.names() if n not in merged and not self.kept(n) and _is_weight(ck, n))
                 if extra:
                     raise MergeError(f"model '{r}' has tensor '{extra[0]}' ({len(extra)} in all) that "
                                      f"'{ref.name}' lacks: the merge would leave it out; add it to keep, or merge "
@@ -293,13 +298,11 @@ class Plan:
         """Tensor ``out_name`` from slice ``si``, whose sources give tensors ``names``."""
         s = self.recipe.slices[si]
         at, rest = self._roles(s)
-        lead = s.sources[at if at is not None else rest[0]].model
-        lead_ck = self.models[lead]
-        if names[at if at is not None else rest[0]] in lead_ck and not lead_ck.meta(
-                names[at if at is not None else rest[0]])[1].startswith(("float", "bfloat")):
+        i = at if at is not None else rest[0]
+        lead, name = s.sources[i].model, names[i]
+        if name in self.models[lead] and not _is_weight(self.models[lead], name):
             # not a weight (an index buffer such as CLIP's position_ids, which older checkpoints
             # saved and newer ones do not): copied from the base, or the first model, alone
-            name = names[at if at is not None else rest[0]]
             return TensorTask(out_name, group, layer, t, None, [(lead, name)], copy=True, slice=si)
         base = None
         if at is not None:
